@@ -1,0 +1,1 @@
+"""pytest-benchmark suites: `pytest bench` (never part of the normal test run, which collects tests/ only)."""

@@ -1,0 +1,26 @@
+"""mmot: Rust- and Triton-accelerated optimal transport for PyTorch.
+
+The ops are ``torch.library`` custom ops with autograd: Rust kernels for CPU tensors, Triton
+kernels for CUDA tensors, and :mod:`mmot.reference` (pure torch) as the specification and
+fallback.
+"""
+
+from mmot._checks import set_checks
+from mmot.ops.multi_sinkhorn import multi_sinkhorn
+from mmot.ops.similarity import similarity
+from mmot.ops.sinkhorn import sinkhorn
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("mmot")
+except Exception:  # running from a source tree without installed metadata
+    __version__ = "0+unknown"
+
+__all__ = [
+    "__version__",
+    "multi_sinkhorn",
+    "set_checks",
+    "similarity",
+    "sinkhorn",
+]

@@ -1,0 +1,3 @@
+from mmot.demo import main
+
+main()

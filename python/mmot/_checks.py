@@ -1,0 +1,137 @@
+"""Argument validation shared by every op.
+
+Errors name the op, the argument and what was expected, so a user can fix the call without
+reading mmot's source. Shape, dtype and parameter checks always run; checks that must read
+tensor values (finiteness, masses) can be switched off with :func:`set_checks` or
+``MMOT_CHECKS=0`` because on CUDA they cost a host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from numbers import Integral, Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+LOG_DOMAIN_CHOICES = ("auto", True, False)
+
+_value_checks = os.environ.get("MMOT_CHECKS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def set_checks(enabled: bool) -> bool:
+    """Turn the value checks (non-finite scores, mass values) on or off; return the old setting.
+
+    Shape, dtype and parameter checks always run. Turn value checks off for sync-free CUDA
+    training and CUDA-graph capture. The environment variable ``MMOT_CHECKS=0`` sets the
+    initial state.
+    """
+    global _value_checks
+    if not isinstance(enabled, bool):
+        raise TypeError(f"mmot.set_checks: argument 'enabled' must be a bool; got {type(enabled).__name__}")
+    previous, _value_checks = _value_checks, enabled
+    return previous
+
+
+def value_checks_enabled() -> bool:
+    return _value_checks
+
+
+def float_tensor(op: str, name: str, value: object, *, min_dim: int, shape_hint: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor of shape {shape_hint}; got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: argument '{name}' must be a floating tensor (float64, float32, bfloat16 or float16); got {value.dtype}"
+        )
+    if value.dim() < min_dim:
+        raise ValueError(f"{op}: argument '{name}' must have shape {shape_hint}; got shape {tuple(value.shape)}")
+    return value
+
+
+def positive_float(op: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{op}: argument '{name}' must be a positive real number; got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{op}: argument '{name}' must be a positive finite number; got {value}")
+    return value
+
+
+def real_number(op: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{op}: argument '{name}' must be a real number; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: argument '{name}' must be finite; got {value}")
+    return value
+
+
+def int_in_range(op: str, name: str, value: object, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{op}: argument '{name}' must be an int; got {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        expected = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{op}: argument '{name}' must be {expected}; got {value}")
+    return value
+
+
+def choice(op: str, name: str, value: object, choices: tuple) -> object:
+    if isinstance(value, bool) and not any(isinstance(c, bool) for c in choices):
+        raise ValueError(f"{op}: argument '{name}' must be one of {choices}; got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{op}: argument '{name}' must be one of {choices}; got {value!r}")
+    return value
+
+
+def log_domain_flag(op: str, value: object) -> str:
+    """Map the public ``log_domain`` ("auto", True, False) onto the kernels' "auto"/"on"/"off"."""
+    if isinstance(value, str) and value == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    raise ValueError(f"{op}: argument 'log_domain' must be 'auto', True or False; got {value!r}")
+
+
+def same_device(op: str, name: str, tensor: torch.Tensor, reference: torch.Tensor, reference_name: str) -> None:
+    if tensor.device != reference.device:
+        raise ValueError(
+            f"{op}: argument '{name}' must be on the same device as '{reference_name}' ({reference.device}); got {tensor.device}"
+        )
+
+
+def finite(op: str, name: str, tensor: torch.Tensor) -> None:
+    """Value check: reject NaN and Inf (one host sync on CUDA)."""
+    if _value_checks and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{op}: argument '{name}' must be finite; found NaN or Inf")
+
+
+def positive_masses(op: str, name: str, masses: torch.Tensor, total: torch.Tensor | float, total_desc: str) -> None:
+    """Value check: masses are positive and each problem's masses sum to ``total``."""
+    if not _value_checks or masses.numel() == 0:
+        return
+    if not bool(torch.isfinite(masses).all()) or not bool((masses > 0).all()):
+        raise ValueError(f"{op}: argument '{name}' must hold positive finite masses")
+    sums = masses.double().sum(-1)
+    total = torch.as_tensor(total, dtype=torch.float64, device=masses.device)
+    if not bool(torch.isclose(sums, total, rtol=1e-4, atol=0.0).all()):
+        worst = (sums - total).abs().argmax()
+        raise ValueError(
+            f"{op}: argument '{name}' must sum to {total_desc} in every problem; "
+            f"got a sum of {sums.flatten()[worst].item():.6g} where {total.expand_as(sums).flatten()[worst].item():.6g} was expected"
+        )
+
+
+def mass_shape(op: str, name: str, masses: object, scores: torch.Tensor, full_shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """Broadcast a user-given mass vector to ``full_shape``: (L,) or the full (..., L) batch shape."""
+    masses = float_tensor(op, name, masses, min_dim=1, shape_hint=f"({what},) or (..., {what})")
+    same_device(op, name, masses, scores, "scores")
+    try:
+        return masses.expand(full_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{op}: argument '{name}' must have shape ({full_shape[-1]},) or broadcast to {tuple(full_shape)}; "
+            f"got shape {tuple(masses.shape)}"
+        ) from None

@@ -1,0 +1,177 @@
+"""``mmot.sinkhorn``: the SwAV-style Sinkhorn-Knopp, its ``mmot::sinkhorn`` op and its gradient."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmot import _checks, _dispatch, reference
+from mmot._columns import LOCAL, ShardedColumns
+from mmot._recompute import vjp
+
+OP = "mmot.sinkhorn"
+
+
+def sinkhorn(
+    scores: Tensor,
+    eps: float = 0.05,
+    n_iters: int = 3,
+    *,
+    row_mass: Tensor | None = None,
+    col_mass: Tensor | None = None,
+    log_domain: str | bool = "auto",
+    process_group=None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Balanced soft assignment of N samples to K prototypes (SwAV's Sinkhorn-Knopp).
+
+    Math: P ∝ exp(scores / eps), then ``n_iters`` times
+
+    1. scale every column so that it sums to ``col_mass`` (default N/K each);
+    2. scale every row so that it sums to ``row_mass`` (default 1 each).
+
+    Rows of the result sum to ``row_mass`` exactly, columns to ``col_mass`` approximately.
+    With the defaults this is SwAV's ``distributed_sinkhorn`` transposed: SwAV's Q is K×B.
+
+    Args:
+        scores: (..., N, K) float tensor; leading dimensions are independent problems.
+        eps: entropic temperature, > 0.
+        n_iters: number of (column, row) scaling rounds, >= 1.
+        row_mass: positive (N,) or (..., N) target row sums. Default: total / N each.
+        col_mass: positive (K,) or (..., K) target column sums. Default: total / K each.
+            The total is N when neither is given, else the sum of the one given; when both are
+            given they must have equal sums.
+        log_domain: "auto" picks the log domain only when exp(scores/eps) could under- or
+            overflow; True or False forces it.
+        process_group: a ``torch.distributed`` group over which the rows (samples) are
+            sharded: each rank passes its own rows, and column sums are all-reduced every
+            iteration. N in the defaults is then the total over ranks.
+        backend: "auto" (Rust on CPU, torch elsewhere), "rust", "triton" or "torch".
+
+    Returns:
+        P with the shape and dtype of ``scores``. Gradients flow to ``scores`` only.
+
+    Example:
+        >>> import torch, mmot
+        >>> logits = torch.randn(256, 30)          # 256 samples, 30 prototypes
+        >>> q = mmot.sinkhorn(logits, eps=0.05, n_iters=3)
+        >>> torch.allclose(q.sum(-1), torch.ones(256))
+        True
+    """
+    scores = _checks.float_tensor(OP, "scores", scores, min_dim=2, shape_hint="(..., N, K)")
+    eps = _checks.positive_float(OP, "eps", eps)
+    n_iters = _checks.int_in_range(OP, "n_iters", n_iters, 1)
+    flag = _checks.log_domain_flag(OP, log_domain)
+    distributed = process_group is not None
+    backend = _dispatch.resolve_backend(OP, backend, scores.device, distributed=distributed)
+    n_rows, n_cols = scores.shape[-2:]
+    if n_cols == 0:
+        raise ValueError(f"{OP}: argument 'scores' must have at least one column (K >= 1); got shape {tuple(scores.shape)}")
+    columns = ShardedColumns(process_group) if distributed else LOCAL
+    total_rows = columns.total_rows(n_rows, scores.device) if distributed else n_rows
+    rows, cols = _resolve_masses(scores, row_mass, col_mass, total_rows, columns)
+
+    if distributed:
+        _check_values(scores, rows, cols, columns)
+        return reference.sinkhorn(scores, eps, n_iters, rows, cols, flag, columns)
+    if scores.numel() == 0:
+        return scores.new_empty(scores.shape)
+    return sinkhorn_op(scores, eps, n_iters, rows, cols, flag, backend)
+
+
+def _resolve_masses(scores: Tensor, row_mass, col_mass, total_rows: int, columns) -> tuple[Tensor, Tensor]:
+    """Broadcast user masses to (..., N) and (..., K) and fill in the defaults."""
+    dtype = reference.compute_dtype(scores.dtype)
+    row_shape, col_shape = scores.shape[:-1], scores.shape[:-2] + scores.shape[-1:]
+    rows = None if row_mass is None else _checks.mass_shape(OP, "row_mass", row_mass, scores, row_shape, "N").to(dtype)
+    cols = None if col_mass is None else _checks.mass_shape(OP, "col_mass", col_mass, scores, col_shape, "K").to(dtype)
+    if rows is None and cols is None:
+        rows = scores.new_ones(row_shape, dtype=dtype)
+    if cols is None:
+        total = columns.sum(rows.sum(-1, keepdim=True))
+        cols = (total / col_shape[-1]).expand(col_shape)
+    if rows is None:
+        rows = (cols.sum(-1, keepdim=True) / total_rows).expand(row_shape)
+    return rows.contiguous(), cols.contiguous()
+
+
+def _check_values(scores: Tensor, rows: Tensor, cols: Tensor, columns=LOCAL) -> None:
+    _checks.finite(OP, "scores", scores)
+    _checks.positive_masses(OP, "row_mass", rows, rows.sum(-1), "itself")
+    _checks.positive_masses(OP, "col_mass", cols, columns.sum(rows.sum(-1)), "the total of row_mass")
+
+
+def _sinkhorn_torch(scores, eps, n_iters, row_mass, col_mass, log_domain):
+    _check_values(scores, row_mass, col_mass)
+    return reference.sinkhorn(scores, eps, n_iters, row_mass, col_mass, log_domain)
+
+
+@torch.library.custom_op("mmot::sinkhorn", mutates_args=())
+def sinkhorn_op(
+    scores: Tensor, eps: float, n_iters: int, row_mass: Tensor, col_mass: Tensor, log_domain: str, backend: str
+) -> Tensor:
+    """Any device without a kernel of its own: the torch reference."""
+    return _sinkhorn_torch(scores, eps, n_iters, row_mass, col_mass, log_domain)
+
+
+@sinkhorn_op.register_kernel("cpu")
+def _sinkhorn_cpu(scores, eps, n_iters, row_mass, col_mass, log_domain, backend):
+    if backend == "torch" or scores.numel() == 0:
+        return _sinkhorn_torch(scores, eps, n_iters, row_mass, col_mass, log_domain)
+    _check_values(scores, row_mass, col_mass)
+    from mmot import _core
+
+    n_problems, n_rows, n_cols = _dispatch.problem_shape(scores)
+    dtype = reference.compute_dtype(scores.dtype)
+    out = _dispatch.new_output((n_problems, n_rows, n_cols), dtype)
+    _dispatch.call_rust(
+        OP,
+        _core.sinkhorn,
+        _dispatch.kernel_array(scores.reshape(-1, n_rows, n_cols), dtype),
+        _dispatch.kernel_array(row_mass.reshape(-1, n_rows), dtype),
+        _dispatch.kernel_array(col_mass.reshape(-1, n_cols), dtype),
+        out.numpy(),
+        eps,
+        n_iters,
+        log_domain,
+        _dispatch.num_threads(),
+    )
+    return out.view(scores.shape).to(scores.dtype)
+
+
+@sinkhorn_op.register_fake
+def _sinkhorn_fake(scores, eps, n_iters, row_mass, col_mass, log_domain, backend):
+    return torch.empty_like(scores)
+
+
+@torch.library.custom_op("mmot::sinkhorn_backward", mutates_args=())
+def sinkhorn_backward_op(
+    grad: Tensor, scores: Tensor, eps: float, n_iters: int, row_mass: Tensor, col_mass: Tensor, log_domain: str, backend: str
+) -> Tensor:
+    """The exact VJP of the unrolled iteration, by replaying the reference under autograd."""
+
+    def forward(s: Tensor) -> Tensor:
+        return reference.sinkhorn(s, eps, n_iters, row_mass, col_mass, log_domain)
+
+    return vjp(forward, [scores], grad)[0]
+
+
+@sinkhorn_backward_op.register_fake
+def _sinkhorn_backward_fake(grad, scores, eps, n_iters, row_mass, col_mass, log_domain, backend):
+    return torch.empty_like(scores)
+
+
+def _setup_context(ctx, inputs, output):
+    scores, eps, n_iters, row_mass, col_mass, log_domain, backend = inputs
+    ctx.save_for_backward(scores, row_mass, col_mass)
+    ctx.params = (eps, n_iters, log_domain, backend)
+
+
+def _backward(ctx, grad):
+    scores, row_mass, col_mass = ctx.saved_tensors
+    eps, n_iters, log_domain, backend = ctx.params
+    grad_scores = sinkhorn_backward_op(grad.contiguous(), scores, eps, n_iters, row_mass, col_mass, log_domain, backend)
+    return grad_scores, None, None, None, None, None, None
+
+
+sinkhorn_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,193 @@
+"""The specification of every mmot op, in readable pure torch.
+
+This module is the spec in code: every backend must compute exactly these functions. It also
+serves as ``backend="torch"`` and as the fallback on devices other than CPU and CUDA.
+Gradients come from autograd through these loops, which is the exact gradient of the unrolled
+iteration.
+
+Arguments here are assumed valid (the public functions in :mod:`mmot` check them). Masses are
+given in full, already broadcast to the batch shape.
+
+Both Sinkhorn ops scale columns first. A constant added to a whole column of ``scores`` is
+absorbed exactly by the column scaling, so the plain (exp) domain shifts every column by its
+maximum before exponentiating. The plain domain is used while the remaining spread of
+``w * scores / eps`` within a column stays small enough for the accumulation dtype; beyond that
+(``log_domain="auto"``), or when forced, the same iteration runs on log-potentials.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mmot._columns import LOCAL
+
+# Largest column spread of w*scores/eps that the plain domain accepts, per accumulation dtype.
+# exp(-50) is far above float32's smallest normal and exp(50)*N*K far below its largest.
+PLAIN_DOMAIN_MAX_SPREAD = {torch.float32: 50.0, torch.float64: 300.0}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def uses_log_domain(scores: torch.Tensor, eps: float, max_weight: float, log_domain: str, columns=LOCAL) -> bool:
+    """Decide the domain: ``log_domain`` is "on", "off" or "auto" (spread threshold above)."""
+    if log_domain != "auto":
+        return log_domain == "on"
+    if scores.numel() == 0:
+        return False
+    scores = scores.detach()
+    col_max = columns.max(scores.amax(-2))
+    col_min = -columns.max(-scores.amin(-2))
+    spread = float((col_max - col_min).amax()) * max_weight / eps
+    return spread > PLAIN_DOMAIN_MAX_SPREAD[compute_dtype(scores.dtype)]
+
+
+def _column_logsumexp(x: torch.Tensor, columns) -> torch.Tensor:
+    """log Σ_n exp(x[..., n, a]), keeping dim -2; the shift is detached, which is exact."""
+    shift = columns.max(x.detach().amax(-2, keepdim=True))
+    return shift + torch.log(columns.sum(torch.exp(x - shift).sum(-2, keepdim=True)))
+
+
+def _row_log_normalizer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split log Σ_a exp(x[..., a]) as row_max + log_norm, returning x - row_max too.
+
+    The output entries exp(centered - log_norm) then sum to one per row to float rounding even
+    when |x| is in the thousands (eps = 1e-3), where exp(x - logsumexp(x)) would lose ~1e-4.
+    The detached shift is exact: the normalised entries do not depend on it.
+    """
+    row_max = x.detach().amax(-1, keepdim=True)
+    centered = x - row_max
+    return centered, torch.logsumexp(centered, dim=-1, keepdim=True), row_max
+
+
+def sinkhorn(
+    scores: torch.Tensor,
+    eps: float,
+    n_iters: int,
+    row_mass: torch.Tensor,
+    col_mass: torch.Tensor,
+    log_domain: str = "auto",
+    columns=LOCAL,
+) -> torch.Tensor:
+    """SwAV-style Sinkhorn-Knopp on scores (..., N, K).
+
+    P ∝ exp(scores/eps); n_iters times: scale columns to ``col_mass`` (..., K), then rows to
+    ``row_mass`` (..., N). Returns P with the input's dtype.
+    """
+    s = scores.to(compute_dtype(scores.dtype))
+    r = row_mass.to(s.dtype).unsqueeze(-1)
+    c = col_mass.to(s.dtype).unsqueeze(-2)
+    if uses_log_domain(s, eps, 1.0, log_domain, columns):
+        logits = s / eps
+        log_r, log_c = torch.log(r), torch.log(c)
+        a = torch.zeros_like(r)
+        for _ in range(n_iters):
+            b = log_c - _column_logsumexp(logits + a, columns)
+            centered, log_norm, row_max = _row_log_normalizer(logits + b)
+            a = log_r - row_max - log_norm
+        return torch.exp(centered - log_norm + log_r).to(scores.dtype)
+
+    shift = columns.max(s.detach().amax(-2, keepdim=True))
+    e = torch.exp((s - shift) / eps)
+    u = torch.ones_like(r)
+    for _ in range(n_iters):
+        v = c / columns.sum((e * u).sum(-2, keepdim=True))
+        u = r / (e * v).sum(-1, keepdim=True)
+    return (e * u * v).to(scores.dtype)
+
+
+def slot_groups(slot_weights: list[float], k: int) -> list[tuple[float, int, int]]:
+    """Group slots by equal weight: (weight, slots in the group, slots among the last k).
+
+    Slots of equal weight start equal and are updated identically, so each group needs one
+    set of potentials, however many slots it has.
+    """
+    n_slots = len(slot_weights)
+    groups: dict[float, list[int]] = {}
+    for index, weight in enumerate(slot_weights):
+        counts = groups.setdefault(float(weight), [0, 0])
+        counts[0] += 1
+        counts[1] += index >= n_slots - k
+    return [(weight, count, top) for weight, (count, top) in groups.items()]
+
+
+def multi_sinkhorn(
+    scores: torch.Tensor,
+    eps: float,
+    n_iters: int,
+    slot_weights: list[float],
+    k: int,
+    anchor_mass: torch.Tensor,
+    normalize: str = "minmax",
+    log_domain: str = "auto",
+    columns=LOCAL,
+) -> torch.Tensor:
+    """Multi-Assignment Sinkhorn-Knopp (SSPC) on scores (..., N, K), in the grouped form.
+
+    The dense form has K slots m with weights w_m: P[m,n,a] ∝ exp(w_m S[n,a]/eps), then n_iters
+    times: Σ_n P[m,n,a] = r_a, Σ_m P[m,n,a] = 1, Σ_a P[m,n,a] = 1. The output sums the last k
+    slots, T[n,a] = Σ_{m ≥ K-k} P[m,n,a], min-max rescaled per row when normalize="minmax".
+    With P[m,n,a] = E_G[n,a] f_G[a] g[n,a] h_G[n] for the slot group G of m, one iteration is
+
+        f_G[a] = r_a / Σ_n E_G g h_G
+        g[n,a] = 1 / Σ_G c_G E_G f_G h_G
+        h_G[n] = 1 / Σ_a E_G g f_G
+    """
+    s = scores.to(compute_dtype(scores.dtype))
+    r = anchor_mass.to(s.dtype).unsqueeze(-2)
+    groups = slot_groups(slot_weights, k)
+    max_weight = max(weight for weight, _, _ in groups)
+
+    if uses_log_domain(s, eps, max_weight, log_domain, columns):
+        logits = [weight * s / eps for weight, _, _ in groups]
+        log_count = [math.log(count) for _, count, _ in groups]
+        log_r = torch.log(r)
+        log_g = torch.zeros_like(s)
+        log_h = [s.new_zeros(s.shape[:-1] + (1,)) for _ in groups]
+        for _ in range(n_iters):
+            log_f = [log_r - _column_logsumexp(lg + log_g + lh, columns) for lg, lh in zip(logits, log_h)]
+            log_g = -torch.logsumexp(
+                torch.stack([lc + lg + lf + lh for lc, lg, lf, lh in zip(log_count, logits, log_f, log_h)]), dim=0
+            )
+            rows = [_row_log_normalizer(lg + log_g + lf) for lg, lf in zip(logits, log_f)]
+            log_h = [-row_max - log_norm for _, log_norm, row_max in rows]
+        target = sum(top * torch.exp(centered - log_norm) for (_, _, top), (centered, log_norm, _) in zip(groups, rows) if top)
+    else:
+        centered = (s - columns.max(s.detach().amax(-2, keepdim=True))) / eps
+        e = [torch.exp(weight * centered) for weight, _, _ in groups]
+        g = torch.ones_like(s)
+        h = [s.new_ones(s.shape[:-1] + (1,)) for _ in groups]
+        for _ in range(n_iters):
+            f = [r / columns.sum((eg * g * hg).sum(-2, keepdim=True)) for eg, hg in zip(e, h)]
+            g = 1.0 / sum(count * eg * fg * hg for (_, count, _), eg, fg, hg in zip(groups, e, f, h))
+            h = [1.0 / (eg * g * fg).sum(-1, keepdim=True) for eg, fg in zip(e, f)]
+        target = sum(top * eg * fg * g * hg for (_, _, top), eg, fg, hg in zip(groups, e, f, h) if top)
+
+    if normalize == "minmax":
+        target = minmax_rows(target)
+    return target.to(scores.dtype)
+
+
+def minmax_rows(target: torch.Tensor) -> torch.Tensor:
+    """Rescale each row to [0, 1]; constant rows become 0 (the scikit-learn MinMaxScaler rule)."""
+    low = target.amin(-1, keepdim=True)
+    spread = target.amax(-1, keepdim=True) - low
+    nonzero = spread > 0
+    return torch.where(nonzero, (target - low) / torch.where(nonzero, spread, torch.ones_like(spread)), 0.0)
+
+
+def similarity(x: torch.Tensor, y: torch.Tensor, normalize: bool = True, scale: float = 1.0) -> torch.Tensor:
+    """scale · x̂ ŷᵀ for x (..., N, D) and y (..., M, D) with broadcast batch dims.
+
+    x̂ and ŷ are the rows divided by max(‖row‖₂, 1e-12) when ``normalize``, else x and y.
+    """
+    dtype = compute_dtype(x.dtype)
+    xs, ys = x.to(dtype), y.to(dtype)
+    if normalize:
+        xs, ys = F.normalize(xs, dim=-1, eps=1e-12), F.normalize(ys, dim=-1, eps=1e-12)
+    return (scale * (xs @ ys.transpose(-1, -2))).to(x.dtype)

@@ -1,0 +1,153 @@
+//! Row chunking shared by the streaming kernels.
+//!
+//! Every kernel pass walks the rows of one problem in fixed-size chunks. Each chunk writes its
+//! own column partial sums, and the partials are then added in chunk order. The chunk size
+//! depends only on the row width, never on the thread count, so results are bitwise identical
+//! whether the chunks run on one thread or many.
+
+use crate::real::Real;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Rows per chunk: about 8K elements (32 KiB of f32, roughly L1-sized), at least 32 rows so
+/// that wide problems still amortise the per-chunk bookkeeping.
+pub(crate) fn rows_per_chunk(width: usize) -> usize {
+    (8192 / width.max(1)).clamp(32, 2048)
+}
+
+pub(crate) fn n_chunks(n_rows: usize, rpc: usize) -> usize {
+    n_rows.div_ceil(rpc)
+}
+
+/// Runs `f(rows, state_rows, out_rows, partial, scratch)` once per row chunk: sequentially when
+/// there is a single chunk (the common case for batches of tiny problems, where a rayon
+/// fork-join per pass would dominate), in parallel otherwise. `state` has `sw` values per row,
+/// `out` has `ow` per row, and `partials` holds `pw` values per chunk.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_pass<T, F>(
+    n_rows: usize,
+    rpc: usize,
+    state: &mut [T],
+    sw: usize,
+    out: &mut [T],
+    ow: usize,
+    partials: &mut [T],
+    pw: usize,
+    scratch: &mut Vec<T>,
+    scratch_len: usize,
+    f: F,
+) where
+    T: Real,
+    F: Fn(Range<usize>, &mut [T], &mut [T], &mut [T], &mut [T]) + Sync,
+{
+    let nch = n_chunks(n_rows, rpc);
+    debug_assert!(sw > 0 && ow > 0 && pw > 0);
+    debug_assert_eq!(state.len(), n_rows * sw);
+    debug_assert_eq!(out.len(), n_rows * ow);
+    debug_assert!(partials.len() >= nch * pw);
+    if nch <= 1 {
+        scratch.clear();
+        scratch.resize(scratch_len, T::ZERO);
+        f(0..n_rows, state, out, &mut partials[..pw], scratch);
+        return;
+    }
+    state
+        .par_chunks_mut(rpc * sw)
+        .zip(out.par_chunks_mut(rpc * ow))
+        .zip(partials[..nch * pw].par_chunks_mut(pw))
+        .enumerate()
+        .for_each_init(
+            || vec![T::ZERO; scratch_len],
+            |scr, (ci, ((st, o), p))| {
+                let r0 = ci * rpc;
+                f(r0..(r0 + rpc).min(n_rows), st, o, p, scr)
+            },
+        );
+}
+
+/// `acc = Σ_c partials[c]`, summed in chunk order.
+pub(crate) fn reduce_partials<T: Real>(partials: &[T], nch: usize, acc: &mut [T]) {
+    let w = acc.len();
+    acc.copy_from_slice(&partials[..w]);
+    for c in 1..nch {
+        for (a, p) in acc.iter_mut().zip(&partials[c * w..(c + 1) * w]) {
+            *a += *p;
+        }
+    }
+}
+
+/// Per-column max and min of one problem's `[n, k]` scores, written to `cmax`/`cmin`.
+pub(crate) fn col_range<T: Real>(s: &[T], n: usize, k: usize, cmax: &mut [T], cmin: &mut [T]) {
+    let rpc = rows_per_chunk(k);
+    let nch = n_chunks(n, rpc);
+    let one = |rows: &[T], mx: &mut [T], mn: &mut [T]| {
+        mx.fill(T::NEG_INFINITY);
+        mn.fill(T::INFINITY);
+        for row in rows.chunks_exact(k) {
+            for j in 0..k {
+                mx[j] = mx[j].fmax(row[j]);
+                mn[j] = mn[j].fmin(row[j]);
+            }
+        }
+    };
+    if nch <= 1 {
+        one(s, cmax, cmin);
+        return;
+    }
+    let mut parts = vec![T::ZERO; nch * 2 * k];
+    s.par_chunks(rpc * k)
+        .zip(parts.par_chunks_mut(2 * k))
+        .for_each(|(rows, p)| {
+            let (mx, mn) = p.split_at_mut(k);
+            one(rows, mx, mn)
+        });
+    cmax.fill(T::NEG_INFINITY);
+    cmin.fill(T::INFINITY);
+    for p in parts.chunks_exact(2 * k) {
+        for j in 0..k {
+            cmax[j] = cmax[j].fmax(p[j]);
+            cmin[j] = cmin[j].fmin(p[k + j]);
+        }
+    }
+}
+
+/// Column statistics for a batch `[b, n, k]`: fills `cmax` (`[b, k]`) and returns the largest
+/// column range max_n S - min_n S over the batch (as f64; NaN if the input has NaN).
+pub(crate) fn batch_col_stats<T: Real>(
+    s: &[T],
+    b: usize,
+    n: usize,
+    k: usize,
+    cmax: &mut [T],
+) -> f64 {
+    s.par_chunks(n * k)
+        .zip(cmax.par_chunks_mut(k))
+        .take(b)
+        .map_init(
+            || vec![T::ZERO; k],
+            |cmin, (sp, mx)| {
+                col_range(sp, n, k, mx, cmin);
+                let mut r = 0.0f64;
+                for j in 0..k {
+                    let d = (mx[j] - cmin[j]).to_f64();
+                    // propagate NaN: NaN never compares greater
+                    if d.is_nan() || r.is_nan() {
+                        r = f64::NAN;
+                    } else if d > r {
+                        r = d;
+                    }
+                }
+                r
+            },
+        )
+        .reduce(
+            || 0.0,
+            |a, b| {
+                if a.is_nan() || b.is_nan() {
+                    f64::NAN
+                } else {
+                    a.max(b)
+                }
+            },
+        )
+}

@@ -1,0 +1,21 @@
+//! Pure-Rust optimal-transport kernels behind `mmot._core` (DESIGN.md §2).
+//!
+//! This crate has no Python dependency so that `cargo test`/`cargo bench` run anywhere; the
+//! `mmot-python` crate is a thin PyO3 layer over it. All kernels take flat row-major slices plus
+//! explicit dimensions, write into caller-provided outputs, and parallelise with whatever rayon
+//! pool they are called from (the bindings install a dedicated one).
+
+mod chunks;
+pub mod domain;
+pub mod error;
+pub mod multi_sinkhorn;
+pub mod real;
+pub mod similarity;
+pub mod sinkhorn;
+
+pub use domain::LogDomain;
+pub use error::{MmotError, Result};
+pub use multi_sinkhorn::{multi_sinkhorn, MultiSinkhornParams, Normalize};
+pub use real::Real;
+pub use similarity::similarity;
+pub use sinkhorn::sinkhorn;

@@ -1,0 +1,592 @@
+//! Multi-Assignment Sinkhorn-Knopp, grouped form (DESIGN.md §2.2).
+//!
+//! The dense algorithm works on a `[K, N, K]` tensor. Slots with equal weight stay identical
+//! throughout, so the plan factorises as `P[m,n,a] = E_G[n,a] f_G[a] g[n,a] h_G[n]` with one
+//! `(f_G, h_G)` pair per distinct weight; this file only ever holds `O(G·N·K)` values.
+//!
+//! Each iteration is one streaming pass over rows. For row `n` the pass needs the new `f`, the
+//! previous `h_G[n]` and row `n` of the scores; it computes the slot values after the `g`
+//! update, `q_G[a] = h_G E_G f_G / Σ_G' c_G' h_G' E_G' f_G'`, their row sums (which give the
+//! new `h_G[n]`), and the slot values after the `h` update, `q_G / rowsum_G`, whose column sums
+//! over `n` give the next `f_G` by `f_G *= r / colsum`. `g` itself is never stored.
+//!
+//! Plain domain: `E_G = exp(w_G (S - colmax)/eps)` is cached once per call in a per-row
+//! `[h_G..., E_0[..K], E_1[..K], ...]` state block, so iterations do no `exp`.
+//! Log domain: the same quantities are formed from log potentials
+//! `t_G = w_G (S - colmax)/eps + log f_G + log h_G`, shifted per element by `max_G t_G`, which
+//! costs `G` exponentials per element per iteration but cannot overflow. The column sums of the
+//! normalised slot values are bounded below (by roughly `r_a / (K² N)`), so, as in `sinkhorn`,
+//! no column log-sum-exp is needed.
+
+use crate::chunks::{batch_col_stats, n_chunks, reduce_partials, rows_per_chunk, run_pass};
+use crate::domain::{use_log_domain, LogDomain};
+use crate::error::{check_eps_iters, check_len, MmotError, Result};
+use crate::real::{max, min, sum, Real, LANES};
+use rayon::prelude::*;
+use std::str::FromStr;
+
+/// Groups whose per-row scalars live on the stack (the default SSPC weights make 2 groups).
+const MAX_STACK_GROUPS: usize = 8;
+
+/// Row post-processing of the output `T`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Normalize {
+    /// Each row becomes `(T - min) / (max - min)`; constant rows become 0 (the convention of
+    /// sklearn's MinMaxScaler, which SSPC's targets follow).
+    MinMax,
+    None,
+}
+
+impl FromStr for Normalize {
+    type Err = MmotError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "minmax" => Ok(Normalize::MinMax),
+            "none" => Ok(Normalize::None),
+            other => Err(MmotError::InvalidArgument(format!(
+                "normalize must be 'minmax' or 'none', got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Scalar parameters of a Multi-SK call.
+#[derive(Debug, Clone)]
+pub struct MultiSinkhornParams {
+    pub eps: f64,
+    pub n_iters: usize,
+    /// One positive weight per slot (length K).
+    pub slot_weights: Vec<f64>,
+    /// Output = sum over the last `k` slots; `1 <= k <= K`.
+    pub k: usize,
+    pub normalize: Normalize,
+    pub log_domain: LogDomain,
+}
+
+/// Slots grouped by equal weight (in order of first appearance).
+#[derive(Debug, Clone)]
+struct Groups<T> {
+    /// Weight of each group.
+    w: Vec<T>,
+    /// Number of slots in each group.
+    c: Vec<T>,
+    /// Number of the last k slots in each group (the output's coefficients).
+    t: Vec<T>,
+    w_max: f64,
+}
+
+impl<T: Real> Groups<T> {
+    fn new(weights: &[f64], k: usize) -> Self {
+        let kk = weights.len();
+        let mut w: Vec<T> = Vec::new();
+        let mut c: Vec<usize> = Vec::new();
+        let mut t: Vec<usize> = Vec::new();
+        let mut w_max = 0.0f64;
+        for (m, &wm) in weights.iter().enumerate() {
+            let wt = T::from_f64(wm);
+            w_max = w_max.max(wt.to_f64());
+            let g = match w.iter().position(|&x| x == wt) {
+                Some(g) => g,
+                None => {
+                    w.push(wt);
+                    c.push(0);
+                    t.push(0);
+                    w.len() - 1
+                }
+            };
+            c[g] += 1;
+            if m >= kk - k {
+                t[g] += 1;
+            }
+        }
+        let cv = |v: Vec<usize>| v.into_iter().map(|x| T::from_f64(x as f64)).collect();
+        Groups {
+            w,
+            c: cv(c),
+            t: cv(t),
+            w_max,
+        }
+    }
+}
+
+/// Grouped Multi-SK on a batch of `b` independent `[n, kk]` problems (`kk` = K anchors = slots).
+///
+/// `scores`, `out`: `[b, n, kk]`; `anchor_mass`: `[b, kk]` (resolved by the caller, each row
+/// summing to `n`). Returns whether the log domain was used (decided once for the call).
+#[allow(clippy::too_many_arguments)]
+pub fn multi_sinkhorn<T: Real>(
+    scores: &[T],
+    anchor_mass: &[T],
+    out: &mut [T],
+    b: usize,
+    n: usize,
+    kk: usize,
+    params: &MultiSinkhornParams,
+) -> Result<bool> {
+    let shape = format!("[{b}, {n}, {kk}]");
+    check_len("scores", scores.len(), b * n * kk, &shape)?;
+    check_len("out", out.len(), b * n * kk, &shape)?;
+    check_len(
+        "anchor_mass",
+        anchor_mass.len(),
+        b * kk,
+        &format!("[{b}, {kk}]"),
+    )?;
+    check_eps_iters(params.eps, params.n_iters)?;
+    if params.slot_weights.len() != kk {
+        return Err(MmotError::InvalidArgument(format!(
+            "slot_weights must have K={kk} entries, got {}",
+            params.slot_weights.len()
+        )));
+    }
+    if let Some(w) = params
+        .slot_weights
+        .iter()
+        .find(|w| !(w.is_finite() && **w > 0.0))
+    {
+        return Err(MmotError::InvalidArgument(format!(
+            "slot_weights must be finite and > 0, got {w}"
+        )));
+    }
+    if params.k < 1 || params.k > kk {
+        return Err(MmotError::InvalidArgument(format!(
+            "k must be in 1..={kk} (K), got {}",
+            params.k
+        )));
+    }
+    let groups = Groups::<T>::new(&params.slot_weights, params.k);
+    if b * n == 0 {
+        return Ok(use_log_domain::<T>(params.log_domain, 0.0));
+    }
+    let mut cmax = vec![T::ZERO; b * kk];
+    let range = batch_col_stats(scores, b, n, kk, &mut cmax) * groups.w_max / params.eps;
+    let log = use_log_domain::<T>(params.log_domain, range);
+    let p = Problem {
+        n,
+        k: kk,
+        inv_eps: T::from_f64(1.0 / params.eps),
+        n_iters: params.n_iters,
+        normalize: params.normalize,
+        g: groups,
+    };
+    out.par_chunks_mut(n * kk)
+        .zip(scores.par_chunks(n * kk))
+        .zip(anchor_mass.par_chunks(kk))
+        .zip(cmax.par_chunks(kk))
+        .for_each_init(Workspace::default, |ws, (((o, s), r), cm)| {
+            p.solve(s, r, cm, o, ws, log)
+        });
+    Ok(log)
+}
+
+struct Problem<T> {
+    n: usize,
+    k: usize,
+    inv_eps: T,
+    n_iters: usize,
+    normalize: Normalize,
+    g: Groups<T>,
+}
+
+#[derive(Default)]
+struct Workspace<T> {
+    /// Per row: `h_G` (plain) or `log h_G` (log) for each group, then, in the plain domain,
+    /// the cached `E_G` rows.
+    state: Vec<T>,
+    partials: Vec<T>,
+    acc: Vec<T>,
+    /// `f_G` (plain) or `log f_G` (log), `[G, K]`.
+    colpot: Vec<T>,
+    scratch: Vec<T>,
+}
+
+impl<T: Real> Problem<T> {
+    fn solve(&self, s: &[T], r: &[T], cmax: &[T], out: &mut [T], ws: &mut Workspace<T>, log: bool) {
+        let (n, k, inv_eps) = (self.n, self.k, self.inv_eps);
+        let ng = self.g.w.len();
+        let (w, c, t) = (&self.g.w[..], &self.g.c[..], &self.g.t[..]);
+        let gk = ng * k;
+        let sw = if log { ng } else { ng + gk };
+        let rpc = rows_per_chunk(if log { k } else { sw });
+        let nch = n_chunks(n, rpc);
+        let Workspace {
+            state,
+            partials,
+            acc,
+            colpot,
+            scratch,
+        } = ws;
+        state.clear();
+        state.resize(n * sw, T::ZERO);
+        partials.clear();
+        partials.resize(nch * gk, T::ZERO);
+        acc.clear();
+        acc.resize(gk, T::ZERO);
+        colpot.clear();
+        colpot.resize(gk, T::ZERO);
+
+        // Pass 0 (g = h = 1): column sums of E_G. Plain caches E_G and sets h = 1; log sets
+        // log h = 0. L = (S - colmax)/eps <= 0 with a 0 in each column, so the sums are >= 1.
+        run_pass(
+            n,
+            rpc,
+            state,
+            sw,
+            out,
+            k,
+            partials,
+            gk,
+            scratch,
+            k,
+            |rows, st, _o, p, lrow| {
+                p.fill(T::ZERO);
+                for (i, row) in rows.enumerate() {
+                    let srow = &s[row * k..(row + 1) * k];
+                    for j in 0..k {
+                        lrow[j] = (srow[j] - cmax[j]) * inv_eps;
+                    }
+                    let st = &mut st[i * sw..(i + 1) * sw];
+                    let (h, cache) = st.split_at_mut(ng);
+                    for g in 0..ng {
+                        let pg = &mut p[g * k..(g + 1) * k];
+                        let wg = w[g];
+                        if log {
+                            h[g] = T::ZERO;
+                            for j in 0..k {
+                                pg[j] += (wg * lrow[j]).exp_fast();
+                            }
+                        } else {
+                            h[g] = T::ONE;
+                            let eg = &mut cache[g * k..(g + 1) * k];
+                            for j in 0..k {
+                                let e = (wg * lrow[j]).exp_fast();
+                                eg[j] = e;
+                                pg[j] += e;
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        reduce_partials(partials, nch, acc);
+        for g in 0..ng {
+            for j in 0..k {
+                let a = acc[g * k + j];
+                colpot[g * k + j] = if log { r[j].ln() - a.ln() } else { r[j] / a };
+            }
+        }
+
+        let normalize = self.normalize;
+        for it in 0..self.n_iters {
+            let last = it + 1 == self.n_iters;
+            let f: &[T] = colpot;
+            // scratch: q [G*K] | den [K] | lrow [K]
+            run_pass(
+                n,
+                rpc,
+                state,
+                sw,
+                out,
+                k,
+                partials,
+                gk,
+                scratch,
+                gk + 2 * k,
+                |rows, st, o, p, scr| {
+                    p.fill(T::ZERO);
+                    let (q, rest) = scr.split_at_mut(gk);
+                    let (den, lrow) = rest.split_at_mut(k);
+                    for (i, row) in rows.enumerate() {
+                        let st = &mut st[i * sw..(i + 1) * sw];
+                        let (h, cache) = st.split_at_mut(ng);
+                        // inv[g]: the h update's 1 / row sum of q_G.
+                        let mut inv = [T::ZERO; MAX_STACK_GROUPS];
+                        let mut inv_heap = Vec::new();
+                        let inv: &mut [T] = if ng <= MAX_STACK_GROUPS {
+                            &mut inv[..ng]
+                        } else {
+                            inv_heap.resize(ng, T::ZERO);
+                            &mut inv_heap
+                        };
+                        let fused = !log
+                            && match ng {
+                                2 => plain_row_fused::<T, 2>(cache, f, c, h, q, inv),
+                                3 => plain_row_fused::<T, 3>(cache, f, c, h, q, inv),
+                                4 => plain_row_fused::<T, 4>(cache, f, c, h, q, inv),
+                                _ => false,
+                            };
+                        if fused {
+                            // h_new = 1 / Σ_a E f g, which is exactly inv.
+                            h.copy_from_slice(inv);
+                        } else if log {
+                            let srow = &s[row * k..(row + 1) * k];
+                            for j in 0..k {
+                                lrow[j] = (srow[j] - cmax[j]) * inv_eps;
+                            }
+                            // q_G = t_G, den = max_G t_G
+                            den.fill(T::NEG_INFINITY);
+                            for g in 0..ng {
+                                let (wg, hg) = (w[g], h[g]);
+                                let fg = &f[g * k..(g + 1) * k];
+                                let qg = &mut q[g * k..(g + 1) * k];
+                                for j in 0..k {
+                                    let tv = wg * lrow[j] + fg[j] + hg;
+                                    qg[j] = tv;
+                                    den[j] = den[j].fmax(tv);
+                                }
+                            }
+                            for g in 0..ng {
+                                let qg = &mut q[g * k..(g + 1) * k];
+                                for j in 0..k {
+                                    qg[j] = (qg[j] - den[j]).exp_fast();
+                                }
+                            }
+                            den.fill(T::ZERO);
+                            for g in 0..ng {
+                                let cg = c[g];
+                                let qg = &q[g * k..(g + 1) * k];
+                                for j in 0..k {
+                                    den[j] += cg * qg[j];
+                                }
+                            }
+                            for d in den.iter_mut() {
+                                *d = T::ONE / *d;
+                            }
+                        } else {
+                            den.fill(T::ZERO);
+                            for g in 0..ng {
+                                let ch = c[g] * h[g];
+                                let hg = h[g];
+                                let eg = &cache[g * k..(g + 1) * k];
+                                let fg = &f[g * k..(g + 1) * k];
+                                let qg = &mut q[g * k..(g + 1) * k];
+                                for j in 0..k {
+                                    let v = eg[j] * fg[j];
+                                    qg[j] = hg * v;
+                                    den[j] += ch * v;
+                                }
+                            }
+                            for d in den.iter_mut() {
+                                *d = T::ONE / *d;
+                            }
+                        }
+                        if !fused {
+                            // q_G *= 1/den: slot values after the g update. With a single group they
+                            // are exactly 1/c (setting them so keeps constant rows exactly constant).
+                            for g in 0..ng {
+                                let qg = &mut q[g * k..(g + 1) * k];
+                                if ng == 1 {
+                                    qg.fill(T::ONE / c[0]);
+                                } else {
+                                    for j in 0..k {
+                                        qg[j] *= den[j];
+                                    }
+                                }
+                            }
+                            let mut rescue = false;
+                            for g in 0..ng {
+                                let rs = sum(&q[g * k..(g + 1) * k]);
+                                // Only possible in the log domain's first iteration, before any row
+                                // normalisation (see the module docs): fall back to exact LSEs.
+                                rescue |= !(rs >= T::TINY && rs < T::INFINITY);
+                                inv[g] = T::ONE / rs;
+                            }
+                            if log && rescue {
+                                let srow = &s[row * k..(row + 1) * k];
+                                self.exact_log_row(srow, cmax, f, h, q, den, lrow);
+                                inv.fill(T::ONE);
+                            } else {
+                                for g in 0..ng {
+                                    if log {
+                                        h[g] += inv[g].ln();
+                                    } else {
+                                        h[g] *= inv[g];
+                                    }
+                                }
+                            }
+                        }
+                        let orow = &mut o[i * k..(i + 1) * k];
+                        if last {
+                            orow.fill(T::ZERO);
+                        }
+                        for g in 0..ng {
+                            let qg = &q[g * k..(g + 1) * k];
+                            if last {
+                                if t[g] > T::ZERO {
+                                    let coef = t[g] * inv[g];
+                                    for j in 0..k {
+                                        orow[j] += coef * qg[j];
+                                    }
+                                }
+                            } else {
+                                let pg = &mut p[g * k..(g + 1) * k];
+                                let ig = inv[g];
+                                for j in 0..k {
+                                    pg[j] += qg[j] * ig;
+                                }
+                            }
+                        }
+                        if last && normalize == Normalize::MinMax {
+                            minmax_row(orow);
+                        }
+                    }
+                },
+            );
+            if !last {
+                reduce_partials(partials, nch, acc);
+                for g in 0..ng {
+                    for j in 0..k {
+                        let ratio = r[j] / acc[g * k + j];
+                        let fp = &mut colpot[g * k + j];
+                        if log {
+                            *fp += ratio.ln();
+                        } else {
+                            *fp *= ratio;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<T: Real> Problem<T> {
+    /// Log-domain g and h updates of one row with full log-sum-exps: writes the normalised slot
+    /// values (after the h update) into `q` and updates `eta = log h`. `den` and `lrow` are
+    /// scratch of length K.
+    #[allow(clippy::too_many_arguments)]
+    fn exact_log_row(
+        &self,
+        srow: &[T],
+        cmax: &[T],
+        phi: &[T],
+        eta: &mut [T],
+        q: &mut [T],
+        lse: &mut [T],
+        lrow: &mut [T],
+    ) {
+        let k = self.k;
+        let (w, c) = (&self.g.w[..], &self.g.c[..]);
+        let ng = w.len();
+        for j in 0..k {
+            lrow[j] = (srow[j] - cmax[j]) * self.inv_eps;
+        }
+        // lse[a] = log Σ_G c_G exp(t_G[a]); q_G = t_G for now.
+        lse.fill(T::NEG_INFINITY);
+        for g in 0..ng {
+            for j in 0..k {
+                let tv = w[g] * lrow[j] + phi[g * k + j] + eta[g];
+                q[g * k + j] = tv;
+                lse[j] = lse[j].fmax(tv);
+            }
+        }
+        for j in 0..k {
+            let m = lse[j];
+            let mut z = T::ZERO;
+            for g in 0..ng {
+                z += c[g] * (q[g * k + j] - m).exp_fast();
+            }
+            lse[j] = m + z.ln();
+        }
+        for g in 0..ng {
+            let qg = &mut q[g * k..(g + 1) * k];
+            // log of the slot values after the g update
+            for j in 0..k {
+                qg[j] -= lse[j];
+            }
+            let mu = max(qg);
+            for x in qg.iter_mut() {
+                *x = (*x - mu).exp_fast();
+            }
+            let z = sum(qg);
+            eta[g] -= mu + z.ln();
+            let iz = T::ONE / z;
+            for x in qg.iter_mut() {
+                *x *= iz;
+            }
+        }
+    }
+}
+
+/// Plain-domain g and h updates of one row for a compile-time group count, in one pass over the
+/// anchors (the generic path makes six). Writes `q_G = E_G f_G g` (the slot values after the g
+/// update, without the old `h_G` factor) and `inv[g] = 1 / Σ_a q_G`, which is the new `h_G`;
+/// the slot values after the h update are `q_G · inv[g]`. Always returns true.
+#[inline(always)]
+fn plain_row_fused<T: Real, const NG: usize>(
+    cache: &[T],
+    f: &[T],
+    c: &[T],
+    h: &[T],
+    q: &mut [T],
+    inv: &mut [T],
+) -> bool {
+    let k = f.len() / NG;
+    let ch: [T; NG] = std::array::from_fn(|g| c[g] * h[g]);
+    let e: [&[T]; NG] = std::array::from_fn(|g| &cache[g * k..(g + 1) * k]);
+    let fs: [&[T]; NG] = std::array::from_fn(|g| &f[g * k..(g + 1) * k]);
+    let mut acc = [[T::ZERO; LANES]; NG];
+    let mut tail = [T::ZERO; NG];
+    let full = k - k % LANES;
+    let mut j0 = 0;
+    while j0 < full {
+        let ec: [&[T]; NG] = std::array::from_fn(|g| &e[g][j0..j0 + LANES]);
+        let fc: [&[T]; NG] = std::array::from_fn(|g| &fs[g][j0..j0 + LANES]);
+        let mut v = [[T::ZERO; LANES]; NG];
+        let mut den = [T::ZERO; LANES];
+        for g in 0..NG {
+            for l in 0..LANES {
+                v[g][l] = ec[g][l] * fc[g][l];
+                den[l] += ch[g] * v[g][l];
+            }
+        }
+        for d in den.iter_mut() {
+            *d = T::ONE / *d;
+        }
+        for g in 0..NG {
+            let qc = &mut q[g * k + j0..g * k + j0 + LANES];
+            for l in 0..LANES {
+                let y = v[g][l] * den[l];
+                qc[l] = y;
+                acc[g][l] += y;
+            }
+        }
+        j0 += LANES;
+    }
+    for j in full..k {
+        let mut v = [T::ZERO; NG];
+        let mut den = T::ZERO;
+        for g in 0..NG {
+            v[g] = e[g][j] * fs[g][j];
+            den += ch[g] * v[g];
+        }
+        let gi = T::ONE / den;
+        for g in 0..NG {
+            let y = v[g] * gi;
+            q[g * k + j] = y;
+            tail[g] += y;
+        }
+    }
+    for g in 0..NG {
+        let a = acc[g];
+        let s = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) + tail[g];
+        inv[g] = T::ONE / s;
+    }
+    true
+}
+
+/// `(x - min) / (max - min)` per row; a constant row becomes all zeros.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+fn minmax_row<T: Real>(row: &mut [T]) {
+    let lo = min(row);
+    let hi = max(row);
+    // Written as `!(hi > lo)` so that a degenerate row can never reach the division.
+    if !(hi > lo) {
+        row.fill(T::ZERO);
+        return;
+    }
+    let d = hi - lo;
+    for x in row.iter_mut() {
+        *x = (*x - lo) / d;
+    }
+}

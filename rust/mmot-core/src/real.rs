@@ -1,0 +1,327 @@
+//! The float abstraction shared by every kernel.
+//!
+//! Kernels are written once and instantiated for `f32` and `f64`; accumulation always happens in
+//! the input type, as DESIGN.md §2.5 requires. The trait is deliberately tiny and hand-rolled so the
+//! core crate has no numeric dependencies.
+
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// A floating-point element type a kernel can run on.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + Debug
+    + PartialOrd
+    + Default
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+    + DivAssign
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const INFINITY: Self;
+    const NEG_INFINITY: Self;
+    /// Largest dynamic range (in units of the exponent argument) for which the plain-domain
+    /// kernels are trusted not to overflow or underflow (DESIGN.md §2.5; rule in `domain.rs`).
+    const PLAIN_RANGE_LIMIT: f64;
+    /// A sum of exponentials below this may have lost its leading terms to underflow (it is
+    /// about 2^24 times the smallest normal), so the log-domain kernels recompute it exactly.
+    const TINY: Self;
+
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    /// Branch-free exponential that LLVM can vectorise inside loops (libm's `exp` is an opaque
+    /// call and keeps every loop that uses it scalar). Accurate to a few ulp; returns exactly 0
+    /// below the normal range and +inf above it.
+    fn exp_fast(self) -> Self;
+
+    /// `max` without NaN special-casing, so that it lowers to a single vector instruction.
+    #[inline(always)]
+    fn fmax(self, o: Self) -> Self {
+        if self > o {
+            self
+        } else {
+            o
+        }
+    }
+    /// `min` without NaN special-casing, see [`Real::fmax`].
+    #[inline(always)]
+    fn fmin(self, o: Self) -> Self {
+        if self < o {
+            self
+        } else {
+            o
+        }
+    }
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const INFINITY: Self = f32::INFINITY;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    const PLAIN_RANGE_LIMIT: f64 = 50.0;
+    const TINY: Self = 1e-30;
+
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        // Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7 Taylor
+        // polynomial (truncation error < 5e-9 relative) and 2^n assembled from the exponent bits.
+        const LO: f32 = -87.0;
+        const HI: f32 = 88.0;
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_145_75;
+        const LN2_LO: f32 = 1.428_606_8e-6;
+        // 1.5 * 2^23: adding it rounds to an integer that then sits in the low mantissa bits.
+        const MAGIC: f32 = 12_582_912.0;
+        let x = self;
+        let xc = x.fmax(LO).fmin(HI);
+        let y = xc * LOG2E + MAGIC;
+        let n = y - MAGIC;
+        let r = (xc - n * LN2_HI) - n * LN2_LO;
+        let mut p = 1.0 / 5040.0;
+        p = p * r + 1.0 / 720.0;
+        p = p * r + 1.0 / 120.0;
+        p = p * r + 1.0 / 24.0;
+        p = p * r + 1.0 / 6.0;
+        p = p * r + 0.5;
+        p = p * r + 1.0;
+        p = p * r + 1.0;
+        let ni = y.to_bits().wrapping_sub(MAGIC.to_bits());
+        let scale = f32::from_bits(ni.wrapping_add(127) << 23);
+        let v = p * scale;
+        let v = if x < LO { 0.0 } else { v };
+        if x > HI {
+            f32::INFINITY
+        } else {
+            v
+        }
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const INFINITY: Self = f64::INFINITY;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    const PLAIN_RANGE_LIMIT: f64 = 300.0;
+    const TINY: Self = 1e-280;
+
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        // Same scheme as f32 with a degree-13 Taylor polynomial (truncation error < 1e-17).
+        const LO: f64 = -708.0;
+        const HI: f64 = 709.0;
+        const LOG2E: f64 = std::f64::consts::LOG2_E;
+        const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+        const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+        // 1.5 * 2^52
+        const MAGIC: f64 = 6_755_399_441_055_744.0;
+        let x = self;
+        let xc = x.fmax(LO).fmin(HI);
+        let y = xc * LOG2E + MAGIC;
+        let n = y - MAGIC;
+        let r = (xc - n * LN2_HI) - n * LN2_LO;
+        let mut p = 1.0 / 6_227_020_800.0; // 1/13!
+        p = p * r + 1.0 / 479_001_600.0;
+        p = p * r + 1.0 / 39_916_800.0;
+        p = p * r + 1.0 / 3_628_800.0;
+        p = p * r + 1.0 / 362_880.0;
+        p = p * r + 1.0 / 40_320.0;
+        p = p * r + 1.0 / 5_040.0;
+        p = p * r + 1.0 / 720.0;
+        p = p * r + 1.0 / 120.0;
+        p = p * r + 1.0 / 24.0;
+        p = p * r + 1.0 / 6.0;
+        p = p * r + 0.5;
+        p = p * r + 1.0;
+        p = p * r + 1.0;
+        let ni = y.to_bits().wrapping_sub(MAGIC.to_bits());
+        let scale = f64::from_bits(ni.wrapping_add(1023) << 52);
+        let v = p * scale;
+        let v = if x < LO { 0.0 } else { v };
+        if x > HI {
+            f64::INFINITY
+        } else {
+            v
+        }
+    }
+}
+
+/// Number of independent accumulators in the reductions below. Float addition is not
+/// associative, so LLVM will not vectorise a plain `sum()`; spelling out the lanes lets it, and
+/// also fixes the summation order so results do not depend on the machine.
+pub(crate) const LANES: usize = 8;
+
+/// Sum of a slice with a fixed lane order.
+#[inline(always)]
+pub(crate) fn sum<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    let mut s = T::ZERO;
+    for v in it.remainder() {
+        s += *v;
+    }
+    fold_lanes(acc) + s
+}
+
+/// Dot product with a fixed lane order.
+#[inline(always)]
+pub(crate) fn dot<T: Real>(x: &[T], y: &[T]) -> T {
+    debug_assert_eq!(x.len(), y.len());
+    let mut acc = [T::ZERO; LANES];
+    let mut ix = x.chunks_exact(LANES);
+    let mut iy = y.chunks_exact(LANES);
+    for (a, b) in (&mut ix).zip(&mut iy) {
+        for l in 0..LANES {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    let mut s = T::ZERO;
+    for (a, b) in ix.remainder().iter().zip(iy.remainder()) {
+        s += *a * *b;
+    }
+    fold_lanes(acc) + s
+}
+
+/// Maximum of a slice (-inf for an empty one).
+#[inline(always)]
+pub(crate) fn max<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::NEG_INFINITY; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for l in 0..LANES {
+            acc[l] = acc[l].fmax(c[l]);
+        }
+    }
+    let mut m = T::NEG_INFINITY;
+    for v in it.remainder() {
+        m = m.fmax(*v);
+    }
+    for a in acc {
+        m = m.fmax(a);
+    }
+    m
+}
+
+/// Minimum of a slice (+inf for an empty one).
+#[inline(always)]
+pub(crate) fn min<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::INFINITY; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for l in 0..LANES {
+            acc[l] = acc[l].fmin(c[l]);
+        }
+    }
+    let mut m = T::INFINITY;
+    for v in it.remainder() {
+        m = m.fmin(*v);
+    }
+    for a in acc {
+        m = m.fmin(a);
+    }
+    m
+}
+
+#[inline(always)]
+fn fold_lanes<T: Real>(a: [T; LANES]) -> T {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_fast_matches_std_f64() {
+        let mut worst = 0.0f64;
+        let mut x = -700.0f64;
+        while x < 700.0 {
+            let e = x.exp();
+            let f = x.exp_fast();
+            worst = worst.max(((f - e) / e).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 1e-15, "worst rel err {worst}");
+        assert_eq!((-800.0f64).exp_fast(), 0.0);
+        assert_eq!(800.0f64.exp_fast(), f64::INFINITY);
+        assert_eq!(0.0f64.exp_fast(), 1.0);
+    }
+
+    #[test]
+    fn exp_fast_matches_std_f32() {
+        let mut worst = 0.0f64;
+        let mut x = -86.0f32;
+        while x < 87.0 {
+            let e = (x as f64).exp();
+            let f = x.exp_fast() as f64;
+            worst = worst.max(((f - e) / e).abs());
+            x += 0.00731;
+        }
+        assert!(worst < 4.0 * f32::EPSILON as f64, "worst rel err {worst}");
+        assert_eq!((-100.0f32).exp_fast(), 0.0);
+        assert_eq!(100.0f32.exp_fast(), f32::INFINITY);
+        assert_eq!(0.0f32.exp_fast(), 1.0);
+    }
+
+    #[test]
+    fn reductions() {
+        let x: Vec<f64> = (0..37).map(|i| (i as f64 * 0.7).sin()).collect();
+        let y: Vec<f64> = (0..37).map(|i| (i as f64 * 0.3).cos()).collect();
+        let s: f64 = x.iter().sum();
+        let d: f64 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        assert!((sum(&x) - s).abs() < 1e-12);
+        assert!((dot(&x, &y) - d).abs() < 1e-12);
+        assert_eq!(max(&x), x.iter().cloned().fold(f64::MIN, f64::max));
+        assert_eq!(min(&x), x.iter().cloned().fold(f64::MAX, f64::min));
+    }
+}

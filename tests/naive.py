@@ -1,0 +1,55 @@
+"""Independent, deliberately naive forms of the ops, written from the paper's description.
+
+They share no code with mmot: the dense (K, N, K) Multi-SK as the SSPC code builds it, a
+SwAV-style loop, and similarity by explicit loops. Tests compare every backend with these in
+float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dense_multi_sinkhorn(scores, k, eps, n_iters, slot_weights, anchor_mass=None, normalize="minmax"):
+    """SSPC's Multi-SK on the full (K slots, N, K anchors) tensor, for one (N, K) problem."""
+    s = scores.double()
+    n, n_anchors = s.shape
+    w = torch.as_tensor(slot_weights, dtype=torch.float64)
+    r = torch.full((n_anchors,), n / n_anchors, dtype=torch.float64) if anchor_mass is None else anchor_mass.double()
+    # exp(w_m S / eps) would overflow at small eps: subtracting each (slot, anchor) column's max
+    # is absorbed by the first normalisation, which rescales every (m, a) column.
+    logits = w[:, None, None] * s[None] / eps
+    p = torch.exp(logits - logits.amax(dim=1, keepdim=True))
+    for _ in range(n_iters):
+        p = p / p.sum(dim=1, keepdim=True) * r[None, None, :]
+        p = p / p.sum(dim=0, keepdim=True)
+        p = p / p.sum(dim=2, keepdim=True)
+    t = p[n_anchors - k :].sum(0)
+    if normalize == "minmax":
+        lo, hi = t.min(dim=1, keepdim=True).values, t.max(dim=1, keepdim=True).values
+        t = torch.where(hi > lo, (t - lo) / torch.where(hi > lo, hi - lo, 1.0), 0.0)
+    return t
+
+
+def swav_sinkhorn(scores, eps, n_iters):
+    """SwAV's distributed_sinkhorn for one process, returned as (B, K)."""
+    q = torch.exp(scores.double() / eps).t()
+    n_protos, batch = q.shape
+    q = q / q.sum()
+    for _ in range(n_iters):  # out of place, so autograd can differentiate it
+        q = q / q.sum(dim=1, keepdim=True) / n_protos
+        q = q / q.sum(dim=0, keepdim=True) / batch
+    return (q * batch).t()
+
+
+def loop_similarity(x, y, normalize, scale):
+    """Similarity of two 2-D inputs by explicit row loops."""
+    out = torch.empty(x.shape[0], y.shape[0], dtype=torch.float64)
+    for i in range(x.shape[0]):
+        for j in range(y.shape[0]):
+            a, b = x[i].double(), y[j].double()
+            if normalize:
+                a = a / max(a.norm().item(), 1e-12)
+                b = b / max(b.norm().item(), 1e-12)
+            out[i, j] = scale * (a * b).sum()
+    return out

@@ -1,0 +1,47 @@
+"""Backend choice, the checks switch from the environment, and the Rust thread pool."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+import mmot
+from inputs import random_scores
+
+
+def run_python(code, **env):
+    result = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_auto_is_rust_on_cpu_and_matches_torch():
+    scores = random_scores(3, 17, 9, seed=1)
+    torch.testing.assert_close(mmot.multi_sinkhorn(scores), mmot.multi_sinkhorn(scores, backend="rust"), rtol=0, atol=0)
+    torch.testing.assert_close(mmot.multi_sinkhorn(scores), mmot.multi_sinkhorn(scores, backend="torch"), rtol=1e-10, atol=1e-10)
+
+
+def test_mmot_checks_env_turns_value_checks_off():
+    code = "import torch, mmot; s = torch.randn(4, 3); s[0, 0] = float('nan'); mmot.multi_sinkhorn(s); print('ran')"
+    assert "ran" in run_python(code, MMOT_CHECKS="0")
+    failing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "MMOT_CHECKS": "1"})
+    assert failing.returncode != 0 and "must be finite" in failing.stderr
+
+
+def test_results_do_not_depend_on_thread_count():
+    code = (
+        "import torch, mmot; g = torch.Generator().manual_seed(0); s = torch.randn(3, 700, 33, generator=g);"
+        "print(mmot.multi_sinkhorn(s, 9).double().sum(-1).tolist()[0][:5], mmot.sinkhorn(s).double().square().sum().item())"
+    )
+    outputs = {run_python(code, MMOT_NUM_THREADS=str(n)) for n in (1, 2, 3)}
+    assert len(outputs) == 1, outputs
+
+
+def test_rust_results_are_deterministic():
+    scores = random_scores(2, 500, 40, seed=2, dtype=torch.float32)
+    first = mmot.multi_sinkhorn(scores, 20)
+    for _ in range(3):
+        assert torch.equal(mmot.multi_sinkhorn(scores, 20), first)
