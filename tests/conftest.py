@@ -2,6 +2,8 @@ import os
 
 # Set before mmot is imported: unwritten kernel outputs become NaN and fail the comparisons.
 os.environ.setdefault("MMOT_POISON_OUTPUTS", "1")
+# Triton kernels run on CPU tensors through the interpreter; read when @triton.jit runs.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -7,6 +7,7 @@ an argument, so one ``torch.library`` op serves every backend.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -18,32 +19,44 @@ BACKENDS = ("auto", "rust", "triton", "torch")
 _poison_outputs = os.environ.get("MMOT_POISON_OUTPUTS", "0") == "1"
 
 
-def triton_available() -> bool:
-    """The Triton kernels are not part of mmot yet: they land with the Triton kernels issue."""
-    return False
+def triton_available(op: str) -> bool:
+    """Whether Triton and mmot's Triton kernel for ``op`` (e.g. "multi_sinkhorn") are importable."""
+    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec(f"mmot.kernels.{op}") is not None
 
 
-def resolve_backend(op: str, backend: object, device: torch.device, *, distributed: bool = False) -> str:
-    """Return the concrete backend ("rust", "triton" or "torch") for a call, or raise."""
+def triton_interpreter() -> bool:
+    """TRITON_INTERPRET=1 runs Triton kernels on CPU tensors (slowly): how CI tests them."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(public: str, backend: object, device: torch.device, *, distributed: bool = False) -> str:
+    """Return the concrete backend ("rust", "triton" or "torch") for a call to ``public`` ("mmot.<op>"), or raise."""
+    op = public.removeprefix("mmot.")
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"{op}: argument 'backend' must be one of {BACKENDS}; got {backend!r}")
+        raise ValueError(f"{public}: argument 'backend' must be one of {BACKENDS}; got {backend!r}")
     if distributed:
         # Column sums are all-reduced between iterations, which the torch formulation does natively.
         if backend not in ("auto", "torch"):
-            raise ValueError(f"{op}: argument 'backend' must be 'auto' or 'torch' when process_group is given; got {backend!r}")
+            raise ValueError(f"{public}: argument 'backend' must be 'auto' or 'torch' when process_group is given; got {backend!r}")
         return "torch"
     if backend == "auto":
         if device.type == "cpu":
             return "rust"
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and triton_available(op):
             return "triton"
         return "torch"
     if backend == "rust" and device.type != "cpu":
-        raise ValueError(f"{op}: backend 'rust' runs on CPU tensors only; got a tensor on {device}")
+        raise ValueError(f"{public}: backend 'rust' runs on CPU tensors only; got a tensor on {device}")
     if backend == "triton":
-        raise ValueError(
-            f"{op}: backend 'triton' is not available in this version of mmot; use backend='auto', 'rust' or 'torch'"
-        )
+        if not triton_available(op):
+            raise ValueError(
+                f"{public}: backend 'triton' is not available (needs the triton package and mmot's Triton kernel for this op); "
+                "use backend='auto', 'rust' or 'torch'"
+            )
+        if device.type == "cpu" and not triton_interpreter():
+            raise ValueError(f"{public}: backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before import for CPU tensors")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{public}: backend 'triton' runs on CUDA tensors; got a tensor on {device}")
     return backend
 
 

@@ -126,32 +126,11 @@ def _check_values(scores: Tensor, anchor_mass: Tensor, total_rows: int) -> None:
     _checks.positive_masses(OP, "anchor_mass", anchor_mass, float(total_rows), f"N = {total_rows}")
 
 
-def _multi_sinkhorn_torch(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
-    _check_values(scores, anchor_mass, scores.shape[-2])
+def _forward_torch(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
     return reference.multi_sinkhorn(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
 
 
-@torch.library.custom_op("mmot::multi_sinkhorn", mutates_args=())
-def multi_sinkhorn_op(
-    scores: Tensor,
-    eps: float,
-    n_iters: int,
-    slot_weights: list[float],
-    k: int,
-    anchor_mass: Tensor,
-    normalize: str,
-    log_domain: str,
-    backend: str,
-) -> Tensor:
-    """Any device without a kernel of its own: the torch reference."""
-    return _multi_sinkhorn_torch(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
-
-
-@multi_sinkhorn_op.register_kernel("cpu")
-def _multi_sinkhorn_cpu(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain, backend):
-    if backend == "torch" or scores.numel() == 0:
-        return _multi_sinkhorn_torch(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
-    _check_values(scores, anchor_mass, scores.shape[-2])
+def _forward_rust(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
     from mmot import _core
 
     n_problems, n_rows, n_cols = _dispatch.problem_shape(scores)
@@ -174,9 +153,60 @@ def _multi_sinkhorn_cpu(scores, eps, n_iters, slot_weights, k, anchor_mass, norm
     return out.view(scores.shape).to(scores.dtype)
 
 
+def _forward_triton(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+    from mmot.kernels import multi_sinkhorn as kernel
+
+    return kernel.forward(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+
+
+_FORWARD = {"torch": _forward_torch, "rust": _forward_rust, "triton": _forward_triton}
+
+
+@torch.library.custom_op("mmot::multi_sinkhorn", mutates_args=())
+def multi_sinkhorn_op(
+    scores: Tensor,
+    eps: float,
+    n_iters: int,
+    slot_weights: list[float],
+    k: int,
+    anchor_mass: Tensor,
+    normalize: str,
+    log_domain: str,
+    backend: str,
+) -> Tensor:
+    """Devices without a kernel of their own run the torch reference."""
+    _check_values(scores, anchor_mass, scores.shape[-2])
+    return _forward_torch(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+
+
+@multi_sinkhorn_op.register_kernel(("cpu", "cuda"))
+def _multi_sinkhorn_kernel(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain, backend):
+    _check_values(scores, anchor_mass, scores.shape[-2])
+    run = _forward_torch if scores.numel() == 0 else _FORWARD[backend]
+    return run(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+
+
 @multi_sinkhorn_op.register_fake
 def _multi_sinkhorn_fake(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain, backend):
     return torch.empty_like(scores)
+
+
+def _backward_replay(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+    """The exact VJP of the unrolled iteration and the min-max step, replaying the reference."""
+
+    def forward(s: Tensor) -> Tensor:
+        return reference.multi_sinkhorn(s, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+
+    return vjp(forward, [scores], grad)[0]
+
+
+def _backward_triton(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+    from mmot.kernels import multi_sinkhorn as kernel
+
+    return kernel.backward(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+
+
+_BACKWARD = {"torch": _backward_replay, "rust": _backward_replay, "triton": _backward_triton}
 
 
 @torch.library.custom_op("mmot::multi_sinkhorn_backward", mutates_args=())
@@ -192,12 +222,13 @@ def multi_sinkhorn_backward_op(
     log_domain: str,
     backend: str,
 ) -> Tensor:
-    """The exact VJP of the unrolled iteration and the min-max step, replaying the reference."""
+    return _backward_replay(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
 
-    def forward(s: Tensor) -> Tensor:
-        return reference.multi_sinkhorn(s, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
 
-    return vjp(forward, [scores], grad)[0]
+@multi_sinkhorn_backward_op.register_kernel(("cpu", "cuda"))
+def _multi_sinkhorn_backward_kernel(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain, backend):
+    run = _backward_replay if scores.numel() == 0 else _BACKWARD[backend]
+    return run(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
 
 
 @multi_sinkhorn_backward_op.register_fake

@@ -62,27 +62,19 @@ def _output_shape(x: Tensor, y: Tensor) -> tuple[int, ...]:
     return tuple(torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])) + (x.shape[-2], y.shape[-2])
 
 
-def _similarity_torch(x, y, normalize, scale):
+def _check_values(x: Tensor, y: Tensor) -> None:
     _checks.finite(OP, "x", x)
     _checks.finite(OP, "y", y)
+
+
+def _forward_torch(x, y, normalize, scale):
     return reference.similarity(x, y, normalize, scale)
 
 
-@torch.library.custom_op("mmot::similarity", mutates_args=())
-def similarity_op(x: Tensor, y: Tensor, normalize: bool, scale: float, backend: str) -> Tensor:
-    """Any device without a kernel of its own: the torch reference."""
-    return _similarity_torch(x, y, normalize, scale)
-
-
-@similarity_op.register_kernel("cpu")
-def _similarity_cpu(x, y, normalize, scale, backend):
-    shape = _output_shape(x, y)
-    if backend == "torch" or x.numel() == 0 or y.numel() == 0:
-        return _similarity_torch(x, y, normalize, scale)
-    _checks.finite(OP, "x", x)
-    _checks.finite(OP, "y", y)
+def _forward_rust(x, y, normalize, scale):
     from mmot import _core
 
+    shape = _output_shape(x, y)
     batch = shape[:-2]
     # Output problem b reads x[x_index[b]] and y[y_index[b]]: broadcasting without copies.
     x_index = torch.arange(math.prod(x.shape[:-2])).reshape(x.shape[:-2]).expand(batch).reshape(-1)
@@ -104,19 +96,61 @@ def _similarity_cpu(x, y, normalize, scale, backend):
     return out.view(shape).to(x.dtype)
 
 
+def _forward_triton(x, y, normalize, scale):
+    from mmot.kernels import similarity as kernel
+
+    return kernel.forward(x, y, normalize, scale)
+
+
+_FORWARD = {"torch": _forward_torch, "rust": _forward_rust, "triton": _forward_triton}
+
+
+@torch.library.custom_op("mmot::similarity", mutates_args=())
+def similarity_op(x: Tensor, y: Tensor, normalize: bool, scale: float, backend: str) -> Tensor:
+    """Devices without a kernel of their own run the torch reference."""
+    _check_values(x, y)
+    return _forward_torch(x, y, normalize, scale)
+
+
+@similarity_op.register_kernel(("cpu", "cuda"))
+def _similarity_kernel(x, y, normalize, scale, backend):
+    _check_values(x, y)
+    run = _forward_torch if x.numel() == 0 or y.numel() == 0 else _FORWARD[backend]
+    return run(x, y, normalize, scale)
+
+
 @similarity_op.register_fake
 def _similarity_fake(x, y, normalize, scale, backend):
     return x.new_empty(_output_shape(x, y))
 
 
-@torch.library.custom_op("mmot::similarity_backward", mutates_args=())
-def similarity_backward_op(grad: Tensor, x: Tensor, y: Tensor, normalize: bool, scale: float, backend: str) -> list[Tensor]:
+def _backward_replay(grad, x, y, normalize, scale):
     """Gradients for x and y (reduced over broadcast batch dims), replaying the reference."""
 
     def forward(xs: Tensor, ys: Tensor) -> Tensor:
         return reference.similarity(xs, ys, normalize, scale)
 
     return vjp(forward, [x, y], grad)
+
+
+def _backward_triton(grad, x, y, normalize, scale):
+    from mmot.kernels import similarity as kernel
+
+    return list(kernel.backward(grad, x, y, normalize, scale))
+
+
+_BACKWARD = {"torch": _backward_replay, "rust": _backward_replay, "triton": _backward_triton}
+
+
+@torch.library.custom_op("mmot::similarity_backward", mutates_args=())
+def similarity_backward_op(grad: Tensor, x: Tensor, y: Tensor, normalize: bool, scale: float, backend: str) -> list[Tensor]:
+    return _backward_replay(grad, x, y, normalize, scale)
+
+
+@similarity_backward_op.register_kernel(("cpu", "cuda"))
+def _similarity_backward_kernel(grad, x, y, normalize, scale, backend):
+    run = _backward_replay if x.numel() == 0 or y.numel() == 0 else _BACKWARD[backend]
+    return run(grad, x, y, normalize, scale)
 
 
 @similarity_backward_op.register_fake

@@ -101,24 +101,11 @@ def _check_values(scores: Tensor, rows: Tensor, cols: Tensor, columns=LOCAL) -> 
     _checks.positive_masses(OP, "col_mass", cols, columns.sum(rows.sum(-1)), "the total of row_mass")
 
 
-def _sinkhorn_torch(scores, eps, n_iters, row_mass, col_mass, log_domain):
-    _check_values(scores, row_mass, col_mass)
+def _forward_torch(scores, eps, n_iters, row_mass, col_mass, log_domain):
     return reference.sinkhorn(scores, eps, n_iters, row_mass, col_mass, log_domain)
 
 
-@torch.library.custom_op("mmot::sinkhorn", mutates_args=())
-def sinkhorn_op(
-    scores: Tensor, eps: float, n_iters: int, row_mass: Tensor, col_mass: Tensor, log_domain: str, backend: str
-) -> Tensor:
-    """Any device without a kernel of its own: the torch reference."""
-    return _sinkhorn_torch(scores, eps, n_iters, row_mass, col_mass, log_domain)
-
-
-@sinkhorn_op.register_kernel("cpu")
-def _sinkhorn_cpu(scores, eps, n_iters, row_mass, col_mass, log_domain, backend):
-    if backend == "torch" or scores.numel() == 0:
-        return _sinkhorn_torch(scores, eps, n_iters, row_mass, col_mass, log_domain)
-    _check_values(scores, row_mass, col_mass)
+def _forward_rust(scores, eps, n_iters, row_mass, col_mass, log_domain):
     from mmot import _core
 
     n_problems, n_rows, n_cols = _dispatch.problem_shape(scores)
@@ -139,21 +126,65 @@ def _sinkhorn_cpu(scores, eps, n_iters, row_mass, col_mass, log_domain, backend)
     return out.view(scores.shape).to(scores.dtype)
 
 
+def _forward_triton(scores, eps, n_iters, row_mass, col_mass, log_domain):
+    from mmot.kernels import sinkhorn as kernel
+
+    return kernel.forward(scores, eps, n_iters, row_mass, col_mass, log_domain)
+
+
+_FORWARD = {"torch": _forward_torch, "rust": _forward_rust, "triton": _forward_triton}
+
+
+@torch.library.custom_op("mmot::sinkhorn", mutates_args=())
+def sinkhorn_op(
+    scores: Tensor, eps: float, n_iters: int, row_mass: Tensor, col_mass: Tensor, log_domain: str, backend: str
+) -> Tensor:
+    """Devices without a kernel of their own run the torch reference."""
+    _check_values(scores, row_mass, col_mass)
+    return _forward_torch(scores, eps, n_iters, row_mass, col_mass, log_domain)
+
+
+@sinkhorn_op.register_kernel(("cpu", "cuda"))
+def _sinkhorn_kernel(scores, eps, n_iters, row_mass, col_mass, log_domain, backend):
+    _check_values(scores, row_mass, col_mass)
+    run = _forward_torch if scores.numel() == 0 else _FORWARD[backend]
+    return run(scores, eps, n_iters, row_mass, col_mass, log_domain)
+
+
 @sinkhorn_op.register_fake
 def _sinkhorn_fake(scores, eps, n_iters, row_mass, col_mass, log_domain, backend):
     return torch.empty_like(scores)
 
 
-@torch.library.custom_op("mmot::sinkhorn_backward", mutates_args=())
-def sinkhorn_backward_op(
-    grad: Tensor, scores: Tensor, eps: float, n_iters: int, row_mass: Tensor, col_mass: Tensor, log_domain: str, backend: str
-) -> Tensor:
+def _backward_replay(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
     """The exact VJP of the unrolled iteration, by replaying the reference under autograd."""
 
     def forward(s: Tensor) -> Tensor:
         return reference.sinkhorn(s, eps, n_iters, row_mass, col_mass, log_domain)
 
     return vjp(forward, [scores], grad)[0]
+
+
+def _backward_triton(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
+    from mmot.kernels import sinkhorn as kernel
+
+    return kernel.backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
+
+
+_BACKWARD = {"torch": _backward_replay, "rust": _backward_replay, "triton": _backward_triton}
+
+
+@torch.library.custom_op("mmot::sinkhorn_backward", mutates_args=())
+def sinkhorn_backward_op(
+    grad: Tensor, scores: Tensor, eps: float, n_iters: int, row_mass: Tensor, col_mass: Tensor, log_domain: str, backend: str
+) -> Tensor:
+    return _backward_replay(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
+
+
+@sinkhorn_backward_op.register_kernel(("cpu", "cuda"))
+def _sinkhorn_backward_kernel(grad, scores, eps, n_iters, row_mass, col_mass, log_domain, backend):
+    run = _backward_replay if scores.numel() == 0 else _BACKWARD[backend]
+    return run(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
 
 
 @sinkhorn_backward_op.register_fake
