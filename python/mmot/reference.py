@@ -191,3 +191,52 @@ def similarity(x: torch.Tensor, y: torch.Tensor, normalize: bool = True, scale: 
     if normalize:
         xs, ys = F.normalize(xs, dim=-1, eps=1e-12), F.normalize(ys, dim=-1, eps=1e-12)
     return (scale * (xs @ ys.transpose(-1, -2))).to(x.dtype)
+
+
+def info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float,
+    symmetric: bool = True,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Per-pair NormSoftmax (InfoNCE) loss of the pairs (a[i], b[i]) for a, b (N, D); returns (N,).
+
+    With s = â b̂ᵀ / temperature (â, b̂ the L2-normalised rows when ``normalize``) and ``valid``
+    an (N,) bool mask of the pairs that take part (others are dropped as if absent):
+
+        loss[i] = logsumexp_{j valid} s[i, j] − s[i, i]                      (row direction)
+                + logsumexp_{j valid} s[j, i] − s[i, i]   when ``symmetric``  (column direction)
+
+    and loss[i] = 0 for invalid i. This materialises the N×N logits: it is the readable spec,
+    not the fused kernels.
+    """
+    dtype = compute_dtype(a.dtype)
+    x, y = a.to(dtype), b.to(dtype)
+    if normalize:
+        x, y = F.normalize(x, dim=-1, eps=1e-12), F.normalize(y, dim=-1, eps=1e-12)
+    logits = (x @ y.T) / temperature
+    keep = valid.to(torch.bool)
+    pair = keep[:, None] & keep[None, :]
+    diag = torch.diagonal(logits)
+    # Dropped pairs leave -inf; an invalid row or column is all -inf, so give it a harmless 0
+    # (its loss is zeroed below) to keep NaN out of the gradient.
+    masked = logits.masked_fill(~pair, float("-inf"))
+    rows = masked.masked_fill(~keep[:, None], 0.0)
+    loss = torch.logsumexp(rows, dim=1) - diag
+    if symmetric:
+        cols = masked.masked_fill(~keep[None, :], 0.0)
+        loss = loss + torch.logsumexp(cols, dim=0) - diag
+    return torch.where(keep, loss, torch.zeros_like(loss)).to(a.dtype)
+
+
+def anchor_consistency_loss(sim: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SSPC's anchor term: mean over all entries of BCE-with-logits(exp(sim / temperature), target).
+
+    ``target`` carries no gradient. Returns a 0-dim tensor in the dtype of ``sim``.
+    """
+    dtype = compute_dtype(sim.dtype)
+    logits = torch.exp(sim.to(dtype) / temperature)
+    loss = F.binary_cross_entropy_with_logits(logits, target.detach().to(dtype), reduction="mean")
+    return loss.to(sim.dtype)

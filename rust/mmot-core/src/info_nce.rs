@@ -1,0 +1,621 @@
+//! Fused InfoNCE / NormSoftmax loss without the N×N logits (DESIGN.md §2.3).
+//!
+//! With s[i,j] = â_i·b̂_j / τ (â, b̂ the L2-normalised rows when `normalize`) and w the 0/1
+//! validity of each pair, the per-pair loss is
+//!
+//! ```text
+//! loss[i] = w_i (lse_a[i] − s[i,i]) + [symmetric] w_i (lse_b[i] − s[i,i])
+//! lse_a[i] = log Σ_j w_j exp(s[i,j])          (row direction)
+//! lse_b[j] = log Σ_i w_i exp(s[i,j])          (column direction)
+//! ```
+//!
+//! The forward walks row chunks of `a` against column tiles of `b` keeping an online
+//! log-sum-exp per row, and then the same with the roles swapped for `lse_b`. The backward
+//! recomputes the tiles (the Inf-CL approach): with upstream gradient g,
+//!
+//! ```text
+//! G[i,j] = w_i w_j (g_i exp(s[i,j] − lse_a[i]) + [sym] g_j exp(s[i,j] − lse_b[j]))
+//!          − δ_ij g_i w_i (1 + [sym])
+//! ∂/∂â_i = Σ_j G[i,j] b̂_j / τ,    ∂/∂b̂_j = Σ_i G[i,j] â_i / τ
+//! ```
+//!
+//! and the two sums are two row-streaming passes, the second with `a` and `b` swapped (G has
+//! the same form with lse_a and lse_b exchanged). Normalised copies are never written: the dot
+//! products are scaled by the inverse row norms. Extra memory is O(N) plus one tile per task.
+//!
+//! Row chunks have a fixed size and every row's arithmetic is independent of the others, so
+//! results do not depend on the thread count.
+
+use crate::error::{check_len, MmotError, Result};
+use crate::real::{Real, LANES};
+use rayon::prelude::*;
+
+/// Rows per parallel task.
+const RB: usize = 32;
+/// Columns per tile: a tile of raw dot products is RB × CB.
+const CB: usize = 64;
+/// Norm floor, as `torch.nn.functional.normalize(eps=1e-12)`.
+const NORM_EPS: f64 = 1e-12;
+
+/// The loss's parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct InfoNceParams {
+    /// τ > 0: logits are similarities divided by it.
+    pub temperature: f64,
+    /// Add the column direction (b against a) to the row direction (a against b).
+    pub symmetric: bool,
+    /// L2-normalise the rows of a and b first (cosine similarities).
+    pub normalize: bool,
+}
+
+fn check(
+    params: &InfoNceParams,
+    a: &[impl Real],
+    b: &[impl Real],
+    valid: &[impl Real],
+    n: usize,
+    d: usize,
+) -> Result<()> {
+    if !(params.temperature.is_finite() && params.temperature > 0.0) {
+        return Err(MmotError::InvalidArgument(format!(
+            "temperature must be a finite number > 0, got {}",
+            params.temperature
+        )));
+    }
+    check_len("a", a.len(), n * d, &format!("[{n}, {d}]"))?;
+    check_len("b", b.len(), n * d, &format!("[{n}, {d}]"))?;
+    check_len("valid", valid.len(), n, &format!("[{n}]"))
+}
+
+/// Per-pair losses and the two log-sum-exps (`loss`, `lse_a`, `lse_b`: `[n]` each).
+///
+/// `a`, `b`: `[n, d]`; `valid`: `[n]` of 0 or 1. Without `symmetric`, `lse_b` is filled with 0.
+/// An invalid pair gets loss 0; a row with no valid column gets lse −∞.
+#[allow(clippy::too_many_arguments)]
+pub fn info_nce_forward<T: Real>(
+    a: &[T],
+    b: &[T],
+    valid: &[T],
+    n: usize,
+    d: usize,
+    params: &InfoNceParams,
+    loss: &mut [T],
+    lse_a: &mut [T],
+    lse_b: &mut [T],
+) -> Result<()> {
+    check(params, a, b, valid, n, d)?;
+    for (name, v) in [("loss", &*loss), ("lse_a", &*lse_a), ("lse_b", &*lse_b)] {
+        check_len(name, v.len(), n, &format!("[{n}]"))?;
+    }
+    let scale = T::from_f64(1.0 / params.temperature);
+    let ia = inv_norms(a, n, d, params.normalize);
+    let ib = inv_norms(b, n, d, params.normalize);
+    lse_pass(a, b, &ia, &ib, valid, d, scale, lse_a);
+    if params.symmetric {
+        lse_pass(b, a, &ib, &ia, valid, d, scale, lse_b);
+    } else {
+        lse_b.fill(T::ZERO);
+    }
+    let (la, lb) = (&*lse_a, &*lse_b);
+    loss.par_chunks_mut(RB).enumerate().for_each(|(c, out)| {
+        for (r, o) in out.iter_mut().enumerate() {
+            let i = c * RB + r;
+            *o = if valid[i] == T::ZERO {
+                T::ZERO
+            } else {
+                let diag = crate::real::dot(&a[i * d..(i + 1) * d], &b[i * d..(i + 1) * d])
+                    * (scale * ia[i] * ib[i]);
+                let mut l = la[i] - diag;
+                if params.symmetric {
+                    l += lb[i] - diag;
+                }
+                l
+            };
+        }
+    });
+    Ok(())
+}
+
+/// Gradients of Σ_i grad[i]·loss[i] with respect to `a` and `b` (`grad_a`, `grad_b`: `[n, d]`),
+/// recomputing the logits tile by tile from the saved `lse_a` and `lse_b`.
+#[allow(clippy::too_many_arguments)]
+pub fn info_nce_backward<T: Real>(
+    grad: &[T],
+    a: &[T],
+    b: &[T],
+    valid: &[T],
+    lse_a: &[T],
+    lse_b: &[T],
+    n: usize,
+    d: usize,
+    params: &InfoNceParams,
+    grad_a: &mut [T],
+    grad_b: &mut [T],
+) -> Result<()> {
+    check(params, a, b, valid, n, d)?;
+    for (name, v) in [("grad", grad), ("lse_a", lse_a), ("lse_b", lse_b)] {
+        check_len(name, v.len(), n, &format!("[{n}]"))?;
+    }
+    check_len("grad_a", grad_a.len(), n * d, &format!("[{n}, {d}]"))?;
+    check_len("grad_b", grad_b.len(), n * d, &format!("[{n}, {d}]"))?;
+    let scale = T::from_f64(1.0 / params.temperature);
+    let ia = inv_norms(a, n, d, params.normalize);
+    let ib = inv_norms(b, n, d, params.normalize);
+    let sym = params.symmetric;
+    let side_a = Side {
+        x: a,
+        ix: &ia,
+        lse: lse_a,
+    };
+    let side_b = Side {
+        x: b,
+        ix: &ib,
+        lse: lse_b,
+    };
+    grad_pass(
+        &side_a,
+        &side_b,
+        valid,
+        grad,
+        d,
+        scale,
+        true,
+        sym,
+        params.normalize,
+        grad_a,
+    );
+    grad_pass(
+        &side_b,
+        &side_a,
+        valid,
+        grad,
+        d,
+        scale,
+        sym,
+        true,
+        params.normalize,
+        grad_b,
+    );
+    Ok(())
+}
+
+/// One side of the problem: its rows, inverse row norms and log-sum-exp.
+struct Side<'a, T> {
+    x: &'a [T],
+    ix: &'a [T],
+    lse: &'a [T],
+}
+
+fn inv_norms<T: Real>(x: &[T], n: usize, d: usize, normalize: bool) -> Vec<T> {
+    let mut v = vec![T::ONE; n];
+    if normalize {
+        let tiny = T::from_f64(NORM_EPS);
+        v.par_chunks_mut(1024).enumerate().for_each(|(c, vs)| {
+            for (k, vi) in vs.iter_mut().enumerate() {
+                let row = &x[(c * 1024 + k) * d..(c * 1024 + k + 1) * d];
+                *vi = T::ONE / crate::real::dot(row, row).sqrt().fmax(tiny);
+            }
+        });
+    }
+    v
+}
+
+/// `lse[i] = log Σ_j wy_j exp(scale · ix_i · iy_j · x_i·y_j)` with an online max per row.
+#[allow(clippy::too_many_arguments)]
+fn lse_pass<T: Real>(
+    x: &[T],
+    y: &[T],
+    ix: &[T],
+    iy: &[T],
+    wy: &[T],
+    d: usize,
+    scale: T,
+    lse: &mut [T],
+) {
+    let m = iy.len();
+    lse.par_chunks_mut(RB).enumerate().for_each(|(c, out)| {
+        let i0 = c * RB;
+        let rows = out.len();
+        let xs = &x[i0 * d..(i0 + rows) * d];
+        let mut tile = vec![T::ZERO; RB * CB];
+        let mut run_max = [T::NEG_INFINITY; RB];
+        let mut run_sum = [T::ZERO; RB];
+        let mut s = [T::ZERO; CB];
+        for j0 in (0..m).step_by(CB) {
+            let cols = CB.min(m - j0);
+            dot_tile(xs, &y[j0 * d..(j0 + cols) * d], d, rows, cols, &mut tile);
+            for r in 0..rows {
+                let sx = scale * ix[i0 + r];
+                let t = &tile[r * CB..r * CB + cols];
+                let mut tmax = T::NEG_INFINITY;
+                for q in 0..cols {
+                    let v = if wy[j0 + q] == T::ZERO {
+                        T::NEG_INFINITY
+                    } else {
+                        t[q] * sx * iy[j0 + q]
+                    };
+                    s[q] = v;
+                    tmax = tmax.fmax(v);
+                }
+                if tmax == T::NEG_INFINITY {
+                    continue;
+                }
+                if tmax > run_max[r] {
+                    run_sum[r] *= (run_max[r] - tmax).exp_fast();
+                    run_max[r] = tmax;
+                }
+                let mx = run_max[r];
+                let mut acc = [T::ZERO; LANES];
+                let mut it = s[..cols].chunks_exact(LANES);
+                for ch in &mut it {
+                    for l in 0..LANES {
+                        acc[l] += (ch[l] - mx).exp_fast();
+                    }
+                }
+                let mut tail = T::ZERO;
+                for v in it.remainder() {
+                    tail += (*v - mx).exp_fast();
+                }
+                run_sum[r] += crate::real::sum(&acc) + tail;
+            }
+        }
+        for r in 0..rows {
+            out[r] = if run_max[r] == T::NEG_INFINITY {
+                T::NEG_INFINITY
+            } else {
+                run_max[r] + run_sum[r].ln()
+            };
+        }
+    });
+}
+
+#[allow(clippy::needless_range_loop)]
+/// Gradient for the rows of `own`: Σ_j G[i,j] ŷ_j · scale, through the normalisation.
+/// `own_term` adds g_i exp(s − lse_own[i]), `other_term` adds g_j exp(s − lse_other[j]).
+#[allow(clippy::too_many_arguments)]
+fn grad_pass<T: Real>(
+    own: &Side<'_, T>,
+    other: &Side<'_, T>,
+    w: &[T],
+    g: &[T],
+    d: usize,
+    scale: T,
+    own_term: bool,
+    other_term: bool,
+    normalize: bool,
+    out: &mut [T],
+) {
+    let m = other.ix.len();
+    let diag_count = T::from_f64((own_term as u8 + other_term as u8) as f64);
+    let (x, y, ix, iy) = (own.x, other.x, own.ix, other.ix);
+    out.par_chunks_mut(RB * d).enumerate().for_each(|(c, acc)| {
+        let i0 = c * RB;
+        let rows = acc.len() / d;
+        acc.fill(T::ZERO);
+        let xs = &x[i0 * d..(i0 + rows) * d];
+        let mut tile = vec![T::ZERO; RB * CB];
+        for j0 in (0..m).step_by(CB) {
+            let cols = CB.min(m - j0);
+            dot_tile(xs, &y[j0 * d..(j0 + cols) * d], d, rows, cols, &mut tile);
+            for r in 0..rows {
+                let i = i0 + r;
+                let t = &mut tile[r * CB..r * CB + cols];
+                if w[i] == T::ZERO {
+                    t.fill(T::ZERO);
+                    continue;
+                }
+                let sx = scale * ix[i];
+                let (gi, li) = (g[i], own.lse[i]);
+                for q in 0..cols {
+                    let j = j0 + q;
+                    if w[j] == T::ZERO {
+                        t[q] = T::ZERO;
+                        continue;
+                    }
+                    let s = t[q] * sx * iy[j];
+                    let mut coef = T::ZERO;
+                    if own_term {
+                        coef += gi * (s - li).exp_fast();
+                    }
+                    if other_term {
+                        coef += g[j] * (s - other.lse[j]).exp_fast();
+                    }
+                    if i == j {
+                        coef -= gi * diag_count;
+                    }
+                    // coefficient of the raw row y_j: ŷ_j = y_j · iy_j
+                    t[q] = coef * iy[j];
+                }
+            }
+            accumulate(&tile, &y[j0 * d..(j0 + cols) * d], d, rows, cols, acc);
+        }
+        let tiny = T::from_f64(NORM_EPS);
+        for r in 0..rows {
+            let i = i0 + r;
+            let gr = &mut acc[r * d..(r + 1) * d];
+            // gradient with respect to x̂_i
+            for v in gr.iter_mut() {
+                *v *= scale;
+            }
+            if normalize {
+                let xr = &x[i * d..(i + 1) * d];
+                let inv = ix[i];
+                if T::ONE / inv >= tiny {
+                    // x̂ = x / ‖x‖: ∂x = (∂x̂ − x̂ (x̂·∂x̂)) / ‖x‖
+                    let proj = crate::real::dot(xr, gr) * inv;
+                    for (v, xv) in gr.iter_mut().zip(xr) {
+                        *v = (*v - *xv * inv * proj) * inv;
+                    }
+                } else {
+                    for v in gr.iter_mut() {
+                        *v *= inv;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `tile[r*CB + q] = x_r · y_q` for `rows` rows of `xs` and `cols` rows of `ys` (both `[·, d]`).
+fn dot_tile<T: Real>(xs: &[T], ys: &[T], d: usize, rows: usize, cols: usize, tile: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { dot_tile_avx2(xs, ys, d, rows, cols, tile) };
+        }
+    }
+    dot_tile_generic(xs, ys, d, rows, cols, tile)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_tile_avx2<T: Real>(
+    xs: &[T],
+    ys: &[T],
+    d: usize,
+    rows: usize,
+    cols: usize,
+    tile: &mut [T],
+) {
+    dot_tile_generic(xs, ys, d, rows, cols, tile)
+}
+
+/// Register-blocked: 4 rows × 2 columns share every load, each dot product with a fixed
+/// 8-lane summation order.
+#[inline(always)]
+fn dot_tile_generic<T: Real>(
+    xs: &[T],
+    ys: &[T],
+    d: usize,
+    rows: usize,
+    cols: usize,
+    tile: &mut [T],
+) {
+    const MR: usize = 4;
+    const NR: usize = 2;
+    let full = d - d % LANES;
+    let mut r = 0;
+    while r < rows {
+        let mr = MR.min(rows - r);
+        let mut q = 0;
+        while q < cols {
+            let nr = NR.min(cols - q);
+            if mr == MR && nr == NR {
+                let xr: [&[T]; MR] = std::array::from_fn(|u| &xs[(r + u) * d..(r + u + 1) * d]);
+                let yr: [&[T]; NR] = std::array::from_fn(|v| &ys[(q + v) * d..(q + v + 1) * d]);
+                let mut acc = [[[T::ZERO; LANES]; NR]; MR];
+                let mut p = 0;
+                while p < full {
+                    for u in 0..MR {
+                        let xc = &xr[u][p..p + LANES];
+                        for v in 0..NR {
+                            let yc = &yr[v][p..p + LANES];
+                            for l in 0..LANES {
+                                acc[u][v][l] += xc[l] * yc[l];
+                            }
+                        }
+                    }
+                    p += LANES;
+                }
+                for u in 0..MR {
+                    for v in 0..NR {
+                        let a = acc[u][v];
+                        let mut s = T::ZERO;
+                        for k in full..d {
+                            s += xr[u][k] * yr[v][k];
+                        }
+                        tile[(r + u) * CB + q + v] =
+                            (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) + s;
+                    }
+                }
+            } else {
+                for u in 0..mr {
+                    for v in 0..nr {
+                        tile[(r + u) * CB + q + v] = crate::real::dot(
+                            &xs[(r + u) * d..(r + u + 1) * d],
+                            &ys[(q + v) * d..(q + v + 1) * d],
+                        );
+                    }
+                }
+            }
+            q += nr;
+        }
+        r += mr;
+    }
+}
+
+/// `acc[r] += Σ_q tile[r*CB + q] · y_q` for the tile's rows.
+fn accumulate<T: Real>(tile: &[T], ys: &[T], d: usize, rows: usize, cols: usize, acc: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { accumulate_avx2(tile, ys, d, rows, cols, acc) };
+        }
+    }
+    accumulate_generic(tile, ys, d, rows, cols, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn accumulate_avx2<T: Real>(
+    tile: &[T],
+    ys: &[T],
+    d: usize,
+    rows: usize,
+    cols: usize,
+    acc: &mut [T],
+) {
+    accumulate_generic(tile, ys, d, rows, cols, acc)
+}
+
+#[inline(always)]
+fn accumulate_generic<T: Real>(
+    tile: &[T],
+    ys: &[T],
+    d: usize,
+    rows: usize,
+    cols: usize,
+    acc: &mut [T],
+) {
+    for r in 0..rows {
+        let ar = &mut acc[r * d..(r + 1) * d];
+        let t = &tile[r * CB..r * CB + cols];
+        // Two columns per sweep over the accumulator row halves its loads and stores.
+        let mut q = 0;
+        while q + 2 <= cols {
+            let (c0, c1) = (t[q], t[q + 1]);
+            if c0 != T::ZERO || c1 != T::ZERO {
+                let y0 = &ys[q * d..(q + 1) * d];
+                let y1 = &ys[(q + 1) * d..(q + 2) * d];
+                for k in 0..d {
+                    ar[k] += c0 * y0[k] + c1 * y1[k];
+                }
+            }
+            q += 2;
+        }
+        if q < cols && t[q] != T::ZERO {
+            let c0 = t[q];
+            for (a, yv) in ar.iter_mut().zip(&ys[q * d..(q + 1) * d]) {
+                *a += c0 * *yv;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+
+    /// The dense form, straight from the definition.
+    fn dense(a: &[f64], b: &[f64], w: &[f64], n: usize, d: usize, p: &InfoNceParams) -> Vec<f64> {
+        let norm = |x: &[f64]| {
+            if p.normalize {
+                x.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12)
+            } else {
+                1.0
+            }
+        };
+        let s = |i: usize, j: usize| {
+            let (x, y) = (&a[i * d..(i + 1) * d], &b[j * d..(j + 1) * d]);
+            x.iter().zip(y).map(|(u, v)| u * v).sum::<f64>() / norm(x) / norm(y) / p.temperature
+        };
+        (0..n)
+            .map(|i| {
+                if w[i] == 0.0 {
+                    return 0.0;
+                }
+                let row: f64 = (0..n)
+                    .filter(|&j| w[j] != 0.0)
+                    .map(|j| s(i, j).exp())
+                    .sum::<f64>()
+                    .ln();
+                let col: f64 = (0..n)
+                    .filter(|&j| w[j] != 0.0)
+                    .map(|j| s(j, i).exp())
+                    .sum::<f64>()
+                    .ln();
+                row - s(i, i) + if p.symmetric { col - s(i, i) } else { 0.0 }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn forward_matches_dense_and_gradient_matches_finite_differences() {
+        let (n, d) = (75, 13);
+        let mut seed = 7u64;
+        let a: Vec<f64> = (0..n * d).map(|_| lcg(&mut seed)).collect();
+        let b: Vec<f64> = (0..n * d).map(|_| lcg(&mut seed)).collect();
+        let w: Vec<f64> = (0..n).map(|i| if i % 7 == 3 { 0.0 } else { 1.0 }).collect();
+        let g: Vec<f64> = (0..n).map(|_| lcg(&mut seed)).collect();
+        for symmetric in [true, false] {
+            for normalize in [true, false] {
+                let p = InfoNceParams {
+                    temperature: 0.3,
+                    symmetric,
+                    normalize,
+                };
+                let (mut loss, mut la, mut lb) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+                info_nce_forward(&a, &b, &w, n, d, &p, &mut loss, &mut la, &mut lb).unwrap();
+                let want = dense(&a, &b, &w, n, d, &p);
+                for i in 0..n {
+                    assert!(
+                        (loss[i] - want[i]).abs() < 1e-10,
+                        "{i}: {} vs {}",
+                        loss[i],
+                        want[i]
+                    );
+                }
+                let (mut ga, mut gb) = (vec![0.0; n * d], vec![0.0; n * d]);
+                info_nce_backward(&g, &a, &b, &w, &la, &lb, n, d, &p, &mut ga, &mut gb).unwrap();
+                let obj = |a: &[f64], b: &[f64]| {
+                    dense(a, b, &w, n, d, &p)
+                        .iter()
+                        .zip(&g)
+                        .map(|(l, g)| l * g)
+                        .sum::<f64>()
+                };
+                let h = 1e-6;
+                for &k in &[0usize, 5, 40, 13 * 3 + 2, n * d - 1] {
+                    let (mut ap, mut am) = (a.clone(), a.clone());
+                    ap[k] += h;
+                    am[k] -= h;
+                    let fd = (obj(&ap, &b) - obj(&am, &b)) / (2.0 * h);
+                    assert!((fd - ga[k]).abs() < 1e-6, "grad_a[{k}]: {fd} vs {}", ga[k]);
+                    let (mut bp, mut bm) = (b.clone(), b.clone());
+                    bp[k] += h;
+                    bm[k] -= h;
+                    let fd = (obj(&a, &bp) - obj(&a, &bm)) / (2.0 * h);
+                    assert!((fd - gb[k]).abs() < 1e-6, "grad_b[{k}]: {fd} vs {}", gb[k]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_temperature_and_lengths() {
+        let p = InfoNceParams {
+            temperature: 0.0,
+            symmetric: true,
+            normalize: true,
+        };
+        let (mut l, mut x, mut y) = (vec![0.0f32; 2], vec![0.0f32; 2], vec![0.0f32; 2]);
+        let a = vec![1.0f32; 6];
+        assert!(info_nce_forward(&a, &a, &[1.0; 2], 2, 3, &p, &mut l, &mut x, &mut y).is_err());
+        let p = InfoNceParams {
+            temperature: 0.1,
+            ..p
+        };
+        assert!(
+            info_nce_forward(&a, &a[..5], &[1.0; 2], 2, 3, &p, &mut l, &mut x, &mut y).is_err()
+        );
+    }
+}
