@@ -1,0 +1,1 @@
+"""Benchmarks: the ``mmot-bench`` CLI (cli, workloads, timing) and the baselines users would otherwise run."""
