@@ -15,7 +15,6 @@ from numbers import Integral, Real
 import torch
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-LOG_DOMAIN_CHOICES = ("auto", True, False)
 
 _value_checks = os.environ.get("MMOT_CHECKS", "1").strip().lower() not in ("0", "false", "off", "no")
 
@@ -78,10 +77,8 @@ def int_in_range(op: str, name: str, value: object, low: int, high: int | None =
     return value
 
 
-def choice(op: str, name: str, value: object, choices: tuple) -> object:
-    if isinstance(value, bool) and not any(isinstance(c, bool) for c in choices):
-        raise ValueError(f"{op}: argument '{name}' must be one of {choices}; got {value!r}")
-    if value not in choices:
+def choice(op: str, name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{op}: argument '{name}' must be one of {choices}; got {value!r}")
     return value
 
@@ -108,19 +105,22 @@ def finite(op: str, name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{op}: argument '{name}' must be finite; found NaN or Inf")
 
 
-def positive_masses(op: str, name: str, masses: torch.Tensor, total: torch.Tensor | float, total_desc: str) -> None:
-    """Value check: masses are positive and each problem's masses sum to ``total``."""
+def positive_masses(op: str, name: str, masses: torch.Tensor, total: torch.Tensor | float | None = None, total_desc: str = "") -> None:
+    """Value check: masses are positive and finite and, if ``total`` is given, each problem's sum to it."""
     if not _value_checks or masses.numel() == 0:
         return
     if not bool(torch.isfinite(masses).all()) or not bool((masses > 0).all()):
         raise ValueError(f"{op}: argument '{name}' must hold positive finite masses")
+    if total is None:
+        return
     sums = masses.double().sum(-1)
-    total = torch.as_tensor(total, dtype=torch.float64, device=masses.device)
-    if not bool(torch.isclose(sums, total, rtol=1e-4, atol=0.0).all()):
-        worst = (sums - total).abs().argmax()
+    total = torch.as_tensor(total, dtype=torch.float64, device=masses.device).expand_as(sums)
+    mismatch = ~torch.isclose(sums, total, rtol=1e-4, atol=0.0)
+    if bool(mismatch.any()):
+        worst = int(mismatch.flatten().nonzero()[0])
         raise ValueError(
             f"{op}: argument '{name}' must sum to {total_desc} in every problem; "
-            f"got a sum of {sums.flatten()[worst].item():.6g} where {total.expand_as(sums).flatten()[worst].item():.6g} was expected"
+            f"got a sum of {sums.flatten()[worst].item():.6g} where {total.flatten()[worst].item():.6g} was expected"
         )
 
 

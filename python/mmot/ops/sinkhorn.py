@@ -97,7 +97,7 @@ def _resolve_masses(scores: Tensor, row_mass, col_mass, total_rows: int, columns
 
 def _check_values(scores: Tensor, rows: Tensor, cols: Tensor, columns=LOCAL) -> None:
     _checks.finite(OP, "scores", scores)
-    _checks.positive_masses(OP, "row_mass", rows, rows.sum(-1), "itself")
+    _checks.positive_masses(OP, "row_mass", rows)
     _checks.positive_masses(OP, "col_mass", cols, columns.sum(rows.sum(-1)), "the total of row_mass")
 
 

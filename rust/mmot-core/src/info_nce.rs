@@ -619,3 +619,118 @@ mod tests {
         );
     }
 }
+
+/// Elements per task in the anchor-consistency reductions (fixed, so sums are deterministic).
+const ACL_CHUNK: usize = 4096;
+
+fn check_acl(sim_len: usize, target_len: usize, temperature: f64) -> Result<()> {
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(MmotError::InvalidArgument(format!(
+            "temperature must be a finite number > 0, got {temperature}"
+        )));
+    }
+    check_len("target", target_len, sim_len, &format!("[{sim_len}]"))
+}
+
+/// SSPC's anchor-consistency loss: the mean over all entries of
+/// BCE-with-logits(z, t) = softplus(z) − t·z with z = exp(sim/τ) (> 0, so
+/// softplus(z) = z + ln(1 + e^{−z})). Partial sums are taken per fixed chunk in f64 and added
+/// in order. Returns 0 for empty input.
+pub fn anchor_consistency_forward<T: Real>(
+    sim: &[T],
+    target: &[T],
+    temperature: f64,
+) -> Result<f64> {
+    check_acl(sim.len(), target.len(), temperature)?;
+    if sim.is_empty() {
+        return Ok(0.0);
+    }
+    let inv = T::from_f64(1.0 / temperature);
+    let partials: Vec<f64> = sim
+        .par_chunks(ACL_CHUNK)
+        .zip(target.par_chunks(ACL_CHUNK))
+        .map(|(s, t)| {
+            let mut acc = 0.0f64;
+            for (sv, tv) in s.iter().zip(t) {
+                let z = (*sv * inv).exp_fast();
+                let l = z + (T::ONE + (-z).exp_fast()).ln() - *tv * z;
+                acc += l.to_f64();
+            }
+            acc
+        })
+        .collect();
+    Ok(partials.iter().sum::<f64>() / sim.len() as f64)
+}
+
+/// Gradient of `grad · anchor_consistency_forward` with respect to `sim`:
+/// out = grad/count · (σ(z) − t) · z / τ.
+pub fn anchor_consistency_backward<T: Real>(
+    grad: f64,
+    sim: &[T],
+    target: &[T],
+    temperature: f64,
+    out: &mut [T],
+) -> Result<()> {
+    check_acl(sim.len(), target.len(), temperature)?;
+    check_len("out", out.len(), sim.len(), &format!("[{}]", sim.len()))?;
+    if sim.is_empty() {
+        return Ok(());
+    }
+    let inv = T::from_f64(1.0 / temperature);
+    let g = T::from_f64(grad / sim.len() as f64) * inv;
+    out.par_chunks_mut(ACL_CHUNK)
+        .zip(sim.par_chunks(ACL_CHUNK).zip(target.par_chunks(ACL_CHUNK)))
+        .for_each(|(o, (s, t))| {
+            for ((ov, sv), tv) in o.iter_mut().zip(s).zip(t) {
+                let z = (*sv * inv).exp_fast();
+                let sig = T::ONE / (T::ONE + (-z).exp_fast());
+                *ov = g * (sig - *tv) * z;
+            }
+        });
+    Ok(())
+}
+
+#[cfg(test)]
+mod acl_tests {
+    use super::*;
+
+    #[test]
+    fn anchor_consistency_matches_definition_and_finite_differences() {
+        let sim: Vec<f64> = (0..9000).map(|i| ((i as f64) * 0.37).sin()).collect();
+        let target: Vec<f64> = (0..9000).map(|i| ((i as f64) * 0.11).cos().abs()).collect();
+        let tau = 0.1;
+        let term = |s: f64, t: f64| {
+            let z = (s / tau).exp();
+            z + (-z).exp().ln_1p() - t * z
+        };
+        let loss = |s: &[f64]| {
+            s.iter()
+                .zip(&target)
+                .map(|(s, t)| term(*s, *t))
+                .sum::<f64>()
+                / s.len() as f64
+        };
+        let got = anchor_consistency_forward(&sim, &target, tau).unwrap();
+        assert!(
+            (got - loss(&sim)).abs() < 1e-12 * got.abs(),
+            "{got} vs {}",
+            loss(&sim)
+        );
+        let mut g = vec![0.0; sim.len()];
+        anchor_consistency_backward(2.0, &sim, &target, tau, &mut g).unwrap();
+        for &k in &[0usize, 17, 4500, 8999] {
+            // The loss is a sum of per-entry terms: difference the one that moves.
+            let h = 1e-6;
+            let fd = 2.0 / sim.len() as f64
+                * (term(sim[k] + h, target[k]) - term(sim[k] - h, target[k]))
+                / (2.0 * h);
+            assert!(
+                (fd - g[k]).abs() < 1e-8 + 1e-5 * g[k].abs(),
+                "{k}: {fd} vs {}",
+                g[k]
+            );
+        }
+        assert!(anchor_consistency_forward(&sim, &target[..3], tau).is_err());
+        assert!(anchor_consistency_forward(&sim, &target, 0.0).is_err());
+    }
+}

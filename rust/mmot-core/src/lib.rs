@@ -16,7 +16,7 @@ pub mod sinkhorn;
 
 pub use domain::LogDomain;
 pub use error::{MmotError, Result};
-pub use multi_sinkhorn::{multi_sinkhorn, MultiSinkhornParams, Normalize};
+pub use multi_sinkhorn::{multi_sinkhorn, multi_sinkhorn_backward, MultiSinkhornParams, Normalize};
 pub use real::Real;
 pub use similarity::similarity;
-pub use sinkhorn::sinkhorn;
+pub use sinkhorn::{sinkhorn, sinkhorn_backward};

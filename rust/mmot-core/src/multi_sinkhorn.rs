@@ -123,6 +123,43 @@ pub fn multi_sinkhorn<T: Real>(
     kk: usize,
     params: &MultiSinkhornParams,
 ) -> Result<bool> {
+    check_args(scores, anchor_mass, out, b, n, kk, params)?;
+    let groups = Groups::<T>::new(&params.slot_weights, params.k);
+    if b * n == 0 {
+        return Ok(use_log_domain::<T>(params.log_domain, 0.0));
+    }
+    let mut cmax = vec![T::ZERO; b * kk];
+    let range = batch_col_stats(scores, b, n, kk, &mut cmax) * groups.w_max / params.eps;
+    let log = use_log_domain::<T>(params.log_domain, range);
+    let p = Problem {
+        n,
+        k: kk,
+        inv_eps: T::from_f64(1.0 / params.eps),
+        n_iters: params.n_iters,
+        normalize: params.normalize,
+        g: groups,
+    };
+    out.par_chunks_mut(n * kk)
+        .zip(scores.par_chunks(n * kk))
+        .zip(anchor_mass.par_chunks(kk))
+        .zip(cmax.par_chunks(kk))
+        .for_each_init(Workspace::default, |ws, (((o, s), r), cm)| {
+            p.solve(s, r, cm, o, ws, log, None)
+        });
+    Ok(log)
+}
+
+/// Checks the shapes and parameters shared by the forward and the backward.
+#[allow(clippy::too_many_arguments)]
+fn check_args<T: Real>(
+    scores: &[T],
+    anchor_mass: &[T],
+    out: &[T],
+    b: usize,
+    n: usize,
+    kk: usize,
+    params: &MultiSinkhornParams,
+) -> Result<()> {
     let shape = format!("[{b}, {n}, {kk}]");
     check_len("scores", scores.len(), b * n * kk, &shape)?;
     check_len("out", out.len(), b * n * kk, &shape)?;
@@ -154,29 +191,7 @@ pub fn multi_sinkhorn<T: Real>(
             params.k
         )));
     }
-    let groups = Groups::<T>::new(&params.slot_weights, params.k);
-    if b * n == 0 {
-        return Ok(use_log_domain::<T>(params.log_domain, 0.0));
-    }
-    let mut cmax = vec![T::ZERO; b * kk];
-    let range = batch_col_stats(scores, b, n, kk, &mut cmax) * groups.w_max / params.eps;
-    let log = use_log_domain::<T>(params.log_domain, range);
-    let p = Problem {
-        n,
-        k: kk,
-        inv_eps: T::from_f64(1.0 / params.eps),
-        n_iters: params.n_iters,
-        normalize: params.normalize,
-        g: groups,
-    };
-    out.par_chunks_mut(n * kk)
-        .zip(scores.par_chunks(n * kk))
-        .zip(anchor_mass.par_chunks(kk))
-        .zip(cmax.par_chunks(kk))
-        .for_each_init(Workspace::default, |ws, (((o, s), r), cm)| {
-            p.solve(s, r, cm, o, ws, log)
-        });
-    Ok(log)
+    Ok(())
 }
 
 struct Problem<T> {
@@ -201,7 +216,18 @@ struct Workspace<T> {
 }
 
 impl<T: Real> Problem<T> {
-    fn solve(&self, s: &[T], r: &[T], cmax: &[T], out: &mut [T], ws: &mut Workspace<T>, log: bool) {
+    /// With `hist`, also records the potentials of every iteration (for the backward).
+    #[allow(clippy::too_many_arguments)]
+    fn solve(
+        &self,
+        s: &[T],
+        r: &[T],
+        cmax: &[T],
+        out: &mut [T],
+        ws: &mut Workspace<T>,
+        log: bool,
+        mut hist: Option<&mut History<T>>,
+    ) {
         let (n, k, inv_eps) = (self.n, self.k, self.inv_eps);
         let ng = self.g.w.len();
         let (w, c, t) = (&self.g.w[..], &self.g.c[..], &self.g.t[..]);
@@ -277,8 +303,18 @@ impl<T: Real> Problem<T> {
         }
 
         let normalize = self.normalize;
+        if let Some(hs) = hist.as_deref_mut() {
+            hs.row.clear();
+            hs.row.resize((self.n_iters + 1) * n * ng, T::ZERO);
+            hs.row[..n * ng].fill(if log { T::ZERO } else { T::ONE });
+            hs.col.clear();
+            hs.col.resize(self.n_iters * gk, T::ZERO);
+        }
         for it in 0..self.n_iters {
             let last = it + 1 == self.n_iters;
+            if let Some(hs) = hist.as_deref_mut() {
+                hs.col[it * gk..(it + 1) * gk].copy_from_slice(colpot);
+            }
             let f: &[T] = colpot;
             // scratch: q [G*K] | den [K] | lrow [K]
             run_pass(
@@ -432,6 +468,12 @@ impl<T: Real> Problem<T> {
                     }
                 },
             );
+            if let Some(hs) = hist.as_deref_mut() {
+                let dst = &mut hs.row[(it + 1) * n * ng..(it + 2) * n * ng];
+                for (d, st) in dst.chunks_exact_mut(ng).zip(state.chunks_exact(sw)) {
+                    d.copy_from_slice(&st[..ng]);
+                }
+            }
             if !last {
                 reduce_partials(partials, nch, acc);
                 for g in 0..ng {
@@ -588,5 +630,373 @@ fn minmax_row<T: Real>(row: &mut [T]) {
     let d = hi - lo;
     for x in row.iter_mut() {
         *x = (*x - lo) / d;
+    }
+}
+
+/// Potentials of every iteration of one problem, recorded by the backward's forward replay:
+/// `row[t]` is `[N, G]` holding `h_G` (or `log h_G`) after iteration `t` (`t = 0` is the start),
+/// `col[t-1]` is `[G, K]` holding `f_G` (or `log f_G`) of iteration `t`.
+#[derive(Default)]
+struct History<T> {
+    row: Vec<T>,
+    col: Vec<T>,
+}
+
+/// The exact vector-Jacobian product of [`multi_sinkhorn`] with respect to `scores`, through
+/// the unrolled iteration and the min-max step (DESIGN.md §2.4).
+///
+/// In log form, with `L_G = w_G S / eps`, iteration `t` is
+/// `φ_G = log r − LSE_n(L_G + γ + η_G)`, `γ = −log Σ_G c_G exp(L_G + φ_G + η_G)`,
+/// `η_G = −LSE_a(L_G + γ + φ_G)`, with the plans `A_G`, `B_G`, `C_G` after each step. Each
+/// step's adjoint is its input adjoint times minus the (c-weighted) softmax, i.e. the plan of
+/// that step. The forward is replayed once, recording `f_G` and `h_G` per iteration
+/// (`O(T·G·(N + K))`); `g` is recomputed per row. Reverse pass `t` does, for each row: the `f`
+/// step of iteration `t + 1` (needs the finished column adjoint `φ̄^{t+1}`), then the `h` and `g`
+/// steps of iteration `t`, which are row-local and yield the column partials of `φ̄^t`. That is
+/// `T + 1` streaming passes. Min-max ties share the gradient equally, as `torch.amax` does.
+#[allow(clippy::too_many_arguments)]
+pub fn multi_sinkhorn_backward<T: Real>(
+    grad: &[T],
+    scores: &[T],
+    anchor_mass: &[T],
+    out: &mut [T],
+    b: usize,
+    n: usize,
+    kk: usize,
+    params: &MultiSinkhornParams,
+) -> Result<bool> {
+    check_args(scores, anchor_mass, out, b, n, kk, params)?;
+    check_len("grad", grad.len(), b * n * kk, &format!("[{b}, {n}, {kk}]"))?;
+    let groups = Groups::<T>::new(&params.slot_weights, params.k);
+    if b * n == 0 {
+        return Ok(use_log_domain::<T>(params.log_domain, 0.0));
+    }
+    let mut cmax = vec![T::ZERO; b * kk];
+    let range = batch_col_stats(scores, b, n, kk, &mut cmax) * groups.w_max / params.eps;
+    let log = use_log_domain::<T>(params.log_domain, range);
+    if groups.w.len() == 1 {
+        // One group: g makes every slot value 1/c, so T = t/K whatever the scores.
+        out.fill(T::ZERO);
+        return Ok(log);
+    }
+    let p = Problem {
+        n,
+        k: kk,
+        inv_eps: T::from_f64(1.0 / params.eps),
+        n_iters: params.n_iters,
+        normalize: params.normalize,
+        g: groups,
+    };
+    out.par_chunks_mut(n * kk)
+        .zip(grad.par_chunks(n * kk))
+        .zip(scores.par_chunks(n * kk))
+        .zip(anchor_mass.par_chunks(kk))
+        .zip(cmax.par_chunks(kk))
+        .for_each_init(BackWorkspace::default, |bw, ((((o, gr), s), r), cm)| {
+            p.backward(gr, s, r, cm, o, bw, log)
+        });
+    Ok(log)
+}
+
+#[derive(Default)]
+struct BackWorkspace<T> {
+    fwd: Workspace<T>,
+    hist: History<T>,
+    /// `φ̄_G / r` of the last finished pass and `ρ_G = f_G^{t+1} / f_G^t`, both `[G, K]`.
+    phr: Vec<T>,
+    rho: Vec<T>,
+}
+
+impl<T: Real> Problem<T> {
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        grad: &[T],
+        s: &[T],
+        r: &[T],
+        cmax: &[T],
+        out: &mut [T],
+        bw: &mut BackWorkspace<T>,
+        log: bool,
+    ) {
+        let (n, k, inv_eps, iters) = (self.n, self.k, self.inv_eps, self.n_iters);
+        let ng = self.g.w.len();
+        let gk = ng * k;
+        let (w, c, tc) = (&self.g.w[..], &self.g.c[..], &self.g.t[..]);
+        let BackWorkspace {
+            fwd,
+            hist,
+            phr,
+            rho,
+        } = bw;
+        // The replay writes T into `out`, which the sweep then overwrites row by row.
+        self.solve(s, r, cmax, out, fwd, log, Some(hist));
+        let sw = if log { ng } else { ng + gk };
+        let rpc = rows_per_chunk(if log { k } else { sw });
+        let nch = n_chunks(n, rpc);
+        let Workspace {
+            state,
+            partials,
+            acc,
+            scratch,
+            ..
+        } = fwd;
+        let hist: &History<T> = hist;
+        phr.clear();
+        phr.resize(gk, T::ZERO);
+        rho.clear();
+        rho.resize(gk, T::ZERO);
+        let minmax = self.normalize == Normalize::MinMax;
+        let wg: Vec<T> = w.iter().map(|&x| x * inv_eps).collect();
+        let wg = &wg[..];
+
+        // Row values of iteration t: B_G (after the g step) and C_G (after the h step).
+        // `st` is the row's state block (its cached E_G in the plain domain).
+        let recompute = |t: usize, row: usize, st: &[T], bm: &mut [T], cm: &mut [T], lrow: &mut [T]| {
+            let f = &hist.col[(t - 1) * gk..t * gk];
+            let h0 = &hist.row[((t - 1) * n + row) * ng..((t - 1) * n + row + 1) * ng];
+            let h1 = &hist.row[(t * n + row) * ng..(t * n + row + 1) * ng];
+            if log {
+                let srow = &s[row * k..(row + 1) * k];
+                for j in 0..k {
+                    lrow[j] = (srow[j] - cmax[j]) * inv_eps;
+                }
+                // bm = arg_G, then the running max in cm[..k] ... reuse cm as scratch for arg.
+                let (mx, den) = lrow_split(cm, k);
+                mx.fill(T::NEG_INFINITY);
+                for g in 0..ng {
+                    for j in 0..k {
+                        let a = w[g] * lrow[j] + f[g * k + j] + h0[g];
+                        bm[g * k + j] = a;
+                        mx[j] = mx[j].fmax(a);
+                    }
+                }
+                den.fill(T::ZERO);
+                for g in 0..ng {
+                    for j in 0..k {
+                        den[j] += c[g] * (bm[g * k + j] - mx[j]).exp_fast();
+                    }
+                }
+                // lrow <- m + log den = -γ
+                for j in 0..k {
+                    lrow[j] = mx[j] + den[j].ln();
+                }
+                for g in 0..ng {
+                    let d = h1[g] - h0[g];
+                    for j in 0..k {
+                        let a = bm[g * k + j] - lrow[j];
+                        bm[g * k + j] = a.exp_fast();
+                        cm[g * k + j] = (a + d).exp_fast();
+                    }
+                }
+            } else {
+                let e = &st[ng..];
+                lrow.fill(T::ZERO);
+                for g in 0..ng {
+                    let ch = c[g] * h0[g];
+                    for j in 0..k {
+                        let v = e[g * k + j] * f[g * k + j];
+                        bm[g * k + j] = v;
+                        lrow[j] += ch * v;
+                    }
+                }
+                for x in lrow.iter_mut() {
+                    *x = T::ONE / *x;
+                }
+                for g in 0..ng {
+                    for j in 0..k {
+                        let v = bm[g * k + j] * lrow[j];
+                        bm[g * k + j] = v * h0[g];
+                        cm[g * k + j] = v * h1[g];
+                    }
+                }
+            }
+        };
+
+        // scratch: B [G K] | C [G K] | D [G K] | γ̄ [K] | lrow [K] | gup [K]
+        let scr_len = 3 * gk + 3 * k;
+        for t in (0..=iters).rev() {
+            let top = t == iters;
+            let (phr_r, rho_r): (&[T], &[T]) = (phr, rho);
+            run_pass(
+                n,
+                rpc,
+                state,
+                sw,
+                out,
+                k,
+                partials,
+                gk,
+                scratch,
+                scr_len,
+                |rows, st, o, part, scr| {
+                    part.fill(T::ZERO);
+                    let (bm, rest) = scr.split_at_mut(gk);
+                    let (cm, rest) = rest.split_at_mut(gk);
+                    let (dm, rest) = rest.split_at_mut(gk);
+                    let (gb, rest) = rest.split_at_mut(k);
+                    let (lrow, gup) = rest.split_at_mut(k);
+                    let mut eb = [T::ZERO; MAX_STACK_GROUPS];
+                    let mut eb_heap = Vec::new();
+                    let eb: &mut [T] = if ng <= MAX_STACK_GROUPS {
+                        &mut eb[..ng]
+                    } else {
+                        eb_heap.resize(ng, T::ZERO);
+                        &mut eb_heap
+                    };
+                    for (i, row) in rows.enumerate() {
+                        let st = &mut st[i * sw..(i + 1) * sw];
+                        let orow = &mut o[i * k..(i + 1) * k];
+                        if t == 0 {
+                            // f step of iteration 1: A_G = E_G f_G^1 (g = h = 1).
+                            let f1 = &hist.col[..gk];
+                            if log {
+                                let srow = &s[row * k..(row + 1) * k];
+                                for j in 0..k {
+                                    lrow[j] = (srow[j] - cmax[j]) * inv_eps;
+                                }
+                            }
+                            for g in 0..ng {
+                                for j in 0..k {
+                                    let a = if log {
+                                        (w[g] * lrow[j] + f1[g * k + j]).exp_fast()
+                                    } else {
+                                        st[ng + g * k + j] * f1[g * k + j]
+                                    };
+                                    orow[j] -= wg[g] * phr_r[g * k + j] * a;
+                                }
+                            }
+                            continue;
+                        }
+                        recompute(t, row, st, bm, cm, lrow);
+                        gb.fill(T::ZERO);
+                        if top {
+                            // The output T = Σ_G t_G C_G and its adjoint (through min-max).
+                            let grow = &grad[row * k..(row + 1) * k];
+                            gup.copy_from_slice(grow);
+                            if minmax {
+                                lrow.fill(T::ZERO);
+                                for g in 0..ng {
+                                    if tc[g] > T::ZERO {
+                                        for j in 0..k {
+                                            lrow[j] += tc[g] * cm[g * k + j];
+                                        }
+                                    }
+                                }
+                                minmax_row_backward(lrow, gup);
+                            }
+                            for g in 0..ng {
+                                let mut se = T::ZERO;
+                                for j in 0..k {
+                                    let x = tc[g] * gup[j] * cm[g * k + j];
+                                    dm[g * k + j] = x;
+                                    part[g * k + j] += x;
+                                    gb[j] += x;
+                                    se += x;
+                                }
+                                eb[g] = se;
+                            }
+                            orow.fill(T::ZERO);
+                        } else {
+                            // f step of iteration t + 1: V_G = −(φ̄_G / r) C_G ρ_G.
+                            for g in 0..ng {
+                                let mut se = T::ZERO;
+                                for j in 0..k {
+                                    let v = -phr_r[g * k + j] * cm[g * k + j] * rho_r[g * k + j];
+                                    dm[g * k + j] = v;
+                                    gb[j] += v;
+                                    se += v;
+                                }
+                                eb[g] = st[g] + se;
+                            }
+                        }
+                        // h step of iteration t: Z_G = −η̄_G C_G.
+                        for g in 0..ng {
+                            let e = eb[g];
+                            for j in 0..k {
+                                let z = -e * cm[g * k + j];
+                                dm[g * k + j] += z;
+                                part[g * k + j] += z;
+                                gb[j] += z;
+                            }
+                        }
+                        // g step of iteration t: W_G = −γ̄ c_G B_G; its row sums feed η̄^{t−1}.
+                        for g in 0..ng {
+                            let mut se = T::ZERO;
+                            for j in 0..k {
+                                let x = -gb[j] * c[g] * bm[g * k + j];
+                                dm[g * k + j] += x;
+                                part[g * k + j] += x;
+                                se += x;
+                            }
+                            st[g] = se;
+                        }
+                        for g in 0..ng {
+                            for j in 0..k {
+                                orow[j] += wg[g] * dm[g * k + j];
+                            }
+                        }
+                    }
+                },
+            );
+            if t > 0 {
+                reduce_partials(partials, nch, acc);
+                for g in 0..ng {
+                    for j in 0..k {
+                        phr[g * k + j] = acc[g * k + j] / r[j];
+                    }
+                }
+                if t >= 2 {
+                    let f1 = &hist.col[(t - 1) * gk..t * gk];
+                    let f0 = &hist.col[(t - 2) * gk..(t - 1) * gk];
+                    for x in 0..gk {
+                        rho[x] = if log { (f1[x] - f0[x]).exp_fast() } else { f1[x] / f0[x] };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn lrow_split<T>(buf: &mut [T], k: usize) -> (&mut [T], &mut [T]) {
+    let (a, b) = buf.split_at_mut(k);
+    (a, &mut b[..k])
+}
+
+/// Adjoint of [`minmax_row`]: `x` holds the row before min-max, `g` the output's adjoint and
+/// receives the input's. Ties at the min or max share their part equally (as `torch.amin`).
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+fn minmax_row_backward<T: Real>(x: &[T], g: &mut [T]) {
+    let lo = min(x);
+    let hi = max(x);
+    if !(hi > lo) {
+        g.fill(T::ZERO);
+        return;
+    }
+    let inv = T::ONE / (hi - lo);
+    let (mut glo, mut ghi) = (T::ZERO, T::ZERO);
+    let (mut nlo, mut nhi) = (T::ZERO, T::ZERO);
+    for (xj, gj) in x.iter().zip(g.iter()) {
+        let y = (*xj - lo) * inv;
+        glo += *gj * (y - T::ONE);
+        ghi -= *gj * y;
+        if *xj == lo {
+            nlo += T::ONE;
+        }
+        if *xj == hi {
+            nhi += T::ONE;
+        }
+    }
+    let (glo, ghi) = (glo * inv / nlo, ghi * inv / nhi);
+    for (xj, gj) in x.iter().zip(g.iter_mut()) {
+        let mut v = *gj * inv;
+        if *xj == lo {
+            v += glo;
+        }
+        if *xj == hi {
+            v += ghi;
+        }
+        *gj = v;
     }
 }

@@ -694,3 +694,109 @@ fn multi_sinkhorn_log_rescue_matches_dense() {
         assert!(err < 1e-9, "iters {iters}: err {err}");
     }
 }
+
+/// Central finite differences of `<g, f(s)>`, for checking the backward kernels.
+fn fd_grad(s: &[f64], g: &[f64], f: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f64> {
+    let h = 1e-6;
+    let mut x = s.to_vec();
+    (0..s.len())
+        .map(|i| {
+            x[i] = s[i] + h;
+            let up: f64 = f(&x).iter().zip(g).map(|(a, b)| a * b).sum();
+            x[i] = s[i] - h;
+            let dn: f64 = f(&x).iter().zip(g).map(|(a, b)| a * b).sum();
+            x[i] = s[i];
+            (up - dn) / (2.0 * h)
+        })
+        .collect()
+}
+
+fn assert_grad_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    let scale = want.iter().fold(1e-3f64, |m, x| m.max(x.abs()));
+    let err = max_abs_diff(got, want) / scale;
+    assert!(err < tol, "{what}: gradient rel err {err}\n got {got:?}\nwant {want:?}");
+}
+
+#[test]
+fn sinkhorn_backward_matches_finite_differences() {
+    let mut rng = Rng(21);
+    for &(b, n, k) in &[(1, 1, 1), (1, 1, 4), (2, 5, 1), (2, 5, 3), (1, 7, 6), (1, 40, 9)] {
+        let s = rng.vec(b * n * k, -1.0, 1.0);
+        let g = rng.vec(b * n * k, -1.0, 1.0);
+        let r = rng.vec(b * n, 0.5, 1.5);
+        let mut c = rng.vec(b * k, 0.5, 1.5);
+        for p in 0..b {
+            let tr: f64 = r[p * n..(p + 1) * n].iter().sum();
+            let tc: f64 = c[p * k..(p + 1) * k].iter().sum();
+            c[p * k..(p + 1) * k].iter_mut().for_each(|x| *x *= tr / tc);
+        }
+        for iters in [1, 2, 5] {
+            for mode in [LogDomain::Off, LogDomain::On] {
+                let eps = 0.3;
+                let fwd = |x: &[f64]| {
+                    let mut o = vec![0.0; b * n * k];
+                    sinkhorn(x, &r, &c, &mut o, b, n, k, eps, iters, mode).unwrap();
+                    o
+                };
+                let want = fd_grad(&s, &g, fwd);
+                let mut got = vec![f64::NAN; b * n * k];
+                sinkhorn_backward(&g, &s, &r, &c, &mut got, b, n, k, eps, iters, mode).unwrap();
+                assert_grad_close(&got, &want, 1e-7, &format!("{:?} {iters} {mode:?}", (b, n, k)));
+            }
+        }
+    }
+}
+
+#[test]
+fn multi_sinkhorn_backward_matches_finite_differences() {
+    let mut rng = Rng(23);
+    for &(b, n, kk) in &[(1, 1, 1), (1, 1, 3), (2, 4, 2), (1, 5, 4), (2, 6, 5), (1, 30, 7)] {
+        let s = rng.vec(b * n * kk, -1.0, 1.0);
+        let g = rng.vec(b * n * kk, -1.0, 1.0);
+        let mut r = rng.vec(b * kk, 0.5, 1.5);
+        for p in 0..b {
+            let t: f64 = r[p * kk..(p + 1) * kk].iter().sum();
+            r[p * kk..(p + 1) * kk]
+                .iter_mut()
+                .for_each(|x| *x *= n as f64 / t);
+        }
+        for w in weight_sets(kk, &mut rng) {
+            for k in [1, kk.div_ceil(2), kk] {
+                for (iters, minmax) in [(1, false), (3, true), (6, false), (6, true)] {
+                    // With one sample or k = K, T is constant and its min-max is rounding noise.
+                    if minmax && (n == 1 || k == kk) {
+                        continue;
+                    }
+                    for mode in [LogDomain::Off, LogDomain::On] {
+                        let params = MultiSinkhornParams {
+                            eps: 0.3,
+                            n_iters: iters,
+                            slot_weights: w.clone(),
+                            k,
+                            normalize: if minmax {
+                                Normalize::MinMax
+                            } else {
+                                Normalize::None
+                            },
+                            log_domain: mode,
+                        };
+                        let fwd = |x: &[f64]| {
+                            let mut o = vec![0.0; b * n * kk];
+                            multi_sinkhorn(x, &r, &mut o, b, n, kk, &params).unwrap();
+                            o
+                        };
+                        let want = fd_grad(&s, &g, fwd);
+                        let mut got = vec![f64::NAN; b * n * kk];
+                        multi_sinkhorn_backward(&g, &s, &r, &mut got, b, n, kk, &params).unwrap();
+                        assert_grad_close(
+                            &got,
+                            &want,
+                            1e-6,
+                            &format!("{:?} w {w:?} k {k} {iters} {minmax} {mode:?}", (b, n, kk)),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
