@@ -5,6 +5,7 @@
 //! releases the GIL and runs the kernel on the extension's own thread pool.
 
 mod arrays;
+mod losses;
 mod pool;
 
 use arrays::ndarray_dim::{D1, D2, D3};
@@ -107,6 +108,74 @@ fn sinkhorn_t<T: Element + Real>(
         .map_err(to_py)
 }
 
+/// Vector-Jacobian product of `sinkhorn` w.r.t. `scores`: `grad` `[B, N, K]` in, `out` the
+/// gradient of the scores. Returns whether the log domain was used.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (grad, scores, row_mass, col_mass, out, eps, n_iters, log_domain, num_threads))]
+fn sinkhorn_backward(
+    py: Python<'_>,
+    grad: &Bound<'_, PyAny>,
+    scores: &Bound<'_, PyAny>,
+    row_mass: &Bound<'_, PyAny>,
+    col_mass: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    eps: f64,
+    n_iters: i64,
+    log_domain: &str,
+    num_threads: i64,
+) -> PyResult<bool> {
+    let mode: LogDomain = log_domain.parse().map_err(to_py)?;
+    let n_iters = check_iters(n_iters)?;
+    let args = (grad, scores, row_mass, col_mass, out);
+    match float_dtype(scores, "scores")? {
+        Dtype::F32 => sinkhorn_backward_t::<f32>(py, args, eps, n_iters, mode, num_threads),
+        Dtype::F64 => sinkhorn_backward_t::<f64>(py, args, eps, n_iters, mode, num_threads),
+    }
+}
+
+type Arrays5<'a, 'py> = (
+    &'a Bound<'py, PyAny>,
+    &'a Bound<'py, PyAny>,
+    &'a Bound<'py, PyAny>,
+    &'a Bound<'py, PyAny>,
+    &'a Bound<'py, PyAny>,
+);
+
+fn sinkhorn_backward_t<T: Element + Real>(
+    py: Python<'_>,
+    (grad, scores, row_mass, col_mass, out): Arrays5<'_, '_>,
+    eps: f64,
+    n_iters: usize,
+    mode: LogDomain,
+    num_threads: i64,
+) -> PyResult<bool> {
+    let g = ro::<T, D3>(grad, "grad")?;
+    let s = ro::<T, D3>(scores, "scores")?;
+    let r = ro::<T, D2>(row_mass, "row_mass")?;
+    let c = ro::<T, D2>(col_mass, "col_mass")?;
+    let mut o = rw::<T, D3>(out, "out")?;
+    let (b, n, k) = (s.shape()[0], s.shape()[1], s.shape()[2]);
+    check_shape("grad", g.shape(), &[b, n, k])?;
+    check_shape("row_mass", r.shape(), &[b, n])?;
+    check_shape("col_mass", c.shape(), &[b, k])?;
+    check_shape("out", o.shape(), &[b, n, k])?;
+    let (gs, ss, rs, cs) = (
+        slice(&g, "grad")?,
+        slice(&s, "scores")?,
+        slice(&r, "row_mass")?,
+        slice(&c, "col_mass")?,
+    );
+    let os = slice_mut(&mut o, "out")?;
+    let pool = pool::get(num_threads)?;
+    py.detach(|| {
+        pool.install(|| {
+            mmot_core::sinkhorn_backward(gs, ss, rs, cs, os, b, n, k, eps, n_iters, mode)
+        })
+    })
+    .map_err(to_py)
+}
+
 /// Grouped Multi-Assignment Sinkhorn-Knopp on `scores` `[B, N, K]`, written into `out`.
 /// Returns whether the log domain was used.
 #[pyfunction]
@@ -159,6 +228,81 @@ fn multi_t<T: Element + Real>(
     let pool = pool::get(num_threads)?;
     py.detach(|| pool.install(|| mmot_core::multi_sinkhorn(ss, rs, os, b, n, kk, params)))
         .map_err(to_py)
+}
+
+/// Vector-Jacobian product of `multi_sinkhorn` w.r.t. `scores` (through the min-max step).
+/// Returns whether the log domain was used.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (grad, scores, anchor_mass, out, eps, n_iters, slot_weights, k, normalize, log_domain, num_threads))]
+fn multi_sinkhorn_backward(
+    py: Python<'_>,
+    grad: &Bound<'_, PyAny>,
+    scores: &Bound<'_, PyAny>,
+    anchor_mass: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    eps: f64,
+    n_iters: i64,
+    slot_weights: Vec<f64>,
+    k: i64,
+    normalize: &str,
+    log_domain: &str,
+    num_threads: i64,
+) -> PyResult<bool> {
+    let params = multi_params(eps, n_iters, slot_weights, k, normalize, log_domain)?;
+    match float_dtype(scores, "scores")? {
+        Dtype::F32 => multi_backward_t::<f32>(py, grad, scores, anchor_mass, out, &params, num_threads),
+        Dtype::F64 => multi_backward_t::<f64>(py, grad, scores, anchor_mass, out, &params, num_threads),
+    }
+}
+
+fn multi_params(
+    eps: f64,
+    n_iters: i64,
+    slot_weights: Vec<f64>,
+    k: i64,
+    normalize: &str,
+    log_domain: &str,
+) -> PyResult<MultiSinkhornParams> {
+    Ok(MultiSinkhornParams {
+        eps,
+        n_iters: check_iters(n_iters)?,
+        slot_weights,
+        k: usize::try_from(k)
+            .map_err(|_| PyValueError::new_err(format!("k must be >= 1, got {k}")))?,
+        normalize: normalize.parse::<Normalize>().map_err(to_py)?,
+        log_domain: log_domain.parse::<LogDomain>().map_err(to_py)?,
+    })
+}
+
+fn multi_backward_t<T: Element + Real>(
+    py: Python<'_>,
+    grad: &Bound<'_, PyAny>,
+    scores: &Bound<'_, PyAny>,
+    anchor_mass: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    params: &MultiSinkhornParams,
+    num_threads: i64,
+) -> PyResult<bool> {
+    let g = ro::<T, D3>(grad, "grad")?;
+    let s = ro::<T, D3>(scores, "scores")?;
+    let r = ro::<T, D2>(anchor_mass, "anchor_mass")?;
+    let mut o = rw::<T, D3>(out, "out")?;
+    let (b, n, kk) = (s.shape()[0], s.shape()[1], s.shape()[2]);
+    check_shape("grad", g.shape(), &[b, n, kk])?;
+    check_shape("anchor_mass", r.shape(), &[b, kk])?;
+    check_shape("out", o.shape(), &[b, n, kk])?;
+    let (gs, ss, rs) = (
+        slice(&g, "grad")?,
+        slice(&s, "scores")?,
+        slice(&r, "anchor_mass")?,
+    );
+    let os = slice_mut(&mut o, "out")?;
+    let pool = pool::get(num_threads)?;
+    py.detach(|| {
+        pool.install(|| mmot_core::multi_sinkhorn_backward(gs, ss, rs, os, b, n, kk, params))
+    })
+    .map_err(to_py)
 }
 
 /// `out[o] = scale · x̂[x_index[o]] ŷ[y_index[o]]ᵀ` for `x` `[Bx, N, D]`, `y` `[By, M, D]`.
@@ -245,7 +389,10 @@ fn similarity_t<T: Element + Real>(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(sinkhorn, m)?)?;
+    m.add_function(wrap_pyfunction!(sinkhorn_backward, m)?)?;
     m.add_function(wrap_pyfunction!(multi_sinkhorn, m)?)?;
+    m.add_function(wrap_pyfunction!(multi_sinkhorn_backward, m)?)?;
     m.add_function(wrap_pyfunction!(similarity, m)?)?;
+    losses::register(m)?;
     Ok(())
 }
