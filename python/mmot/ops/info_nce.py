@@ -1,0 +1,283 @@
+"""``mmot.info_nce``: the fused NormSoftmax / InfoNCE loss, its op and its gradient.
+
+The kernels never hold the N×N logits: the forward keeps an online log-sum-exp per row over
+column tiles (once for a against b, once for b against a when symmetric), and the backward
+recomputes the tiles from the saved log-sum-exps (the Inf-CL approach, arXiv 2410.17243).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmot import _checks, _dispatch, reference
+from mmot._recompute import vjp
+
+OP = "mmot.info_nce"
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def info_nce(
+    a: Tensor,
+    b: Tensor,
+    temperature: float = 0.05,
+    *,
+    symmetric: bool = True,
+    normalize: bool = True,
+    reduction: str = "mean",
+    valid: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""NormSoftmax (InfoNCE) loss of N paired embeddings, without materialising the N×N logits.
+
+    Math: with â, b̂ the L2-normalised rows (when ``normalize``; rows are divided by
+    max(‖row‖, 1e-12)) and s = â b̂ᵀ / ``temperature``, pair i's loss is the cross-entropy of
+    row i of s against its diagonal, plus that of column i when ``symmetric`` (the two
+    directions summed, as in everything_at_once and SSPC):
+
+        loss_i = (logsumexp_j s[i, j] − s[i, i]) + (logsumexp_j s[j, i] − s[i, i])
+
+    **Missing pairs.** ``valid`` is an (N,) bool mask of the pairs that exist (e.g. clips that
+    have both modalities). Invalid pairs are dropped entirely, as if their rows were absent
+    from a and b: they are neither anchors nor negatives, their loss is 0 and their rows get
+    zero gradient. ``info_nce(a, b, valid=v)`` equals ``info_nce(a[v], b[v])``, but needs no
+    data-dependent indexing, so it traces under ``torch.compile(fullgraph=True)``.
+
+    **Reductions.** ``"none"`` returns the (N,) per-pair losses (0 where invalid), ``"sum"``
+    their sum and ``"mean"`` their sum divided by the number of valid pairs, i.e. the mean
+    over valid pairs of each direction's cross-entropy, the directions summed. With no
+    valid pair at all the loss is 0 (not NaN).
+
+    Memory: O(N·D) beyond the inputs (O(N) for the Rust kernel, which never writes normalised
+    copies). Time: about twice a materialised forward, since each direction recomputes the
+    similarities; the backward recomputes them twice more.
+
+    Args:
+        a: (N, D) float tensor, e.g. video embeddings.
+        b: (N, D) float tensor of the same dtype and device, e.g. text embeddings; a[i] and
+            b[i] are a positive pair.
+        temperature: τ > 0. everything_at_once and SSPC use 0.05.
+        symmetric: add the b→a direction to the a→b direction.
+        normalize: L2-normalise the rows first (cosine similarities).
+        reduction: "mean", "sum" or "none".
+        valid: optional (N,) bool tensor of the pairs that take part.
+        backend: "auto", "rust", "triton" or "torch".
+
+    Returns:
+        A 0-dim tensor ("mean", "sum") or an (N,) tensor ("none") in the dtype of ``a``.
+        Gradients flow to ``a`` and ``b``.
+
+    Example:
+        >>> import torch, mmot
+        >>> video, text = torch.randn(4096, 256), torch.randn(4096, 256)
+        >>> loss = mmot.info_nce(video, text, 0.05)            # never builds the 4096² logits
+        >>> has_text = torch.rand(4096) > 0.1
+        >>> loss = mmot.info_nce(video, text, 0.05, valid=has_text)
+    """
+    a = _checks.float_tensor(OP, "a", a, min_dim=2, shape_hint="(N, D)")
+    b = _checks.float_tensor(OP, "b", b, min_dim=2, shape_hint="(N, D)")
+    if a.dim() != 2:
+        raise ValueError(f"{OP}: argument 'a' must have shape (N, D); got shape {tuple(a.shape)}")
+    if b.dim() != 2:
+        raise ValueError(f"{OP}: argument 'b' must have shape (N, D); got shape {tuple(b.shape)}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"{OP}: argument 'b' must have the dtype of 'a' ({a.dtype}); got {b.dtype}")
+    _checks.same_device(OP, "b", b, a, "a")
+    if b.shape != a.shape:
+        raise ValueError(f"{OP}: argument 'b' must have the shape of 'a' {tuple(a.shape)} (one positive per row); got {tuple(b.shape)}")
+    temperature = _checks.positive_float(OP, "temperature", temperature)
+    for name, flag in (("symmetric", symmetric), ("normalize", normalize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{OP}: argument '{name}' must be a bool; got {type(flag).__name__}")
+    reduction = _checks.choice(OP, "reduction", reduction, REDUCTIONS)
+    weights = _valid_weights(valid, a)
+    backend = _dispatch.resolve_backend(OP, backend, a.device)
+
+    loss, _, _ = info_nce_op(a, b, weights, temperature, symmetric, normalize, backend)
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return (total / weights.sum().clamp_min(1.0).to(total.dtype)).to(a.dtype)
+
+
+def _valid_weights(valid, a: Tensor) -> Tensor:
+    """The (N,) 0/1 weights of the pairs, in the kernels' accumulation dtype."""
+    dtype = reference.compute_dtype(a.dtype)
+    n = a.shape[0]
+    if valid is None:
+        return a.new_ones((n,), dtype=dtype)
+    if not isinstance(valid, Tensor):
+        raise TypeError(f"{OP}: argument 'valid' must be None or a bool tensor of shape ({n},); got {type(valid).__name__}")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"{OP}: argument 'valid' must be a bool tensor of shape ({n},); got dtype {valid.dtype}")
+    if tuple(valid.shape) != (n,):
+        raise ValueError(f"{OP}: argument 'valid' must have shape ({n},) (one flag per pair); got {tuple(valid.shape)}")
+    _checks.same_device(OP, "valid", valid, a, "a")
+    return valid.to(dtype)
+
+
+def _check_values(a: Tensor, b: Tensor) -> None:
+    _checks.finite(OP, "a", a)
+    _checks.finite(OP, "b", b)
+
+
+def _lse_torch(a, b, weights, temperature, normalize):
+    """Row log-sum-exps of the masked logits (−inf for a row with no valid column)."""
+    dtype = reference.compute_dtype(a.dtype)
+    x, y = a.to(dtype), b.to(dtype)
+    if normalize:
+        x, y = torch.nn.functional.normalize(x, dim=-1, eps=1e-12), torch.nn.functional.normalize(y, dim=-1, eps=1e-12)
+    logits = (x @ y.T) / temperature
+    return torch.logsumexp(logits.masked_fill(weights[None, :] == 0, float("-inf")), dim=1)
+
+
+def _forward_torch(a, b, weights, temperature, symmetric, normalize):
+    loss = reference.info_nce(a, b, weights != 0, temperature, symmetric, normalize)
+    lse_a = _lse_torch(a, b, weights, temperature, normalize)
+    lse_b = _lse_torch(b, a, weights, temperature, normalize) if symmetric else torch.zeros_like(lse_a)
+    return loss, lse_a, lse_b
+
+
+def _forward_rust(a, b, weights, temperature, symmetric, normalize):
+    from mmot import _core
+
+    n = a.shape[0]
+    dtype = reference.compute_dtype(a.dtype)
+    loss, lse_a, lse_b = (_dispatch.new_output((n,), dtype) for _ in range(3))
+    _dispatch.call_rust(
+        OP,
+        _core.info_nce_forward,
+        _dispatch.kernel_array(a, dtype),
+        _dispatch.kernel_array(b, dtype),
+        _dispatch.kernel_array(weights, dtype),
+        loss.numpy(),
+        lse_a.numpy(),
+        lse_b.numpy(),
+        temperature,
+        symmetric,
+        normalize,
+        _dispatch.num_threads(),
+    )
+    return loss.to(a.dtype), lse_a, lse_b
+
+
+def _forward_triton(a, b, weights, temperature, symmetric, normalize):
+    from mmot.kernels import info_nce as kernel
+
+    return kernel.forward(a, b, weights, temperature, symmetric, normalize)
+
+
+_FORWARD = {"torch": _forward_torch, "rust": _forward_rust, "triton": _forward_triton}
+
+
+@torch.library.custom_op("mmot::info_nce", mutates_args=())
+def info_nce_op(
+    a: Tensor, b: Tensor, weights: Tensor, temperature: float, symmetric: bool, normalize: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair losses (N,) and the row/column log-sum-exps; devices without a kernel run the reference."""
+    _check_values(a, b)
+    return _forward_torch(a, b, weights, temperature, symmetric, normalize)
+
+
+@info_nce_op.register_kernel(("cpu", "cuda"))
+def _info_nce_kernel(a, b, weights, temperature, symmetric, normalize, backend):
+    _check_values(a, b)
+    run = _forward_torch if a.numel() == 0 else _FORWARD[backend]
+    return run(a, b, weights, temperature, symmetric, normalize)
+
+
+@info_nce_op.register_fake
+def _info_nce_fake(a, b, weights, temperature, symmetric, normalize, backend):
+    n = a.shape[0]
+    dtype = reference.compute_dtype(a.dtype)
+    return a.new_empty((n,)), a.new_empty((n,), dtype=dtype), a.new_empty((n,), dtype=dtype)
+
+
+def _backward_replay(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize):
+    """Gradients for a and b by autograd through the (materialising) reference."""
+
+    def forward(x: Tensor, y: Tensor) -> Tensor:
+        return reference.info_nce(x, y, weights != 0, temperature, symmetric, normalize)
+
+    return vjp(forward, [a, b], grad)
+
+
+def _backward_rust(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize):
+    from mmot import _core
+
+    dtype = reference.compute_dtype(a.dtype)
+    grad_a = _dispatch.new_output(a.shape, dtype)
+    grad_b = _dispatch.new_output(b.shape, dtype)
+    _dispatch.call_rust(
+        OP,
+        _core.info_nce_backward,
+        _dispatch.kernel_array(grad, dtype),
+        _dispatch.kernel_array(a, dtype),
+        _dispatch.kernel_array(b, dtype),
+        _dispatch.kernel_array(weights, dtype),
+        _dispatch.kernel_array(lse_a, dtype),
+        _dispatch.kernel_array(lse_b, dtype),
+        grad_a.numpy(),
+        grad_b.numpy(),
+        temperature,
+        symmetric,
+        normalize,
+        _dispatch.num_threads(),
+    )
+    return [grad_a.to(a.dtype), grad_b.to(b.dtype)]
+
+
+def _backward_triton(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize):
+    from mmot.kernels import info_nce as kernel
+
+    return list(kernel.backward(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize))
+
+
+_BACKWARD = {"torch": _backward_replay, "rust": _backward_rust, "triton": _backward_triton}
+
+
+@torch.library.custom_op("mmot::info_nce_backward", mutates_args=())
+def info_nce_backward_op(
+    grad: Tensor,
+    a: Tensor,
+    b: Tensor,
+    weights: Tensor,
+    lse_a: Tensor,
+    lse_b: Tensor,
+    temperature: float,
+    symmetric: bool,
+    normalize: bool,
+    backend: str,
+) -> list[Tensor]:
+    return _backward_replay(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize)
+
+
+@info_nce_backward_op.register_kernel(("cpu", "cuda"))
+def _info_nce_backward_kernel(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize, backend):
+    run = _backward_replay if a.numel() == 0 else _BACKWARD[backend]
+    return run(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize)
+
+
+@info_nce_backward_op.register_fake
+def _info_nce_backward_fake(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize, backend):
+    return [torch.empty_like(a), torch.empty_like(b)]
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, weights, temperature, symmetric, normalize, backend = inputs
+    _, lse_a, lse_b = output
+    ctx.save_for_backward(a, b, weights, lse_a, lse_b)
+    ctx.params = (temperature, symmetric, normalize, backend)
+
+
+def _backward(ctx, grad, _grad_lse_a, _grad_lse_b):
+    a, b, weights, lse_a, lse_b = ctx.saved_tensors
+    if grad is None:
+        return None, None, None, None, None, None, None
+    grad_a, grad_b = info_nce_backward_op(grad.contiguous(), a, b, weights, lse_a, lse_b, *ctx.params)
+    return grad_a, grad_b, None, None, None, None, None
+
+
+info_nce_op.register_autograd(_backward, setup_context=_setup_context)
