@@ -1,0 +1,508 @@
+"""Triton kernels of ``mmot::multi_sinkhorn``: the grouped Multi-SK forward and its exact VJP.
+
+Slots are grouped by equal weight (``mmot.reference.slot_groups``): group G has weight w_G,
+c_G slots and top_G of the last k slots. With L = scores/eps, lE_G = w_G·L and log-potentials
+φ_G[a] (anchors), γ[n,a] and ψ_G[n] (samples), iteration t is (DESIGN §2.2, in logs)::
+
+    φ_{G,t}  = log r - LSE_n (lE_G + γ_{t-1} + ψ_{G,t-1})           (γ_0 = ψ_0 = 0)
+    γ_t      = -LSE_G (log c_G + lE_G + φ_{G,t} + ψ_{G,t-1})
+    ψ_{G,t}  = -LSE_a (lE_G + γ_t + φ_{G,t})
+    T        = Σ_G top_G C_{G,T},   C_{G,t} = exp(lE_G + γ_t + φ_{G,t} + ψ_{G,t})
+
+Kernel structure: pass 0 is an online column log-sum-exp giving φ_1; row pass t loads a
+tile of rows (groups × rows × anchors in registers), computes γ_t, ψ_t and C_t, and adds
+Σ_n C_{G,t} to the next column sums: φ_{G,t+1} = φ_{G,t} + log r - log Σ_n C_{G,t}. Every
+per-slot plan entry is bounded (C ≤ 1) and its column sums are at least 1/K², so this is
+stable for any finite input without a host-side domain decision: ``log_domain`` is accepted
+and ignored (the plain and log domains of the reference are the same function). The last pass
+writes T and its row min-max. Each iteration is one streaming pass over the scores.
+
+Backward: the forward is re-run saving φ_{G,t} and ψ_{G,t} (O(T·G·(N+K))); γ_t is
+recomputed per tile. One reverse streaming pass per iteration, with the adjoints
+
+    W_G = -φ̄_{G,t+1}/r · A_{G,t+1}    (A = the plan after the column step, ≤ r)
+    Y_G = -ψ̄_{G,t} · C_{G,t}           (ψ̄_{G,t} = Σ_a W_G + Σ_a Z_G of iteration t+1)
+    Z_G = -γ̄_t · c_G B_{G,t}           (γ̄_t = Σ_G (W_G + Y_G); c_G B_G = softmax over G)
+    ∂L += Σ_G w_G (W + Y + Z),  φ̄_{G,t} = Σ_n (Y_G + Z_G)
+
+and the first reverse pass starts from the min-max VJP (ties share like torch.amin/amax).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmot import reference
+from mmot.kernels import _common
+
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _group_vectors(WH, WL, LC, TOP, NG: tl.constexpr, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
+    """(w_hi, w_lo, log c, top) as (BLOCK_G,) vectors from tuples; padded groups: 0, 0, -inf, 0."""
+    offs_g = tl.arange(0, BLOCK_G)
+    wh = tl.zeros([BLOCK_G], ACC)
+    wl = tl.zeros([BLOCK_G], ACC)
+    lc = tl.full([BLOCK_G], NEG_INF, ACC)
+    top = tl.zeros([BLOCK_G], ACC)
+    for i in tl.static_range(NG):
+        wh = tl.where(offs_g == i, WH[i], wh)
+        wl = tl.where(offs_g == i, WL[i], wl)
+        lc = tl.where(offs_g == i, LC[i], lc)
+        top = tl.where(offs_g == i, TOP[i], top)
+    return wh, wl, lc, top
+
+
+@triton.jit
+def _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, wh, wl, ACC: tl.constexpr):
+    """lE_G = w_G · scores / eps for a tile, as (BLOCK_G, BLOCK_N, BLOCK_K)."""
+    x = tl.load(S + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k, mask=mask, other=0.0).to(ACC)
+    x = x * eps_hi + x * eps_lo
+    return wh[:, None, None] * x[None, :, :] + wl[:, None, None] * x[None, :, :]
+
+
+@triton.jit
+def _gamma(le, phi, psi_prev, lc, mask3):
+    """γ = -LSE_G(log c + lE + φ + ψ_prev) and the softmax weights c_G B_G over the groups."""
+    u = tl.where(mask3, lc[:, None, None] + le + phi[:, None, :] + psi_prev[:, :, None], NEG_INF)
+    umax = tl.max(u, axis=0)
+    umax = tl.where(umax == NEG_INF, 0.0, umax)
+    e = tl.exp(u - umax[None, :, :])
+    den = tl.sum(e, axis=0)
+    den = tl.where(den > 0, den, 1.0)
+    return -(umax + tl.log(den)), e / den[None, :, :]
+
+
+@triton.jit
+def _rows(le, gamma, phi, mask3, nmask):
+    """ψ = -LSE_a(lE + γ + φ) per (group, row) and C = exp(lE + γ + φ + ψ)."""
+    z = tl.where(mask3, le + gamma[None, :, :] + phi[:, None, :], NEG_INF)
+    zmax = tl.max(z, axis=2)
+    zmax = tl.where(zmax == NEG_INF, 0.0, zmax)
+    pz = tl.exp(z - zmax[:, :, None])
+    zs = tl.sum(pz, axis=2)
+    zs = tl.where(zs > 0, zs, 1.0)
+    psi = tl.where(nmask[None, :], -(zmax + tl.log(zs)), 0.0)
+    return psi, pz / zs[:, :, None]
+
+
+@triton.jit
+def _minmax(t, kmask):
+    lo = tl.min(tl.where(kmask[None, :], t, float("inf")), axis=1)
+    hi = tl.max(tl.where(kmask[None, :], t, NEG_INF), axis=1)
+    spread = hi - lo
+    valid = spread > 0
+    return lo, hi, spread, valid
+
+
+@triton.jit
+def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo, wh, wl, gmask,
+                BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < K
+    m = tl.full([BLOCK_G, BLOCK_K], NEG_INF, ACC)
+    acc = tl.zeros([BLOCK_G, BLOCK_K], ACC)
+    for n0 in range(row_lo, row_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask = (offs_n < row_hi)[:, None] & kmask[None, :]
+        mask3 = gmask[:, None, None] & mask[None, :, :]
+        le = tl.where(mask3, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, wh, wl, ACC), NEG_INF)
+        new_m = tl.maximum(m, tl.max(le, axis=1))
+        safe = tl.where(new_m == NEG_INF, 0.0, new_m)
+        acc = acc * tl.exp(m - safe) + tl.sum(tl.exp(le - safe[:, None, :]), axis=1)
+        m = new_m
+    return m, acc
+
+
+@triton.jit
+def _row_pass(S, stride_n, stride_k, OUT, PSI_PREV, PSI, phi, t, row_lo, row_hi, N, K,
+              eps_hi, eps_lo, wh, wl, lc, top, gmask,
+              WRITE_OUT: tl.constexpr, MINMAX: tl.constexpr,
+              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """Row pass of iteration t given φ_t: stores ψ_t, writes T on the last pass; returns Σ_n C_t."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, BLOCK_G)
+    kmask = offs_k < K
+    col = tl.zeros([BLOCK_G, BLOCK_K], ACC)
+    for n0 in range(row_lo, row_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < row_hi
+        mask = nmask[:, None] & kmask[None, :]
+        mask3 = gmask[:, None, None] & mask[None, :, :]
+        gn = offs_g[:, None] * N + offs_n[None, :]
+        gnmask = gmask[:, None] & nmask[None, :]
+        le = _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, wh, wl, ACC)
+        psi_prev = tl.load(PSI_PREV + gn, mask=gnmask, other=0.0)
+        gamma, _ = _gamma(le, phi, psi_prev, lc, mask3)
+        psi, c = _rows(le, gamma, phi, mask3, nmask)
+        tl.store(PSI + gn, psi, mask=gnmask)
+        if WRITE_OUT:
+            target = tl.sum(top[:, None, None] * c, axis=0)
+            if MINMAX:
+                lo, hi, spread, valid = _minmax(target, kmask)
+                target = tl.where(valid[:, None], (target - lo[:, None]) / tl.where(valid, spread, 1.0)[:, None], 0.0)
+            tl.store(OUT + offs_n[:, None] * K + offs_k[None, :], target.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            col += tl.sum(c, axis=1)
+    return col
+
+
+@triton.jit
+def _multi_fwd_kernel(
+    S, OUT, RMASS, PHI, PSI, COLSUM, PART,
+    N, K, eps_hi, eps_lo, n_iters, pass_index, rows_per_program, R, psi_slots,
+    stride_b, stride_n, stride_k,
+    WH, WL, LC, TOP,
+    NG: tl.constexpr, SINGLE: tl.constexpr, MINMAX: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    S += pid.to(tl.int64) * stride_b
+    OUT += pid.to(tl.int64) * N * K
+    PHI += pid.to(tl.int64) * (n_iters + 1) * BLOCK_G * K
+    PSI += pid.to(tl.int64) * psi_slots * BLOCK_G * N
+    COLSUM += pid.to(tl.int64) * (n_iters + 1) * BLOCK_G * K
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, BLOCK_G)
+    kmask = offs_k < K
+    gmask = offs_g < NG
+    gk = offs_g[:, None] * K + offs_k[None, :]
+    gkmask = gmask[:, None] & kmask[None, :]
+    wh, wl, lc, top = _group_vectors(WH, WL, LC, TOP, NG, BLOCK_G, ACC)
+    log_r = tl.log(tl.load(RMASS + pid * K + offs_k, mask=kmask, other=1.0).to(ACC))
+    row_lo = pid_r * rows_per_program
+    row_hi = tl.minimum(row_lo + rows_per_program, N)
+    slot_stride = BLOCK_G * N
+    if SINGLE:
+        m, acc = _column_lse(S, stride_n, stride_k, 0, N, K, eps_hi, eps_lo, wh, wl, gmask, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+        phi = tl.where(gkmask, log_r[None, :] - m - tl.log(tl.where(gkmask, acc, 1.0)), 0.0)
+        tl.store(PHI + K * BLOCK_G + gk, phi, mask=gkmask)
+        for t in range(1, n_iters):
+            col = _row_pass(S, stride_n, stride_k, OUT, PSI + ((t - 1) % psi_slots) * slot_stride,
+                            PSI + (t % psi_slots) * slot_stride, phi, t, 0, N, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
+                            False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+            phi = tl.where(gkmask, phi + log_r[None, :] - tl.log(tl.where(gkmask, col, 1.0)), 0.0)
+            tl.store(PHI + (t + 1) * K * BLOCK_G + gk, phi, mask=gkmask)
+            tl.debug_barrier()
+        t = n_iters
+        _row_pass(S, stride_n, stride_k, OUT, PSI + ((t - 1) % psi_slots) * slot_stride,
+                  PSI + (t % psi_slots) * slot_stride, phi, t, 0, N, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
+                  True, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+    else:
+        if pass_index == 0:
+            m, acc = _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo, wh, wl, gmask,
+                                 BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+            part = PART + (pid * R + pid_r).to(tl.int64) * 2 * BLOCK_G * K
+            tl.store(part + gk, m, mask=gkmask)
+            tl.store(part + BLOCK_G * K + gk, acc, mask=gkmask)
+        else:
+            t = pass_index
+            if t == 1:
+                phi = tl.load(PHI + K * BLOCK_G + gk, mask=gkmask, other=0.0)
+            else:
+                col = tl.load(COLSUM + (t - 1) * K * BLOCK_G + gk, mask=gkmask, other=1.0)
+                phi = tl.load(PHI + (t - 1) * K * BLOCK_G + gk, mask=gkmask, other=0.0)
+                phi = tl.where(gkmask, phi + log_r[None, :] - tl.log(col), 0.0)
+                if pid_r == 0:
+                    tl.store(PHI + t * K * BLOCK_G + gk, phi, mask=gkmask)
+            psi_prev = PSI + ((t - 1) % psi_slots) * slot_stride
+            psi_next = PSI + (t % psi_slots) * slot_stride
+            if t < n_iters:
+                col = _row_pass(S, stride_n, stride_k, OUT, psi_prev, psi_next, phi, t, row_lo, row_hi, N, K,
+                                eps_hi, eps_lo, wh, wl, lc, top, gmask, False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+                tl.atomic_add(COLSUM + t * K * BLOCK_G + gk, col, mask=gkmask)
+            else:
+                _row_pass(S, stride_n, stride_k, OUT, psi_prev, psi_next, phi, t, row_lo, row_hi, N, K,
+                          eps_hi, eps_lo, wh, wl, lc, top, gmask, True, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+
+
+@triton.jit
+def _combine_lse_kernel(PART, RMASS, PHI, K, R, n_iters, NG: tl.constexpr,
+                        BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """φ_1 = log r - LSE over the R programs' partial (max, sum) pairs."""
+    pid = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, BLOCK_G)
+    gk = offs_g[:, None] * K + offs_k[None, :]
+    gkmask = (offs_g < NG)[:, None] & (offs_k < K)[None, :]
+    m = tl.full([BLOCK_G, BLOCK_K], NEG_INF, ACC)
+    acc = tl.zeros([BLOCK_G, BLOCK_K], ACC)
+    for r in range(0, R):
+        part = PART + (pid * R + r).to(tl.int64) * 2 * BLOCK_G * K
+        pm = tl.load(part + gk, mask=gkmask, other=NEG_INF)
+        ps = tl.load(part + BLOCK_G * K + gk, mask=gkmask, other=0.0)
+        new_m = tl.maximum(m, pm)
+        safe = tl.where(new_m == NEG_INF, 0.0, new_m)
+        acc = acc * tl.exp(m - safe) + ps * tl.exp(pm - safe)
+        m = new_m
+    log_r = tl.log(tl.load(RMASS + pid * K + offs_k, mask=offs_k < K, other=1.0).to(ACC))
+    phi = log_r[None, :] - m - tl.log(tl.where(gkmask, acc, 1.0))
+    tl.store(PHI + pid.to(tl.int64) * (n_iters + 1) * BLOCK_G * K + BLOCK_G * K + gk, phi, mask=gkmask)
+
+
+@triton.jit
+def _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, phibar_next, t,
+                  row_lo, row_hi, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
+                  FIRST: tl.constexpr, FINAL: tl.constexpr, MINMAX: tl.constexpr,
+                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """Reverse pass t (FIRST: t = T; FINAL: t = 0); returns this program's Σ_n for φ̄_{G,t}."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, BLOCK_G)
+    kmask = offs_k < K
+    gk = offs_g[:, None] * K + offs_k[None, :]
+    gkmask = gmask[:, None] & kmask[None, :]
+    r = tl.load(RMASS + offs_k, mask=kmask, other=1.0).to(ACC)
+    col = tl.zeros([BLOCK_G, BLOCK_K], ACC)
+    if FIRST:
+        phi_next = tl.zeros([BLOCK_G, BLOCK_K], ACC)
+    else:
+        phi_next = tl.load(PHI + (t + 1) * BLOCK_G * K + gk, mask=gkmask, other=0.0)
+    if FINAL:
+        phi = tl.zeros([BLOCK_G, BLOCK_K], ACC)
+    else:
+        phi = tl.load(PHI + t * BLOCK_G * K + gk, mask=gkmask, other=0.0)
+    w = wh + wl
+    for n0 in range(row_lo, row_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < row_hi
+        mask = nmask[:, None] & kmask[None, :]
+        mask3 = gmask[:, None, None] & mask[None, :, :]
+        gn = offs_g[:, None] * N + offs_n[None, :]
+        gnmask = gmask[:, None] & nmask[None, :]
+        tile = offs_n[:, None] * K + offs_k[None, :]
+        le = _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, wh, wl, ACC)
+        if FINAL:
+            # A_{G,1} = exp(lE_G + φ_{G,1}): γ_0 = ψ_0 = 0.
+            a = tl.exp(tl.where(mask3, le + phi_next[:, None, :], NEG_INF))
+            wadj = -(phibar_next / r[None, :])[:, None, :] * a
+            dl = tl.load(D + tile, mask=mask, other=0.0) + tl.sum(w[:, None, None] * wadj, axis=0)
+            tl.store(DS + tile, (dl * eps_hi + dl * eps_lo).to(DS.dtype.element_ty), mask=mask)
+        else:
+            psi_prev = tl.load(PSI + (t - 1) * BLOCK_G * N + gn, mask=gnmask, other=0.0)
+            gamma, cb = _gamma(le, phi, psi_prev, lc, mask3)
+            psi, c = _rows(le, gamma, phi, mask3, nmask)
+            if FIRST:
+                target = tl.sum(top[:, None, None] * c, axis=0)
+                grad = tl.load(GRAD + tile, mask=mask, other=0.0).to(ACC)
+                if MINMAX:
+                    lo, hi, spread, valid = _minmax(target, kmask)
+                    d = tl.where(valid, spread, 1.0)
+                    tn = (target - lo[:, None]) / d[:, None]
+                    is_lo = tl.where(mask & (target == lo[:, None]), 1.0, 0.0)
+                    is_hi = tl.where(mask & (target == hi[:, None]), 1.0, 0.0)
+                    sum_lo = tl.sum(grad * (tn - 1.0), axis=1) / d / tl.maximum(tl.sum(is_lo, axis=1), 1.0)
+                    sum_hi = -tl.sum(grad * tn, axis=1) / d / tl.maximum(tl.sum(is_hi, axis=1), 1.0)
+                    grad = grad / d[:, None] + is_lo * sum_lo[:, None] + is_hi * sum_hi[:, None]
+                    grad = tl.where(valid[:, None] & mask, grad, 0.0)
+                x = top[:, None, None] * grad[None, :, :] * c
+                u = x - tl.sum(x, axis=2)[:, :, None] * c
+                dl3 = u
+            else:
+                # W: the column step of iteration t+1, through A_{G,t+1} = exp(lE + γ_t + φ_{t+1} + ψ_t).
+                a = tl.exp(tl.where(mask3, le + gamma[None, :, :] + phi_next[:, None, :] + psi[:, :, None], NEG_INF))
+                wadj = -(phibar_next / r[None, :])[:, None, :] * a
+                psibar = tl.load(PSIBAR + gn, mask=gnmask, other=0.0) + tl.sum(wadj, axis=2)
+                u = -psibar[:, :, None] * c
+                dl3 = wadj + u
+            gammabar = tl.sum(dl3, axis=0)
+            z = -gammabar[None, :, :] * cb
+            z = tl.where(mask3, z, 0.0)
+            u = u + z
+            dl3 = dl3 + z
+            col += tl.sum(u, axis=1)
+            tl.store(PSIBAR + gn, tl.sum(z, axis=2), mask=gnmask)
+            dl = tl.sum(w[:, None, None] * dl3, axis=0)
+            if not FIRST:
+                dl += tl.load(D + tile, mask=mask, other=0.0)
+            tl.store(D + tile, dl, mask=mask)
+    return col
+
+
+@triton.jit
+def _multi_bwd_kernel(
+    S, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, PHIBAR,
+    N, K, eps_hi, eps_lo, n_iters, pass_index, rows_per_program,
+    stride_b, stride_n, stride_k,
+    WH, WL, LC, TOP,
+    NG: tl.constexpr, SINGLE: tl.constexpr, MINMAX: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    S += pid.to(tl.int64) * stride_b
+    GRAD += pid.to(tl.int64) * N * K
+    D += pid.to(tl.int64) * N * K
+    DS += pid.to(tl.int64) * N * K
+    RMASS += pid * K
+    PHI += pid.to(tl.int64) * (n_iters + 1) * BLOCK_G * K
+    PSI += pid.to(tl.int64) * (n_iters + 1) * BLOCK_G * N
+    PSIBAR += pid.to(tl.int64) * BLOCK_G * N
+    PHIBAR += pid.to(tl.int64) * (n_iters + 1) * BLOCK_G * K
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < NG
+    gk = offs_g[:, None] * K + offs_k[None, :]
+    gkmask = gmask[:, None] & (offs_k < K)[None, :]
+    wh, wl, lc, top = _group_vectors(WH, WL, LC, TOP, NG, BLOCK_G, ACC)
+    row_lo = pid_r * rows_per_program
+    row_hi = tl.minimum(row_lo + rows_per_program, N)
+    zero = tl.zeros([BLOCK_G, BLOCK_K], ACC)
+    if SINGLE:
+        phibar = _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, zero, n_iters,
+                               0, N, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
+                               True, False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+        for i in range(1, n_iters):
+            tl.debug_barrier()
+            phibar = _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, phibar, n_iters - i,
+                                   0, N, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
+                                   False, False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+        tl.debug_barrier()
+        _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, phibar, 0,
+                      0, N, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
+                      False, True, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+    else:
+        t = pass_index
+        if t == n_iters:
+            col = _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, zero, t,
+                                row_lo, row_hi, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
+                                True, False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+            tl.atomic_add(PHIBAR + t * BLOCK_G * K + gk, col, mask=gkmask)
+        else:
+            phibar = tl.load(PHIBAR + (t + 1) * BLOCK_G * K + gk, mask=gkmask, other=0.0)
+            if t > 0:
+                col = _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, phibar, t,
+                                    row_lo, row_hi, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
+                                    False, False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+                tl.atomic_add(PHIBAR + t * BLOCK_G * K + gk, col, mask=gkmask)
+            else:
+                _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, phibar, 0,
+                              row_lo, row_hi, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
+                              False, True, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+
+
+def split_float(value: float) -> tuple[float, float]:
+    """value = hi + lo with hi exactly a float32: Triton passes Python floats as float32."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(value - hi)
+
+
+class _Plan:
+    def __init__(self, scores: torch.Tensor, slot_weights, k, backward: bool = False):
+        self.n_rows, self.n_cols = scores.shape[-2:]
+        self.s = scores.reshape(-1, self.n_rows, self.n_cols)
+        self.n_problems = self.s.shape[0]
+        self.acc = _common.acc_dtype(scores.dtype)
+        self.acc_tl = _common.tl_dtype(self.acc)
+        groups = reference.slot_groups(slot_weights, k)
+        self.n_groups = len(groups)
+        self.block_g = triton.next_power_of_2(self.n_groups)
+        weights = [split_float(weight) for weight, _, _ in groups]
+        self.wh = tuple(hi for hi, _ in weights)
+        self.wl = tuple(lo for _, lo in weights)
+        self.log_count = tuple(float(torch.tensor(float(count), dtype=torch.float64).log()) for _, count, _ in groups)
+        self.top = tuple(float(top) for _, _, top in groups)
+        self.block_k = triton.next_power_of_2(self.n_cols)
+        row = self.block_g * self.block_k * (2 if backward else 1)
+        self.block_n = _common.tile_rows(self.n_rows, row)
+        self.warps = _common.num_warps(self.block_n * self.block_g * self.block_k)
+        self.R = _common.programs_per_problem(
+            self.n_problems, self.n_rows, self.block_n, self.n_rows * self.n_cols * self.block_g, scores.device
+        )
+        tiles = triton.cdiv(self.n_rows, self.block_n)
+        self.rows_per_program = triton.cdiv(tiles, self.R) * self.block_n
+        self.R = triton.cdiv(self.n_rows, self.rows_per_program)
+        self.single = self.R == 1
+
+    def strides(self):
+        return self.s.stride(0), self.s.stride(1), self.s.stride(2)
+
+    def groups(self):
+        return self.wh, self.wl, self.log_count, self.top
+
+
+def _too_wide(scores, slot_weights, k) -> bool:
+    n_groups = len(reference.slot_groups(slot_weights, k))
+    return triton.next_power_of_2(scores.shape[-1]) * triton.next_power_of_2(n_groups) > _common.MAX_BLOCK_K
+
+
+def _run_forward(plan: _Plan, eps, n_iters, anchor_mass, normalize, save: bool):
+    s = plan.s
+    dev = s.device
+    B, N, K, BG = plan.n_problems, plan.n_rows, plan.n_cols, plan.block_g
+    out = torch.empty((B, N, K), dtype=s.dtype, device=dev)
+    mass = anchor_mass.reshape(B, K).to(plan.acc).contiguous()
+    psi_slots = n_iters + 1 if save else 2
+    phi = torch.empty((B, n_iters + 1, BG, K), dtype=plan.acc, device=dev)
+    psi = torch.empty((B, psi_slots, BG, N), dtype=plan.acc, device=dev)
+    psi[:, 0].zero_()  # ψ_0 = 0
+    colsum = torch.zeros((B, n_iters + 1, BG, K) if not plan.single else (1,), dtype=plan.acc, device=dev)
+    part = torch.empty((B, plan.R, 2, BG, K) if not plan.single else (1,), dtype=plan.acc, device=dev)
+    eps_hi, eps_lo = split_float(1.0 / eps)
+
+    def launch(pass_index):
+        _multi_fwd_kernel[(B, plan.R)](
+            s, out, mass, phi, psi, colsum, part,
+            N, K, eps_hi, eps_lo, n_iters, pass_index, plan.rows_per_program, plan.R, psi_slots,
+            *plan.strides(), *plan.groups(),
+            NG=plan.n_groups, SINGLE=plan.single, MINMAX=normalize == "minmax",
+            BLOCK_G=BG, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, ACC=plan.acc_tl,
+            num_warps=plan.warps,
+        )
+
+    launch(0)
+    if not plan.single:
+        block = max(1, min(plan.block_k, 1024 // BG))
+        _combine_lse_kernel[(B, triton.cdiv(K, block))](
+            part, mass, phi, K, plan.R, n_iters, NG=plan.n_groups, BLOCK_G=BG, BLOCK_K=block, ACC=plan.acc_tl
+        )
+        for t in range(1, n_iters + 1):
+            launch(t)
+    return out, mass, phi, psi
+
+
+def forward(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+    """T (shape and dtype of scores); ``log_domain`` is accepted but never needed (see module doc)."""
+    if _too_wide(scores, slot_weights, k):
+        return reference.multi_sinkhorn(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+    plan = _Plan(scores, slot_weights, k)
+    out, *_ = _run_forward(plan, eps, n_iters, anchor_mass, normalize, save=False)
+    return out.view(scores.shape)
+
+
+def backward(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+    """∂loss/∂scores for ∂loss/∂T = grad: recompute the potentials, then the reverse passes."""
+    if _too_wide(scores, slot_weights, k):
+        from mmot.ops.multi_sinkhorn import _backward_replay
+
+        return _backward_replay(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+    plan = _Plan(scores, slot_weights, k, backward=True)
+    _, mass, phi, psi = _run_forward(plan, eps, n_iters, anchor_mass, normalize, save=True)
+    B, N, K, BG = plan.n_problems, plan.n_rows, plan.n_cols, plan.block_g
+    dev = scores.device
+    g = grad.reshape(B, N, K).contiguous()
+    d = torch.empty((B, N, K), dtype=plan.acc, device=dev)
+    ds = d if scores.dtype == plan.acc else torch.empty((B, N, K), dtype=scores.dtype, device=dev)
+    psibar = torch.empty((B, BG, N), dtype=plan.acc, device=dev)
+    phibar = torch.zeros((B, n_iters + 1, BG, K) if not plan.single else (1,), dtype=plan.acc, device=dev)
+    eps_hi, eps_lo = split_float(1.0 / eps)
+
+    def launch(pass_index):
+        _multi_bwd_kernel[(B, plan.R)](
+            plan.s, g, d, ds, mass, phi, psi, psibar, phibar,
+            N, K, eps_hi, eps_lo, n_iters, pass_index, plan.rows_per_program,
+            *plan.strides(), *plan.groups(),
+            NG=plan.n_groups, SINGLE=plan.single, MINMAX=normalize == "minmax",
+            BLOCK_G=BG, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, ACC=plan.acc_tl,
+            num_warps=plan.warps,
+        )
+
+    if plan.single:
+        launch(n_iters)
+    else:
+        for t in range(n_iters, -1, -1):
+            launch(t)
+    return ds.view(scores.shape)
