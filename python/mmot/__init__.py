@@ -5,7 +5,10 @@ kernels for CUDA tensors, and :mod:`mmot.reference` (pure torch) as the specific
 fallback.
 """
 
+from mmot import nn
 from mmot._checks import set_checks
+from mmot.ops.anchor_consistency import anchor_consistency_loss
+from mmot.ops.info_nce import info_nce
 from mmot.ops.multi_sinkhorn import multi_sinkhorn
 from mmot.ops.similarity import similarity
 from mmot.ops.sinkhorn import sinkhorn
@@ -19,7 +22,10 @@ except Exception:  # running from a source tree without installed metadata
 
 __all__ = [
     "__version__",
+    "anchor_consistency_loss",
+    "info_nce",
     "multi_sinkhorn",
+    "nn",
     "set_checks",
     "similarity",
     "sinkhorn",

@@ -1,0 +1,25 @@
+"""Modules that drop mmot's ops into a model.
+
+- :class:`Anchors`: cosine similarity of features to L2-normalised learnable anchors;
+- :class:`Sinkhorn` and :class:`MultiSinkhorn`: the assignment ops as modules;
+- :class:`FeatureQueue`: a FIFO of past embeddings, without gradient;
+- :class:`NormSoftmaxLoss` and :class:`CombinatorialContrastiveLoss`: the fused InfoNCE loss
+  for one pair and for every pair of modalities, with pair weights and missing modalities;
+- :class:`SSPCLoss`: SSPC's intra- and cross-modal anchor loss with its queue warm-up.
+"""
+
+from mmot.nn.anchors import Anchors
+from mmot.nn.assignment import MultiSinkhorn, Sinkhorn
+from mmot.nn.contrastive import CombinatorialContrastiveLoss, NormSoftmaxLoss
+from mmot.nn.queue import FeatureQueue
+from mmot.nn.sspc import SSPCLoss
+
+__all__ = [
+    "Anchors",
+    "CombinatorialContrastiveLoss",
+    "FeatureQueue",
+    "MultiSinkhorn",
+    "NormSoftmaxLoss",
+    "SSPCLoss",
+    "Sinkhorn",
+]

@@ -1,0 +1,152 @@
+"""``SSPCLoss``: SSPC's anchor loss (intra- and cross-modal), with queues and warm-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mmot.nn.anchors import Anchors
+from mmot.nn.queue import FeatureQueue
+from mmot.ops.anchor_consistency import anchor_consistency_loss
+from mmot.ops.multi_sinkhorn import multi_sinkhorn
+from mmot.ops.similarity import similarity
+from mmot.ops.sinkhorn import sinkhorn
+
+ASSIGNMENTS = ("multi", "single")
+
+
+def sspc_pair_weight(m: str, n: str, low: float = 0.1, low_modalities: Sequence[str] = ("audio",)) -> float:
+    """SSPC's c[m, n]: 1 within text and video, ``low`` (0.1) wherever audio is involved."""
+    return low if (m in low_modalities or n in low_modalities) else 1.0
+
+
+class SSPCLoss(nn.Module):
+    r"""SSPC's anchor loss (Swetha et al., ICCV 2023; DESIGN.md §4), owning its anchors and queues.
+
+    For modality m, x_m is its input-space feature (B, D_m) and x̂_m its joint-space
+    embedding (B, D). The module holds K anchors per modality in each space, Z_m and Ẑ_m, and
+    a :class:`FeatureQueue` of ``queue_size`` past rows per modality and space.
+
+    - P_m = sim(x_m, Z_m) and P̂_{n,m} = sim(x̂_n, Ẑ_m) for every pair (n, m) (one batched
+      :func:`mmot.similarity` call).
+    - Targets, under ``no_grad``: T_m = Multi-SK(sim([queue; x_m], Z_m))[-B:] and
+      T̂_{n,m} = Multi-SK(sim([queue; x̂_n], Ẑ_m))[-B:]; the queues are re-scored against the
+      current anchors at every call, and all T̂ come from one batched call.
+    - L_anc = Σ_{m,n} c[m,n]·ACL(P_m, T̂_{n,m}) + Σ_{n,m} c[n,m]·ACL(P̂_{n,m}, T_m), with ACL
+      = :func:`mmot.anchor_consistency_loss` at ``temperature`` (0.1); the n = m terms are the
+      modality-specific loss, n ≠ m the cross-modal one. c is 1 within text and video and 0.1
+      wherever audio is involved (``pair_weights`` overrides).
+    - **Warm-up.** Until every queue is full, the loss is 0 (no graph) and the call only
+      pushes the batch. Afterwards the batch is pushed after the targets are computed.
+    - ``assignment="single"`` replaces Multi-SK by the single-assignment SwAV Sinkhorn
+      (:func:`mmot.sinkhorn` with the same eps and iterations; its rows sum to 1): the
+      "+SSPC with single-assignment Sinkhorn" ablation.
+
+    After a call, ``last_terms`` holds the detached "specific" and "cross" parts.
+
+    Example: add SSPC to an existing multi-modal model::
+
+        sspc = mmot.nn.SSPCLoss({"video": 4096, "audio": 128, "text": 300}, joint_dim=4096)
+        contrastive = mmot.nn.CombinatorialContrastiveLoss()
+        optimizer = torch.optim.Adam([*model.parameters(), *sspc.parameters()], lr=5e-5)
+        for batch in loader:
+            tokens, joint = model(batch)        # per modality: (B, D_m) input features, (B, 4096) embeddings
+            loss = contrastive(joint) + sspc(tokens, joint)
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+    """
+
+    def __init__(
+        self,
+        input_dims: Mapping[str, int],
+        joint_dim: int,
+        n_anchors: int = 64,
+        queue_size: int = 5500,
+        *,
+        k: int | None = None,
+        eps: float = 0.07,
+        n_iters: int = 20,
+        temperature: float = 0.1,
+        assignment: str = "multi",
+        pair_weights: Mapping[tuple[str, str], float] | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not input_dims:
+            raise ValueError("mmot.nn.SSPCLoss: argument 'input_dims' must name at least one modality")
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"mmot.nn.SSPCLoss: argument 'assignment' must be one of {ASSIGNMENTS}; got {assignment!r}")
+        self.modalities = list(input_dims)
+        self.input_anchors = nn.ModuleDict({m: Anchors(d, n_anchors, backend=backend) for m, d in input_dims.items()})
+        self.joint_anchors = nn.ModuleDict({m: Anchors(joint_dim, n_anchors, backend=backend) for m in self.modalities})
+        self.input_queues = nn.ModuleDict({m: FeatureQueue(queue_size, d) for m, d in input_dims.items()})
+        self.joint_queues = nn.ModuleDict({m: FeatureQueue(queue_size, joint_dim) for m in self.modalities})
+        self.k = max(1, n_anchors // 2) if k is None else k
+        self.eps, self.n_iters, self.temperature = eps, n_iters, temperature
+        self.assignment, self.backend = assignment, backend
+        self.pair_weights = {}
+        for m in self.modalities:
+            for n in self.modalities:
+                given = None
+                if pair_weights is not None:
+                    given = pair_weights.get((m, n), pair_weights.get((n, m)))
+                self.pair_weights[(m, n)] = float(sspc_pair_weight(m, n) if given is None else given)
+        self.last_terms: dict[str, Tensor] = {}
+
+    @property
+    def warmed_up(self) -> bool:
+        """Whether every queue is full, so that the loss is active."""
+        return all(q.is_full for q in [*self.input_queues.values(), *self.joint_queues.values()])
+
+    def _assign(self, scores: Tensor) -> Tensor:
+        if self.assignment == "single":
+            return sinkhorn(scores, self.eps, self.n_iters, backend=self.backend)
+        return multi_sinkhorn(scores, self.k, self.eps, self.n_iters, backend=self.backend)
+
+    def forward(self, inputs: Mapping[str, Tensor], joints: Mapping[str, Tensor]) -> Tensor:
+        missing = [m for m in self.modalities if m not in inputs or m not in joints]
+        if missing:
+            raise ValueError(f"mmot.nn.SSPCLoss: arguments 'inputs' and 'joints' must hold every modality {self.modalities}; missing {missing}")
+        mods = self.modalities
+        batch = joints[mods[0]].shape[0]
+        if not self.warmed_up:
+            self._push(inputs, joints)
+            self.last_terms = {}
+            return joints[mods[0]].new_zeros(())
+
+        # Predictions, with gradient.
+        p_in = {m: self.input_anchors[m](inputs[m]) for m in mods}  # (B, K) each
+        x_hat = torch.stack([joints[n] for n in mods])[:, None]  # (Mod_n, 1, B, D)
+        z_hat = torch.stack([self.joint_anchors[m].weight.to(x_hat.dtype) for m in mods])[None]  # (1, Mod_m, K, D)
+        p_joint = similarity(x_hat, z_hat, backend=self.backend)  # (Mod_n, Mod_m, B, K)
+
+        # Targets on [queue; batch], keeping the batch rows.
+        with torch.no_grad():
+            t_in = {
+                m: self._assign(self.input_anchors[m](self.input_queues[m].extend(inputs[m].detach())))[-batch:] for m in mods
+            }
+            queued = torch.stack([self.joint_queues[n].extend(joints[n].detach()) for n in mods])[:, None]
+            t_joint = self._assign(similarity(queued, z_hat.detach(), backend=self.backend))[..., -batch:, :]
+
+        specific, cross = None, None
+        for i, n in enumerate(mods):
+            for j, m in enumerate(mods):
+                # c[m,n]·ACL(P_m, T̂_{n,m}) + c[n,m]·ACL(P̂_{n,m}, T_m)
+                term = self.pair_weights[(m, n)] * anchor_consistency_loss(
+                    p_in[m], t_joint[i, j], self.temperature, backend=self.backend
+                ) + self.pair_weights[(n, m)] * anchor_consistency_loss(p_joint[i, j], t_in[m], self.temperature, backend=self.backend)
+                if n == m:
+                    specific = term if specific is None else specific + term
+                else:
+                    cross = term if cross is None else cross + term
+        self._push(inputs, joints)
+        total = specific if cross is None else specific + cross
+        self.last_terms = {"specific": specific.detach(), "cross": (cross if cross is not None else specific * 0).detach()}
+        return total
+
+    @torch.no_grad()
+    def _push(self, inputs: Mapping[str, Tensor], joints: Mapping[str, Tensor]) -> None:
+        for m in self.modalities:
+            self.input_queues[m].push(inputs[m])
+            self.joint_queues[m].push(joints[m])
