@@ -37,13 +37,14 @@ NEG_INF = float("-inf")
 
 
 @triton.jit
-def _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC: tl.constexpr):
+def _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, ACC: tl.constexpr):
     ptrs = S + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
-    return tl.load(ptrs, mask=mask, other=0.0).to(ACC) * inv_eps
+    x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+    return x * eps_hi + x * eps_lo
 
 
 @triton.jit
-def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, inv_eps,
+def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """Online (max, Σ exp(x - max)) over rows [row_lo, row_hi) of every column of L."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -53,7 +54,7 @@ def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, inv_eps,
     for n0 in range(row_lo, row_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_n < row_hi)[:, None] & kmask[None, :]
-        x = tl.where(mask, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC), NEG_INF)
+        x = tl.where(mask, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, ACC), NEG_INF)
         new_m = tl.maximum(m, tl.max(x, axis=0))
         safe = tl.where(new_m == NEG_INF, 0.0, new_m)
         acc = acc * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[None, :]), axis=0)
@@ -62,7 +63,7 @@ def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, inv_eps,
 
 
 @triton.jit
-def _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT, b, row_lo, row_hi, K, inv_eps,
+def _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT, b, row_lo, row_hi, K, eps_hi, eps_lo,
               SAVE: tl.constexpr, WRITE_OUT: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """Row step of one iteration given b_t: stores a_t (SAVE), P_t (WRITE_OUT); returns Σ_n P_t."""
@@ -73,7 +74,7 @@ def _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT, b, row_lo, row_hi, K, inv
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < row_hi
         mask = nmask[:, None] & kmask[None, :]
-        x = tl.where(mask, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC) + b[None, :], NEG_INF)
+        x = tl.where(mask, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, ACC) + b[None, :], NEG_INF)
         row_max = tl.where(nmask, tl.max(x, axis=1), 0.0)
         p = tl.exp(x - row_max[:, None])
         row_sum = tl.where(nmask, tl.sum(p, axis=1), 1.0)
@@ -90,7 +91,7 @@ def _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT, b, row_lo, row_hi, K, inv
 @triton.jit
 def _sinkhorn_fwd_kernel(
     S, OUT, RMASS, CMASS, APOT, BPOT, COLSUM, PART,
-    N, K, inv_eps, n_iters, pass_index, rows_per_program, R,
+    N, K, eps_hi, eps_lo, n_iters, pass_index, rows_per_program, R,
     stride_b, stride_n, stride_k,
     SINGLE: tl.constexpr, SAVE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
@@ -108,21 +109,21 @@ def _sinkhorn_fwd_kernel(
     APOT += pid.to(tl.int64) * (n_iters + 1) * N
     BPOT += pid * (n_iters + 1) * K
     if SINGLE:
-        m, acc = _column_lse(S, stride_n, stride_k, 0, N, K, inv_eps, BLOCK_N, BLOCK_K, ACC)
+        m, acc = _column_lse(S, stride_n, stride_k, 0, N, K, eps_hi, eps_lo, BLOCK_N, BLOCK_K, ACC)
         b = tl.where(kmask, log_c - m - tl.log(tl.where(kmask, acc, 1.0)), 0.0)
         if SAVE:
             tl.store(BPOT + K + offs_k, b, mask=kmask)
         for t in range(1, n_iters):
-            col = _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, 0, N, K, inv_eps,
+            col = _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, 0, N, K, eps_hi, eps_lo,
                             SAVE, False, BLOCK_N, BLOCK_K, ACC)
             b = tl.where(kmask, b + log_c - tl.log(tl.where(kmask, col, 1.0)), 0.0)
             if SAVE:
                 tl.store(BPOT + (t + 1) * K + offs_k, b, mask=kmask)
-        _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + n_iters * N, b, 0, N, K, inv_eps,
+        _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + n_iters * N, b, 0, N, K, eps_hi, eps_lo,
                   SAVE, True, BLOCK_N, BLOCK_K, ACC)
     else:
         if pass_index == 0:
-            m, acc = _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, inv_eps, BLOCK_N, BLOCK_K, ACC)
+            m, acc = _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo, BLOCK_N, BLOCK_K, ACC)
             part = PART + (pid * R + pid_r) * 2 * K
             tl.store(part + offs_k, m, mask=kmask)
             tl.store(part + K + offs_k, acc, mask=kmask)
@@ -137,11 +138,11 @@ def _sinkhorn_fwd_kernel(
                 if pid_r == 0:
                     tl.store(BPOT + t * K + offs_k, b, mask=kmask)
             if t < n_iters:
-                col = _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, row_lo, row_hi, K, inv_eps,
+                col = _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, row_lo, row_hi, K, eps_hi, eps_lo,
                                 SAVE, False, BLOCK_N, BLOCK_K, ACC)
                 tl.atomic_add(COLSUM + (pid * (n_iters + 1) + t) * K + offs_k, col, mask=kmask)
             else:
-                _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, row_lo, row_hi, K, inv_eps,
+                _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, row_lo, row_hi, K, eps_hi, eps_lo,
                           SAVE, True, BLOCK_N, BLOCK_K, ACC)
 
 
@@ -172,7 +173,7 @@ def _plan(x, a, b, mask):
 
 @triton.jit
 def _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, BBAR_IN, DS,
-                  row_lo, row_hi, N, K, inv_eps, t,
+                  row_lo, row_hi, N, K, eps_hi, eps_lo, t,
                   FIRST: tl.constexpr, FINAL: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """One reverse pass; returns this program's column sums for b̄ of the next (earlier) pass."""
@@ -195,7 +196,7 @@ def _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, BBAR_IN
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < row_hi
         mask = nmask[:, None] & kmask[None, :]
-        x = _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC)
+        x = _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, ACC)
         tile = offs_n[:, None] * K + offs_k[None, :]
         r = tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC)
         if FIRST:
@@ -222,7 +223,7 @@ def _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, BBAR_IN
                 col += tl.sum(z, axis=0)
                 dl += z
         if FINAL:
-            tl.store(DS + tile, (dl * inv_eps).to(DS.dtype.element_ty), mask=mask)
+            tl.store(DS + tile, (dl * eps_hi + dl * eps_lo).to(DS.dtype.element_ty), mask=mask)
         else:
             tl.store(D + tile, dl, mask=mask)
     return col
@@ -231,7 +232,7 @@ def _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, BBAR_IN
 @triton.jit
 def _sinkhorn_bwd_kernel(
     S, G, D, DS, RMASS, CMASS, APOT, BPOT, BBAR,
-    N, K, inv_eps, n_iters, pass_index, rows_per_program,
+    N, K, eps_hi, eps_lo, n_iters, pass_index, rows_per_program,
     stride_b, stride_n, stride_k,
     SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -253,30 +254,30 @@ def _sinkhorn_bwd_kernel(
     row_hi = tl.minimum(row_lo + rows_per_program, N)
     if SINGLE:
         bbar = _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, offs_k * 0.0, DS,
-                             0, N, N, K, inv_eps, n_iters, True, False, BLOCK_N, BLOCK_K, ACC)
+                             0, N, N, K, eps_hi, eps_lo, n_iters, True, False, BLOCK_N, BLOCK_K, ACC)
         for i in range(1, n_iters):
             tl.debug_barrier()
             t = n_iters - i
             bbar = _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS,
-                                 0, N, N, K, inv_eps, t, False, False, BLOCK_N, BLOCK_K, ACC)
+                                 0, N, N, K, eps_hi, eps_lo, t, False, False, BLOCK_N, BLOCK_K, ACC)
         tl.debug_barrier()
         _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS,
-                      0, N, N, K, inv_eps, 0, False, True, BLOCK_N, BLOCK_K, ACC)
+                      0, N, N, K, eps_hi, eps_lo, 0, False, True, BLOCK_N, BLOCK_K, ACC)
     else:
         t = pass_index
         if t == n_iters:
             col = _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, offs_k * 0.0, DS,
-                                row_lo, row_hi, N, K, inv_eps, t, True, False, BLOCK_N, BLOCK_K, ACC)
+                                row_lo, row_hi, N, K, eps_hi, eps_lo, t, True, False, BLOCK_N, BLOCK_K, ACC)
             tl.atomic_add(BBAR + t * K + offs_k, col, mask=kmask)
         else:
             bbar = tl.load(BBAR + (t + 1) * K + offs_k, mask=kmask, other=0.0)
             if t > 0:
                 col = _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS,
-                                    row_lo, row_hi, N, K, inv_eps, t, False, False, BLOCK_N, BLOCK_K, ACC)
+                                    row_lo, row_hi, N, K, eps_hi, eps_lo, t, False, False, BLOCK_N, BLOCK_K, ACC)
                 tl.atomic_add(BBAR + t * K + offs_k, col, mask=kmask)
             else:
                 _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS,
-                              row_lo, row_hi, N, K, inv_eps, 0, False, True, BLOCK_N, BLOCK_K, ACC)
+                              row_lo, row_hi, N, K, eps_hi, eps_lo, 0, False, True, BLOCK_N, BLOCK_K, ACC)
 
 
 class _Plan:
@@ -302,6 +303,12 @@ class _Plan:
         return self.s.stride(0), self.s.stride(1), self.s.stride(2)
 
 
+def _split(value: float) -> tuple[float, float]:
+    """value = hi + lo with hi a float32: Triton passes Python floats as float32."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(value - hi)
+
+
 def _too_wide(scores: torch.Tensor) -> bool:
     return scores.shape[-1] > _common.MAX_BLOCK_K
 
@@ -323,7 +330,7 @@ def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
     def launch(pass_index):
         _sinkhorn_fwd_kernel[(B, plan.R)](
             s, out, rows, cols, apot, bpot, colsum, part,
-            N, K, 1.0 / eps, n_iters, pass_index, plan.rows_per_program, plan.R,
+            N, K, *_split(1.0 / eps), n_iters, pass_index, plan.rows_per_program, plan.R,
             *plan.strides(),
             SINGLE=plan.single, SAVE=save, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, ACC=acc_tl,
             num_warps=plan.warps,
@@ -367,7 +374,7 @@ def backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
     def launch(pass_index):
         _sinkhorn_bwd_kernel[(B, plan.R)](
             plan.s, g, d, ds, rows, cols, apot, bpot, bbar,
-            N, K, 1.0 / eps, n_iters, pass_index, plan.rows_per_program,
+            N, K, *_split(1.0 / eps), n_iters, pass_index, plan.rows_per_program,
             *plan.strides(),
             SINGLE=plan.single, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, ACC=acc_tl,
             num_warps=plan.warps,
