@@ -1,0 +1,170 @@
+"""Triton kernels of ``mmot::info_nce``: an online log-sum-exp forward and a tile-recomputing backward.
+
+With x̂, ŷ the (normalised) rows, s = x̂ ŷᵀ · scale (scale = 1/τ) and w the 0/1 pair weights:
+
+    forward   lse_x[i] = log Σ_j w_j exp(s[i, j])          one program per BLOCK_M rows, an
+                                                          online (max, sum) over column tiles
+    backward  ∂x̂_i = scale · Σ_j G[i, j] ŷ_j               one program per BLOCK_M rows, the
+                                                          tiles of s recomputed
+    G[i, j] = w_i w_j (OWN · g_i e^{s − lse_x[i]} + OTHER · g_j e^{s − lse_y[j]}) − δ_ij g_i w_i (OWN + OTHER)
+
+The loss's row direction uses (x, y) = (a, b), the column direction (b, a); the gradient for
+a is the pass over a's rows with OWN = 1, OTHER = symmetric, the one for b the pass over b's
+rows with OWN = symmetric, OTHER = 1. No N×N buffer exists: extra memory is O(N·D) (the
+normalised copies) plus O(N). Accumulation is float32, or float64 for float64 inputs; fp32
+products use IEEE precision (not TF32), since logits are divided by τ as small as 0.05.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmot import _dispatch, reference
+
+NEG_INF = float("-inf")
+NORM_EPS = 1e-12
+
+
+@triton.jit
+def _lse_kernel(X, Y, W, LSE, N, D, scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    rmask = rows < N
+    dmask = dims < D
+    x = tl.load(X + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+    m = tl.full([BLOCK_M], NEG_INF, ACC)
+    acc = tl.zeros([BLOCK_M], ACC)
+    for j0 in range(0, N, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        y = tl.load(Y + cols[:, None] * D + dims[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+        w = tl.load(W + cols, mask=cmask, other=0.0)
+        s = tl.dot(x, tl.trans(y), input_precision="ieee").to(ACC) * scale
+        s = tl.where((cmask & (w != 0))[None, :], s, NEG_INF)
+        new_m = tl.maximum(m, tl.max(s, axis=1))
+        safe = tl.where(new_m == NEG_INF, 0.0, new_m)
+        acc = acc * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
+        m = new_m
+    lse = tl.where(m == NEG_INF, NEG_INF, m + tl.log(acc))
+    tl.store(LSE + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _grad_kernel(X, Y, W, G, LSE_X, LSE_Y, OUT, N, D, scale,
+                 OWN: tl.constexpr, OTHER: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    rmask = rows < N
+    dmask = dims < D
+    x = tl.load(X + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+    w_row = tl.load(W + rows, mask=rmask, other=0.0).to(ACC)
+    g_row = tl.load(G + rows, mask=rmask, other=0.0).to(ACC)
+    lse_row = tl.load(LSE_X + rows, mask=rmask, other=0.0).to(ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for j0 in range(0, N, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        y = tl.load(Y + cols[:, None] * D + dims[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+        w_col = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
+        s = tl.dot(x, tl.trans(y), input_precision="ieee").to(ACC) * scale
+        coef = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        if OWN:
+            coef += g_row[:, None] * tl.exp(s - lse_row[:, None])
+        if OTHER:
+            g_col = tl.load(G + cols, mask=cmask, other=0.0).to(ACC)
+            lse_col = tl.load(LSE_Y + cols, mask=cmask, other=0.0).to(ACC)
+            coef += g_col[None, :] * tl.exp(s - lse_col[None, :])
+        live = ((w_row != 0) & rmask)[:, None] & ((w_col != 0) & cmask)[None, :]
+        diag = rows[:, None] == cols[None, :]
+        coef = tl.where(live, coef, 0.0)
+        coef = tl.where(live & diag, coef - (g_row * (OWN + OTHER))[:, None], coef)
+        acc += tl.dot(coef.to(ACC), y, input_precision="ieee").to(ACC)
+    tl.store(OUT + rows[:, None] * D + dims[None, :], acc * scale, mask=rmask[:, None] & dmask[None, :])
+
+
+def _blocks(d: int) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(d))
+    if _dispatch.triton_interpreter():
+        return 16, 16, block_d
+    # Keep a BLOCK_M × BLOCK_D accumulator plus a BLOCK_N × BLOCK_D tile in registers/SMEM.
+    block = 64 if block_d <= 128 else 32
+    return block, block, block_d
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _prepare(a: torch.Tensor, b: torch.Tensor, normalize: bool):
+    dtype = reference.compute_dtype(a.dtype)
+    x, y = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+    if normalize:
+        x = torch.nn.functional.normalize(x, dim=-1, eps=NORM_EPS)
+        y = torch.nn.functional.normalize(y, dim=-1, eps=NORM_EPS)
+    return x, y
+
+
+def _lse(x, y, weights, scale):
+    n, d = x.shape
+    block_m, block_n, block_d = _blocks(d)
+    out = _dispatch.new_output((n,), x.dtype, x.device)
+    _lse_kernel[(triton.cdiv(n, block_m),)](
+        x, y, weights, out, n, d, scale, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ACC=_acc(x.dtype)
+    )
+    return out
+
+
+def forward(a, b, weights, temperature, symmetric, normalize):
+    """(per-pair loss in a's dtype, lse_a, lse_b) as ``mmot::info_nce`` returns them."""
+    x, y = _prepare(a, b, normalize)
+    w = weights.to(x.dtype).contiguous()
+    scale = 1.0 / temperature
+    lse_a = _lse(x, y, w, scale)
+    lse_b = _lse(y, x, w, scale) if symmetric else torch.zeros_like(lse_a)
+    diag = (x * y).sum(-1) * scale
+    loss = lse_a - diag
+    if symmetric:
+        loss = loss + lse_b - diag
+    loss = torch.where(w != 0, loss, torch.zeros_like(loss))
+    return loss.to(a.dtype), lse_a, lse_b
+
+
+def _grad(x, y, w, g, lse_x, lse_y, scale, own, other):
+    n, d = x.shape
+    block_m, block_n, block_d = _blocks(d)
+    out = _dispatch.new_output((n, d), x.dtype, x.device)
+    _grad_kernel[(triton.cdiv(n, block_m),)](
+        x, y, w, g, lse_x, lse_y, out, n, d, scale, OWN=own, OTHER=other,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ACC=_acc(x.dtype),
+    )
+    return out
+
+
+def _through_normalize(raw: torch.Tensor, unit: torch.Tensor, grad_unit: torch.Tensor) -> torch.Tensor:
+    """∂raw from ∂unit for unit = raw / max(‖raw‖, eps) (as F.normalize's gradient)."""
+    norm = raw.norm(dim=-1, keepdim=True)
+    inv = 1.0 / norm.clamp_min(NORM_EPS)
+    projected = (grad_unit - unit * (unit * grad_unit).sum(-1, keepdim=True)) * inv
+    return torch.where(norm >= NORM_EPS, projected, grad_unit * inv)
+
+
+def backward(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize):
+    """Gradients for a and b of Σ grad · loss, recomputing the logit tiles."""
+    x, y = _prepare(a, b, normalize)
+    dtype = x.dtype
+    w = weights.to(dtype).contiguous()
+    g = grad.to(dtype).contiguous()
+    la, lb = lse_a.to(dtype).contiguous(), lse_b.to(dtype).contiguous()
+    scale = 1.0 / temperature
+    grad_x = _grad(x, y, w, g, la, lb, scale, True, symmetric)
+    grad_y = _grad(y, x, w, g, lb, la, scale, symmetric, True)
+    if normalize:
+        grad_x = _through_normalize(a.to(dtype), x, grad_x)
+        grad_y = _through_normalize(b.to(dtype), y, grad_y)
+    return grad_x.to(a.dtype), grad_y.to(b.dtype)
