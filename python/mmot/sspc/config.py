@@ -1,0 +1,366 @@
+"""Configuration of an SSPC run: dataclasses, YAML loading and validation.
+
+A config is a YAML mapping with four sections, ``data``, ``model``, ``loss`` and ``train``
+(plus an optional ``name``); every key is optional and falls back to the defaults below. Unknown
+keys, wrong types and out-of-range values raise :class:`ConfigError` naming the key, before any
+data is read or any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VARIANTS = ("contrastive", "sinkhorn", "multi_sk")
+"""Loss variants: NormSoftmax only; + SSPC anchor terms with single-assignment Sinkhorn targets
+(:func:`mmot.sinkhorn`); + SSPC anchor terms with Multi-SK targets (:func:`mmot.multi_sinkhorn`)."""
+DATA_FORMATS = ("uci", "npz", "pickle", "synthetic")
+ASSIGNMENT_IMPLS = ("mmot", "official_dense")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and what was expected."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Planted structure: every class has a shared latent (seen by all modalities) and every
+    modality a private per-class latent; tokens are noisy random projections of the two."""
+
+    n_classes: int = 10
+    per_class: int = 40
+    shared_dim: int = 8
+    private_dim: int = 4
+    n_tokens: dict[str, int] = field(default_factory=lambda: {"video": 6, "text": 4, "audio": 5})
+    token_dim: dict[str, int] = field(default_factory=lambda: {"video": 12, "text": 10, "audio": 8})
+    noise: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class PickleConfig:
+    """Options of the everything_at_once / SSPC feature-pickle reader (see :mod:`mmot.sspc.data`)."""
+
+    key_2d: str = "2d"
+    key_3d: str = "3d"
+    audio_key: str = "audio"
+    text_key: str = "text"
+    caption_key: str = "caption"
+    word_vectors: str | None = None
+    max_words: int = 20
+    n_video_tokens: int = 12
+    audio_frames_per_token: int = 64
+    n_audio_tokens: int = 12
+    audio_is_spectrogram: bool = True
+
+
+@dataclass
+class EvalSetConfig:
+    """An extra evaluation set (e.g. MSR-VTT or YouCook2 after HowTo100M training); reported under
+    its ``name`` and treated as out-of-domain."""
+
+    name: str = ""
+    format: str = "pickle"
+    path: str = ""
+
+
+@dataclass
+class DataConfig:
+    format: str = "uci"
+    path: str | None = None
+    modalities: list[str] | None = None
+    ood_classes: list[int] = field(default_factory=lambda: [8, 9])
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    standardize: bool = True
+    eval_sets: list[EvalSetConfig] = field(default_factory=list)
+    pickle: PickleConfig = field(default_factory=PickleConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 64
+    embed_dim: int = 64
+    n_heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.1
+    n_anchors: int = 32
+
+
+@dataclass
+class LossConfig:
+    variant: str = "multi_sk"
+    temperature: float = 0.05
+    pair_weights: dict[str, float] = field(
+        default_factory=lambda: {"text-video": 1.0, "text-audio": 0.1, "video-audio": 0.1}
+    )
+    default_pair_weight: float = 1.0
+    anchor_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "video": 1.0, "audio": 0.1})
+    default_anchor_weight: float = 1.0
+    anchor_temperature: float = 0.1
+    anchor_loss_weight: float = 1.0
+    queue_size: int = 5500
+    mk_k: int | None = None
+    mk_eps: float = 0.07
+    mk_iters: int = 20
+    sk_eps: float = 0.05
+    sk_iters: int = 3
+    assignment_impl: str = "mmot"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 5e-5
+    lr_gamma: float = 0.9
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    amp: bool | None = None
+    ema_decay: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int | None = None
+    checkpoint_every: int = 0
+    log_every: int = 10
+    eval_every: int = 1
+    max_steps: int | None = None
+    out_dir: str = "runs/sspc"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "sspc"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some keys overridden: ``cfg.replace(train={"seed": 3})``."""
+        merged = self.to_dict()
+        for section, values in sections.items():
+            if section not in merged:
+                raise ConfigError(f"unknown config section '{section}'")
+            if isinstance(merged[section], dict):
+                merged[section] = _deep_merge(merged[section], values)
+            else:
+                merged[section] = values
+        return config_from_dict(merged)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not key.endswith("weights") and key not in ("n_tokens", "token_dim"):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with typed errors
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if value is None:
+        raise ConfigError(f"{where}: must not be null (expected {_type_name(tp)})")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads 5e-5 (no dot) as a string; accept numeric strings.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{where}.{key}: unknown key (known keys of '{where}': {', '.join(names)})".lstrip("."))
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}".lstrip("."))
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a plain mapping (e.g. parsed YAML)."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(values).__name__}")
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read a YAML config. ``path`` may also name a shipped config, e.g. ``"uci_quick"``."""
+    resolved = resolve_config_path(path)
+    try:
+        with open(resolved, encoding="utf-8") as fh:
+            values = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{resolved}: not valid YAML: {exc}") from None
+    try:
+        cfg = config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{resolved}: {exc}") from None
+    # Relative data paths are relative to the config file.
+    base = Path(resolved).parent
+    if cfg.data.path and not os.path.isabs(cfg.data.path) and not os.path.exists(cfg.data.path):
+        cfg.data.path = str(base / cfg.data.path)
+    return cfg
+
+
+SHIPPED_DIR = Path(__file__).parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    shipped = SHIPPED_DIR / f"{Path(path).stem}.yaml"
+    if not candidate.suffix and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file '{path}' not found (shipped configs: {', '.join(shipped_configs())})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic validation
+
+
+def _check(cond: bool, key: str, expected: str, value) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    d, m, loss, t = cfg.data, cfg.model, cfg.loss, cfg.train
+    _check(d.format in DATA_FORMATS, "data.format", f"one of {DATA_FORMATS}", d.format)
+    if d.format in ("npz", "pickle"):
+        _check(bool(d.path), "data.path", f"a file path for format '{d.format}'", d.path)
+    _check(0.0 < d.test_fraction < 1.0, "data.test_fraction", "a number in (0, 1)", d.test_fraction)
+    _check(all(c >= 0 for c in d.ood_classes), "data.ood_classes", "non-negative class ids", d.ood_classes)
+    if d.modalities is not None:
+        _check(len(d.modalities) >= 2, "data.modalities", "at least two modality names", d.modalities)
+        _check(len(set(d.modalities)) == len(d.modalities), "data.modalities", "distinct names", d.modalities)
+    for i, es in enumerate(d.eval_sets):
+        _check(bool(es.name), f"data.eval_sets[{i}].name", "a non-empty name", es.name)
+        _check(es.format in ("pickle", "npz"), f"data.eval_sets[{i}].format", "'pickle' or 'npz'", es.format)
+        _check(bool(es.path), f"data.eval_sets[{i}].path", "a file path", es.path)
+    s = d.synthetic
+    _check(s.n_classes >= 2, "data.synthetic.n_classes", "an integer >= 2", s.n_classes)
+    _check(s.per_class >= 2, "data.synthetic.per_class", "an integer >= 2", s.per_class)
+    _check(set(s.n_tokens) == set(s.token_dim) and len(s.n_tokens) >= 2, "data.synthetic.n_tokens",
+           "the same >= 2 modality names as data.synthetic.token_dim", s.n_tokens)
+    _check(s.noise >= 0, "data.synthetic.noise", "a number >= 0", s.noise)
+    p = d.pickle
+    for key in ("max_words", "n_video_tokens", "audio_frames_per_token", "n_audio_tokens"):
+        _check(getattr(p, key) >= 1, f"data.pickle.{key}", "an integer >= 1", getattr(p, key))
+
+    for key in ("d_model", "embed_dim", "n_heads", "n_anchors"):
+        _check(getattr(m, key) >= 1, f"model.{key}", "an integer >= 1", getattr(m, key))
+    _check(m.d_model % m.n_heads == 0, "model.n_heads", f"a divisor of model.d_model ({m.d_model})", m.n_heads)
+    _check(m.mlp_ratio > 0, "model.mlp_ratio", "a number > 0", m.mlp_ratio)
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "a number in [0, 1)", m.dropout)
+
+    _check(loss.variant in VARIANTS, "loss.variant", f"one of {VARIANTS}", loss.variant)
+    _check(loss.assignment_impl in ASSIGNMENT_IMPLS, "loss.assignment_impl", f"one of {ASSIGNMENT_IMPLS}", loss.assignment_impl)
+    for key in ("temperature", "anchor_temperature", "mk_eps", "sk_eps"):
+        _check(getattr(loss, key) > 0, f"loss.{key}", "a number > 0", getattr(loss, key))
+    for key in ("mk_iters", "sk_iters", "queue_size"):
+        _check(getattr(loss, key) >= 1, f"loss.{key}", "an integer >= 1", getattr(loss, key))
+    _check(loss.anchor_loss_weight >= 0, "loss.anchor_loss_weight", "a number >= 0", loss.anchor_loss_weight)
+    if loss.mk_k is not None:
+        _check(1 <= loss.mk_k <= m.n_anchors, "loss.mk_k", f"an integer in 1..model.n_anchors ({m.n_anchors}) or null", loss.mk_k)
+    for key, weight in loss.pair_weights.items():
+        _check(len(key.split("-")) == 2, f"loss.pair_weights.{key}", "a key of the form 'a-b' naming two modalities", key)
+        _check(weight >= 0, f"loss.pair_weights.{key}", "a weight >= 0", weight)
+    for key, weight in loss.anchor_weights.items():
+        _check(weight >= 0, f"loss.anchor_weights.{key}", "a weight >= 0", weight)
+
+    _check(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
+    _check(t.batch_size >= 2, "train.batch_size", "an integer >= 2", t.batch_size)
+    _check(t.lr > 0, "train.lr", "a number > 0", t.lr)
+    _check(0 < t.lr_gamma <= 1, "train.lr_gamma", "a number in (0, 1]", t.lr_gamma)
+    _check(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
+    if t.grad_clip is not None:
+        _check(t.grad_clip > 0, "train.grad_clip", "a number > 0 or null", t.grad_clip)
+    if t.ema_decay is not None:
+        _check(0 < t.ema_decay < 1, "train.ema_decay", "a number in (0, 1) or null", t.ema_decay)
+    _check(t.device in ("auto", "cpu") or t.device.startswith("cuda"), "train.device", "'auto', 'cpu' or 'cuda[:i]'", t.device)
+    if t.num_threads is not None:
+        _check(t.num_threads >= 1, "train.num_threads", "an integer >= 1 or null", t.num_threads)
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0: every epoch)", t.checkpoint_every)
+    _check(t.log_every >= 1, "train.log_every", "an integer >= 1", t.log_every)
+    _check(t.eval_every >= 0, "train.eval_every", "an integer >= 0 (epochs; 0: only at the end)", t.eval_every)
+    if t.max_steps is not None:
+        _check(t.max_steps >= 1, "train.max_steps", "an integer >= 1 or null", t.max_steps)

@@ -1,0 +1,170 @@
+"""The SSPC model and objective, built on mmot's ops.
+
+Model, per modality (as everything_at_once / SSPC):
+
+    tokens (B, T, D_m) ─ gated projection ─ LayerNorm ─ transformer block ─ masked mean ─ gated
+    projection ─▶ joint embedding x̂_m (B, E)
+
+A gated projection is a linear layer followed by context gating, y ← y ⊙ σ(W y + b). The
+*input-space* feature of modality m is the masked mean of its raw tokens, x_m (B, D_m): the
+pretrained feature space whose structure SSPC preserves. Every modality has K learnable anchors
+Z_m in its input space and K anchors Ẑ_m in the joint space.
+
+Objective (DESIGN §4): the NormSoftmax combinatorial contrastive loss (τ = 0.05) over modality
+pairs with weights normalised to sum 1, plus, for the SSPC variants, the anchor loss
+
+    L_anc = Σ_{m,n} c[m,n]·ACL(P_m, T̂_{n,m}) + Σ_{n,m} c[n,m]·ACL(P̂_{n,m}, T_m)
+
+with P_m = sim(x_m, Z_m), P̂_{n,m} = sim(x̂_n, Ẑ_m), targets T from an assignment of the
+[queue; batch] scores (rows of the batch kept) under no_grad, c[m,n] = min(w_m, w_n) (1 for text
+and video, 0.1 wherever audio is involved), ACL = :func:`mmot.anchor_consistency_loss` (τ 0.1).
+The queues hold past x_m and x̂_m; they are re-scored against the current anchors at every step
+and L_anc is 0 until they are full. All of this is :class:`mmot.nn.SSPCLoss` (which owns the
+anchors and queues) and :class:`mmot.nn.CombinatorialContrastiveLoss`; this module only wires
+them to the encoders and the config, and swaps in the official-dense Multi-SK for timing.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+
+import mmot
+from mmot.sspc.config import LossConfig, ModelConfig
+from mmot.sspc.data import MultiModalData
+
+
+class GatedProjection(nn.Module):
+    """Linear layer followed by context gating: y = W x + b; y ⊙ σ(G y + c)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.gate = nn.Linear(d_out, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.fc(x)
+        return y * torch.sigmoid(self.gate(y))
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    w = mask.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(dim=-2) / w.sum(dim=-2).clamp_min(1.0)
+
+
+class ModalityEncoder(nn.Module):
+    def __init__(self, d_in: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.token_proj = GatedProjection(d_in, cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.block = nn.TransformerEncoderLayer(
+            cfg.d_model,
+            cfg.n_heads,
+            dim_feedforward=max(1, int(round(cfg.mlp_ratio * cfg.d_model))),
+            dropout=cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.joint_proj = GatedProjection(cfg.d_model, cfg.embed_dim)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        h = self.norm(self.token_proj(tokens))
+        h = self.block(h, src_key_padding_mask=~mask)
+        return self.joint_proj(masked_mean(h, mask))
+
+
+class SSPCModel(nn.Module):
+    """Per-modality encoders; the anchors live in the objective (:class:`mmot.nn.SSPCLoss`)."""
+
+    def __init__(self, dims: dict[str, int], cfg: ModelConfig) -> None:
+        super().__init__()
+        self.modalities = list(dims)
+        self.encoders = nn.ModuleDict({m: ModalityEncoder(d, cfg) for m, d in dims.items()})
+
+    def forward(self, tokens: dict[str, Tensor], masks: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Returns (input-space features x_m, joint embeddings x̂_m), each keyed by modality."""
+        inputs = {m: masked_mean(tokens[m], masks[m]) for m in self.modalities}
+        joint = {m: self.encoders[m](tokens[m], masks[m]) for m in self.modalities}
+        return inputs, joint
+
+
+@torch.no_grad()
+def embed_split(model: SSPCModel, split: MultiModalData, batch_size: int = 512, device="cpu") -> dict[str, Tensor]:
+    was_training = model.training
+    model.eval()
+    out: dict[str, list[Tensor]] = {m: [] for m in model.modalities}
+    for start in range(0, len(split), batch_size):
+        sl = slice(start, start + batch_size)
+        tokens = {m: split.features[m][sl].to(device) for m in model.modalities}
+        masks = {m: split.masks[m][sl].to(device) for m in model.modalities}
+        _, joint = model(tokens, masks)
+        for m in model.modalities:
+            out[m].append(joint[m].float().cpu())
+    model.train(was_training)
+    return {m: torch.cat(v) for m, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective
+
+
+def _pair_weight(table: dict[str, float], default: float, a: str, b: str) -> float:
+    for key in (f"{a}-{b}", f"{b}-{a}"):
+        if key in table:
+            return float(table[key])
+    return float(default)
+
+
+class DenseSSPCLoss(mmot.nn.SSPCLoss):
+    """:class:`mmot.nn.SSPCLoss` with the official-dense (K, N, K) Multi-SK of the SSPC code in
+    place of mmot's kernels: the baseline of the step-time comparison, nothing else."""
+
+    def _assign(self, scores: Tensor) -> Tensor:
+        try:
+            from mmot.bench.baselines import official_dense_multi_sinkhorn
+        except ImportError:  # pragma: no cover - depends on the bench module being present
+            from mmot.sspc._dense import official_dense_multi_sinkhorn
+        flat = scores.reshape(-1, *scores.shape[-2:])
+        out = [official_dense_multi_sinkhorn(s, k=self.k, eps=self.eps, n_iters=self.n_iters) for s in flat]
+        return torch.stack(out).reshape(scores.shape)
+
+
+class SSPCObjective(nn.Module):
+    """NormSoftmax combinatorial loss (:class:`mmot.nn.CombinatorialContrastiveLoss`) plus, for
+    the SSPC variants, the anchor loss (:class:`mmot.nn.SSPCLoss`, which owns the input- and
+    joint-space anchors and the queues; its parameters are trained with the model's)."""
+
+    def __init__(self, dims: dict[str, int], embed_dim: int, n_anchors: int, cfg: LossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        mods = list(dims)
+        pairs = {(a, b): _pair_weight(cfg.pair_weights, cfg.default_pair_weight, a, b) for a, b in itertools.combinations(mods, 2)}
+        if sum(pairs.values()) <= 0:
+            raise ValueError(f"loss.pair_weights: the weights of the modality pairs {list(pairs)} sum to 0")
+        self.contrastive = mmot.nn.CombinatorialContrastiveLoss({p: w for p, w in pairs.items() if w > 0}, cfg.temperature)
+        self.sspc = None
+        if cfg.variant != "contrastive":
+            w = {m: float(cfg.anchor_weights.get(m, cfg.default_anchor_weight)) for m in mods}
+            c = {(m, n): min(w[m], w[n]) for m in mods for n in mods}
+            single = cfg.variant == "sinkhorn"
+            cls = DenseSSPCLoss if (cfg.assignment_impl == "official_dense" and not single) else mmot.nn.SSPCLoss
+            self.sspc = cls(
+                dims, embed_dim, n_anchors, cfg.queue_size, k=cfg.mk_k,
+                eps=cfg.sk_eps if single else cfg.mk_eps, n_iters=cfg.sk_iters if single else cfg.mk_iters,
+                temperature=cfg.anchor_temperature, assignment="single" if single else "multi", pair_weights=c,
+            )
+
+    @property
+    def queue_full(self) -> bool:
+        return self.sspc is not None and self.sspc.warmed_up
+
+    def forward(self, inputs: dict[str, Tensor], joint: dict[str, Tensor]) -> dict[str, Tensor]:
+        joint = {m: v.float() for m, v in joint.items()}
+        contrastive = self.contrastive(joint)
+        anchor = contrastive.new_zeros(())
+        if self.sspc is not None:
+            anchor = self.sspc({m: v.float() for m, v in inputs.items()}, joint)
+        return {"loss": contrastive + self.cfg.anchor_loss_weight * anchor, "contrastive": contrastive.detach(), "anchor": anchor.detach()}

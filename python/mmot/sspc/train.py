@@ -1,0 +1,315 @@
+"""The training loop: Adam, ExponentialLR per epoch, AMP on GPU, optional EMA, gradient clipping,
+JSONL metrics, atomic checkpoints and exact resume.
+
+Output directory (``train.out_dir``):
+
+- ``metrics.jsonl``: one JSON record a line: ``{"type": "train", "step", "epoch", "loss",
+  "contrastive", "anchor", "lr", "queue_full"}`` every ``train.log_every`` steps and
+  ``{"type": "eval", "step", "epoch", "split", "mean": {...}, "pairs": {"a->b": {...}}}`` after
+  evaluations;
+- ``last.pt``: the latest checkpoint, written to a temporary file and moved into place with
+  ``os.replace``, so a crash never leaves a torn checkpoint. It holds the model, optimizer,
+  scheduler, AMP scaler, EMA weights, queues, every RNG state, the step/epoch counters and the
+  number of metric lines written; ``--resume`` restores all of it (and truncates the metrics
+  to that line count), so a resumed run ends bit-identical to an uninterrupted one on CPU;
+- ``config.yaml``: the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mmot.sspc.config import Config, ConfigError, config_from_dict
+from mmot.sspc.data import MultiModalData, make_splits
+from mmot.sspc.evaluate import all_pairs, mean_over_pairs
+from mmot.sspc.model import SSPCModel, SSPCObjective, embed_split
+
+CHECKPOINT = "last.pt"
+METRICS = "metrics.jsonl"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class EMA:
+    """Exponential moving average of the model's floating-point state."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.state[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
+            else:
+                self.state[k].copy_(v)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def evaluate_model(model, splits: dict[str, MultiModalData], batch_size: int, device) -> dict:
+    out = {}
+    for name, split in splits.items():
+        if name == "train":
+            continue
+        pairs = all_pairs(embed_split(model, split, batch_size, device))
+        out[name] = {"pairs": pairs, "mean": mean_over_pairs(pairs)}
+    return out
+
+
+class _Metrics:
+    def __init__(self, path: Path, keep_lines: int | None) -> None:
+        self.path = path
+        if keep_lines is None:
+            path.write_text("")
+            self.lines = 0
+        else:
+            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+            path.write_text("".join(lines[:keep_lines]))
+            self.lines = min(keep_lines, len(lines))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+
+def _same_run(saved: dict, current: dict) -> list[str]:
+    """Config keys that differ between a checkpoint and the current config (train.epochs,
+    out_dir, progress, max_steps and log/eval cadence may change on resume)."""
+    free = {"epochs", "out_dir", "progress", "max_steps", "log_every", "eval_every", "checkpoint_every", "num_threads"}
+    diffs = []
+    for section in ("data", "model", "loss", "train"):
+        for key in set(saved[section]) | set(current[section]):
+            if section == "train" and key in free:
+                continue
+            if saved[section].get(key) != current[section].get(key):
+                diffs.append(f"{section}.{key}: checkpoint {saved[section].get(key)!r}, config {current[section].get(key)!r}")
+    return diffs
+
+
+def build(cfg: Config, device: torch.device, splits: dict[str, MultiModalData]):
+    dims = splits["train"].dims()
+    model = SSPCModel(dims, cfg.model).to(device)
+    objective = SSPCObjective(dims, cfg.model.embed_dim, cfg.model.n_anchors, cfg.loss).to(device)
+    return model, objective
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    out_dir: str | os.PathLike | None = None,
+    splits: dict[str, MultiModalData] | None = None,
+    step_hook=None,
+) -> dict:
+    """Train (or resume) a run; returns the final evaluation ``{split: {"mean", "pairs"}}``.
+
+    Everything that can be checked is checked before the first step: the config, the data
+    (loaded and split here unless ``splits`` is given), the device.
+    """
+    t = cfg.train
+    out = Path(out_dir or t.out_dir)
+    device = resolve_device(t.device)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    splits = splits if splits is not None else make_splits(cfg.data)
+    n_train = len(splits["train"])
+    batch = min(t.batch_size, n_train)
+    steps_per_epoch = max(1, n_train // batch)
+    total_steps = steps_per_epoch * t.epochs
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+
+    ckpt_path = out / CHECKPOINT
+    state = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        diffs = _same_run(state["config"], cfg.to_dict())
+        if diffs:
+            raise ConfigError("--resume: the config differs from the checkpoint's: " + "; ".join(diffs))
+    out.mkdir(parents=True, exist_ok=True)
+
+    _seed_all(t.seed)
+    model, objective = build(cfg, device, splits)
+    params = [*model.parameters(), *objective.parameters()]
+    optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=t.lr_gamma)
+    use_amp = (device.type == "cuda") if t.amp is None else bool(t.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    ema = EMA(model, t.ema_decay) if t.ema_decay else None
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.state = {k: v.to(device) for k, v in state["ema"].items()}
+        step = state["step"]
+        _set_rng_state(state["rng"])
+    else:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    metrics = _Metrics(out / METRICS, state["metrics_lines"] if state else None)
+
+    def checkpoint() -> None:
+        atomic_save(
+            {
+                "config": cfg.to_dict(),
+                "model": model.state_dict(),
+                "objective": objective.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "ema": None if ema is None else ema.state,
+                "rng": _rng_state(),
+                "step": step,
+                "metrics_lines": metrics.lines,
+                "finished": step >= total_steps,
+            },
+            ckpt_path,
+        )
+
+    def eval_model():
+        if ema is None:
+            return model
+        shadow = SSPCModel(splits["train"].dims(), cfg.model).to(device)
+        shadow.load_state_dict(ema.state)
+        return shadow
+
+    def run_eval(epoch: int) -> dict:
+        results = evaluate_model(eval_model(), splits, max(batch, 256), device)
+        for name, res in results.items():
+            metrics.write({"type": "eval", "step": step, "epoch": epoch, "split": name, **res})
+        return results
+
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else contextlib.nullcontext
+    train_split = splits["train"]
+    model.train()
+    progress = None
+    if t.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc=f"{cfg.name} [{cfg.loss.variant}]", unit="step", dynamic_ncols=True)
+    results: dict = {}
+    delay = float(os.environ.get("MMOT_SSPC_STEP_DELAY", "0") or 0)  # test hook: slow steps down
+    ckpt_every = t.checkpoint_every or steps_per_epoch
+    try:
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            order = _epoch_order(n_train, t.seed, epoch)
+            idx = order[in_epoch * batch:(in_epoch + 1) * batch]
+            tokens = {m: train_split.features[m][idx].to(device, non_blocking=True) for m in model.modalities}
+            masks = {m: train_split.masks[m][idx].to(device, non_blocking=True) for m in model.modalities}
+            with autocast():
+                inputs, joint = model(tokens, masks)
+            losses = objective(inputs, joint)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            if t.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            if step_hook is not None:
+                step_hook(step)
+            if delay:
+                time.sleep(delay)
+            if step % t.log_every == 0 or step == total_steps:
+                record = {
+                    "type": "train", "step": step, "epoch": epoch,
+                    "loss": float(losses["loss"].detach()), "contrastive": float(losses["contrastive"]), "anchor": float(losses["anchor"]),
+                    "lr": optimizer.param_groups[0]["lr"], "queue_full": objective.queue_full,
+                }
+                metrics.write(record)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", anc=f"{record['anchor']:.3f}")
+            if progress is not None:
+                progress.update(1)
+            epoch_done = step % steps_per_epoch == 0
+            if epoch_done:
+                scheduler.step()
+                if t.eval_every and (epoch + 1) % t.eval_every == 0 and step < total_steps:
+                    run_eval(epoch)
+            if step == total_steps:
+                results = run_eval(epoch)
+                checkpoint()
+            elif step % ckpt_every == 0 or epoch_done and not t.checkpoint_every:
+                checkpoint()
+    finally:
+        if progress is not None:
+            progress.close()
+    if not results:  # resumed a finished run
+        results = run_eval(max(0, (step - 1) // steps_per_epoch))
+        checkpoint()
+    return results
+
+
+def load_for_eval(path, device: str = "cpu"):
+    """(model with EMA weights if any, splits, config) from a checkpoint file or run directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' not found")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = config_from_dict(state["config"])
+    splits = make_splits(cfg.data)
+    model = SSPCModel(splits["train"].dims(), cfg.model)
+    model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
+    return model.to(device), splits, cfg
