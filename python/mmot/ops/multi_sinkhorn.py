@@ -200,13 +200,38 @@ def _backward_replay(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, n
     return vjp(forward, [scores], grad)[0]
 
 
+def _backward_rust(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+    """The exact VJP of the unrolled iteration and the min-max step, by the Rust reverse sweep."""
+    from mmot import _core
+
+    n_problems, n_rows, n_cols = _dispatch.problem_shape(scores)
+    dtype = reference.compute_dtype(scores.dtype)
+    out = _dispatch.new_output((n_problems, n_rows, n_cols), dtype)
+    _dispatch.call_rust(
+        OP,
+        _core.multi_sinkhorn_backward,
+        _dispatch.kernel_array(grad.reshape(-1, n_rows, n_cols), dtype),
+        _dispatch.kernel_array(scores.reshape(-1, n_rows, n_cols), dtype),
+        _dispatch.kernel_array(anchor_mass.reshape(-1, n_cols), dtype),
+        out.numpy(),
+        eps,
+        n_iters,
+        list(slot_weights),
+        k,
+        normalize,
+        log_domain,
+        _dispatch.num_threads(),
+    )
+    return out.view(scores.shape).to(scores.dtype)
+
+
 def _backward_triton(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
     from mmot.kernels import multi_sinkhorn as kernel
 
     return kernel.backward(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
 
 
-_BACKWARD = {"torch": _backward_replay, "rust": _backward_replay, "triton": _backward_triton}
+_BACKWARD = {"torch": _backward_replay, "rust": _backward_rust, "triton": _backward_triton}
 
 
 @torch.library.custom_op("mmot::multi_sinkhorn_backward", mutates_args=())

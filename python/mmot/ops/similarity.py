@@ -133,13 +133,42 @@ def _backward_replay(grad, x, y, normalize, scale):
     return vjp(forward, [x, y], grad)
 
 
+def _backward_rust(grad, x, y, normalize, scale):
+    """Gradients for x and y (reduced over broadcast batch dims), by the Rust kernel."""
+    from mmot import _core
+
+    batch = grad.shape[:-2]
+    x_index = torch.arange(math.prod(x.shape[:-2])).reshape(x.shape[:-2]).expand(batch).reshape(-1).contiguous()
+    y_index = torch.arange(math.prod(y.shape[:-2])).reshape(y.shape[:-2]).expand(batch).reshape(-1).contiguous()
+    dtype = reference.compute_dtype(x.dtype)
+    x3 = x.reshape((-1,) + x.shape[-2:])
+    y3 = y.reshape((-1,) + y.shape[-2:])
+    grad_x = _dispatch.new_output(x3.shape, dtype)
+    grad_y = _dispatch.new_output(y3.shape, dtype)
+    _dispatch.call_rust(
+        OP,
+        _core.similarity_backward,
+        _dispatch.kernel_array(grad.reshape((-1,) + grad.shape[-2:]), dtype),
+        _dispatch.kernel_array(x3, dtype),
+        _dispatch.kernel_array(y3, dtype),
+        x_index.numpy(),
+        y_index.numpy(),
+        grad_x.numpy(),
+        grad_y.numpy(),
+        normalize,
+        scale,
+        _dispatch.num_threads(),
+    )
+    return [grad_x.view(x.shape).to(x.dtype), grad_y.view(y.shape).to(y.dtype)]
+
+
 def _backward_triton(grad, x, y, normalize, scale):
     from mmot.kernels import similarity as kernel
 
     return list(kernel.backward(grad, x, y, normalize, scale))
 
 
-_BACKWARD = {"torch": _backward_replay, "rust": _backward_replay, "triton": _backward_triton}
+_BACKWARD = {"torch": _backward_replay, "rust": _backward_rust, "triton": _backward_triton}
 
 
 @torch.library.custom_op("mmot::similarity_backward", mutates_args=())

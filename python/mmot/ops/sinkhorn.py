@@ -165,13 +165,36 @@ def _backward_replay(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
     return vjp(forward, [scores], grad)[0]
 
 
+def _backward_rust(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
+    """The exact VJP of the unrolled iteration, by the Rust kernel's own reverse sweep."""
+    from mmot import _core
+
+    n_problems, n_rows, n_cols = _dispatch.problem_shape(scores)
+    dtype = reference.compute_dtype(scores.dtype)
+    out = _dispatch.new_output((n_problems, n_rows, n_cols), dtype)
+    _dispatch.call_rust(
+        OP,
+        _core.sinkhorn_backward,
+        _dispatch.kernel_array(grad.reshape(-1, n_rows, n_cols), dtype),
+        _dispatch.kernel_array(scores.reshape(-1, n_rows, n_cols), dtype),
+        _dispatch.kernel_array(row_mass.reshape(-1, n_rows), dtype),
+        _dispatch.kernel_array(col_mass.reshape(-1, n_cols), dtype),
+        out.numpy(),
+        eps,
+        n_iters,
+        log_domain,
+        _dispatch.num_threads(),
+    )
+    return out.view(scores.shape).to(scores.dtype)
+
+
 def _backward_triton(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
     from mmot.kernels import sinkhorn as kernel
 
     return kernel.backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
 
 
-_BACKWARD = {"torch": _backward_replay, "rust": _backward_replay, "triton": _backward_triton}
+_BACKWARD = {"torch": _backward_replay, "rust": _backward_rust, "triton": _backward_triton}
 
 
 @torch.library.custom_op("mmot::sinkhorn_backward", mutates_args=())

@@ -18,5 +18,5 @@ pub use domain::LogDomain;
 pub use error::{MmotError, Result};
 pub use multi_sinkhorn::{multi_sinkhorn, multi_sinkhorn_backward, MultiSinkhornParams, Normalize};
 pub use real::Real;
-pub use similarity::similarity;
+pub use similarity::{similarity, similarity_backward};
 pub use sinkhorn::{sinkhorn, sinkhorn_backward};

@@ -752,66 +752,67 @@ impl<T: Real> Problem<T> {
 
         // Row values of iteration t: B_G (after the g step) and C_G (after the h step).
         // `st` is the row's state block (its cached E_G in the plain domain).
-        let recompute = |t: usize, row: usize, st: &[T], bm: &mut [T], cm: &mut [T], lrow: &mut [T]| {
-            let f = &hist.col[(t - 1) * gk..t * gk];
-            let h0 = &hist.row[((t - 1) * n + row) * ng..((t - 1) * n + row + 1) * ng];
-            let h1 = &hist.row[(t * n + row) * ng..(t * n + row + 1) * ng];
-            if log {
-                let srow = &s[row * k..(row + 1) * k];
-                for j in 0..k {
-                    lrow[j] = (srow[j] - cmax[j]) * inv_eps;
-                }
-                // bm = arg_G, then the running max in cm[..k] ... reuse cm as scratch for arg.
-                let (mx, den) = lrow_split(cm, k);
-                mx.fill(T::NEG_INFINITY);
-                for g in 0..ng {
+        let recompute =
+            |t: usize, row: usize, st: &[T], bm: &mut [T], cm: &mut [T], lrow: &mut [T]| {
+                let f = &hist.col[(t - 1) * gk..t * gk];
+                let h0 = &hist.row[((t - 1) * n + row) * ng..((t - 1) * n + row + 1) * ng];
+                let h1 = &hist.row[(t * n + row) * ng..(t * n + row + 1) * ng];
+                if log {
+                    let srow = &s[row * k..(row + 1) * k];
                     for j in 0..k {
-                        let a = w[g] * lrow[j] + f[g * k + j] + h0[g];
-                        bm[g * k + j] = a;
-                        mx[j] = mx[j].fmax(a);
+                        lrow[j] = (srow[j] - cmax[j]) * inv_eps;
+                    }
+                    // bm = arg_G, then the running max in cm[..k] ... reuse cm as scratch for arg.
+                    let (mx, den) = lrow_split(cm, k);
+                    mx.fill(T::NEG_INFINITY);
+                    for g in 0..ng {
+                        for j in 0..k {
+                            let a = w[g] * lrow[j] + f[g * k + j] + h0[g];
+                            bm[g * k + j] = a;
+                            mx[j] = mx[j].fmax(a);
+                        }
+                    }
+                    den.fill(T::ZERO);
+                    for g in 0..ng {
+                        for j in 0..k {
+                            den[j] += c[g] * (bm[g * k + j] - mx[j]).exp_fast();
+                        }
+                    }
+                    // lrow <- m + log den = -γ
+                    for j in 0..k {
+                        lrow[j] = mx[j] + den[j].ln();
+                    }
+                    for g in 0..ng {
+                        let d = h1[g] - h0[g];
+                        for j in 0..k {
+                            let a = bm[g * k + j] - lrow[j];
+                            bm[g * k + j] = a.exp_fast();
+                            cm[g * k + j] = (a + d).exp_fast();
+                        }
+                    }
+                } else {
+                    let e = &st[ng..];
+                    lrow.fill(T::ZERO);
+                    for g in 0..ng {
+                        let ch = c[g] * h0[g];
+                        for j in 0..k {
+                            let v = e[g * k + j] * f[g * k + j];
+                            bm[g * k + j] = v;
+                            lrow[j] += ch * v;
+                        }
+                    }
+                    for x in lrow.iter_mut() {
+                        *x = T::ONE / *x;
+                    }
+                    for g in 0..ng {
+                        for j in 0..k {
+                            let v = bm[g * k + j] * lrow[j];
+                            bm[g * k + j] = v * h0[g];
+                            cm[g * k + j] = v * h1[g];
+                        }
                     }
                 }
-                den.fill(T::ZERO);
-                for g in 0..ng {
-                    for j in 0..k {
-                        den[j] += c[g] * (bm[g * k + j] - mx[j]).exp_fast();
-                    }
-                }
-                // lrow <- m + log den = -γ
-                for j in 0..k {
-                    lrow[j] = mx[j] + den[j].ln();
-                }
-                for g in 0..ng {
-                    let d = h1[g] - h0[g];
-                    for j in 0..k {
-                        let a = bm[g * k + j] - lrow[j];
-                        bm[g * k + j] = a.exp_fast();
-                        cm[g * k + j] = (a + d).exp_fast();
-                    }
-                }
-            } else {
-                let e = &st[ng..];
-                lrow.fill(T::ZERO);
-                for g in 0..ng {
-                    let ch = c[g] * h0[g];
-                    for j in 0..k {
-                        let v = e[g * k + j] * f[g * k + j];
-                        bm[g * k + j] = v;
-                        lrow[j] += ch * v;
-                    }
-                }
-                for x in lrow.iter_mut() {
-                    *x = T::ONE / *x;
-                }
-                for g in 0..ng {
-                    for j in 0..k {
-                        let v = bm[g * k + j] * lrow[j];
-                        bm[g * k + j] = v * h0[g];
-                        cm[g * k + j] = v * h1[g];
-                    }
-                }
-            }
-        };
+            };
 
         // scratch: B [G K] | C [G K] | D [G K] | γ̄ [K] | lrow [K] | gup [K]
         let scr_len = 3 * gk + 3 * k;
@@ -950,7 +951,11 @@ impl<T: Real> Problem<T> {
                     let f1 = &hist.col[(t - 1) * gk..t * gk];
                     let f0 = &hist.col[(t - 2) * gk..(t - 1) * gk];
                     for x in 0..gk {
-                        rho[x] = if log { (f1[x] - f0[x]).exp_fast() } else { f1[x] / f0[x] };
+                        rho[x] = if log {
+                            (f1[x] - f0[x]).exp_fast()
+                        } else {
+                            f1[x] / f0[x]
+                        };
                     }
                 }
             }

@@ -155,3 +155,207 @@ fn dot4<T: Real>(xr: [&[T]; IB], yr: &[T]) -> [T; IB] {
         (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) + s
     })
 }
+
+/// Gradients of [`similarity`]: given `grad` `[bo, n, m]` (the adjoint of `out`), writes
+/// `gx` `[bx, n, d]` and `gy` `[by, m, d]`, summed over the output problems that share an
+/// input problem (the broadcast).
+///
+/// With `ŷ = y / ν_y`, the adjoint of `x̂` is `u = scale · G ŷ`; through the normalisation
+/// `x̂ = x / max(‖x‖, 1e-12)` it becomes `(u − x̂ ⟨x̂, u⟩) / ‖x‖` (or `u / 1e-12` below the
+/// clamp). The products are computed without normalised copies, row block by row block, in a
+/// fixed order (deterministic for any thread count).
+#[allow(clippy::too_many_arguments)]
+pub fn similarity_backward<T: Real>(
+    grad: &[T],
+    x: &[T],
+    y: &[T],
+    x_index: &[i64],
+    y_index: &[i64],
+    gx: &mut [T],
+    gy: &mut [T],
+    bx: usize,
+    n: usize,
+    by: usize,
+    m: usize,
+    d: usize,
+    normalize: bool,
+    scale: f64,
+) -> Result<()> {
+    check_len("x", x.len(), bx * n * d, &format!("[{bx}, {n}, {d}]"))?;
+    check_len("y", y.len(), by * m * d, &format!("[{by}, {m}, {d}]"))?;
+    check_len("gx", gx.len(), bx * n * d, &format!("[{bx}, {n}, {d}]"))?;
+    check_len("gy", gy.len(), by * m * d, &format!("[{by}, {m}, {d}]"))?;
+    let bo = x_index.len();
+    if y_index.len() != bo {
+        return Err(MmotError::Shape(format!(
+            "x_index and y_index must have the same length, got {bo} and {}",
+            y_index.len()
+        )));
+    }
+    check_len("grad", grad.len(), bo * n * m, &format!("[{bo}, {n}, {m}]"))?;
+    for (name, idx, lim) in [("x_index", x_index, bx), ("y_index", y_index, by)] {
+        if let Some(bad) = idx.iter().find(|&&i| i < 0 || i as u64 >= lim as u64) {
+            return Err(MmotError::InvalidArgument(format!(
+                "{name} entries must be in 0..{lim}, got {bad}"
+            )));
+        }
+    }
+    let sc = T::from_f64(scale);
+    let ix = inv_norms(x, bx * n, d, normalize);
+    let iy = inv_norms(y, by * m, d, normalize);
+    // Output problems reading each input problem, in order.
+    let users = |idx: &[i64], nb: usize| -> Vec<Vec<usize>> {
+        let mut u = vec![Vec::new(); nb];
+        for (o, &i) in idx.iter().enumerate() {
+            u[i as usize].push(o);
+        }
+        u
+    };
+    let xu = users(x_index, bx);
+    let yu = users(y_index, by);
+    let nm = n * m;
+
+    // gx[xb, i] = scale Σ_o Σ_j G_o[i, j] iy[j] y[j]: blocks of x rows, all y rows.
+    if n * d > 0 {
+        gx.par_chunks_mut(n * d).enumerate().for_each(|(xb, gxp)| {
+            gxp.par_chunks_mut(ROWS_PER_TASK * d)
+                .enumerate()
+                .for_each(|(t, tile)| {
+                    tile.fill(T::ZERO);
+                    let i0 = t * ROWS_PER_TASK;
+                    for &o in &xu[xb] {
+                        let yb = y_index[o] as usize;
+                        let gp = &grad[o * nm..(o + 1) * nm];
+                        accumulate_rows(
+                            tile,
+                            &gp[i0 * m..],
+                            m,
+                            1,
+                            &y[yb * m * d..(yb + 1) * m * d],
+                            &iy[yb * m..(yb + 1) * m],
+                            d,
+                        );
+                    }
+                    let xs = &x[(xb * n + i0) * d..];
+                    let ixs = &ix[xb * n + i0..];
+                    finish_rows(tile, xs, ixs, d, sc, normalize);
+                });
+        });
+    }
+    // gy[yb, j] = scale Σ_o Σ_i G_o[i, j] ix[i] x[i]: blocks of y rows, all x rows.
+    if m * d > 0 {
+        gy.par_chunks_mut(m * d).enumerate().for_each(|(yb, gyp)| {
+            gyp.par_chunks_mut(ROWS_PER_TASK * d)
+                .enumerate()
+                .for_each(|(t, tile)| {
+                    tile.fill(T::ZERO);
+                    let j0 = t * ROWS_PER_TASK;
+                    for &o in &yu[yb] {
+                        let xb = x_index[o] as usize;
+                        let gp = &grad[o * nm..(o + 1) * nm];
+                        accumulate_rows(
+                            tile,
+                            &gp[j0..],
+                            1,
+                            m,
+                            &x[xb * n * d..(xb + 1) * n * d],
+                            &ix[xb * n..(xb + 1) * n],
+                            d,
+                        );
+                    }
+                    let ys = &y[(yb * m + j0) * d..];
+                    let iys = &iy[yb * m + j0..];
+                    finish_rows(tile, ys, iys, d, sc, normalize);
+                });
+        });
+    }
+    Ok(())
+}
+
+/// `1 / max(‖row‖, 1e-12)` per row (or ones without normalisation).
+fn inv_norms<T: Real>(a: &[T], rows: usize, d: usize, normalize: bool) -> Vec<T> {
+    if !normalize {
+        return vec![T::ONE; rows];
+    }
+    let tiny = T::from_f64(1e-12);
+    let mut v = vec![T::ZERO; rows];
+    v.par_chunks_mut(1024).enumerate().for_each(|(c, vs)| {
+        for (i, vi) in vs.iter_mut().enumerate() {
+            let r = c * 1024 + i;
+            let row = &a[r * d..(r + 1) * d];
+            *vi = T::ONE / crate::real::dot(row, row).sqrt().fmax(tiny);
+        }
+    });
+    v
+}
+
+/// `acc[i] += Σ_j G[i·rs + j·cs] w[j] src[j]` for the `acc.len() / d` rows of `acc`, where
+/// `src` has one `d`-row per `j` (its length fixes the number of `j`).
+fn accumulate_rows<T: Real>(
+    acc: &mut [T],
+    g: &[T],
+    rs: usize,
+    cs: usize,
+    src: &[T],
+    w: &[T],
+    d: usize,
+) {
+    let rows = acc.len() / d;
+    let nj = w.len();
+    let mut i = 0;
+    while i + IB <= rows {
+        let (a0, rest) = acc[i * d..].split_at_mut(d);
+        let (a1, rest) = rest.split_at_mut(d);
+        let (a2, rest) = rest.split_at_mut(d);
+        let a3 = &mut rest[..d];
+        for j in 0..nj {
+            let cf: [T; IB] = std::array::from_fn(|u| g[(i + u) * rs + j * cs] * w[j]);
+            let sr = &src[j * d..(j + 1) * d];
+            for p in 0..d {
+                let s = sr[p];
+                a0[p] += cf[0] * s;
+                a1[p] += cf[1] * s;
+                a2[p] += cf[2] * s;
+                a3[p] += cf[3] * s;
+            }
+        }
+        i += IB;
+    }
+    while i < rows {
+        let a = &mut acc[i * d..(i + 1) * d];
+        for j in 0..nj {
+            let cf = g[i * rs + j * cs] * w[j];
+            let sr = &src[j * d..(j + 1) * d];
+            for p in 0..d {
+                a[p] += cf * sr[p];
+            }
+        }
+        i += 1;
+    }
+}
+
+/// Scales the accumulated `u` rows by `scale` and applies the normalisation's adjoint.
+fn finish_rows<T: Real>(tile: &mut [T], xs: &[T], inv: &[T], d: usize, sc: T, normalize: bool) {
+    let clamp = T::from_f64(0.999e12);
+    for (r, u) in tile.chunks_exact_mut(d).enumerate() {
+        let iv = inv[r];
+        if !normalize {
+            for v in u.iter_mut() {
+                *v *= sc;
+            }
+            continue;
+        }
+        if iv >= clamp {
+            // ‖x‖ <= 1e-12: x̂ = x / 1e-12 is linear in x.
+            for v in u.iter_mut() {
+                *v *= sc * iv;
+            }
+            continue;
+        }
+        let xr = &xs[r * d..(r + 1) * d];
+        let proj = crate::real::dot(xr, u) * iv * iv;
+        for p in 0..d {
+            u[p] = (u[p] - xr[p] * proj) * (sc * iv);
+        }
+    }
+}

@@ -397,10 +397,9 @@ pub fn sinkhorn_backward<T: Real>(
         .zip(row_mass.par_chunks(n))
         .zip(col_mass.par_chunks(k))
         .zip(cmax.par_chunks(k))
-        .for_each_init(
-            BackWorkspace::default,
-            |bw, (((((o, g), s), r), c), cm)| p.backward(g, s, r, c, cm, o, bw, log),
-        );
+        .for_each_init(BackWorkspace::default, |bw, (((((o, g), s), r), c), cm)| {
+            p.backward(g, s, r, c, cm, o, bw, log)
+        });
     Ok(log)
 }
 
@@ -471,7 +470,10 @@ impl<T: Real> Problem<T> {
 
         // Pass T: the output's adjoint and the row step T. Y = P (G − ⟨G, P⟩_row / r_n).
         {
-            let (at, bt) = (&hist.row[iters * n..(iters + 1) * n], &hist.col[(iters - 1) * k..]);
+            let (at, bt) = (
+                &hist.row[iters * n..(iters + 1) * n],
+                &hist.col[(iters - 1) * k..],
+            );
             run_pass(
                 n,
                 rpc,
@@ -515,7 +517,11 @@ impl<T: Real> Problem<T> {
             if row_step {
                 let bp = &hist.col[(t - 2) * k..(t - 1) * k];
                 for j in 0..k {
-                    ratio[j] = if log { (bp[j] - bt[j]).exp_fast() } else { bp[j] / bt[j] };
+                    ratio[j] = if log {
+                        (bp[j] - bt[j]).exp_fast()
+                    } else {
+                        bp[j] / bt[j]
+                    };
                 }
             }
             let first = t == 1;

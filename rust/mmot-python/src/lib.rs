@@ -251,8 +251,12 @@ fn multi_sinkhorn_backward(
 ) -> PyResult<bool> {
     let params = multi_params(eps, n_iters, slot_weights, k, normalize, log_domain)?;
     match float_dtype(scores, "scores")? {
-        Dtype::F32 => multi_backward_t::<f32>(py, grad, scores, anchor_mass, out, &params, num_threads),
-        Dtype::F64 => multi_backward_t::<f64>(py, grad, scores, anchor_mass, out, &params, num_threads),
+        Dtype::F32 => {
+            multi_backward_t::<f32>(py, grad, scores, anchor_mass, out, &params, num_threads)
+        }
+        Dtype::F64 => {
+            multi_backward_t::<f64>(py, grad, scores, anchor_mass, out, &params, num_threads)
+        }
     }
 }
 
@@ -385,6 +389,72 @@ fn similarity_t<T: Element + Real>(
     .map_err(to_py)
 }
 
+/// Gradients of `similarity`: `grad` `[Bo, N, M]` in; `gx` `[Bx, N, D]` and `gy` `[By, M, D]`
+/// are written (summed over the output problems sharing an input problem).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (grad, x, y, x_index, y_index, gx, gy, normalize, scale, num_threads))]
+fn similarity_backward(
+    py: Python<'_>,
+    grad: &Bound<'_, PyAny>,
+    x: &Bound<'_, PyAny>,
+    y: &Bound<'_, PyAny>,
+    x_index: &Bound<'_, PyAny>,
+    y_index: &Bound<'_, PyAny>,
+    gx: &Bound<'_, PyAny>,
+    gy: &Bound<'_, PyAny>,
+    normalize: bool,
+    scale: f64,
+    num_threads: i64,
+) -> PyResult<()> {
+    let arrays = [grad, x, y, x_index, y_index, gx, gy];
+    match float_dtype(x, "x")? {
+        Dtype::F32 => similarity_backward_t::<f32>(py, arrays, normalize, scale, num_threads),
+        Dtype::F64 => similarity_backward_t::<f64>(py, arrays, normalize, scale, num_threads),
+    }
+}
+
+fn similarity_backward_t<T: Element + Real>(
+    py: Python<'_>,
+    [grad, x, y, x_index, y_index, gx, gy]: [&Bound<'_, PyAny>; 7],
+    normalize: bool,
+    scale: f64,
+    num_threads: i64,
+) -> PyResult<()> {
+    let ga = ro::<T, D3>(grad, "grad")?;
+    let xa = ro::<T, D3>(x, "x")?;
+    let ya = ro::<T, D3>(y, "y")?;
+    let xi = ro::<i64, D1>(x_index, "x_index")?;
+    let yi = ro::<i64, D1>(y_index, "y_index")?;
+    let mut gxa = rw::<T, D3>(gx, "gx")?;
+    let mut gya = rw::<T, D3>(gy, "gy")?;
+    let (bx, n, d) = (xa.shape()[0], xa.shape()[1], xa.shape()[2]);
+    let (by, m, dy) = (ya.shape()[0], ya.shape()[1], ya.shape()[2]);
+    if dy != d {
+        return Err(PyValueError::new_err(format!(
+            "x and y must have the same last dimension, got {d} and {dy}"
+        )));
+    }
+    let bo = xi.shape()[0];
+    check_shape("y_index", yi.shape(), &[bo])?;
+    check_shape("grad", ga.shape(), &[bo, n, m])?;
+    check_shape("gx", gxa.shape(), &[bx, n, d])?;
+    check_shape("gy", gya.shape(), &[by, m, d])?;
+    let (gs, xs, ys) = (slice(&ga, "grad")?, slice(&xa, "x")?, slice(&ya, "y")?);
+    let (xis, yis) = (slice(&xi, "x_index")?, slice(&yi, "y_index")?);
+    let gxs = slice_mut(&mut gxa, "gx")?;
+    let gys = slice_mut(&mut gya, "gy")?;
+    let pool = pool::get(num_threads)?;
+    py.detach(|| {
+        pool.install(|| {
+            mmot_core::similarity_backward(
+                gs, xs, ys, xis, yis, gxs, gys, bx, n, by, m, d, normalize, scale,
+            )
+        })
+    })
+    .map_err(to_py)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -393,6 +463,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(multi_sinkhorn, m)?)?;
     m.add_function(wrap_pyfunction!(multi_sinkhorn_backward, m)?)?;
     m.add_function(wrap_pyfunction!(similarity, m)?)?;
+    m.add_function(wrap_pyfunction!(similarity_backward, m)?)?;
     losses::register(m)?;
     Ok(())
 }
