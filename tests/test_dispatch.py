@@ -45,3 +45,18 @@ def test_rust_results_are_deterministic():
     first = mmot.multi_sinkhorn(scores, 20)
     for _ in range(3):
         assert torch.equal(mmot.multi_sinkhorn(scores, 20), first)
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    code = (
+        "import torch, mmot\n"
+        "try:\n    mmot.multi_sinkhorn(torch.randn(5, 4), backend='triton')\n"
+        "except ValueError as error:\n    print(error)\n"
+    )
+    assert "TRITON_INTERPRET=1" in run_python(code, TRITON_INTERPRET="0")
+
+
+def test_broadcast_similarity_with_unbatched_anchors():
+    x = random_scores(3, 5, 4, seed=3)
+    y = random_scores(6, 4, seed=4)
+    torch.testing.assert_close(mmot.similarity(x, y), mmot.similarity(x, y, backend="torch"), rtol=1e-12, atol=1e-12)
