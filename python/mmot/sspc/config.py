@@ -69,6 +69,11 @@ class EvalSetConfig:
     name: str = ""
     format: str = "pickle"
     path: str = ""
+    # Per-set overrides of data.pickle (e.g. YouCook2's '2d_full'/'3d_full' keys, longer clips).
+    key_2d: str | None = None
+    key_3d: str | None = None
+    n_video_tokens: int | None = None
+    n_audio_tokens: int | None = None
 
 
 @dataclass

@@ -73,6 +73,7 @@ labels, ``train``/``test`` is a random split and out-of-domain sets come from
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import re
@@ -454,7 +455,12 @@ def make_splits(cfg: DataConfig) -> dict[str, MultiModalData]:
         splits["train"] = data.subset(perm[n_test:].sort().values, "train")
         splits["test"] = data.subset(perm[:n_test].sort().values, "test")
     for es in cfg.eval_sets:
-        extra = load_feature_pickle(es.path, cfg.pickle) if es.format == "pickle" else load_npz(es.path, cfg.modalities)
+        if es.format == "pickle":
+            overrides = {k: getattr(es, k) for k in ("key_2d", "key_3d", "n_video_tokens", "n_audio_tokens") if getattr(es, k) is not None}
+            extra = load_feature_pickle(es.path, dataclasses.replace(cfg.pickle, **overrides))
+        else:
+            extra = load_npz(es.path, cfg.modalities)
+        extra.name = es.name
         if set(extra.modalities) != set(data.modalities) or extra.dims() != data.dims():
             raise DataError(f"data.eval_sets '{es.name}': modalities/feature sizes {extra.dims()} differ from the training data {data.dims()}")
         splits[es.name] = extra
