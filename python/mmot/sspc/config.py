@@ -274,10 +274,18 @@ def load_config(path: str | os.PathLike) -> Config:
         cfg = config_from_dict(values)
     except ConfigError as exc:
         raise ConfigError(f"{resolved}: {exc}") from None
-    # Relative data paths are relative to the config file.
+    # Relative data paths: the working directory first, then the config file's directory.
     base = Path(resolved).parent
-    if cfg.data.path and not os.path.isabs(cfg.data.path) and not os.path.exists(cfg.data.path):
-        cfg.data.path = str(base / cfg.data.path)
+
+    def rebase(p: str | None) -> str | None:
+        if p and not os.path.isabs(p) and not os.path.exists(p) and (base / p).exists():
+            return str(base / p)
+        return p
+
+    cfg.data.path = rebase(cfg.data.path)
+    cfg.data.pickle.word_vectors = rebase(cfg.data.pickle.word_vectors)
+    for es in cfg.data.eval_sets:
+        es.path = rebase(es.path)
     return cfg
 
 
