@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     cell = {(r["variant"], r["split"], r["metric"]): r for r in rows}
     recalls = [m for m in METRICS if m.startswith("R@")]
-    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4.4), squeeze=False)
     width = 0.8 / len(variants)
     for ax, split in zip(axes[0], splits):
         for i, v in enumerate(variants):
@@ -122,7 +123,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_title({"test": "in-domain test", "ood": "held-out classes (OOD)"}.get(split, split))
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 60 * len(splits)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
