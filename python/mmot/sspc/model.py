@@ -123,10 +123,7 @@ class DenseSSPCLoss(mmot.nn.SSPCLoss):
     place of mmot's kernels: the baseline of the step-time comparison, nothing else."""
 
     def _assign(self, scores: Tensor) -> Tensor:
-        try:
-            from mmot.bench.baselines import official_dense_multi_sinkhorn
-        except ImportError:  # pragma: no cover - depends on the bench module being present
-            from mmot.sspc._dense import official_dense_multi_sinkhorn
+        from mmot.bench.baselines import official_dense_multi_sinkhorn
         flat = scores.reshape(-1, *scores.shape[-2:])
         out = [official_dense_multi_sinkhorn(s, k=self.k, eps=self.eps, n_iters=self.n_iters) for s in flat]
         return torch.stack(out).reshape(scores.shape)
