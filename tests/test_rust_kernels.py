@@ -239,12 +239,6 @@ def test_multi_sinkhorn_gradcheck_rust():
 # ---------------------------------------------------------------- similarity
 
 
-# Known forward bug, left to the owner of mmot/ops/similarity.py: with x batched and y not
-# (or any 1-D batch broadcast), y_index is an expanded stride-0 view and _forward_rust passes
-# it to Rust non-contiguous ("y_index must be C-contiguous").
-INDEX_BUG = pytest.mark.xfail(raises=ValueError, strict=False, reason="forward passes a stride-0 y_index")
-
-
 @pytest.mark.parametrize(
     "x_shape,y_shape",
     [
@@ -252,7 +246,7 @@ INDEX_BUG = pytest.mark.xfail(raises=ValueError, strict=False, reason="forward p
         ((5, 3), (4, 3)),
         ((2, 1, 7, 9), (1, 3, 6, 9)),
         ((3, 37, 33), (3, 70, 33)),
-        pytest.param((2, 130, 40), (65, 40), marks=INDEX_BUG),
+        ((2, 130, 40), (65, 40)),  # x batched, y not: a stride-0 broadcast index
     ],
 )
 @pytest.mark.parametrize("normalize", [True, False])

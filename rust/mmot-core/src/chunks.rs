@@ -48,7 +48,10 @@ pub(crate) fn run_pass<T, F>(
     if nch <= 1 {
         scratch.clear();
         scratch.resize(scratch_len, T::ZERO);
-        f(0..n_rows, state, out, &mut partials[..pw], scratch);
+        crate::simd::dispatch(
+            #[inline(always)]
+            || f(0..n_rows, state, out, &mut partials[..pw], scratch),
+        );
         return;
     }
     state
@@ -60,7 +63,10 @@ pub(crate) fn run_pass<T, F>(
             || vec![T::ZERO; scratch_len],
             |scr, (ci, ((st, o), p))| {
                 let r0 = ci * rpc;
-                f(r0..(r0 + rpc).min(n_rows), st, o, p, scr)
+                crate::simd::dispatch(
+                    #[inline(always)]
+                    || f(r0..(r0 + rpc).min(n_rows), st, o, p, scr),
+                )
             },
         );
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod info_nce;
 pub mod multi_sinkhorn;
 pub mod real;
+pub mod simd;
 pub mod similarity;
 pub mod sinkhorn;
 

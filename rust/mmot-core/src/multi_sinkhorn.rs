@@ -264,6 +264,7 @@ impl<T: Real> Problem<T> {
             gk,
             scratch,
             k,
+            #[inline(always)]
             |rows, st, _o, p, lrow| {
                 p.fill(T::ZERO);
                 for (i, row) in rows.enumerate() {
@@ -328,6 +329,7 @@ impl<T: Real> Problem<T> {
                 gk,
                 scratch,
                 gk + 2 * k,
+                #[inline(always)]
                 |rows, st, o, p, scr| {
                     p.fill(T::ZERO);
                     let (q, rest) = scr.split_at_mut(gk);
@@ -830,6 +832,7 @@ impl<T: Real> Problem<T> {
                 gk,
                 scratch,
                 scr_len,
+                #[inline(always)]
                 |rows, st, o, part, scr| {
                     part.fill(T::ZERO);
                     let (bm, rest) = scr.split_at_mut(gk);

@@ -143,6 +143,7 @@ impl<T: Real> Problem<T> {
             k,
             scratch,
             0,
+            #[inline(always)]
             |rows, _u, o, p, _| {
                 p.fill(T::ZERO);
                 for (i, row) in rows.enumerate() {
@@ -182,6 +183,7 @@ impl<T: Real> Problem<T> {
                 k,
                 scratch,
                 0,
+                #[inline(always)]
                 |rows, u, o, p, _| {
                     p.fill(T::ZERO);
                     let row0 = rows.start;
@@ -250,6 +252,7 @@ impl<T: Real> Problem<T> {
             k,
             scratch,
             0,
+            #[inline(always)]
             |rows, a, _o, p, _| {
                 p.fill(T::ZERO);
                 a.fill(T::ZERO);
@@ -286,6 +289,7 @@ impl<T: Real> Problem<T> {
                 k,
                 scratch,
                 k,
+                #[inline(always)]
                 |rows, a, o, p, t| {
                     p.fill(T::ZERO);
                     let row0 = rows.start;
@@ -485,6 +489,7 @@ impl<T: Real> Problem<T> {
                 k,
                 scratch,
                 k,
+                #[inline(always)]
                 |rows, _st, o, part, pr| {
                     part.fill(T::ZERO);
                     for (i, row) in rows.enumerate() {
@@ -538,6 +543,7 @@ impl<T: Real> Problem<T> {
                 k,
                 scratch,
                 k,
+                #[inline(always)]
                 |rows, _st, o, part, pc| {
                     part.fill(T::ZERO);
                     for (i, row) in rows.enumerate() {
