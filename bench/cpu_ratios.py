@@ -166,7 +166,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=0, help="override the rounds per workload")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-memory", action="store_true")
+    # The ru_maxrss-delta measurement below reads 0 for every provider on this VM (the peak after
+    # importing torch already exceeds these runs' peaks); off by default until it is fixed.
+    parser.add_argument("--memory", action="store_true", help="peak-memory table (currently unreliable)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     cpu = torch.device("cpu")
@@ -199,7 +201,7 @@ def main() -> None:
         print()
         report["workloads"].append({"name": name, "floor_ms": floor_ms, "strict_floor_ms": strict_ms, "gbps": bandwidth, "results": rows})
         sys.stdout.flush()
-    if not args.no_memory:
+    if args.memory:
         print("## Multi-SK peak memory (MiB above the inputs, ru_maxrss of a fresh process)\n")
         print("| K | mmot-rust | grouped-torch-eager | official-dense |")
         print("|---|---|---|---|")
