@@ -49,7 +49,7 @@ def _lse_kernel(X, Y, W, LSE, N, D, scale,
         safe = tl.where(new_m == NEG_INF, 0.0, new_m)
         acc = acc * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
         m = new_m
-    lse = tl.where(m == NEG_INF, NEG_INF, m + tl.log(acc))
+    lse = tl.where(m == NEG_INF, NEG_INF, m + tl.log(tl.where(acc > 0, acc, 1.0)))
     tl.store(LSE + rows, lse, mask=rmask)
 
 
