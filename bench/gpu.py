@@ -28,8 +28,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-
 import mmot  # noqa: E402
 from mmot import reference  # noqa: E402
 
@@ -65,22 +63,7 @@ def copy_bandwidth_gbps(megabytes: int = 1024, repeats: int = 10) -> float:
 
 # ------------------------------------------------------------------ baselines
 
-
-def official_dense_multi_sinkhorn(scores, k, eps, n_iters, low_weight=0.25):
-    """SSPC's Multi-SK as its code builds it: the whole (K slots, N, K anchors) tensor (DESIGN §2.2),
-    with the 1e-5 denominator guards and the overflow patch."""
-    n, n_anchors = scores.shape
-    w = torch.tensor([low_weight] * (n_anchors - k) + [1.0] * k, device=scores.device, dtype=scores.dtype)
-    p = torch.exp(w[:, None, None] * scores[None] / eps)
-    p = torch.where(torch.isinf(p), torch.full_like(p, torch.finfo(p.dtype).max / (n * n_anchors)), p)
-    r = torch.full((n_anchors,), n / n_anchors, device=scores.device, dtype=scores.dtype)
-    for _ in range(n_iters):
-        p = p / (p.sum(dim=1, keepdim=True) + 1e-5) * r[None, None, :]
-        p = p / (p.sum(dim=0, keepdim=True) + 1e-5)
-        p = p / (p.sum(dim=2, keepdim=True) + 1e-5)
-    t = p[n_anchors - k :].sum(0)
-    lo, hi = t.amin(1, keepdim=True), t.amax(1, keepdim=True)
-    return (t - lo) / (hi - lo + 1e-12)
+from mmot.bench.baselines import official_dense_multi_sinkhorn  # noqa: E402
 
 
 def flash_sinkhorn_provider(z, c, eps):

@@ -158,7 +158,9 @@ def _flash_sinkhorn(eps: float) -> Callable[[dict], object] | str:
         return "flash-sinkhorn not installed (pip install flash-sinkhorn)"
     from flash_sinkhorn import SamplesLoss
 
-    loss = SamplesLoss(loss="sinkhorn", p=2, blur=eps**0.5, debias=False)
+    # Its cost is the full |x - y|^2 = 2 - 2 x.y for unit rows, so exp(-cost/blur^2) matches
+    # exp(scores/eps) when blur^2 = 2 eps.
+    loss = SamplesLoss(loss="sinkhorn", p=2, blur=(2 * eps) ** 0.5, debias=False)
     return lambda x: loss(x["x"], x["y"])
 
 
