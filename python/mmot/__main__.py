@@ -1,3 +1,0 @@
-from mmot.demo import main
-
-main()
