@@ -30,10 +30,14 @@ use crate::error::{check_len, MmotError, Result};
 use crate::real::{Real, LANES};
 use rayon::prelude::*;
 
-/// Rows per parallel task.
-const RB: usize = 32;
-/// Columns per tile: a tile of raw dot products is RB × CB.
-const CB: usize = 64;
+/// Rows per parallel task in the element-wise loops and the backward.
+const RB: usize = TR;
+/// Rows per logit tile.
+const TR: usize = 256;
+/// Columns per tile: a tile of raw dot products is TR × TC (256 KiB in f32).
+const TC: usize = 256;
+/// Row blocks in the forward's column log-sum-exp partials (bounds them to O(M) memory).
+const MAX_BLOCKS: usize = 64;
 /// Norm floor, as `torch.nn.functional.normalize(eps=1e-12)`.
 const NORM_EPS: f64 = 1e-12;
 
@@ -90,10 +94,21 @@ pub fn info_nce_forward<T: Real>(
     let scale = T::from_f64(1.0 / params.temperature);
     let ia = inv_norms(a, n, d, params.normalize);
     let ib = inv_norms(b, n, d, params.normalize);
-    lse_pass(a, b, &ia, &ib, valid, d, scale, lse_a);
     if params.symmetric {
-        lse_pass(b, a, &ib, &ia, valid, d, scale, lse_b);
+        lse_fused(
+            a,
+            b,
+            &ia,
+            &ib,
+            valid,
+            valid,
+            d,
+            scale,
+            lse_a,
+            Some(&mut *lse_b),
+        );
     } else {
+        lse_fused(a, b, &ia, &ib, valid, valid, d, scale, lse_a, None);
         lse_b.fill(T::ZERO);
     }
     let (la, lb) = (&*lse_a, &*lse_b);
@@ -200,73 +215,181 @@ fn inv_norms<T: Real>(x: &[T], n: usize, d: usize, normalize: bool) -> Vec<T> {
     v
 }
 
-/// `lse[i] = log Σ_j wy_j exp(scale · ix_i · iy_j · x_i·y_j)` with an online max per row.
+/// Both log-sum-exps from one GEMM per tile:
+/// `lse_x[i] = log Σ_j wy_j exp(s[i,j])` (online max per row) and, when `lse_y` is given,
+/// `lse_y[j] = log Σ_i wx_i exp(s[i,j])` with `s[i,j] = scale · ix_i · iy_j · x_i·y_j`.
+///
+/// Each task owns a fixed block of rows (its size depends only on the problem size) and keeps,
+/// for every column, a running (max, sum) over its rows; the blocks' column partials are then
+/// merged in block order. At most `MAX_BLOCKS` blocks, so the partials take O(M) memory.
 #[allow(clippy::too_many_arguments)]
-fn lse_pass<T: Real>(
+fn lse_fused<T: Real>(
     x: &[T],
     y: &[T],
     ix: &[T],
     iy: &[T],
+    wx: &[T],
     wy: &[T],
     d: usize,
     scale: T,
-    lse: &mut [T],
+    lse_x: &mut [T],
+    lse_y: Option<&mut [T]>,
 ) {
+    let n = ix.len();
     let m = iy.len();
-    lse.par_chunks_mut(RB).enumerate().for_each(|(c, out)| {
-        let i0 = c * RB;
-        let rows = out.len();
-        let xs = &x[i0 * d..(i0 + rows) * d];
-        let mut tile = vec![T::ZERO; RB * CB];
-        let mut run_max = [T::NEG_INFINITY; RB];
-        let mut run_sum = [T::ZERO; RB];
-        let mut s = [T::ZERO; CB];
-        for j0 in (0..m).step_by(CB) {
-            let cols = CB.min(m - j0);
-            dot_tile(xs, &y[j0 * d..(j0 + cols) * d], d, rows, cols, &mut tile);
-            for r in 0..rows {
-                let sx = scale * ix[i0 + r];
-                let t = &tile[r * CB..r * CB + cols];
-                let mut tmax = T::NEG_INFINITY;
-                for q in 0..cols {
-                    let v = if wy[j0 + q] == T::ZERO {
-                        T::NEG_INFINITY
-                    } else {
-                        t[q] * sx * iy[j0 + q]
-                    };
-                    s[q] = v;
-                    tmax = tmax.fmax(v);
+    let want_cols = lse_y.is_some();
+    let block = block_rows(n);
+    let nblocks = n.div_ceil(block);
+    // Column partials of every block: [nblocks, m] maxima and sums.
+    let pcols = if want_cols { m } else { 0 };
+    let mut pmax = vec![T::NEG_INFINITY; nblocks * pcols];
+    let mut psum = vec![T::ZERO; nblocks * pcols];
+    let neg = |w: T| {
+        if w == T::ZERO {
+            T::NEG_INFINITY
+        } else {
+            T::ZERO
+        }
+    };
+    let pm_chunks: Vec<&mut [T]> = if want_cols {
+        pmax.chunks_mut(m).collect()
+    } else {
+        (0..nblocks).map(|_| &mut [][..]).collect()
+    };
+    let ps_chunks: Vec<&mut [T]> = if want_cols {
+        psum.chunks_mut(m).collect()
+    } else {
+        (0..nblocks).map(|_| &mut [][..]).collect()
+    };
+    lse_x
+        .par_chunks_mut(block)
+        .zip(pm_chunks.into_par_iter().zip(ps_chunks.into_par_iter()))
+        .enumerate()
+        .for_each(|(c, (out, (cmax, csum)))| {
+            let mut tile = vec![T::ZERO; TR * TC];
+            let mut mj = [T::ZERO; TC];
+            let mut sj = [T::ZERO; TC];
+            let mut tmax = [T::ZERO; TC];
+            let mut mi = [T::ZERO; TR];
+            let mut sx = [T::ZERO; TR];
+            let mut run_max = [T::NEG_INFINITY; TR];
+            let mut run_sum = [T::ZERO; TR];
+            for r0 in (0..out.len()).step_by(TR) {
+                let i0 = c * block + r0;
+                let rows = TR.min(out.len() - r0);
+                for r in 0..rows {
+                    mi[r] = neg(wx[i0 + r]);
+                    sx[r] = scale * ix[i0 + r];
                 }
-                if tmax == T::NEG_INFINITY {
-                    continue;
-                }
-                if tmax > run_max[r] {
-                    run_sum[r] *= (run_max[r] - tmax).exp_fast();
-                    run_max[r] = tmax;
-                }
-                let mx = run_max[r];
-                let mut acc = [T::ZERO; LANES];
-                let mut it = s[..cols].chunks_exact(LANES);
-                for ch in &mut it {
-                    for l in 0..LANES {
-                        acc[l] += (ch[l] - mx).exp_fast();
+                run_max[..rows].fill(T::NEG_INFINITY);
+                run_sum[..rows].fill(T::ZERO);
+                let xs = &x[i0 * d..(i0 + rows) * d];
+                for j0 in (0..m).step_by(TC) {
+                    let cols = TC.min(m - j0);
+                    dot_tile(xs, &y[j0 * d..(j0 + cols) * d], d, rows, cols, &mut tile);
+                    for q in 0..cols {
+                        mj[q] = neg(wy[j0 + q]);
+                        sj[q] = iy[j0 + q];
+                    }
+                    tmax[..cols].fill(T::NEG_INFINITY);
+                    for r in 0..rows {
+                        let t = &mut tile[r * TC..r * TC + cols];
+                        let f = sx[r];
+                        let mut rmax = T::NEG_INFINITY;
+                        for q in 0..cols {
+                            let v = t[q] * f * sj[q];
+                            t[q] = v;
+                            rmax = rmax.fmax(v + mj[q]);
+                        }
+                        if want_cols {
+                            let mr = mi[r];
+                            for q in 0..cols {
+                                tmax[q] = tmax[q].fmax(t[q] + mr);
+                            }
+                        }
+                        if rmax == T::NEG_INFINITY {
+                            continue;
+                        }
+                        if rmax > run_max[r] {
+                            run_sum[r] *= (run_max[r] - rmax).exp_fast();
+                            run_max[r] = rmax;
+                        }
+                        let sh = run_max[r];
+                        run_sum[r] += exp_sum(t, &mj[..cols], sh);
+                    }
+                    if want_cols {
+                        let (cm, cs) = (&mut cmax[j0..j0 + cols], &mut csum[j0..j0 + cols]);
+                        // New shift per column; a column with no valid row yet keeps shift 0
+                        // so that no −∞ − (−∞) appears.
+                        for q in 0..cols {
+                            let nm = cm[q].fmax(tmax[q]);
+                            let sh = if nm == T::NEG_INFINITY { T::ZERO } else { nm };
+                            cs[q] *= (cm[q] - sh).exp_fast();
+                            cm[q] = nm;
+                            tmax[q] = sh;
+                        }
+                        for r in 0..rows {
+                            let t = &tile[r * TC..r * TC + cols];
+                            let mr = mi[r];
+                            for q in 0..cols {
+                                cs[q] += (t[q] + mr - tmax[q]).exp_fast();
+                            }
+                        }
                     }
                 }
-                let mut tail = T::ZERO;
-                for v in it.remainder() {
-                    tail += (*v - mx).exp_fast();
+                for r in 0..rows {
+                    out[r0 + r] = if run_max[r] == T::NEG_INFINITY {
+                        T::NEG_INFINITY
+                    } else {
+                        run_max[r] + run_sum[r].ln()
+                    };
                 }
-                run_sum[r] += crate::real::sum(&acc) + tail;
             }
+        });
+    if let Some(lse_y) = lse_y {
+        lse_y.par_chunks_mut(TC).enumerate().for_each(|(c, out)| {
+            for (k, o) in out.iter_mut().enumerate() {
+                let j = c * TC + k;
+                let mut mx = T::NEG_INFINITY;
+                for b in 0..nblocks {
+                    mx = mx.fmax(pmax[b * m + j]);
+                }
+                *o = if mx == T::NEG_INFINITY {
+                    T::NEG_INFINITY
+                } else {
+                    let mut s = T::ZERO;
+                    for b in 0..nblocks {
+                        s += psum[b * m + j] * (pmax[b * m + j] - mx).exp_fast();
+                    }
+                    mx + s.ln()
+                };
+            }
+        });
+    }
+}
+
+/// Rows per task block: a multiple of `TR`, large enough that there are at most `MAX_BLOCKS`.
+fn block_rows(n: usize) -> usize {
+    let tiles = n.div_ceil(TR).max(1);
+    tiles.div_ceil(MAX_BLOCKS) * TR
+}
+
+/// `Σ_q exp(t[q] + mask[q] − shift)` with a fixed 8-lane summation order.
+#[inline(always)]
+fn exp_sum<T: Real>(t: &[T], mask: &[T], shift: T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let mut it = t.chunks_exact(LANES);
+    let mut im = mask.chunks_exact(LANES);
+    for (ch, mk) in (&mut it).zip(&mut im) {
+        for l in 0..LANES {
+            acc[l] += (ch[l] + mk[l] - shift).exp_fast();
         }
-        for r in 0..rows {
-            out[r] = if run_max[r] == T::NEG_INFINITY {
-                T::NEG_INFINITY
-            } else {
-                run_max[r] + run_sum[r].ln()
-            };
-        }
-    });
+    }
+    let mut tail = T::ZERO;
+    for (v, mk) in it.remainder().iter().zip(im.remainder()) {
+        tail += (*v + *mk - shift).exp_fast();
+    }
+    crate::real::sum(&acc) + tail
 }
 
 #[allow(clippy::needless_range_loop)]
@@ -293,13 +416,13 @@ fn grad_pass<T: Real>(
         let rows = acc.len() / d;
         acc.fill(T::ZERO);
         let xs = &x[i0 * d..(i0 + rows) * d];
-        let mut tile = vec![T::ZERO; RB * CB];
-        for j0 in (0..m).step_by(CB) {
-            let cols = CB.min(m - j0);
+        let mut tile = vec![T::ZERO; TR * TC];
+        for j0 in (0..m).step_by(TC) {
+            let cols = TC.min(m - j0);
             dot_tile(xs, &y[j0 * d..(j0 + cols) * d], d, rows, cols, &mut tile);
             for r in 0..rows {
                 let i = i0 + r;
-                let t = &mut tile[r * CB..r * CB + cols];
+                let t = &mut tile[r * TC..r * TC + cols];
                 if w[i] == T::ZERO {
                     t.fill(T::ZERO);
                     continue;
@@ -356,118 +479,105 @@ fn grad_pass<T: Real>(
     });
 }
 
-/// `tile[r*CB + q] = x_r · y_q` for `rows` rows of `xs` and `cols` rows of `ys` (both `[·, d]`).
-///
-/// Built for baseline x86-64 (SSE2). A `#[target_feature(enable = "avx2")]` wrapper around the
-/// generic body measured 5× slower here (the generic closures inside were not inlined into
-/// it), so runtime AVX2 dispatch is left for a hand-specialised f32/f64 microkernel.
+/// `tile[r*TC + q] = x_r · y_q` for `rows` rows of `xs` and `cols` rows of `ys` (both `[·, d]`):
+/// one GEMM (matrixmultiply, which picks AVX-512/AVX2+FMA kernels at run time). Its summation
+/// order depends only on the shapes, so results do not depend on the thread count.
 fn dot_tile<T: Real>(xs: &[T], ys: &[T], d: usize, rows: usize, cols: usize, tile: &mut [T]) {
-    dot_tile_generic(xs, ys, d, rows, cols, tile)
-}
-
-/// Register-blocked: 4 rows × 2 columns share every load, each dot product with a fixed
-/// 8-lane summation order.
-#[inline(always)]
-fn dot_tile_generic<T: Real>(
-    xs: &[T],
-    ys: &[T],
-    d: usize,
-    rows: usize,
-    cols: usize,
-    tile: &mut [T],
-) {
-    const MR: usize = 4;
-    const NR: usize = 2;
-    let full = d - d % LANES;
-    let mut r = 0;
-    while r < rows {
-        let mr = MR.min(rows - r);
-        let mut q = 0;
-        while q < cols {
-            let nr = NR.min(cols - q);
-            if mr == MR && nr == NR {
-                let xr: [&[T]; MR] = std::array::from_fn(|u| &xs[(r + u) * d..(r + u + 1) * d]);
-                let yr: [&[T]; NR] = std::array::from_fn(|v| &ys[(q + v) * d..(q + v + 1) * d]);
-                let mut acc = [[[T::ZERO; LANES]; NR]; MR];
-                let mut p = 0;
-                while p < full {
-                    // Fixed-size chunks: no bounds checks inside, so the lanes vectorise.
-                    let xc: [&[T; LANES]; MR] =
-                        std::array::from_fn(|u| xr[u][p..p + LANES].try_into().unwrap());
-                    let yc: [&[T; LANES]; NR] =
-                        std::array::from_fn(|v| yr[v][p..p + LANES].try_into().unwrap());
-                    for u in 0..MR {
-                        for v in 0..NR {
-                            for l in 0..LANES {
-                                acc[u][v][l] += xc[u][l] * yc[v][l];
-                            }
-                        }
-                    }
-                    p += LANES;
-                }
-                for u in 0..MR {
-                    for v in 0..NR {
-                        let a = acc[u][v];
-                        let mut s = T::ZERO;
-                        for k in full..d {
-                            s += xr[u][k] * yr[v][k];
-                        }
-                        tile[(r + u) * CB + q + v] =
-                            (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) + s;
-                    }
-                }
-            } else {
-                for u in 0..mr {
-                    for v in 0..nr {
-                        tile[(r + u) * CB + q + v] = crate::real::dot(
-                            &xs[(r + u) * d..(r + u + 1) * d],
-                            &ys[(q + v) * d..(q + v + 1) * d],
-                        );
-                    }
-                }
-            }
-            q += nr;
-        }
-        r += mr;
+    assert!(xs.len() >= rows * d && ys.len() >= cols * d && tile.len() >= (rows - 1) * TC + cols);
+    // SAFETY: the bounds above cover every element the strides reach.
+    unsafe {
+        gemm(
+            rows,
+            d,
+            cols,
+            xs.as_ptr(),
+            d as isize,
+            1,
+            ys.as_ptr(),
+            1,
+            d as isize,
+            T::ZERO,
+            tile.as_mut_ptr(),
+            TC as isize,
+        )
     }
 }
 
-/// `acc[r] += Σ_q tile[r*CB + q] · y_q` for the tile's rows.
+/// `acc[r] += Σ_q tile[r*TC + q] · y_q` for the tile's rows: one GEMM.
 fn accumulate<T: Real>(tile: &[T], ys: &[T], d: usize, rows: usize, cols: usize, acc: &mut [T]) {
-    accumulate_generic(tile, ys, d, rows, cols, acc)
+    assert!(tile.len() >= (rows - 1) * TC + cols && ys.len() >= cols * d && acc.len() >= rows * d);
+    // SAFETY: as in `dot_tile`.
+    unsafe {
+        gemm(
+            rows,
+            cols,
+            d,
+            tile.as_ptr(),
+            TC as isize,
+            1,
+            ys.as_ptr(),
+            d as isize,
+            1,
+            T::ONE,
+            acc.as_mut_ptr(),
+            d as isize,
+        )
+    }
 }
 
-#[inline(always)]
-fn accumulate_generic<T: Real>(
-    tile: &[T],
-    ys: &[T],
-    d: usize,
-    rows: usize,
-    cols: usize,
-    acc: &mut [T],
+/// C (m×n, row stride `rsc`) = A (m×k) · B (k×n) + beta · C, for f32 or f64.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm<T: Real>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+    b: *const T,
+    rsb: isize,
+    csb: isize,
+    beta: T,
+    c: *mut T,
+    rsc: isize,
 ) {
-    for r in 0..rows {
-        let ar = &mut acc[r * d..(r + 1) * d];
-        let t = &tile[r * CB..r * CB + cols];
-        // Two columns per sweep over the accumulator row halves its loads and stores.
-        let mut q = 0;
-        while q + 2 <= cols {
-            let (c0, c1) = (t[q], t[q + 1]);
-            if c0 != T::ZERO || c1 != T::ZERO {
-                let y0 = &ys[q * d..(q + 1) * d];
-                let y1 = &ys[(q + 1) * d..(q + 2) * d];
-                for k in 0..d {
-                    ar[k] += c0 * y0[k] + c1 * y1[k];
-                }
-            }
-            q += 2;
-        }
-        if q < cols && t[q] != T::ZERO {
-            let c0 = t[q];
-            for (a, yv) in ar.iter_mut().zip(&ys[q * d..(q + 1) * d]) {
-                *a += c0 * *yv;
-            }
-        }
+    use std::any::TypeId;
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a as *const f32,
+            rsa,
+            csa,
+            b as *const f32,
+            rsb,
+            csb,
+            beta.to_f64() as f32,
+            c as *mut f32,
+            rsc,
+            1,
+        )
+    } else if TypeId::of::<T>() == TypeId::of::<f64>() {
+        matrixmultiply::dgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a as *const f64,
+            rsa,
+            csa,
+            b as *const f64,
+            rsb,
+            csb,
+            beta.to_f64(),
+            c as *mut f64,
+            rsc,
+            1,
+        )
+    } else {
+        unreachable!("Real is implemented for f32 and f64 only")
     }
 }
 
