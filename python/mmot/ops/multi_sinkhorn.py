@@ -121,8 +121,10 @@ def _anchor_mass(scores: Tensor, anchor_mass, total_rows: int) -> Tensor:
     return _checks.mass_shape(OP, "anchor_mass", anchor_mass, scores, shape, "K").to(dtype).contiguous()
 
 
-def _check_values(scores: Tensor, anchor_mass: Tensor, total_rows: int) -> None:
-    _checks.finite(OP, "scores", scores)
+def _check_values(scores: Tensor, anchor_mass: Tensor, total_rows: int, finite: bool = True) -> None:
+    # The Rust kernel checks finiteness itself, in its column-statistics pass (finite=False).
+    if finite:
+        _checks.finite(OP, "scores", scores)
     _checks.positive_masses(OP, "anchor_mass", anchor_mass, float(total_rows), f"N = {total_rows}")
 
 
@@ -149,6 +151,7 @@ def _forward_rust(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize,
         normalize,
         log_domain,
         _dispatch.num_threads(),
+        _checks.value_checks_enabled(),
     )
     return out.view(scores.shape).to(scores.dtype)
 
@@ -181,8 +184,8 @@ def multi_sinkhorn_op(
 
 @multi_sinkhorn_op.register_kernel(("cpu", "cuda"))
 def _multi_sinkhorn_kernel(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain, backend):
-    _check_values(scores, anchor_mass, scores.shape[-2])
     run = _forward_torch if scores.numel() == 0 else _FORWARD[backend]
+    _check_values(scores, anchor_mass, scores.shape[-2], finite=run is not _forward_rust)
     return run(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
 
 

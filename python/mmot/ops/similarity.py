@@ -62,9 +62,11 @@ def _output_shape(x: Tensor, y: Tensor) -> tuple[int, ...]:
     return tuple(torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])) + (x.shape[-2], y.shape[-2])
 
 
-def _check_values(x: Tensor, y: Tensor) -> None:
-    _checks.finite(OP, "x", x)
-    _checks.finite(OP, "y", y)
+def _check_values(x: Tensor, y: Tensor, finite: bool = True) -> None:
+    # The Rust kernel checks finiteness itself, in its row-norm pass (finite=False).
+    if finite:
+        _checks.finite(OP, "x", x)
+        _checks.finite(OP, "y", y)
 
 
 def _forward_torch(x, y, normalize, scale):
@@ -92,6 +94,7 @@ def _forward_rust(x, y, normalize, scale):
         normalize,
         scale,
         _dispatch.num_threads(),
+        _checks.value_checks_enabled(),
     )
     return out.view(shape).to(x.dtype)
 
@@ -114,8 +117,8 @@ def similarity_op(x: Tensor, y: Tensor, normalize: bool, scale: float, backend: 
 
 @similarity_op.register_kernel(("cpu", "cuda"))
 def _similarity_kernel(x, y, normalize, scale, backend):
-    _check_values(x, y)
     run = _forward_torch if x.numel() == 0 or y.numel() == 0 else _FORWARD[backend]
+    _check_values(x, y, finite=run is not _forward_rust)
     return run(x, y, normalize, scale)
 
 

@@ -82,58 +82,84 @@ pub(crate) fn reduce_partials<T: Real>(partials: &[T], nch: usize, acc: &mut [T]
     }
 }
 
-/// Per-column max and min of one problem's `[n, k]` scores, written to `cmax`/`cmin`.
-pub(crate) fn col_range<T: Real>(s: &[T], n: usize, k: usize, cmax: &mut [T], cmin: &mut [T]) {
+/// Per-column max and min of one problem's `[n, k]` scores, written to `cmax`/`cmin`. Returns
+/// whether every element is finite (`x - x` is 0 for a finite `x` and NaN otherwise, and NaN
+/// survives a sum; the extra add rides along with the max/min in the same pass).
+#[allow(clippy::eq_op)]
+pub(crate) fn col_range<T: Real>(
+    s: &[T],
+    n: usize,
+    k: usize,
+    cmax: &mut [T],
+    cmin: &mut [T],
+) -> bool {
     let rpc = rows_per_chunk(k);
     let nch = n_chunks(n, rpc);
-    let one = |rows: &[T], mx: &mut [T], mn: &mut [T]| {
-        mx.fill(T::NEG_INFINITY);
-        mn.fill(T::INFINITY);
-        for row in rows.chunks_exact(k) {
-            for j in 0..k {
-                mx[j] = mx[j].fmax(row[j]);
-                mn[j] = mn[j].fmin(row[j]);
-            }
-        }
+    let one = |rows: &[T], mx: &mut [T], mn: &mut [T], nf: &mut [T]| {
+        crate::simd::dispatch(
+            #[inline(always)]
+            || {
+                mx.fill(T::NEG_INFINITY);
+                mn.fill(T::INFINITY);
+                nf.fill(T::ZERO);
+                for row in rows.chunks_exact(k) {
+                    let row = &row[..k];
+                    let (mx, mn, nf) = (&mut mx[..k], &mut mn[..k], &mut nf[..k]);
+                    for j in 0..k {
+                        let x = row[j];
+                        mx[j] = mx[j].fmax(x);
+                        mn[j] = mn[j].fmin(x);
+                        nf[j] += x - x;
+                    }
+                }
+            },
+        )
     };
+    let finite = |nf: &[T]| nf.iter().all(|v| *v == T::ZERO);
     if nch <= 1 {
-        one(s, cmax, cmin);
-        return;
+        let mut nf = vec![T::ZERO; k];
+        one(s, cmax, cmin, &mut nf);
+        return finite(&nf);
     }
-    let mut parts = vec![T::ZERO; nch * 2 * k];
+    let mut parts = vec![T::ZERO; nch * 3 * k];
     s.par_chunks(rpc * k)
-        .zip(parts.par_chunks_mut(2 * k))
+        .zip(parts.par_chunks_mut(3 * k))
         .for_each(|(rows, p)| {
-            let (mx, mn) = p.split_at_mut(k);
-            one(rows, mx, mn)
+            let (mx, rest) = p.split_at_mut(k);
+            let (mn, nf) = rest.split_at_mut(k);
+            one(rows, mx, mn, nf)
         });
     cmax.fill(T::NEG_INFINITY);
     cmin.fill(T::INFINITY);
-    for p in parts.chunks_exact(2 * k) {
+    let mut ok = true;
+    for p in parts.chunks_exact(3 * k) {
         for j in 0..k {
             cmax[j] = cmax[j].fmax(p[j]);
             cmin[j] = cmin[j].fmin(p[k + j]);
         }
+        ok &= finite(&p[2 * k..]);
     }
+    ok
 }
 
 /// Column statistics for a batch `[b, n, k]`: fills `cmax` (`[b, k]`) and returns the largest
-/// column range max_n S - min_n S over the batch (as f64; NaN if the input has NaN).
+/// column range max_n S - min_n S over the batch (as f64; NaN if the input has NaN) and whether
+/// every element is finite.
 pub(crate) fn batch_col_stats<T: Real>(
     s: &[T],
     b: usize,
     n: usize,
     k: usize,
     cmax: &mut [T],
-) -> f64 {
+) -> (f64, bool) {
     s.par_chunks(n * k)
         .zip(cmax.par_chunks_mut(k))
         .take(b)
         .map_init(
             || vec![T::ZERO; k],
             |cmin, (sp, mx)| {
-                col_range(sp, n, k, mx, cmin);
-                let mut r = 0.0f64;
+                let ok = col_range(sp, n, k, mx, cmin);
+                let mut r = if ok { 0.0f64 } else { f64::NAN };
                 for j in 0..k {
                     let d = (mx[j] - cmin[j]).to_f64();
                     // propagate NaN: NaN never compares greater
@@ -143,17 +169,25 @@ pub(crate) fn batch_col_stats<T: Real>(
                         r = d;
                     }
                 }
-                r
+                (r, ok)
             },
         )
         .reduce(
-            || 0.0,
-            |a, b| {
-                if a.is_nan() || b.is_nan() {
+            || (0.0, true),
+            |(a, oa), (b, ob)| {
+                let r = if a.is_nan() || b.is_nan() {
                     f64::NAN
                 } else {
                     a.max(b)
-                }
+                };
+                (r, oa && ob)
             },
         )
+}
+
+/// The error a kernel returns for a non-finite input when asked to check.
+pub(crate) fn not_finite(name: &str) -> crate::error::MmotError {
+    crate::error::MmotError::InvalidArgument(format!(
+        "argument '{name}' must be finite; found NaN or Inf"
+    ))
 }

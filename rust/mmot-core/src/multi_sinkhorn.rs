@@ -18,7 +18,9 @@
 //! normalised slot values are bounded below (by roughly `r_a / (K² N)`), so, as in `sinkhorn`,
 //! no column log-sum-exp is needed.
 
-use crate::chunks::{batch_col_stats, n_chunks, reduce_partials, rows_per_chunk, run_pass};
+use crate::chunks::{
+    batch_col_stats, n_chunks, not_finite, reduce_partials, rows_per_chunk, run_pass,
+};
 use crate::domain::{use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, MmotError, Result};
 use crate::real::{max, min, sum, Real, LANES};
@@ -123,13 +125,33 @@ pub fn multi_sinkhorn<T: Real>(
     kk: usize,
     params: &MultiSinkhornParams,
 ) -> Result<bool> {
+    multi_sinkhorn_checked(scores, anchor_mass, out, b, n, kk, params, false)
+}
+
+/// [`multi_sinkhorn`], and with `check_finite` an error (not a result) for NaN or Inf in
+/// `scores`, found in the column-statistics pass the kernel makes anyway.
+#[allow(clippy::too_many_arguments)]
+pub fn multi_sinkhorn_checked<T: Real>(
+    scores: &[T],
+    anchor_mass: &[T],
+    out: &mut [T],
+    b: usize,
+    n: usize,
+    kk: usize,
+    params: &MultiSinkhornParams,
+    check_finite: bool,
+) -> Result<bool> {
     check_args(scores, anchor_mass, out, b, n, kk, params)?;
     let groups = Groups::<T>::new(&params.slot_weights, params.k);
     if b * n == 0 {
         return Ok(use_log_domain::<T>(params.log_domain, 0.0));
     }
     let mut cmax = vec![T::ZERO; b * kk];
-    let range = batch_col_stats(scores, b, n, kk, &mut cmax) * groups.w_max / params.eps;
+    let (range, finite) = batch_col_stats(scores, b, n, kk, &mut cmax);
+    if check_finite && !finite {
+        return Err(not_finite("scores"));
+    }
+    let range = range * groups.w_max / params.eps;
     let log = use_log_domain::<T>(params.log_domain, range);
     let p = Problem {
         n,
@@ -266,6 +288,8 @@ impl<T: Real> Problem<T> {
             k,
             #[inline(always)]
             |rows, st, _o, p, lrow| {
+                // Re-sliced to exact lengths so that the loops carry no bounds checks.
+                let (p, lrow, cmax) = (&mut p[..gk], &mut lrow[..k], &cmax[..k]);
                 p.fill(T::ZERO);
                 for (i, row) in rows.enumerate() {
                     let srow = &s[row * k..(row + 1) * k];
@@ -674,7 +698,7 @@ pub fn multi_sinkhorn_backward<T: Real>(
         return Ok(use_log_domain::<T>(params.log_domain, 0.0));
     }
     let mut cmax = vec![T::ZERO; b * kk];
-    let range = batch_col_stats(scores, b, n, kk, &mut cmax) * groups.w_max / params.eps;
+    let range = batch_col_stats(scores, b, n, kk, &mut cmax).0 * groups.w_max / params.eps;
     let log = use_log_domain::<T>(params.log_domain, range);
     if groups.w.len() == 1 {
         // One group: g makes every slot value 1/c, so T = t/K whatever the scores.

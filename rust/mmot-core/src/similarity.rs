@@ -5,6 +5,7 @@
 //! broadcast is resolved by the caller into index vectors, so one output problem may reuse the
 //! same `x` or `y` problem many times without copies.
 
+use crate::chunks::not_finite;
 use crate::error::{check_len, MmotError, Result};
 use crate::real::{Real, LANES};
 use rayon::prelude::*;
@@ -35,6 +36,29 @@ pub fn similarity<T: Real>(
     normalize: bool,
     scale: f64,
 ) -> Result<()> {
+    similarity_checked(
+        x, y, x_index, y_index, out, bx, n, by, m, d, normalize, scale, false,
+    )
+}
+
+/// [`similarity`], and with `check_finite` an error (not a result) for NaN or Inf in `x` or
+/// `y`, found in the row-norm pass (a pass of its own when `normalize` is off).
+#[allow(clippy::too_many_arguments, clippy::eq_op)]
+pub fn similarity_checked<T: Real>(
+    x: &[T],
+    y: &[T],
+    x_index: &[i64],
+    y_index: &[i64],
+    out: &mut [T],
+    bx: usize,
+    n: usize,
+    by: usize,
+    m: usize,
+    d: usize,
+    normalize: bool,
+    scale: f64,
+    check_finite: bool,
+) -> Result<()> {
     check_len("x", x.len(), bx * n * d, &format!("[{bx}, {n}, {d}]"))?;
     check_len("y", y.len(), by * m * d, &format!("[{by}, {m}, {d}]"))?;
     let bo = x_index.len();
@@ -52,27 +76,62 @@ pub fn similarity<T: Real>(
             )));
         }
     }
-    if out.is_empty() {
+    if out.is_empty() && !check_finite {
         return Ok(());
     }
     let sc = T::from_f64(scale);
-    let inv_norms = |a: &[T], rows: usize| -> Vec<T> {
-        if !normalize {
-            return vec![T::ONE; rows];
-        }
+    // Inverse row norms (all ones without `normalize`) and whether every element is finite
+    // (`v - v` is 0 for finite `v`, NaN otherwise; summed beside the squares in the same pass).
+    let inv_norms = |a: &[T], rows: usize| -> (Vec<T>, bool) {
         let tiny = T::from_f64(1e-12);
-        let mut v = vec![T::ZERO; rows];
-        v.par_chunks_mut(1024).enumerate().for_each(|(c, vs)| {
-            for (i, vi) in vs.iter_mut().enumerate() {
-                let r = c * 1024 + i;
-                let row = &a[r * d..(r + 1) * d];
-                *vi = T::ONE / crate::real::dot(row, row).sqrt().fmax(tiny);
-            }
-        });
-        v
+        let mut v = vec![T::ONE; rows];
+        if !normalize && !check_finite {
+            return (v, true);
+        }
+        let ok = v
+            .par_chunks_mut(1024)
+            .enumerate()
+            .map(|(c, vs)| {
+                crate::simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        let mut nf = [T::ZERO; LANES];
+                        for (i, vi) in vs.iter_mut().enumerate() {
+                            let r = c * 1024 + i;
+                            let row = &a[r * d..(r + 1) * d];
+                            if check_finite {
+                                let mut ch = row.chunks_exact(LANES);
+                                for q in &mut ch {
+                                    for l in 0..LANES {
+                                        nf[l] += q[l] - q[l];
+                                    }
+                                }
+                                for (l, q) in ch.remainder().iter().enumerate() {
+                                    nf[l] += *q - *q;
+                                }
+                            }
+                            if normalize {
+                                *vi = T::ONE / crate::real::dot(row, row).sqrt().fmax(tiny);
+                            }
+                        }
+                        nf.iter().all(|z| *z == T::ZERO)
+                    },
+                )
+            })
+            .reduce(|| true, |a, b| a && b);
+        (v, ok)
     };
-    let ix = inv_norms(x, bx * n);
-    let iy = inv_norms(y, by * m);
+    let (ix, okx) = inv_norms(x, bx * n);
+    let (iy, oky) = inv_norms(y, by * m);
+    if check_finite && !okx {
+        return Err(not_finite("x"));
+    }
+    if check_finite && !oky {
+        return Err(not_finite("y"));
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
 
     out.par_chunks_mut(n * m).enumerate().for_each(|(o, op)| {
         let xb = x_index[o] as usize;

@@ -15,7 +15,9 @@
 //! no per-column log-sum-exp bookkeeping, because after a row normalisation every column mass is
 //! bounded below by `col_mass * min(row_mass) / total`, so the sums cannot underflow.
 
-use crate::chunks::{batch_col_stats, n_chunks, reduce_partials, rows_per_chunk, run_pass};
+use crate::chunks::{
+    batch_col_stats, n_chunks, not_finite, reduce_partials, rows_per_chunk, run_pass,
+};
 use crate::domain::{use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, Result};
 use crate::real::{dot, max, sum, Real};
@@ -39,6 +41,27 @@ pub fn sinkhorn<T: Real>(
     n_iters: usize,
     log_domain: LogDomain,
 ) -> Result<bool> {
+    sinkhorn_checked(
+        scores, row_mass, col_mass, out, b, n, k, eps, n_iters, log_domain, false,
+    )
+}
+
+/// [`sinkhorn`], and with `check_finite` an error (not a result) for NaN or Inf in `scores`,
+/// found in the column-statistics pass the kernel makes anyway.
+#[allow(clippy::too_many_arguments)]
+pub fn sinkhorn_checked<T: Real>(
+    scores: &[T],
+    row_mass: &[T],
+    col_mass: &[T],
+    out: &mut [T],
+    b: usize,
+    n: usize,
+    k: usize,
+    eps: f64,
+    n_iters: usize,
+    log_domain: LogDomain,
+    check_finite: bool,
+) -> Result<bool> {
     let shape = format!("[{b}, {n}, {k}]");
     check_len("scores", scores.len(), b * n * k, &shape)?;
     check_len("out", out.len(), b * n * k, &shape)?;
@@ -48,8 +71,27 @@ pub fn sinkhorn<T: Real>(
     if b * n * k == 0 {
         return Ok(use_log_domain::<T>(log_domain, 0.0));
     }
+    if n * k <= SMALL {
+        return small::sinkhorn(
+            scores,
+            row_mass,
+            col_mass,
+            out,
+            b,
+            n,
+            k,
+            eps,
+            n_iters,
+            log_domain,
+            check_finite,
+        );
+    }
     let mut cmax = vec![T::ZERO; b * k];
-    let range = batch_col_stats(scores, b, n, k, &mut cmax) / eps;
+    let (range, finite) = batch_col_stats(scores, b, n, k, &mut cmax);
+    if check_finite && !finite {
+        return Err(not_finite("scores"));
+    }
+    let range = range / eps;
     let log = use_log_domain::<T>(log_domain, range);
     let p = Problem {
         n,
@@ -71,6 +113,9 @@ pub fn sinkhorn<T: Real>(
         });
     Ok(log)
 }
+
+/// Problems of at most this many elements take the small-problem path ([`small`]).
+const SMALL: usize = 1024;
 
 struct Problem<T> {
     n: usize,
@@ -145,6 +190,9 @@ impl<T: Real> Problem<T> {
             0,
             #[inline(always)]
             |rows, _u, o, p, _| {
+                // Re-sliced to exactly k so that the loops carry no bounds checks and vectorise.
+                let p = &mut p[..k];
+                let cmax = &cmax[..k];
                 p.fill(T::ZERO);
                 for (i, row) in rows.enumerate() {
                     let srow = &s[row * k..(row + 1) * k];
@@ -185,6 +233,8 @@ impl<T: Real> Problem<T> {
                 0,
                 #[inline(always)]
                 |rows, u, o, p, _| {
+                    let p = &mut p[..k];
+                    let vr = &vr[..k];
                     p.fill(T::ZERO);
                     let row0 = rows.start;
                     for (i, row) in rows.enumerate() {
@@ -254,6 +304,8 @@ impl<T: Real> Problem<T> {
             0,
             #[inline(always)]
             |rows, a, _o, p, _| {
+                let p = &mut p[..k];
+                let cmax = &cmax[..k];
                 p.fill(T::ZERO);
                 a.fill(T::ZERO);
                 for row in rows {
@@ -291,6 +343,7 @@ impl<T: Real> Problem<T> {
                 k,
                 #[inline(always)]
                 |rows, a, o, p, t| {
+                    let (p, t, cmax, br) = (&mut p[..k], &mut t[..k], &cmax[..k], &br[..k]);
                     p.fill(T::ZERO);
                     let row0 = rows.start;
                     for (i, row) in rows.enumerate() {
@@ -387,7 +440,7 @@ pub fn sinkhorn_backward<T: Real>(
         return Ok(use_log_domain::<T>(log_domain, 0.0));
     }
     let mut cmax = vec![T::ZERO; b * k];
-    let range = batch_col_stats(scores, b, n, k, &mut cmax) / eps;
+    let range = batch_col_stats(scores, b, n, k, &mut cmax).0 / eps;
     let log = use_log_domain::<T>(log_domain, range);
     let p = Problem {
         n,
@@ -573,6 +626,226 @@ impl<T: Real> Problem<T> {
             );
             if row_step {
                 reduce_partials(partials, nch, acc);
+            }
+        }
+    }
+}
+
+/// The small-problem path: batches of many problems of at most [`SMALL`] elements (DESIGN.md
+/// §2.6). One problem at a time per worker, all per-problem state in fixed-size stack arrays,
+/// no chunk bookkeeping and no heap allocation per problem; rayon splits the batch into fixed
+/// runs of [`small::PER_TASK`] problems. Each problem is computed with exactly the operations
+/// (and summation order) of the streaming path for a single row chunk, which is what a problem
+/// of at most `SMALL` elements always is there, so both paths give bitwise identical results.
+mod small {
+    use super::SMALL;
+    use crate::chunks::not_finite;
+    use crate::domain::{use_log_domain, LogDomain};
+    use crate::error::Result;
+    use crate::real::{dot, max, sum, Real};
+    use rayon::prelude::*;
+
+    /// Problems per rayon task: fixed, so results do not depend on the thread count.
+    pub(super) const PER_TASK: usize = 64;
+
+    #[allow(clippy::too_many_arguments, clippy::eq_op)]
+    pub(super) fn sinkhorn<T: Real>(
+        scores: &[T],
+        row_mass: &[T],
+        col_mass: &[T],
+        out: &mut [T],
+        b: usize,
+        n: usize,
+        k: usize,
+        eps: f64,
+        n_iters: usize,
+        log_domain: LogDomain,
+        check_finite: bool,
+    ) -> Result<bool> {
+        let nk = n * k;
+        // Column maxima of every problem, the largest column range and finiteness.
+        let mut cmax = vec![T::ZERO; b * k];
+        let (range, finite) = scores
+            .par_chunks(PER_TASK * nk)
+            .zip(cmax.par_chunks_mut(PER_TASK * k))
+            .map(|(sc, cm)| {
+                crate::simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        let mut range = 0.0f64;
+                        let mut nf = T::ZERO;
+                        for (s, mx) in sc.chunks_exact(nk).zip(cm.chunks_exact_mut(k)) {
+                            let mx = &mut mx[..k];
+                            let mut mn = [T::INFINITY; SMALL];
+                            let mut nfj = [T::ZERO; SMALL];
+                            let (mn, nfj) = (&mut mn[..k], &mut nfj[..k]);
+                            mx.fill(T::NEG_INFINITY);
+                            for row in s.chunks_exact(k) {
+                                let row = &row[..k];
+                                for j in 0..k {
+                                    let x = row[j];
+                                    mx[j] = mx[j].fmax(x);
+                                    mn[j] = mn[j].fmin(x);
+                                    nfj[j] += x - x;
+                                }
+                            }
+                            for j in 0..k {
+                                nf += nfj[j];
+                                let d = (mx[j] - mn[j]).to_f64();
+                                if d > range {
+                                    range = d;
+                                }
+                            }
+                        }
+                        (range, nf == T::ZERO)
+                    },
+                )
+            })
+            .reduce(|| (0.0, true), |(a, oa), (b, ob)| (a.max(b), oa && ob));
+        if check_finite && !finite {
+            return Err(not_finite("scores"));
+        }
+        // A non-finite input goes to the log domain, as on the streaming path.
+        let range = if finite { range / eps } else { f64::NAN };
+        let log = use_log_domain::<T>(log_domain, range);
+        let inv_eps = T::from_f64(1.0 / eps);
+        out.par_chunks_mut(PER_TASK * nk)
+            .zip(scores.par_chunks(PER_TASK * nk))
+            .zip(row_mass.par_chunks(PER_TASK * n))
+            .zip(col_mass.par_chunks(PER_TASK * k))
+            .zip(cmax.par_chunks(PER_TASK * k))
+            .for_each(|((((o, s), r), c), cm)| {
+                crate::simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        let probs = o
+                            .chunks_exact_mut(nk)
+                            .zip(s.chunks_exact(nk))
+                            .zip(r.chunks_exact(n))
+                            .zip(c.chunks_exact(k))
+                            .zip(cm.chunks_exact(k));
+                        for ((((o, s), r), c), cm) in probs {
+                            if log {
+                                solve_log(s, r, c, cm, o, n, k, inv_eps, n_iters);
+                            } else {
+                                solve_plain(s, r, c, cm, o, n, k, inv_eps, n_iters);
+                            }
+                        }
+                    },
+                )
+            });
+        Ok(log)
+    }
+
+    /// [`super::Problem::solve_plain`] for one small problem; `E` is cached in `out`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn solve_plain<T: Real>(
+        s: &[T],
+        r: &[T],
+        c: &[T],
+        cmax: &[T],
+        o: &mut [T],
+        n: usize,
+        k: usize,
+        inv_eps: T,
+        n_iters: usize,
+    ) {
+        let (s, o, r, c, cmax) = (&s[..n * k], &mut o[..n * k], &r[..n], &c[..k], &cmax[..k]);
+        let mut acc = [T::ZERO; SMALL];
+        let mut v = [T::ZERO; SMALL];
+        let (acc, v) = (&mut acc[..k], &mut v[..k]);
+        for (srow, orow) in s.chunks_exact(k).zip(o.chunks_exact_mut(k)) {
+            let (srow, orow) = (&srow[..k], &mut orow[..k]);
+            for j in 0..k {
+                let e = ((srow[j] - cmax[j]) * inv_eps).exp_fast();
+                orow[j] = e;
+                acc[j] += e;
+            }
+        }
+        for j in 0..k {
+            v[j] = c[j] / acc[j];
+        }
+        for it in 0..n_iters {
+            let last = it + 1 == n_iters;
+            acc.fill(T::ZERO);
+            for (orow, &rn) in o.chunks_exact_mut(k).zip(r) {
+                let orow = &mut orow[..k];
+                let un = rn / dot(orow, v);
+                if last {
+                    for j in 0..k {
+                        orow[j] = orow[j] * v[j] * un;
+                    }
+                } else {
+                    for j in 0..k {
+                        acc[j] += orow[j] * un;
+                    }
+                }
+            }
+            if !last {
+                for j in 0..k {
+                    v[j] = c[j] / acc[j];
+                }
+            }
+        }
+    }
+
+    /// [`super::Problem::solve_log`] for one small problem.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn solve_log<T: Real>(
+        s: &[T],
+        r: &[T],
+        c: &[T],
+        cmax: &[T],
+        o: &mut [T],
+        n: usize,
+        k: usize,
+        inv_eps: T,
+        n_iters: usize,
+    ) {
+        let (s, o, r, c, cmax) = (&s[..n * k], &mut o[..n * k], &r[..n], &c[..k], &cmax[..k]);
+        let mut acc = [T::ZERO; SMALL];
+        let mut bpot = [T::ZERO; SMALL];
+        let mut t = [T::ZERO; SMALL];
+        let (acc, bpot, t) = (&mut acc[..k], &mut bpot[..k], &mut t[..k]);
+        for srow in s.chunks_exact(k) {
+            let srow = &srow[..k];
+            for j in 0..k {
+                acc[j] += ((srow[j] - cmax[j]) * inv_eps).exp_fast();
+            }
+        }
+        for j in 0..k {
+            bpot[j] = c[j].ln() - acc[j].ln();
+        }
+        for it in 0..n_iters {
+            let last = it + 1 == n_iters;
+            acc.fill(T::ZERO);
+            for ((srow, orow), &rn) in s.chunks_exact(k).zip(o.chunks_exact_mut(k)).zip(r) {
+                let (srow, orow) = (&srow[..k], &mut orow[..k]);
+                for j in 0..k {
+                    t[j] = (srow[j] - cmax[j]) * inv_eps + bpot[j];
+                }
+                let m = max(t);
+                for tj in t.iter_mut() {
+                    *tj = (*tj - m).exp_fast();
+                }
+                let z = sum(t);
+                let scale = rn / z;
+                if last {
+                    for j in 0..k {
+                        orow[j] = t[j] * scale;
+                    }
+                } else {
+                    for j in 0..k {
+                        acc[j] += t[j] * scale;
+                    }
+                }
+            }
+            if !last {
+                for j in 0..k {
+                    bpot[j] += (c[j] / acc[j]).ln();
+                }
             }
         }
     }

@@ -37,7 +37,7 @@ fn check_iters(n_iters: i64) -> PyResult<usize> {
 /// domain was used.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (scores, row_mass, col_mass, out, eps, n_iters, log_domain, num_threads))]
+#[pyo3(signature = (scores, row_mass, col_mass, out, eps, n_iters, log_domain, num_threads, check_finite=false))]
 fn sinkhorn(
     py: Python<'_>,
     scores: &Bound<'_, PyAny>,
@@ -48,6 +48,7 @@ fn sinkhorn(
     n_iters: i64,
     log_domain: &str,
     num_threads: i64,
+    check_finite: bool,
 ) -> PyResult<bool> {
     let mode: LogDomain = log_domain.parse().map_err(to_py)?;
     let n_iters = check_iters(n_iters)?;
@@ -62,6 +63,7 @@ fn sinkhorn(
             n_iters,
             mode,
             num_threads,
+            check_finite,
         ),
         Dtype::F64 => sinkhorn_t::<f64>(
             py,
@@ -73,6 +75,7 @@ fn sinkhorn(
             n_iters,
             mode,
             num_threads,
+            check_finite,
         ),
     }
 }
@@ -88,6 +91,7 @@ fn sinkhorn_t<T: Element + Real>(
     n_iters: usize,
     mode: LogDomain,
     num_threads: i64,
+    check_finite: bool,
 ) -> PyResult<bool> {
     let s = ro::<T, D3>(scores, "scores")?;
     let r = ro::<T, D2>(row_mass, "row_mass")?;
@@ -104,8 +108,12 @@ fn sinkhorn_t<T: Element + Real>(
     );
     let os = slice_mut(&mut o, "out")?;
     let pool = pool::get(num_threads)?;
-    py.detach(|| pool.install(|| mmot_core::sinkhorn(ss, rs, cs, os, b, n, k, eps, n_iters, mode)))
-        .map_err(to_py)
+    py.detach(|| {
+        pool.install(|| {
+            mmot_core::sinkhorn_checked(ss, rs, cs, os, b, n, k, eps, n_iters, mode, check_finite)
+        })
+    })
+    .map_err(to_py)
 }
 
 /// Vector-Jacobian product of `sinkhorn` w.r.t. `scores`: `grad` `[B, N, K]` in, `out` the
@@ -180,7 +188,7 @@ fn sinkhorn_backward_t<T: Element + Real>(
 /// Returns whether the log domain was used.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (scores, anchor_mass, out, eps, n_iters, slot_weights, k, normalize, log_domain, num_threads))]
+#[pyo3(signature = (scores, anchor_mass, out, eps, n_iters, slot_weights, k, normalize, log_domain, num_threads, check_finite=false))]
 fn multi_sinkhorn(
     py: Python<'_>,
     scores: &Bound<'_, PyAny>,
@@ -193,6 +201,7 @@ fn multi_sinkhorn(
     normalize: &str,
     log_domain: &str,
     num_threads: i64,
+    check_finite: bool,
 ) -> PyResult<bool> {
     let params = MultiSinkhornParams {
         eps,
@@ -204,8 +213,24 @@ fn multi_sinkhorn(
         log_domain: log_domain.parse::<LogDomain>().map_err(to_py)?,
     };
     match float_dtype(scores, "scores")? {
-        Dtype::F32 => multi_t::<f32>(py, scores, anchor_mass, out, &params, num_threads),
-        Dtype::F64 => multi_t::<f64>(py, scores, anchor_mass, out, &params, num_threads),
+        Dtype::F32 => multi_t::<f32>(
+            py,
+            scores,
+            anchor_mass,
+            out,
+            &params,
+            num_threads,
+            check_finite,
+        ),
+        Dtype::F64 => multi_t::<f64>(
+            py,
+            scores,
+            anchor_mass,
+            out,
+            &params,
+            num_threads,
+            check_finite,
+        ),
     }
 }
 
@@ -216,6 +241,7 @@ fn multi_t<T: Element + Real>(
     out: &Bound<'_, PyAny>,
     params: &MultiSinkhornParams,
     num_threads: i64,
+    check_finite: bool,
 ) -> PyResult<bool> {
     let s = ro::<T, D3>(scores, "scores")?;
     let r = ro::<T, D2>(anchor_mass, "anchor_mass")?;
@@ -226,8 +252,12 @@ fn multi_t<T: Element + Real>(
     let (ss, rs) = (slice(&s, "scores")?, slice(&r, "anchor_mass")?);
     let os = slice_mut(&mut o, "out")?;
     let pool = pool::get(num_threads)?;
-    py.detach(|| pool.install(|| mmot_core::multi_sinkhorn(ss, rs, os, b, n, kk, params)))
-        .map_err(to_py)
+    py.detach(|| {
+        pool.install(|| {
+            mmot_core::multi_sinkhorn_checked(ss, rs, os, b, n, kk, params, check_finite)
+        })
+    })
+    .map_err(to_py)
 }
 
 /// Vector-Jacobian product of `multi_sinkhorn` w.r.t. `scores` (through the min-max step).
@@ -312,7 +342,7 @@ fn multi_backward_t<T: Element + Real>(
 /// `out[o] = scale · x̂[x_index[o]] ŷ[y_index[o]]ᵀ` for `x` `[Bx, N, D]`, `y` `[By, M, D]`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (x, y, x_index, y_index, out, normalize, scale, num_threads))]
+#[pyo3(signature = (x, y, x_index, y_index, out, normalize, scale, num_threads, check_finite=false))]
 fn similarity(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
@@ -323,6 +353,7 @@ fn similarity(
     normalize: bool,
     scale: f64,
     num_threads: i64,
+    check_finite: bool,
 ) -> PyResult<()> {
     match float_dtype(x, "x")? {
         Dtype::F32 => similarity_t::<f32>(
@@ -335,6 +366,7 @@ fn similarity(
             normalize,
             scale,
             num_threads,
+            check_finite,
         ),
         Dtype::F64 => similarity_t::<f64>(
             py,
@@ -346,6 +378,7 @@ fn similarity(
             normalize,
             scale,
             num_threads,
+            check_finite,
         ),
     }
 }
@@ -361,6 +394,7 @@ fn similarity_t<T: Element + Real>(
     normalize: bool,
     scale: f64,
     num_threads: i64,
+    check_finite: bool,
 ) -> PyResult<()> {
     let xa = ro::<T, D3>(x, "x")?;
     let ya = ro::<T, D3>(y, "y")?;
@@ -383,7 +417,21 @@ fn similarity_t<T: Element + Real>(
     let pool = pool::get(num_threads)?;
     py.detach(|| {
         pool.install(|| {
-            mmot_core::similarity(xs, ys, xis, yis, os, bx, n, by, m, d, normalize, scale)
+            mmot_core::similarity_checked(
+                xs,
+                ys,
+                xis,
+                yis,
+                os,
+                bx,
+                n,
+                by,
+                m,
+                d,
+                normalize,
+                scale,
+                check_finite,
+            )
         })
     })
     .map_err(to_py)

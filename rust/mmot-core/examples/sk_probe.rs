@@ -1,0 +1,78 @@
+//! Probe of the SwAV-size and tiny-batch Sinkhorn kernels (no Python):
+//! `THREADS=2 cargo run --release --example sk_probe -p mmot-core`.
+use mmot_core::*;
+use std::time::Instant;
+
+fn main() {
+    let threads: usize = std::env::var("THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let mut rnd = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let time = |f: &mut dyn FnMut(), reps: usize| {
+        f();
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let (b, kp) = (4096usize, 3000usize);
+    let s2: Vec<f32> = (0..b * kp)
+        .map(|_| (rnd() * 2.0 - 1.0) as f32 * 0.5)
+        .collect();
+    let rr = vec![1f32; b];
+    let cc = vec![b as f32 / kp as f32; kp];
+    let mut o2 = vec![0f32; b * kp];
+    let mut o3 = vec![0f32; b * kp];
+    let mut small = Vec::new();
+    for &d in &[16usize, 4] {
+        let nb = 65536usize;
+        let s: Vec<f32> = (0..nb * d * d)
+            .map(|_| (rnd() * 2.0 - 1.0) as f32)
+            .collect();
+        small.push((d, nb, s));
+    }
+    pool.install(|| {
+        println!("simd level {:?}, {threads} thread(s)", simd::level());
+        let t = time(
+            &mut || {
+                o3.copy_from_slice(&s2);
+            },
+            10,
+        );
+        println!("copy 49 MB: {t:.2} ms");
+        let t = time(
+            &mut || {
+                sinkhorn(&s2, &rr, &cc, &mut o2, 1, b, kp, 0.05, 3, LogDomain::Auto).unwrap();
+            },
+            10,
+        );
+        println!("sinkhorn B={b} K={kp} fwd: {t:.2} ms");
+        for (d, nb, s) in &small {
+            let (d, nb) = (*d, *nb);
+            let r = vec![1f32; nb * d];
+            let c = vec![1f32; nb * d];
+            let mut o = vec![0f32; nb * d * d];
+            let t = time(
+                &mut || {
+                    sinkhorn(s, &r, &c, &mut o, nb, d, d, 0.05, 20, LogDomain::Auto).unwrap();
+                },
+                5,
+            );
+            println!("sinkhorn {nb}x({d}x{d}) 20 it: {t:.2} ms");
+        }
+    });
+}
