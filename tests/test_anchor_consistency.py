@@ -103,3 +103,104 @@ def test_bad_input_is_named(index):
         call()
     for word in words:
         assert word in str(info.value), f"{word!r} missing from: {info.value}"
+
+
+# --- Triton through the interpreter (TRITON_INTERPRET=1, set in conftest): tiny shapes only.
+
+triton = pytest.importorskip("triton")
+from mmot.kernels import anchor_consistency as triton_kernel  # noqa: E402
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    # 16 entries per program: the tiny inputs below span several programs and a ragged last one.
+    monkeypatch.setattr(triton_kernel, "FORCE_BLOCK", 16)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 9), (1,), (33,)])
+def test_triton_values_and_gradients_float64(small_blocks, shape):
+    sim = cosine(*shape, seed=11).requires_grad_(True)
+    target = cosine(*shape, seed=12).abs()
+    for temperature in (0.07, 0.3, 1.5):
+        got = mmot.anchor_consistency_loss(sim, target, temperature, backend="triton")
+        want = naive(sim, target, temperature)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        (grad,) = torch.autograd.grad(got, sim)
+        (want_grad,) = torch.autograd.grad(want, sim)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-13)
+
+
+def test_triton_gradcheck_upstream_grad_and_no_target_grad(small_blocks):
+    sim = cosine(6, 5, seed=13).requires_grad_(True)
+    target = cosine(6, 5, seed=14).abs().requires_grad_(True)
+    loss = mmot.anchor_consistency_loss(sim, target, 0.2, backend="triton")
+    (3.0 * loss).backward()
+    assert target.grad is None
+    want = torch.autograd.grad(3.0 * naive(sim, target.detach(), 0.2), sim)[0]
+    torch.testing.assert_close(sim.grad, want)
+    torch.autograd.gradcheck(
+        lambda s: mmot.anchor_consistency_loss(s, target.detach(), 0.3, backend="triton"), (sim.detach().requires_grad_(True),)
+    )
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_triton_low_precision_matches_rust(small_blocks, dtype, tol):
+    sim = cosine(9, 7, seed=15, dtype=dtype).requires_grad_(True)
+    target = cosine(9, 7, seed=16, dtype=dtype).abs()
+    got = mmot.anchor_consistency_loss(sim, target, 0.1, backend="triton")
+    assert got.dtype == dtype
+    want = mmot.anchor_consistency_loss(sim, target, 0.1, backend="rust")
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    (grad,) = torch.autograd.grad(got, sim)
+    (want_grad,) = torch.autograd.grad(want, sim)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.float(), want_grad.float(), rtol=tol, atol=tol)
+
+
+def test_triton_large_logits_stay_finite(small_blocks):
+    # exp(sim/τ) up to e^{50} ≈ 5e21 in float32: the naive log(1 + e^z) would overflow.
+    sim = torch.tensor([[5.0, 2.0, -5.0, 0.0], [4.9, 1.0, 3.0, -1.0]], dtype=torch.float32, requires_grad=True)
+    target = torch.tensor([[1.0, 0.5, 0.0, 0.2], [1.0, 0.0, 0.7, 1.0]])
+    got = mmot.anchor_consistency_loss(sim, target, 0.1, backend="triton")
+    want = naive(sim.detach().double(), target.double(), 0.1)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    (grad,) = torch.autograd.grad(got, sim)
+    assert bool(torch.isfinite(grad).all())
+    want_grad = torch.autograd.grad(naive(sim.double(), target.double(), 0.1), sim)[0]
+    torch.testing.assert_close(grad.double(), want_grad.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_triton_empty_noncontiguous_opcheck(small_blocks):
+    empty = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    loss = mmot.anchor_consistency_loss(empty, torch.zeros(0, 4, dtype=torch.float64), backend="triton")
+    assert loss.item() == 0.0
+    sim = cosine(5, 8, seed=17).t().requires_grad_(True)  # non-contiguous (8, 5)
+    target = cosine(8, 5, seed=18).abs()
+    got = mmot.anchor_consistency_loss(sim, target, 0.1, backend="triton")
+    torch.testing.assert_close(got, naive(sim, target, 0.1), rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(anchor_consistency_op, (cosine(6, 4, seed=19).requires_grad_(True), cosine(6, 4, seed=20).abs(), 0.1, "triton"))
+
+
+# ---------------------------------------------------------------- full size on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_gpu_triton_sspc_size(dtype, tol):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dev = torch.device("cuda")
+    # SSPC: 3 modalities × 3 anchor sets of (2160, 64) similarities, plus a large flat case.
+    for shape in [(3, 3, 2160, 64), (4096, 4096)]:
+        sim = cosine(*shape, seed=21).to(dev)
+        target = cosine(*shape, seed=22).abs().to(dev)
+        x = sim.to(dtype).requires_grad_(True)
+        got = mmot.anchor_consistency_loss(x, target.to(dtype), 0.1)  # "auto" on CUDA: Triton
+        want = naive(x.detach().double(), target.to(dtype).double(), 0.1)
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        (grad,) = torch.autograd.grad(got, x)
+        xd = x.detach().double().requires_grad_(True)
+        (want_grad,) = torch.autograd.grad(naive(xd, target.to(dtype).double(), 0.1), xd)
+        scale = want_grad.abs().max()
+        torch.testing.assert_close(grad.double() / scale, want_grad / scale, rtol=tol, atol=tol)

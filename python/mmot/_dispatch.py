@@ -19,9 +19,14 @@ BACKENDS = ("auto", "rust", "triton", "torch")
 _poison_outputs = os.environ.get("MMOT_POISON_OUTPUTS", "0") == "1"
 
 
+# Ops whose Triton module under mmot.kernels is not named after the op.
+_KERNEL_MODULES = {"anchor_consistency_loss": "anchor_consistency"}
+
+
 def triton_available(op: str) -> bool:
     """Whether Triton and mmot's Triton kernel for ``op`` (e.g. "multi_sinkhorn") are importable."""
-    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec(f"mmot.kernels.{op}") is not None
+    module = _KERNEL_MODULES.get(op, op)
+    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec(f"mmot.kernels.{module}") is not None
 
 
 def triton_interpreter() -> bool:

@@ -30,8 +30,9 @@ def anchor_consistency_loss(sim: Tensor, target: Tensor, temperature: float = 0.
         sim: (..., B, K) float tensor of sample–anchor similarities (cosines for SSPC).
         target: tensor of the same shape, floating, on the same device; detached.
         temperature: τ > 0. SSPC uses 0.1.
-        backend: "auto", "rust", "triton" or "torch". There is no Triton kernel of its own:
-            on CUDA, "auto" runs the torch reference (a few fused elementwise kernels).
+        backend: "auto", "rust", "triton" or "torch". On CUDA, "auto" runs the Triton kernel
+            (one elementwise pass with per-program partial sums; softplus form, stable for
+            large exp(sim/τ)).
 
     Returns:
         A 0-dim tensor in the dtype of ``sim``; 0 for empty input.
@@ -83,7 +84,13 @@ def _forward_rust(sim, target, temperature):
     return torch.tensor(value, dtype=sim.dtype)
 
 
-_FORWARD = {"torch": _forward_torch, "rust": _forward_rust, "triton": _forward_torch}
+def _forward_triton(sim, target, temperature):
+    from mmot.kernels import anchor_consistency as kernel
+
+    return kernel.forward(sim, target, temperature)
+
+
+_FORWARD = {"torch": _forward_torch, "rust": _forward_rust, "triton": _forward_triton}
 
 
 @torch.library.custom_op("mmot::anchor_consistency_loss", mutates_args=())
@@ -127,7 +134,13 @@ def _backward_rust(grad, sim, target, temperature):
     return out.view(sim.shape).to(sim.dtype)
 
 
-_BACKWARD = {"torch": _backward_replay, "rust": _backward_rust, "triton": _backward_replay}
+def _backward_triton(grad, sim, target, temperature):
+    from mmot.kernels import anchor_consistency as kernel
+
+    return kernel.backward(grad, sim, target, temperature)
+
+
+_BACKWARD = {"torch": _backward_replay, "rust": _backward_rust, "triton": _backward_triton}
 
 
 @torch.library.custom_op("mmot::anchor_consistency_loss_backward", mutates_args=())

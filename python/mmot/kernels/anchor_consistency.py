@@ -1,0 +1,120 @@
+"""Triton kernels of ``mmot::anchor_consistency_loss``: one elementwise pass plus a reduction.
+
+With z = exp(sim / τ) > 0 and the detached target t, each entry's BCE-with-logits is
+
+    softplus(z) − t·z = (1 − t)·z + log(1 + e^{−z})
+
+which never forms e^{z} (the softplus form), so it stays finite wherever z does. The loss is the
+mean over all entries; its gradient is
+
+    ∂loss/∂sim = grad / count · (σ(z) − t) · z / τ,        σ(z) = 1 / (1 + e^{−z}).
+
+forward   one program per BLOCK entries writes its partial sum; the partials are added by torch
+          in a fixed order (deterministic, no atomics, no host synchronisation).
+backward  one program per BLOCK entries; the upstream gradient (and 1/τ, which Triton would
+          pass as fp32 if given as a Python float) is read from device memory.
+
+Accumulation is float32, or float64 for float64 inputs; bf16/fp16 are loaded and cast.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmot import _dispatch, reference
+
+# Entries per program; tests may set this to force several programs on tiny inputs.
+FORCE_BLOCK: int | None = None
+
+
+@triton.jit
+def _softplus_exp_neg(z):
+    """log(1 + e^{−z}) for z ≥ 0, accurate where e^{−z} is tiny (log1p is not in core tl)."""
+    e = tl.exp(-z)
+    return tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
+
+
+@triton.jit
+def _forward_kernel(SIM, TARGET, PARTIAL, COUNT, INV_TAU, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    inv_tau = tl.load(INV_TAU).to(ACC)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < COUNT
+    s = tl.load(SIM + offs, mask=mask, other=0.0).to(ACC)
+    t = tl.load(TARGET + offs, mask=mask, other=0.0).to(ACC)
+    z = tl.exp(s * inv_tau)
+    # (1 − t)·z with t = 1 exactly giving 0 even where z overflowed.
+    lin = tl.where(t == 1.0, 0.0, (1.0 - t) * z)
+    term = lin + _softplus_exp_neg(z)
+    term = tl.where(mask, term, 0.0)
+    tl.store(PARTIAL + pid, tl.sum(term, axis=0))
+
+
+@triton.jit
+def _backward_kernel(GRAD, SIM, TARGET, OUT, COUNT, INV_TAU, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    inv_tau = tl.load(INV_TAU).to(ACC)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < COUNT
+    g = tl.load(GRAD).to(ACC)
+    s = tl.load(SIM + offs, mask=mask, other=0.0).to(ACC)
+    t = tl.load(TARGET + offs, mask=mask, other=0.0).to(ACC)
+    z = tl.exp(s * inv_tau)
+    sig = 1.0 / (1.0 + tl.exp(-z))
+    tl.store(OUT + offs, (g * (sig - t) * z).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _block(count: int) -> int:
+    if FORCE_BLOCK is not None:
+        return FORCE_BLOCK
+    if _dispatch.triton_interpreter():
+        return 64
+    return 2048 if count >= 1 << 20 else 1024
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1).contiguous()
+
+
+def _inv_tau(temperature: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A device scalar rather than a kernel argument: Triton passes Python floats as fp32.
+    return torch.full((1,), 1.0 / temperature, dtype=dtype, device=device)
+
+
+def forward(sim: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The mean loss as a 0-dim tensor in ``sim``'s dtype (0 for empty input)."""
+    count = sim.numel()
+    if count == 0:
+        return sim.new_zeros(())
+    dtype = reference.compute_dtype(sim.dtype)
+    s, t = _flat(sim), _flat(target.to(sim.dtype))
+    block = _block(count)
+    programs = triton.cdiv(count, block)
+    partial = _dispatch.new_output((programs,), dtype, sim.device)
+    inv_tau = _inv_tau(temperature, dtype, sim.device)
+    _forward_kernel[(programs,)](s, t, partial, count, inv_tau, BLOCK=block, ACC=_acc(dtype))
+    return (partial.sum() / count).to(sim.dtype)
+
+
+def backward(grad: torch.Tensor, sim: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """∂(grad · loss)/∂sim, shaped and typed like ``sim``."""
+    count = sim.numel()
+    if count == 0:
+        return torch.zeros_like(sim)
+    dtype = reference.compute_dtype(sim.dtype)
+    s, t = _flat(sim), _flat(target.to(sim.dtype))
+    inv_tau = _inv_tau(temperature, dtype, sim.device)
+    # grad / count / τ, formed on the device (no host synchronisation).
+    g = (grad.reshape(1).to(dtype) * inv_tau / count).contiguous()
+    out = _dispatch.new_output((count,), sim.dtype, sim.device)
+    block = _block(count)
+    _backward_kernel[(triton.cdiv(count, block),)](
+        g, s, t, out, count, inv_tau, BLOCK=block, ACC=_acc(dtype)
+    )
+    return out.view(sim.shape)
