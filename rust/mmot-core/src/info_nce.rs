@@ -156,49 +156,25 @@ pub fn info_nce_backward<T: Real>(
     let scale = T::from_f64(1.0 / params.temperature);
     let ia = inv_norms(a, n, d, params.normalize);
     let ib = inv_norms(b, n, d, params.normalize);
-    let sym = params.symmetric;
-    let side_a = Side {
-        x: a,
-        ix: &ia,
-        lse: lse_a,
-    };
-    let side_b = Side {
-        x: b,
-        ix: &ib,
-        lse: lse_b,
-    };
-    grad_pass(
-        &side_a,
-        &side_b,
+    backward_tiles(
+        a,
+        b,
+        &ia,
+        &ib,
         valid,
         grad,
+        lse_a,
+        lse_b,
+        n,
         d,
         scale,
-        true,
-        sym,
-        params.normalize,
+        params.symmetric,
         grad_a,
-    );
-    grad_pass(
-        &side_b,
-        &side_a,
-        valid,
-        grad,
-        d,
-        scale,
-        sym,
-        true,
-        params.normalize,
         grad_b,
     );
+    finish_rows(a, &ia, d, scale, params.normalize, grad_a);
+    finish_rows(b, &ib, d, scale, params.normalize, grad_b);
     Ok(())
-}
-
-/// One side of the problem: its rows, inverse row norms and log-sum-exp.
-struct Side<'a, T> {
-    x: &'a [T],
-    ix: &'a [T],
-    lse: &'a [T],
 }
 
 fn inv_norms<T: Real>(x: &[T], n: usize, d: usize, normalize: bool) -> Vec<T> {
@@ -287,55 +263,60 @@ fn lse_fused<T: Real>(
                 for j0 in (0..m).step_by(TC) {
                     let cols = TC.min(m - j0);
                     dot_tile(xs, &y[j0 * d..(j0 + cols) * d], d, rows, cols, &mut tile);
-                    for q in 0..cols {
-                        mj[q] = neg(wy[j0 + q]);
-                        sj[q] = iy[j0 + q];
-                    }
-                    tmax[..cols].fill(T::NEG_INFINITY);
-                    for r in 0..rows {
-                        let t = &mut tile[r * TC..r * TC + cols];
-                        let f = sx[r];
-                        let mut rmax = T::NEG_INFINITY;
-                        for q in 0..cols {
-                            let v = t[q] * f * sj[q];
-                            t[q] = v;
-                            rmax = rmax.fmax(v + mj[q]);
-                        }
-                        if want_cols {
-                            let mr = mi[r];
+                    crate::simd::dispatch(
+                        #[inline(always)]
+                        || {
                             for q in 0..cols {
-                                tmax[q] = tmax[q].fmax(t[q] + mr);
+                                mj[q] = neg(wy[j0 + q]);
+                                sj[q] = iy[j0 + q];
                             }
-                        }
-                        if rmax == T::NEG_INFINITY {
-                            continue;
-                        }
-                        if rmax > run_max[r] {
-                            run_sum[r] *= (run_max[r] - rmax).exp_fast();
-                            run_max[r] = rmax;
-                        }
-                        let sh = run_max[r];
-                        run_sum[r] += exp_sum(t, &mj[..cols], sh);
-                    }
-                    if want_cols {
-                        let (cm, cs) = (&mut cmax[j0..j0 + cols], &mut csum[j0..j0 + cols]);
-                        // New shift per column; a column with no valid row yet keeps shift 0
-                        // so that no −∞ − (−∞) appears.
-                        for q in 0..cols {
-                            let nm = cm[q].fmax(tmax[q]);
-                            let sh = if nm == T::NEG_INFINITY { T::ZERO } else { nm };
-                            cs[q] *= (cm[q] - sh).exp_fast();
-                            cm[q] = nm;
-                            tmax[q] = sh;
-                        }
-                        for r in 0..rows {
-                            let t = &tile[r * TC..r * TC + cols];
-                            let mr = mi[r];
-                            for q in 0..cols {
-                                cs[q] += (t[q] + mr - tmax[q]).exp_fast();
+                            tmax[..cols].fill(T::NEG_INFINITY);
+                            for r in 0..rows {
+                                let t = &mut tile[r * TC..r * TC + cols];
+                                let f = sx[r];
+                                let mut rmax = T::NEG_INFINITY;
+                                for q in 0..cols {
+                                    let v = t[q] * f * sj[q];
+                                    t[q] = v;
+                                    rmax = rmax.fmax(v + mj[q]);
+                                }
+                                if want_cols {
+                                    let mr = mi[r];
+                                    for q in 0..cols {
+                                        tmax[q] = tmax[q].fmax(t[q] + mr);
+                                    }
+                                }
+                                if rmax == T::NEG_INFINITY {
+                                    continue;
+                                }
+                                if rmax > run_max[r] {
+                                    run_sum[r] *= (run_max[r] - rmax).exp_fast();
+                                    run_max[r] = rmax;
+                                }
+                                let sh = run_max[r];
+                                run_sum[r] += exp_sum(t, &mj[..cols], sh);
                             }
-                        }
-                    }
+                            if want_cols {
+                                let (cm, cs) = (&mut cmax[j0..j0 + cols], &mut csum[j0..j0 + cols]);
+                                // New shift per column; a column with no valid row yet keeps shift 0
+                                // so that no −∞ − (−∞) appears.
+                                for q in 0..cols {
+                                    let nm = cm[q].fmax(tmax[q]);
+                                    let sh = if nm == T::NEG_INFINITY { T::ZERO } else { nm };
+                                    cs[q] *= (cm[q] - sh).exp_fast();
+                                    cm[q] = nm;
+                                    tmax[q] = sh;
+                                }
+                                for r in 0..rows {
+                                    let t = &tile[r * TC..r * TC + cols];
+                                    let mr = mi[r];
+                                    for q in 0..cols {
+                                        cs[q] += (t[q] + mr - tmax[q]).exp_fast();
+                                    }
+                                }
+                            }
+                        },
+                    );
                 }
                 for r in 0..rows {
                     out[r0 + r] = if run_max[r] == T::NEG_INFINITY {
@@ -392,71 +373,154 @@ fn exp_sum<T: Real>(t: &[T], mask: &[T], shift: T) -> T {
     crate::real::sum(&acc) + tail
 }
 
-#[allow(clippy::needless_range_loop)]
-/// Gradient for the rows of `own`: Σ_j G[i,j] ŷ_j · scale, through the normalisation.
-/// `own_term` adds g_i exp(s − lse_own[i]), `other_term` adds g_j exp(s − lse_other[j]).
+/// A raw pointer the wavefront tasks share; each task writes only rows no other task of the
+/// same step touches.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: used only as described on the type (disjoint rows per step, steps separated by joins).
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// A method, so that closures capture the whole wrapper and not the bare pointer field.
+    fn at(self, offset: usize) -> *mut T {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Raw gradients (before the 1/τ scale and the normalisation) of both sides, each logit tile
+/// recomputed once:
+///
+/// ```text
+/// grad_a[i] += Σ_j G[i,j] ib_j b_j        grad_b[j] += Σ_i G[i,j] ia_i a_i
+/// ```
+///
+/// The tiles (I, J) of the block grid (TR = TC, so a and b share it) are visited in `nb`
+/// wavefront steps: step k runs the tiles (I, (I + k) mod nb) for every I in parallel, so within
+/// a step every task owns one row block of `grad_a` and one of `grad_b`. Each output block
+/// receives its contributions in a fixed order (k = 0, 1, …), whatever the thread count.
 #[allow(clippy::too_many_arguments)]
-fn grad_pass<T: Real>(
-    own: &Side<'_, T>,
-    other: &Side<'_, T>,
+fn backward_tiles<T: Real>(
+    a: &[T],
+    b: &[T],
+    ia: &[T],
+    ib: &[T],
     w: &[T],
     g: &[T],
+    lse_a: &[T],
+    lse_b: &[T],
+    n: usize,
     d: usize,
     scale: T,
-    own_term: bool,
-    other_term: bool,
-    normalize: bool,
-    out: &mut [T],
+    sym: bool,
+    grad_a: &mut [T],
+    grad_b: &mut [T],
 ) {
-    let m = other.ix.len();
-    let diag_count = T::from_f64((own_term as u8 + other_term as u8) as f64);
-    let (x, y, ix, iy) = (own.x, other.x, own.ix, other.ix);
+    const { assert!(TR == TC) };
+    grad_a
+        .par_chunks_mut(RB * d.max(1))
+        .for_each(|c| c.fill(T::ZERO));
+    grad_b
+        .par_chunks_mut(RB * d.max(1))
+        .for_each(|c| c.fill(T::ZERO));
+    if n == 0 || d == 0 {
+        return;
+    }
+    let nb = n.div_ceil(TR);
+    let diag_count = T::from_f64(if sym { 2.0 } else { 1.0 });
+    let (pa, pb) = (
+        SharedMut(grad_a.as_mut_ptr()),
+        SharedMut(grad_b.as_mut_ptr()),
+    );
+    for k in 0..nb {
+        (0..nb).into_par_iter().for_each_init(
+            || (vec![T::ZERO; TR * TC], vec![T::ZERO; TR * TC]),
+            |(ta, tb), bi| {
+                let bj = (bi + k) % nb;
+                let (i0, j0) = (bi * TR, bj * TC);
+                let (rows, cols) = (TR.min(n - i0), TC.min(n - j0));
+                let xs = &a[i0 * d..(i0 + rows) * d];
+                let ys = &b[j0 * d..(j0 + cols) * d];
+                dot_tile(xs, ys, d, rows, cols, ta);
+                crate::simd::dispatch(
+                    #[inline(always)]
+                    || {
+                        for r in 0..rows {
+                            let i = i0 + r;
+                            let (ra, rb) = (
+                                &mut ta[r * TC..r * TC + cols],
+                                &mut tb[r * TC..r * TC + cols],
+                            );
+                            if w[i] == T::ZERO {
+                                ra.fill(T::ZERO);
+                                rb.fill(T::ZERO);
+                                continue;
+                            }
+                            let (sx, gi, li, iai) = (scale * ia[i], g[i], lse_a[i], ia[i]);
+                            let gd = gi * diag_count;
+                            let (wj, ibj) = (&w[j0..j0 + cols], &ib[j0..j0 + cols]);
+                            let (gj, lj) = (&g[j0..j0 + cols], &lse_b[j0..j0 + cols]);
+                            for q in 0..cols {
+                                let s = ra[q] * sx * ibj[q];
+                                let mut c = gi * (s - li).exp_fast();
+                                if sym {
+                                    c += gj[q] * (s - lj[q]).exp_fast();
+                                }
+                                let c = if j0 + q == i { c - gd } else { c };
+                                let c = if wj[q] == T::ZERO { T::ZERO } else { c };
+                                ra[q] = c * ibj[q];
+                                rb[q] = c * iai;
+                            }
+                        }
+                    },
+                );
+                // SAFETY: in this step block bi of grad_a and block bj of grad_b belong to this
+                // task alone ((bi + k) mod nb is a bijection); the bounds are those of the slices.
+                unsafe {
+                    gemm(
+                        rows,
+                        cols,
+                        d,
+                        ta.as_ptr(),
+                        TC as isize,
+                        1,
+                        ys.as_ptr(),
+                        d as isize,
+                        1,
+                        T::ONE,
+                        pa.at(i0 * d),
+                        d as isize,
+                    );
+                    gemm(
+                        cols,
+                        rows,
+                        d,
+                        tb.as_ptr(),
+                        1,
+                        TC as isize,
+                        xs.as_ptr(),
+                        d as isize,
+                        1,
+                        T::ONE,
+                        pb.at(j0 * d),
+                        d as isize,
+                    );
+                }
+            },
+        );
+    }
+}
+
+/// From the raw gradient Σ_j C[i,j] y_j to the gradient of the input rows: times `scale`, then
+/// through the normalisation x̂ = x / ‖x‖ when `normalize`.
+fn finish_rows<T: Real>(x: &[T], ix: &[T], d: usize, scale: T, normalize: bool, out: &mut [T]) {
+    if d == 0 {
+        return;
+    }
+    let tiny = T::from_f64(NORM_EPS);
     out.par_chunks_mut(RB * d).enumerate().for_each(|(c, acc)| {
-        let i0 = c * RB;
-        let rows = acc.len() / d;
-        acc.fill(T::ZERO);
-        let xs = &x[i0 * d..(i0 + rows) * d];
-        let mut tile = vec![T::ZERO; TR * TC];
-        for j0 in (0..m).step_by(TC) {
-            let cols = TC.min(m - j0);
-            dot_tile(xs, &y[j0 * d..(j0 + cols) * d], d, rows, cols, &mut tile);
-            for r in 0..rows {
-                let i = i0 + r;
-                let t = &mut tile[r * TC..r * TC + cols];
-                if w[i] == T::ZERO {
-                    t.fill(T::ZERO);
-                    continue;
-                }
-                let sx = scale * ix[i];
-                let (gi, li) = (g[i], own.lse[i]);
-                for q in 0..cols {
-                    let j = j0 + q;
-                    if w[j] == T::ZERO {
-                        t[q] = T::ZERO;
-                        continue;
-                    }
-                    let s = t[q] * sx * iy[j];
-                    let mut coef = T::ZERO;
-                    if own_term {
-                        coef += gi * (s - li).exp_fast();
-                    }
-                    if other_term {
-                        coef += g[j] * (s - other.lse[j]).exp_fast();
-                    }
-                    if i == j {
-                        coef -= gi * diag_count;
-                    }
-                    // coefficient of the raw row y_j: ŷ_j = y_j · iy_j
-                    t[q] = coef * iy[j];
-                }
-            }
-            accumulate(&tile, &y[j0 * d..(j0 + cols) * d], d, rows, cols, acc);
-        }
-        let tiny = T::from_f64(NORM_EPS);
-        for r in 0..rows {
-            let i = i0 + r;
-            let gr = &mut acc[r * d..(r + 1) * d];
-            // gradient with respect to x̂_i
+        for (r, gr) in acc.chunks_exact_mut(d).enumerate() {
+            let i = c * RB + r;
             for v in gr.iter_mut() {
                 *v *= scale;
             }
@@ -499,28 +563,6 @@ fn dot_tile<T: Real>(xs: &[T], ys: &[T], d: usize, rows: usize, cols: usize, til
             T::ZERO,
             tile.as_mut_ptr(),
             TC as isize,
-        )
-    }
-}
-
-/// `acc[r] += Σ_q tile[r*TC + q] · y_q` for the tile's rows: one GEMM.
-fn accumulate<T: Real>(tile: &[T], ys: &[T], d: usize, rows: usize, cols: usize, acc: &mut [T]) {
-    assert!(tile.len() >= (rows - 1) * TC + cols && ys.len() >= cols * d && acc.len() >= rows * d);
-    // SAFETY: as in `dot_tile`.
-    unsafe {
-        gemm(
-            rows,
-            cols,
-            d,
-            tile.as_ptr(),
-            TC as isize,
-            1,
-            ys.as_ptr(),
-            d as isize,
-            1,
-            T::ONE,
-            acc.as_mut_ptr(),
-            d as isize,
         )
     }
 }
