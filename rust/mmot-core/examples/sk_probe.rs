@@ -29,6 +29,10 @@ fn main() {
             })
             .fold(f64::INFINITY, f64::min)
     };
+    let iters: usize = std::env::var("ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
     let (b, kp) = (4096usize, 3000usize);
     let s2: Vec<f32> = (0..b * kp)
         .map(|_| (rnd() * 2.0 - 1.0) as f32 * 0.5)
@@ -68,11 +72,11 @@ fn main() {
             let mut o = vec![0f32; nb * d * d];
             let t = time(
                 &mut || {
-                    sinkhorn(s, &r, &c, &mut o, nb, d, d, 0.05, 20, LogDomain::Auto).unwrap();
+                    sinkhorn(s, &r, &c, &mut o, nb, d, d, 0.05, iters, LogDomain::Auto).unwrap();
                 },
                 5,
             );
-            println!("sinkhorn {nb}x({d}x{d}) 20 it: {t:.2} ms");
+            println!("sinkhorn {nb}x({d}x{d}) {iters} it: {t:.2} ms");
         }
     });
 }

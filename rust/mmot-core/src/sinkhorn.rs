@@ -674,12 +674,14 @@ mod small {
                     || {
                         let mut range = 0.0f64;
                         let mut nf = T::ZERO;
+                        let mut mn = [T::INFINITY; SMALL];
+                        let mut nfj = [T::ZERO; SMALL];
+                        let (mn, nfj) = (&mut mn[..k], &mut nfj[..k]);
                         for (s, mx) in sc.chunks_exact(nk).zip(cm.chunks_exact_mut(k)) {
                             let mx = &mut mx[..k];
-                            let mut mn = [T::INFINITY; SMALL];
-                            let mut nfj = [T::ZERO; SMALL];
-                            let (mn, nfj) = (&mut mn[..k], &mut nfj[..k]);
                             mx.fill(T::NEG_INFINITY);
+                            mn.fill(T::INFINITY);
+                            nfj.fill(T::ZERO);
                             for row in s.chunks_exact(k) {
                                 let row = &row[..k];
                                 for j in 0..k {
@@ -724,11 +726,28 @@ mod small {
                             .zip(r.chunks_exact(n))
                             .zip(c.chunks_exact(k))
                             .zip(cm.chunks_exact(k));
+                        // Per-task scratch (no per-problem initialisation of the whole array).
+                        let mut buf = [T::ZERO; 3 * SMALL];
+                        let buf = &mut buf[..];
                         for ((((o, s), r), c), cm) in probs {
-                            if log {
-                                solve_log(s, r, c, cm, o, n, k, inv_eps, n_iters);
-                            } else {
-                                solve_plain(s, r, c, cm, o, n, k, inv_eps, n_iters);
+                            // Common widths get a compile-time k: fully unrolled rows.
+                            match (log, k) {
+                                (true, _) => solve_log(s, r, c, cm, o, n, k, inv_eps, n_iters, buf),
+                                (false, 4) => solve_plain_const::<T, 4>(
+                                    s, r, c, cm, o, n, inv_eps, n_iters, buf,
+                                ),
+                                (false, 8) => solve_plain_const::<T, 8>(
+                                    s, r, c, cm, o, n, inv_eps, n_iters, buf,
+                                ),
+                                (false, 16) => solve_plain_const::<T, 16>(
+                                    s, r, c, cm, o, n, inv_eps, n_iters, buf,
+                                ),
+                                (false, 32) => solve_plain_const::<T, 32>(
+                                    s, r, c, cm, o, n, inv_eps, n_iters, buf,
+                                ),
+                                _ => {
+                                    solve_plain::<T, 0>(s, r, c, cm, o, n, k, inv_eps, n_iters, buf)
+                                }
                             }
                         }
                     },
@@ -737,10 +756,11 @@ mod small {
         Ok(log)
     }
 
-    /// [`super::Problem::solve_plain`] for one small problem; `E` is cached in `out`.
+    /// [`super::Problem::solve_plain`] for one small problem; `E` is cached in `out`. `KC` is
+    /// `k` known at compile time, or 0.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn solve_plain<T: Real>(
+    fn solve_plain<T: Real, const KC: usize>(
         s: &[T],
         r: &[T],
         c: &[T],
@@ -750,11 +770,14 @@ mod small {
         k: usize,
         inv_eps: T,
         n_iters: usize,
+        buf: &mut [T],
     ) {
+        let k = if KC > 0 { KC } else { k };
         let (s, o, r, c, cmax) = (&s[..n * k], &mut o[..n * k], &r[..n], &c[..k], &cmax[..k]);
-        let mut acc = [T::ZERO; SMALL];
-        let mut v = [T::ZERO; SMALL];
-        let (acc, v) = (&mut acc[..k], &mut v[..k]);
+        let (acc, rest) = buf.split_at_mut(k);
+        let (v, rest) = rest.split_at_mut(k);
+        let u = &mut rest[..n];
+        acc.fill(T::ZERO);
         for (srow, orow) in s.chunks_exact(k).zip(o.chunks_exact_mut(k)) {
             let (srow, orow) = (&srow[..k], &mut orow[..k]);
             for j in 0..k {
@@ -766,12 +789,19 @@ mod small {
         for j in 0..k {
             v[j] = c[j] / acc[j];
         }
+        // Row scalings, computed in three phases (all dots, all divisions, all updates) so
+        // that the rows' dots and divisions overlap instead of forming one latency chain.
         for it in 0..n_iters {
             let last = it + 1 == n_iters;
             acc.fill(T::ZERO);
-            for (orow, &rn) in o.chunks_exact_mut(k).zip(r) {
+            for (orow, un) in o.chunks_exact(k).zip(u.iter_mut()) {
+                *un = dot(&orow[..k], v);
+            }
+            for (un, &rn) in u.iter_mut().zip(r) {
+                *un = rn / *un;
+            }
+            for (orow, &un) in o.chunks_exact_mut(k).zip(u.iter()) {
                 let orow = &mut orow[..k];
-                let un = rn / dot(orow, v);
                 if last {
                     for j in 0..k {
                         orow[j] = orow[j] * v[j] * un;
@@ -784,6 +814,69 @@ mod small {
             }
             if !last {
                 for j in 0..k {
+                    v[j] = c[j] / acc[j];
+                }
+            }
+        }
+    }
+
+    /// [`solve_plain`] with `k = K` known at compile time: the column state lives in registers
+    /// and every row loop is unrolled. Same operations in the same order.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn solve_plain_const<T: Real, const K: usize>(
+        s: &[T],
+        r: &[T],
+        c: &[T],
+        cmax: &[T],
+        o: &mut [T],
+        n: usize,
+        inv_eps: T,
+        n_iters: usize,
+        buf: &mut [T],
+    ) {
+        let (s, o, r) = (&s[..n * K], &mut o[..n * K], &r[..n]);
+        let c: [T; K] = c[..K].try_into().unwrap();
+        let cmax: [T; K] = cmax[..K].try_into().unwrap();
+        let u = &mut buf[..n];
+        let mut acc = [T::ZERO; K];
+        for (srow, orow) in s.chunks_exact(K).zip(o.chunks_exact_mut(K)) {
+            let srow: &[T; K] = srow.try_into().unwrap();
+            let orow: &mut [T; K] = orow.try_into().unwrap();
+            for j in 0..K {
+                let e = ((srow[j] - cmax[j]) * inv_eps).exp_fast();
+                orow[j] = e;
+                acc[j] += e;
+            }
+        }
+        let mut v = [T::ZERO; K];
+        for j in 0..K {
+            v[j] = c[j] / acc[j];
+        }
+        for it in 0..n_iters {
+            let last = it + 1 == n_iters;
+            for (orow, un) in o.chunks_exact(K).zip(u.iter_mut()) {
+                *un = dot(orow, &v);
+            }
+            for (un, &rn) in u.iter_mut().zip(r) {
+                *un = rn / *un;
+            }
+            if last {
+                for (orow, &un) in o.chunks_exact_mut(K).zip(u.iter()) {
+                    let orow: &mut [T; K] = orow.try_into().unwrap();
+                    for j in 0..K {
+                        orow[j] = orow[j] * v[j] * un;
+                    }
+                }
+            } else {
+                acc = [T::ZERO; K];
+                for (orow, &un) in o.chunks_exact(K).zip(u.iter()) {
+                    let orow: &[T; K] = orow.try_into().unwrap();
+                    for j in 0..K {
+                        acc[j] += orow[j] * un;
+                    }
+                }
+                for j in 0..K {
                     v[j] = c[j] / acc[j];
                 }
             }
@@ -803,12 +896,13 @@ mod small {
         k: usize,
         inv_eps: T,
         n_iters: usize,
+        buf: &mut [T],
     ) {
         let (s, o, r, c, cmax) = (&s[..n * k], &mut o[..n * k], &r[..n], &c[..k], &cmax[..k]);
-        let mut acc = [T::ZERO; SMALL];
-        let mut bpot = [T::ZERO; SMALL];
-        let mut t = [T::ZERO; SMALL];
-        let (acc, bpot, t) = (&mut acc[..k], &mut bpot[..k], &mut t[..k]);
+        let (acc, rest) = buf.split_at_mut(k);
+        let (bpot, rest) = rest.split_at_mut(k);
+        let t = &mut rest[..k];
+        acc.fill(T::ZERO);
         for srow in s.chunks_exact(k) {
             let srow = &srow[..k];
             for j in 0..k {
