@@ -77,6 +77,21 @@ fn main() {
                 5,
             );
             println!("sinkhorn {nb}x({d}x{d}) {iters} it: {t:.2} ms");
+            let params = MultiSinkhornParams {
+                eps: 0.1,
+                n_iters: iters,
+                slot_weights: (0..d).map(|m| if m < d / 2 { 0.25 } else { 1.0 }).collect(),
+                k: d / 2,
+                normalize: Normalize::MinMax,
+                log_domain: LogDomain::Auto,
+            };
+            let t = time(
+                &mut || {
+                    multi_sinkhorn(s, &r, &mut o, nb, d, d, &params).unwrap();
+                },
+                3,
+            );
+            println!("multi_sinkhorn {nb}x({d}x{d}) {iters} it: {t:.2} ms");
         }
     });
 }

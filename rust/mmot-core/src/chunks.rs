@@ -117,9 +117,17 @@ pub(crate) fn col_range<T: Real>(
     };
     let finite = |nf: &[T]| nf.iter().all(|v| *v == T::ZERO);
     if nch <= 1 {
-        let mut nf = vec![T::ZERO; k];
-        one(s, cmax, cmin, &mut nf);
-        return finite(&nf);
+        // No heap allocation for the narrow problems of a large batch.
+        let mut stack = [T::ZERO; 256];
+        let mut heap = Vec::new();
+        let nf: &mut [T] = if k <= stack.len() {
+            &mut stack[..k]
+        } else {
+            heap.resize(k, T::ZERO);
+            &mut heap
+        };
+        one(s, cmax, cmin, nf);
+        return finite(nf);
     }
     let mut parts = vec![T::ZERO; nch * 3 * k];
     s.par_chunks(rpc * k)
