@@ -104,6 +104,21 @@ def workloads(quick: bool):
                 7,
             )
         )
+    for size in (16,) if quick else (4, 16):
+        s = cosine(size, size, batch=(65536,))
+        k = size // 2
+        out.append(
+            (
+                f"multi_sinkhorn 65536x({size}x{size}) k={k} 20 iters",
+                21 * 65536 * size * size,
+                2 * 65536 * size * size,
+                {
+                    "mmot-rust": lambda s=s, k=k: mmot.multi_sinkhorn(s, k, 0.1, 20),
+                    "torch-backend (batched eager)": lambda s=s, k=k: mmot.multi_sinkhorn(s, k, 0.1, 20, backend="torch"),
+                },
+                5,
+            )
+        )
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 1, N, 256, generator=generator), torch.randn(1, 3, 64, 256, generator=generator)
     out.append(
@@ -170,6 +185,7 @@ def main() -> None:
     # importing torch already exceeds these runs' peaks); off by default until it is fixed.
     parser.add_argument("--memory", action="store_true", help="peak-memory table (currently unreliable)")
     parser.add_argument("--out", default="")
+    parser.add_argument("--only", default="", help="run only the workloads whose name contains this")
     args = parser.parse_args()
     cpu = torch.device("cpu")
     bandwidth = copy_bandwidth_gbps(cpu)
@@ -178,6 +194,8 @@ def main() -> None:
     print(f"256 MB torch copy: {bandwidth:.1f} GB/s (read+write)\n")
     report = {"copy_gbps": bandwidth, "workloads": []}
     for name, floor_elems, strict_elems, providers, rounds in workloads(args.quick):
+        if args.only and args.only not in name:
+            continue
         bandwidth = copy_bandwidth_gbps(cpu)  # re-measured beside each workload: the machine is shared
         results = interleaved(providers, cpu, args.rounds or rounds)
         floor_ms = floor_elems * 4 / (bandwidth * 1e9) * 1e3
