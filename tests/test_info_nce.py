@@ -267,6 +267,8 @@ BAD = [
     (lambda: mmot.info_nce(A, A, valid=torch.ones(6, dtype=torch.bool, device="meta")), ValueError, ["'valid'", "device"]),
     (lambda: mmot.info_nce(NAN, A), ValueError, ["mmot.info_nce", "'a'", "finite"]),
     (lambda: mmot.info_nce(A, NAN, backend="torch"), ValueError, ["'b'", "finite"]),
+    (lambda: mmot.info_nce(A, NAN, backend="rust"), ValueError, ["mmot.info_nce", "'b'", "finite"]),
+    (lambda: mmot.info_nce(A, A * float("inf"), normalize=False, backend="rust"), ValueError, ["'b'", "finite"]),
     (lambda: mmot.info_nce(A, A, backend="gpu"), ValueError, ["'backend'"]),
     (lambda: mmot.info_nce(A.to("meta"), A.to("meta"), backend="rust"), ValueError, ["'rust'", "CPU"]),
 ]

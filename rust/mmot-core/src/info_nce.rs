@@ -87,13 +87,37 @@ pub fn info_nce_forward<T: Real>(
     lse_a: &mut [T],
     lse_b: &mut [T],
 ) -> Result<()> {
+    info_nce_forward_checked(a, b, valid, n, d, params, loss, lse_a, lse_b, false)
+}
+
+/// [`info_nce_forward`], and with `check_finite` an error (not a result) for NaN or Inf in `a`
+/// or `b`, found in the row-norm pass (so the caller need not scan the inputs first).
+#[allow(clippy::too_many_arguments)]
+pub fn info_nce_forward_checked<T: Real>(
+    a: &[T],
+    b: &[T],
+    valid: &[T],
+    n: usize,
+    d: usize,
+    params: &InfoNceParams,
+    loss: &mut [T],
+    lse_a: &mut [T],
+    lse_b: &mut [T],
+    check_finite: bool,
+) -> Result<()> {
     check(params, a, b, valid, n, d)?;
     for (name, v) in [("loss", &*loss), ("lse_a", &*lse_a), ("lse_b", &*lse_b)] {
         check_len(name, v.len(), n, &format!("[{n}]"))?;
     }
     let scale = T::from_f64(1.0 / params.temperature);
-    let ia = inv_norms(a, n, d, params.normalize);
-    let ib = inv_norms(b, n, d, params.normalize);
+    let (ia, finite_a) = inv_norms_checked(a, n, d, params.normalize, check_finite);
+    if !finite_a {
+        return Err(crate::chunks::not_finite("a"));
+    }
+    let (ib, finite_b) = inv_norms_checked(b, n, d, params.normalize, check_finite);
+    if !finite_b {
+        return Err(crate::chunks::not_finite("b"));
+    }
     if params.symmetric {
         lse_fused(
             a,
@@ -175,6 +199,49 @@ pub fn info_nce_backward<T: Real>(
     finish_rows(a, &ia, d, scale, params.normalize, grad_a);
     finish_rows(b, &ib, d, scale, params.normalize, grad_b);
     Ok(())
+}
+
+/// Inverse row norms (all ones without `normalize`) and, with `check`, whether every element of
+/// `x` is finite (`v − v` is 0 for finite `v` and NaN otherwise, summed in the same pass).
+#[allow(clippy::eq_op)]
+fn inv_norms_checked<T: Real>(
+    x: &[T],
+    n: usize,
+    d: usize,
+    normalize: bool,
+    check: bool,
+) -> (Vec<T>, bool) {
+    if !check {
+        return (inv_norms(x, n, d, normalize), true);
+    }
+    let tiny = T::from_f64(NORM_EPS);
+    let mut v = vec![T::ONE; n];
+    let ok = v
+        .par_chunks_mut(1024)
+        .enumerate()
+        .map(|(c, vs)| {
+            let mut nf = T::ZERO;
+            for (k, vi) in vs.iter_mut().enumerate() {
+                let row = &x[(c * 1024 + k) * d..(c * 1024 + k + 1) * d];
+                let mut z = [T::ZERO; LANES];
+                let mut it = row.chunks_exact(LANES);
+                for ch in &mut it {
+                    for l in 0..LANES {
+                        z[l] += ch[l] - ch[l];
+                    }
+                }
+                for q in it.remainder() {
+                    nf += *q - *q;
+                }
+                nf += crate::real::sum(&z);
+                if normalize {
+                    *vi = T::ONE / crate::real::dot(row, row).sqrt().fmax(tiny);
+                }
+            }
+            nf == T::ZERO
+        })
+        .reduce(|| true, |p, q| p && q);
+    (v, ok)
 }
 
 fn inv_norms<T: Real>(x: &[T], n: usize, d: usize, normalize: bool) -> Vec<T> {

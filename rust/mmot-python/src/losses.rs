@@ -27,7 +27,7 @@ fn same_shape(name: &str, got: &[usize], want: &[usize]) -> PyResult<()> {
 /// `lse_a` and `lse_b` (`[N]` each).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (a, b, valid, loss, lse_a, lse_b, temperature, symmetric, normalize, num_threads))]
+#[pyo3(signature = (a, b, valid, loss, lse_a, lse_b, temperature, symmetric, normalize, num_threads, check_finite=false))]
 fn info_nce_forward(
     py: Python<'_>,
     a: &Bound<'_, PyAny>,
@@ -40,18 +40,21 @@ fn info_nce_forward(
     symmetric: bool,
     normalize: bool,
     num_threads: i64,
+    check_finite: bool,
 ) -> PyResult<()> {
     let params = InfoNceParams {
         temperature,
         symmetric,
         normalize,
     };
+    let outs = [loss, lse_a, lse_b];
     match float_dtype(a, "a")? {
-        Dtype::F32 => forward_t::<f32>(py, a, b, valid, [loss, lse_a, lse_b], &params, num_threads),
-        Dtype::F64 => forward_t::<f64>(py, a, b, valid, [loss, lse_a, lse_b], &params, num_threads),
+        Dtype::F32 => forward_t::<f32>(py, a, b, valid, outs, &params, num_threads, check_finite),
+        Dtype::F64 => forward_t::<f64>(py, a, b, valid, outs, &params, num_threads, check_finite),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn forward_t<T: Element + Real>(
     py: Python<'_>,
     a: &Bound<'_, PyAny>,
@@ -60,6 +63,7 @@ fn forward_t<T: Element + Real>(
     outs: [&Bound<'_, PyAny>; 3],
     params: &InfoNceParams,
     num_threads: i64,
+    check_finite: bool,
 ) -> PyResult<()> {
     let aa = ro::<T, D2>(a, "a")?;
     let ba = ro::<T, D2>(b, "b")?;
@@ -79,7 +83,20 @@ fn forward_t<T: Element + Real>(
     let lbs = slice_mut(&mut lb, "lse_b")?;
     let pool = pool::get(num_threads)?;
     py.detach(|| {
-        pool.install(|| info_nce::info_nce_forward(xs, ys, ws, n, d, params, los, las, lbs))
+        pool.install(|| {
+            info_nce::info_nce_forward_checked(
+                xs,
+                ys,
+                ws,
+                n,
+                d,
+                params,
+                los,
+                las,
+                lbs,
+                check_finite,
+            )
+        })
     })
     .map_err(to_py)
 }
