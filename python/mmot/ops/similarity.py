@@ -79,8 +79,8 @@ def _forward_rust(x, y, normalize, scale):
     shape = _output_shape(x, y)
     batch = shape[:-2]
     # Output problem b reads x[x_index[b]] and y[y_index[b]]: broadcasting without copies.
-    x_index = torch.arange(math.prod(x.shape[:-2])).reshape(x.shape[:-2]).expand(batch).reshape(-1)
-    y_index = torch.arange(math.prod(y.shape[:-2])).reshape(y.shape[:-2]).expand(batch).reshape(-1)
+    x_index = torch.arange(math.prod(x.shape[:-2])).reshape(x.shape[:-2]).expand(batch).reshape(-1).contiguous()
+    y_index = torch.arange(math.prod(y.shape[:-2])).reshape(y.shape[:-2]).expand(batch).reshape(-1).contiguous()
     dtype = reference.compute_dtype(x.dtype)
     out = _dispatch.new_output((x_index.numel(),) + shape[-2:], dtype)
     _dispatch.call_rust(
