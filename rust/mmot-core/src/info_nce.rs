@@ -27,6 +27,7 @@
 //! results do not depend on the thread count.
 
 use crate::error::{check_len, MmotError, Result};
+use crate::gemm::gemm;
 use crate::real::{Real, LANES};
 use rayon::prelude::*;
 
@@ -631,62 +632,6 @@ fn dot_tile<T: Real>(xs: &[T], ys: &[T], d: usize, rows: usize, cols: usize, til
             tile.as_mut_ptr(),
             TC as isize,
         )
-    }
-}
-
-/// C (m×n, row stride `rsc`) = A (m×k) · B (k×n) + beta · C, for f32 or f64.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm<T: Real>(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: *const T,
-    rsa: isize,
-    csa: isize,
-    b: *const T,
-    rsb: isize,
-    csb: isize,
-    beta: T,
-    c: *mut T,
-    rsc: isize,
-) {
-    use std::any::TypeId;
-    if TypeId::of::<T>() == TypeId::of::<f32>() {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a as *const f32,
-            rsa,
-            csa,
-            b as *const f32,
-            rsb,
-            csb,
-            beta.to_f64() as f32,
-            c as *mut f32,
-            rsc,
-            1,
-        )
-    } else if TypeId::of::<T>() == TypeId::of::<f64>() {
-        matrixmultiply::dgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a as *const f64,
-            rsa,
-            csa,
-            b as *const f64,
-            rsb,
-            csb,
-            beta.to_f64(),
-            c as *mut f64,
-            rsc,
-            1,
-        )
-    } else {
-        unreachable!("Real is implemented for f32 and f64 only")
     }
 }
 

@@ -8,6 +8,7 @@
 mod chunks;
 pub mod domain;
 pub mod error;
+mod gemm;
 pub mod info_nce;
 pub mod multi_sinkhorn;
 pub mod real;

@@ -7,15 +7,14 @@
 
 use crate::chunks::not_finite;
 use crate::error::{check_len, MmotError, Result};
+use crate::gemm::gemm;
 use crate::real::{Real, LANES};
 use rayon::prelude::*;
 
-/// x rows handled together: each `y` row loaded from cache serves this many dot products.
+/// Gradient rows accumulated together in the backward: each loaded row serves this many.
 const IB: usize = 4;
-/// y rows per block, so a block of `y` stays cache-resident while all `x` rows of a tile pass.
-const JB: usize = 64;
-/// Output rows per parallel task.
-const ROWS_PER_TASK: usize = 32;
+/// Output rows per parallel task: one GEMM each, large enough to amortise its packing.
+const ROWS_PER_TASK: usize = 256;
 
 /// `out[o] = scale · x̂[x_index[o]] ŷ[y_index[o]]ᵀ`.
 ///
@@ -159,60 +158,38 @@ pub fn similarity_checked<T: Real>(
     Ok(())
 }
 
-/// One tile of output rows against all `m` columns.
+/// One tile of output rows against all `m` columns: a GEMM, then the scale and inverse norms.
 fn tile_kernel<T: Real>(xs: &[T], ys: &[T], ix: &[T], iy: &[T], out: &mut [T], d: usize, sc: T) {
     let rows = ix.len();
     let m = iy.len();
-    for j0 in (0..m).step_by(JB) {
-        let j1 = (j0 + JB).min(m);
-        let mut i = 0;
-        while i + IB <= rows {
-            let xr: [&[T]; IB] = std::array::from_fn(|u| &xs[(i + u) * d..(i + u + 1) * d]);
-            for j in j0..j1 {
-                let yr = &ys[j * d..(j + 1) * d];
-                let dots = dot4(xr, yr);
-                for u in 0..IB {
-                    out[(i + u) * m + j] = dots[u] * (sc * ix[i + u] * iy[j]);
-                }
-            }
-            i += IB;
-        }
-        while i < rows {
-            let xr = &xs[i * d..(i + 1) * d];
-            for j in j0..j1 {
-                let yr = &ys[j * d..(j + 1) * d];
-                out[i * m + j] = crate::real::dot(xr, yr) * (sc * ix[i] * iy[j]);
-            }
-            i += 1;
+    if d == 0 {
+        out.iter_mut().for_each(|o| *o = T::ZERO);
+        return;
+    }
+    assert!(xs.len() >= rows * d && ys.len() >= m * d && out.len() >= rows * m);
+    // SAFETY: the bounds above cover every element the strides reach.
+    unsafe {
+        gemm(
+            rows,
+            d,
+            m,
+            xs.as_ptr(),
+            d as isize,
+            1,
+            ys.as_ptr(),
+            1,
+            d as isize,
+            T::ZERO,
+            out.as_mut_ptr(),
+            m as isize,
+        )
+    }
+    for (row, &xi) in out.chunks_exact_mut(m).zip(ix) {
+        let s = sc * xi;
+        for (o, &yj) in row.iter_mut().zip(iy) {
+            *o *= s * yj;
         }
     }
-}
-
-/// Four dot products sharing one `y` row, each with the same fixed lane order as `real::dot`.
-#[inline(always)]
-fn dot4<T: Real>(xr: [&[T]; IB], yr: &[T]) -> [T; IB] {
-    let d = yr.len();
-    let mut acc = [[T::ZERO; LANES]; IB];
-    let full = d - d % LANES;
-    let mut p = 0;
-    while p < full {
-        let yc = &yr[p..p + LANES];
-        for u in 0..IB {
-            let xc = &xr[u][p..p + LANES];
-            for l in 0..LANES {
-                acc[u][l] += xc[l] * yc[l];
-            }
-        }
-        p += LANES;
-    }
-    std::array::from_fn(|u| {
-        let a = acc[u];
-        let mut s = T::ZERO;
-        for q in full..d {
-            s += xr[u][q] * yr[q];
-        }
-        (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) + s
-    })
 }
 
 /// Gradients of [`similarity`]: given `grad` `[bo, n, m]` (the adjoint of `out`), writes
