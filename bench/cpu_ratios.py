@@ -23,16 +23,10 @@ import torch
 
 import mmot
 from mmot.bench import baselines
+from mmot.bench.workloads import cosine_scores as cosine
 from mmot.bench.timing import copy_bandwidth_gbps, interleaved
 
 N = 7660
-
-
-def cosine(n, k, batch=(), seed=0, dim=64):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(*batch, n, dim, generator=generator), dim=-1)
-    a = torch.nn.functional.normalize(torch.randn(*batch, k, dim, generator=generator), dim=-1)
-    return x @ a.transpose(-1, -2)
 
 
 def backward_of(fn, scores):

@@ -12,13 +12,7 @@ import torch
 
 import mmot
 from mmot.bench import baselines
-
-
-def cosine(n, k, batch=(), seed=0, dim=64):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(*batch, n, dim, generator=generator), dim=-1)
-    a = torch.nn.functional.normalize(torch.randn(*batch, k, dim, generator=generator), dim=-1)
-    return x @ a.transpose(-1, -2)
+from mmot.bench.workloads import cosine_scores as cosine
 
 
 def backward_of(fn, scores):

@@ -37,10 +37,11 @@ def _unit_rows(n: int, dim: int, generator: torch.Generator, device) -> torch.Te
     return torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(device)
 
 
-def _cosine_scores(n: int, k: int, device, seed: int = 0, batch: tuple[int, ...] = ()) -> torch.Tensor:
+def cosine_scores(n: int, k: int, device="cpu", seed: int = 0, batch: tuple[int, ...] = (), dim: int = 64) -> torch.Tensor:
+    """Cosine similarities of seeded random unit vectors: the scores the Sinkhorn ops get in training."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(*batch, n, 64, generator=generator), dim=-1)
-    a = torch.nn.functional.normalize(torch.randn(*batch, k, 64, generator=generator), dim=-1)
+    x = torch.nn.functional.normalize(torch.randn(*batch, n, dim, generator=generator), dim=-1)
+    a = torch.nn.functional.normalize(torch.randn(*batch, k, dim, generator=generator), dim=-1)
     return (x @ a.transpose(-1, -2)).to(device)
 
 
@@ -68,7 +69,7 @@ def multi_sinkhorn_workloads(device: torch.device, quick: bool) -> list[Workload
         n, k, eps, iters = 7660, n_anchors // 2, 0.07, 20
 
         def inputs(dev, n=n, n_anchors=n_anchors):
-            return {"scores": _cosine_scores(n, n_anchors, dev)}
+            return {"scores": cosine_scores(n, n_anchors, dev)}
 
         weights = [0.25] * (n_anchors - k) + [1.0] * k
         mass = torch.full((n_anchors,), n / n_anchors, device=device)
@@ -170,7 +171,7 @@ def tiny_batch_workloads(device: torch.device, quick: bool) -> list[Workload]:
     for size in (4, 16):
 
         def inputs(dev, size=size):
-            return {"scores": _cosine_scores(size, size, dev, batch=(problems,))}
+            return {"scores": cosine_scores(size, size, dev, batch=(problems,))}
 
         rows = torch.ones(problems, size, device=device)
         cols = torch.ones(problems, size, device=device)
