@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import mmot
 from mmot.sspc.config import load_config
 from mmot.sspc.evaluate import all_pairs, ranks, retrieval_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+MMOT_ROOT = Path(mmot.__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -105,7 +106,8 @@ def _train_cmd(out: Path) -> list[str]:
 
 def _env(**extra):
     env = dict(os.environ, MMOT_NUM_THREADS="1", OMP_NUM_THREADS="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "python"), env.get("PYTHONPATH")]))
+    # The child imports the same mmot as this process (installed, or the source tree in development).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MMOT_ROOT), env.get("PYTHONPATH")]))
     return env
 
 
