@@ -58,23 +58,14 @@ pub fn similarity_checked<T: Real>(
     scale: f64,
     check_finite: bool,
 ) -> Result<()> {
-    check_len("x", x.len(), bx * n * d, &format!("[{bx}, {n}, {d}]"))?;
-    check_len("y", y.len(), by * m * d, &format!("[{by}, {m}, {d}]"))?;
-    let bo = x_index.len();
-    if y_index.len() != bo {
-        return Err(MmotError::Shape(format!(
-            "x_index and y_index must have the same length, got {bo} and {}",
-            y_index.len()
-        )));
-    }
-    check_len("out", out.len(), bo * n * m, &format!("[{bo}, {n}, {m}]"))?;
-    for (name, idx, lim) in [("x_index", x_index, bx), ("y_index", y_index, by)] {
-        if let Some(bad) = idx.iter().find(|&&i| i < 0 || i as u64 >= lim as u64) {
-            return Err(MmotError::InvalidArgument(format!(
-                "{name} entries must be in 0..{lim}, got {bad}"
-            )));
-        }
-    }
+    check_problems(
+        x,
+        y,
+        x_index,
+        y_index,
+        ("out", out.len()),
+        [bx, n, by, m, d],
+    )?;
     if out.is_empty() && !check_finite {
         return Ok(());
     }
@@ -158,6 +149,37 @@ pub fn similarity_checked<T: Real>(
     Ok(())
 }
 
+/// Shapes shared by the forward and the backward: `x` `[bx, n, d]`, `y` `[by, m, d]`, the
+/// `[bo, n, m]` output (or its adjoint) named `output.0`, and index arrays of length `bo`
+/// whose entries address existing problems.
+fn check_problems<T>(
+    x: &[T],
+    y: &[T],
+    x_index: &[i64],
+    y_index: &[i64],
+    output: (&str, usize),
+    [bx, n, by, m, d]: [usize; 5],
+) -> Result<()> {
+    check_len("x", x.len(), bx * n * d, &format!("[{bx}, {n}, {d}]"))?;
+    check_len("y", y.len(), by * m * d, &format!("[{by}, {m}, {d}]"))?;
+    let bo = x_index.len();
+    if y_index.len() != bo {
+        return Err(MmotError::Shape(format!(
+            "x_index and y_index must have the same length, got {bo} and {}",
+            y_index.len()
+        )));
+    }
+    check_len(output.0, output.1, bo * n * m, &format!("[{bo}, {n}, {m}]"))?;
+    for (name, idx, lim) in [("x_index", x_index, bx), ("y_index", y_index, by)] {
+        if let Some(bad) = idx.iter().find(|&&i| i < 0 || i as u64 >= lim as u64) {
+            return Err(MmotError::InvalidArgument(format!(
+                "{name} entries must be in 0..{lim}, got {bad}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One tile of output rows against all `m` columns: a GEMM, then the scale and inverse norms.
 fn tile_kernel<T: Real>(xs: &[T], ys: &[T], ix: &[T], iy: &[T], out: &mut [T], d: usize, sc: T) {
     let rows = ix.len();
@@ -217,25 +239,16 @@ pub fn similarity_backward<T: Real>(
     normalize: bool,
     scale: f64,
 ) -> Result<()> {
-    check_len("x", x.len(), bx * n * d, &format!("[{bx}, {n}, {d}]"))?;
-    check_len("y", y.len(), by * m * d, &format!("[{by}, {m}, {d}]"))?;
+    check_problems(
+        x,
+        y,
+        x_index,
+        y_index,
+        ("grad", grad.len()),
+        [bx, n, by, m, d],
+    )?;
     check_len("gx", gx.len(), bx * n * d, &format!("[{bx}, {n}, {d}]"))?;
     check_len("gy", gy.len(), by * m * d, &format!("[{by}, {m}, {d}]"))?;
-    let bo = x_index.len();
-    if y_index.len() != bo {
-        return Err(MmotError::Shape(format!(
-            "x_index and y_index must have the same length, got {bo} and {}",
-            y_index.len()
-        )));
-    }
-    check_len("grad", grad.len(), bo * n * m, &format!("[{bo}, {n}, {m}]"))?;
-    for (name, idx, lim) in [("x_index", x_index, bx), ("y_index", y_index, by)] {
-        if let Some(bad) = idx.iter().find(|&&i| i < 0 || i as u64 >= lim as u64) {
-            return Err(MmotError::InvalidArgument(format!(
-                "{name} entries must be in 0..{lim}, got {bad}"
-            )));
-        }
-    }
     let sc = T::from_f64(scale);
     let ix = inv_norms(x, bx * n, d, normalize);
     let iy = inv_norms(y, by * m, d, normalize);
