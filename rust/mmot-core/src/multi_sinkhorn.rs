@@ -23,7 +23,8 @@ use crate::chunks::{
 };
 use crate::domain::{use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, MmotError, Result};
-use crate::real::{max, min, sum, Real, LANES};
+use crate::real::{max, min, sum, Real};
+use crate::vector::{Vector, VectorOp};
 use rayon::prelude::*;
 use std::str::FromStr;
 
@@ -216,6 +217,47 @@ fn check_args<T: Real>(
     Ok(())
 }
 
+/// Where a row's values sit in the per-row state block. In the plain domain the cached `E_G`
+/// rows come first and the stride is a whole number of 64-byte lines, so that (with an aligned
+/// base, see [`aligned_rows`]) every row's vector loads start on a line; the row scalars
+/// (`h_G`, or the backward's adjoints of them) follow. The log domain keeps only the scalars.
+#[derive(Clone, Copy)]
+struct StateLayout {
+    stride: usize,
+    /// Offset of the `G` row scalars.
+    h: usize,
+}
+
+impl StateLayout {
+    fn new<T>(log: bool, ng: usize, gk: usize) -> Self {
+        if log {
+            StateLayout { stride: ng, h: 0 }
+        } else {
+            let line = (64 / std::mem::size_of::<T>()).max(1);
+            StateLayout {
+                stride: (gk + ng).next_multiple_of(line),
+                h: gk,
+            }
+        }
+    }
+}
+
+/// `len` zeroed values of `buf`, starting on a 64-byte boundary.
+fn aligned_rows<T: Real>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
+    buf.clear();
+    buf.resize(len + 64 / std::mem::size_of::<T>(), T::ZERO);
+    aligned_view(buf, len)
+}
+
+/// The `len` values of a buffer filled by [`aligned_rows`], without touching them.
+fn aligned_view<T: Real>(buf: &mut [T], len: usize) -> &mut [T] {
+    let off = buf
+        .as_ptr()
+        .align_offset(64)
+        .min(64 / std::mem::size_of::<T>());
+    &mut buf[off..off + len]
+}
+
 struct Problem<T> {
     n: usize,
     k: usize,
@@ -254,7 +296,8 @@ impl<T: Real> Problem<T> {
         let ng = self.g.w.len();
         let (w, c, t) = (&self.g.w[..], &self.g.c[..], &self.g.t[..]);
         let gk = ng * k;
-        let sw = if log { ng } else { ng + gk };
+        let lay = StateLayout::new::<T>(log, ng, gk);
+        let (sw, ho) = (lay.stride, lay.h);
         let rpc = rows_per_chunk(if log { k } else { sw });
         let nch = n_chunks(n, rpc);
         let Workspace {
@@ -264,8 +307,7 @@ impl<T: Real> Problem<T> {
             colpot,
             scratch,
         } = ws;
-        state.clear();
-        state.resize(n * sw, T::ZERO);
+        let state = aligned_rows(state, n * sw);
         partials.clear();
         partials.resize(nch * gk, T::ZERO);
         acc.clear();
@@ -297,7 +339,8 @@ impl<T: Real> Problem<T> {
                         lrow[j] = (srow[j] - cmax[j]) * inv_eps;
                     }
                     let st = &mut st[i * sw..(i + 1) * sw];
-                    let (h, cache) = st.split_at_mut(ng);
+                    let (cache, h) = st.split_at_mut(ho);
+                    let h = &mut h[..ng];
                     for g in 0..ng {
                         let pg = &mut p[g * k..(g + 1) * k];
                         let wg = w[g];
@@ -341,7 +384,6 @@ impl<T: Real> Problem<T> {
                 hs.col[it * gk..(it + 1) * gk].copy_from_slice(colpot);
             }
             let f: &[T] = colpot;
-            // scratch: q [G*K] | den [K] | lrow [K]
             run_pass(
                 n,
                 rpc,
@@ -352,15 +394,29 @@ impl<T: Real> Problem<T> {
                 partials,
                 gk,
                 scratch,
-                gk + 2 * k,
+                // q [rows, G, K] for the two-group path; q [G, K] | den [K] | lrow [K] otherwise
+                (rpc * gk).max(gk + 2 * k),
                 #[inline(always)]
                 |rows, st, o, p, scr| {
                     p.fill(T::ZERO);
+                    if !log && ng == 2 && !last {
+                        let (c, state, q) = ([c[0], c[1]], st, &mut scr[..rows.len() * gk]);
+                        return T::with_vector(PlainRowsTwo {
+                            state,
+                            lay,
+                            k,
+                            f,
+                            c,
+                            q,
+                            p,
+                        });
+                    }
                     let (q, rest) = scr.split_at_mut(gk);
                     let (den, lrow) = rest.split_at_mut(k);
                     for (i, row) in rows.enumerate() {
                         let st = &mut st[i * sw..(i + 1) * sw];
-                        let (h, cache) = st.split_at_mut(ng);
+                        let (cache, h) = st.split_at_mut(ho);
+                        let h = &mut h[..ng];
                         // inv[g]: the h update's 1 / row sum of q_G.
                         let mut inv = [T::ZERO; MAX_STACK_GROUPS];
                         let mut inv_heap = Vec::new();
@@ -497,7 +553,7 @@ impl<T: Real> Problem<T> {
             if let Some(hs) = hist.as_deref_mut() {
                 let dst = &mut hs.row[(it + 1) * n * ng..(it + 2) * n * ng];
                 for (d, st) in dst.chunks_exact_mut(ng).zip(state.chunks_exact(sw)) {
-                    d.copy_from_slice(&st[..ng]);
+                    d.copy_from_slice(&st[ho..ho + ng]);
                 }
             }
             if !last {
@@ -576,6 +632,123 @@ impl<T: Real> Problem<T> {
     }
 }
 
+/// One plain-domain iteration over a chunk of rows with two weight groups (the SSPC default):
+/// per row the g and h updates, then the row's contributions to the next column sums. Written
+/// with explicit vectors: this loop is the whole cost of a call, and LLVM turns its row sums
+/// into narrow shuffles.
+struct PlainRowsTwo<'a, T> {
+    /// The chunk's state rows (`StateLayout`): cached `E_0`, `E_1`, then `h_0`, `h_1`.
+    state: &'a mut [T],
+    lay: StateLayout,
+    k: usize,
+    /// `f_0`, `f_1` (`[2, K]`).
+    f: &'a [T],
+    /// Slot counts `c_0`, `c_1`.
+    c: [T; 2],
+    /// Scratch for the chunk's slot values, `[rows, 2, K]`.
+    q: &'a mut [T],
+    /// The chunk's next column sums, `[2, K]`, accumulated.
+    p: &'a mut [T],
+}
+
+impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<V: Vector<T>>(self) {
+        let k = self.k;
+        let lanes = V::LANES;
+        let full = k - k % lanes;
+        let (f0, f1) = self.f[..2 * k].split_at(k);
+        // Two sweeps over the chunk: first every row's g and h updates (rows are independent,
+        // so the out-of-order core overlaps one row's division and row sums with the next
+        // row's loads), then the column sums, which need each row's new h.
+        for (st, q) in self
+            .state
+            .chunks_exact_mut(self.lay.stride)
+            .zip(self.q.chunks_exact_mut(2 * k))
+        {
+            let (cache, h) = st.split_at_mut(self.lay.h);
+            let (e0, e1) = cache[..2 * k].split_at(k);
+            let (q0, q1) = q.split_at_mut(k);
+            let (ch0, ch1) = (self.c[0] * h[0], self.c[1] * h[1]);
+            let (vch0, vch1) = (V::splat(ch0), V::splat(ch1));
+            let (mut a0, mut a1) = (V::splat(T::ZERO), V::splat(T::ZERO));
+            // SAFETY: every slice here has length k and j + lanes <= full <= k.
+            let mut j = 0;
+            while j < full {
+                unsafe {
+                    let v0 = V::load(e0.as_ptr().add(j)).mul(V::load(f0.as_ptr().add(j)));
+                    let v1 = V::load(e1.as_ptr().add(j)).mul(V::load(f1.as_ptr().add(j)));
+                    let gi = vch0.mul(v0).add(vch1.mul(v1)).recip();
+                    let (y0, y1) = (v0.mul(gi), v1.mul(gi));
+                    y0.store(q0.as_mut_ptr().add(j));
+                    y1.store(q1.as_mut_ptr().add(j));
+                    a0 = a0.add(y0);
+                    a1 = a1.add(y1);
+                }
+                j += lanes;
+            }
+            let (mut s0, mut s1) = (a0.sum(), a1.sum());
+            for j in full..k {
+                let (v0, v1) = (e0[j] * f0[j], e1[j] * f1[j]);
+                let gi = T::ONE / (ch0 * v0 + ch1 * v1);
+                q0[j] = v0 * gi;
+                q1[j] = v1 * gi;
+                s0 += q0[j];
+                s1 += q1[j];
+            }
+            // The new h is 1 / Σ_a E f g; the slot values after the h update are q · h_new.
+            h[0] = T::ONE / s0;
+            h[1] = T::ONE / s1;
+        }
+        // Column sums p_G += Σ_rows h_G q_G, a block of columns at a time held in registers
+        // (accumulating through memory would chain every row's loads on the previous stores).
+        const BLOCK: usize = 4;
+        let (p0, p1) = self.p[..2 * k].split_at_mut(k);
+        let rows = || {
+            self.state
+                .chunks_exact(self.lay.stride)
+                .map(|st| (st[self.lay.h], st[self.lay.h + 1]))
+                .zip(self.q.chunks_exact(2 * k))
+        };
+        let mut j0 = 0;
+        while j0 < full {
+            let nv = ((full - j0) / lanes).min(BLOCK);
+            let mut acc = [[V::splat(T::ZERO); BLOCK]; 2];
+            for ((h0, h1), q) in rows() {
+                let (vh0, vh1) = (V::splat(h0), V::splat(h1));
+                for u in 0..BLOCK {
+                    if u < nv {
+                        let j = j0 + u * lanes;
+                        // SAFETY: q has length 2k and j + lanes <= full <= k.
+                        unsafe {
+                            acc[0][u] = acc[0][u].add(V::load(q.as_ptr().add(j)).mul(vh0));
+                            acc[1][u] = acc[1][u].add(V::load(q.as_ptr().add(k + j)).mul(vh1));
+                        }
+                    }
+                }
+            }
+            for u in 0..nv {
+                let j = j0 + u * lanes;
+                // SAFETY: p0 and p1 have length k.
+                unsafe {
+                    let (pp0, pp1) = (p0.as_mut_ptr().add(j), p1.as_mut_ptr().add(j));
+                    V::load(pp0).add(acc[0][u]).store(pp0);
+                    V::load(pp1).add(acc[1][u]).store(pp1);
+                }
+            }
+            j0 += nv * lanes;
+        }
+        for ((h0, h1), q) in rows() {
+            for j in full..k {
+                p0[j] += q[j] * h0;
+                p1[j] += q[k + j] * h1;
+            }
+        }
+    }
+}
+
 /// Plain-domain g and h updates of one row for a compile-time group count, in one pass over the
 /// anchors (the generic path makes six). Writes `q_G = E_G f_G g` (the slot values after the g
 /// update, without the old `h_G` factor) and `inv[g] = 1 / Σ_a q_G`, which is the new `h_G`;
@@ -591,54 +764,24 @@ fn plain_row_fused<T: Real, const NG: usize>(
 ) -> bool {
     let k = f.len() / NG;
     let ch: [T; NG] = std::array::from_fn(|g| c[g] * h[g]);
-    let e: [&[T]; NG] = std::array::from_fn(|g| &cache[g * k..(g + 1) * k]);
-    let fs: [&[T]; NG] = std::array::from_fn(|g| &f[g * k..(g + 1) * k]);
-    let mut acc = [[T::ZERO; LANES]; NG];
-    let mut tail = [T::ZERO; NG];
-    let full = k - k % LANES;
-    let mut j0 = 0;
-    while j0 < full {
-        let ec: [&[T]; NG] = std::array::from_fn(|g| &e[g][j0..j0 + LANES]);
-        let fc: [&[T]; NG] = std::array::from_fn(|g| &fs[g][j0..j0 + LANES]);
-        let mut v = [[T::ZERO; LANES]; NG];
-        let mut den = [T::ZERO; LANES];
-        for g in 0..NG {
-            for l in 0..LANES {
-                v[g][l] = ec[g][l] * fc[g][l];
-                den[l] += ch[g] * v[g][l];
-            }
-        }
-        for d in den.iter_mut() {
-            *d = T::ONE / *d;
-        }
-        for g in 0..NG {
-            let qc = &mut q[g * k + j0..g * k + j0 + LANES];
-            for l in 0..LANES {
-                let y = v[g][l] * den[l];
-                qc[l] = y;
-                acc[g][l] += y;
-            }
-        }
-        j0 += LANES;
-    }
-    for j in full..k {
-        let mut v = [T::ZERO; NG];
+    // Every slice is cut to exactly k so that the loop below carries no bounds checks and
+    // vectorises at the full register width.
+    let e: [&[T]; NG] = std::array::from_fn(|g| &cache[g * k..][..k]);
+    let fs: [&[T]; NG] = std::array::from_fn(|g| &f[g * k..][..k]);
+    let mut qs = q[..NG * k].chunks_exact_mut(k);
+    let qs: [&mut [T]; NG] = std::array::from_fn(|_| qs.next().unwrap());
+    for j in 0..k {
         let mut den = T::ZERO;
         for g in 0..NG {
-            v[g] = e[g][j] * fs[g][j];
-            den += ch[g] * v[g];
+            den += ch[g] * (e[g][j] * fs[g][j]);
         }
         let gi = T::ONE / den;
         for g in 0..NG {
-            let y = v[g] * gi;
-            q[g * k + j] = y;
-            tail[g] += y;
+            qs[g][j] = e[g][j] * fs[g][j] * gi;
         }
     }
     for g in 0..NG {
-        let a = acc[g];
-        let s = (((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))) + tail[g];
-        inv[g] = T::ONE / s;
+        inv[g] = T::ONE / sum(qs[g]);
     }
     true
 }
@@ -757,7 +900,8 @@ impl<T: Real> Problem<T> {
         } = bw;
         // The replay writes T into `out`, which the sweep then overwrites row by row.
         self.solve(s, r, cmax, out, fwd, log, Some(hist));
-        let sw = if log { ng } else { ng + gk };
+        let lay = StateLayout::new::<T>(log, ng, gk);
+        let (sw, ho) = (lay.stride, lay.h);
         let rpc = rows_per_chunk(if log { k } else { sw });
         let nch = n_chunks(n, rpc);
         let Workspace {
@@ -767,6 +911,7 @@ impl<T: Real> Problem<T> {
             scratch,
             ..
         } = fwd;
+        let state = aligned_view(state, n * sw);
         let hist: &History<T> = hist;
         phr.clear();
         phr.resize(gk, T::ZERO);
@@ -817,7 +962,7 @@ impl<T: Real> Problem<T> {
                         }
                     }
                 } else {
-                    let e = &st[ng..];
+                    let e = &st[..gk];
                     lrow.fill(T::ZERO);
                     for g in 0..ng {
                         let ch = c[g] * h0[g];
@@ -889,7 +1034,7 @@ impl<T: Real> Problem<T> {
                                     let a = if log {
                                         (w[g] * lrow[j] + f1[g * k + j]).exp_fast()
                                     } else {
-                                        st[ng + g * k + j] * f1[g * k + j]
+                                        st[g * k + j] * f1[g * k + j]
                                     };
                                     orow[j] -= wg[g] * phr_r[g * k + j] * a;
                                 }
@@ -935,7 +1080,7 @@ impl<T: Real> Problem<T> {
                                     gb[j] += v;
                                     se += v;
                                 }
-                                eb[g] = st[g] + se;
+                                eb[g] = st[ho + g] + se;
                             }
                         }
                         // h step of iteration t: Z_G = −η̄_G C_G.
@@ -957,7 +1102,7 @@ impl<T: Real> Problem<T> {
                                 part[g * k + j] += x;
                                 se += x;
                             }
-                            st[g] = se;
+                            st[ho + g] = se;
                         }
                         for g in 0..ng {
                             for j in 0..k {

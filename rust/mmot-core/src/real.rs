@@ -24,6 +24,7 @@ pub trait Real:
     + SubAssign
     + MulAssign
     + DivAssign
+    + crate::vector::Vectors
     + 'static
 {
     const ZERO: Self;

@@ -1,0 +1,278 @@
+//! Explicit SIMD vectors for the hot loops that LLVM's auto-vectoriser handles badly.
+//!
+//! Most kernel loops are plain element-wise maps, which LLVM vectorises well inside
+//! [`crate::simd::dispatch`]. Per-row reductions are the exception: spelled-out lane arrays get
+//! interleaved into narrow shuffles, and re-reading a row just written with wide stores stalls
+//! on store forwarding. The few loops where that dominates are written against [`Vector`], a
+//! fixed-width register type with a fixed horizontal summation order, so results depend on the
+//! instruction set (as documented in `simd.rs`) but never on the thread count.
+//!
+//! Each element type names its vector types per instruction set through [`Vectors`];
+//! [`Vectors::with_vector`] picks the one for the detected level. It must be called inside
+//! [`crate::simd::dispatch`], so that the intrinsics inline into code compiled for that level.
+
+use crate::simd::{level, Level};
+
+/// A register of `LANES` values of `T`. Only ever instantiated through [`Vectors::with_vector`],
+/// which checks that the CPU supports the instructions.
+pub trait Vector<T>: Copy {
+    const LANES: usize;
+    fn splat(x: T) -> Self;
+    /// # Safety
+    /// `p` must point to `LANES` readable values.
+    unsafe fn load(p: *const T) -> Self;
+    /// # Safety
+    /// `p` must point to `LANES` writable values.
+    unsafe fn store(self, p: *mut T);
+    fn add(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+    fn div(self, o: Self) -> Self;
+    /// `1 / self` to within about an ulp (a hardware estimate refined by a Newton step where
+    /// the instruction set has one; exact division otherwise).
+    fn recip(self) -> Self;
+    /// Sum of the lanes in a fixed order.
+    fn sum(self) -> T;
+}
+
+/// A kernel body generic over the vector type.
+pub trait VectorOp<T> {
+    type Output;
+    fn run<V: Vector<T>>(self) -> Self::Output;
+}
+
+/// The vector types of an element type, one per [`Level`].
+pub trait Vectors: Sized + Copy {
+    type Wide: Vector<Self>;
+    type Narrow: Vector<Self>;
+    type Single: Vector<Self>;
+    /// Runs `op` with the vector type of the detected level.
+    #[inline(always)]
+    fn with_vector<O: VectorOp<Self>>(op: O) -> O::Output {
+        match level() {
+            Level::Avx512 => op.run::<Self::Wide>(),
+            Level::Avx2 => op.run::<Self::Narrow>(),
+            Level::Generic => op.run::<Self::Single>(),
+        }
+    }
+}
+
+/// One value per "register": the portable fallback.
+#[derive(Clone, Copy)]
+pub struct Scalar<T>(T);
+
+macro_rules! scalar_vector {
+    ($t:ty) => {
+        impl Vector<$t> for Scalar<$t> {
+            const LANES: usize = 1;
+            #[inline(always)]
+            fn splat(x: $t) -> Self {
+                Scalar(x)
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const $t) -> Self {
+                Scalar(*p)
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut $t) {
+                *p = self.0
+            }
+            #[inline(always)]
+            fn add(self, o: Self) -> Self {
+                Scalar(self.0 + o.0)
+            }
+            #[inline(always)]
+            fn mul(self, o: Self) -> Self {
+                Scalar(self.0 * o.0)
+            }
+            #[inline(always)]
+            fn div(self, o: Self) -> Self {
+                Scalar(self.0 / o.0)
+            }
+            #[inline(always)]
+            fn recip(self) -> Self {
+                Scalar(1.0 / self.0)
+            }
+            #[inline(always)]
+            fn sum(self) -> $t {
+                self.0
+            }
+        }
+    };
+}
+scalar_vector!(f32);
+scalar_vector!(f64);
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Vector;
+    use std::arch::x86_64::*;
+
+    /// Implements [`Vector`] for a newtype over an intrinsic register type. The intrinsics are
+    /// target-feature functions; the level check in `with_vector` makes calling them sound.
+    macro_rules! intrinsic_vector {
+        ($name:ident, $reg:ty, $t:ty, $lanes:expr, $set1:ident, $loadu:ident, $storeu:ident,
+         $add:ident, $mul:ident, $div:ident, $recip:ident, $reduce:ident) => {
+            #[derive(Clone, Copy)]
+            pub struct $name($reg);
+            impl Vector<$t> for $name {
+                const LANES: usize = $lanes;
+                #[inline(always)]
+                fn splat(x: $t) -> Self {
+                    unsafe { $name($set1(x)) }
+                }
+                #[inline(always)]
+                unsafe fn load(p: *const $t) -> Self {
+                    $name($loadu(p))
+                }
+                #[inline(always)]
+                unsafe fn store(self, p: *mut $t) {
+                    $storeu(p, self.0)
+                }
+                #[inline(always)]
+                fn add(self, o: Self) -> Self {
+                    unsafe { $name($add(self.0, o.0)) }
+                }
+                #[inline(always)]
+                fn mul(self, o: Self) -> Self {
+                    unsafe { $name($mul(self.0, o.0)) }
+                }
+                #[inline(always)]
+                fn div(self, o: Self) -> Self {
+                    unsafe { $name($div(self.0, o.0)) }
+                }
+                #[inline(always)]
+                fn recip(self) -> Self {
+                    unsafe { $name($recip(self.0)) }
+                }
+                #[inline(always)]
+                fn sum(self) -> $t {
+                    unsafe { $reduce(self.0) }
+                }
+            }
+        };
+    }
+    // Horizontal sums in registers (halves added pairwise, a fixed order); going through memory
+    // instead would stall on store forwarding.
+    #[inline(always)]
+    unsafe fn reduce_add_256_ps(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    #[inline(always)]
+    unsafe fn reduce_add_256_pd(v: __m256d) -> f64 {
+        let s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
+        _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
+    }
+
+    // Reciprocals: the f32 estimates (14 and 12 bits) are refined by one Newton step,
+    // r' = r (2 - x r), to within about an ulp, at a fraction of a division's cost. f64 keeps
+    // the exact division (two Newton steps would cost about as much).
+    #[inline(always)]
+    unsafe fn recip_512_ps(x: __m512) -> __m512 {
+        let r = _mm512_rcp14_ps(x);
+        _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.0)))
+    }
+
+    #[inline(always)]
+    unsafe fn recip_256_ps(x: __m256) -> __m256 {
+        let r = _mm256_rcp_ps(x);
+        _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(2.0)))
+    }
+
+    #[inline(always)]
+    unsafe fn recip_512_pd(x: __m512d) -> __m512d {
+        _mm512_div_pd(_mm512_set1_pd(1.0), x)
+    }
+
+    #[inline(always)]
+    unsafe fn recip_256_pd(x: __m256d) -> __m256d {
+        _mm256_div_pd(_mm256_set1_pd(1.0), x)
+    }
+
+    intrinsic_vector!(
+        F32x16,
+        __m512,
+        f32,
+        16,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_add_ps,
+        _mm512_mul_ps,
+        _mm512_div_ps,
+        recip_512_ps,
+        _mm512_reduce_add_ps
+    );
+    intrinsic_vector!(
+        F32x8,
+        __m256,
+        f32,
+        8,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_add_ps,
+        _mm256_mul_ps,
+        _mm256_div_ps,
+        recip_256_ps,
+        reduce_add_256_ps
+    );
+    intrinsic_vector!(
+        F64x8,
+        __m512d,
+        f64,
+        8,
+        _mm512_set1_pd,
+        _mm512_loadu_pd,
+        _mm512_storeu_pd,
+        _mm512_add_pd,
+        _mm512_mul_pd,
+        _mm512_div_pd,
+        recip_512_pd,
+        _mm512_reduce_add_pd
+    );
+    intrinsic_vector!(
+        F64x4,
+        __m256d,
+        f64,
+        4,
+        _mm256_set1_pd,
+        _mm256_loadu_pd,
+        _mm256_storeu_pd,
+        _mm256_add_pd,
+        _mm256_mul_pd,
+        _mm256_div_pd,
+        recip_256_pd,
+        reduce_add_256_pd
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Vectors for f32 {
+    type Wide = x86::F32x16;
+    type Narrow = x86::F32x8;
+    type Single = Scalar<f32>;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Vectors for f64 {
+    type Wide = x86::F64x8;
+    type Narrow = x86::F64x4;
+    type Single = Scalar<f64>;
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+impl Vectors for f32 {
+    type Wide = Scalar<f32>;
+    type Narrow = Scalar<f32>;
+    type Single = Scalar<f32>;
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+impl Vectors for f64 {
+    type Wide = Scalar<f64>;
+    type Narrow = Scalar<f64>;
+    type Single = Scalar<f64>;
+}
