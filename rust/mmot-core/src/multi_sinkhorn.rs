@@ -399,8 +399,13 @@ impl<T: Real> Problem<T> {
                 #[inline(always)]
                 |rows, st, o, p, scr| {
                     p.fill(T::ZERO);
-                    if !log && ng == 2 && !last {
+                    if !log && ng == 2 {
                         let (c, state, q) = ([c[0], c[1]], st, &mut scr[..rows.len() * gk]);
+                        let output = last.then(|| Output {
+                            rows: o,
+                            t: [t[0], t[1]],
+                            minmax: normalize == Normalize::MinMax,
+                        });
                         return T::with_vector(PlainRowsTwo {
                             state,
                             lay,
@@ -409,6 +414,7 @@ impl<T: Real> Problem<T> {
                             c,
                             q,
                             p,
+                            output,
                         });
                     }
                     let (q, rest) = scr.split_at_mut(gk);
@@ -649,6 +655,16 @@ struct PlainRowsTwo<'a, T> {
     q: &'a mut [T],
     /// The chunk's next column sums, `[2, K]`, accumulated.
     p: &'a mut [T],
+    /// In the last iteration: where T goes instead of the column sums.
+    output: Option<Output<'a, T>>,
+}
+
+/// The chunk's rows of `T = Σ_G t_G h_G q_G`, and their post-processing.
+struct Output<'a, T> {
+    rows: &'a mut [T],
+    /// Number of the output's (last k) slots in each group.
+    t: [T; 2],
+    minmax: bool,
 }
 
 impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
@@ -701,6 +717,27 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
             // The new h is 1 / Σ_a E f g; the slot values after the h update are q · h_new.
             h[0] = T::ONE / s0;
             h[1] = T::ONE / s1;
+        }
+        if let Some(out) = self.output {
+            let rows = self.state.chunks_exact(self.lay.stride);
+            let rows = rows.zip(self.q.chunks_exact(2 * k));
+            for ((st, q), orow) in rows.zip(out.rows.chunks_exact_mut(k)) {
+                let (q0, q1) = q.split_at(k);
+                let orow = &mut orow[..k];
+                orow.fill(T::ZERO);
+                for (g, qg) in [q0, q1].into_iter().enumerate() {
+                    if out.t[g] > T::ZERO {
+                        let coef = out.t[g] * st[self.lay.h + g];
+                        for j in 0..k {
+                            orow[j] += coef * qg[j];
+                        }
+                    }
+                }
+                if out.minmax {
+                    minmax_row(orow);
+                }
+            }
+            return;
         }
         // Column sums p_G += Σ_rows h_G q_G, a block of columns at a time held in registers
         // (accumulating through memory would chain every row's loads on the previous stores).
