@@ -676,47 +676,23 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
         let lanes = V::LANES;
         let full = k - k % lanes;
         let (f0, f1) = self.f[..2 * k].split_at(k);
-        // Two sweeps over the chunk: first every row's g and h updates (rows are independent,
-        // so the out-of-order core overlaps one row's division and row sums with the next
-        // row's loads), then the column sums, which need each row's new h.
-        for (st, q) in self
-            .state
-            .chunks_exact_mut(self.lay.stride)
-            .zip(self.q.chunks_exact_mut(2 * k))
-        {
-            let (cache, h) = st.split_at_mut(self.lay.h);
-            let (e0, e1) = cache[..2 * k].split_at(k);
-            let (q0, q1) = q.split_at_mut(k);
-            let (ch0, ch1) = (self.c[0] * h[0], self.c[1] * h[1]);
-            let (vch0, vch1) = (V::splat(ch0), V::splat(ch1));
-            let (mut a0, mut a1) = (V::splat(T::ZERO), V::splat(T::ZERO));
-            // SAFETY: every slice here has length k and j + lanes <= full <= k.
-            let mut j = 0;
-            while j < full {
-                unsafe {
-                    let v0 = V::load(e0.as_ptr().add(j)).mul(V::load(f0.as_ptr().add(j)));
-                    let v1 = V::load(e1.as_ptr().add(j)).mul(V::load(f1.as_ptr().add(j)));
-                    let gi = vch0.mul(v0).add(vch1.mul(v1)).recip();
-                    let (y0, y1) = (v0.mul(gi), v1.mul(gi));
-                    y0.store(q0.as_mut_ptr().add(j));
-                    y1.store(q1.as_mut_ptr().add(j));
-                    a0 = a0.add(y0);
-                    a1 = a1.add(y1);
-                }
-                j += lanes;
-            }
-            let (mut s0, mut s1) = (a0.sum(), a1.sum());
-            for j in full..k {
-                let (v0, v1) = (e0[j] * f0[j], e1[j] * f1[j]);
-                let gi = T::ONE / (ch0 * v0 + ch1 * v1);
-                q0[j] = v0 * gi;
-                q1[j] = v1 * gi;
-                s0 += q0[j];
-                s1 += q1[j];
-            }
-            // The new h is 1 / Σ_a E f g; the slot values after the h update are q · h_new.
-            h[0] = T::ONE / s0;
-            h[1] = T::ONE / s1;
+        // Two sweeps over the chunk: first every row's g and h updates, two rows at a time so
+        // that their dependency chains (division, row sums) interleave, then the column sums,
+        // which need each row's new h.
+        let (stride, two_k) = (self.lay.stride, 2 * k);
+        const ROWS: usize = 2;
+        let mut pairs = self.state.chunks_exact_mut(ROWS * stride);
+        let mut q_pairs = self.q.chunks_exact_mut(ROWS * two_k);
+        for (st, q) in (&mut pairs).zip(&mut q_pairs) {
+            let mut st = st.chunks_exact_mut(stride);
+            let mut q = q.chunks_exact_mut(two_k);
+            let st: [&mut [T]; ROWS] = std::array::from_fn(|_| st.next().unwrap());
+            let q: [&mut [T]; ROWS] = std::array::from_fn(|_| q.next().unwrap());
+            update_rows::<T, V, ROWS>(st, q, f0, f1, self.c, self.lay.h, k);
+        }
+        let rest = pairs.into_remainder().chunks_exact_mut(stride);
+        for (st, q) in rest.zip(q_pairs.into_remainder().chunks_exact_mut(two_k)) {
+            update_rows::<T, V, 1>([st], [q], f0, f1, self.c, self.lay.h, k);
         }
         if let Some(out) = self.output {
             let rows = self.state.chunks_exact(self.lay.stride);
@@ -783,6 +759,68 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
                 p1[j] += q[k + j] * h1;
             }
         }
+    }
+}
+
+/// The g and h updates of `R` rows with two weight groups: writes each row's slot values
+/// `q_G = E_G f_G g` (`[2, K]`, without the old `h_G` factor) and its new `h_G = 1 / Σ_a q_G`.
+/// `states[r]` is the row's state block (cached `E_0`, `E_1`, and `h_0`, `h_1` at `h_at`).
+#[inline(always)]
+fn update_rows<T: Real, V: Vector<T>, const R: usize>(
+    states: [&mut [T]; R],
+    qs: [&mut [T]; R],
+    f0: &[T],
+    f1: &[T],
+    c: [T; 2],
+    h_at: usize,
+    k: usize,
+) {
+    let lanes = V::LANES;
+    let full = k - k % lanes;
+    let (f0, f1) = (&f0[..k], &f1[..k]);
+    let mut rows = states.map(|st| {
+        let (cache, h) = st.split_at_mut(h_at);
+        (&*cache, h)
+    });
+    let e: [[&[T]; 2]; R] = std::array::from_fn(|r| [&rows[r].0[..k], &rows[r].0[k..2 * k]]);
+    let hs: [[T; 2]; R] = std::array::from_fn(|r| [c[0] * rows[r].1[0], c[1] * rows[r].1[1]]);
+    for q in &qs {
+        assert!(q.len() >= 2 * k);
+    }
+    let mut acc = [[V::splat(T::ZERO); 2]; R];
+    let mut j = 0;
+    while j < full {
+        for r in 0..R {
+            // SAFETY: e[r][g] and f0, f1 have length k, qs[r] at least 2k, j + lanes <= k.
+            unsafe {
+                let v0 = V::load(e[r][0].as_ptr().add(j)).mul(V::load(f0.as_ptr().add(j)));
+                let v1 = V::load(e[r][1].as_ptr().add(j)).mul(V::load(f1.as_ptr().add(j)));
+                let den = V::splat(hs[r][0]).mul(v0).add(V::splat(hs[r][1]).mul(v1));
+                let gi = den.recip();
+                let (y0, y1) = (v0.mul(gi), v1.mul(gi));
+                y0.store(qs[r].as_mut_ptr().add(j));
+                y1.store(qs[r].as_mut_ptr().add(k + j));
+                acc[r][0] = acc[r][0].add(y0);
+                acc[r][1] = acc[r][1].add(y1);
+            }
+        }
+        j += lanes;
+    }
+    for r in 0..R {
+        let (mut s0, mut s1) = (acc[r][0].sum(), acc[r][1].sum());
+        let (q0, q1) = qs[r].split_at_mut(k);
+        for j in full..k {
+            let (v0, v1) = (e[r][0][j] * f0[j], e[r][1][j] * f1[j]);
+            let gi = T::ONE / (hs[r][0] * v0 + hs[r][1] * v1);
+            q0[j] = v0 * gi;
+            q1[j] = v1 * gi;
+            s0 += q0[j];
+            s1 += q1[j];
+        }
+        // The new h is 1 / Σ_a E f g; the slot values after the h update are q · h_new.
+        let h = &mut rows[r].1;
+        h[0] = T::ONE / s0;
+        h[1] = T::ONE / s1;
     }
 }
 
