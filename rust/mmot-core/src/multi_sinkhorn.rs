@@ -242,10 +242,14 @@ impl StateLayout {
     }
 }
 
-/// `len` zeroed values of `buf`, starting on a 64-byte boundary.
+/// `len` values of `buf` starting on a 64-byte boundary, with whatever they held before: every
+/// pass 0 writes all the state it later reads, so a reused buffer is not cleared (a fresh one
+/// comes zeroed from the allocator, which is cheaper than filling it).
 fn aligned_rows<T: Real>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
-    buf.clear();
-    buf.resize(len + 64 / std::mem::size_of::<T>(), T::ZERO);
+    let padded = len + 64 / std::mem::size_of::<T>();
+    if buf.len() < padded {
+        *buf = vec![T::ZERO; padded];
+    }
     aligned_view(buf, len)
 }
 
