@@ -192,46 +192,13 @@ impl Real for f64 {
     }
 }
 
-/// Number of independent accumulators in the reductions below. Float addition is not
-/// associative, so LLVM will not vectorise a plain `sum()`; spelling out the lanes lets it, and
-/// also fixes the summation order so results do not depend on the machine.
+/// Number of independent accumulators in the lane-array reductions (`max`, `min` and some
+/// kernels' own loops). Float addition is not associative, so LLVM will not vectorise a plain
+/// `sum()`; spelling out the lanes lets it, and fixes the summation order. `sum` and `dot` use
+/// explicit vectors instead (`vector.rs`), which LLVM cannot turn into narrow shuffles.
 pub(crate) const LANES: usize = 8;
 
-/// Sum of a slice with a fixed lane order.
-#[inline(always)]
-pub(crate) fn sum<T: Real>(x: &[T]) -> T {
-    let mut acc = [T::ZERO; LANES];
-    let mut it = x.chunks_exact(LANES);
-    for c in &mut it {
-        for l in 0..LANES {
-            acc[l] += c[l];
-        }
-    }
-    let mut s = T::ZERO;
-    for v in it.remainder() {
-        s += *v;
-    }
-    fold_lanes(acc) + s
-}
-
-/// Dot product with a fixed lane order.
-#[inline(always)]
-pub(crate) fn dot<T: Real>(x: &[T], y: &[T]) -> T {
-    debug_assert_eq!(x.len(), y.len());
-    let mut acc = [T::ZERO; LANES];
-    let mut ix = x.chunks_exact(LANES);
-    let mut iy = y.chunks_exact(LANES);
-    for (a, b) in (&mut ix).zip(&mut iy) {
-        for l in 0..LANES {
-            acc[l] += a[l] * b[l];
-        }
-    }
-    let mut s = T::ZERO;
-    for (a, b) in ix.remainder().iter().zip(iy.remainder()) {
-        s += *a * *b;
-    }
-    fold_lanes(acc) + s
-}
+pub(crate) use crate::vector::{dot, sum};
 
 /// Maximum of a slice (-inf for an empty one).
 #[inline(always)]
@@ -271,11 +238,6 @@ pub(crate) fn min<T: Real>(x: &[T]) -> T {
         m = m.fmin(a);
     }
     m
-}
-
-#[inline(always)]
-fn fold_lanes<T: Real>(a: [T; LANES]) -> T {
-    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
 }
 
 #[cfg(test)]

@@ -56,6 +56,64 @@ pub trait Vectors: Sized + Copy {
     }
 }
 
+/// `Σ x[i] y[i]` in four vector accumulators (a fixed order). With `y` absent, `Σ x[i]`.
+struct Dot<'a, T> {
+    x: &'a [T],
+    y: Option<&'a [T]>,
+}
+
+impl<T: crate::real::Real> VectorOp<T> for Dot<'_, T> {
+    type Output = T;
+
+    #[inline(always)]
+    fn run<V: Vector<T>>(self) -> T {
+        let n = self.y.map_or(self.x.len(), |y| y.len().min(self.x.len()));
+        let (x, lanes) = (&self.x[..n], V::LANES);
+        let y = self.y.map(|y| &y[..n]);
+        // SAFETY (both loads): i + lanes <= n, the length of x and y.
+        let term = |i: usize| unsafe {
+            let a = V::load(x.as_ptr().add(i));
+            y.map_or(a, |y| a.mul(V::load(y.as_ptr().add(i))))
+        };
+        let mut acc = [V::splat(T::ZERO); 4];
+        let mut i = 0;
+        while i + 4 * lanes <= n {
+            for (u, a) in acc.iter_mut().enumerate() {
+                *a = a.add(term(i + u * lanes));
+            }
+            i += 4 * lanes;
+        }
+        while i + lanes <= n {
+            acc[0] = acc[0].add(term(i));
+            i += lanes;
+        }
+        let mut s = acc[0].add(acc[1]).add(acc[2].add(acc[3])).sum();
+        for j in i..n {
+            s += y.map_or(x[j], |y| x[j] * y[j]);
+        }
+        s
+    }
+}
+
+/// Sum of a slice in vector registers, for the level of the running code.
+#[inline(always)]
+pub(crate) fn sum<T: crate::real::Real>(x: &[T]) -> T {
+    crate::simd::dispatch(
+        #[inline(always)]
+        || T::with_vector(Dot { x, y: None }),
+    )
+}
+
+/// Dot product in vector registers; `x` and `y` have the same length.
+#[inline(always)]
+pub(crate) fn dot<T: crate::real::Real>(x: &[T], y: &[T]) -> T {
+    debug_assert_eq!(x.len(), y.len());
+    crate::simd::dispatch(
+        #[inline(always)]
+        || T::with_vector(Dot { x, y: Some(y) }),
+    )
+}
+
 /// One value per "register": the portable fallback.
 #[derive(Clone, Copy)]
 pub struct Scalar<T>(T);
