@@ -334,3 +334,92 @@ impl Vectors for f64 {
     type Narrow = Scalar<f64>;
     type Single = Scalar<f64>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::real::Real;
+
+    /// Runs `Dot` with every vector type this CPU supports.
+    fn dots<T: Real>(x: &[T], y: Option<&[T]>) -> Vec<T> {
+        let mut out = vec![Dot { x, y }.run::<T::Single>()];
+        if level() >= Level::Avx2 {
+            out.push(crate::simd::dispatch(|| Dot { x, y }.run::<T::Narrow>()));
+        }
+        if level() >= Level::Avx512 {
+            out.push(crate::simd::dispatch(|| Dot { x, y }.run::<T::Wide>()));
+        }
+        out
+    }
+
+    #[test]
+    fn dot_and_sum_match_a_naive_loop_at_odd_lengths() {
+        for n in [0usize, 1, 3, 7, 8, 15, 16, 17, 63, 64, 65, 129, 3001] {
+            let x: Vec<f64> = (0..n)
+                .map(|i| ((i * 7919) % 101) as f64 / 37.0 - 1.3)
+                .collect();
+            let y: Vec<f64> = (0..n)
+                .map(|i| ((i * 104729) % 89) as f64 / 23.0 + 0.2)
+                .collect();
+            let naive_dot: f64 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+            let naive_sum: f64 = x.iter().sum();
+            for d in dots(&x, Some(&y)) {
+                assert!(
+                    (d - naive_dot).abs() <= 1e-12 * (1.0 + naive_dot.abs()),
+                    "n={n}"
+                );
+            }
+            for s in dots(&x, None) {
+                assert!(
+                    (s - naive_sum).abs() <= 1e-12 * (1.0 + naive_sum.abs()),
+                    "n={n}"
+                );
+            }
+            let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            for s in dots(&xf, None) {
+                assert!(
+                    (s as f64 - naive_sum).abs() <= 1e-4 * (1.0 + naive_sum.abs()),
+                    "n={n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn recip_is_within_two_ulp_of_division() {
+        let xs: Vec<f32> = (0..64)
+            .map(|i| 10f32.powi(i % 60 - 30) * (1.0 + i as f32 / 7.0))
+            .collect();
+        let mut check = |r: &[f32]| {
+            for (x, r) in xs.iter().zip(r) {
+                let exact = 1.0 / x;
+                assert!(
+                    ((r - exact) / exact).abs() <= 2.0 * f32::EPSILON,
+                    "1/{x}: {r} vs {exact}"
+                );
+            }
+        };
+        fn recips<V: Vector<f32>>(xs: &[f32]) -> Vec<f32> {
+            let mut out = vec![f32::NAN; xs.len()];
+            for (x, o) in xs
+                .chunks_exact(V::LANES)
+                .zip(out.chunks_exact_mut(V::LANES))
+            {
+                // SAFETY: both chunks hold LANES values.
+                unsafe { V::load(x.as_ptr()).recip().store(o.as_mut_ptr()) };
+            }
+            out
+        }
+        check(&recips::<Scalar<f32>>(&xs));
+        if level() >= Level::Avx2 {
+            check(&crate::simd::dispatch(|| {
+                recips::<<f32 as Vectors>::Narrow>(&xs)
+            }));
+        }
+        if level() >= Level::Avx512 {
+            check(&crate::simd::dispatch(|| {
+                recips::<<f32 as Vectors>::Wide>(&xs)
+            }));
+        }
+    }
+}
