@@ -86,7 +86,9 @@ def _resolve_masses(scores: Tensor, row_mass, col_mass, total_rows: int, columns
     rows = None if row_mass is None else _checks.mass_shape(OP, "row_mass", row_mass, scores, row_shape, "N").to(dtype)
     cols = None if col_mass is None else _checks.mass_shape(OP, "col_mass", col_mass, scores, col_shape, "K").to(dtype)
     if rows is None and cols is None:
+        # The defaults need no reductions: the total is the number of rows (over all ranks).
         rows = scores.new_ones(row_shape, dtype=dtype)
+        cols = scores.new_full(col_shape, total_rows, dtype=dtype).div_(col_shape[-1])
     if cols is None:
         total = columns.sum(rows.sum(-1, keepdim=True))
         cols = (total / col_shape[-1]).expand(col_shape)

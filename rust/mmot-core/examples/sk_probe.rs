@@ -1,5 +1,7 @@
 //! Probe of the SwAV-size and tiny-batch Sinkhorn kernels (no Python):
-//! `THREADS=2 cargo run --release --example sk_probe -p mmot-core`.
+//! `THREADS=2 cargo run --release --example sk_probe -p mmot-core`. The tiny batches run
+//! with uniform scores in [-1, 1] (plain domain at eps = 0.05) and with standard normal
+//! scores (column ranges beyond 50 eps: the log domain).
 use mmot_core::*;
 use std::time::Instant;
 
@@ -47,7 +49,14 @@ fn main() {
         let s: Vec<f32> = (0..nb * d * d)
             .map(|_| (rnd() * 2.0 - 1.0) as f32)
             .collect();
-        small.push((d, nb, s));
+        // Box-Muller from pairs of uniforms.
+        let normal: Vec<f32> = (0..nb * d * d)
+            .map(|_| {
+                let (a, b) = (rnd().max(1e-300), rnd());
+                ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
+            })
+            .collect();
+        small.push((d, nb, s, normal));
     }
     pool.install(|| {
         println!("simd level {:?}, {threads} thread(s)", simd::level());
@@ -65,18 +74,34 @@ fn main() {
             10,
         );
         println!("sinkhorn B={b} K={kp} fwd: {t:.2} ms");
-        for (d, nb, s) in &small {
+        for (d, nb, s, normal) in &small {
             let (d, nb) = (*d, *nb);
             let r = vec![1f32; nb * d];
             let c = vec![1f32; nb * d];
             let mut o = vec![0f32; nb * d * d];
-            let t = time(
-                &mut || {
-                    sinkhorn(s, &r, &c, &mut o, nb, d, d, 0.05, iters, LogDomain::Auto).unwrap();
-                },
-                5,
-            );
-            println!("sinkhorn {nb}x({d}x{d}) {iters} it: {t:.2} ms");
+            for (scores, what) in [(s, "uniform"), (normal, "normal")] {
+                let mut log = false;
+                let t = time(
+                    &mut || {
+                        log = sinkhorn(
+                            scores,
+                            &r,
+                            &c,
+                            &mut o,
+                            nb,
+                            d,
+                            d,
+                            0.05,
+                            iters,
+                            LogDomain::Auto,
+                        )
+                        .unwrap();
+                    },
+                    5,
+                );
+                let domain = if log { "log" } else { "plain" };
+                println!("sinkhorn {nb}x({d}x{d}) {iters} it, {what} ({domain}): {t:.2} ms");
+            }
             let params = MultiSinkhornParams {
                 eps: 0.1,
                 n_iters: iters,

@@ -1,0 +1,650 @@
+//! The small-problem path of [`super::sinkhorn_checked`]: batches of many problems of at most
+//! [`SMALL`] elements (DESIGN.md §2.6, §3 "many tiny problems").
+//!
+//! One tiny problem's row dot, division and update form a short latency chain, so problems are
+//! solved `L` at a time instead (16 for f32, 8 for f64): a group is gathered into a transposed
+//! scratch `[element][lane]` (lane = problem), every step of the algorithm is the same vertical
+//! operation over the `L` lanes (row and column sums are lane-wise accumulations over elements,
+//! never cross-lane reductions), and the plans are scattered back. Lanes never mix, so a
+//! problem's result does not depend on its group, its lane, the padding of a short last group
+//! (the spare lanes repeat a real problem and are dropped) or the thread count. No allocation
+//! per problem: each rayon task allocates one group's scratch.
+//!
+//! Both domains are the streaming path's algorithms, with the plain/log choice still made once
+//! per call from the column ranges of the whole batch; the statistics pass is fused with the
+//! solve (see [`Problem::solve_batch`]). Rows are processed four at a time so that their
+//! reductions overlap; the log domain takes its logarithms with a vectorisable [`ln_fast`].
+
+use super::SMALL;
+use crate::chunks::not_finite;
+use crate::domain::{use_log_domain, LogDomain};
+use crate::error::Result;
+use crate::real::Real;
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Elements per rayon task (rounded to whole groups): enough that task overhead vanishes even
+/// at 4×4, few enough that a task's scores stay in L2 between its statistics and its solve.
+const TASK_ELEMS: usize = 1 << 14;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn sinkhorn<T: Real>(
+    scores: &[T],
+    row_mass: &[T],
+    col_mass: &[T],
+    out: &mut [T],
+    b: usize,
+    n: usize,
+    k: usize,
+    eps: f64,
+    n_iters: usize,
+    log_domain: LogDomain,
+    check_finite: bool,
+) -> Result<bool> {
+    debug_assert!(b > 0 && n * k <= SMALL);
+    let p = Problem {
+        n,
+        k,
+        eps,
+        inv_eps: T::from_f64(1.0 / eps),
+        n_iters,
+    };
+    let io = (scores, row_mass, col_mass, out);
+    // One 512-bit vector of lanes (two 256-bit ones without AVX-512).
+    if std::mem::size_of::<T>() == 4 {
+        p.solve_batch::<16>(io, log_domain, check_finite)
+    } else {
+        p.solve_batch::<8>(io, log_domain, check_finite)
+    }
+}
+
+struct Problem<T> {
+    n: usize,
+    k: usize,
+    eps: f64,
+    inv_eps: T,
+    n_iters: usize,
+}
+
+/// `(scores, row_mass, col_mass, out)` of a batch or of one task.
+type Io<'a, T> = (&'a [T], &'a [T], &'a [T], &'a mut [T]);
+
+impl<T: Real> Problem<T> {
+    /// The domain is decided from the statistics of the whole batch, but each task reads its
+    /// scores for the statistics and solves them at once, while they are still in cache: in
+    /// the domain forced by `log_domain`, or, under `Auto`, speculatively in the plain domain
+    /// while no task has yet seen a reason for the log domain. Tasks not solved in the domain
+    /// finally chosen are solved again afterwards (all of them when `Auto` ends in the log
+    /// domain after a speculative start; none when it stays plain).
+    fn solve_batch<const L: usize>(
+        &self,
+        (s, r, c, out): Io<T>,
+        log_domain: LogDomain,
+        check_finite: bool,
+    ) -> Result<bool> {
+        let (n, k) = (self.n, self.k);
+        let per_task = (TASK_ELEMS / (n * k * L)).max(1) * L;
+        let stop = AtomicBool::new(false);
+        let first: Vec<(f64, bool, Option<bool>)> = tasks((s, r, c, &mut *out), n, k, per_task)
+            .map(|(s, r, c, o)| {
+                let (range, finite) = stats(s, n * k, k);
+                let guess = match log_domain {
+                    LogDomain::Auto => {
+                        let plain = finite && !use_log_domain::<T>(log_domain, range / self.eps);
+                        plain.then_some(false)
+                    }
+                    forced => Some(use_log_domain::<T>(forced, 0.0)),
+                };
+                if guess.is_none() || (check_finite && !finite) {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                let solved = guess.filter(|_| !stop.load(Ordering::Relaxed));
+                if let Some(log) = solved {
+                    self.solve_task::<L>((s, r, c, o), log);
+                }
+                (range, finite, solved)
+            })
+            .collect();
+        let finite = first.iter().all(|t| t.1);
+        if check_finite && !finite {
+            return Err(not_finite("scores"));
+        }
+        // A non-finite input goes to the log domain, as on the streaming path.
+        let range = first.iter().map(|t| t.0).fold(0.0, f64::max) / self.eps;
+        let log = use_log_domain::<T>(log_domain, if finite { range } else { f64::NAN });
+        tasks((s, r, c, out), n, k, per_task)
+            .zip(first.par_iter())
+            .filter(|(_, t)| t.2 != Some(log))
+            .for_each(|(io, _)| self.solve_task::<L>(io, log));
+        Ok(log)
+    }
+
+    /// Solves one task's problems, `L` at a time.
+    fn solve_task<const L: usize>(&self, (s, r, c, o): Io<T>, log: bool) {
+        let (n, k) = (self.n, self.k);
+        let nk = n * k;
+        let mut g = Group::<T, L>::new(n, k);
+        crate::simd::dispatch(
+            #[inline(always)]
+            || {
+                for p0 in (0..o.len() / nk).step_by(L) {
+                    let m = (o.len() / nk - p0).min(L);
+                    gather(&mut g.x, &s[p0 * nk..], nk, m);
+                    gather(&mut g.r, &r[p0 * n..], n, m);
+                    gather(&mut g.c, &c[p0 * k..], k, m);
+                    if log {
+                        self.solve_log(&mut g);
+                    } else {
+                        self.solve_plain(&mut g);
+                    }
+                    scatter(&g.x, &mut o[p0 * nk..], nk, m);
+                }
+            },
+        )
+    }
+
+    /// [`super::Problem::solve_plain`] on `L` problems: `E = exp((S - colmax)/eps)` is cached
+    /// in `x`, which ends up holding the plan.
+    #[inline(always)]
+    fn solve_plain<const L: usize>(&self, g: &mut Group<T, L>) {
+        let (n, k) = (self.n, self.k);
+        let (x, r, c) = (&mut g.x[..n * k], &g.r[..n], &g.c[..k]);
+        let (acc, v) = (&mut g.acc[..k], &mut g.col[..k]);
+        col_max(x, acc);
+        exp_shifted(x, acc, self.inv_eps, v);
+        ratio(c, v);
+        for it in 0..self.n_iters {
+            let last = it + 1 == self.n_iters;
+            acc.fill([T::ZERO; L]);
+            // Rows four at a time: their dot chains overlap and each column sum is loaded
+            // and stored once per four rows.
+            let mut rows = x.chunks_exact_mut(ROWS * k);
+            let mut rr = r.chunks_exact(ROWS);
+            for (xb, rb) in (&mut rows).zip(&mut rr) {
+                plain_rows::<T, L, ROWS>(xb, rb, v, acc, last);
+            }
+            let rows = rows.into_remainder().chunks_exact_mut(k);
+            for (xb, rb) in rows.zip(rr.remainder().chunks_exact(1)) {
+                plain_rows::<T, L, 1>(xb, rb, v, acc, last);
+            }
+            if !last {
+                v.copy_from_slice(acc);
+                ratio(c, v);
+            }
+        }
+    }
+
+    /// [`super::Problem::solve_log`] on `L` problems: `x` caches `(S - colmax)/eps`, then holds
+    /// the plan.
+    #[inline(always)]
+    fn solve_log<const L: usize>(&self, g: &mut Group<T, L>) {
+        let (n, k) = (self.n, self.k);
+        let (x, r, c) = (&mut g.x[..n * k], &g.r[..n], &g.c[..k]);
+        let (acc, bpot, t) = (&mut g.acc[..k], &mut g.col[..k], &mut g.row[..ROWS * k]);
+        col_max(x, acc);
+        log_kernel(x, acc, self.inv_eps, bpot);
+        log_ratio(c, bpot);
+        for it in 0..self.n_iters {
+            let last = it + 1 == self.n_iters;
+            acc.fill([T::ZERO; L]);
+            // Rows four at a time, as in the plain domain: their exponentials overlap.
+            let mut rows = x.chunks_exact_mut(ROWS * k);
+            let mut rr = r.chunks_exact(ROWS);
+            for (xb, rb) in (&mut rows).zip(&mut rr) {
+                log_rows::<T, L, ROWS>(xb, rb, bpot, t, acc, last);
+            }
+            let rows = rows.into_remainder().chunks_exact_mut(k);
+            for (xb, rb) in rows.zip(rr.remainder().chunks_exact(1)) {
+                log_rows::<T, L, 1>(xb, rb, bpot, t, acc, last);
+            }
+            if !last {
+                // b_new = log c - LSE_n(L + a) = b + log(c / colsum(P)).
+                update_log_pot(c, acc, bpot);
+            }
+        }
+    }
+}
+
+/// The batch in tasks of `per_task` problems of `[n, k]`.
+fn tasks<T: Real>(
+    (s, r, c, o): Io<T>,
+    n: usize,
+    k: usize,
+    per_task: usize,
+) -> impl IndexedParallelIterator<Item = Io<T>> {
+    o.par_chunks_mut(per_task * n * k)
+        .zip(s.par_chunks(per_task * n * k))
+        .zip(r.par_chunks(per_task * n))
+        .zip(c.par_chunks(per_task * k))
+        .map(|(((o, s), r), c)| (s, r, c, o))
+}
+
+/// The largest column range (max - min over rows) of the problems in `scores`, and whether
+/// they are all finite.
+fn stats<T: Real>(scores: &[T], nk: usize, k: usize) -> (f64, bool) {
+    crate::simd::dispatch(
+        #[inline(always)]
+        || match k {
+            16.. => stats_blocks::<T, 16>(scores, nk, k),
+            8.. => stats_blocks::<T, 8>(scores, nk, k),
+            4.. => stats_blocks::<T, 4>(scores, nk, k),
+            2.. => stats_blocks::<T, 2>(scores, nk, k),
+            _ => stats_blocks::<T, 1>(scores, nk, k),
+        },
+    )
+}
+
+/// [`stats`] of whole problems in blocks of `W <= k` columns whose accumulators stay in
+/// registers; a last partial block is shifted left to end at column `k` (overlapping columns
+/// are harmless for a maximum, a minimum and a finiteness test).
+#[inline(always)]
+#[allow(clippy::eq_op)]
+fn stats_blocks<T: Real, const W: usize>(sc: &[T], nk: usize, k: usize) -> (f64, bool) {
+    // Column ranges and the finiteness sums, folded over problems lane-wise.
+    let mut range = [T::ZERO; W];
+    // NaN for NaN and for ±Inf, 0 otherwise.
+    let mut nf = [T::ZERO; W];
+    for s in sc.chunks_exact(nk) {
+        for j0 in (0..k).step_by(W).map(|j| j.min(k - W)) {
+            let mut mx = [T::NEG_INFINITY; W];
+            let mut mn = [T::INFINITY; W];
+            for row in s.chunks_exact(k) {
+                lanes_only();
+                let row: [T; W] = row[j0..j0 + W].try_into().unwrap();
+                for j in 0..W {
+                    mx[j] = mx[j].fmax(row[j]);
+                    mn[j] = mn[j].fmin(row[j]);
+                    nf[j] += row[j] - row[j];
+                }
+            }
+            for j in 0..W {
+                range[j] = range[j].fmax(mx[j] - mn[j]);
+            }
+        }
+    }
+    let finite = nf.iter().all(|&x| x == T::ZERO);
+    (range.iter().fold(0.0, |a, x| a.max(x.to_f64())), finite)
+}
+
+/// One task's scratch for a group of `L` problems, every buffer `[index][lane]`.
+struct Group<T, const L: usize> {
+    /// `[n * k]`: the scores, then what the solver caches, then the plan.
+    x: Vec<[T; L]>,
+    /// `[n]` row masses and `[k]` column masses.
+    r: Vec<[T; L]>,
+    c: Vec<[T; L]>,
+    /// `[k]`: column maxima, then column sums.
+    acc: Vec<[T; L]>,
+    /// `[k]`: v (plain) or b = log v (log domain).
+    col: Vec<[T; L]>,
+    /// `[ROWS * k]`: the rows being normalised (log domain).
+    row: Vec<[T; L]>,
+}
+
+impl<T: Real, const L: usize> Group<T, L> {
+    fn new(n: usize, k: usize) -> Self {
+        let buf = |len| vec![[T::ZERO; L]; len];
+        Group {
+            x: buf(n * k),
+            r: buf(n),
+            c: buf(k),
+            acc: buf(k),
+            col: buf(k),
+            row: buf(ROWS * k),
+        }
+    }
+}
+
+// The transposes are element by element: LLVM's shuffle networks for whole `L`×`L` blocks
+// and its gathers and scatters both measured slower.
+
+/// `dst[e][l] = src[l * len + e]` for the `m` problems in `src`; spare lanes repeat the last.
+#[inline(always)]
+fn gather<T: Real, const L: usize>(dst: &mut [[T; L]], src: &[T], len: usize, m: usize) {
+    for l in 0..L {
+        let p = &src[l.min(m - 1) * len..][..len];
+        for (d, &v) in dst[..len].iter_mut().zip(p) {
+            lanes_only();
+            d[l] = v;
+        }
+    }
+}
+
+/// `dst[l * len + e] = src[e][l]` for the first `m` lanes.
+#[inline(always)]
+fn scatter<T: Real, const L: usize>(src: &[[T; L]], dst: &mut [T], len: usize, m: usize) {
+    for l in 0..m {
+        for (d, s) in dst[l * len..][..len].iter_mut().zip(&src[..len]) {
+            lanes_only();
+            *d = s[l];
+        }
+    }
+}
+
+// Lane helpers. Each works on copies of one element's lanes (`let x = *x_ref`), computes and
+// stores whole arrays: LLVM then vectorises the lanes without having to prove the buffers
+// disjoint (they are fields of one scratch struct).
+
+/// Marks a loop over elements whose body works on the `L` lanes of each: LLVM must not
+/// vectorise such a loop across elements (after fully unrolling a cheap lane loop it would,
+/// with AVX-512 gathers and scatters, several times slower), so that it vectorises the lanes.
+/// An empty `asm!` is a call the loop vectoriser cannot widen; it emits no instruction.
+#[inline(always)]
+fn lanes_only() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: an empty statement that touches no memory, stack or flags.
+    unsafe {
+        std::arch::asm!("", options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Column maxima of an `[n, k]` group (column by column: the maximum stays in a register;
+/// stored back per row, LLVM would make it a masked store that stalls the next row's load).
+#[inline(always)]
+fn col_max<T: Real, const L: usize>(x: &[[T; L]], mx: &mut [[T; L]]) {
+    let k = mx.len();
+    for (j, mr) in mx.iter_mut().enumerate() {
+        let mut m = [T::NEG_INFINITY; L];
+        for e in x[j..].iter().step_by(k) {
+            lanes_only();
+            let e = *e;
+            for l in 0..L {
+                m[l] = m[l].fmax(e[l]);
+            }
+        }
+        *mr = m;
+    }
+}
+
+/// Plain pass 0: `x = exp((x - cmax) / eps)`, and its column sums into `colsum`.
+#[inline(always)]
+fn exp_shifted<T: Real, const L: usize>(
+    x: &mut [[T; L]],
+    cmax: &[[T; L]],
+    inv_eps: T,
+    colsum: &mut [[T; L]],
+) {
+    colsum.fill([T::ZERO; L]);
+    for row in x.chunks_exact_mut(cmax.len()) {
+        for ((er, mr), sr) in row.iter_mut().zip(cmax).zip(colsum.iter_mut()) {
+            lanes_only();
+            let (mut e, m, mut s) = (*er, *mr, *sr);
+            for l in 0..L {
+                e[l] = ((e[l] - m[l]) * inv_eps).exp_fast();
+                s[l] += e[l];
+            }
+            (*er, *sr) = (e, s);
+        }
+    }
+}
+
+/// `y = x / y` lane-wise.
+#[inline(always)]
+fn ratio<T: Real, const L: usize>(x: &[[T; L]], y: &mut [[T; L]]) {
+    for (yr, xr) in y.iter_mut().zip(x) {
+        lanes_only();
+        let (mut yi, xi) = (*yr, *xr);
+        for l in 0..L {
+            yi[l] = xi[l] / yi[l];
+        }
+        *yr = yi;
+    }
+}
+
+/// Rows per block of [`plain_rows`].
+const ROWS: usize = 4;
+
+/// One plain-domain row step for `R` rows `x` (`[R, k]`) with masses `r`: `u = r / (x · v)`,
+/// then `acc += x * u` (the next column sums) or, in the `last` iteration, `x = x * v * u`
+/// (the plan). Sums run over columns (and rows, for `acc`) in order.
+#[inline(always)]
+fn plain_rows<T: Real, const L: usize, const R: usize>(
+    x: &mut [[T; L]],
+    r: &[[T; L]],
+    v: &[[T; L]],
+    acc: &mut [[T; L]],
+    last: bool,
+) {
+    let k = v.len();
+    let mut rows = x.chunks_exact_mut(k);
+    let rows: [&mut [[T; L]]; R] = std::array::from_fn(|_| rows.next().unwrap());
+    let mut u = [[T::ZERO; L]; R];
+    for j in 0..k {
+        lanes_only();
+        let vj = v[j];
+        for i in 0..R {
+            let e = rows[i][j];
+            for l in 0..L {
+                u[i][l] += e[l] * vj[l];
+            }
+        }
+    }
+    for i in 0..R {
+        for l in 0..L {
+            u[i][l] = r[i][l] / u[i][l];
+        }
+    }
+    for j in 0..k {
+        lanes_only();
+        if last {
+            let vj = v[j];
+            for i in 0..R {
+                let mut e = rows[i][j];
+                for l in 0..L {
+                    e[l] = e[l] * vj[l] * u[i][l];
+                }
+                rows[i][j] = e;
+            }
+        } else {
+            let mut a = acc[j];
+            for i in 0..R {
+                let e = rows[i][j];
+                for l in 0..L {
+                    a[l] += e[l] * u[i][l];
+                }
+            }
+            acc[j] = a;
+        }
+    }
+}
+
+/// Log pass 0 (a = 0): `x = (x - cmax) / eps <= 0`, with a 0 in every column, so the column
+/// sums of `exp(x)` (into `colsum`) lie in `[1, n]` and need no further shift.
+#[inline(always)]
+fn log_kernel<T: Real, const L: usize>(
+    x: &mut [[T; L]],
+    cmax: &[[T; L]],
+    inv_eps: T,
+    colsum: &mut [[T; L]],
+) {
+    colsum.fill([T::ZERO; L]);
+    for row in x.chunks_exact_mut(cmax.len()) {
+        for ((er, mr), sr) in row.iter_mut().zip(cmax).zip(colsum.iter_mut()) {
+            lanes_only();
+            let (mut e, m, mut s) = (*er, *mr, *sr);
+            for l in 0..L {
+                e[l] = (e[l] - m[l]) * inv_eps;
+                s[l] += e[l].exp_fast();
+            }
+            (*er, *sr) = (e, s);
+        }
+    }
+}
+
+/// `y = ln x - ln y` lane-wise.
+#[inline(always)]
+fn log_ratio<T: Real, const L: usize>(x: &[[T; L]], y: &mut [[T; L]]) {
+    for (yr, xr) in y.iter_mut().zip(x) {
+        lanes_only();
+        let (mut yi, xi) = (*yr, *xr);
+        for l in 0..L {
+            yi[l] = ln_fast(xi[l]) - ln_fast(yi[l]);
+        }
+        *yr = yi;
+    }
+}
+
+/// One log-domain row step for `R` rows `x` (`[R, k]`, holding `(S - colmax)/eps`) with
+/// masses `r`: a row of the plan is `t = exp(x + b - max)` (in the scratch `t`, `[R, k]`)
+/// times `r / sum(t)`; it is added to `acc` (the next column sums) or, in the `last`
+/// iteration, written over `x`. The rows' exponentials are independent and overlap.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // `j` indexes each of the `R` rows
+fn log_rows<T: Real, const L: usize, const R: usize>(
+    x: &mut [[T; L]],
+    r: &[[T; L]],
+    b: &[[T; L]],
+    t: &mut [[T; L]],
+    acc: &mut [[T; L]],
+    last: bool,
+) {
+    let k = b.len();
+    let (mut xr, mut tr) = (x.chunks_exact_mut(k), t.chunks_exact_mut(k));
+    let xs: [&mut [[T; L]]; R] = std::array::from_fn(|_| xr.next().unwrap());
+    let ts: [&mut [[T; L]]; R] = std::array::from_fn(|_| tr.next().unwrap());
+    let mut mx = [[T::NEG_INFINITY; L]; R];
+    for j in 0..k {
+        lanes_only();
+        let bj = b[j];
+        for i in 0..R {
+            let (e, mut tj) = (xs[i][j], [T::ZERO; L]);
+            for l in 0..L {
+                tj[l] = e[l] + bj[l];
+                mx[i][l] = mx[i][l].fmax(tj[l]);
+            }
+            ts[i][j] = tj;
+        }
+    }
+    let mut scale = [[T::ZERO; L]; R];
+    for j in 0..k {
+        lanes_only();
+        for i in 0..R {
+            let mut tj = ts[i][j];
+            for l in 0..L {
+                tj[l] = (tj[l] - mx[i][l]).exp_fast();
+                scale[i][l] += tj[l];
+            }
+            ts[i][j] = tj;
+        }
+    }
+    for i in 0..R {
+        for l in 0..L {
+            scale[i][l] = r[i][l] / scale[i][l];
+        }
+    }
+    for j in 0..k {
+        lanes_only();
+        if last {
+            for i in 0..R {
+                let (tj, mut e) = (ts[i][j], [T::ZERO; L]);
+                for l in 0..L {
+                    e[l] = tj[l] * scale[i][l];
+                }
+                xs[i][j] = e;
+            }
+        } else {
+            let mut a = acc[j];
+            for i in 0..R {
+                let tj = ts[i][j];
+                for l in 0..L {
+                    a[l] += tj[l] * scale[i][l];
+                }
+            }
+            acc[j] = a;
+        }
+    }
+}
+
+/// `b += ln(c / colsum)` lane-wise.
+#[inline(always)]
+fn update_log_pot<T: Real, const L: usize>(c: &[[T; L]], colsum: &[[T; L]], b: &mut [[T; L]]) {
+    for ((br, cr), sr) in b.iter_mut().zip(c).zip(colsum) {
+        lanes_only();
+        let (mut bj, cj, sj) = (*br, *cr, *sr);
+        for l in 0..L {
+            bj[l] += ln_fast(cj[l] / sj[l]);
+        }
+        *br = bj;
+    }
+}
+
+/// Natural logarithm that LLVM can vectorise (libm's `ln` is an opaque call): fdlibm's
+/// reduction `x = 2^e (1 + f)` with `1 + f` in `[√2/2, √2)` and its polynomial in
+/// `s = f / (2 + f)`, evaluated in f64, so within about an ulp for f64 and correctly rounded
+/// for nearly every f32. Special values as libm: `ln 0 = -inf`, `ln inf = inf`, NaN below 0.
+#[inline(always)]
+fn ln_fast<T: Real>(x: T) -> T {
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    const LG1: f64 = 6.666_666_666_666_735e-1;
+    const LG2: f64 = 3.999_999_999_940_942e-1;
+    const LG3: f64 = 2.857_142_874_366_239e-1;
+    const LG4: f64 = 2.222_219_843_214_978_4e-1;
+    const LG5: f64 = 1.818_357_216_161_805e-1;
+    const LG6: f64 = 1.531_383_769_920_937_3e-1;
+    const LG7: f64 = 1.479_819_860_511_658_6e-1;
+    // 2^54 lifts subnormals into the normal range.
+    const TWO54: f64 = 18_014_398_509_481_984.0;
+    // 2^52: adding an integer below it to its bits' float gives the integer as a float.
+    const TWO52: f64 = 4_503_599_627_370_496.0;
+    let x = x.to_f64();
+    let sub = x < f64::MIN_POSITIVE;
+    let xs = if sub { x * TWO54 } else { x };
+    let bits = xs.to_bits();
+    let hx = bits >> 32;
+    // 0x100000 where the mantissa is >= √2: then halve it and count one more in the exponent.
+    let i = ((hx & 0x000f_ffff) + 0x95f64) & 0x10_0000;
+    let m = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | ((i ^ 0x3ff0_0000) << 32));
+    let biased = ((hx >> 20) & 0x7ff) + (i >> 20);
+    let e = f64::from_bits(TWO52.to_bits() | biased) - TWO52 - 1023.0;
+    let e = if sub { e - 54.0 } else { e };
+    let f = m - 1.0;
+    let s = f / (2.0 + f);
+    let z = s * s;
+    let w = z * z;
+    let t1 = w * (LG2 + w * (LG4 + w * LG6));
+    let t2 = z * (LG1 + w * (LG3 + w * (LG5 + w * LG7)));
+    let hfsq = 0.5 * f * f;
+    let y = e * LN2_HI - ((hfsq - (s * (hfsq + (t1 + t2)) + e * LN2_LO)) - f);
+    let y = if x == f64::INFINITY { x } else { y };
+    let y = if x > 0.0 { y } else { f64::NAN };
+    let y = if x == 0.0 { f64::NEG_INFINITY } else { y };
+    T::from_f64(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ln_fast;
+
+    /// Relative error in units of `eps`, against the f64 `ln` (exact zeros compare absolutely).
+    fn ulps(got: f64, x: f64, eps: f64) -> f64 {
+        let want = x.ln();
+        (got - want).abs() / (want.abs().max(f64::MIN_POSITIVE) * eps)
+    }
+
+    #[test]
+    fn ln_fast_matches_std() {
+        let (mut worst64, mut worst32) = (0.0f64, 0.0f64);
+        // Geometric steps over the whole range, and fine steps around 1 where ln is small.
+        let mut xs: Vec<f64> = (0..)
+            .map(|i| 1e-320 * 1.000_731f64.powi(i))
+            .take_while(|x| *x < 1e308)
+            .collect();
+        xs.extend((0..200_000).map(|i| 0.5 + i as f64 * 7.5e-6));
+        for x in xs {
+            worst64 = worst64.max(ulps(ln_fast(x), x, f64::EPSILON));
+            let x32 = x as f32;
+            if x32 > 0.0 && x32.is_finite() {
+                let got = ln_fast(x32) as f64;
+                worst32 = worst32.max(ulps(got, x32 as f64, f32::EPSILON as f64));
+            }
+        }
+        assert!(worst64 < 2.0, "f64: {worst64} ulp");
+        assert!(worst32 < 1.0, "f32: {worst32} ulp");
+        assert_eq!(ln_fast(1.0f64), 0.0);
+        assert_eq!(ln_fast(1.0f32), 0.0);
+        assert_eq!(ln_fast(0.0f64), f64::NEG_INFINITY);
+        assert_eq!(ln_fast(f64::INFINITY), f64::INFINITY);
+        assert!(ln_fast(-1.0f64).is_nan() && ln_fast(f64::NAN).is_nan());
+    }
+}
