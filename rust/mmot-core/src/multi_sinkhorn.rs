@@ -735,6 +735,8 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
             let mut acc = [[V::splat(T::ZERO); BLOCK]; 2];
             for ((h0, h1), q) in rows() {
                 let (vh0, vh1) = (V::splat(h0), V::splat(h1));
+                // A constant trip count with a guard (not `0..nv`) keeps `acc` in registers.
+                #[allow(clippy::needless_range_loop)]
                 for u in 0..BLOCK {
                     if u < nv {
                         let j = j0 + u * lanes;
@@ -746,13 +748,13 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
                     }
                 }
             }
-            for u in 0..nv {
+            for (u, (a0, a1)) in acc[0].iter().zip(&acc[1]).take(nv).enumerate() {
                 let j = j0 + u * lanes;
                 // SAFETY: p0 and p1 have length k.
                 unsafe {
                     let (pp0, pp1) = (p0.as_mut_ptr().add(j), p1.as_mut_ptr().add(j));
-                    V::load(pp0).add(acc[0][u]).store(pp0);
-                    V::load(pp1).add(acc[1][u]).store(pp1);
+                    V::load(pp0).add(*a0).store(pp0);
+                    V::load(pp1).add(*a1).store(pp1);
                 }
             }
             j0 += nv * lanes;

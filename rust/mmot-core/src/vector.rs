@@ -390,7 +390,7 @@ mod tests {
         let xs: Vec<f32> = (0..64)
             .map(|i| 10f32.powi(i % 60 - 30) * (1.0 + i as f32 / 7.0))
             .collect();
-        let mut check = |r: &[f32]| {
+        let check = |r: &[f32]| {
             for (x, r) in xs.iter().zip(r) {
                 let exact = 1.0 / x;
                 assert!(
