@@ -33,7 +33,14 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
 def interleaved(
     calls: dict[str, Callable[[], object]], device: torch.device, repeats: int, on_step: Callable[[], None] = lambda: None
 ) -> dict[str, Timing | Exception]:
-    """Warm every call up once, then time ``repeats`` rounds of all calls in turn."""
+    """Warm every call up once, then time ``repeats`` rounds of all calls in turn.
+
+    Within a round each timed call directly follows an untimed call of the same provider, so
+    every provider is measured in its steady state (warm caches, its own thread pool awake)
+    rather than in the wake of the previous provider: torch's OpenMP workers keep spinning for
+    a while after an op, and on a 2-core machine that took a core from whatever ran next
+    (Multi-SK at the SSPC size: 5.1 ms after an idle pause, 7.9 ms right after a torch op).
+    """
     samples: dict[str, list[float]] = {}
     failures: dict[str, Exception] = {}
     with torch.no_grad():
@@ -45,6 +52,7 @@ def interleaved(
                 failures[name] = error
         for _ in range(repeats):
             for name in samples:
+                calls[name]()
                 samples[name].append(time_once(calls[name], device))
             on_step()
     results: dict[str, Timing | Exception] = dict(failures)

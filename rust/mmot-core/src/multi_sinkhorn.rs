@@ -229,6 +229,17 @@ struct StateLayout {
 }
 
 impl StateLayout {
+    /// Rows per chunk of a pass. The plain domain's chunks are four times the L1-sized
+    /// default: its row work is short, and fewer, larger tasks halve the fork-join and
+    /// partial-sum overhead of the 20-odd passes of a call.
+    fn rows_per_chunk(&self, k: usize) -> usize {
+        if self.h == 0 {
+            rows_per_chunk(k)
+        } else {
+            4 * rows_per_chunk(self.stride)
+        }
+    }
+
     fn new<T>(log: bool, ng: usize, gk: usize) -> Self {
         if log {
             StateLayout { stride: ng, h: 0 }
@@ -302,7 +313,7 @@ impl<T: Real> Problem<T> {
         let gk = ng * k;
         let lay = StateLayout::new::<T>(log, ng, gk);
         let (sw, ho) = (lay.stride, lay.h);
-        let rpc = rows_per_chunk(if log { k } else { sw });
+        let rpc = lay.rows_per_chunk(k);
         let nch = n_chunks(n, rpc);
         let Workspace {
             state,
@@ -983,7 +994,7 @@ impl<T: Real> Problem<T> {
         self.solve(s, r, cmax, out, fwd, log, Some(hist));
         let lay = StateLayout::new::<T>(log, ng, gk);
         let (sw, ho) = (lay.stride, lay.h);
-        let rpc = rows_per_chunk(if log { k } else { sw });
+        let rpc = lay.rows_per_chunk(k);
         let nch = n_chunks(n, rpc);
         let Workspace {
             state,
