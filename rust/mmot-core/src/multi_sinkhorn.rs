@@ -410,7 +410,7 @@ impl<T: Real> Problem<T> {
                 gk,
                 scratch,
                 // q [rows, G, K] for the two-group path; q [G, K] | den [K] | lrow [K] otherwise
-                (rpc * gk).max(gk + 2 * k),
+                (rpc.min(n) * gk).max(gk + 2 * k),
                 #[inline(always)]
                 |rows, st, o, p, scr| {
                     p.fill(T::ZERO);
