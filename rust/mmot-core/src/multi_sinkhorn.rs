@@ -447,9 +447,9 @@ impl<T: Real> Problem<T> {
                             inv_heap.resize(ng, T::ZERO);
                             &mut inv_heap
                         };
+                        // (Two plain groups took the vector path above.)
                         let fused = !log
                             && match ng {
-                                2 => plain_row_fused::<T, 2>(cache, f, c, h, q, inv),
                                 3 => plain_row_fused::<T, 3>(cache, f, c, h, q, inv),
                                 4 => plain_row_fused::<T, 4>(cache, f, c, h, q, inv),
                                 _ => false,
