@@ -299,3 +299,29 @@ def test_backward_is_deterministic_across_thread_counts(monkeypatch):
         )
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- large outputs
+
+
+def test_large_outputs_with_huge_page_advice_are_fully_written():
+    # 2048 x 1536 float32 is 12 MiB: above the size where the bindings advise huge pages for
+    # the output, so this is the madvise path. Outputs are NaN-poisoned (conftest).
+    scores = cosine_scores(2048, 1536, seed=7, dtype=torch.float32)
+    upstream = random_scores(2048, 1536, seed=8, dtype=torch.float32)
+    (out, got), (ref, want) = both(lambda s, be: mmot.sinkhorn(s, 0.05, 3, backend=be), [scores], upstream)
+    torch.testing.assert_close(out, ref, **F32)
+    assert_grads_close(got, want, torch.float32)
+
+
+def test_huge_page_advice_on_an_unaligned_output_view():
+    from mmot import _core
+
+    scores = cosine_scores(1, 2048, 1536, seed=9, dtype=torch.float32)
+    # An output that starts 4 bytes into its buffer: the advised range is the 2 MiB-aligned
+    # interior, and the elements outside it must be written all the same.
+    buf = torch.full((1 + scores.numel(),), float("nan"), dtype=torch.float32)
+    out = buf[1:].view(scores.shape)
+    rows, cols = torch.ones(1, 2048), torch.full((1, 1536), 2048 / 1536)
+    _core.sinkhorn(scores.numpy(), rows.numpy(), cols.numpy(), out.numpy(), 0.05, 3, "auto", 2)
+    torch.testing.assert_close(out, mmot.sinkhorn(scores, 0.05, 3, backend="torch"), **F32)
