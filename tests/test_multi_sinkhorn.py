@@ -63,6 +63,22 @@ def test_custom_slot_weights_and_anchor_mass(backend):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("low", [0.5, 1 / 3, 0.25, 0.3])
+@pytest.mark.parametrize("shape", [(41, 37, 18), (300, 21, 5)])
+def test_weight_ratios_match_dense(backend, low, shape):
+    # Weight ratios 2, 3 and 4 let the Rust kernel derive E_1 = E_0^p instead of caching it;
+    # 0.3 does not. K = 37 and 21 leave a remainder after the vector lanes, N = 41 an odd row.
+    n, n_anchors, k = shape
+    weights = default_weights(n_anchors, k, low)
+    scores64 = random_scores(n, n_anchors, seed=n + n_anchors)
+    got = mmot.multi_sinkhorn(scores64, k, 0.3, 7, low_weight=low, normalize="none", backend=backend)
+    torch.testing.assert_close(got, dense_multi_sinkhorn(scores64, k, 0.3, 7, weights, normalize="none"), rtol=1e-9, atol=1e-10)
+    scores32 = cosine_scores(n, n_anchors, seed=n)
+    got = mmot.multi_sinkhorn(scores32.float(), k, low_weight=low, backend=backend)
+    want = dense_multi_sinkhorn(scores32, k, 0.07, 20, weights, normalize="minmax")
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
+
+
 def test_low_weight_equal_to_one_is_a_single_group(backend):
     scores = random_scores(8, 6, seed=4)
     got = mmot.multi_sinkhorn(scores, 2, 0.4, 5, low_weight=1.0, normalize="none", backend=backend)

@@ -59,16 +59,32 @@ pub(crate) fn run_pass<T, F>(
         .zip(out.par_chunks_mut(rpc * ow))
         .zip(partials[..nch * pw].par_chunks_mut(pw))
         .enumerate()
-        .for_each_init(
-            || vec![T::ZERO; scratch_len],
-            |scr, (ci, ((st, o), p))| {
-                let r0 = ci * rpc;
+        .for_each(|(ci, ((st, o), p))| {
+            let r0 = ci * rpc;
+            with_thread_scratch(scratch_len, |scr| {
                 crate::simd::dispatch(
                     #[inline(always)]
                     || f(r0..(r0 + rpc).min(n_rows), st, o, p, scr),
                 )
-            },
-        );
+            })
+        });
+}
+
+/// Runs `f` on `len` values of this thread's scratch buffer, which persists across passes and
+/// calls and holds whatever an earlier job left. A fresh buffer per rayon split cost a
+/// Multi-SK call about a tenth of its time in zeroing (its slot-value scratch is ~200 KiB and
+/// a call makes 21 passes); the buffer a thread keeps is the largest it was asked for.
+fn with_thread_scratch<T: Real, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    T::thread_scratch().with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, T::ZERO);
+            }
+            f(&mut buf[..len])
+        }
+        // Only a job that runs a pass inside itself gets here; it pays for a buffer of its own.
+        Err(_) => f(&mut vec![T::ZERO; len]),
+    })
 }
 
 /// `acc = Σ_c partials[c]`, summed in chunk order.

@@ -217,15 +217,46 @@ fn check_args<T: Real>(
     Ok(())
 }
 
+impl<T: Real> Groups<T> {
+    /// `p` when there are two groups and `w_1 = p·w_0` for `p` in 2..=4 (SSPC's weights 0.25
+    /// and 1 give 4), so that `E_1 = E_0^p`; else 0.
+    fn top_power(&self) -> usize {
+        match self.w[..] {
+            [w0, w1] => (2..=4)
+                .find(|&p| T::from_f64(p as f64) * w0 == w1)
+                .unwrap_or(0),
+            _ => 0,
+        }
+    }
+}
+
+/// `x^P` for `P` in 2..=4, by the products [`Groups::top_power`] promises.
+#[inline(always)]
+fn int_pow<T: Copy, const P: usize>(x: T, mul: impl Fn(T, T) -> T) -> T {
+    match P {
+        2 => mul(x, x),
+        3 => mul(mul(x, x), x),
+        _ => {
+            let y = mul(x, x);
+            mul(y, y)
+        }
+    }
+}
+
 /// Where a row's values sit in the per-row state block. In the plain domain the cached `E_G`
 /// rows come first and the stride is a whole number of 64-byte lines, so that (with an aligned
 /// base, see [`aligned_rows`]) every row's vector loads start on a line; the row scalars
 /// (`h_G`, or the backward's adjoints of them) follow. The log domain keeps only the scalars.
+///
+/// With `top_power = p > 0` only `E_0` is cached and `E_1 = E_0^p` is multiplied out where it
+/// is used: the passes stream the state through memory each iteration, and halving it pays
+/// more than the two multiplies cost.
 #[derive(Clone, Copy)]
 struct StateLayout {
     stride: usize,
     /// Offset of the `G` row scalars.
     h: usize,
+    top_power: usize,
 }
 
 impl StateLayout {
@@ -240,14 +271,20 @@ impl StateLayout {
         }
     }
 
-    fn new<T>(log: bool, ng: usize, gk: usize) -> Self {
+    fn new<T>(log: bool, ng: usize, gk: usize, top_power: usize) -> Self {
         if log {
-            StateLayout { stride: ng, h: 0 }
+            StateLayout {
+                stride: ng,
+                h: 0,
+                top_power: 0,
+            }
         } else {
             let line = (64 / std::mem::size_of::<T>()).max(1);
+            let cached = if top_power > 0 { gk / ng } else { gk };
             StateLayout {
-                stride: (gk + ng).next_multiple_of(line),
-                h: gk,
+                stride: (cached + ng).next_multiple_of(line),
+                h: cached,
+                top_power,
             }
         }
     }
@@ -311,7 +348,13 @@ impl<T: Real> Problem<T> {
         let ng = self.g.w.len();
         let (w, c, t) = (&self.g.w[..], &self.g.c[..], &self.g.t[..]);
         let gk = ng * k;
-        let lay = StateLayout::new::<T>(log, ng, gk);
+        // The backward reads every E_G from the state, so its replay caches them all.
+        let power = if log || hist.is_some() {
+            0
+        } else {
+            self.g.top_power()
+        };
+        let lay = StateLayout::new::<T>(log, ng, gk, power);
         let (sw, ho) = (lay.stride, lay.h);
         let rpc = lay.rows_per_chunk(k);
         let nch = n_chunks(n, rpc);
@@ -363,6 +406,16 @@ impl<T: Real> Problem<T> {
                             h[g] = T::ZERO;
                             for j in 0..k {
                                 pg[j] += (wg * lrow[j]).exp_fast();
+                            }
+                        } else if g == 1 && power > 0 {
+                            h[g] = T::ONE;
+                            let e0 = &cache[..k];
+                            for j in 0..k {
+                                pg[j] += match power {
+                                    2 => int_pow::<T, 2>(e0[j], |a, b| a * b),
+                                    3 => int_pow::<T, 3>(e0[j], |a, b| a * b),
+                                    _ => int_pow::<T, 4>(e0[j], |a, b| a * b),
+                                };
                             }
                         } else {
                             h[g] = T::ONE;
@@ -694,20 +747,11 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
         // Two sweeps over the chunk: first every row's g and h updates, two rows at a time so
         // that their dependency chains (division, row sums) interleave, then the column sums,
         // which need each row's new h.
-        let (stride, two_k) = (self.lay.stride, 2 * k);
-        const ROWS: usize = 2;
-        let mut pairs = self.state.chunks_exact_mut(ROWS * stride);
-        let mut q_pairs = self.q.chunks_exact_mut(ROWS * two_k);
-        for (st, q) in (&mut pairs).zip(&mut q_pairs) {
-            let mut st = st.chunks_exact_mut(stride);
-            let mut q = q.chunks_exact_mut(two_k);
-            let st: [&mut [T]; ROWS] = std::array::from_fn(|_| st.next().unwrap());
-            let q: [&mut [T]; ROWS] = std::array::from_fn(|_| q.next().unwrap());
-            update_rows::<T, V, ROWS>(st, q, f0, f1, self.c, self.lay.h, k);
-        }
-        let rest = pairs.into_remainder().chunks_exact_mut(stride);
-        for (st, q) in rest.zip(q_pairs.into_remainder().chunks_exact_mut(two_k)) {
-            update_rows::<T, V, 1>([st], [q], f0, f1, self.c, self.lay.h, k);
+        match self.lay.top_power {
+            0 => update_chunk::<T, V, 0>(self.state, self.q, self.lay, f0, f1, self.c, k),
+            2 => update_chunk::<T, V, 2>(self.state, self.q, self.lay, f0, f1, self.c, k),
+            3 => update_chunk::<T, V, 3>(self.state, self.q, self.lay, f0, f1, self.c, k),
+            _ => update_chunk::<T, V, 4>(self.state, self.q, self.lay, f0, f1, self.c, k),
         }
         if let Some(out) = self.output {
             let rows = self.state.chunks_exact(self.lay.stride);
@@ -779,11 +823,41 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
     }
 }
 
+/// The g and h updates of a chunk's rows, two rows at a time so that their dependency chains
+/// (division, row sums) interleave. `P` is the layout's `top_power`.
+#[inline(always)]
+fn update_chunk<T: Real, V: Vector<T>, const P: usize>(
+    state: &mut [T],
+    q: &mut [T],
+    lay: StateLayout,
+    f0: &[T],
+    f1: &[T],
+    c: [T; 2],
+    k: usize,
+) {
+    const ROWS: usize = 2;
+    let (stride, two_k) = (lay.stride, 2 * k);
+    let mut pairs = state.chunks_exact_mut(ROWS * stride);
+    let mut q_pairs = q.chunks_exact_mut(ROWS * two_k);
+    for (st, q) in (&mut pairs).zip(&mut q_pairs) {
+        let mut st = st.chunks_exact_mut(stride);
+        let mut q = q.chunks_exact_mut(two_k);
+        let st: [&mut [T]; ROWS] = std::array::from_fn(|_| st.next().unwrap());
+        let q: [&mut [T]; ROWS] = std::array::from_fn(|_| q.next().unwrap());
+        update_rows::<T, V, ROWS, P>(st, q, f0, f1, c, lay.h, k);
+    }
+    let rest = pairs.into_remainder().chunks_exact_mut(stride);
+    for (st, q) in rest.zip(q_pairs.into_remainder().chunks_exact_mut(two_k)) {
+        update_rows::<T, V, 1, P>([st], [q], f0, f1, c, lay.h, k);
+    }
+}
+
 /// The g and h updates of `R` rows with two weight groups: writes each row's slot values
 /// `q_G = E_G f_G g` (`[2, K]`, without the old `h_G` factor) and its new `h_G = 1 / Σ_a q_G`.
-/// `states[r]` is the row's state block (cached `E_0`, `E_1`, and `h_0`, `h_1` at `h_at`).
+/// `states[r]` is the row's state block (cached `E_0`, `E_1` unless `P > 0` derives it as
+/// `E_0^P`, and `h_0`, `h_1` at `h_at`).
 #[inline(always)]
-fn update_rows<T: Real, V: Vector<T>, const R: usize>(
+fn update_rows<T: Real, V: Vector<T>, const R: usize, const P: usize>(
     states: [&mut [T]; R],
     qs: [&mut [T]; R],
     f0: &[T],
@@ -799,7 +873,18 @@ fn update_rows<T: Real, V: Vector<T>, const R: usize>(
         let (cache, h) = st.split_at_mut(h_at);
         (&*cache, h)
     });
-    let e: [[&[T]; 2]; R] = std::array::from_fn(|r| [&rows[r].0[..k], &rows[r].0[k..2 * k]]);
+    // With P > 0 the second slice is a stand-in that is never read.
+    let e: [[&[T]; 2]; R] = std::array::from_fn(|r| {
+        let cache = rows[r].0;
+        [
+            &cache[..k],
+            if P == 0 {
+                &cache[k..2 * k]
+            } else {
+                &cache[..k]
+            },
+        ]
+    });
     let hs: [[T; 2]; R] = std::array::from_fn(|r| [c[0] * rows[r].1[0], c[1] * rows[r].1[1]]);
     for q in &qs {
         assert!(q.len() >= 2 * k);
@@ -810,8 +895,14 @@ fn update_rows<T: Real, V: Vector<T>, const R: usize>(
         for r in 0..R {
             // SAFETY: e[r][g] and f0, f1 have length k, qs[r] at least 2k, j + lanes <= k.
             unsafe {
-                let v0 = V::load(e[r][0].as_ptr().add(j)).mul(V::load(f0.as_ptr().add(j)));
-                let v1 = V::load(e[r][1].as_ptr().add(j)).mul(V::load(f1.as_ptr().add(j)));
+                let e0 = V::load(e[r][0].as_ptr().add(j));
+                let e1 = if P == 0 {
+                    V::load(e[r][1].as_ptr().add(j))
+                } else {
+                    int_pow::<V, P>(e0, V::mul)
+                };
+                let v0 = e0.mul(V::load(f0.as_ptr().add(j)));
+                let v1 = e1.mul(V::load(f1.as_ptr().add(j)));
                 let den = V::splat(hs[r][0]).mul(v0).add(V::splat(hs[r][1]).mul(v1));
                 let gi = den.recip();
                 let (y0, y1) = (v0.mul(gi), v1.mul(gi));
@@ -827,7 +918,12 @@ fn update_rows<T: Real, V: Vector<T>, const R: usize>(
         let (mut s0, mut s1) = (acc[r][0].sum(), acc[r][1].sum());
         let (q0, q1) = qs[r].split_at_mut(k);
         for j in full..k {
-            let (v0, v1) = (e[r][0][j] * f0[j], e[r][1][j] * f1[j]);
+            let e1 = if P == 0 {
+                e[r][1][j]
+            } else {
+                int_pow::<T, P>(e[r][0][j], |a, b| a * b)
+            };
+            let (v0, v1) = (e[r][0][j] * f0[j], e1 * f1[j]);
             let gi = T::ONE / (hs[r][0] * v0 + hs[r][1] * v1);
             q0[j] = v0 * gi;
             q1[j] = v1 * gi;
@@ -992,7 +1088,7 @@ impl<T: Real> Problem<T> {
         } = bw;
         // The replay writes T into `out`, which the sweep then overwrites row by row.
         self.solve(s, r, cmax, out, fwd, log, Some(hist));
-        let lay = StateLayout::new::<T>(log, ng, gk);
+        let lay = StateLayout::new::<T>(log, ng, gk, 0);
         let (sw, ho) = (lay.stride, lay.h);
         let rpc = lay.rows_per_chunk(k);
         let nch = n_chunks(n, rpc);

@@ -4,8 +4,10 @@
 //! the input type, as DESIGN.md §2.5 requires. The trait is deliberately tiny and hand-rolled so the
 //! core crate has no numeric dependencies.
 
+use std::cell::RefCell;
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
+use std::thread::LocalKey;
 
 /// A floating-point element type a kernel can run on.
 pub trait Real:
@@ -46,6 +48,8 @@ pub trait Real:
     /// call and keeps every loop that uses it scalar). Accurate to a few ulp; returns exactly 0
     /// below the normal range and +inf above it.
     fn exp_fast(self) -> Self;
+    /// This thread's reusable scratch buffer (see `chunks::with_thread_scratch`).
+    fn thread_scratch() -> &'static LocalKey<RefCell<Vec<Self>>>;
 
     /// `max` without NaN special-casing, so that it lowers to a single vector instruction.
     #[inline(always)]
@@ -68,6 +72,10 @@ pub trait Real:
 }
 
 impl Real for f32 {
+    fn thread_scratch() -> &'static LocalKey<RefCell<Vec<Self>>> {
+        thread_local!(static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) });
+        &SCRATCH
+    }
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const INFINITY: Self = f32::INFINITY;
@@ -128,6 +136,10 @@ impl Real for f32 {
 }
 
 impl Real for f64 {
+    fn thread_scratch() -> &'static LocalKey<RefCell<Vec<Self>>> {
+        thread_local!(static SCRATCH: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) });
+        &SCRATCH
+    }
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const INFINITY: Self = f64::INFINITY;
