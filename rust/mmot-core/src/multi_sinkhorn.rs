@@ -764,14 +764,19 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
         let lanes = V::LANES;
         let full = k - k % lanes;
         let (f0, f1) = self.f[..2 * k].split_at(k);
+        let cols = ColumnScales {
+            f0,
+            f1,
+            f10: self.f10,
+        };
         // Two sweeps over the chunk: first every row's g and h updates, two rows at a time so
         // that their dependency chains (division, row sums) interleave, then the column sums,
         // which need each row's new h.
         match self.lay.top_power {
-            0 => update_chunk::<T, V, 0>(self.state, self.q, self.lay, f0, f1, self.f10, self.c, k),
-            2 => update_chunk::<T, V, 2>(self.state, self.q, self.lay, f0, f1, self.f10, self.c, k),
-            3 => update_chunk::<T, V, 3>(self.state, self.q, self.lay, f0, f1, self.f10, self.c, k),
-            _ => update_chunk::<T, V, 4>(self.state, self.q, self.lay, f0, f1, self.f10, self.c, k),
+            0 => update_chunk::<T, V, 0>(self.state, self.q, self.lay, cols, self.c, k),
+            2 => update_chunk::<T, V, 2>(self.state, self.q, self.lay, cols, self.c, k),
+            3 => update_chunk::<T, V, 3>(self.state, self.q, self.lay, cols, self.c, k),
+            _ => update_chunk::<T, V, 4>(self.state, self.q, self.lay, cols, self.c, k),
         }
         if let Some(out) = self.output {
             let rows = self.state.chunks_exact(self.lay.stride);
@@ -843,6 +848,15 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
     }
 }
 
+/// The column scalings a two-group pass reads.
+#[derive(Clone, Copy)]
+struct ColumnScales<'a, T> {
+    f0: &'a [T],
+    f1: &'a [T],
+    /// `f_1 / f_0`, read only when the layout derives `E_1`.
+    f10: &'a [T],
+}
+
 /// The g and h updates of a chunk's rows, two rows at a time so that their dependency chains
 /// (division, row sums) interleave. `P` is the layout's `top_power`.
 #[inline(always)]
@@ -850,9 +864,7 @@ fn update_chunk<T: Real, V: Vector<T>, const P: usize>(
     state: &mut [T],
     q: &mut [T],
     lay: StateLayout,
-    f0: &[T],
-    f1: &[T],
-    f10: &[T],
+    f: ColumnScales<T>,
     c: [T; 2],
     k: usize,
 ) {
@@ -865,33 +877,31 @@ fn update_chunk<T: Real, V: Vector<T>, const P: usize>(
         let mut q = q.chunks_exact_mut(two_k);
         let st: [&mut [T]; ROWS] = std::array::from_fn(|_| st.next().unwrap());
         let q: [&mut [T]; ROWS] = std::array::from_fn(|_| q.next().unwrap());
-        update_rows::<T, V, ROWS, P>(st, q, f0, f1, f10, c, lay.h, k);
+        update_rows::<T, V, ROWS, P>(st, q, f, c, lay.h, k);
     }
     let rest = pairs.into_remainder().chunks_exact_mut(stride);
     for (st, q) in rest.zip(q_pairs.into_remainder().chunks_exact_mut(two_k)) {
-        update_rows::<T, V, 1, P>([st], [q], f0, f1, f10, c, lay.h, k);
+        update_rows::<T, V, 1, P>([st], [q], f, c, lay.h, k);
     }
 }
 
 /// The g and h updates of `R` rows with two weight groups: writes each row's slot values
 /// `q_G = E_G f_G g` (`[2, K]`, without the old `h_G` factor) and its new `h_G = 1 / Σ_a q_G`.
 /// `states[r]` is the row's state block (cached `E_0`, `E_1` unless `P > 0` derives it as
-/// `E_0^P`, and `h_0`, `h_1` at `h_at`). `f10` is `f_1 / f_0` (read only when `P > 0`).
+/// `E_0^P`, and `h_0`, `h_1` at `h_at`).
 #[inline(always)]
 fn update_rows<T: Real, V: Vector<T>, const R: usize, const P: usize>(
     states: [&mut [T]; R],
     qs: [&mut [T]; R],
-    f0: &[T],
-    f1: &[T],
-    f10: &[T],
+    f: ColumnScales<T>,
     c: [T; 2],
     h_at: usize,
     k: usize,
 ) {
     let lanes = V::LANES;
     let full = k - k % lanes;
-    let (f0, f1) = (&f0[..k], &f1[..k]);
-    let f10 = if P == 0 { f10 } else { &f10[..k] };
+    let (f0, f1) = (&f.f0[..k], &f.f1[..k]);
+    let f10 = if P == 0 { f.f10 } else { &f.f10[..k] };
     let mut rows = states.map(|st| {
         let (cache, h) = st.split_at_mut(h_at);
         (&*cache, h)
