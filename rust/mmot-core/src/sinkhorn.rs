@@ -6,7 +6,10 @@
 //!
 //! Plain domain: `E = exp((S - colmax)/eps)` is computed once and cached *in the output buffer*
 //! (it has exactly the right size), so iterations never call `exp`; the column shift is absorbed
-//! exactly by `v`.
+//! exactly by `v`. The first pass also takes the column statistics (max, range, finiteness), so
+//! the scores are read once: each row chunk caches its `E` against its own column max, and the
+//! per-chunk factors `exp((chunk max - colmax)/eps)` (bounded below by the plain domain's range
+//! limit) are folded into `v` chunk by chunk.
 //!
 //! Log domain: nothing is cached; each row recomputes `t = (S - colmax)/eps + b` (b = log v),
 //! shifts by its own row max and exponentiates once. The shifted exponentials divided by their
@@ -86,31 +89,50 @@ pub fn sinkhorn_checked<T: Real>(
             check_finite,
         );
     }
-    let mut cmax = vec![T::ZERO; b * k];
-    let (range, finite) = batch_col_stats(scores, b, n, k, &mut cmax);
-    if check_finite && !finite {
-        return Err(not_finite("scores"));
-    }
-    let range = range / eps;
-    let log = use_log_domain::<T>(log_domain, range);
     let p = Problem {
         n,
         k,
+        eps,
         inv_eps: T::from_f64(1.0 / eps),
         n_iters,
     };
-    out.par_chunks_mut(n * k)
-        .zip(scores.par_chunks(n * k))
-        .zip(row_mass.par_chunks(n))
-        .zip(col_mass.par_chunks(k))
-        .zip(cmax.par_chunks(k))
-        .for_each_init(Workspace::default, |ws, ((((o, s), r), c), cm)| {
-            if log {
+    let mut cmax = vec![T::ZERO; b * k];
+    let log = if log_domain == LogDomain::On {
+        let finite = batch_col_stats(scores, b, n, k, &mut cmax).1;
+        if check_finite && !finite {
+            return Err(not_finite("scores"));
+        }
+        true
+    } else {
+        // The plain domain goes first: its first pass also takes the column statistics that
+        // decide the domain. In the rare call that turns out to need the log domain, the plain
+        // results are discarded (a problem stops after that pass once it knows).
+        let auto = log_domain == LogDomain::Auto;
+        let range = out
+            .par_chunks_mut(n * k)
+            .zip(scores.par_chunks(n * k))
+            .zip(row_mass.par_chunks(n))
+            .zip(col_mass.par_chunks(k))
+            .zip(cmax.par_chunks_mut(k))
+            .map_init(Workspace::default, |ws, ((((o, s), r), c), cm)| {
+                p.solve_plain(s, r, c, cm, o, ws, None, auto)
+            })
+            .reduce(|| 0.0, max_range);
+        if check_finite && range.is_nan() {
+            return Err(not_finite("scores"));
+        }
+        use_log_domain::<T>(log_domain, range / eps)
+    };
+    if log {
+        out.par_chunks_mut(n * k)
+            .zip(scores.par_chunks(n * k))
+            .zip(row_mass.par_chunks(n))
+            .zip(col_mass.par_chunks(k))
+            .zip(cmax.par_chunks(k))
+            .for_each_init(Workspace::default, |ws, ((((o, s), r), c), cm)| {
                 p.solve_log(s, r, c, cm, o, ws, None)
-            } else {
-                p.solve_plain(s, r, c, cm, o, ws, None)
-            }
-        });
+            });
+    }
     Ok(log)
 }
 
@@ -120,6 +142,7 @@ const SMALL: usize = 1024;
 struct Problem<T> {
     n: usize,
     k: usize,
+    eps: f64,
     inv_eps: T,
     n_iters: usize,
 }
@@ -135,6 +158,9 @@ struct Workspace<T> {
     /// v (plain) or b = log v (log domain).
     colpot: Vec<T>,
     scratch: Vec<T>,
+    /// Plain domain, per row chunk: `exp((chunk column max − column max)/eps)`, the factors
+    /// that take the chunk's cached `E` to the common scale `exp((S − column max)/eps)`.
+    corr: Vec<T>,
 }
 
 impl<T: Real> Workspace<T> {
@@ -142,7 +168,8 @@ impl<T: Real> Workspace<T> {
         self.state.clear();
         self.state.resize(n, T::ONE);
         self.partials.clear();
-        self.partials.resize(nch * k, T::ZERO);
+        // Pass 0 of the plain domain keeps three values per column and chunk.
+        self.partials.resize(nch * 3 * k, T::ZERO);
         self.acc.clear();
         self.acc.resize(k, T::ZERO);
         self.colpot.clear();
@@ -151,19 +178,22 @@ impl<T: Real> Workspace<T> {
 }
 
 impl<T: Real> Problem<T> {
-    /// With `hist`, records the potentials of every iteration and leaves the cached `E` in
-    /// `out` instead of writing the plan (the backward's forward replay).
+    /// Fills `cmax` and returns the problem's largest column range (NaN for a non-finite
+    /// score). With `auto`, stops after the first pass if that range calls for the log domain.
+    /// With `hist`, records the potentials of every iteration and leaves the cached `E` (and
+    /// `ws.corr`) instead of writing the plan (the backward's forward replay).
     #[allow(clippy::too_many_arguments)]
     fn solve_plain(
         &self,
         s: &[T],
         r: &[T],
         c: &[T],
-        cmax: &[T],
+        cmax: &mut [T],
         out: &mut [T],
         ws: &mut Workspace<T>,
         mut hist: Option<&mut History<T>>,
-    ) {
+        auto: bool,
+    ) -> f64 {
         let (n, k, inv_eps) = (self.n, self.k, self.inv_eps);
         let rpc = rows_per_chunk(k);
         let nch = n_chunks(n, rpc);
@@ -174,9 +204,12 @@ impl<T: Real> Problem<T> {
             acc,
             colpot: v,
             scratch,
+            corr,
         } = ws;
 
-        // Pass 0: cache E in `out` and take its column sums (u = 1).
+        // Pass 0 (u = 1): per chunk, the column max and min of its rows (read from memory
+        // once), then E = exp((S − chunk column max)/eps) of the same rows (now in cache),
+        // cached in `out`, and its column sums. The scores are read once in all.
         run_pass(
             n,
             rpc,
@@ -185,27 +218,25 @@ impl<T: Real> Problem<T> {
             out,
             k,
             partials,
-            k,
+            3 * k,
             scratch,
-            0,
+            k,
             #[inline(always)]
-            |rows, _u, o, p, _| {
-                // Re-sliced to exactly k so that the loops carry no bounds checks and vectorise.
-                let p = &mut p[..k];
-                let cmax = &cmax[..k];
-                p.fill(T::ZERO);
-                for (i, row) in rows.enumerate() {
-                    let srow = &s[row * k..(row + 1) * k];
-                    let orow = &mut o[i * k..(i + 1) * k];
-                    for j in 0..k {
-                        let e = ((srow[j] - cmax[j]) * inv_eps).exp_fast();
-                        orow[j] = e;
-                        p[j] += e;
-                    }
-                }
+            |rows, _u, o, part, nf| {
+                let (mx, rest) = part.split_at_mut(k);
+                let (mn, sums) = rest.split_at_mut(k);
+                let s = &s[rows.start * k..rows.end * k];
+                chunk_col_range(s, k, mx, mn, nf);
+                chunk_exp(s, k, mx, inv_eps, o, sums);
             },
         );
-        reduce_partials(partials, nch, acc);
+        let range = crate::simd::dispatch(
+            #[inline(always)]
+            || merge_pass0(partials, nch, k, inv_eps, cmax, corr, acc),
+        );
+        if auto && use_log_domain::<T>(LogDomain::Auto, range / self.eps) {
+            return range;
+        }
         for j in 0..k {
             v[j] = c[j] / acc[j];
         }
@@ -219,7 +250,7 @@ impl<T: Real> Problem<T> {
                 h.col[it * k..(it + 1) * k].copy_from_slice(v);
             }
             let write = last && hist.is_none();
-            let vr: &[T] = v;
+            let (vr, corr): (&[T], &[T]) = (v, corr);
             run_pass(
                 n,
                 rpc,
@@ -230,25 +261,35 @@ impl<T: Real> Problem<T> {
                 partials,
                 k,
                 scratch,
-                0,
+                k,
                 #[inline(always)]
-                |rows, u, o, p, _| {
-                    let p = &mut p[..k];
-                    let vr = &vr[..k];
+                |rows, u, o, p, w| {
+                    let ch = rows.start / rpc;
+                    let (p, w, vr) = (&mut p[..k], &mut w[..k], &vr[..k]);
+                    let corr = &corr[ch * k..(ch + 1) * k];
+                    // The chunk's E times w is the common-scale E times v.
+                    for j in 0..k {
+                        w[j] = vr[j] * corr[j];
+                    }
                     p.fill(T::ZERO);
                     let row0 = rows.start;
                     for (i, row) in rows.enumerate() {
                         let orow = &mut o[i * k..(i + 1) * k];
-                        let un = r[row] / dot(orow, vr);
+                        let un = r[row] / dot(orow, w);
                         u[row - row0] = un;
                         if write {
                             for j in 0..k {
-                                orow[j] = orow[j] * vr[j] * un;
+                                orow[j] = orow[j] * w[j] * un;
                             }
                         } else if !last {
                             for j in 0..k {
                                 p[j] += orow[j] * un;
                             }
+                        }
+                    }
+                    if !last {
+                        for j in 0..k {
+                            p[j] *= corr[j];
                         }
                     }
                 },
@@ -263,6 +304,7 @@ impl<T: Real> Problem<T> {
                 }
             }
         }
+        range
     }
 
     /// With `hist`, records the log potentials of every iteration (the plan is still written).
@@ -287,6 +329,7 @@ impl<T: Real> Problem<T> {
             acc,
             colpot: bpot,
             scratch,
+            corr: _,
         } = ws;
 
         // Pass 0 (a = 0): column log-sum-exp of L = (S - colmax)/eps. L <= 0 with a 0 in every
@@ -385,6 +428,111 @@ impl<T: Real> Problem<T> {
     }
 }
 
+/// Column max `mx` and min `mn` of a chunk of rows. A column with a NaN or infinite score gets
+/// a NaN min (`x - x` is 0 for a finite `x` and NaN otherwise, and NaN survives a sum), so
+/// its range comes out NaN. Rows are taken four at a time: the three per-column accumulators
+/// are a read-modify-write each, and per single row they, not the memory, would set the pace.
+#[inline(always)]
+#[allow(clippy::eq_op)]
+fn chunk_col_range<T: Real>(rows: &[T], k: usize, mx: &mut [T], mn: &mut [T], nf: &mut [T]) {
+    let (mx, mn, nf) = (&mut mx[..k], &mut mn[..k], &mut nf[..k]);
+    mx.fill(T::NEG_INFINITY);
+    mn.fill(T::INFINITY);
+    nf.fill(T::ZERO);
+    let mut quads = rows.chunks_exact(4 * k);
+    for q in &mut quads {
+        let (a, b, c, d) = (&q[..k], &q[k..2 * k], &q[2 * k..3 * k], &q[3 * k..4 * k]);
+        for j in 0..k {
+            let (a, b, c, d) = (a[j], b[j], c[j], d[j]);
+            mx[j] = mx[j].fmax(a.fmax(b).fmax(c.fmax(d)));
+            mn[j] = mn[j].fmin(a.fmin(b).fmin(c.fmin(d)));
+            nf[j] += ((a - a) + (b - b)) + ((c - c) + (d - d));
+        }
+    }
+    for row in quads.remainder().chunks_exact(k) {
+        let row = &row[..k];
+        for j in 0..k {
+            let x = row[j];
+            mx[j] = mx[j].fmax(x);
+            mn[j] = mn[j].fmin(x);
+            nf[j] += x - x;
+        }
+    }
+    for j in 0..k {
+        mn[j] += nf[j];
+    }
+}
+
+/// `E = exp((S − m)/eps)` of a chunk of rows against the chunk's column max `m`, written to
+/// `out`, and its column sums.
+#[inline(always)]
+fn chunk_exp<T: Real>(rows: &[T], k: usize, m: &[T], inv_eps: T, out: &mut [T], sums: &mut [T]) {
+    let (m, sums) = (&m[..k], &mut sums[..k]);
+    sums.fill(T::ZERO);
+    for (srow, orow) in rows.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        let (srow, orow) = (&srow[..k], &mut orow[..k]);
+        for j in 0..k {
+            let e = ((srow[j] - m[j]) * inv_eps).exp_fast();
+            orow[j] = e;
+            sums[j] += e;
+        }
+    }
+}
+
+/// Merges pass 0's per-chunk `[max | min | sums]` in chunk order: the column max `cmax`, the
+/// factors `corr` from each chunk's scale to the common one, and the column sums of the
+/// common-scale `E` (`acc`). Returns the largest column range, NaN if a score is not finite.
+#[inline(always)]
+fn merge_pass0<T: Real>(
+    parts: &[T],
+    nch: usize,
+    k: usize,
+    inv_eps: T,
+    cmax: &mut [T],
+    corr: &mut Vec<T>,
+    acc: &mut [T],
+) -> f64 {
+    let (cmax, cmin) = (&mut cmax[..k], &mut acc[..k]);
+    cmax.fill(T::NEG_INFINITY);
+    cmin.fill(T::INFINITY);
+    let mut finite = true;
+    for p in parts.chunks_exact(3 * k).take(nch) {
+        let (mx, mn) = (&p[..k], &p[k..2 * k]);
+        for j in 0..k {
+            cmax[j] = cmax[j].fmax(mx[j]);
+            cmin[j] = cmin[j].fmin(mn[j]);
+        }
+        // A chunk's NaN min would not survive `fmin`; look for it here.
+        finite &= mn.iter().all(|x| !x.to_f64().is_nan());
+    }
+    let range = (0..k).fold(0.0f64, |r, j| r.max((cmax[j] - cmin[j]).to_f64()));
+    corr.clear();
+    corr.resize(nch * k, T::ZERO);
+    let acc = cmin;
+    acc.fill(T::ZERO);
+    for (p, f) in parts.chunks_exact(3 * k).zip(corr.chunks_exact_mut(k)) {
+        let (mx, sums, f) = (&p[..k], &p[2 * k..3 * k], &mut f[..k]);
+        for j in 0..k {
+            f[j] = ((mx[j] - cmax[j]) * inv_eps).exp_fast();
+            acc[j] += sums[j] * f[j];
+        }
+    }
+    if finite {
+        range
+    } else {
+        f64::NAN
+    }
+}
+
+/// The larger of two column ranges, NaN if either is (a reduction over problems).
+fn max_range(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
 /// Potentials of every iteration of one problem, recorded by the forward replay of the
 /// backward: `row[t]` is `u_t` (or `log u_t`) for `t = 0..=T`, `col[t-1]` is `v_t` (or
 /// `log v_t`) for `t = 1..=T`.
@@ -445,6 +593,7 @@ pub fn sinkhorn_backward<T: Real>(
     let p = Problem {
         n,
         k,
+        eps,
         inv_eps: T::from_f64(1.0 / eps),
         n_iters,
     };
@@ -466,6 +615,8 @@ struct BackWorkspace<T> {
     hist: History<T>,
     /// The forward's output buffer: the cached `E` (plain) or the unused plan (log).
     plan: Vec<T>,
+    /// The plain replay's column max (equal to the caller's: a max is exact).
+    cmax: Vec<T>,
     /// `ρ = v_{t−1} / v_t` and `β̄_t / c` of the current pass.
     ratio: Vec<T>,
     bbc: Vec<T>,
@@ -489,6 +640,7 @@ impl<T: Real> Problem<T> {
             fwd,
             hist,
             plan,
+            cmax: plain_cmax,
             ratio,
             bbc,
         } = bw;
@@ -497,7 +649,8 @@ impl<T: Real> Problem<T> {
         if log {
             self.solve_log(s, r, c, cmax, plan, fwd, Some(hist));
         } else {
-            self.solve_plain(s, r, c, cmax, plan, fwd, Some(hist));
+            plain_cmax.resize(k, T::ZERO);
+            self.solve_plain(s, r, c, plain_cmax, plan, fwd, Some(hist), false);
         }
         let rpc = rows_per_chunk(k);
         let nch = n_chunks(n, rpc);
@@ -506,11 +659,25 @@ impl<T: Real> Problem<T> {
             partials,
             acc,
             scratch,
+            corr,
             ..
         } = fwd;
-        let cache: &[T] = plan;
+        let (cache, corr): (&[T], &[T]) = (plan, corr);
         let hist: &History<T> = hist;
-        // One row of the plan exp(L + α + β) for row potential `a` and column potentials `bp`.
+        // The column potentials `bp` as the rows of chunk `ch` need them: in the plain domain,
+        // times the chunk's factors from its cached E to the common scale.
+        let chunk_cols = |ch: usize, bp: &[T], dst: &mut [T]| {
+            if log {
+                dst.copy_from_slice(bp);
+            } else {
+                let f = &corr[ch * k..(ch + 1) * k];
+                for j in 0..k {
+                    dst[j] = bp[j] * f[j];
+                }
+            }
+        };
+        // One row of the plan exp(L + α + β) for row potential `a` and the chunk's column
+        // potentials `bp` (from `chunk_cols`).
         let plan_row = |row: usize, a: T, bp: &[T], dst: &mut [T]| {
             if log {
                 let srow = &s[row * k..(row + 1) * k];
@@ -529,7 +696,7 @@ impl<T: Real> Problem<T> {
         {
             let (at, bt) = (
                 &hist.row[iters * n..(iters + 1) * n],
-                &hist.col[(iters - 1) * k..],
+                &hist.col[(iters - 1) * k..iters * k],
             );
             run_pass(
                 n,
@@ -541,12 +708,14 @@ impl<T: Real> Problem<T> {
                 partials,
                 k,
                 scratch,
-                k,
+                2 * k,
                 #[inline(always)]
-                |rows, _st, o, part, pr| {
+                |rows, _st, o, part, scr| {
+                    let (pr, bc) = scr.split_at_mut(k);
+                    chunk_cols(rows.start / rpc, bt, bc);
                     part.fill(T::ZERO);
                     for (i, row) in rows.enumerate() {
-                        plan_row(row, at[row], bt, pr);
+                        plan_row(row, at[row], bc, pr);
                         let grow = &grad[row * k..(row + 1) * k];
                         let x = dot(grow, pr) / r[row];
                         let orow = &mut o[i * k..(i + 1) * k];
@@ -595,13 +764,15 @@ impl<T: Real> Problem<T> {
                 partials,
                 k,
                 scratch,
-                k,
+                2 * k,
                 #[inline(always)]
-                |rows, _st, o, part, pc| {
+                |rows, _st, o, part, scr| {
+                    let (pc, bc) = scr.split_at_mut(k);
+                    chunk_cols(rows.start / rpc, bt, bc);
                     part.fill(T::ZERO);
                     for (i, row) in rows.enumerate() {
                         // Column step t: Pc = exp(L + α_{t−1} + β_t), columns summing to c.
-                        plan_row(row, at[row], bt, pc);
+                        plan_row(row, at[row], bc, pc);
                         let orow = &mut o[i * k..(i + 1) * k];
                         let abar = -dot(bbc, pc);
                         for j in 0..k {

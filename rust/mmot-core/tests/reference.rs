@@ -185,6 +185,30 @@ fn sinkhorn_matches_dense_both_domains() {
 }
 
 #[test]
+fn sinkhorn_plain_domain_with_column_maxima_in_different_row_chunks() {
+    // The plain domain caches each row chunk's E against that chunk's own column max and
+    // rescales between chunks. Scores that trend up (even columns) or down (odd columns) over
+    // the rows put every column's max in the first or last chunk, with the other chunks up to
+    // e^-45 below it, close to the plain domain's limit.
+    let mut rng = Rng(23);
+    let (n, k, eps) = (3000, 64, 0.05);
+    let noise = rng.vec(n * k, -0.125, 0.125);
+    let s: Vec<f64> = (0..n * k)
+        .map(|e| {
+            let t = (e / k) as f64 / n as f64 * 2.0 - 1.0;
+            noise[e] + if e % 2 == 0 { t } else { -t }
+        })
+        .collect();
+    let r = vec![1.0; n];
+    let c = vec![n as f64 / k as f64; k];
+    let want = dense_sinkhorn(&s, &r, &c, n, k, eps, 3);
+    let mut out = vec![f64::NAN; n * k];
+    assert!(!sinkhorn(&s, &r, &c, &mut out, 1, n, k, eps, 3, LogDomain::Off).unwrap());
+    let err = max_rel_diff(&out, &want);
+    assert!(err < 1e-10, "rel err {err}");
+}
+
+#[test]
 fn sinkhorn_rows_exact_and_small_eps_stable() {
     let mut rng = Rng(11);
     let (b, n, k) = (2, 300, 40);
