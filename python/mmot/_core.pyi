@@ -26,6 +26,7 @@ def multi_sinkhorn(
     normalize: str,
     log_domain: str,
     num_threads: int,
+    check_values: bool = False,
 ) -> bool: ...
 def similarity(
     x: npt.NDArray[np.floating],

@@ -129,8 +129,9 @@ pub fn multi_sinkhorn<T: Real>(
     multi_sinkhorn_checked(scores, anchor_mass, out, b, n, kk, params, false)
 }
 
-/// [`multi_sinkhorn`], and with `check_finite` an error (not a result) for NaN or Inf in
-/// `scores`, found in the column-statistics pass the kernel makes anyway.
+/// [`multi_sinkhorn`], and with `check_values` an error (not a result) for NaN or Inf in
+/// `scores` (found in the column-statistics pass the kernel makes anyway) or for anchor masses
+/// that are not positive and finite or do not sum to `n` (to a relative 1e-4) per problem.
 #[allow(clippy::too_many_arguments)]
 pub fn multi_sinkhorn_checked<T: Real>(
     scores: &[T],
@@ -140,16 +141,19 @@ pub fn multi_sinkhorn_checked<T: Real>(
     n: usize,
     kk: usize,
     params: &MultiSinkhornParams,
-    check_finite: bool,
+    check_values: bool,
 ) -> Result<bool> {
     check_args(scores, anchor_mass, out, b, n, kk, params)?;
+    if check_values {
+        check_masses(anchor_mass, kk, n)?;
+    }
     let groups = Groups::<T>::new(&params.slot_weights, params.k);
     if b * n == 0 {
         return Ok(use_log_domain::<T>(params.log_domain, 0.0));
     }
     let mut cmax = vec![T::ZERO; b * kk];
     let (range, finite) = batch_col_stats(scores, b, n, kk, &mut cmax);
-    if check_finite && !finite {
+    if check_values && !finite {
         return Err(not_finite("scores"));
     }
     let range = range * groups.w_max / params.eps;
@@ -170,6 +174,30 @@ pub fn multi_sinkhorn_checked<T: Real>(
             p.solve(s, r, cm, o, ws, log, None)
         });
     Ok(log)
+}
+
+/// Every problem's `k` masses are positive and finite and sum to `total` (to a relative 1e-4).
+fn check_masses<T: Real>(masses: &[T], k: usize, total: usize) -> Result<()> {
+    for problem in masses.chunks_exact(k) {
+        let (mut sum, mut positive) = (0.0f64, true);
+        for m in problem.iter().map(|m| m.to_f64()) {
+            positive &= m > 0.0 && m < f64::INFINITY;
+            sum += m;
+        }
+        if !positive {
+            return Err(MmotError::InvalidArgument(
+                "argument 'anchor_mass' must hold positive finite masses".into(),
+            ));
+        }
+        let want = total as f64;
+        if (sum - want).abs() > 1e-4 * want {
+            return Err(MmotError::InvalidArgument(format!(
+                "argument 'anchor_mass' must sum to N = {total} in every problem; \
+                 got a sum of {sum:.6} where {want} was expected"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks the shapes and parameters shared by the forward and the backward.

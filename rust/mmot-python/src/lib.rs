@@ -188,7 +188,7 @@ fn sinkhorn_backward_t<T: Element + Real>(
 /// Returns whether the log domain was used.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (scores, anchor_mass, out, eps, n_iters, slot_weights, k, normalize, log_domain, num_threads, check_finite=false))]
+#[pyo3(signature = (scores, anchor_mass, out, eps, n_iters, slot_weights, k, normalize, log_domain, num_threads, check_values=false))]
 fn multi_sinkhorn(
     py: Python<'_>,
     scores: &Bound<'_, PyAny>,
@@ -201,7 +201,7 @@ fn multi_sinkhorn(
     normalize: &str,
     log_domain: &str,
     num_threads: i64,
-    check_finite: bool,
+    check_values: bool,
 ) -> PyResult<bool> {
     let params = MultiSinkhornParams {
         eps,
@@ -220,7 +220,7 @@ fn multi_sinkhorn(
             out,
             &params,
             num_threads,
-            check_finite,
+            check_values,
         ),
         Dtype::F64 => multi_t::<f64>(
             py,
@@ -229,7 +229,7 @@ fn multi_sinkhorn(
             out,
             &params,
             num_threads,
-            check_finite,
+            check_values,
         ),
     }
 }
@@ -241,7 +241,7 @@ fn multi_t<T: Element + Real>(
     out: &Bound<'_, PyAny>,
     params: &MultiSinkhornParams,
     num_threads: i64,
-    check_finite: bool,
+    check_values: bool,
 ) -> PyResult<bool> {
     let s = ro::<T, D3>(scores, "scores")?;
     let r = ro::<T, D2>(anchor_mass, "anchor_mass")?;
@@ -254,7 +254,7 @@ fn multi_t<T: Element + Real>(
     let pool = pool::get(num_threads)?;
     py.detach(|| {
         pool.install(|| {
-            mmot_core::multi_sinkhorn_checked(ss, rs, os, b, n, kk, params, check_finite)
+            mmot_core::multi_sinkhorn_checked(ss, rs, os, b, n, kk, params, check_values)
         })
     })
     .map_err(to_py)
