@@ -1038,8 +1038,10 @@ fn plain_row_fused<T: Real, const NG: usize>(
     true
 }
 
-/// `(x - min) / (max - min)` per row; a constant row becomes all zeros.
+/// `(x - min) / (max - min)` per row; a constant row becomes all zeros. Inlined so that it is
+/// compiled with the caller's vector width (out of line it ran as SSE2 code).
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
+#[inline(always)]
 fn minmax_row<T: Real>(row: &mut [T]) {
     let lo = min(row);
     let hi = max(row);
