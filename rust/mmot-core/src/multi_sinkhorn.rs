@@ -797,6 +797,18 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
             f1,
             f10: self.f10,
         };
+        if self.output.is_none() {
+            let p = &mut self.p[..2 * k];
+            let fused = match self.lay.top_power {
+                0 => fused_chunk::<T, V, 0>(self.state, self.lay, cols, self.c, p, k),
+                2 => fused_chunk::<T, V, 2>(self.state, self.lay, cols, self.c, p, k),
+                3 => fused_chunk::<T, V, 3>(self.state, self.lay, cols, self.c, p, k),
+                _ => fused_chunk::<T, V, 4>(self.state, self.lay, cols, self.c, p, k),
+            };
+            if fused {
+                return;
+            }
+        }
         // Two sweeps over the chunk: first every row's g and h updates, two rows at a time so
         // that their dependency chains (division, row sums) interleave, then the column sums,
         // which need each row's new h.
@@ -913,6 +925,116 @@ fn update_chunk<T: Real, V: Vector<T>, const P: usize>(
     }
 }
 
+/// The slot values `y_G = E_G f_G g` (after the g update) of lanes `j..j + LANES` of a row
+/// with cached `e = [E_0, E_1]` (`E_1` unread when `P > 0`) and `hs = [c_0 h_0, c_1 h_1]`.
+///
+/// # Safety
+/// `e[0]`, `f0`, `f1` (and `e[1]` when `P == 0`, `f10` when `P > 0`) hold at least
+/// `j + LANES` values.
+#[inline(always)]
+unsafe fn slot_values<T: Real, V: Vector<T>, const P: usize>(
+    e: [&[T]; 2],
+    f0: &[T],
+    f1: &[T],
+    f10: &[T],
+    hs: [T; 2],
+    j: usize,
+) -> (V, V) {
+    let e0 = V::load(e[0].as_ptr().add(j));
+    if P == 0 {
+        let v0 = e0.mul(V::load(f0.as_ptr().add(j)));
+        let v1 = V::load(e[1].as_ptr().add(j)).mul(V::load(f1.as_ptr().add(j)));
+        let den = V::splat(hs[0]).mul(v0).add(V::splat(hs[1]).mul(v1));
+        let gi = den.recip();
+        (v0.mul(gi), v1.mul(gi))
+    } else {
+        // y_0 = v_0 / (a v_0 + b v_1) = 1 / (a + b ρ) with ρ = v_1 / v_0 = E_0^(P-1) f_1 / f_0:
+        // a quarter fewer operations than forming v_0 and v_1.
+        let rho = pow_below::<V, P>(e0, V::mul).mul(V::load(f10.as_ptr().add(j)));
+        let y0 = V::splat(hs[0]).add(V::splat(hs[1]).mul(rho)).recip();
+        (y0, rho.mul(y0))
+    }
+}
+
+/// One pass over a chunk's rows in a single sweep, for rows of at most four vectors (SSPC's
+/// K = 64 in f32 with AVX-512): a row's slot values stay in registers while its new `h` is
+/// formed, and go straight into the column sums `p` (`[2, K]`, accumulated), instead of
+/// through a scratch the second sweep reads back. Bitwise the same sums as the two sweeps.
+/// Returns false, doing nothing, for other widths.
+#[inline(always)]
+fn fused_chunk<T: Real, V: Vector<T>, const P: usize>(
+    state: &mut [T],
+    lay: StateLayout,
+    f: ColumnScales<T>,
+    c: [T; 2],
+    p: &mut [T],
+    k: usize,
+) -> bool {
+    if !k.is_multiple_of(V::LANES) {
+        return false;
+    }
+    match k / V::LANES {
+        1 => fused_rows::<T, V, P, 1>(state, lay, f, c, p, k),
+        2 => fused_rows::<T, V, P, 2>(state, lay, f, c, p, k),
+        3 => fused_rows::<T, V, P, 3>(state, lay, f, c, p, k),
+        4 => fused_rows::<T, V, P, 4>(state, lay, f, c, p, k),
+        _ => return false,
+    }
+    true
+}
+
+#[inline(always)]
+fn fused_rows<T: Real, V: Vector<T>, const P: usize, const NV: usize>(
+    state: &mut [T],
+    lay: StateLayout,
+    f: ColumnScales<T>,
+    c: [T; 2],
+    p: &mut [T],
+    k: usize,
+) {
+    let (f0, f1) = (&f.f0[..k], &f.f1[..k]);
+    let f10 = if P == 0 { f.f10 } else { &f.f10[..k] };
+    let mut acc = [[V::splat(T::ZERO); NV]; 2];
+    for st in state.chunks_exact_mut(lay.stride) {
+        let (cache, h) = st.split_at_mut(lay.h);
+        let e = [
+            &cache[..k],
+            if P == 0 {
+                &cache[k..2 * k]
+            } else {
+                &cache[..k]
+            },
+        ];
+        let hs = [c[0] * h[0], c[1] * h[1]];
+        let mut y = [[V::splat(T::ZERO); NV]; 2];
+        let mut rowsum = [V::splat(T::ZERO); 2];
+        let (y_0, y_1) = y.split_at_mut(1);
+        for (u, (y0, y1)) in y_0[0].iter_mut().zip(&mut y_1[0]).enumerate() {
+            // SAFETY: every slice read holds k = NV * LANES values.
+            (*y0, *y1) = unsafe { slot_values::<T, V, P>(e, f0, f1, f10, hs, u * V::LANES) };
+            rowsum[0] = rowsum[0].add(*y0);
+            rowsum[1] = rowsum[1].add(*y1);
+        }
+        // The new h is 1 / Σ_a E f g; the slot values after the h update are y · h_new.
+        for g in 0..2 {
+            h[g] = T::ONE / rowsum[g].sum();
+            let hv = V::splat(h[g]);
+            for (a, yv) in acc[g].iter_mut().zip(&y[g]) {
+                *a = a.add(yv.mul(hv));
+            }
+        }
+    }
+    for (g, pg) in p.chunks_exact_mut(k).enumerate() {
+        for (u, a) in acc[g].iter().enumerate() {
+            // SAFETY: pg holds k = NV * LANES values.
+            unsafe {
+                let at = pg.as_mut_ptr().add(u * V::LANES);
+                V::load(at).add(*a).store(at);
+            }
+        }
+    }
+}
+
 /// The g and h updates of `R` rows with two weight groups: writes each row's slot values
 /// `q_G = E_G f_G g` (`[2, K]`, without the old `h_G` factor) and its new `h_G = 1 / Σ_a q_G`.
 /// `states[r]` is the row's state block (cached `E_0`, `E_1` unless `P > 0` derives it as
@@ -956,20 +1078,7 @@ fn update_rows<T: Real, V: Vector<T>, const R: usize, const P: usize>(
         for r in 0..R {
             // SAFETY: e[r][g] and f0, f1 have length k, qs[r] at least 2k, j + lanes <= k.
             unsafe {
-                let e0 = V::load(e[r][0].as_ptr().add(j));
-                let (y0, y1) = if P == 0 {
-                    let v0 = e0.mul(V::load(f0.as_ptr().add(j)));
-                    let v1 = V::load(e[r][1].as_ptr().add(j)).mul(V::load(f1.as_ptr().add(j)));
-                    let den = V::splat(hs[r][0]).mul(v0).add(V::splat(hs[r][1]).mul(v1));
-                    let gi = den.recip();
-                    (v0.mul(gi), v1.mul(gi))
-                } else {
-                    // y_0 = v_0 / (a v_0 + b v_1) = 1 / (a + b ρ) with ρ = v_1 / v_0 =
-                    // E_0^(P-1) f_1 / f_0: a quarter fewer operations than forming v_0, v_1.
-                    let rho = pow_below::<V, P>(e0, V::mul).mul(V::load(f10.as_ptr().add(j)));
-                    let y0 = V::splat(hs[r][0]).add(V::splat(hs[r][1]).mul(rho)).recip();
-                    (y0, rho.mul(y0))
-                };
+                let (y0, y1) = slot_values::<T, V, P>(e[r], f0, f1, f10, hs[r], j);
                 y0.store(qs[r].as_mut_ptr().add(j));
                 y1.store(qs[r].as_mut_ptr().add(k + j));
                 acc[r][0] = acc[r][0].add(y0);
