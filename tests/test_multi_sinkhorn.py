@@ -66,8 +66,8 @@ def test_custom_slot_weights_and_anchor_mass(backend):
 @pytest.mark.parametrize("low", [0.5, 1 / 3, 0.25, 0.3])
 @pytest.mark.parametrize("shape", [(41, 37, 18), (300, 21, 5), (57, 64, 32), (603, 32, 16)])
 def test_weight_ratios_match_dense(backend, low, shape):
-    # Weight ratios 2, 3 and 4 let the Rust kernel derive E_1 = E_0^p instead of caching it;
-    # 0.3 does not. K = 37 and 21 leave a remainder after the vector lanes, N = 41 an odd row;
+    # With two weight groups the Rust forward caches only D = E_1 / E_0, whatever the ratio of
+    # the weights. K = 37 and 21 leave a remainder after the vector lanes, N = 41 an odd row;
     # K = 64 and 32 take the single-sweep path (whole vectors per row) in f32 and f64.
     n, n_anchors, k = shape
     weights = default_weights(n_anchors, k, low)

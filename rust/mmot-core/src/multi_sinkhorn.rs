@@ -11,7 +11,9 @@
 //! over `n` give the next `f_G` by `f_G *= r / colsum`. `g` itself is never stored.
 //!
 //! Plain domain: `E_G = exp(w_G (S - colmax)/eps)` is cached once per call in a per-row
-//! `[h_G..., E_0[..K], E_1[..K], ...]` state block, so iterations do no `exp`.
+//! `[E_0[..K], E_1[..K], ..., h_G...]` state block, so iterations do no `exp`. With two groups
+//! (SSPC's default) the forward caches only the ratio `D = E_1 / E_0`, all the slot values
+//! depend on.
 //! Log domain: the same quantities are formed from log potentials
 //! `t_G = w_G (S - colmax)/eps + log f_G + log h_G`, shifted per element by `max_G t_G`, which
 //! costs `G` exponentials per element per iteration but cannot overflow. The column sums of the
@@ -245,39 +247,30 @@ fn check_args<T: Real>(
     Ok(())
 }
 
-impl<T: Real> Groups<T> {
-    /// `p` when there are two groups and `w_1 = p·w_0` for `p` in 2..=4 (SSPC's weights 0.25
-    /// and 1 give 4), so that `E_1 = E_0^p`; else 0.
-    fn top_power(&self) -> usize {
-        match self.w[..] {
-            [w0, w1] => (2..=4)
-                .find(|&p| T::from_f64(p as f64) * w0 == w1)
-                .unwrap_or(0),
-            _ => 0,
-        }
-    }
-}
-
-/// `x^(P-1)` for `P` in 2..=4.
+/// Pass 0 of a row in the ratio layout: `E_0 = exp(w_0 L)` and `D = exp((w_1 - w_0) L)`, the
+/// latter as `E_0^M` for `M` in 1..=3 (`M = 0`: by `exp`); caches `D` and adds `E_0` and
+/// `E_1 = E_0 D` to the column sums `p0`, `p1`.
 #[inline(always)]
-fn pow_below<T: Copy, const P: usize>(x: T, mul: impl Fn(T, T) -> T) -> T {
-    match P {
-        2 => x,
-        3 => mul(x, x),
-        _ => mul(mul(x, x), x),
-    }
-}
-
-/// `x^P` for `P` in 2..=4, by the products [`Groups::top_power`] promises.
-#[inline(always)]
-fn int_pow<T: Copy, const P: usize>(x: T, mul: impl Fn(T, T) -> T) -> T {
-    match P {
-        2 => mul(x, x),
-        3 => mul(mul(x, x), x),
-        _ => {
-            let y = mul(x, x);
-            mul(y, y)
-        }
+fn ratio_row<T: Real, const M: usize>(
+    lrow: &[T],
+    w: &[T],
+    d: &mut [T],
+    p0: &mut [T],
+    p1: &mut [T],
+) {
+    let k = lrow.len();
+    let (d, p0, p1) = (&mut d[..k], &mut p0[..k], &mut p1[..k]);
+    let (w0, dw) = (w[0], w[1] - w[0]);
+    for j in 0..k {
+        let e0 = (w0 * lrow[j]).exp_fast();
+        d[j] = match M {
+            1 => e0,
+            2 => e0 * e0,
+            3 => e0 * e0 * e0,
+            _ => (dw * lrow[j]).exp_fast(),
+        };
+        p0[j] += e0;
+        p1[j] += e0 * d[j];
     }
 }
 
@@ -286,15 +279,15 @@ fn int_pow<T: Copy, const P: usize>(x: T, mul: impl Fn(T, T) -> T) -> T {
 /// base, see [`aligned_rows`]) every row's vector loads start on a line; the row scalars
 /// (`h_G`, or the backward's adjoints of them) follow. The log domain keeps only the scalars.
 ///
-/// With `top_power = p > 0` only `E_0` is cached and `E_1 = E_0^p` is multiplied out where it
-/// is used: the passes stream the state through memory each iteration, and halving it pays
-/// more than the two multiplies cost.
+/// With `ratio`, a two-group forward caches only `D = E_1 / E_0 = exp((w_1 - w_0) L)`: the slot
+/// values depend on `E_0` and `E_1` only through that ratio (see [`slot_values`]), so the state
+/// each pass streams is halved and the row work is a quarter shorter.
 #[derive(Clone, Copy)]
 struct StateLayout {
     stride: usize,
     /// Offset of the `G` row scalars.
     h: usize,
-    top_power: usize,
+    ratio: bool,
 }
 
 impl StateLayout {
@@ -309,20 +302,20 @@ impl StateLayout {
         }
     }
 
-    fn new<T>(log: bool, ng: usize, gk: usize, top_power: usize) -> Self {
+    fn new<T>(log: bool, ng: usize, gk: usize, ratio: bool) -> Self {
         if log {
             StateLayout {
                 stride: ng,
                 h: 0,
-                top_power: 0,
+                ratio: false,
             }
         } else {
             let line = (64 / std::mem::size_of::<T>()).max(1);
-            let cached = if top_power > 0 { gk / ng } else { gk };
+            let cached = if ratio { gk / ng } else { gk };
             StateLayout {
                 stride: (cached + ng).next_multiple_of(line),
                 h: cached,
-                top_power,
+                ratio,
             }
         }
     }
@@ -366,7 +359,7 @@ struct Workspace<T> {
     acc: Vec<T>,
     /// `f_G` (plain) or `log f_G` (log), `[G, K]`.
     colpot: Vec<T>,
-    /// `f_1 / f_0` when the state layout derives `E_1` (`[K]`).
+    /// `f_1 / f_0` when the state layout caches the ratio `D` (`[K]`).
     f10: Vec<T>,
     scratch: Vec<T>,
 }
@@ -389,12 +382,12 @@ impl<T: Real> Problem<T> {
         let (w, c, t) = (&self.g.w[..], &self.g.c[..], &self.g.t[..]);
         let gk = ng * k;
         // The backward reads every E_G from the state, so its replay caches them all.
-        let power = if log || hist.is_some() {
-            0
-        } else {
-            self.g.top_power()
-        };
-        let lay = StateLayout::new::<T>(log, ng, gk, power);
+        let ratio = !log && ng == 2 && hist.is_none();
+        let lay = StateLayout::new::<T>(log, ng, gk, ratio);
+        // D = E_0^m when w_1 - w_0 = m w_0 (SSPC's 0.25 and 1 give m = 3): products, not an exp.
+        let ratio_power = (1..=3)
+            .find(|&m| ng == 2 && T::from_f64(m as f64) * w[0] == w[1] - w[0])
+            .unwrap_or(0);
         let (sw, ho) = (lay.stride, lay.h);
         let rpc = lay.rows_per_chunk(k);
         let nch = n_chunks(n, rpc);
@@ -440,6 +433,18 @@ impl<T: Real> Problem<T> {
                     let st = &mut st[i * sw..(i + 1) * sw];
                     let (cache, h) = st.split_at_mut(ho);
                     let h = &mut h[..ng];
+                    if ratio {
+                        h.fill(T::ONE);
+                        let (p0, p1) = p.split_at_mut(k);
+                        let d = &mut cache[..k];
+                        match ratio_power {
+                            1 => ratio_row::<T, 1>(lrow, w, d, p0, p1),
+                            2 => ratio_row::<T, 2>(lrow, w, d, p0, p1),
+                            3 => ratio_row::<T, 3>(lrow, w, d, p0, p1),
+                            _ => ratio_row::<T, 0>(lrow, w, d, p0, p1),
+                        }
+                        continue;
+                    }
                     for g in 0..ng {
                         let pg = &mut p[g * k..(g + 1) * k];
                         let wg = w[g];
@@ -447,16 +452,6 @@ impl<T: Real> Problem<T> {
                             h[g] = T::ZERO;
                             for j in 0..k {
                                 pg[j] += (wg * lrow[j]).exp_fast();
-                            }
-                        } else if g == 1 && power > 0 {
-                            h[g] = T::ONE;
-                            let e0 = &cache[..k];
-                            for j in 0..k {
-                                pg[j] += match power {
-                                    2 => int_pow::<T, 2>(e0[j], |a, b| a * b),
-                                    3 => int_pow::<T, 3>(e0[j], |a, b| a * b),
-                                    _ => int_pow::<T, 4>(e0[j], |a, b| a * b),
-                                };
                             }
                         } else {
                             h[g] = T::ONE;
@@ -492,7 +487,7 @@ impl<T: Real> Problem<T> {
             if let Some(hs) = hist.as_deref_mut() {
                 hs.col[it * gk..(it + 1) * gk].copy_from_slice(colpot);
             }
-            if power > 0 {
+            if ratio {
                 f10.clear();
                 f10.extend((0..k).map(|j| colpot[k + j] / colpot[j]));
             }
@@ -763,7 +758,7 @@ struct PlainRowsTwo<'a, T> {
     k: usize,
     /// `f_0`, `f_1` (`[2, K]`).
     f: &'a [T],
-    /// `f_1 / f_0` when the layout derives `E_1`, else empty.
+    /// `f_1 / f_0` when the layout caches `D`, else empty.
     f10: &'a [T],
     /// Slot counts `c_0`, `c_1`.
     c: [T; 2],
@@ -799,11 +794,10 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
         };
         if self.output.is_none() {
             let p = &mut self.p[..2 * k];
-            let fused = match self.lay.top_power {
-                0 => fused_chunk::<T, V, 0>(self.state, self.lay, cols, self.c, p, k),
-                2 => fused_chunk::<T, V, 2>(self.state, self.lay, cols, self.c, p, k),
-                3 => fused_chunk::<T, V, 3>(self.state, self.lay, cols, self.c, p, k),
-                _ => fused_chunk::<T, V, 4>(self.state, self.lay, cols, self.c, p, k),
+            let fused = if self.lay.ratio {
+                fused_chunk::<T, V, true>(self.state, self.lay, cols, self.c, p, k)
+            } else {
+                fused_chunk::<T, V, false>(self.state, self.lay, cols, self.c, p, k)
             };
             if fused {
                 return;
@@ -812,11 +806,10 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
         // Two sweeps over the chunk: first every row's g and h updates, two rows at a time so
         // that their dependency chains (division, row sums) interleave, then the column sums,
         // which need each row's new h.
-        match self.lay.top_power {
-            0 => update_chunk::<T, V, 0>(self.state, self.q, self.lay, cols, self.c, k),
-            2 => update_chunk::<T, V, 2>(self.state, self.q, self.lay, cols, self.c, k),
-            3 => update_chunk::<T, V, 3>(self.state, self.q, self.lay, cols, self.c, k),
-            _ => update_chunk::<T, V, 4>(self.state, self.q, self.lay, cols, self.c, k),
+        if self.lay.ratio {
+            update_chunk::<T, V, true>(self.state, self.q, self.lay, cols, self.c, k)
+        } else {
+            update_chunk::<T, V, false>(self.state, self.q, self.lay, cols, self.c, k)
         }
         if let Some(out) = self.output {
             let rows = self.state.chunks_exact(self.lay.stride);
@@ -893,14 +886,14 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
 struct ColumnScales<'a, T> {
     f0: &'a [T],
     f1: &'a [T],
-    /// `f_1 / f_0`, read only when the layout derives `E_1`.
+    /// `f_1 / f_0`, read only when the layout caches `D`.
     f10: &'a [T],
 }
 
 /// The g and h updates of a chunk's rows, two rows at a time so that their dependency chains
-/// (division, row sums) interleave. `P` is the layout's `top_power`.
+/// (division, row sums) interleave. `RATIO` is the layout's `ratio`.
 #[inline(always)]
-fn update_chunk<T: Real, V: Vector<T>, const P: usize>(
+fn update_chunk<T: Real, V: Vector<T>, const RATIO: bool>(
     state: &mut [T],
     q: &mut [T],
     lay: StateLayout,
@@ -917,22 +910,22 @@ fn update_chunk<T: Real, V: Vector<T>, const P: usize>(
         let mut q = q.chunks_exact_mut(two_k);
         let st: [&mut [T]; ROWS] = std::array::from_fn(|_| st.next().unwrap());
         let q: [&mut [T]; ROWS] = std::array::from_fn(|_| q.next().unwrap());
-        update_rows::<T, V, ROWS, P>(st, q, f, c, lay.h, k);
+        update_rows::<T, V, ROWS, RATIO>(st, q, f, c, lay.h, k);
     }
     let rest = pairs.into_remainder().chunks_exact_mut(stride);
     for (st, q) in rest.zip(q_pairs.into_remainder().chunks_exact_mut(two_k)) {
-        update_rows::<T, V, 1, P>([st], [q], f, c, lay.h, k);
+        update_rows::<T, V, 1, RATIO>([st], [q], f, c, lay.h, k);
     }
 }
 
 /// The slot values `y_G = E_G f_G g` (after the g update) of lanes `j..j + LANES` of a row
-/// with cached `e = [E_0, E_1]` (`E_1` unread when `P > 0`) and `hs = [c_0 h_0, c_1 h_1]`.
+/// whose cache `e` holds `[E_0, E_1]`, or `[D]` with `RATIO`, and `hs = [c_0 h_0, c_1 h_1]`.
 ///
 /// # Safety
-/// `e[0]`, `f0`, `f1` (and `e[1]` when `P == 0`, `f10` when `P > 0`) hold at least
+/// `e[0]` and `f10` (with `RATIO`) or `e[0]`, `e[1]`, `f0`, `f1` (without) hold at least
 /// `j + LANES` values.
 #[inline(always)]
-unsafe fn slot_values<T: Real, V: Vector<T>, const P: usize>(
+unsafe fn slot_values<T: Real, V: Vector<T>, const RATIO: bool>(
     e: [&[T]; 2],
     f0: &[T],
     f1: &[T],
@@ -940,17 +933,15 @@ unsafe fn slot_values<T: Real, V: Vector<T>, const P: usize>(
     hs: [T; 2],
     j: usize,
 ) -> (V, V) {
-    let e0 = V::load(e[0].as_ptr().add(j));
-    if P == 0 {
-        let v0 = e0.mul(V::load(f0.as_ptr().add(j)));
+    if !RATIO {
+        let v0 = V::load(e[0].as_ptr().add(j)).mul(V::load(f0.as_ptr().add(j)));
         let v1 = V::load(e[1].as_ptr().add(j)).mul(V::load(f1.as_ptr().add(j)));
         let den = V::splat(hs[0]).mul(v0).add(V::splat(hs[1]).mul(v1));
         let gi = den.recip();
         (v0.mul(gi), v1.mul(gi))
     } else {
-        // y_0 = v_0 / (a v_0 + b v_1) = 1 / (a + b ρ) with ρ = v_1 / v_0 = E_0^(P-1) f_1 / f_0:
-        // a quarter fewer operations than forming v_0 and v_1.
-        let rho = pow_below::<V, P>(e0, V::mul).mul(V::load(f10.as_ptr().add(j)));
+        // y_0 = v_0 / (a v_0 + b v_1) = 1 / (a + b ρ) with ρ = v_1 / v_0 = D f_1 / f_0.
+        let rho = V::load(e[0].as_ptr().add(j)).mul(V::load(f10.as_ptr().add(j)));
         let y0 = V::splat(hs[0]).add(V::splat(hs[1]).mul(rho)).recip();
         (y0, rho.mul(y0))
     }
@@ -962,7 +953,7 @@ unsafe fn slot_values<T: Real, V: Vector<T>, const P: usize>(
 /// through a scratch the second sweep reads back. Bitwise the same sums as the two sweeps.
 /// Returns false, doing nothing, for other widths.
 #[inline(always)]
-fn fused_chunk<T: Real, V: Vector<T>, const P: usize>(
+fn fused_chunk<T: Real, V: Vector<T>, const RATIO: bool>(
     state: &mut [T],
     lay: StateLayout,
     f: ColumnScales<T>,
@@ -974,17 +965,17 @@ fn fused_chunk<T: Real, V: Vector<T>, const P: usize>(
         return false;
     }
     match k / V::LANES {
-        1 => fused_rows::<T, V, P, 1>(state, lay, f, c, p, k),
-        2 => fused_rows::<T, V, P, 2>(state, lay, f, c, p, k),
-        3 => fused_rows::<T, V, P, 3>(state, lay, f, c, p, k),
-        4 => fused_rows::<T, V, P, 4>(state, lay, f, c, p, k),
+        1 => fused_rows::<T, V, RATIO, 1>(state, lay, f, c, p, k),
+        2 => fused_rows::<T, V, RATIO, 2>(state, lay, f, c, p, k),
+        3 => fused_rows::<T, V, RATIO, 3>(state, lay, f, c, p, k),
+        4 => fused_rows::<T, V, RATIO, 4>(state, lay, f, c, p, k),
         _ => return false,
     }
     true
 }
 
 #[inline(always)]
-fn fused_rows<T: Real, V: Vector<T>, const P: usize, const NV: usize>(
+fn fused_rows<T: Real, V: Vector<T>, const RATIO: bool, const NV: usize>(
     state: &mut [T],
     lay: StateLayout,
     f: ColumnScales<T>,
@@ -993,13 +984,13 @@ fn fused_rows<T: Real, V: Vector<T>, const P: usize, const NV: usize>(
     k: usize,
 ) {
     let (f0, f1) = (&f.f0[..k], &f.f1[..k]);
-    let f10 = if P == 0 { f.f10 } else { &f.f10[..k] };
+    let f10 = if RATIO { &f.f10[..k] } else { f.f10 };
     let mut acc = [[V::splat(T::ZERO); NV]; 2];
     for st in state.chunks_exact_mut(lay.stride) {
         let (cache, h) = st.split_at_mut(lay.h);
         let e = [
             &cache[..k],
-            if P == 0 {
+            if !RATIO {
                 &cache[k..2 * k]
             } else {
                 &cache[..k]
@@ -1011,7 +1002,7 @@ fn fused_rows<T: Real, V: Vector<T>, const P: usize, const NV: usize>(
         let (y_0, y_1) = y.split_at_mut(1);
         for (u, (y0, y1)) in y_0[0].iter_mut().zip(&mut y_1[0]).enumerate() {
             // SAFETY: every slice read holds k = NV * LANES values.
-            (*y0, *y1) = unsafe { slot_values::<T, V, P>(e, f0, f1, f10, hs, u * V::LANES) };
+            (*y0, *y1) = unsafe { slot_values::<T, V, RATIO>(e, f0, f1, f10, hs, u * V::LANES) };
             rowsum[0] = rowsum[0].add(*y0);
             rowsum[1] = rowsum[1].add(*y1);
         }
@@ -1037,10 +1028,10 @@ fn fused_rows<T: Real, V: Vector<T>, const P: usize, const NV: usize>(
 
 /// The g and h updates of `R` rows with two weight groups: writes each row's slot values
 /// `q_G = E_G f_G g` (`[2, K]`, without the old `h_G` factor) and its new `h_G = 1 / Σ_a q_G`.
-/// `states[r]` is the row's state block (cached `E_0`, `E_1` unless `P > 0` derives it as
-/// `E_0^P`, and `h_0`, `h_1` at `h_at`).
+/// `states[r]` is the row's state block (cached `E_0`, `E_1`, or `D` with `RATIO`, and `h_0`,
+/// `h_1` at `h_at`).
 #[inline(always)]
-fn update_rows<T: Real, V: Vector<T>, const R: usize, const P: usize>(
+fn update_rows<T: Real, V: Vector<T>, const R: usize, const RATIO: bool>(
     states: [&mut [T]; R],
     qs: [&mut [T]; R],
     f: ColumnScales<T>,
@@ -1051,17 +1042,17 @@ fn update_rows<T: Real, V: Vector<T>, const R: usize, const P: usize>(
     let lanes = V::LANES;
     let full = k - k % lanes;
     let (f0, f1) = (&f.f0[..k], &f.f1[..k]);
-    let f10 = if P == 0 { f.f10 } else { &f.f10[..k] };
+    let f10 = if RATIO { &f.f10[..k] } else { f.f10 };
     let mut rows = states.map(|st| {
         let (cache, h) = st.split_at_mut(h_at);
         (&*cache, h)
     });
-    // With P > 0 the second slice is a stand-in that is never read.
+    // With RATIO the second slice is a stand-in that is never read.
     let e: [[&[T]; 2]; R] = std::array::from_fn(|r| {
         let cache = rows[r].0;
         [
             &cache[..k],
-            if P == 0 {
+            if !RATIO {
                 &cache[k..2 * k]
             } else {
                 &cache[..k]
@@ -1078,7 +1069,7 @@ fn update_rows<T: Real, V: Vector<T>, const R: usize, const P: usize>(
         for r in 0..R {
             // SAFETY: e[r][g] and f0, f1 have length k, qs[r] at least 2k, j + lanes <= k.
             unsafe {
-                let (y0, y1) = slot_values::<T, V, P>(e[r], f0, f1, f10, hs[r], j);
+                let (y0, y1) = slot_values::<T, V, RATIO>(e[r], f0, f1, f10, hs[r], j);
                 y0.store(qs[r].as_mut_ptr().add(j));
                 y1.store(qs[r].as_mut_ptr().add(k + j));
                 acc[r][0] = acc[r][0].add(y0);
@@ -1091,12 +1082,12 @@ fn update_rows<T: Real, V: Vector<T>, const R: usize, const P: usize>(
         let (mut s0, mut s1) = (acc[r][0].sum(), acc[r][1].sum());
         let (q0, q1) = qs[r].split_at_mut(k);
         for j in full..k {
-            (q0[j], q1[j]) = if P == 0 {
+            (q0[j], q1[j]) = if !RATIO {
                 let (v0, v1) = (e[r][0][j] * f0[j], e[r][1][j] * f1[j]);
                 let gi = T::ONE / (hs[r][0] * v0 + hs[r][1] * v1);
                 (v0 * gi, v1 * gi)
             } else {
-                let rho = pow_below::<T, P>(e[r][0][j], |a, b| a * b) * f10[j];
+                let rho = e[r][0][j] * f10[j];
                 let y0 = T::ONE / (hs[r][0] + hs[r][1] * rho);
                 (y0, rho * y0)
             };
@@ -1263,7 +1254,7 @@ impl<T: Real> Problem<T> {
         } = bw;
         // The replay writes T into `out`, which the sweep then overwrites row by row.
         self.solve(s, r, cmax, out, fwd, log, Some(hist));
-        let lay = StateLayout::new::<T>(log, ng, gk, 0);
+        let lay = StateLayout::new::<T>(log, ng, gk, false);
         let (sw, ho) = (lay.stride, lay.h);
         let rpc = lay.rows_per_chunk(k);
         let nch = n_chunks(n, rpc);
