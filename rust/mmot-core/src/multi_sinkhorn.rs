@@ -990,10 +990,10 @@ fn fused_rows<T: Real, V: Vector<T>, const RATIO: bool, const NV: usize>(
         let (cache, h) = st.split_at_mut(lay.h);
         let e = [
             &cache[..k],
-            if !RATIO {
-                &cache[k..2 * k]
-            } else {
+            if RATIO {
                 &cache[..k]
+            } else {
+                &cache[k..2 * k]
             },
         ];
         let hs = [c[0] * h[0], c[1] * h[1]];
@@ -1052,10 +1052,10 @@ fn update_rows<T: Real, V: Vector<T>, const R: usize, const RATIO: bool>(
         let cache = rows[r].0;
         [
             &cache[..k],
-            if !RATIO {
-                &cache[k..2 * k]
-            } else {
+            if RATIO {
                 &cache[..k]
+            } else {
+                &cache[k..2 * k]
             },
         ]
     });
