@@ -990,11 +990,7 @@ fn fused_rows<T: Real, V: Vector<T>, const RATIO: bool, const NV: usize>(
         let (cache, h) = st.split_at_mut(lay.h);
         let e = [
             &cache[..k],
-            if RATIO {
-                &cache[..k]
-            } else {
-                &cache[k..2 * k]
-            },
+            if RATIO { &cache[..k] } else { &cache[k..2 * k] },
         ];
         let hs = [c[0] * h[0], c[1] * h[1]];
         let mut y = [[V::splat(T::ZERO); NV]; 2];
@@ -1052,11 +1048,7 @@ fn update_rows<T: Real, V: Vector<T>, const R: usize, const RATIO: bool>(
         let cache = rows[r].0;
         [
             &cache[..k],
-            if RATIO {
-                &cache[..k]
-            } else {
-                &cache[k..2 * k]
-            },
+            if RATIO { &cache[..k] } else { &cache[k..2 * k] },
         ]
     });
     let hs: [[T; 2]; R] = std::array::from_fn(|r| [c[0] * rows[r].1[0], c[1] * rows[r].1[1]]);
