@@ -385,9 +385,11 @@ impl<T: Real> Problem<T> {
         let ratio = !log && ng == 2 && hist.is_none();
         let lay = StateLayout::new::<T>(log, ng, gk, ratio);
         // D = E_0^m when w_1 - w_0 = m w_0 (SSPC's 0.25 and 1 give m = 3): products, not an exp.
-        let ratio_power = (1..=3)
-            .find(|&m| ng == 2 && T::from_f64(m as f64) * w[0] == w[1] - w[0])
-            .unwrap_or(0);
+        let ratio_power = if ratio {
+            (1..=3).find(|&m| T::from_f64(m as f64) * w[0] == w[1] - w[0])
+        } else {
+            None
+        };
         let (sw, ho) = (lay.stride, lay.h);
         let rpc = lay.rows_per_chunk(k);
         let nch = n_chunks(n, rpc);
@@ -438,9 +440,9 @@ impl<T: Real> Problem<T> {
                         let (p0, p1) = p.split_at_mut(k);
                         let d = &mut cache[..k];
                         match ratio_power {
-                            1 => ratio_row::<T, 1>(lrow, w, d, p0, p1),
-                            2 => ratio_row::<T, 2>(lrow, w, d, p0, p1),
-                            3 => ratio_row::<T, 3>(lrow, w, d, p0, p1),
+                            Some(1) => ratio_row::<T, 1>(lrow, w, d, p0, p1),
+                            Some(2) => ratio_row::<T, 2>(lrow, w, d, p0, p1),
+                            Some(3) => ratio_row::<T, 3>(lrow, w, d, p0, p1),
                             _ => ratio_row::<T, 0>(lrow, w, d, p0, p1),
                         }
                         continue;
@@ -1074,15 +1076,10 @@ fn update_rows<T: Real, V: Vector<T>, const R: usize, const RATIO: bool>(
         let (mut s0, mut s1) = (acc[r][0].sum(), acc[r][1].sum());
         let (q0, q1) = qs[r].split_at_mut(k);
         for j in full..k {
-            (q0[j], q1[j]) = if !RATIO {
-                let (v0, v1) = (e[r][0][j] * f0[j], e[r][1][j] * f1[j]);
-                let gi = T::ONE / (hs[r][0] * v0 + hs[r][1] * v1);
-                (v0 * gi, v1 * gi)
-            } else {
-                let rho = e[r][0][j] * f10[j];
-                let y0 = T::ONE / (hs[r][0] + hs[r][1] * rho);
-                (y0, rho * y0)
-            };
+            // The same formula one lane wide. SAFETY: every slice read holds k > j values.
+            let (y0, y1) =
+                unsafe { slot_values::<T, T::Single, RATIO>(e[r], f0, f1, f10, hs[r], j) };
+            (q0[j], q1[j]) = (y0.sum(), y1.sum());
             s0 += q0[j];
             s1 += q1[j];
         }
