@@ -3,21 +3,10 @@
 //! sizes and odd shapes, and its batch-level guarantees (lanes never mix, thread counts do
 //! not matter, the speculative plain-domain start falls back to the log domain exactly).
 
-use mmot_core::*;
+mod common;
 
-/// xorshift64*, so the tests need no dependencies and are reproducible.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn vec(&mut self, len: usize, lo: f64, hi: f64) -> Vec<f64> {
-        (0..len).map(|_| lo + (hi - lo) * self.next()).collect()
-    }
-}
+use common::{dense_sinkhorn, Rng};
+use mmot_core::*;
 
 /// A batch of `[n, k]` problems: scores, positive row masses and column masses with the same
 /// total per problem.
@@ -59,20 +48,7 @@ impl Batch {
         for p in 0..self.b {
             let s = &self.s[p * n * k..(p + 1) * n * k];
             let (r, c) = (&self.r[p * n..(p + 1) * n], &self.c[p * k..(p + 1) * k]);
-            let mut q: Vec<f64> = s.iter().map(|x| (x / eps).exp()).collect();
-            for _ in 0..iters {
-                for j in 0..k {
-                    let cs: f64 = (0..n).map(|i| q[i * k + j]).sum();
-                    (0..n).for_each(|i| q[i * k + j] *= c[j] / cs);
-                }
-                for i in 0..n {
-                    let rs: f64 = q[i * k..(i + 1) * k].iter().sum();
-                    q[i * k..(i + 1) * k]
-                        .iter_mut()
-                        .for_each(|x| *x *= r[i] / rs);
-                }
-            }
-            out.extend(q);
+            out.extend(dense_sinkhorn(s, r, c, n, k, eps, iters));
         }
         out
     }
