@@ -43,6 +43,9 @@ def worker(rank, port, out_dir):
             out = fn(shard, process_group=dist.group.WORLD)
             (out * upstream.split(SPLIT, dim=-2)[rank]).sum().backward()
             torch.save((out.detach(), shard.grad), os.path.join(out_dir, f"{name}-{rank}.pt"))
+        # Neither rank tears gloo down while the other may still be finishing its last
+        # collective: under load that raced and aborted a worker (SIGABRT in gloo's teardown).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
