@@ -857,8 +857,8 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
                         let j = j0 + u * lanes;
                         // SAFETY: q has length 2k and j + lanes <= full <= k.
                         unsafe {
-                            acc[0][u] = acc[0][u].add(V::load(q.as_ptr().add(j)).mul(vh0));
-                            acc[1][u] = acc[1][u].add(V::load(q.as_ptr().add(k + j)).mul(vh1));
+                            acc[0][u] = V::load(q.as_ptr().add(j)).mul_add(vh0, acc[0][u]);
+                            acc[1][u] = V::load(q.as_ptr().add(k + j)).mul_add(vh1, acc[1][u]);
                         }
                     }
                 }
@@ -938,13 +938,13 @@ unsafe fn slot_values<T: Real, V: Vector<T>, const RATIO: bool>(
     if !RATIO {
         let v0 = V::load(e[0].as_ptr().add(j)).mul(V::load(f0.as_ptr().add(j)));
         let v1 = V::load(e[1].as_ptr().add(j)).mul(V::load(f1.as_ptr().add(j)));
-        let den = V::splat(hs[0]).mul(v0).add(V::splat(hs[1]).mul(v1));
+        let den = V::splat(hs[1]).mul_add(v1, V::splat(hs[0]).mul(v0));
         let gi = den.recip();
         (v0.mul(gi), v1.mul(gi))
     } else {
         // y_0 = v_0 / (a v_0 + b v_1) = 1 / (a + b ρ) with ρ = v_1 / v_0 = D f_1 / f_0.
         let rho = V::load(e[0].as_ptr().add(j)).mul(V::load(f10.as_ptr().add(j)));
-        let y0 = V::splat(hs[0]).add(V::splat(hs[1]).mul(rho)).recip();
+        let y0 = V::splat(hs[1]).mul_add(rho, V::splat(hs[0])).recip();
         (y0, rho.mul(y0))
     }
 }
@@ -976,6 +976,8 @@ fn fused_chunk<T: Real, V: Vector<T>, const RATIO: bool>(
     true
 }
 
+/// The rows of [`fused_chunk`], two at a time: a row's reductions and `1 / row sum` wait on a
+/// long dependency chain, and the slot values of an independent row fill it.
 #[inline(always)]
 fn fused_rows<T: Real, V: Vector<T>, const RATIO: bool, const NV: usize>(
     state: &mut [T],
@@ -985,33 +987,25 @@ fn fused_rows<T: Real, V: Vector<T>, const RATIO: bool, const NV: usize>(
     p: &mut [T],
     k: usize,
 ) {
-    let (f0, f1) = (&f.f0[..k], &f.f1[..k]);
-    let f10 = if RATIO { &f.f10[..k] } else { f.f10 };
+    let f = ColumnScales {
+        f0: &f.f0[..k],
+        f1: &f.f1[..k],
+        f10: if RATIO { &f.f10[..k] } else { f.f10 },
+    };
     let mut acc = [[V::splat(T::ZERO); NV]; 2];
-    for st in state.chunks_exact_mut(lay.stride) {
-        let (cache, h) = st.split_at_mut(lay.h);
-        let e = [
-            &cache[..k],
-            if RATIO { &cache[..k] } else { &cache[k..2 * k] },
-        ];
-        let hs = [c[0] * h[0], c[1] * h[1]];
-        let mut y = [[V::splat(T::ZERO); NV]; 2];
-        let mut rowsum = [V::splat(T::ZERO); 2];
-        let (y_0, y_1) = y.split_at_mut(1);
-        for (u, (y0, y1)) in y_0[0].iter_mut().zip(&mut y_1[0]).enumerate() {
-            // SAFETY: every slice read holds k = NV * LANES values.
-            (*y0, *y1) = unsafe { slot_values::<T, V, RATIO>(e, f0, f1, f10, hs, u * V::LANES) };
-            rowsum[0] = rowsum[0].add(*y0);
-            rowsum[1] = rowsum[1].add(*y1);
-        }
-        // The new h is 1 / Σ_a E f g; the slot values after the h update are y · h_new.
-        for g in 0..2 {
-            h[g] = T::ONE / rowsum[g].sum();
-            let hv = V::splat(h[g]);
-            for (a, yv) in acc[g].iter_mut().zip(&y[g]) {
-                *a = a.add(yv.mul(hv));
-            }
-        }
+    let mut pairs = state.chunks_exact_mut(2 * lay.stride);
+    for pair in &mut pairs {
+        let (a, b) = pair.split_at_mut(lay.stride);
+        let (ya, yb) = (
+            row_slots::<T, V, RATIO, NV>(a, lay, f, c, k),
+            row_slots::<T, V, RATIO, NV>(b, lay, f, c, k),
+        );
+        finish_row(&mut a[lay.h..lay.h + 2], ya, &mut acc);
+        finish_row(&mut b[lay.h..lay.h + 2], yb, &mut acc);
+    }
+    for st in pairs.into_remainder().chunks_exact_mut(lay.stride) {
+        let y = row_slots::<T, V, RATIO, NV>(st, lay, f, c, k);
+        finish_row(&mut st[lay.h..lay.h + 2], y, &mut acc);
     }
     for (g, pg) in p.chunks_exact_mut(k).enumerate() {
         for (u, a) in acc[g].iter().enumerate() {
@@ -1020,6 +1014,51 @@ fn fused_rows<T: Real, V: Vector<T>, const RATIO: bool, const NV: usize>(
                 let at = pg.as_mut_ptr().add(u * V::LANES);
                 V::load(at).add(*a).store(at);
             }
+        }
+    }
+}
+
+/// A row's slot values `y_G` after the g update (`NV` vectors per group, in registers) and
+/// their lane-wise row sums.
+#[inline(always)]
+fn row_slots<T: Real, V: Vector<T>, const RATIO: bool, const NV: usize>(
+    st: &[T],
+    lay: StateLayout,
+    f: ColumnScales<T>,
+    c: [T; 2],
+    k: usize,
+) -> ([[V; NV]; 2], [V; 2]) {
+    let cache = &st[..lay.h];
+    let e = [
+        &cache[..k],
+        if RATIO { &cache[..k] } else { &cache[k..2 * k] },
+    ];
+    let hs = [c[0] * st[lay.h], c[1] * st[lay.h + 1]];
+    let mut y = [[V::splat(T::ZERO); NV]; 2];
+    let mut rowsum = [V::splat(T::ZERO); 2];
+    let [y_0, y_1] = &mut y;
+    for (u, (y0, y1)) in y_0.iter_mut().zip(y_1).enumerate() {
+        // SAFETY: every slice read holds k = NV * LANES values.
+        (*y0, *y1) = unsafe { slot_values::<T, V, RATIO>(e, f.f0, f.f1, f.f10, hs, u * V::LANES) };
+        rowsum[0] = rowsum[0].add(*y0);
+        rowsum[1] = rowsum[1].add(*y1);
+    }
+    (y, rowsum)
+}
+
+/// Sets a row's new `h_G = 1 / Σ_a E f g` and adds its slot values after the h update,
+/// `y_G · h_G`, to the column sums `acc`.
+#[inline(always)]
+fn finish_row<T: Real, V: Vector<T>, const NV: usize>(
+    h: &mut [T],
+    (y, rowsum): ([[V; NV]; 2], [V; 2]),
+    acc: &mut [[V; NV]; 2],
+) {
+    for g in 0..2 {
+        h[g] = T::ONE / rowsum[g].sum();
+        let hv = V::splat(h[g]);
+        for (a, yv) in acc[g].iter_mut().zip(&y[g]) {
+            *a = yv.mul_add(hv, *a);
         }
     }
 }

@@ -27,6 +27,8 @@ pub trait Vector<T>: Copy {
     fn add(self, o: Self) -> Self;
     fn mul(self, o: Self) -> Self;
     fn div(self, o: Self) -> Self;
+    /// `self * m + a`, rounded once where the instruction set has FMA (twice for `Single`).
+    fn mul_add(self, m: Self, a: Self) -> Self;
     /// `1 / self` to within about an ulp (a hardware estimate refined by a Newton step where
     /// the instruction set has one; exact division otherwise).
     fn recip(self) -> Self;
@@ -147,6 +149,11 @@ macro_rules! scalar_vector {
                 Scalar(self.0 / o.0)
             }
             #[inline(always)]
+            fn mul_add(self, m: Self, a: Self) -> Self {
+                // Not `f32::mul_add`: without FMA hardware that is a slow libm call.
+                Scalar(self.0 * m.0 + a.0)
+            }
+            #[inline(always)]
             fn recip(self) -> Self {
                 Scalar(1.0 / self.0)
             }
@@ -169,7 +176,7 @@ mod x86 {
     /// target-feature functions; the level check in `with_vector` makes calling them sound.
     macro_rules! intrinsic_vector {
         ($name:ident, $reg:ty, $t:ty, $lanes:expr, $set1:ident, $loadu:ident, $storeu:ident,
-         $add:ident, $mul:ident, $div:ident, $recip:ident, $reduce:ident) => {
+         $add:ident, $mul:ident, $div:ident, $fmadd:ident, $recip:ident, $reduce:ident) => {
             #[derive(Clone, Copy)]
             pub struct $name($reg);
             impl Vector<$t> for $name {
@@ -197,6 +204,10 @@ mod x86 {
                 #[inline(always)]
                 fn div(self, o: Self) -> Self {
                     unsafe { $name($div(self.0, o.0)) }
+                }
+                #[inline(always)]
+                fn mul_add(self, m: Self, a: Self) -> Self {
+                    unsafe { $name($fmadd(self.0, m.0, a.0)) }
                 }
                 #[inline(always)]
                 fn recip(self) -> Self {
@@ -260,6 +271,7 @@ mod x86 {
         _mm512_add_ps,
         _mm512_mul_ps,
         _mm512_div_ps,
+        _mm512_fmadd_ps,
         recip_512_ps,
         _mm512_reduce_add_ps
     );
@@ -274,6 +286,7 @@ mod x86 {
         _mm256_add_ps,
         _mm256_mul_ps,
         _mm256_div_ps,
+        _mm256_fmadd_ps,
         recip_256_ps,
         reduce_add_256_ps
     );
@@ -288,6 +301,7 @@ mod x86 {
         _mm512_add_pd,
         _mm512_mul_pd,
         _mm512_div_pd,
+        _mm512_fmadd_pd,
         recip_512_pd,
         _mm512_reduce_add_pd
     );
@@ -302,6 +316,7 @@ mod x86 {
         _mm256_add_pd,
         _mm256_mul_pd,
         _mm256_div_pd,
+        _mm256_fmadd_pd,
         recip_256_pd,
         reduce_add_256_pd
     );
