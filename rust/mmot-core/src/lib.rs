@@ -15,6 +15,7 @@ pub mod real;
 pub mod simd;
 pub mod similarity;
 pub mod sinkhorn;
+mod spare;
 mod vector;
 
 pub use domain::LogDomain;

@@ -26,6 +26,7 @@ use crate::chunks::{
 use crate::domain::{use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, MmotError, Result};
 use crate::real::{max, min, sum, Real};
+use crate::spare::{vec_bytes, Footprint, Spare};
 use crate::vector::{Vector, VectorOp};
 use rayon::prelude::*;
 use std::str::FromStr;
@@ -172,7 +173,7 @@ pub fn multi_sinkhorn_checked<T: Real>(
         .zip(scores.par_chunks(n * kk))
         .zip(anchor_mass.par_chunks(kk))
         .zip(cmax.par_chunks(kk))
-        .for_each_init(Workspace::default, |ws, (((o, s), r), cm)| {
+        .for_each_init(Spare::<Workspace<T>>::take, |ws, (((o, s), r), cm)| {
             p.solve(s, r, cm, o, ws, log, None)
         });
     Ok(log)
@@ -362,6 +363,23 @@ struct Workspace<T> {
     /// `f_1 / f_0` when the state layout caches the ratio `D` (`[K]`).
     f10: Vec<T>,
     scratch: Vec<T>,
+}
+
+impl<T: Real> Footprint for Workspace<T> {
+    fn bytes(&self) -> usize {
+        let Workspace {
+            state,
+            partials,
+            acc,
+            colpot,
+            f10,
+            scratch,
+        } = self;
+        [state, partials, acc, colpot, f10, scratch]
+            .into_iter()
+            .map(vec_bytes)
+            .sum()
+    }
 }
 
 impl<T: Real> Problem<T> {
@@ -1243,9 +1261,10 @@ pub fn multi_sinkhorn_backward<T: Real>(
         .zip(scores.par_chunks(n * kk))
         .zip(anchor_mass.par_chunks(kk))
         .zip(cmax.par_chunks(kk))
-        .for_each_init(BackWorkspace::default, |bw, ((((o, gr), s), r), cm)| {
-            p.backward(gr, s, r, cm, o, bw, log)
-        });
+        .for_each_init(
+            Spare::<BackWorkspace<T>>::take,
+            |bw, ((((o, gr), s), r), cm)| p.backward(gr, s, r, cm, o, bw, log),
+        );
     Ok(log)
 }
 
@@ -1256,6 +1275,22 @@ struct BackWorkspace<T> {
     /// `φ̄_G / r` of the last finished pass and `ρ_G = f_G^{t+1} / f_G^t`, both `[G, K]`.
     phr: Vec<T>,
     rho: Vec<T>,
+}
+
+impl<T: Real> Footprint for BackWorkspace<T> {
+    fn bytes(&self) -> usize {
+        let BackWorkspace {
+            fwd,
+            hist,
+            phr,
+            rho,
+        } = self;
+        fwd.bytes()
+            + [&hist.row, &hist.col, phr, rho]
+                .into_iter()
+                .map(vec_bytes)
+                .sum::<usize>()
+    }
 }
 
 impl<T: Real> Problem<T> {
