@@ -99,9 +99,7 @@ pub(crate) fn reduce_partials<T: Real>(partials: &[T], nch: usize, acc: &mut [T]
 }
 
 /// Per-column max and min of one problem's `[n, k]` scores, written to `cmax`/`cmin`. Returns
-/// whether every element is finite (`x - x` is 0 for a finite `x` and NaN otherwise, and NaN
-/// survives a sum; the extra add rides along with the max/min in the same pass).
-#[allow(clippy::eq_op)]
+/// whether every element is finite (see [`chunk_col_range`]).
 pub(crate) fn col_range<T: Real>(
     s: &[T],
     n: usize,
@@ -114,21 +112,7 @@ pub(crate) fn col_range<T: Real>(
     let one = |rows: &[T], mx: &mut [T], mn: &mut [T], nf: &mut [T]| {
         crate::simd::dispatch(
             #[inline(always)]
-            || {
-                mx.fill(T::NEG_INFINITY);
-                mn.fill(T::INFINITY);
-                nf.fill(T::ZERO);
-                for row in rows.chunks_exact(k) {
-                    let row = &row[..k];
-                    let (mx, mn, nf) = (&mut mx[..k], &mut mn[..k], &mut nf[..k]);
-                    for j in 0..k {
-                        let x = row[j];
-                        mx[j] = mx[j].fmax(x);
-                        mn[j] = mn[j].fmin(x);
-                        nf[j] += x - x;
-                    }
-                }
-            },
+            || chunk_col_range(rows, k, mx, mn, nf),
         )
     };
     let finite = |nf: &[T]| nf.iter().all(|v| *v == T::ZERO);
@@ -164,6 +148,47 @@ pub(crate) fn col_range<T: Real>(
         ok &= finite(&p[2 * k..]);
     }
     ok
+}
+
+/// Column max `mx` and min `mn` of a chunk of rows. A column with a NaN or infinite score gets
+/// a NaN min (`x - x` is 0 for a finite `x` and NaN otherwise, and NaN survives a sum), so
+/// its range comes out NaN. Rows are taken four at a time: the three per-column accumulators
+/// are a read-modify-write each, and per single row they, not the memory, would set the pace.
+#[inline(always)]
+#[allow(clippy::eq_op)]
+pub(crate) fn chunk_col_range<T: Real>(
+    rows: &[T],
+    k: usize,
+    mx: &mut [T],
+    mn: &mut [T],
+    nf: &mut [T],
+) {
+    let (mx, mn, nf) = (&mut mx[..k], &mut mn[..k], &mut nf[..k]);
+    mx.fill(T::NEG_INFINITY);
+    mn.fill(T::INFINITY);
+    nf.fill(T::ZERO);
+    let mut quads = rows.chunks_exact(4 * k);
+    for q in &mut quads {
+        let (a, b, c, d) = (&q[..k], &q[k..2 * k], &q[2 * k..3 * k], &q[3 * k..4 * k]);
+        for j in 0..k {
+            let (a, b, c, d) = (a[j], b[j], c[j], d[j]);
+            mx[j] = mx[j].fmax(a.fmax(b).fmax(c.fmax(d)));
+            mn[j] = mn[j].fmin(a.fmin(b).fmin(c.fmin(d)));
+            nf[j] += ((a - a) + (b - b)) + ((c - c) + (d - d));
+        }
+    }
+    for row in quads.remainder().chunks_exact(k) {
+        let row = &row[..k];
+        for j in 0..k {
+            let x = row[j];
+            mx[j] = mx[j].fmax(x);
+            mn[j] = mn[j].fmin(x);
+            nf[j] += x - x;
+        }
+    }
+    for j in 0..k {
+        mn[j] += nf[j];
+    }
 }
 
 /// Column statistics for a batch `[b, n, k]`: fills `cmax` (`[b, k]`) and returns the largest

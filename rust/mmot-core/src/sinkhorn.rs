@@ -19,7 +19,8 @@
 //! bounded below by `col_mass * min(row_mass) / total`, so the sums cannot underflow.
 
 use crate::chunks::{
-    batch_col_stats, n_chunks, not_finite, reduce_partials, rows_per_chunk, run_pass,
+    batch_col_stats, chunk_col_range, n_chunks, not_finite, reduce_partials, rows_per_chunk,
+    run_pass,
 };
 use crate::domain::{use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, Result};
@@ -425,41 +426,6 @@ impl<T: Real> Problem<T> {
                 }
             }
         }
-    }
-}
-
-/// Column max `mx` and min `mn` of a chunk of rows. A column with a NaN or infinite score gets
-/// a NaN min (`x - x` is 0 for a finite `x` and NaN otherwise, and NaN survives a sum), so
-/// its range comes out NaN. Rows are taken four at a time: the three per-column accumulators
-/// are a read-modify-write each, and per single row they, not the memory, would set the pace.
-#[inline(always)]
-#[allow(clippy::eq_op)]
-fn chunk_col_range<T: Real>(rows: &[T], k: usize, mx: &mut [T], mn: &mut [T], nf: &mut [T]) {
-    let (mx, mn, nf) = (&mut mx[..k], &mut mn[..k], &mut nf[..k]);
-    mx.fill(T::NEG_INFINITY);
-    mn.fill(T::INFINITY);
-    nf.fill(T::ZERO);
-    let mut quads = rows.chunks_exact(4 * k);
-    for q in &mut quads {
-        let (a, b, c, d) = (&q[..k], &q[k..2 * k], &q[2 * k..3 * k], &q[3 * k..4 * k]);
-        for j in 0..k {
-            let (a, b, c, d) = (a[j], b[j], c[j], d[j]);
-            mx[j] = mx[j].fmax(a.fmax(b).fmax(c.fmax(d)));
-            mn[j] = mn[j].fmin(a.fmin(b).fmin(c.fmin(d)));
-            nf[j] += ((a - a) + (b - b)) + ((c - c) + (d - d));
-        }
-    }
-    for row in quads.remainder().chunks_exact(k) {
-        let row = &row[..k];
-        for j in 0..k {
-            let x = row[j];
-            mx[j] = mx[j].fmax(x);
-            mn[j] = mn[j].fmin(x);
-            nf[j] += x - x;
-        }
-    }
-    for j in 0..k {
-        mn[j] += nf[j];
     }
 }
 
