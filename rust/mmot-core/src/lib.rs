@@ -10,6 +10,7 @@ pub mod domain;
 pub mod error;
 mod gemm;
 pub mod info_nce;
+mod lanes;
 pub mod multi_sinkhorn;
 pub mod real;
 pub mod simd;

@@ -169,6 +169,10 @@ pub fn multi_sinkhorn_checked<T: Real>(
         normalize: params.normalize,
         g: groups,
     };
+    if !log && small::applies(&p) {
+        small::solve(&p, scores, anchor_mass, &cmax, out);
+        return Ok(log);
+    }
     out.par_chunks_mut(n * kk)
         .zip(scores.par_chunks(n * kk))
         .zip(anchor_mass.par_chunks(kk))
@@ -1594,3 +1598,6 @@ fn minmax_row_backward<T: Real>(x: &[T], g: &mut [T]) {
         *gj = v;
     }
 }
+
+#[path = "multi_sinkhorn_small.rs"]
+mod small;

@@ -19,6 +19,7 @@ use super::SMALL;
 use crate::chunks::not_finite;
 use crate::domain::{use_log_domain, LogDomain};
 use crate::error::Result;
+use crate::lanes::{gather, lanes_only, scatter};
 use crate::real::Real;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -292,49 +293,6 @@ impl<T: Real, const L: usize> Group<T, L> {
             col: buf(k),
             row: buf(ROWS * k),
         }
-    }
-}
-
-// The transposes are element by element: LLVM's shuffle networks for whole `L`×`L` blocks
-// and its gathers and scatters both measured slower.
-
-/// `dst[e][l] = src[l * len + e]` for the `m` problems in `src`; spare lanes repeat the last.
-#[inline(always)]
-fn gather<T: Real, const L: usize>(dst: &mut [[T; L]], src: &[T], len: usize, m: usize) {
-    for l in 0..L {
-        let p = &src[l.min(m - 1) * len..][..len];
-        for (d, &v) in dst[..len].iter_mut().zip(p) {
-            lanes_only();
-            d[l] = v;
-        }
-    }
-}
-
-/// `dst[l * len + e] = src[e][l]` for the first `m` lanes.
-#[inline(always)]
-fn scatter<T: Real, const L: usize>(src: &[[T; L]], dst: &mut [T], len: usize, m: usize) {
-    for l in 0..m {
-        for (d, s) in dst[l * len..][..len].iter_mut().zip(&src[..len]) {
-            lanes_only();
-            *d = s[l];
-        }
-    }
-}
-
-// Lane helpers. Each works on copies of one element's lanes (`let x = *x_ref`), computes and
-// stores whole arrays: LLVM then vectorises the lanes without having to prove the buffers
-// disjoint (they are fields of one scratch struct).
-
-/// Marks a loop over elements whose body works on the `L` lanes of each: LLVM must not
-/// vectorise such a loop across elements (after fully unrolling a cheap lane loop it would,
-/// with AVX-512 gathers and scatters, several times slower), so that it vectorises the lanes.
-/// An empty `asm!` is a call the loop vectoriser cannot widen; it emits no instruction.
-#[inline(always)]
-fn lanes_only() {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: an empty statement that touches no memory, stack or flags.
-    unsafe {
-        std::arch::asm!("", options(nomem, nostack, preserves_flags));
     }
 }
 

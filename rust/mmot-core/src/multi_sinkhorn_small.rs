@@ -1,0 +1,403 @@
+//! The small-problem path of [`super::multi_sinkhorn_checked`]: batches of problems of at most
+//! [`SMALL`] elements with two weight groups (SSPC's weights, any two values) in the plain
+//! domain (DESIGN.md §2.6, §3 "many tiny problems").
+//!
+//! The streaming path solves one problem at a time, and at 4×4 its per-pass bookkeeping is
+//! most of the work. Here problems are solved `L` at a time in SIMD lanes, as in
+//! `sinkhorn_small` (see [`crate::lanes`]): the same iteration as the streaming path's plain
+//! domain (`E_G` cached, potentials `f_G` per column and `h_G` per row), each step a vertical
+//! operation over the lanes. The column maxima and the domain come from the streaming path's
+//! statistics pass, made before.
+
+use super::{Normalize, Problem};
+use crate::lanes::{gather, lanes_only, scatter};
+use crate::real::Real;
+use rayon::prelude::*;
+
+/// Problems of at most this many elements take this path when it applies.
+pub(super) const SMALL: usize = 1024;
+
+/// Elements per rayon task (rounded to whole groups of `L` problems), as in `sinkhorn_small`.
+const TASK_ELEMS: usize = 1 << 14;
+
+/// Whether this path solves the problems of `p` (in the plain domain).
+pub(super) fn applies<T: Real>(p: &Problem<T>) -> bool {
+    p.g.w.len() == 2 && p.n * p.k <= SMALL
+}
+
+/// Solves the `[b, n, k]` batch `s` with masses `r` (`[b, k]`) and column maxima `cmax`
+/// (`[b, k]`) into `out`.
+pub(super) fn solve<T: Real>(p: &Problem<T>, s: &[T], r: &[T], cmax: &[T], out: &mut [T]) {
+    // One 512-bit vector of lanes (two 256-bit ones without AVX-512).
+    if std::mem::size_of::<T>() == 4 {
+        solve_lanes::<T, 16>(p, s, r, cmax, out)
+    } else {
+        solve_lanes::<T, 8>(p, s, r, cmax, out)
+    }
+}
+
+fn solve_lanes<T: Real, const L: usize>(
+    p: &Problem<T>,
+    s: &[T],
+    r: &[T],
+    cmax: &[T],
+    out: &mut [T],
+) {
+    let (n, k) = (p.n, p.k);
+    let nk = n * k;
+    let per_task = (TASK_ELEMS / (nk * L)).max(1) * L;
+    out.par_chunks_mut(per_task * nk)
+        .zip(s.par_chunks(per_task * nk))
+        .zip(r.par_chunks(per_task * k))
+        .zip(cmax.par_chunks(per_task * k))
+        .for_each(|(((o, s), r), cm)| {
+            let mut g = Group::<T, L>::new(n, k);
+            crate::simd::dispatch(
+                #[inline(always)]
+                || {
+                    let count = o.len() / nk;
+                    for p0 in (0..count).step_by(L) {
+                        let m = (count - p0).min(L);
+                        gather(&mut g.e0, &s[p0 * nk..], nk, m);
+                        gather(&mut g.r, &r[p0 * k..], k, m);
+                        gather(&mut g.cmax, &cm[p0 * k..], k, m);
+                        solve_group(p, &mut g);
+                        scatter(&g.e0, &mut o[p0 * nk..], nk, m);
+                    }
+                },
+            )
+        });
+}
+
+/// One task's scratch for `L` problems, every buffer `[index][lane]`.
+struct Group<T, const L: usize> {
+    /// `[n * k]`: the scores, then `E_0`, then the result.
+    e0: Vec<[T; L]>,
+    /// `[n * k]`: `E_1`.
+    e1: Vec<[T; L]>,
+    /// `[k]` each: anchor masses, column maxima, `f_0`, `f_1`, and the column sums.
+    r: Vec<[T; L]>,
+    cmax: Vec<[T; L]>,
+    f0: Vec<[T; L]>,
+    f1: Vec<[T; L]>,
+    p0: Vec<[T; L]>,
+    p1: Vec<[T; L]>,
+    /// `[n]` each: `h_0`, `h_1`.
+    h0: Vec<[T; L]>,
+    h1: Vec<[T; L]>,
+    /// `[2k]`: one row's slot values `y_0 | y_1`.
+    y: Vec<[T; L]>,
+}
+
+impl<T: Real, const L: usize> Group<T, L> {
+    fn new(n: usize, k: usize) -> Self {
+        let buf = |len| vec![[T::ZERO; L]; len];
+        Group {
+            e0: buf(n * k),
+            e1: buf(n * k),
+            r: buf(k),
+            cmax: buf(k),
+            f0: buf(k),
+            f1: buf(k),
+            p0: buf(k),
+            p1: buf(k),
+            h0: buf(n),
+            h1: buf(n),
+            y: buf(2 * k),
+        }
+    }
+}
+
+/// The streaming path's plain two-group iteration (`Problem::solve`) on `L` problems.
+#[inline(always)]
+fn solve_group<T: Real, const L: usize>(p: &Problem<T>, g: &mut Group<T, L>) {
+    let (n, k, inv_eps) = (p.n, p.k, p.inv_eps);
+    let (w, c, t) = (
+        [p.g.w[0], p.g.w[1]],
+        [p.g.c[0], p.g.c[1]],
+        [p.g.t[0], p.g.t[1]],
+    );
+    let Group {
+        e0,
+        e1,
+        r,
+        cmax,
+        f0,
+        f1,
+        p0,
+        p1,
+        h0,
+        h1,
+        y,
+    } = g;
+    let (e0, e1) = (&mut e0[..n * k], &mut e1[..n * k]);
+    let (r, cmax, f0, f1) = (&r[..k], &cmax[..k], &mut f0[..k], &mut f1[..k]);
+    let (p0, p1, h0, h1) = (&mut p0[..k], &mut p1[..k], &mut h0[..n], &mut h1[..n]);
+    let (y0, y1) = y[..2 * k].split_at_mut(k);
+
+    // Pass 0: E_G = exp(w_G (S - colmax) / eps) and its column sums; h = 1.
+    p0.fill([T::ZERO; L]);
+    p1.fill([T::ZERO; L]);
+    for (row0, row1) in e0.chunks_exact_mut(k).zip(e1.chunks_exact_mut(k)) {
+        for j in 0..k {
+            lanes_only();
+            let (x, m, mut s0, mut s1) = (row0[j], cmax[j], p0[j], p1[j]);
+            let (mut a, mut b) = ([T::ZERO; L], [T::ZERO; L]);
+            for l in 0..L {
+                let lv = (x[l] - m[l]) * inv_eps;
+                a[l] = (w[0] * lv).exp_fast();
+                b[l] = (w[1] * lv).exp_fast();
+                s0[l] += a[l];
+                s1[l] += b[l];
+            }
+            (row0[j], row1[j], p0[j], p1[j]) = (a, b, s0, s1);
+        }
+    }
+    scale_columns(r, p0, p1, f0, f1, true);
+    h0.fill([T::ONE; L]);
+    h1.fill([T::ONE; L]);
+
+    for it in 0..p.n_iters {
+        let last = it + 1 == p.n_iters;
+        p0.fill([T::ZERO; L]);
+        p1.fill([T::ZERO; L]);
+        let rows = e0.chunks_exact_mut(k).zip(e1.chunks_exact(k));
+        for ((row0, row1), (hr0, hr1)) in rows.zip(h0.iter_mut().zip(h1.iter_mut())) {
+            // g update: y_G = E_G f_G / Σ_G c_G h_G E_G f_G, and the row sums of y_G.
+            let (mut a, mut b) = (*hr0, *hr1);
+            for l in 0..L {
+                a[l] *= c[0];
+                b[l] *= c[1];
+            }
+            let (mut s0, mut s1) = ([T::ZERO; L], [T::ZERO; L]);
+            for j in 0..k {
+                lanes_only();
+                let (x0, x1, g0, g1) = (row0[j], row1[j], f0[j], f1[j]);
+                let (mut q0, mut q1) = ([T::ZERO; L], [T::ZERO; L]);
+                for l in 0..L {
+                    let (v0, v1) = (x0[l] * g0[l], x1[l] * g1[l]);
+                    let gi = T::ONE / (a[l] * v0 + b[l] * v1);
+                    q0[l] = v0 * gi;
+                    q1[l] = v1 * gi;
+                    s0[l] += q0[l];
+                    s1[l] += q1[l];
+                }
+                (y0[j], y1[j]) = (q0, q1);
+            }
+            // h update: h_G = 1 / Σ_a y_G; the slot values after it are y_G h_G.
+            for l in 0..L {
+                s0[l] = T::ONE / s0[l];
+                s1[l] = T::ONE / s1[l];
+            }
+            (*hr0, *hr1) = (s0, s1);
+            if last {
+                // The result T = Σ_G t_G h_G y_G replaces the row's E_0, no longer needed.
+                let (u0, u1) = (scaled(s0, t[0]), scaled(s1, t[1]));
+                for j in 0..k {
+                    lanes_only();
+                    let (q0, q1) = (y0[j], y1[j]);
+                    let mut o = [T::ZERO; L];
+                    for l in 0..L {
+                        if t[0] > T::ZERO {
+                            o[l] += u0[l] * q0[l];
+                        }
+                        if t[1] > T::ZERO {
+                            o[l] += u1[l] * q1[l];
+                        }
+                    }
+                    row0[j] = o;
+                }
+                if p.normalize == Normalize::MinMax {
+                    minmax_lanes(row0);
+                }
+            } else {
+                for j in 0..k {
+                    lanes_only();
+                    let (q0, q1, mut a0, mut a1) = (y0[j], y1[j], p0[j], p1[j]);
+                    for l in 0..L {
+                        a0[l] += q0[l] * s0[l];
+                        a1[l] += q1[l] * s1[l];
+                    }
+                    (p0[j], p1[j]) = (a0, a1);
+                }
+            }
+        }
+        if !last {
+            scale_columns(r, p0, p1, f0, f1, false);
+        }
+    }
+}
+
+/// f update: `f_G = r / p_G` after pass 0 (`set`), `f_G *= r / p_G` after the others.
+#[inline(always)]
+fn scale_columns<T: Real, const L: usize>(
+    r: &[[T; L]],
+    p0: &[[T; L]],
+    p1: &[[T; L]],
+    f0: &mut [[T; L]],
+    f1: &mut [[T; L]],
+    set: bool,
+) {
+    for j in 0..r.len() {
+        lanes_only();
+        let (rj, a0, a1, mut g0, mut g1) = (r[j], p0[j], p1[j], f0[j], f1[j]);
+        for l in 0..L {
+            let (x0, x1) = (rj[l] / a0[l], rj[l] / a1[l]);
+            (g0[l], g1[l]) = if set {
+                (x0, x1)
+            } else {
+                (g0[l] * x0, g1[l] * x1)
+            };
+        }
+        (f0[j], f1[j]) = (g0, g1);
+    }
+}
+
+#[inline(always)]
+fn scaled<T: Real, const L: usize>(mut x: [T; L], by: T) -> [T; L] {
+    for v in &mut x {
+        *v *= by;
+    }
+    x
+}
+
+/// `minmax_row` lane-wise: `(x - min) / (max - min)` per problem's row, zeros for a constant row.
+#[inline(always)]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+fn minmax_lanes<T: Real, const L: usize>(row: &mut [[T; L]]) {
+    let (mut lo, mut hi) = ([T::INFINITY; L], [T::NEG_INFINITY; L]);
+    for x in row.iter() {
+        lanes_only();
+        let x = *x;
+        for l in 0..L {
+            lo[l] = lo[l].fmin(x[l]);
+            hi[l] = hi[l].fmax(x[l]);
+        }
+    }
+    let mut d = [T::ZERO; L];
+    for l in 0..L {
+        // As in `minmax_row`: a degenerate row never reaches the division.
+        d[l] = if !(hi[l] > lo[l]) {
+            T::ZERO
+        } else {
+            hi[l] - lo[l]
+        };
+    }
+    for x in row.iter_mut() {
+        lanes_only();
+        let mut v = *x;
+        for l in 0..L {
+            v[l] = if d[l] > T::ZERO {
+                (v[l] - lo[l]) / d[l]
+            } else {
+                T::ZERO
+            };
+        }
+        *x = v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Groups, Workspace};
+    use super::*;
+    use crate::chunks::batch_col_stats;
+
+    /// Uniform in [-1, 1), from a fixed xorshift stream.
+    fn uniform(len: usize, seed: u64) -> Vec<f64> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+            })
+            .collect()
+    }
+
+    /// The lanes against the streaming path (`Problem::solve`, one problem at a time) on the
+    /// same batch: odd shapes, a batch that leaves a short last group of lanes, random masses,
+    /// and weight pairs with and without an integer ratio.
+    fn lanes_match_streaming<T: Real>(tol: f64) {
+        let shapes = [
+            (1, 3, 1),
+            (4, 4, 2),
+            (5, 7, 3),
+            (16, 16, 8),
+            (3, 300, 100),
+            (33, 31, 30),
+        ];
+        for (case, &(n, kk, k)) in shapes.iter().enumerate() {
+            for (low, normalize) in [(0.25, Normalize::MinMax), (0.3, Normalize::None)] {
+                // A single row's T is constant up to rounding: its min-max is noise.
+                let normalize = if n == 1 { Normalize::None } else { normalize };
+                let b = 37;
+                let s: Vec<T> = uniform(b * n * kk, case as u64)
+                    .iter()
+                    .map(|&x| T::from_f64(x))
+                    .collect();
+                let mut r: Vec<T> = uniform(b * kk, 99 + case as u64)
+                    .iter()
+                    .map(|&x| T::from_f64(x + 1.5))
+                    .collect();
+                for rp in r.chunks_exact_mut(kk) {
+                    let total = rp.iter().map(|x| x.to_f64()).sum::<f64>();
+                    rp.iter_mut()
+                        .for_each(|x| *x = T::from_f64(x.to_f64() * n as f64 / total));
+                }
+                let weights: Vec<f64> = (0..kk)
+                    .map(|m| if m < kk - k { low } else { 1.0 })
+                    .collect();
+                let p = Problem {
+                    n,
+                    k: kk,
+                    inv_eps: T::from_f64(1.0 / 0.2),
+                    n_iters: 9,
+                    normalize,
+                    g: Groups::new(&weights, k),
+                };
+                assert!(applies(&p));
+                let mut cmax = vec![T::ZERO; b * kk];
+                batch_col_stats(&s, b, n, kk, &mut cmax);
+                let mut got = vec![T::from_f64(f64::NAN); b * n * kk];
+                solve(&p, &s, &r, &cmax, &mut got);
+                let mut want = vec![T::from_f64(f64::NAN); b * n * kk];
+                let mut ws = Workspace::default();
+                for i in 0..b {
+                    let (sp, rp, cm) = (
+                        &s[i * n * kk..][..n * kk],
+                        &r[i * kk..][..kk],
+                        &cmax[i * kk..][..kk],
+                    );
+                    p.solve(
+                        sp,
+                        rp,
+                        cm,
+                        &mut want[i * n * kk..][..n * kk],
+                        &mut ws,
+                        false,
+                        None,
+                    );
+                }
+                for (e, (x, y)) in got.iter().zip(&want).enumerate() {
+                    let (x, y) = (x.to_f64(), y.to_f64());
+                    assert!(
+                        (x - y).abs() <= tol * (1.0 + y.abs()),
+                        "shape {n}x{kk} k={k} low={low}: element {e}: lanes {x}, streaming {y}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lanes_match_streaming_f64() {
+        lanes_match_streaming::<f64>(1e-11);
+    }
+
+    #[test]
+    fn lanes_match_streaming_f32() {
+        lanes_match_streaming::<f32>(2e-5);
+    }
+}
