@@ -154,13 +154,6 @@ pub fn multi_sinkhorn_checked<T: Real>(
     if b * n == 0 {
         return Ok(use_log_domain::<T>(params.log_domain, 0.0));
     }
-    let mut cmax = vec![T::ZERO; b * kk];
-    let (range, finite) = batch_col_stats(scores, b, n, kk, &mut cmax);
-    if check_values && !finite {
-        return Err(not_finite("scores"));
-    }
-    let range = range * groups.w_max / params.eps;
-    let log = use_log_domain::<T>(params.log_domain, range);
     let p = Problem {
         n,
         k: kk,
@@ -169,10 +162,17 @@ pub fn multi_sinkhorn_checked<T: Real>(
         normalize: params.normalize,
         g: groups,
     };
-    if !log && small::applies(&p) {
-        small::solve(&p, scores, anchor_mass, &cmax, out);
-        return Ok(log);
+    if small::applies(&p, params.log_domain)
+        && small::solve(&p, scores, anchor_mass, out, params.eps, params.log_domain)
+    {
+        return Ok(false);
     }
+    let mut cmax = vec![T::ZERO; b * kk];
+    let (range, finite) = batch_col_stats(scores, b, n, kk, &mut cmax);
+    if check_values && !finite {
+        return Err(not_finite("scores"));
+    }
+    let log = use_log_domain::<T>(params.log_domain, range * p.g.w_max / params.eps);
     out.par_chunks_mut(n * kk)
         .zip(scores.par_chunks(n * kk))
         .zip(anchor_mass.par_chunks(kk))

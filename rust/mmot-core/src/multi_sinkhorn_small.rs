@@ -6,13 +6,17 @@
 //! most of the work. Here problems are solved `L` at a time in SIMD lanes, as in
 //! `sinkhorn_small` (see [`crate::lanes`]): the same iteration as the streaming path's plain
 //! domain (`E_G` cached, potentials `f_G` per column and `h_G` per row), each step a vertical
-//! operation over the lanes. The column maxima and the domain come from the streaming path's
-//! statistics pass, made before.
+//! operation over the lanes. Each group of problems takes its column statistics right after
+//! gathering them; the call is solved here only if every problem is finite and, under
+//! `LogDomain::Auto`, within the plain domain's range. Otherwise this path gives up (the first
+//! task to see it stops the others) and the streaming path solves the call.
 
 use super::{Normalize, Problem};
+use crate::domain::{use_log_domain, LogDomain};
 use crate::lanes::{gather, lanes_only, scatter};
 use crate::real::Real;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Problems of at most this many elements take this path when it applies.
 pub(super) const SMALL: usize = 1024;
@@ -20,19 +24,28 @@ pub(super) const SMALL: usize = 1024;
 /// Elements per rayon task (rounded to whole groups of `L` problems), as in `sinkhorn_small`.
 const TASK_ELEMS: usize = 1 << 14;
 
-/// Whether this path solves the problems of `p` (in the plain domain).
-pub(super) fn applies<T: Real>(p: &Problem<T>) -> bool {
-    p.g.w.len() == 2 && p.n * p.k <= SMALL
+/// Whether this path can solve the problems of `p` under `mode`.
+pub(super) fn applies<T: Real>(p: &Problem<T>, mode: LogDomain) -> bool {
+    p.g.w.len() == 2 && p.n * p.k <= SMALL && mode != LogDomain::On
 }
 
-/// Solves the `[b, n, k]` batch `s` with masses `r` (`[b, k]`) and column maxima `cmax`
-/// (`[b, k]`) into `out`.
-pub(super) fn solve<T: Real>(p: &Problem<T>, s: &[T], r: &[T], cmax: &[T], out: &mut [T]) {
+/// Solves the `[b, n, k]` batch `s` with masses `r` (`[b, k]`) into `out` in the plain domain
+/// and returns true, or returns false, with `out` partly written, if some problem is not finite
+/// or (under `Auto`) needs the log domain. `eps` and `mode` decide the domain exactly as the
+/// streaming path does.
+pub(super) fn solve<T: Real>(
+    p: &Problem<T>,
+    s: &[T],
+    r: &[T],
+    out: &mut [T],
+    eps: f64,
+    mode: LogDomain,
+) -> bool {
     // One 512-bit vector of lanes (two 256-bit ones without AVX-512).
     if std::mem::size_of::<T>() == 4 {
-        solve_lanes::<T, 16>(p, s, r, cmax, out)
+        solve_lanes::<T, 16>(p, s, r, out, eps, mode)
     } else {
-        solve_lanes::<T, 8>(p, s, r, cmax, out)
+        solve_lanes::<T, 8>(p, s, r, out, eps, mode)
     }
 }
 
@@ -40,33 +53,72 @@ fn solve_lanes<T: Real, const L: usize>(
     p: &Problem<T>,
     s: &[T],
     r: &[T],
-    cmax: &[T],
     out: &mut [T],
-) {
+    eps: f64,
+    mode: LogDomain,
+) -> bool {
     let (n, k) = (p.n, p.k);
     let nk = n * k;
     let per_task = (TASK_ELEMS / (nk * L)).max(1) * L;
+    let give_up = AtomicBool::new(false);
     out.par_chunks_mut(per_task * nk)
         .zip(s.par_chunks(per_task * nk))
         .zip(r.par_chunks(per_task * k))
-        .zip(cmax.par_chunks(per_task * k))
-        .for_each(|(((o, s), r), cm)| {
+        .for_each(|((o, s), r)| {
             let mut g = Group::<T, L>::new(n, k);
             crate::simd::dispatch(
                 #[inline(always)]
                 || {
                     let count = o.len() / nk;
                     for p0 in (0..count).step_by(L) {
+                        if give_up.load(Ordering::Relaxed) {
+                            return;
+                        }
                         let m = (count - p0).min(L);
                         gather(&mut g.e0, &s[p0 * nk..], nk, m);
+                        let (range, finite) = col_stats(&g.e0[..nk], &mut g.cmax[..k]);
+                        if !finite || use_log_domain::<T>(mode, range * p.g.w_max / eps) {
+                            give_up.store(true, Ordering::Relaxed);
+                            return;
+                        }
                         gather(&mut g.r, &r[p0 * k..], k, m);
-                        gather(&mut g.cmax, &cm[p0 * k..], k, m);
                         solve_group(p, &mut g);
                         scatter(&g.e0, &mut o[p0 * nk..], nk, m);
                     }
                 },
             )
         });
+    !give_up.into_inner()
+}
+
+/// Column maxima of an `[n, k]` group of problems into `cmax`, the largest column range over
+/// them (as the streaming path measures it: the difference in `T`, then as f64), and whether
+/// every score is finite.
+#[inline(always)]
+#[allow(clippy::eq_op)]
+fn col_stats<T: Real, const L: usize>(x: &[[T; L]], cmax: &mut [[T; L]]) -> (f64, bool) {
+    let k = cmax.len();
+    let mut range = [T::ZERO; L];
+    // NaN for NaN and for ±Inf, 0 otherwise.
+    let mut nf = [T::ZERO; L];
+    for (j, cm) in cmax.iter_mut().enumerate() {
+        let (mut hi, mut lo) = ([T::NEG_INFINITY; L], [T::INFINITY; L]);
+        for e in x[j..].iter().step_by(k) {
+            lanes_only();
+            let e = *e;
+            for l in 0..L {
+                hi[l] = hi[l].fmax(e[l]);
+                lo[l] = lo[l].fmin(e[l]);
+                nf[l] += e[l] - e[l];
+            }
+        }
+        for l in 0..L {
+            range[l] = range[l].fmax(hi[l] - lo[l]);
+        }
+        *cm = hi;
+    }
+    let finite = nf.iter().all(|&v| v == T::ZERO);
+    (range.iter().fold(0.0, |a, v| a.max(v.to_f64())), finite)
 }
 
 /// One task's scratch for `L` problems, every buffer `[index][lane]`.
@@ -357,11 +409,11 @@ mod tests {
                     normalize,
                     g: Groups::new(&weights, k),
                 };
-                assert!(applies(&p));
+                assert!(applies(&p, LogDomain::Auto));
+                let mut got = vec![T::from_f64(f64::NAN); b * n * kk];
+                assert!(solve(&p, &s, &r, &mut got, 0.2, LogDomain::Auto));
                 let mut cmax = vec![T::ZERO; b * kk];
                 batch_col_stats(&s, b, n, kk, &mut cmax);
-                let mut got = vec![T::from_f64(f64::NAN); b * n * kk];
-                solve(&p, &s, &r, &cmax, &mut got);
                 let mut want = vec![T::from_f64(f64::NAN); b * n * kk];
                 let mut ws = Workspace::default();
                 for i in 0..b {
@@ -389,6 +441,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// One problem of the batch beyond the plain range sends the whole call to the streaming
+    /// path's log domain, as if the small path did not exist; a NaN gives the streaming path's
+    /// error.
+    #[test]
+    fn one_wide_problem_gives_the_call_to_the_log_domain() {
+        use crate::multi_sinkhorn::{multi_sinkhorn, multi_sinkhorn_checked, MultiSinkhornParams};
+        let (b, n, kk, k) = (37, 4, 4, 2);
+        let mut s: Vec<f32> = uniform(b * n * kk, 7).iter().map(|&x| x as f32).collect();
+        let r = vec![1f32; b * kk];
+        let params = |log_domain| MultiSinkhornParams {
+            eps: 0.1,
+            n_iters: 5,
+            slot_weights: vec![0.25, 0.25, 1.0, 1.0],
+            k,
+            normalize: Normalize::None,
+            log_domain,
+        };
+        let run = |s: &[f32], mode| {
+            let mut out = vec![f32::NAN; b * n * kk];
+            let log = multi_sinkhorn(s, &r, &mut out, b, n, kk, &params(mode)).unwrap();
+            (log, out)
+        };
+        assert!(
+            !run(&s, LogDomain::Auto).0,
+            "uniform scores at eps 0.1 are plain"
+        );
+        s[20 * n * kk] = 6.0; // range 7 / eps 0.1 = 70 > 50
+        let (log, auto) = run(&s, LogDomain::Auto);
+        assert!(log);
+        assert_eq!(auto, run(&s, LogDomain::On).1);
+        s[20 * n * kk] = f32::NAN;
+        let mut out = vec![0f32; b * n * kk];
+        let checked =
+            multi_sinkhorn_checked(&s, &r, &mut out, b, n, kk, &params(LogDomain::Off), true);
+        assert!(checked.unwrap_err().to_string().contains("finite"));
     }
 
     #[test]
