@@ -816,16 +816,17 @@ impl<T: Real> VectorOp<T> for PlainRowsTwo<'_, T> {
             f1,
             f10: self.f10,
         };
-        if self.output.is_none() {
-            let p = &mut self.p[..2 * k];
-            let fused = if self.lay.ratio {
-                fused_chunk::<T, V, true>(self.state, self.lay, cols, self.c, p, k)
-            } else {
-                fused_chunk::<T, V, false>(self.state, self.lay, cols, self.c, p, k)
+        if fusable::<T, V>(k) {
+            let sink = match self.output {
+                None => Sink::ColumnSums(&mut self.p[..2 * k]),
+                Some(out) => Sink::Output(out),
             };
-            if fused {
-                return;
+            if self.lay.ratio {
+                fused_chunk::<T, V, true>(self.state, self.lay, cols, self.c, sink, k)
+            } else {
+                fused_chunk::<T, V, false>(self.state, self.lay, cols, self.c, sink, k)
             }
+            return;
         }
         // Two sweeps over the chunk: first every row's g and h updates, two rows at a time so
         // that their dependency chains (division, row sums) interleave, then the column sums,
@@ -971,48 +972,71 @@ unsafe fn slot_values<T: Real, V: Vector<T>, const RATIO: bool>(
     }
 }
 
-/// One pass over a chunk's rows in a single sweep, for rows of at most four vectors (SSPC's
-/// K = 64 in f32 with AVX-512): a row's slot values stay in registers while its new `h` is
-/// formed, and go straight into the column sums `p` (`[2, K]`, accumulated), instead of
-/// through a scratch the second sweep reads back. Bitwise the same sums as the two sweeps.
-/// Returns false, doing nothing, for other widths.
+/// Whether rows of `k` values take [`fused_chunk`]: whole vectors, at most four of them.
+#[inline(always)]
+fn fusable<T: Real, V: Vector<T>>(k: usize) -> bool {
+    k.is_multiple_of(V::LANES) && k / V::LANES <= 4
+}
+
+/// Where a single-sweep pass puts each row's slot values after its h update.
+enum Sink<'a, T> {
+    /// Added to the column sums `p` (`[2, K]`).
+    ColumnSums(&'a mut [T]),
+    /// The last pass: the chunk's rows of the result.
+    Output(Output<'a, T>),
+}
+
+/// One pass over a chunk's rows in a single sweep, for [`fusable`] rows (SSPC's K = 64 in f32
+/// with AVX-512): a row's slot values stay in registers while its new `h` is formed, and go
+/// straight into the column sums or the result row, instead of through a scratch that a second
+/// sweep reads back. Bitwise the same sums and results as the two sweeps.
 #[inline(always)]
 fn fused_chunk<T: Real, V: Vector<T>, const RATIO: bool>(
     state: &mut [T],
     lay: StateLayout,
     f: ColumnScales<T>,
     c: [T; 2],
-    p: &mut [T],
+    sink: Sink<T>,
     k: usize,
-) -> bool {
-    if !k.is_multiple_of(V::LANES) {
-        return false;
-    }
+) {
     match k / V::LANES {
-        1 => fused_rows::<T, V, RATIO, 1>(state, lay, f, c, p, k),
-        2 => fused_rows::<T, V, RATIO, 2>(state, lay, f, c, p, k),
-        3 => fused_rows::<T, V, RATIO, 3>(state, lay, f, c, p, k),
-        4 => fused_rows::<T, V, RATIO, 4>(state, lay, f, c, p, k),
-        _ => return false,
+        1 => fused_rows::<T, V, RATIO, 1>(state, lay, f, c, sink, k),
+        2 => fused_rows::<T, V, RATIO, 2>(state, lay, f, c, sink, k),
+        3 => fused_rows::<T, V, RATIO, 3>(state, lay, f, c, sink, k),
+        4 => fused_rows::<T, V, RATIO, 4>(state, lay, f, c, sink, k),
+        _ => unreachable!("fused_chunk takes rows of one to four vectors"),
     }
-    true
 }
 
-/// The rows of [`fused_chunk`], two at a time: a row's reductions and `1 / row sum` wait on a
-/// long dependency chain, and the slot values of an independent row fill it.
+/// The rows of [`fused_chunk`]. Into column sums two at a time: a row's reductions and
+/// `1 / row sum` wait on a long dependency chain, and the slot values of an independent row
+/// fill it.
 #[inline(always)]
 fn fused_rows<T: Real, V: Vector<T>, const RATIO: bool, const NV: usize>(
     state: &mut [T],
     lay: StateLayout,
     f: ColumnScales<T>,
     c: [T; 2],
-    p: &mut [T],
+    sink: Sink<T>,
     k: usize,
 ) {
     let f = ColumnScales {
         f0: &f.f0[..k],
         f1: &f.f1[..k],
         f10: if RATIO { &f.f10[..k] } else { f.f10 },
+    };
+    let p = match sink {
+        Sink::ColumnSums(p) => p,
+        Sink::Output(Output { rows, t, minmax }) => {
+            let rows = state
+                .chunks_exact_mut(lay.stride)
+                .zip(rows.chunks_exact_mut(k));
+            for (st, orow) in rows {
+                let y = row_slots::<T, V, RATIO, NV>(st, lay, f, c, k);
+                output_row(&mut st[lay.h..lay.h + 2], y, t, minmax, orow);
+            }
+            return;
+        }
     };
     let mut acc = [[V::splat(T::ZERO); NV]; 2];
     let mut pairs = state.chunks_exact_mut(2 * lay.stride);
@@ -1082,6 +1106,36 @@ fn finish_row<T: Real, V: Vector<T>, const NV: usize>(
         for (a, yv) in acc[g].iter_mut().zip(&y[g]) {
             *a = yv.mul_add(hv, *a);
         }
+    }
+}
+
+/// The last pass's [`finish_row`]: sets the row's new `h_G` and writes its result
+/// `T = Σ_G t_G h_G y_G` (the same products and sums as the two-sweep output), min-maxed.
+#[inline(always)]
+fn output_row<T: Real, V: Vector<T>, const NV: usize>(
+    h: &mut [T],
+    (y, rowsum): ([[V; NV]; 2], [V; 2]),
+    t: [T; 2],
+    minmax: bool,
+    orow: &mut [T],
+) {
+    let mut o = [V::splat(T::ZERO); NV];
+    for g in 0..2 {
+        h[g] = T::ONE / rowsum[g].sum();
+        if t[g] > T::ZERO {
+            let coef = V::splat(t[g] * h[g]);
+            for (ov, yv) in o.iter_mut().zip(&y[g]) {
+                *ov = ov.add(coef.mul(*yv));
+            }
+        }
+    }
+    let orow = &mut orow[..NV * V::LANES];
+    for (u, ov) in o.iter().enumerate() {
+        // SAFETY: orow holds NV * LANES values.
+        unsafe { ov.store(orow.as_mut_ptr().add(u * V::LANES)) };
+    }
+    if minmax {
+        minmax_row(orow);
     }
 }
 
