@@ -15,6 +15,26 @@ pub(crate) fn rows_per_chunk(width: usize) -> usize {
     (8192 / width.max(1)).clamp(32, 2048)
 }
 
+/// About `rpc` rows per chunk, adjusted so that `n_rows` splits into a power-of-two number of
+/// equal chunks (the one nearest the count `rpc` gives): rayon halves the chunk range, so every
+/// power-of-two team then gets the same share. Depends only on `n_rows` and `rpc`, not on the
+/// thread count.
+pub(crate) fn balanced(n_rows: usize, rpc: usize) -> usize {
+    let nch = n_chunks(n_rows, rpc);
+    if nch <= 1 {
+        return rpc;
+    }
+    let up = nch.next_power_of_two();
+    let nch = if up - nch <= nch - up / 2 { up } else { up / 2 };
+    let even = n_rows.div_ceil(nch);
+    // Chunks of a few rows cannot always come out even; those keep `rpc`.
+    if n_chunks(n_rows, even) == nch {
+        even
+    } else {
+        rpc
+    }
+}
+
 pub(crate) fn n_chunks(n_rows: usize, rpc: usize) -> usize {
     n_rows.div_ceil(rpc)
 }
@@ -239,4 +259,33 @@ pub(crate) fn not_finite(name: &str) -> crate::error::MmotError {
     crate::error::MmotError::InvalidArgument(format!(
         "argument '{name}' must be finite; found NaN or Inf"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balanced_chunks_are_a_power_of_two_that_covers_the_rows() {
+        for (n, rpc) in [
+            (7660, 408),
+            (7660, 512),
+            (1000, 100),
+            (5, 4),
+            (4096, 512),
+            (1 << 20, 32),
+        ] {
+            let b = balanced(n, rpc);
+            let nch = n_chunks(n, b);
+            assert!(
+                nch.is_power_of_two(),
+                "n={n} rpc={rpc}: {nch} chunks of {b}"
+            );
+            assert!(b * nch >= n && b * (nch - 1) < n, "n={n} rpc={rpc}");
+            // The nearest power of two to the count rpc gives, so chunks stay about rpc rows.
+            assert!(b * 3 >= rpc * 2 && b * 2 <= rpc * 3, "n={n} rpc={rpc}: {b}");
+        }
+        assert_eq!(balanced(300, 512), 512);
+        assert_eq!(balanced(12, 1), 1, "12 rows cannot make 16 chunks");
+    }
 }

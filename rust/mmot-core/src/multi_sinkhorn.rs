@@ -21,7 +21,7 @@
 //! no column log-sum-exp is needed.
 
 use crate::chunks::{
-    batch_col_stats, n_chunks, not_finite, reduce_partials, rows_per_chunk, run_pass,
+    balanced, batch_col_stats, n_chunks, not_finite, reduce_partials, rows_per_chunk, run_pass,
 };
 use crate::domain::{use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, MmotError, Result};
@@ -299,12 +299,13 @@ impl StateLayout {
     /// Rows per chunk of a pass. The plain domain's chunks are four times the L1-sized
     /// default: its row work is short, and fewer, larger tasks halve the fork-join and
     /// partial-sum overhead of the 20-odd passes of a call.
-    fn rows_per_chunk(&self, k: usize) -> usize {
-        if self.h == 0 {
+    fn rows_per_chunk(&self, n: usize, k: usize) -> usize {
+        let rpc = if self.h == 0 {
             rows_per_chunk(k)
         } else {
             4 * rows_per_chunk(self.stride)
-        }
+        };
+        balanced(n, rpc)
     }
 
     fn new<T>(log: bool, ng: usize, gk: usize, ratio: bool) -> Self {
@@ -413,7 +414,7 @@ impl<T: Real> Problem<T> {
             None
         };
         let (sw, ho) = (lay.stride, lay.h);
-        let rpc = lay.rows_per_chunk(k);
+        let rpc = lay.rows_per_chunk(n, k);
         let nch = n_chunks(n, rpc);
         let Workspace {
             state,
@@ -1129,13 +1130,27 @@ fn output_row<T: Real, V: Vector<T>, const NV: usize>(
             }
         }
     }
+    if minmax {
+        // minmax_row on the registers: the same (x - lo) / (hi - lo), and zeros for a constant row.
+        let (lo, hi) = o[1..]
+            .iter()
+            .fold((o[0], o[0]), |(l, h), v| (l.min(*v), h.max(*v)));
+        let (lo, hi) = (lo.reduce_min(), hi.reduce_max());
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        let degenerate = !(hi > lo);
+        let (l, d) = (V::splat(lo), V::splat(hi - lo));
+        for ov in &mut o {
+            *ov = if degenerate {
+                V::splat(T::ZERO)
+            } else {
+                ov.sub(l).div(d)
+            };
+        }
+    }
     let orow = &mut orow[..NV * V::LANES];
     for (u, ov) in o.iter().enumerate() {
         // SAFETY: orow holds NV * LANES values.
         unsafe { ov.store(orow.as_mut_ptr().add(u * V::LANES)) };
-    }
-    if minmax {
-        minmax_row(orow);
     }
 }
 
@@ -1377,7 +1392,7 @@ impl<T: Real> Problem<T> {
         self.solve(s, r, cmax, out, fwd, log, Some(hist));
         let lay = StateLayout::new::<T>(log, ng, gk, false);
         let (sw, ho) = (lay.stride, lay.h);
-        let rpc = lay.rows_per_chunk(k);
+        let rpc = lay.rows_per_chunk(n, k);
         let nch = n_chunks(n, rpc);
         let Workspace {
             state,

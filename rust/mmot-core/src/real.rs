@@ -204,10 +204,10 @@ impl Real for f64 {
     }
 }
 
-/// Number of independent accumulators in the lane-array reductions (`max`, `min` and some
-/// kernels' own loops). Float addition is not associative, so LLVM will not vectorise a plain
-/// `sum()`; spelling out the lanes lets it, and fixes the summation order. `sum` and `dot` use
-/// explicit vectors instead (`vector.rs`), which LLVM cannot turn into narrow shuffles.
+/// Number of independent accumulators in some kernels' lane-array reductions. Float addition is
+/// not associative, so LLVM will not vectorise a plain `sum()`; spelling out the lanes lets it,
+/// and fixes the summation order. `sum`, `dot`, `min` and `max` use explicit vectors instead
+/// (`vector.rs`), which LLVM cannot turn into narrow shuffles.
 pub(crate) const LANES: usize = 8;
 
 pub(crate) use crate::vector::{dot, sum};
@@ -215,41 +215,13 @@ pub(crate) use crate::vector::{dot, sum};
 /// Maximum of a slice (-inf for an empty one).
 #[inline(always)]
 pub(crate) fn max<T: Real>(x: &[T]) -> T {
-    let mut acc = [T::NEG_INFINITY; LANES];
-    let mut it = x.chunks_exact(LANES);
-    for c in &mut it {
-        for l in 0..LANES {
-            acc[l] = acc[l].fmax(c[l]);
-        }
-    }
-    let mut m = T::NEG_INFINITY;
-    for v in it.remainder() {
-        m = m.fmax(*v);
-    }
-    for a in acc {
-        m = m.fmax(a);
-    }
-    m
+    crate::vector::extremes(x).1
 }
 
 /// Minimum of a slice (+inf for an empty one).
 #[inline(always)]
 pub(crate) fn min<T: Real>(x: &[T]) -> T {
-    let mut acc = [T::INFINITY; LANES];
-    let mut it = x.chunks_exact(LANES);
-    for c in &mut it {
-        for l in 0..LANES {
-            acc[l] = acc[l].fmin(c[l]);
-        }
-    }
-    let mut m = T::INFINITY;
-    for v in it.remainder() {
-        m = m.fmin(*v);
-    }
-    for a in acc {
-        m = m.fmin(a);
-    }
-    m
+    crate::vector::extremes(x).0
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! [`Vectors::with_vector`] picks the one for the detected level. It must be called inside
 //! [`crate::simd::dispatch`], so that the intrinsics inline into code compiled for that level.
 
+use crate::real::Real;
 use crate::simd::{level, Level};
 
 /// A register of `LANES` values of `T`. Only ever instantiated through [`Vectors::with_vector`],
@@ -25,8 +26,13 @@ pub trait Vector<T>: Copy {
     /// `p` must point to `LANES` writable values.
     unsafe fn store(self, p: *mut T);
     fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
     fn mul(self, o: Self) -> Self;
     fn div(self, o: Self) -> Self;
+    /// Lane-wise `if self < o { self } else { o }`, as [`crate::real::Real::fmin`].
+    fn min(self, o: Self) -> Self;
+    /// Lane-wise `if self > o { self } else { o }`, as [`crate::real::Real::fmax`].
+    fn max(self, o: Self) -> Self;
     /// `self * m + a`, rounded once where the instruction set has FMA (twice for `Single`).
     fn mul_add(self, m: Self, a: Self) -> Self;
     /// `1 / self` to within about an ulp (a hardware estimate refined by a Newton step where
@@ -34,6 +40,10 @@ pub trait Vector<T>: Copy {
     fn recip(self) -> Self;
     /// Sum of the lanes in a fixed order.
     fn sum(self) -> T;
+    /// Smallest lane (for lanes without NaN).
+    fn reduce_min(self) -> T;
+    /// Largest lane (for lanes without NaN).
+    fn reduce_max(self) -> T;
 }
 
 /// A kernel body generic over the vector type.
@@ -64,7 +74,7 @@ struct Dot<'a, T> {
     y: Option<&'a [T]>,
 }
 
-impl<T: crate::real::Real> VectorOp<T> for Dot<'_, T> {
+impl<T: Real> VectorOp<T> for Dot<'_, T> {
     type Output = T;
 
     #[inline(always)]
@@ -99,7 +109,7 @@ impl<T: crate::real::Real> VectorOp<T> for Dot<'_, T> {
 
 /// Sum of a slice in vector registers, for the level of the running code.
 #[inline(always)]
-pub(crate) fn sum<T: crate::real::Real>(x: &[T]) -> T {
+pub(crate) fn sum<T: Real>(x: &[T]) -> T {
     crate::simd::dispatch(
         #[inline(always)]
         || T::with_vector(Dot { x, y: None }),
@@ -108,11 +118,53 @@ pub(crate) fn sum<T: crate::real::Real>(x: &[T]) -> T {
 
 /// Dot product in vector registers; `x` and `y` have the same length.
 #[inline(always)]
-pub(crate) fn dot<T: crate::real::Real>(x: &[T], y: &[T]) -> T {
+pub(crate) fn dot<T: Real>(x: &[T], y: &[T]) -> T {
     debug_assert_eq!(x.len(), y.len());
     crate::simd::dispatch(
         #[inline(always)]
         || T::with_vector(Dot { x, y: Some(y) }),
+    )
+}
+
+/// The smallest and largest value of a slice, in two vector accumulators each.
+struct Extremes<'a, T> {
+    x: &'a [T],
+}
+
+impl<T: Real> VectorOp<T> for Extremes<'_, T> {
+    type Output = (T, T);
+
+    #[inline(always)]
+    fn run<V: Vector<T>>(self) -> (T, T) {
+        let (x, lanes) = (self.x, V::LANES);
+        let mut lo = [V::splat(T::INFINITY); 2];
+        let mut hi = [V::splat(T::NEG_INFINITY); 2];
+        let mut i = 0;
+        while i + 2 * lanes <= x.len() {
+            for u in 0..2 {
+                // SAFETY: i + (u + 1) * lanes <= x.len().
+                let v = unsafe { V::load(x.as_ptr().add(i + u * lanes)) };
+                lo[u] = lo[u].min(v);
+                hi[u] = hi[u].max(v);
+            }
+            i += 2 * lanes;
+        }
+        let (mut l, mut h) = (lo[0].min(lo[1]).reduce_min(), hi[0].max(hi[1]).reduce_max());
+        for &v in &x[i..] {
+            l = l.fmin(v);
+            h = h.fmax(v);
+        }
+        (l, h)
+    }
+}
+
+/// `(min, max)` of a slice (`(+inf, -inf)` for an empty one) in vector registers, for the level
+/// of the running code. Meant for slices without NaN (the lane order of a NaN is unspecified).
+#[inline(always)]
+pub(crate) fn extremes<T: Real>(x: &[T]) -> (T, T) {
+    crate::simd::dispatch(
+        #[inline(always)]
+        || T::with_vector(Extremes { x }),
     )
 }
 
@@ -141,8 +193,20 @@ macro_rules! scalar_vector {
                 Scalar(self.0 + o.0)
             }
             #[inline(always)]
+            fn sub(self, o: Self) -> Self {
+                Scalar(self.0 - o.0)
+            }
+            #[inline(always)]
             fn mul(self, o: Self) -> Self {
                 Scalar(self.0 * o.0)
+            }
+            #[inline(always)]
+            fn min(self, o: Self) -> Self {
+                Scalar(self.0.fmin(o.0))
+            }
+            #[inline(always)]
+            fn max(self, o: Self) -> Self {
+                Scalar(self.0.fmax(o.0))
             }
             #[inline(always)]
             fn div(self, o: Self) -> Self {
@@ -161,6 +225,14 @@ macro_rules! scalar_vector {
             fn sum(self) -> $t {
                 self.0
             }
+            #[inline(always)]
+            fn reduce_min(self) -> $t {
+                self.0
+            }
+            #[inline(always)]
+            fn reduce_max(self) -> $t {
+                self.0
+            }
         }
     };
 }
@@ -176,7 +248,8 @@ mod x86 {
     /// target-feature functions; the level check in `with_vector` makes calling them sound.
     macro_rules! intrinsic_vector {
         ($name:ident, $reg:ty, $t:ty, $lanes:expr, $set1:ident, $loadu:ident, $storeu:ident,
-         $add:ident, $mul:ident, $div:ident, $fmadd:ident, $recip:ident, $reduce:ident) => {
+         $add:ident, $sub:ident, $mul:ident, $div:ident, $min:ident, $max:ident, $fmadd:ident,
+         $recip:ident, $reduce:ident, $reduce_min:ident, $reduce_max:ident) => {
             #[derive(Clone, Copy)]
             pub struct $name($reg);
             impl Vector<$t> for $name {
@@ -198,8 +271,20 @@ mod x86 {
                     unsafe { $name($add(self.0, o.0)) }
                 }
                 #[inline(always)]
+                fn sub(self, o: Self) -> Self {
+                    unsafe { $name($sub(self.0, o.0)) }
+                }
+                #[inline(always)]
                 fn mul(self, o: Self) -> Self {
                     unsafe { $name($mul(self.0, o.0)) }
+                }
+                #[inline(always)]
+                fn min(self, o: Self) -> Self {
+                    unsafe { $name($min(self.0, o.0)) }
+                }
+                #[inline(always)]
+                fn max(self, o: Self) -> Self {
+                    unsafe { $name($max(self.0, o.0)) }
                 }
                 #[inline(always)]
                 fn div(self, o: Self) -> Self {
@@ -216,6 +301,14 @@ mod x86 {
                 #[inline(always)]
                 fn sum(self) -> $t {
                     unsafe { $reduce(self.0) }
+                }
+                #[inline(always)]
+                fn reduce_min(self) -> $t {
+                    unsafe { $reduce_min(self.0) }
+                }
+                #[inline(always)]
+                fn reduce_max(self) -> $t {
+                    unsafe { $reduce_max(self.0) }
                 }
             }
         };
@@ -235,6 +328,29 @@ mod x86 {
         _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
     }
 
+    // Horizontal min and max of the 256-bit types, by halving as the sums do.
+    #[inline(always)]
+    unsafe fn reduce_min_256_ps(v: __m256) -> f32 {
+        let s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_min_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_min_ss(s, _mm_movehdup_ps(s)))
+    }
+    #[inline(always)]
+    unsafe fn reduce_max_256_ps(v: __m256) -> f32 {
+        let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)))
+    }
+    #[inline(always)]
+    unsafe fn reduce_min_256_pd(v: __m256d) -> f64 {
+        let s = _mm_min_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
+        _mm_cvtsd_f64(_mm_min_sd(s, _mm_unpackhi_pd(s, s)))
+    }
+    #[inline(always)]
+    unsafe fn reduce_max_256_pd(v: __m256d) -> f64 {
+        let s = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd::<1>(v));
+        _mm_cvtsd_f64(_mm_max_sd(s, _mm_unpackhi_pd(s, s)))
+    }
     // Reciprocals: the f32 estimates (14 and 12 bits) are refined by one Newton step,
     // r' = r (2 - x r), to within about an ulp, at a fraction of a division's cost. f64 keeps
     // the exact division (two Newton steps would cost about as much).
@@ -269,11 +385,16 @@ mod x86 {
         _mm512_loadu_ps,
         _mm512_storeu_ps,
         _mm512_add_ps,
+        _mm512_sub_ps,
         _mm512_mul_ps,
         _mm512_div_ps,
+        _mm512_min_ps,
+        _mm512_max_ps,
         _mm512_fmadd_ps,
         recip_512_ps,
-        _mm512_reduce_add_ps
+        _mm512_reduce_add_ps,
+        _mm512_reduce_min_ps,
+        _mm512_reduce_max_ps
     );
     intrinsic_vector!(
         F32x8,
@@ -284,11 +405,16 @@ mod x86 {
         _mm256_loadu_ps,
         _mm256_storeu_ps,
         _mm256_add_ps,
+        _mm256_sub_ps,
         _mm256_mul_ps,
         _mm256_div_ps,
+        _mm256_min_ps,
+        _mm256_max_ps,
         _mm256_fmadd_ps,
         recip_256_ps,
-        reduce_add_256_ps
+        reduce_add_256_ps,
+        reduce_min_256_ps,
+        reduce_max_256_ps
     );
     intrinsic_vector!(
         F64x8,
@@ -299,11 +425,16 @@ mod x86 {
         _mm512_loadu_pd,
         _mm512_storeu_pd,
         _mm512_add_pd,
+        _mm512_sub_pd,
         _mm512_mul_pd,
         _mm512_div_pd,
+        _mm512_min_pd,
+        _mm512_max_pd,
         _mm512_fmadd_pd,
         recip_512_pd,
-        _mm512_reduce_add_pd
+        _mm512_reduce_add_pd,
+        _mm512_reduce_min_pd,
+        _mm512_reduce_max_pd
     );
     intrinsic_vector!(
         F64x4,
@@ -314,11 +445,16 @@ mod x86 {
         _mm256_loadu_pd,
         _mm256_storeu_pd,
         _mm256_add_pd,
+        _mm256_sub_pd,
         _mm256_mul_pd,
         _mm256_div_pd,
+        _mm256_min_pd,
+        _mm256_max_pd,
         _mm256_fmadd_pd,
         recip_256_pd,
-        reduce_add_256_pd
+        reduce_add_256_pd,
+        reduce_min_256_pd,
+        reduce_max_256_pd
     );
 }
 
@@ -398,6 +534,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn extremes_match_a_naive_fold_at_odd_lengths() {
+        fn all<T: Real>(x: &[T]) -> Vec<(T, T)> {
+            let mut out = vec![Extremes { x }.run::<T::Single>()];
+            if level() >= Level::Avx2 {
+                out.push(crate::simd::dispatch(|| Extremes { x }.run::<T::Narrow>()));
+            }
+            if level() >= Level::Avx512 {
+                out.push(crate::simd::dispatch(|| Extremes { x }.run::<T::Wide>()));
+            }
+            out
+        }
+        for n in [2usize, 3, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 129] {
+            // The extremes move around: at either end and in the middle.
+            for at in [0, n / 2, n - 1] {
+                let mut x: Vec<f64> = (0..n)
+                    .map(|i| ((i * 7919) % 101) as f64 / 37.0 - 1.3)
+                    .collect();
+                x[at] = 9.5;
+                let lo_at = if n - 1 - at == at {
+                    (at + 1) % n
+                } else {
+                    n - 1 - at
+                };
+                x[lo_at] = -7.25;
+                let want = (-7.25, 9.5);
+                assert!(all(&x).iter().all(|&e| e == want), "f64 n={n} at={at}");
+                let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+                assert!(
+                    all(&xf).iter().all(|&e| e == (-7.25f32, 9.5f32)),
+                    "f32 n={n} at={at}"
+                );
+            }
+        }
+        assert_eq!(extremes::<f32>(&[]), (f32::INFINITY, f32::NEG_INFINITY));
     }
 
     #[test]

@@ -364,6 +364,40 @@ fn multi_sinkhorn_properties_f32_small_eps() {
 }
 
 #[test]
+fn multi_sinkhorn_constant_result_rows_min_max_to_zero() {
+    // Scores that vary only between rows make every column alike, so each result row is
+    // constant and its min-max is all zeros (not 0/0). Wide enough for the streaming path, and
+    // K = 32 takes the single-sweep rows in f32 (two AVX-512 or four AVX2 vectors) and f64.
+    fn check<T: Real>(kk: usize) {
+        let n = 53;
+        let s: Vec<T> = (0..n * kk)
+            .map(|i| T::from_f64(((i / kk) as f64 * 0.37).sin()))
+            .collect();
+        let r = vec![T::from_f64(n as f64 / kk as f64); kk];
+        let params = MultiSinkhornParams {
+            eps: 0.07,
+            n_iters: 5,
+            slot_weights: (0..kk)
+                .map(|m| if m < kk / 2 { 0.25 } else { 1.0 })
+                .collect(),
+            k: kk / 2,
+            normalize: Normalize::MinMax,
+            log_domain: LogDomain::Auto,
+        };
+        let mut out = vec![T::from_f64(f64::NAN); n * kk];
+        multi_sinkhorn(&s, &r, &mut out, 1, n, kk, &params).unwrap();
+        assert!(
+            out.iter().all(|x| *x == T::ZERO),
+            "K={kk}: {:?}",
+            &out[..kk]
+        );
+    }
+    check::<f32>(32);
+    check::<f32>(64);
+    check::<f64>(32);
+}
+
+#[test]
 fn plain_and_log_agree_near_switch_over() {
     let mut rng = Rng(9);
     let (n, kk) = (300, 12);
