@@ -1029,12 +1029,30 @@ fn fused_rows<T: Real, V: Vector<T>, const RATIO: bool, const NV: usize>(
     let p = match sink {
         Sink::ColumnSums(p) => p,
         Sink::Output(Output { rows, t, minmax }) => {
-            let rows = state
+            let paired = state.len() / lay.stride / 2 * 2;
+            let (state, st_rest) = state.split_at_mut(paired * lay.stride);
+            let (rows, o_rest) = rows.split_at_mut(paired * k);
+            let pairs = state
+                .chunks_exact_mut(2 * lay.stride)
+                .zip(rows.chunks_exact_mut(2 * k));
+            for (pair, orows) in pairs {
+                let (a, b) = pair.split_at_mut(lay.stride);
+                let (oa, ob) = orows.split_at_mut(k);
+                let (ya, yb) = (
+                    row_slots::<T, V, RATIO, NV>(a, lay, f, c, k),
+                    row_slots::<T, V, RATIO, NV>(b, lay, f, c, k),
+                );
+                let [sa, sb] = pair_sums(&ya.1, &yb.1);
+                output_row(&mut a[lay.h..lay.h + 2], ya.0, sa, t, minmax, oa);
+                output_row(&mut b[lay.h..lay.h + 2], yb.0, sb, t, minmax, ob);
+            }
+            let rest = st_rest
                 .chunks_exact_mut(lay.stride)
-                .zip(rows.chunks_exact_mut(k));
-            for (st, orow) in rows {
-                let y = row_slots::<T, V, RATIO, NV>(st, lay, f, c, k);
-                output_row(&mut st[lay.h..lay.h + 2], y, t, minmax, orow);
+                .zip(o_rest.chunks_exact_mut(k));
+            for (st, orow) in rest {
+                let (y, rowsum) = row_slots::<T, V, RATIO, NV>(st, lay, f, c, k);
+                let sums = rowsum.map(V::sum);
+                output_row(&mut st[lay.h..lay.h + 2], y, sums, t, minmax, orow);
             }
             return;
         }
@@ -1047,12 +1065,13 @@ fn fused_rows<T: Real, V: Vector<T>, const RATIO: bool, const NV: usize>(
             row_slots::<T, V, RATIO, NV>(a, lay, f, c, k),
             row_slots::<T, V, RATIO, NV>(b, lay, f, c, k),
         );
-        finish_row(&mut a[lay.h..lay.h + 2], ya, &mut acc);
-        finish_row(&mut b[lay.h..lay.h + 2], yb, &mut acc);
+        let [sa, sb] = pair_sums(&ya.1, &yb.1);
+        finish_row(&mut a[lay.h..lay.h + 2], ya.0, sa, &mut acc);
+        finish_row(&mut b[lay.h..lay.h + 2], yb.0, sb, &mut acc);
     }
     for st in pairs.into_remainder().chunks_exact_mut(lay.stride) {
-        let y = row_slots::<T, V, RATIO, NV>(st, lay, f, c, k);
-        finish_row(&mut st[lay.h..lay.h + 2], y, &mut acc);
+        let (y, rowsum) = row_slots::<T, V, RATIO, NV>(st, lay, f, c, k);
+        finish_row(&mut st[lay.h..lay.h + 2], y, rowsum.map(V::sum), &mut acc);
     }
     for (g, pg) in p.chunks_exact_mut(k).enumerate() {
         for (u, a) in acc[g].iter().enumerate() {
@@ -1093,16 +1112,25 @@ fn row_slots<T: Real, V: Vector<T>, const RATIO: bool, const NV: usize>(
     (y, rowsum)
 }
 
-/// Sets a row's new `h_G = 1 / Σ_a E f g` and adds its slot values after the h update,
-/// `y_G · h_G`, to the column sums `acc`.
+/// The row sums `[[Σ y_0, Σ y_1]; 2]` of a pair of rows from their lane-wise sums, in one
+/// reduction tree. Every pass pairs rows the same way, from the start of each chunk.
+#[inline(always)]
+fn pair_sums<T: Real, V: Vector<T>>(a: &[V; 2], b: &[V; 2]) -> [[T; 2]; 2] {
+    let [a0, a1, b0, b1] = V::sum4([a[0], a[1], b[0], b[1]]);
+    [[a0, a1], [b0, b1]]
+}
+
+/// Sets a row's new `h_G = 1 / Σ_a E f g` (`sums` holds the two row sums) and adds its slot
+/// values after the h update, `y_G · h_G`, to the column sums `acc`.
 #[inline(always)]
 fn finish_row<T: Real, V: Vector<T>, const NV: usize>(
     h: &mut [T],
-    (y, rowsum): ([[V; NV]; 2], [V; 2]),
+    y: [[V; NV]; 2],
+    sums: [T; 2],
     acc: &mut [[V; NV]; 2],
 ) {
     for g in 0..2 {
-        h[g] = T::ONE / rowsum[g].sum();
+        h[g] = T::ONE / sums[g];
         let hv = V::splat(h[g]);
         for (a, yv) in acc[g].iter_mut().zip(&y[g]) {
             *a = yv.mul_add(hv, *a);
@@ -1115,14 +1143,15 @@ fn finish_row<T: Real, V: Vector<T>, const NV: usize>(
 #[inline(always)]
 fn output_row<T: Real, V: Vector<T>, const NV: usize>(
     h: &mut [T],
-    (y, rowsum): ([[V; NV]; 2], [V; 2]),
+    y: [[V; NV]; 2],
+    sums: [T; 2],
     t: [T; 2],
     minmax: bool,
     orow: &mut [T],
 ) {
     let mut o = [V::splat(T::ZERO); NV];
     for g in 0..2 {
-        h[g] = T::ONE / rowsum[g].sum();
+        h[g] = T::ONE / sums[g];
         if t[g] > T::ZERO {
             let coef = V::splat(t[g] * h[g]);
             for (ov, yv) in o.iter_mut().zip(&y[g]) {
@@ -1202,8 +1231,15 @@ fn update_rows<T: Real, V: Vector<T>, const R: usize, const RATIO: bool>(
         }
         j += lanes;
     }
+    // Pairs are summed as the single-sweep passes sum them, so both give the same bits.
+    let sums: [[T; 2]; R] = if R == 2 {
+        let [a, b] = pair_sums(&acc[0], &acc[1]);
+        std::array::from_fn(|r| [a, b][r])
+    } else {
+        std::array::from_fn(|r| acc[r].map(V::sum))
+    };
     for r in 0..R {
-        let (mut s0, mut s1) = (acc[r][0].sum(), acc[r][1].sum());
+        let [mut s0, mut s1] = sums[r];
         let (q0, q1) = qs[r].split_at_mut(k);
         for j in full..k {
             // The same formula one lane wide. SAFETY: every slice read holds k > j values.
