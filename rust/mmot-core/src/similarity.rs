@@ -1,7 +1,8 @@
 //! Batched (cosine) similarity `scale · x̂ ŷᵀ` (DESIGN.md §2.3).
 //!
-//! Normalised copies of `x` and `y` are never written: only the inverse row norms (`O(N+M)`
-//! values) are computed, and each dot product is scaled by `scale · 1/‖x_i‖ · 1/‖y_j‖`. The batch
+//! The forward writes no normalised copies of `x` and `y`: only the inverse row norms (`O(N+M)`
+//! values) are computed, and each dot product is scaled by `scale · 1/‖x_i‖ · 1/‖y_j‖`. The
+//! backward's products are GEMMs against normalised rows: a copy of `y` and blocks of `x`. The batch
 //! broadcast is resolved by the caller into index vectors, so one output problem may reuse the
 //! same `x` or `y` problem many times without copies.
 
@@ -11,8 +12,11 @@ use crate::gemm::gemm;
 use crate::real::{Real, LANES};
 use rayon::prelude::*;
 
-/// Gradient rows accumulated together in the backward: each loaded row serves this many.
-const IB: usize = 4;
+/// Rows of `x` normalised at a time in the backward's `gy` products (a scratch of this many
+/// rows per task, reused across the blocks).
+const X_BLOCK: usize = 256;
+/// `gy` rows per parallel task in the backward.
+const Y_TILE_ROWS: usize = 32;
 /// Output rows per parallel task: one GEMM each, large enough to amortise its packing.
 const ROWS_PER_TASK: usize = 256;
 
@@ -220,8 +224,8 @@ fn tile_kernel<T: Real>(xs: &[T], ys: &[T], ix: &[T], iy: &[T], out: &mut [T], d
 ///
 /// With `ŷ = y / ν_y`, the adjoint of `x̂` is `u = scale · G ŷ`; through the normalisation
 /// `x̂ = x / max(‖x‖, 1e-12)` it becomes `(u − x̂ ⟨x̂, u⟩) / ‖x‖` (or `u / 1e-12` below the
-/// clamp). The products are computed without normalised copies, row block by row block, in a
-/// fixed order (deterministic for any thread count).
+/// clamp). The products are GEMMs over fixed row blocks, summed in a fixed order
+/// (deterministic for any thread count).
 #[allow(clippy::too_many_arguments)]
 pub fn similarity_backward<T: Real>(
     grad: &[T],
@@ -264,26 +268,37 @@ pub fn similarity_backward<T: Real>(
     let yu = users(y_index, by);
     let nm = n * m;
 
-    // gx[xb, i] = scale Σ_o Σ_j G_o[i, j] iy[j] y[j]: blocks of x rows, all y rows.
+    // gx[xb, i] = scale Σ_o Σ_j G_o[i, j] ŷ[j]: per block of x rows, one GEMM per output
+    // problem against the normalised y (a copy of y's size, which is the small side).
+    let y_hat = scaled_rows(y, &iy, d);
     if n * d > 0 {
         gx.par_chunks_mut(n * d).enumerate().for_each(|(xb, gxp)| {
             gxp.par_chunks_mut(ROWS_PER_TASK * d)
                 .enumerate()
                 .for_each(|(t, tile)| {
                     tile.fill(T::ZERO);
-                    let i0 = t * ROWS_PER_TASK;
+                    let (i0, rows) = (t * ROWS_PER_TASK, tile.len() / d);
                     for &o in &xu[xb] {
                         let yb = y_index[o] as usize;
-                        let gp = &grad[o * nm..(o + 1) * nm];
-                        accumulate_rows(
-                            tile,
-                            &gp[i0 * m..],
-                            m,
-                            1,
-                            &y[yb * m * d..(yb + 1) * m * d],
-                            &iy[yb * m..(yb + 1) * m],
-                            d,
-                        );
+                        let g = &grad[o * nm + i0 * m..o * nm + (i0 + rows) * m];
+                        let yh = &y_hat[yb * m * d..(yb + 1) * m * d];
+                        // SAFETY: g is rows × m, yh is m × d and tile rows × d, all row-major.
+                        unsafe {
+                            gemm(
+                                rows,
+                                m,
+                                d,
+                                g.as_ptr(),
+                                m as isize,
+                                1,
+                                yh.as_ptr(),
+                                d as isize,
+                                1,
+                                T::ONE,
+                                tile.as_mut_ptr(),
+                                d as isize,
+                            )
+                        };
                     }
                     let xs = &x[(xb * n + i0) * d..];
                     let ixs = &ix[xb * n + i0..];
@@ -291,26 +306,46 @@ pub fn similarity_backward<T: Real>(
                 });
         });
     }
-    // gy[yb, j] = scale Σ_o Σ_i G_o[i, j] ix[i] x[i]: blocks of y rows, all x rows.
+    // gy[yb, j] = scale Σ_o Σ_i G_o[i, j] x̂[i]: per block of y rows, GEMMs of Gᵀ against
+    // blocks of normalised x rows, formed one block at a time (x is the large side).
     if m * d > 0 {
+        // Small tiles, so that the few y rows of a typical call still make a task per thread.
+        let tile_rows = Y_TILE_ROWS;
         gy.par_chunks_mut(m * d).enumerate().for_each(|(yb, gyp)| {
-            gyp.par_chunks_mut(ROWS_PER_TASK * d)
+            gyp.par_chunks_mut(tile_rows * d)
                 .enumerate()
                 .for_each(|(t, tile)| {
                     tile.fill(T::ZERO);
-                    let j0 = t * ROWS_PER_TASK;
+                    let (j0, rows) = (t * tile_rows, tile.len() / d);
+                    let mut x_block = vec![T::ZERO; X_BLOCK * d];
                     for &o in &yu[yb] {
                         let xb = x_index[o] as usize;
-                        let gp = &grad[o * nm..(o + 1) * nm];
-                        accumulate_rows(
-                            tile,
-                            &gp[j0..],
-                            1,
-                            m,
-                            &x[xb * n * d..(xb + 1) * n * d],
-                            &ix[xb * n..(xb + 1) * n],
-                            d,
-                        );
+                        for i0 in (0..n).step_by(X_BLOCK) {
+                            let len = X_BLOCK.min(n - i0);
+                            let xs = &x[(xb * n + i0) * d..(xb * n + i0 + len) * d];
+                            let xh = &mut x_block[..len * d];
+                            scale_rows_into(xs, &ix[xb * n + i0..xb * n + i0 + len], d, xh);
+                            let g = &grad
+                                [o * nm + i0 * m + j0..o * nm + (i0 + len - 1) * m + j0 + rows];
+                            // SAFETY: Gᵀ is read as rows × len with strides (1, m) inside g;
+                            // xh is len × d and tile rows × d, row-major.
+                            unsafe {
+                                gemm(
+                                    rows,
+                                    len,
+                                    d,
+                                    g.as_ptr(),
+                                    1,
+                                    m as isize,
+                                    xh.as_ptr(),
+                                    d as isize,
+                                    1,
+                                    T::ONE,
+                                    tile.as_mut_ptr(),
+                                    d as isize,
+                                )
+                            };
+                        }
                     }
                     let ys = &y[(yb * m + j0) * d..];
                     let iys = &iy[yb * m + j0..];
@@ -338,49 +373,25 @@ fn inv_norms<T: Real>(a: &[T], rows: usize, d: usize, normalize: bool) -> Vec<T>
     v
 }
 
-/// `acc[i] += Σ_j G[i·rs + j·cs] w[j] src[j]` for the `acc.len() / d` rows of `acc`, where
-/// `src` has one `d`-row per `j` (its length fixes the number of `j`).
-fn accumulate_rows<T: Real>(
-    acc: &mut [T],
-    g: &[T],
-    rs: usize,
-    cs: usize,
-    src: &[T],
-    w: &[T],
-    d: usize,
-) {
-    let rows = acc.len() / d;
-    let nj = w.len();
-    let mut i = 0;
-    while i + IB <= rows {
-        let (a0, rest) = acc[i * d..].split_at_mut(d);
-        let (a1, rest) = rest.split_at_mut(d);
-        let (a2, rest) = rest.split_at_mut(d);
-        let a3 = &mut rest[..d];
-        for j in 0..nj {
-            let cf: [T; IB] = std::array::from_fn(|u| g[(i + u) * rs + j * cs] * w[j]);
-            let sr = &src[j * d..(j + 1) * d];
-            for p in 0..d {
-                let s = sr[p];
-                a0[p] += cf[0] * s;
-                a1[p] += cf[1] * s;
-                a2[p] += cf[2] * s;
-                a3[p] += cf[3] * s;
-            }
+/// `out[r] = w[r] · src[r]` for rows of `d` values.
+fn scale_rows_into<T: Real>(src: &[T], w: &[T], d: usize, out: &mut [T]) {
+    for ((o, s), &wr) in out.chunks_exact_mut(d).zip(src.chunks_exact(d)).zip(w) {
+        for (o, &s) in o.iter_mut().zip(s) {
+            *o = wr * s;
         }
-        i += IB;
     }
-    while i < rows {
-        let a = &mut acc[i * d..(i + 1) * d];
-        for j in 0..nj {
-            let cf = g[i * rs + j * cs] * w[j];
-            let sr = &src[j * d..(j + 1) * d];
-            for p in 0..d {
-                a[p] += cf * sr[p];
-            }
-        }
-        i += 1;
+}
+
+/// A copy of `src` with row `r` scaled by `w[r]`, rows in parallel.
+fn scaled_rows<T: Real>(src: &[T], w: &[T], d: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; src.len()];
+    if d > 0 {
+        out.par_chunks_mut(1024 * d)
+            .zip(src.par_chunks(1024 * d))
+            .zip(w.par_chunks(1024))
+            .for_each(|((o, s), w)| scale_rows_into(s, w, d, o));
     }
+    out
 }
 
 /// Scales the accumulated `u` rows by `scale` and applies the normalisation's adjoint.

@@ -624,6 +624,74 @@ fn similarity_matches_naive() {
 }
 
 #[test]
+fn similarity_backward_matches_naive() {
+    // More x rows than one normalised block (256) and more y rows than one gy tile (32), with
+    // every input problem shared by two output problems.
+    let mut rng = Rng(23);
+    let (bx, by, n, m, d) = (2, 2, 300, 45, 7);
+    let x = rng.vec(bx * n * d, -1.0, 1.0);
+    let y = rng.vec(by * m * d, -1.0, 1.0);
+    let xi: Vec<i64> = vec![0, 1, 0, 1];
+    let yi: Vec<i64> = vec![0, 0, 1, 1];
+    let g = rng.vec(xi.len() * n * m, -1.0, 1.0);
+    let scale = 1.3;
+    for normalize in [true, false] {
+        let norm = |v: &[f64]| {
+            if normalize {
+                v.iter().map(|a| a * a).sum::<f64>().sqrt()
+            } else {
+                1.0
+            }
+        };
+        // d(a·b / (|a||b|)) / da = (b̂ − â ⟨â, b̂⟩) / |a| (just b without normalisation).
+        let partial = |a: &[f64], b: &[f64]| -> Vec<f64> {
+            let (na, nb) = (norm(a), norm(b));
+            let c: f64 = a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>() / (na * nb);
+            (0..d)
+                .map(|p| {
+                    let (ah, bh) = (a[p] / na, b[p] / nb);
+                    if normalize {
+                        (bh - ah * c) / na
+                    } else {
+                        b[p]
+                    }
+                })
+                .collect()
+        };
+        let (mut want_x, mut want_y) = (vec![0.0; bx * n * d], vec![0.0; by * m * d]);
+        for o in 0..xi.len() {
+            let (xb, yb) = (xi[o] as usize, yi[o] as usize);
+            for i in 0..n {
+                let xr = &x[(xb * n + i) * d..][..d];
+                for j in 0..m {
+                    let yr = &y[(yb * m + j) * d..][..d];
+                    let go = scale * g[(o * n + i) * m + j];
+                    for (p, v) in partial(xr, yr).into_iter().enumerate() {
+                        want_x[(xb * n + i) * d + p] += go * v;
+                    }
+                    for (p, v) in partial(yr, xr).into_iter().enumerate() {
+                        want_y[(yb * m + j) * d + p] += go * v;
+                    }
+                }
+            }
+        }
+        let (mut gx, mut gy) = (vec![f64::NAN; bx * n * d], vec![f64::NAN; by * m * d]);
+        similarity_backward(
+            &g, &x, &y, &xi, &yi, &mut gx, &mut gy, bx, n, by, m, d, normalize, scale,
+        )
+        .unwrap();
+        assert!(
+            max_abs_diff(&gx, &want_x) < 1e-10,
+            "gx, normalize={normalize}"
+        );
+        assert!(
+            max_abs_diff(&gy, &want_y) < 1e-10,
+            "gy, normalize={normalize}"
+        );
+    }
+}
+
+#[test]
 fn bad_input_is_an_error_not_a_panic() {
     let s = vec![0.0f64; 12];
     let mut out = vec![0.0f64; 12];
