@@ -37,17 +37,16 @@ def problems():
 def worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        for name, (scores, upstream, fn) in problems().items():
-            shard = scores.split(SPLIT, dim=-2)[rank].clone().requires_grad_(True)
-            out = fn(shard, process_group=dist.group.WORLD)
-            (out * upstream.split(SPLIT, dim=-2)[rank]).sum().backward()
-            torch.save((out.detach(), shard.grad), os.path.join(out_dir, f"{name}-{rank}.pt"))
-        # Neither rank tears gloo down while the other may still be finishing its last
-        # collective: under load that raced and aborted a worker (SIGABRT in gloo's teardown).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    for name, (scores, upstream, fn) in problems().items():
+        shard = scores.split(SPLIT, dim=-2)[rank].clone().requires_grad_(True)
+        out = fn(shard, process_group=dist.group.WORLD)
+        (out * upstream.split(SPLIT, dim=-2)[rank]).sum().backward()
+        torch.save((out.detach(), shard.grad), os.path.join(out_dir, f"{name}-{rank}.pt"))
+    dist.barrier()
+    # gloo's teardown aborted a worker now and then even after this barrier ("terminate
+    # called without an active exception", SIGABRT, about one run in eight on a 2-core VM), so
+    # the worker leaves without it: its results are already on disk.
+    os._exit(0)
 
 
 @pytest.mark.slow
