@@ -25,7 +25,7 @@ use crate::chunks::{
 };
 use crate::domain::{use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, MmotError, Result};
-use crate::real::{max, min, sum, Real};
+use crate::real::{extremes, max, sum, Real};
 use crate::spare::{vec_bytes, Footprint, Spare};
 use crate::vector::{Vector, VectorOp};
 use rayon::prelude::*;
@@ -1298,8 +1298,7 @@ fn plain_row_fused<T: Real, const NG: usize>(
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 #[inline(always)]
 fn minmax_row<T: Real>(row: &mut [T]) {
-    let lo = min(row);
-    let hi = max(row);
+    let (lo, hi) = extremes(row);
     // Written as `!(hi > lo)` so that a degenerate row can never reach the division.
     if !(hi > lo) {
         row.fill(T::ZERO);
@@ -1671,8 +1670,7 @@ fn lrow_split<T>(buf: &mut [T], k: usize) -> (&mut [T], &mut [T]) {
 /// receives the input's. Ties at the min or max share their part equally (as `torch.amin`).
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn minmax_row_backward<T: Real>(x: &[T], g: &mut [T]) {
-    let lo = min(x);
-    let hi = max(x);
+    let (lo, hi) = extremes(x);
     if !(hi > lo) {
         g.fill(T::ZERO);
         return;

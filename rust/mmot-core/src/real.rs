@@ -206,22 +206,16 @@ impl Real for f64 {
 
 /// Number of independent accumulators in some kernels' lane-array reductions. Float addition is
 /// not associative, so LLVM will not vectorise a plain `sum()`; spelling out the lanes lets it,
-/// and fixes the summation order. `sum`, `dot`, `min` and `max` use explicit vectors instead
+/// and fixes the summation order. `sum`, `dot`, `extremes` and `max` use explicit vectors instead
 /// (`vector.rs`), which LLVM cannot turn into narrow shuffles.
 pub(crate) const LANES: usize = 8;
 
-pub(crate) use crate::vector::{dot, sum};
+pub(crate) use crate::vector::{dot, extremes, sum};
 
 /// Maximum of a slice (-inf for an empty one).
 #[inline(always)]
 pub(crate) fn max<T: Real>(x: &[T]) -> T {
-    crate::vector::extremes(x).1
-}
-
-/// Minimum of a slice (+inf for an empty one).
-#[inline(always)]
-pub(crate) fn min<T: Real>(x: &[T]) -> T {
-    crate::vector::extremes(x).0
+    extremes(x).1
 }
 
 #[cfg(test)]
@@ -269,6 +263,6 @@ mod tests {
         assert!((sum(&x) - s).abs() < 1e-12);
         assert!((dot(&x, &y) - d).abs() < 1e-12);
         assert_eq!(max(&x), x.iter().cloned().fold(f64::MIN, f64::max));
-        assert_eq!(min(&x), x.iter().cloned().fold(f64::MAX, f64::min));
+        assert_eq!(extremes(&x).0, x.iter().cloned().fold(f64::MAX, f64::min));
     }
 }

@@ -15,7 +15,8 @@ use rayon::prelude::*;
 /// Rows of `x` normalised at a time in the backward's `gy` products (a scratch of this many
 /// rows per task, reused across the blocks).
 const X_BLOCK: usize = 256;
-/// `gy` rows per parallel task in the backward.
+/// `gy` rows per parallel task in the backward: small, so that the few y rows of a typical
+/// call (an anchor set) still make a task per thread.
 const Y_TILE_ROWS: usize = 32;
 /// Output rows per parallel task: one GEMM each, large enough to amortise its packing.
 const ROWS_PER_TASK: usize = 256;
@@ -309,14 +310,12 @@ pub fn similarity_backward<T: Real>(
     // gy[yb, j] = scale Σ_o Σ_i G_o[i, j] x̂[i]: per block of y rows, GEMMs of Gᵀ against
     // blocks of normalised x rows, formed one block at a time (x is the large side).
     if m * d > 0 {
-        // Small tiles, so that the few y rows of a typical call still make a task per thread.
-        let tile_rows = Y_TILE_ROWS;
         gy.par_chunks_mut(m * d).enumerate().for_each(|(yb, gyp)| {
-            gyp.par_chunks_mut(tile_rows * d)
+            gyp.par_chunks_mut(Y_TILE_ROWS * d)
                 .enumerate()
                 .for_each(|(t, tile)| {
                     tile.fill(T::ZERO);
-                    let (j0, rows) = (t * tile_rows, tile.len() / d);
+                    let (j0, rows) = (t * Y_TILE_ROWS, tile.len() / d);
                     let mut x_block = vec![T::ZERO; X_BLOCK * d];
                     for &o in &yu[yb] {
                         let xb = x_index[o] as usize;
