@@ -6,6 +6,7 @@
 //! pool they are called from (the bindings install a dedicated one).
 
 mod chunks;
+pub mod dims;
 pub mod domain;
 pub mod error;
 mod gemm;
@@ -19,6 +20,7 @@ pub mod sinkhorn;
 mod spare;
 mod vector;
 
+pub use dims::Dims;
 pub use domain::LogDomain;
 pub use error::{MmotError, Result};
 pub use multi_sinkhorn::{
