@@ -10,6 +10,13 @@ Entry points: the ``mmot-sspc`` CLI (:mod:`mmot.sspc.cli`), :func:`mmot.sspc.tra
 :func:`mmot.sspc.evaluate.evaluate_checkpoint` and :func:`mmot.sspc.reproduce.reproduce`.
 """
 
-from mmot.sspc.config import Config, ConfigError, load_config
-
 __all__ = ["Config", "ConfigError", "load_config"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that ``mmot-sspc`` can report a missing pyyaml itself instead of a traceback.
+    if name in __all__:
+        from mmot.sspc import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'mmot.sspc' has no attribute {name!r}")

@@ -13,11 +13,13 @@ import argparse
 import json
 import sys
 
-import yaml
+from mmot._extras import MissingExtra
 
 
 def _parse_set(items: list[str]) -> dict:
     """``section.key=value`` overrides (value parsed as YAML) into nested dicts."""
+    from mmot.sspc.config import yaml
+
     out: dict = {}
     for item in items:
         if "=" not in item or "." not in item.split("=", 1)[0]:
@@ -64,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("configs", help="list the shipped configs")
     args = parser.parse_args(argv)
 
-    from mmot.sspc.config import ConfigError, load_config, shipped_configs
-    from mmot.sspc.data import DataError
+    try:
+        from mmot.sspc.config import ConfigError, load_config, shipped_configs
+        from mmot.sspc.data import DataError
+    except MissingExtra as exc:
+        print(f"mmot-sspc: error: {exc}", file=sys.stderr)
+        return 2
 
     try:
         if args.command == "configs":

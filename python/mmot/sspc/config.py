@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from mmot._extras import require
+
+yaml = require("yaml", "sspc", "mmot.sspc")
 
 VARIANTS = ("contrastive", "sinkhorn", "multi_sk")
 """Loss variants: NormSoftmax only; + SSPC anchor terms with single-assignment Sinkhorn targets

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from mmot._extras import MissingExtra, require
 from mmot.sspc.config import Config, load_config
 from mmot.sspc.data import make_splits
 from mmot.sspc.evaluate import METRICS
@@ -101,7 +102,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    try:
+        matplotlib = require("matplotlib", "sspc", "the reproduce plot")
+    except MissingExtra as exc:
+        print(f"mmot-sspc: {path.name} not written: {exc}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from mmot.sspc.config import Config, ConfigError, config_from_dict
+from mmot.sspc.config import Config, ConfigError, config_from_dict, yaml
 from mmot.sspc.data import MultiModalData, make_splits
 from mmot.sspc.evaluate import all_pairs, mean_over_pairs
 from mmot.sspc.model import SSPCModel, SSPCObjective, embed_split
