@@ -50,6 +50,7 @@ fn main() {
         k,
         normalize: Normalize::MinMax,
         log_domain: LogDomain::Auto,
+        check_values: false,
     };
     let g: Vec<f32> = (0..n * kk).map(|_| rnd() as f32 - 0.5).collect();
     let rounds = env("REPS", 30usize);
@@ -75,13 +76,14 @@ fn main() {
     };
     println!("simd level {:?}", simd::level());
     let out = std::sync::Mutex::new(vec![0f32; n * kk]);
+    let dims = Dims::new(1, n, kk);
     report("multi_sinkhorn fwd", &|| {
-        multi_sinkhorn(&s, &r, &mut out.lock().unwrap(), 1, n, kk, &params).unwrap();
+        multi_sinkhorn(&s, &r, &mut out.lock().unwrap(), dims, &params).unwrap();
     });
     if std::env::var_os("FWD_ONLY").is_none() {
         report("multi_sinkhorn bwd", &|| {
             let gout = &mut out.lock().unwrap();
-            multi_sinkhorn_backward(&g, &s, &r, gout, 1, n, kk, &params).unwrap();
+            multi_sinkhorn_backward(&g, &s, &r, gout, dims, &params).unwrap();
         });
     }
 }

@@ -23,9 +23,7 @@ mod vector;
 pub use dims::Dims;
 pub use domain::LogDomain;
 pub use error::{MmotError, Result};
-pub use multi_sinkhorn::{
-    multi_sinkhorn, multi_sinkhorn_backward, multi_sinkhorn_checked, MultiSinkhornParams, Normalize,
-};
+pub use multi_sinkhorn::{multi_sinkhorn, multi_sinkhorn_backward, MultiSinkhornParams, Normalize};
 pub use real::Real;
 pub use similarity::{similarity, similarity_backward, similarity_checked};
 pub use sinkhorn::{sinkhorn, sinkhorn_backward, sinkhorn_checked};

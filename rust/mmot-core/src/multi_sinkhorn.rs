@@ -23,6 +23,7 @@
 use crate::chunks::{
     balanced, batch_col_stats, n_chunks, not_finite, reduce_partials, rows_per_chunk, run_pass,
 };
+use crate::dims::Dims;
 use crate::domain::{use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, MmotError, Result};
 use crate::real::{extremes, max, sum, Real};
@@ -67,6 +68,8 @@ pub struct MultiSinkhornParams {
     pub k: usize,
     pub normalize: Normalize,
     pub log_domain: LogDomain,
+    /// Forward only: reject non-finite scores and bad anchor masses with an error.
+    pub check_values: bool,
 }
 
 /// Slots grouped by equal weight (in order of first appearance).
@@ -115,38 +118,24 @@ impl<T: Real> Groups<T> {
     }
 }
 
-/// Grouped Multi-SK on a batch of `b` independent `[n, kk]` problems (`kk` = K anchors = slots).
+/// Grouped Multi-SK on a batch of `dims.problems` independent `[rows, cols]` problems (`cols` =
+/// K anchors = slots).
 ///
-/// `scores`, `out`: `[b, n, kk]`; `anchor_mass`: `[b, kk]` (resolved by the caller, each row
-/// summing to `n`). Returns whether the log domain was used (decided once for the call).
-#[allow(clippy::too_many_arguments)]
+/// `scores`, `out`: `[problems, rows, cols]`; `anchor_mass`: `[problems, cols]` (resolved by the
+/// caller, each row summing to `rows`). Returns whether the log domain was used (decided once for
+/// the call). With `params.check_values`, NaN or Inf in `scores` (found in the column-statistics
+/// pass the kernel makes anyway) and anchor masses that are not positive and finite or do not sum
+/// to `rows` (to a relative 1e-4) per problem are an error, not a result.
 pub fn multi_sinkhorn<T: Real>(
     scores: &[T],
     anchor_mass: &[T],
     out: &mut [T],
-    b: usize,
-    n: usize,
-    kk: usize,
+    dims: Dims,
     params: &MultiSinkhornParams,
 ) -> Result<bool> {
-    multi_sinkhorn_checked(scores, anchor_mass, out, b, n, kk, params, false)
-}
-
-/// [`multi_sinkhorn`], and with `check_values` an error (not a result) for NaN or Inf in
-/// `scores` (found in the column-statistics pass the kernel makes anyway) or for anchor masses
-/// that are not positive and finite or do not sum to `n` (to a relative 1e-4) per problem.
-#[allow(clippy::too_many_arguments)]
-pub fn multi_sinkhorn_checked<T: Real>(
-    scores: &[T],
-    anchor_mass: &[T],
-    out: &mut [T],
-    b: usize,
-    n: usize,
-    kk: usize,
-    params: &MultiSinkhornParams,
-    check_values: bool,
-) -> Result<bool> {
-    check_args(scores, anchor_mass, out, b, n, kk, params)?;
+    let (b, n, kk) = (dims.problems, dims.rows, dims.cols);
+    let check_values = params.check_values;
+    check_args(scores, anchor_mass, out, dims, params)?;
     if check_values {
         check_masses(anchor_mass, kk, n)?;
     }
@@ -208,19 +197,17 @@ fn check_masses<T: Real>(masses: &[T], k: usize, total: usize) -> Result<()> {
 }
 
 /// Checks the shapes and parameters shared by the forward and the backward.
-#[allow(clippy::too_many_arguments)]
 fn check_args<T: Real>(
     scores: &[T],
     anchor_mass: &[T],
     out: &[T],
-    b: usize,
-    n: usize,
-    kk: usize,
+    dims: Dims,
     params: &MultiSinkhornParams,
 ) -> Result<()> {
-    let shape = format!("[{b}, {n}, {kk}]");
-    check_len("scores", scores.len(), b * n * kk, &shape)?;
-    check_len("out", out.len(), b * n * kk, &shape)?;
+    let (b, kk) = (dims.problems, dims.cols);
+    let shape = dims.describe();
+    check_len("scores", scores.len(), dims.len(), &shape)?;
+    check_len("out", out.len(), dims.len(), &shape)?;
     check_len(
         "anchor_mass",
         anchor_mass.len(),
@@ -1331,19 +1318,17 @@ struct History<T> {
 /// step of iteration `t + 1` (needs the finished column adjoint `φ̄^{t+1}`), then the `h` and `g`
 /// steps of iteration `t`, which are row-local and yield the column partials of `φ̄^t`. That is
 /// `T + 1` streaming passes. Min-max ties share the gradient equally, as `torch.amax` does.
-#[allow(clippy::too_many_arguments)]
 pub fn multi_sinkhorn_backward<T: Real>(
     grad: &[T],
     scores: &[T],
     anchor_mass: &[T],
     out: &mut [T],
-    b: usize,
-    n: usize,
-    kk: usize,
+    dims: Dims,
     params: &MultiSinkhornParams,
 ) -> Result<bool> {
-    check_args(scores, anchor_mass, out, b, n, kk, params)?;
-    check_len("grad", grad.len(), b * n * kk, &format!("[{b}, {n}, {kk}]"))?;
+    let (b, n, kk) = (dims.problems, dims.rows, dims.cols);
+    check_args(scores, anchor_mass, out, dims, params)?;
+    check_len("grad", grad.len(), dims.len(), &dims.describe())?;
     let groups = Groups::<T>::new(&params.slot_weights, params.k);
     if b * n == 0 {
         return Ok(use_log_domain::<T>(params.log_domain, 0.0));

@@ -1,4 +1,4 @@
-//! The small-problem path of [`super::multi_sinkhorn_checked`]: batches of problems of at most
+//! The small-problem path of [`super::multi_sinkhorn`]: batches of problems of at most
 //! [`SMALL`] elements with two weight groups (SSPC's weights, any two values) in the plain
 //! domain (DESIGN.md §2.6, §3 "many tiny problems").
 //!
@@ -448,7 +448,8 @@ mod tests {
     /// error.
     #[test]
     fn one_wide_problem_gives_the_call_to_the_log_domain() {
-        use crate::multi_sinkhorn::{multi_sinkhorn, multi_sinkhorn_checked, MultiSinkhornParams};
+        use crate::multi_sinkhorn::{multi_sinkhorn, MultiSinkhornParams};
+        use crate::Dims;
         let (b, n, kk, k) = (37, 4, 4, 2);
         let mut s: Vec<f32> = uniform(b * n * kk, 7).iter().map(|&x| x as f32).collect();
         let r = vec![1f32; b * kk];
@@ -459,10 +460,11 @@ mod tests {
             k,
             normalize: Normalize::None,
             log_domain,
+            check_values: false,
         };
         let run = |s: &[f32], mode| {
             let mut out = vec![f32::NAN; b * n * kk];
-            let log = multi_sinkhorn(s, &r, &mut out, b, n, kk, &params(mode)).unwrap();
+            let log = multi_sinkhorn(s, &r, &mut out, Dims::new(b, n, kk), &params(mode)).unwrap();
             (log, out)
         };
         assert!(
@@ -475,8 +477,11 @@ mod tests {
         assert_eq!(auto, run(&s, LogDomain::On).1);
         s[20 * n * kk] = f32::NAN;
         let mut out = vec![0f32; b * n * kk];
-        let checked =
-            multi_sinkhorn_checked(&s, &r, &mut out, b, n, kk, &params(LogDomain::Off), true);
+        let checked_params = MultiSinkhornParams {
+            check_values: true,
+            ..params(LogDomain::Off)
+        };
+        let checked = multi_sinkhorn(&s, &r, &mut out, Dims::new(b, n, kk), &checked_params);
         assert!(checked.unwrap_err().to_string().contains("finite"));
     }
 

@@ -288,9 +288,10 @@ fn multi_sinkhorn_matches_dense_both_domains() {
                                 Normalize::None
                             },
                             log_domain: mode,
+                            check_values: false,
                         };
                         let mut out = vec![f64::NAN; b * n * kk];
-                        multi_sinkhorn(&s, &r, &mut out, b, n, kk, &params).unwrap();
+                        multi_sinkhorn(&s, &r, &mut out, Dims::new(b, n, kk), &params).unwrap();
                         if minmax && w.iter().all(|&x| x == w[0]) {
                             // One group: T rows are constant in exact arithmetic, so the dense
                             // reference's min-max only amplifies rounding; the kernel keeps
@@ -349,9 +350,10 @@ fn multi_sinkhorn_properties_f32_small_eps() {
             k,
             normalize: Normalize::None,
             log_domain: LogDomain::Auto,
+            check_values: false,
         };
         let mut out = vec![0f32; n * kk];
-        let log = multi_sinkhorn(&s, &r, &mut out, 1, n, kk, &params).unwrap();
+        let log = multi_sinkhorn(&s, &r, &mut out, Dims::new(1, n, kk), &params).unwrap();
         assert_eq!(log, eps < 0.01);
         assert!(out
             .iter()
@@ -383,9 +385,10 @@ fn multi_sinkhorn_constant_result_rows_min_max_to_zero() {
             k: kk / 2,
             normalize: Normalize::MinMax,
             log_domain: LogDomain::Auto,
+            check_values: false,
         };
         let mut out = vec![T::from_f64(f64::NAN); n * kk];
-        multi_sinkhorn(&s, &r, &mut out, 1, n, kk, &params).unwrap();
+        multi_sinkhorn(&s, &r, &mut out, Dims::new(1, n, kk), &params).unwrap();
         assert!(
             out.iter().all(|x| *x == T::ZERO),
             "K={kk}: {:?}",
@@ -417,11 +420,26 @@ fn plain_and_log_agree_near_switch_over() {
         k: kk / 2,
         normalize: Normalize::MinMax,
         log_domain: mode,
+        check_values: false,
     };
     let mut plain = vec![0f32; n * kk];
     let mut log = vec![0f32; n * kk];
-    assert!(!multi_sinkhorn(&s32, &r32, &mut plain, 1, n, kk, &params(LogDomain::Auto)).unwrap());
-    assert!(multi_sinkhorn(&s32, &r32, &mut log, 1, n, kk, &params(LogDomain::On)).unwrap());
+    assert!(!multi_sinkhorn(
+        &s32,
+        &r32,
+        &mut plain,
+        Dims::new(1, n, kk),
+        &params(LogDomain::Auto)
+    )
+    .unwrap());
+    assert!(multi_sinkhorn(
+        &s32,
+        &r32,
+        &mut log,
+        Dims::new(1, n, kk),
+        &params(LogDomain::On)
+    )
+    .unwrap());
     let d = plain
         .iter()
         .zip(&log)
@@ -501,11 +519,12 @@ fn f32_agrees_with_f64() {
             k: kk / 2,
             normalize: Normalize::MinMax,
             log_domain: mode,
+            check_values: false,
         };
         let mut o64 = vec![0f64; b * n * kk];
         let mut o32 = vec![0f32; b * n * kk];
-        multi_sinkhorn(&s, &r, &mut o64, b, n, kk, &params).unwrap();
-        multi_sinkhorn(&s32, &r32, &mut o32, b, n, kk, &params).unwrap();
+        multi_sinkhorn(&s, &r, &mut o64, Dims::new(b, n, kk), &params).unwrap();
+        multi_sinkhorn(&s32, &r32, &mut o32, Dims::new(b, n, kk), &params).unwrap();
         let d = o64
             .iter()
             .zip(&o32)
@@ -548,9 +567,10 @@ fn deterministic_across_thread_counts() {
                 k: 10,
                 normalize: Normalize::MinMax,
                 log_domain: log,
+                check_values: false,
             };
             let mut o = vec![0f32; b * n * kk];
-            multi_sinkhorn(&s, &r, &mut o, b, n, kk, &params).unwrap();
+            multi_sinkhorn(&s, &r, &mut o, Dims::new(b, n, kk), &params).unwrap();
             let mut o2 = vec![0f32; b * n * kk];
             sinkhorn(&s, &rr, &r, &mut o2, b, n, kk, 0.05, 3, log).unwrap();
             (o, o2)
@@ -710,12 +730,20 @@ fn bad_input_is_an_error_not_a_panic() {
         k,
         normalize: Normalize::MinMax,
         log_domain: LogDomain::Auto,
+        check_values: false,
     };
-    assert!(multi_sinkhorn(&s, &am, &mut out, 1, 4, 3, &p(2, vec![1.0; 3])).is_ok());
-    assert!(multi_sinkhorn(&s, &am, &mut out, 1, 4, 3, &p(0, vec![1.0; 3])).is_err());
-    assert!(multi_sinkhorn(&s, &am, &mut out, 1, 4, 3, &p(4, vec![1.0; 3])).is_err());
-    assert!(multi_sinkhorn(&s, &am, &mut out, 1, 4, 3, &p(1, vec![1.0; 2])).is_err());
-    assert!(multi_sinkhorn(&s, &am, &mut out, 1, 4, 3, &p(1, vec![1.0, -1.0, 1.0])).is_err());
+    assert!(multi_sinkhorn(&s, &am, &mut out, Dims::new(1, 4, 3), &p(2, vec![1.0; 3])).is_ok());
+    assert!(multi_sinkhorn(&s, &am, &mut out, Dims::new(1, 4, 3), &p(0, vec![1.0; 3])).is_err());
+    assert!(multi_sinkhorn(&s, &am, &mut out, Dims::new(1, 4, 3), &p(4, vec![1.0; 3])).is_err());
+    assert!(multi_sinkhorn(&s, &am, &mut out, Dims::new(1, 4, 3), &p(1, vec![1.0; 2])).is_err());
+    assert!(multi_sinkhorn(
+        &s,
+        &am,
+        &mut out,
+        Dims::new(1, 4, 3),
+        &p(1, vec![1.0, -1.0, 1.0])
+    )
+    .is_err());
     assert!("sometimes".parse::<LogDomain>().is_err());
     assert!("zscore".parse::<Normalize>().is_err());
     let xi = [0i64];
@@ -742,9 +770,7 @@ fn bad_input_is_an_error_not_a_panic() {
         &empty.clone(),
         &am,
         &mut empty,
-        1,
-        0,
-        3,
+        Dims::new(1, 0, 3),
         &p(2, vec![1.0; 3])
     )
     .is_ok());
@@ -774,9 +800,10 @@ fn multi_sinkhorn_log_rescue_matches_dense() {
             k,
             normalize: Normalize::None,
             log_domain: LogDomain::Auto,
+            check_values: false,
         };
         let mut out = vec![0.0; n * kk];
-        assert!(multi_sinkhorn(&s, &r, &mut out, 1, n, kk, &params).unwrap());
+        assert!(multi_sinkhorn(&s, &r, &mut out, Dims::new(1, n, kk), &params).unwrap());
         let err = max_abs_diff(&out, &want);
         assert!(err < 1e-9, "iters {iters}: err {err}");
     }
@@ -888,10 +915,11 @@ fn multi_sinkhorn_backward_matches_finite_differences() {
                                 Normalize::None
                             },
                             log_domain: mode,
+                            check_values: false,
                         };
                         let fwd = |x: &[f64], p: &MultiSinkhornParams| {
                             let mut o = vec![0.0; b * n * kk];
-                            multi_sinkhorn(x, &r, &mut o, b, n, kk, p).unwrap();
+                            multi_sinkhorn(x, &r, &mut o, Dims::new(b, n, kk), p).unwrap();
                             o
                         };
                         if minmax {
@@ -915,7 +943,8 @@ fn multi_sinkhorn_backward_matches_finite_differences() {
                         }
                         let want = fd_grad(&s, &g, |x| fwd(x, &params));
                         let mut got = vec![f64::NAN; b * n * kk];
-                        multi_sinkhorn_backward(&g, &s, &r, &mut got, b, n, kk, &params).unwrap();
+                        multi_sinkhorn_backward(&g, &s, &r, &mut got, Dims::new(b, n, kk), &params)
+                            .unwrap();
                         // Min-max divides by the row range, which amplifies the finite
                         // differences' rounding; autograd agreement to 1e-12 is tested in Python.
                         assert_grad_close(

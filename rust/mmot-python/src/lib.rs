@@ -10,7 +10,7 @@ mod pool;
 
 use arrays::ndarray_dim::{D1, D2, D3};
 use arrays::{float_dtype, ro, rw, slice, slice_mut, to_py, Dtype};
-use mmot_core::{LogDomain, MultiSinkhornParams, Normalize, Real};
+use mmot_core::{Dims, LogDomain, MultiSinkhornParams, Normalize, Real};
 use numpy::{Element, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -204,33 +204,12 @@ fn multi_sinkhorn(
     check_values: bool,
 ) -> PyResult<bool> {
     let params = MultiSinkhornParams {
-        eps,
-        n_iters: check_iters(n_iters)?,
-        slot_weights,
-        k: usize::try_from(k)
-            .map_err(|_| PyValueError::new_err(format!("k must be >= 1, got {k}")))?,
-        normalize: normalize.parse::<Normalize>().map_err(to_py)?,
-        log_domain: log_domain.parse::<LogDomain>().map_err(to_py)?,
+        check_values,
+        ..multi_params(eps, n_iters, slot_weights, k, normalize, log_domain)?
     };
     match float_dtype(scores, "scores")? {
-        Dtype::F32 => multi_t::<f32>(
-            py,
-            scores,
-            anchor_mass,
-            out,
-            &params,
-            num_threads,
-            check_values,
-        ),
-        Dtype::F64 => multi_t::<f64>(
-            py,
-            scores,
-            anchor_mass,
-            out,
-            &params,
-            num_threads,
-            check_values,
-        ),
+        Dtype::F32 => multi_t::<f32>(py, scores, anchor_mass, out, &params, num_threads),
+        Dtype::F64 => multi_t::<f64>(py, scores, anchor_mass, out, &params, num_threads),
     }
 }
 
@@ -241,7 +220,6 @@ fn multi_t<T: Element + Real>(
     out: &Bound<'_, PyAny>,
     params: &MultiSinkhornParams,
     num_threads: i64,
-    check_values: bool,
 ) -> PyResult<bool> {
     let s = ro::<T, D3>(scores, "scores")?;
     let r = ro::<T, D2>(anchor_mass, "anchor_mass")?;
@@ -252,12 +230,9 @@ fn multi_t<T: Element + Real>(
     let (ss, rs) = (slice(&s, "scores")?, slice(&r, "anchor_mass")?);
     let os = slice_mut(&mut o, "out")?;
     let pool = pool::get(num_threads)?;
-    py.detach(|| {
-        pool.install(|| {
-            mmot_core::multi_sinkhorn_checked(ss, rs, os, b, n, kk, params, check_values)
-        })
-    })
-    .map_err(to_py)
+    let dims = Dims::new(b, n, kk);
+    py.detach(|| pool.install(|| mmot_core::multi_sinkhorn(ss, rs, os, dims, params)))
+        .map_err(to_py)
 }
 
 /// Vector-Jacobian product of `multi_sinkhorn` w.r.t. `scores` (through the min-max step).
@@ -306,6 +281,7 @@ fn multi_params(
             .map_err(|_| PyValueError::new_err(format!("k must be >= 1, got {k}")))?,
         normalize: normalize.parse::<Normalize>().map_err(to_py)?,
         log_domain: log_domain.parse::<LogDomain>().map_err(to_py)?,
+        check_values: false,
     })
 }
 
@@ -333,10 +309,9 @@ fn multi_backward_t<T: Element + Real>(
     );
     let os = slice_mut(&mut o, "out")?;
     let pool = pool::get(num_threads)?;
-    py.detach(|| {
-        pool.install(|| mmot_core::multi_sinkhorn_backward(gs, ss, rs, os, b, n, kk, params))
-    })
-    .map_err(to_py)
+    let dims = Dims::new(b, n, kk);
+    py.detach(|| pool.install(|| mmot_core::multi_sinkhorn_backward(gs, ss, rs, os, dims, params)))
+        .map_err(to_py)
 }
 
 /// `out[o] = scale · x̂[x_index[o]] ŷ[y_index[o]]ᵀ` for `x` `[Bx, N, D]`, `y` `[By, M, D]`.
