@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 import mmot
+from mmot.dense_multi_sinkhorn import dense_multi_sinkhorn
 from mmot.sspc.config import LossConfig, ModelConfig
 from mmot.sspc.data import MultiModalData
 
@@ -123,9 +124,8 @@ class DenseSSPCLoss(mmot.nn.SSPCLoss):
     place of mmot's kernels: the baseline of the step-time comparison, nothing else."""
 
     def _assign(self, scores: Tensor) -> Tensor:
-        from mmot.bench.baselines import official_dense_multi_sinkhorn
         flat = scores.reshape(-1, *scores.shape[-2:])
-        out = [official_dense_multi_sinkhorn(s, k=self.k, eps=self.eps, n_iters=self.n_iters) for s in flat]
+        out = [dense_multi_sinkhorn(s, k=self.k, eps=self.eps, n_iters=self.n_iters) for s in flat]
         return torch.stack(out).reshape(scores.shape)
 
 
