@@ -1,10 +1,9 @@
-"""The baselines mmot is measured against, each written here from its description (DESIGN.md §2.2, §3).
+"""The baselines mmot is measured against, each written here from its description.
 
 Every baseline takes ``scores`` (a float tensor) first, then the op's parameters in the order
 of the mmot op (``k`` first for Multi-SK), and returns a tensor shaped like ``scores`` in the
 layout mmot returns (samples × prototypes), so outputs can be compared directly:
 
-- :func:`official_dense_multi_sinkhorn`: the SSPC code's (K, N, K) Multi-SK;
 - :func:`grouped_torch_eager_multi_sinkhorn`: the grouped form of Multi-SK in plain torch, the
   best eager formulation (one (f, h) pair per slot weight);
 - :func:`swav_eager_sinkhorn`: SwAV's ``distributed_sinkhorn`` loop for one process;
@@ -12,67 +11,27 @@ layout mmot returns (samples × prototypes), so outputs can be compared directly
 - :func:`batched_torch_eager_sinkhorn`: a batch of independent Sinkhorn problems in one
   batched tensor, the eager way to run many tiny problems.
 
-All of them run under whatever grad mode the caller sets (benchmarks use ``torch.no_grad``).
+SSPC's dense (K, N, K) Multi-SK is :func:`mmot.dense_multi_sinkhorn.dense_multi_sinkhorn`
+(shared with ``mmot.sspc``). All of them run under whatever grad mode the caller sets.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mmot._extras import require
+from mmot.reference import minmax_rows
+
 __all__ = [
-    "official_dense_multi_sinkhorn",
     "grouped_torch_eager_multi_sinkhorn",
     "swav_eager_sinkhorn",
     "pot_sinkhorn",
     "batched_torch_eager_sinkhorn",
 ]
 
-# The SSPC code guards every normalisation with this.
-_DENSE_GUARD = 1e-5
 
-
-def _minmax_rows(t: torch.Tensor) -> torch.Tensor:
-    low = t.amin(-1, keepdim=True)
-    spread = t.amax(-1, keepdim=True) - low
-    return torch.where(spread > 0, (t - low) / torch.where(spread > 0, spread, torch.ones_like(spread)), 0.0)
-
-
-def official_dense_multi_sinkhorn(
-    scores: torch.Tensor, k: int, eps: float, n_iters: int, low_weight: float = 0.25
-) -> torch.Tensor:
-    """Multi-SK as the SSPC code computes it: the whole (K slots, N, K anchors) tensor.
-
-    Slot weights are ``low_weight`` for the first K−k slots and 1 for the last k.
-    P[m,n,a] = exp(w_m · S[n,a] / eps), with overflowed infinities patched to the largest
-    finite entry; then ``n_iters`` times P is divided by its sums over samples (times the
-    uniform anchor mass N/K), over slots and over anchors, each denominator plus 1e-5. The
-    result is the sum of the last k slots, min-max scaled per row. O(K²N) time and memory.
-
-    Args:
-        scores: (N, K) similarities.
-        k: assignments per sample.
-        eps: temperature.
-        n_iters: iterations.
-        low_weight: weight of the first K−k slots.
-    """
-    n, n_anchors = scores.shape
-    weights = torch.tensor([low_weight] * (n_anchors - k) + [1.0] * k, dtype=scores.dtype, device=scores.device)
-    mass = n / n_anchors
-    p = torch.exp(weights[:, None, None] * scores[None] / eps)
-    overflow = torch.isinf(p)
-    if bool(overflow.any()):
-        p = torch.where(overflow, p[~overflow].max(), p)
-    for _ in range(n_iters):
-        p = p / (p.sum(dim=1, keepdim=True) + _DENSE_GUARD) * mass
-        p = p / (p.sum(dim=0, keepdim=True) + _DENSE_GUARD)
-        p = p / (p.sum(dim=2, keepdim=True) + _DENSE_GUARD)
-    return _minmax_rows(p[n_anchors - k :].sum(0))
-
-
-def grouped_torch_eager_multi_sinkhorn(
-    scores: torch.Tensor, k: int, eps: float, n_iters: int, low_weight: float = 0.25
-) -> torch.Tensor:
-    """Multi-SK in its grouped form (DESIGN.md §2.2), plain domain, in eager torch.
+def grouped_torch_eager_multi_sinkhorn(scores: torch.Tensor, k: int, eps: float, n_iters: int, low_weight: float = 0.25) -> torch.Tensor:
+    """Multi-SK in its grouped form (docs/multi_sinkhorn.md), plain domain, in eager torch.
 
     The two slot groups (weight ``low_weight`` × (K−k) slots, weight 1 × k slots) each keep
     E_G = exp(w_G (S − colmax)/eps) (G, N, K), f_G (G, 1, K) and h_G (G, N, 1); g is (N, K).
@@ -81,7 +40,7 @@ def grouped_torch_eager_multi_sinkhorn(
     the fastest formulation we know in eager torch; use it only where exp(w·spread/eps) stays
     in range (cosine scores with eps ≳ 0.02 in float32).
 
-    Args: as :func:`official_dense_multi_sinkhorn`.
+    Args: as :func:`mmot.dense_multi_sinkhorn.dense_multi_sinkhorn`.
     """
     n, n_anchors = scores.shape
     w = torch.tensor([low_weight, 1.0], dtype=scores.dtype, device=scores.device)
@@ -100,7 +59,7 @@ def grouped_torch_eager_multi_sinkhorn(
         h = 1.0 / torch.einsum("gnk,nk->gn", ef, g)
     # The last k slots are the weight-1 group (the only group when there is one).
     t = k * e[-1] * f[-1] * g * h[-1][:, None]
-    return _minmax_rows(t)
+    return minmax_rows(t)
 
 
 def swav_eager_sinkhorn(scores: torch.Tensor, eps: float, n_iters: int) -> torch.Tensor:
@@ -141,7 +100,7 @@ def pot_sinkhorn(scores: torch.Tensor, eps: float, n_iters: int, backend: str = 
         backend: "numpy" (arrays in, as POT's default users call it) or "torch" (tensors in,
             POT's torch backend).
     """
-    import ot
+    ot = require("ot", "bench", "mmot-bench's POT baseline")
 
     n, n_anchors = scores.shape
     if backend == "numpy":

@@ -1,38 +1,59 @@
-"""``mmot-bench``: kernel throughput of every op against the alternatives users would pick instead.
+"""``mmot-bench``: every op against the alternatives users would pick instead, with physical floors.
 
-Each workload's providers run side by side with interleaved repeats; the table reports the
-median time, mmot's speed-up over each provider, the achieved GB/s and the fraction of the
-memory floor (the floor's bytes at the copy bandwidth measured in the same run). On a CPU only
-the ratios are meaningful: absolute times move with the machine's load.
+The providers of each workload run in interleaved rounds; the table gives every provider's min
+and median time, mmot's speed-up by each, and the fraction of the workload's physical floor (the
+binding one of DRAM, cache and compute, measured on this machine in the same run). Optional:
+forward + backward timings, peak memory per provider, and a check of every provider against
+``mmot.reference``. On a CPU only the ratios are meaningful: absolute times move with the load.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import mmot
-from mmot.bench import timing, workloads
+from mmot.bench import check, floors, memory, report, timing, workloads
+from mmot.bench.workloads import Provider, backward_of, forward
+
+MODES = ("forward", "forward+backward")
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmot-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (under 2 minutes on a 2-core CPU)")
-    parser.add_argument("--ops", nargs="+", choices=sorted(workloads.OPS), default=sorted(workloads.OPS), metavar="OP",
-                        help=f"ops to time (default: all of {', '.join(sorted(workloads.OPS))})")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="the SSPC and SwAV sizes, smaller batches (under 2 minutes on a 2-core CPU)")
+    sizes.add_argument("--tiny", action="store_true", help="tiny sizes, one round: a smoke test of the runner (the figures mean nothing)")
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        choices=sorted(workloads.OPS),
+        default=sorted(workloads.OPS),
+        metavar="OP",
+        help=f"ops to time (default: all of {', '.join(sorted(workloads.OPS))})",
+    )
+    parser.add_argument("--only", nargs="+", metavar="TEXT", help='only workloads whose label contains one of these (e.g. "K=1024")')
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload (default 3 with --quick, else 7)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 1 with --tiny, 5 with --quick, else 7)")
+    parser.add_argument("--backward", action="store_true", help="also time forward + backward of the differentiable providers")
+    parser.add_argument("--memory", action="store_true", help="peak memory a call adds, per provider (a fresh process per figure on CPU)")
+    parser.add_argument("--check", action="store_true", help="compare every provider with mmot.reference; exit 1 on a mismatch")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd references (always skipped below full sizes)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the records as JSON")
-    parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of mmot's speed-up per op and provider")
-    parser.add_argument("--markdown", type=Path, metavar="PATH", help="write the table as a markdown report (bench/RESULTS.md)")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of mmot's speed-up per workload and provider")
+    parser.add_argument("--markdown", type=Path, metavar="PATH", help="write the tables as a markdown section (bench/RESULTS.md)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); use --device cpu")
@@ -41,7 +62,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for path in (args.json, args.plot, args.markdown):
         if path is not None and not path.resolve().parent.is_dir():
             parser.error(f"cannot write {path}: directory {path.resolve().parent} does not exist")
-    args.repeats = args.repeats or (3 if args.quick else 7)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print('mmot-bench --plot needs matplotlib: pip install "mmot[bench]"', file=sys.stderr)
+        sys.exit(2)
+    args.size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    args.repeats = args.repeats or {"tiny": 1, "quick": 5, "full": 7}[args.size]
     return args
 
 
@@ -56,147 +81,171 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(device: torch.device, copy_gbps: float) -> dict:
+def _commit() -> str:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(mmot.__file__).parent, capture_output=True, text=True, timeout=10
+        )
+        return result.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def _machine(device: torch.device) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "mmot_num_threads": os.environ.get("MMOT_NUM_THREADS", "unset"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "mmot": mmot.__version__,
+        "commit": _commit(),
         "device": device.type,
-        "copy_gbps": round(copy_gbps, 2),
+        "load_before": _load(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
-def run(args: argparse.Namespace, argv_for_record: list[str] | None = None) -> dict:
-    device = torch.device(args.device)
-    copy_gbps = timing.copy_bandwidth_gbps(device)
-    selected = [w for op in args.ops for w in workloads.OPS[op](device, args.quick)]
-    if args.quick:
-        for workload in selected:  # compiling each reference costs tens of seconds
-            if "reference-compiled" in workload.providers:
-                workload.providers["reference-compiled"] = "skipped with --quick (compile time)"
+def _calls(workload: workloads.Workload, mode: str) -> dict:
+    wrap = forward if mode == "forward" else (lambda fn: backward_of(fn, workload.grad_inputs))
+    return {
+        name: wrap(p.run) for name, p in workload.providers.items() if isinstance(p, Provider) and (mode == "forward" or p.differentiable)
+    }
+
+
+def _time_workload(workload, device, args, progress) -> tuple[list[dict], list[dict]]:
     records, skipped = [], []
-    with tqdm(total=len(selected) * args.repeats, desc="mmot-bench", unit="round", file=sys.stderr) as progress:
-        for workload in selected:
-            progress.set_postfix_str(f"{workload.op} {workload.shape}")
-            inputs = workload.make_inputs(device)
-            calls = {name: (lambda fn=fn: fn(inputs)) for name, fn in workload.providers.items() if callable(fn)}
-            results = timing.interleaved(calls, device, args.repeats, on_step=lambda: progress.update(1))
-            for name, fn in workload.providers.items():
-                result = results.get(name, fn)
-                if isinstance(result, timing.Timing):
-                    records.append({
-                        "op": workload.op,
-                        "shape": workload.shape,
-                        "provider": name,
-                        "median_ms": round(result.median_ms, 4),
-                        "min_ms": round(result.min_ms, 4),
-                        "max_ms": round(result.max_ms, 4),
-                        "gbps": round(workload.floor_bytes / (result.median_ms * 1e-3) / 1e9, 3),
-                        "floor_ms": round(workload.floor_bytes / (copy_gbps * 1e9) * 1e3, 4),
-                    })
-                else:
-                    reason = f"{type(result).__name__}: {result}" if isinstance(result, Exception) else str(result)
-                    skipped.append({"op": workload.op, "shape": workload.shape, "provider": name, "reason": reason})
-            del inputs
-    command = " ".join(["mmot-bench", *(argv_for_record or [])])
-    return {"command": command, "machine": machine_info(device, copy_gbps), "records": records, "skipped": skipped}
+    modes = MODES if args.backward else MODES[:1]
+    inputs = workload.make_inputs(device, False)
+    for mode in modes:
+        calls = _calls(workload, mode)
+        bound = {name: functools.partial(fn, inputs) for name, fn in calls.items()}
+        results = timing.interleaved(bound, device, args.repeats, progress.update)
+        for name, provider in workload.providers.items():
+            if mode != "forward" and isinstance(provider, Provider) and not provider.differentiable:
+                continue
+            result = results.get(name, provider)
+            where = {"op": workload.op, "shape": workload.shape, "label": workload.label, "mode": mode, "provider": name}
+            if isinstance(result, timing.Timing):
+                records.append({**where, **asdict(result)})
+            else:
+                reason = f"{type(result).__name__}: {result}"[:200] if isinstance(result, Exception) else str(result)
+                skipped.append({**where, "reason": reason})
+    del inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return records, skipped
 
 
-def format_table(report: dict) -> str:
-    """A markdown table per workload: time, mmot's speed-up over each provider, GB/s, floor fraction."""
-    lines = []
-    machine = report["machine"]
-    lines.append(
-        f"mmot {machine['mmot']} · torch {machine['torch']} · {machine.get('gpu', machine['processor'])} · "
-        f"{machine['torch_threads']} threads · copy {machine['copy_gbps']} GB/s · {machine['date']}"
-    )
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for record in report["records"]:
-        groups.setdefault((record["op"], record["shape"]), []).append(record)
-    for (op, shape), rows in groups.items():
+def _add_floors(result: dict, selected: list, rates: floors.Rates) -> None:
+    """Floors at the best rates of the run, each row's fraction of its floor, and mmot's speed-ups."""
+    by_label = {w.label: w for w in selected}
+    result["floors"] = []
+    for label, mode in dict.fromkeys((r["label"], r["mode"]) for r in result["records"]):
+        workload = by_label[label]
+        work = workload.work if mode == "forward" else workload.work + workload.backward_work
+        bound = floors.floor(work, rates)
+        result["floors"].append({"label": label, "mode": mode, "kind": bound.kind, "ms": bound.ms, "parts_ms": bound.parts_ms})
+        rows = [r for r in result["records"] if (r["label"], r["mode"]) == (label, mode)]
         mine = next((r for r in rows if r["provider"].startswith("mmot-")), None)
-        lines += ["", f"### {op} · {shape}", "",
-                  "| provider | median ms | min–max ms | mmot speed-up | GB/s | floor fraction |", "|---|---:|---:|---:|---:|---:|"]
-        for r in sorted(rows, key=lambda r: r["median_ms"]):
-            speedup = f"{r['median_ms'] / mine['median_ms']:.1f}×" if mine else "–"
-            lines.append(
-                f"| {r['provider']} | {r['median_ms']:.3f} | {r['min_ms']:.3f}–{r['max_ms']:.3f} | {speedup} | "
-                f"{r['gbps']:.2f} | {r['floor_ms'] / r['median_ms']:.1%} |"
+        for r in rows:
+            fraction = bound.ms / r["min_ms"]
+            r.update(
+                floor_kind=bound.kind,
+                floor_ms=bound.ms,
+                # Above 1 the model is wrong, not the machine fast: reported as broken, never as a fraction.
+                floor_fraction=fraction if fraction <= 1 else None,
+                gbps=work.traffic / (r["min_ms"] * 1e-3) / 1e9,
+                speedup_min=r["min_ms"] / mine["min_ms"] if mine else None,
+                speedup_median=r["median_ms"] / mine["median_ms"] if mine else None,
             )
-        for skip in (s for s in report["skipped"] if (s["op"], s["shape"]) == (op, shape)):
-            lines.append(f"| {skip['provider']} | – | – | – | – | {skip['reason']} |")
-    return "\n".join(lines)
 
 
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups: dict[str, dict[str, float]] = {}
-    for record in report["records"]:
-        groups.setdefault(f"{record['op']}\n{record['shape']}", {})[record["provider"]] = record["median_ms"]
-    labels = [label for label, times in groups.items() if any(p.startswith("mmot-") for p in times)]
-    providers = sorted({p for label in labels for p in groups[label] if not p.startswith("mmot-")})
-    figure, axis = plt.subplots(figsize=(max(6, 1.8 * len(labels)), 4.5))
-    width = 0.8 / max(1, len(providers))
-    for index, provider in enumerate(providers):
-        xs, ys = [], []
-        for position, label in enumerate(labels):
-            times = groups[label]
-            mine = next(t for p, t in times.items() if p.startswith("mmot-"))
-            if provider in times:
-                xs.append(position + index * width)
-                ys.append(times[provider] / mine)
-        axis.bar(xs, ys, width, label=provider)
-    axis.axhline(1.0, color="black", linewidth=0.8)
-    axis.set_yscale("log")
-    axis.set_ylabel("mmot speed-up (provider time / mmot time)")
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=7)
-    axis.legend(fontsize=7)
-    axis.set_title(f"mmot-bench · {report['machine'].get('gpu', report['machine']['processor'])}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+def _targets(result: dict, selected: list, rates: floors.Rates) -> list[dict]:
+    out = []
+    for workload in (w for w in selected if w.target):
+        target = workload.target
+        rows = {r["provider"]: r for r in result["records"] if r["label"] == workload.label and r["mode"] == "forward"}
+        mine = next((r for name, r in rows.items() if name.startswith("mmot-")), None)
+        if mine is None or target.against not in rows:
+            continue
+        floor_ms = workload.work.traffic / (rates.dram_gbps * 1e9) * 1e3
+        speedups = [rows[target.against][key] / mine[key] for key in ("min_ms", "median_ms")]
+        to_floor = [mine[key] / floor_ms for key in ("min_ms", "median_ms")]
+        met = [s >= target.speedup and f <= target.floor_factor for s, f in zip(speedups, to_floor)]
+        verdict = "met" if all(met) else "met by min, not by median" if met[0] else "missed"
+        text = (
+            f"Target: {mine['provider']} at least {target.speedup}× {target.against} and within {target.floor_factor}× the "
+            f"{target.floor_text} memory floor ({floor_ms:.3g} ms at {rates.dram_gbps:.1f} GB/s): {speedups[0]:.1f}× / "
+            f"{speedups[1]:.1f}× (min / median), {to_floor[0]:.2f}× / {to_floor[1]:.2f}× the floor: **{verdict}**."
+        )
+        out.append({"label": workload.label, "speedup": speedups, "times_floor": to_floor, "met": met, "text": text})
+    return out
 
 
-def markdown_report(report: dict) -> str:
-    machine = report["machine"]
-    where = machine.get("gpu", f"{machine['processor']}, {machine['cpu_count']} cores")
-    header = [
-        f"## mmot-bench on {machine['device']} ({where})",
-        "",
-        f"Command: `{report['command']}` · date {machine['date']} · measured copy bandwidth {machine['copy_gbps']} GB/s "
-        "(read+write). The floor of a workload is the fewest bytes a streaming implementation moves (one read of the "
-        "scores per iteration plus one write of the result) at that bandwidth; the floor fraction is floor time / median time.",
-        "",
-    ]
-    return "\n".join(header) + format_table(report) + "\n"
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    device = torch.device(args.device)
+    compile_ = False if args.no_compile else None
+    selected = workloads.select(device, args.size, args.ops, args.only, compile_)
+    machine = _machine(device)
+    result: dict = {"command": " ".join(["mmot-bench", *argv]), "machine": machine, "records": [], "skipped": [], "checks": []}
+    rates = None
+    rounds = len(selected) * args.repeats * (2 if args.backward else 1)
+    with tqdm(total=rounds, desc="mmot-bench", unit="round", file=sys.stderr) as progress:
+        for workload in selected:
+            progress.set_postfix_str(workload.label)
+            rates = floors.measure(device).best(rates)  # beside every workload: the machine is shared
+            if args.check:
+                inputs = workload.make_inputs(device, False)
+                result["checks"] += check.check(workload, inputs, args.backward)
+                del inputs
+            records, skipped = _time_workload(workload, device, args, progress)
+            result["records"] += records
+            result["skipped"] += skipped
+    rates = floors.measure(device).best(rates)
+    machine.update(load_after=_load(), rates=asdict(rates), rates_text=rates.describe())
+    _add_floors(result, selected, rates)
+    result["targets"] = _targets(result, selected, rates)
+    if args.memory:
+        by_label = {w.label: w for w in selected}
+        for r in tqdm(result["records"], desc="peak memory", file=sys.stderr):
+            if device.type == "cuda":
+                r["peak_mib"] = memory.peak_mib_cuda(by_label[r["label"]], r["provider"], r["mode"], device)
+            else:
+                r["peak_mib"] = memory.peak_mib_cpu(
+                    r["label"], r["provider"], r["mode"], args.size, compile_ is not False and args.size == "full"
+                )
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
-    report = run(args, argv)
-    print(format_table(report))
+    result = run(args, argv)
+    print(report.format_table(result))
     if args.markdown:
-        args.markdown.write_text(markdown_report(report))
+        args.markdown.write_text(report.markdown_report(result))
         print(f"\nwrote {args.markdown}")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {args.json}")
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
     if args.plot:
-        plot(report, args.plot)
+        report.plot(result, args.plot)
         print(f"wrote {args.plot}")
+    if any(not c["ok"] for c in result["checks"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""The workloads ``mmot-bench`` times: each op at its reference sizes (DESIGN.md §3), with every provider.
+"""The workload registry: every op at its reference sizes, with every provider, its floor counts and its reference result.
 
-A provider is a callable on the workload's inputs; ``None`` means it is unavailable here (a
-package missing, the wrong device, or a size it cannot hold), and the table says why.
-Floors count the bytes a streaming implementation must move: one read of the scores per
-iteration plus one write of the result (Sinkhorn ops), or one read of the inputs plus one write
-of the output (similarity).
+``mmot-bench`` and the pytest-benchmark suites in ``bench/`` both run these. A provider is a
+:class:`Provider` (a callable on the workload's inputs) or a string saying why it is unavailable
+here (a package missing, the wrong device, or a size it cannot hold). Sizes come in three sets:
+"full" (the reference sizes), "quick" (the SSPC and SwAV sizes and smaller batches) and "tiny"
+(seconds in all, for smoke tests; the figures mean nothing).
+
+A workload's :class:`~mmot.bench.floors.Work` counts what any implementation must do, as
+docs/benchmarks.md explains: Sinkhorn ops read their matrix once per iteration plus once for
+the column statistics and write the result once, and do two matrix-vector contractions per slot
+group and iteration; similarity and info_nce read their inputs once and do their GEMMs.
 """
 
 from __future__ import annotations
@@ -14,147 +19,230 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 import mmot
 from mmot import reference
+from mmot.bench import baselines
+from mmot.bench.floors import Work
+from mmot.dense_multi_sinkhorn import dense_multi_sinkhorn
 
-# Official-dense holds a (K, N, K) tensor and several temporaries of that size; beyond this many
-# elements it would not fit in this class of machine's memory, so it is reported, not run.
-DENSE_MAX_ELEMENTS = 256 * 7660 * 128
+SIZES = ("tiny", "quick", "full")
+BENCH_EXTRA = 'pip install "mmot[bench]"'
+# official-dense holds a (K, N, K) tensor and several temporaries of that size; beyond this many
+# elements it would not fit the machine's memory, so it is reported, not run.
+DENSE_MAX_ELEMENTS = {"cpu": 256 * 7660 * 128, "cuda": 1 << 31}
+F32 = 4
+
+
+@dataclass
+class Provider:
+    """One way to compute a workload.
+
+    Attributes:
+        run: the forward call on the workload's inputs.
+        differentiable: also timed as forward + backward under ``--backward``.
+        comparable: returns the op's result in mmot's layout, so ``--check`` can compare it.
+    """
+
+    run: Callable[[dict], torch.Tensor]
+    differentiable: bool = False
+    comparable: bool = True
+
+
+@dataclass(frozen=True)
+class Target:
+    """mmot's goal on a workload: ``speedup``× ``against`` or better, within ``floor_factor``× its memory floor."""
+
+    against: str
+    speedup: float
+    floor_factor: float
+    floor_text: str
 
 
 @dataclass
 class Workload:
     op: str
     shape: str
-    make_inputs: Callable[[torch.device], dict]
-    floor_bytes: int
-    providers: dict[str, Callable[[dict], object] | str] = field(default_factory=dict)
-    baseline: str = "reference-eager"
+    # make_inputs(device, small): the inputs, or with small=True the same op a few rows large
+    # (a warm-up that loads code and starts thread pools without large allocations).
+    make_inputs: Callable[[torch.device, bool], dict]
+    work: Work
+    backward_work: Work  # what a backward adds to the forward's work
+    expected: Callable[[dict], torch.Tensor]  # mmot.reference on float64 copies of the inputs
+    grad_inputs: tuple[str, ...]
+    providers: dict[str, Provider | str] = field(default_factory=dict)
+    tolerance: float = 1e-3  # of the largest |reference| entry, for results and gradients
+    target: Target | None = None
 
-
-def _unit_rows(n: int, dim: int, generator: torch.Generator, device) -> torch.Tensor:
-    return torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=-1).to(device)
+    @property
+    def label(self) -> str:
+        return f"{self.op} · {self.shape}"
 
 
 def cosine_scores(n: int, k: int, device="cpu", seed: int = 0, batch: tuple[int, ...] = (), dim: int = 64) -> torch.Tensor:
     """Cosine similarities of seeded random unit vectors: the scores the Sinkhorn ops get in training."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(*batch, n, dim, generator=generator), dim=-1)
-    a = torch.nn.functional.normalize(torch.randn(*batch, k, dim, generator=generator), dim=-1)
+    x = F.normalize(torch.randn(*batch, n, dim, generator=generator), dim=-1)
+    a = F.normalize(torch.randn(*batch, k, dim, generator=generator), dim=-1)
     return (x @ a.transpose(-1, -2)).to(device)
 
 
-def _baselines():
-    try:
-        from mmot.bench import baselines
-    except ImportError:
-        return None
-    return baselines
+def forward(fn: Callable[[dict], torch.Tensor]) -> Callable[[dict], torch.Tensor]:
+    """``fn`` without autograd recording: how the forward rows are timed."""
 
-
-def _compiled(fn: Callable) -> Callable:
-    compiled = torch.compile(fn, dynamic=False)
-    return compiled
-
-
-def _mmot_provider(device: torch.device) -> str:
-    return "mmot-rust" if device.type == "cpu" else "mmot-triton"
-
-
-def multi_sinkhorn_workloads(device: torch.device, quick: bool) -> list[Workload]:
-    workloads = []
-    baselines = _baselines()
-    for n_anchors in (64,) if quick else (64, 128, 256, 1024):
-        n, k, eps, iters = 7660, n_anchors // 2, 0.07, 20
-
-        def inputs(dev, n=n, n_anchors=n_anchors):
-            return {"scores": cosine_scores(n, n_anchors, dev)}
-
-        weights = [0.25] * (n_anchors - k) + [1.0] * k
-        mass = torch.full((n_anchors,), n / n_anchors, device=device)
-        providers: dict[str, Callable | str] = {
-            _mmot_provider(device): lambda x, k=k: mmot.multi_sinkhorn(x["scores"], k, eps, iters),
-            "reference-eager": lambda x, k=k: mmot.multi_sinkhorn(x["scores"], k, eps, iters, backend="torch"),
-            "reference-compiled": _lazy_compiled(
-                lambda s, w=weights, k=k, m=mass: reference.multi_sinkhorn(s, eps, iters, w, k, m, "minmax", "off")
-            ),
-        }
-        if baselines is None:
-            providers["official-dense"] = "mmot.bench.baselines missing"
-        elif n_anchors * n * n_anchors > DENSE_MAX_ELEMENTS:
-            gib = n_anchors * n * n_anchors * 4 / 2**30
-            providers["official-dense"] = f"needs {gib:.0f} GiB per (K,N,K) tensor"
-        else:
-            providers["official-dense"] = lambda x, k=k: baselines.official_dense_multi_sinkhorn(x["scores"], k, eps, iters)
-        workloads.append(
-            Workload(
-                "multi_sinkhorn",
-                f"N={n} K={n_anchors} k={k} iters={iters}",
-                inputs,
-                floor_bytes=(iters + 1) * n * n_anchors * 4,
-                providers=providers,
-                baseline="official-dense" if isinstance(providers.get("official-dense"), Callable) else "reference-eager",
-            )
-        )
-    return workloads
-
-
-def _lazy_compiled(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], torch.Tensor]:
-    """torch.compile of a reference formulation, compiled on first call (its warm-up)."""
-    holder: dict[str, Callable] = {}
-
-    def run(x: dict) -> torch.Tensor:
-        if "fn" not in holder:
-            holder["fn"] = _compiled(fn)
-        return holder["fn"](x["scores"])
+    def run(inputs: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return fn(inputs)
 
     return run
 
 
-def sinkhorn_workloads(device: torch.device, quick: bool) -> list[Workload]:
-    b, k, eps, iters = 4096, 3000, 0.05, 3
-    baselines = _baselines()
-    rows = torch.ones(b, device=device)
-    cols = torch.full((k,), b / k, device=device)
-    providers: dict[str, Callable | str] = {
-        _mmot_provider(device): lambda x: mmot.sinkhorn(x["scores"], eps, iters),
-        "reference-eager": lambda x: mmot.sinkhorn(x["scores"], eps, iters, backend="torch"),
-        "reference-compiled": _lazy_compiled(lambda s: reference.sinkhorn(s, eps, iters, rows, cols, "off")),
-    }
-    if baselines is None:
-        providers["swav-eager"] = providers["pot-numpy"] = providers["pot-torch"] = "mmot.bench.baselines missing"
-    else:
-        providers["swav-eager"] = lambda x: baselines.swav_eager_sinkhorn(x["scores"], eps, iters)
-        if importlib.util.find_spec("ot") is None:
-            providers["pot-numpy"] = providers["pot-torch"] = "POT not installed (pip install pot)"
+def backward_of(fn: Callable[[dict], torch.Tensor], names: tuple[str, ...]) -> Callable[[dict], tuple[torch.Tensor, ...]]:
+    """``fn``'s forward and backward: the gradients of the ``names`` inputs under a fixed upstream gradient."""
+    upstream: dict[tuple, torch.Tensor] = {}
+
+    def run(inputs: dict) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad():
+            leaves = dict(inputs)
+            for name in names:
+                leaves[name] = inputs[name].detach().requires_grad_(True)
+            out = fn(leaves)
+            key = (tuple(out.shape), out.dtype, out.device)
+            if key not in upstream:
+                upstream[key] = upstream_like(out)
+            return torch.autograd.grad(out, [leaves[name] for name in names], upstream[key])
+
+    return run
+
+
+def upstream_like(out: torch.Tensor) -> torch.Tensor:
+    """Seeded random upstream gradient, the same values for every provider and dtype."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
+
+
+def _mmot(device: torch.device) -> str:
+    return "mmot-rust" if device.type == "cpu" else "mmot-triton"
+
+
+def _compiled(fn: Callable[[dict], torch.Tensor]) -> Callable[[dict], torch.Tensor]:
+    """torch.compile of a reference formulation, compiled on its first call (the warm-up)."""
+    holder: list[Callable] = []
+
+    def run(inputs: dict) -> torch.Tensor:
+        if not holder:
+            holder.append(torch.compile(fn, dynamic=False))
+        return holder[0](inputs)
+
+    return run
+
+
+def _sinkhorn_work(problems: int, n: int, k: int, iters: int, groups: int) -> Work:
+    matrix = n * k * F32
+    return Work(
+        footprint=2 * problems * matrix,
+        traffic=(iters + 2) * problems * matrix,  # (iters + 1) reads and one write
+        resident=matrix,
+        flops=4 * groups * problems * n * k * iters,  # per slot group: a column and a row contraction
+        exps=problems * n * k,
+    )
+
+
+def _gradient_io(*shapes: tuple[int, ...]) -> Work:
+    """A backward's least extra memory work: read the upstream gradient, write the input gradients."""
+    size = sum(torch.Size(shape).numel() for shape in shapes) * F32
+    return Work(footprint=size, traffic=size)
+
+
+def multi_sinkhorn_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
+    out = []
+    eps, iters = 0.07, 20
+    for n, n_anchors in {"tiny": [(300, 16)], "quick": [(7660, 64)], "full": [(7660, kk) for kk in (64, 128, 256, 1024)]}[size]:
+        k = n_anchors // 2
+        weights = [0.25] * (n_anchors - k) + [1.0] * k
+
+        def mass(s: torch.Tensor) -> torch.Tensor:
+            return torch.full(s.shape[-1:], s.shape[-2] / s.shape[-1], dtype=s.dtype, device=s.device)
+
+        def ref(x, k=k, weights=weights, log_domain="auto"):
+            return reference.multi_sinkhorn(x["scores"], eps, iters, weights, k, mass(x["scores"]), "minmax", log_domain)
+
+        providers: dict[str, Provider | str] = {
+            _mmot(device): Provider(lambda x, k=k: mmot.multi_sinkhorn(x["scores"], k, eps, iters), differentiable=True),
+            "reference-eager": Provider(ref, differentiable=True),
+            "grouped-torch-eager": Provider(lambda x, k=k: baselines.grouped_torch_eager_multi_sinkhorn(x["scores"], k, eps, iters)),
+        }
+        if compile_:
+            providers["reference-compiled"] = Provider(_compiled(lambda x, ref=ref: ref(x, log_domain="off")))
+        if n_anchors * n * n_anchors > DENSE_MAX_ELEMENTS[device.type]:
+            providers["official-dense"] = f"needs {n_anchors * n * n_anchors * F32 / 2**30:.0f} GiB per (K,N,K) tensor"
         else:
-            if device.type == "cpu":
-                providers["pot-numpy"] = lambda x: baselines.pot_sinkhorn(x["scores"], eps, iters, backend="numpy")
-            providers["pot-torch"] = lambda x: baselines.pot_sinkhorn(x["scores"], eps, iters, backend="torch")
+            providers["official-dense"] = Provider(lambda x, k=k: dense_multi_sinkhorn(x["scores"], k, eps, iters))
+        out.append(
+            Workload(
+                "multi_sinkhorn",
+                f"N={n} K={n_anchors} k={k} iters={iters}",
+                lambda dev, small, n=n, n_anchors=n_anchors: {"scores": cosine_scores(64 if small else n, n_anchors, dev)},
+                _sinkhorn_work(1, n, n_anchors, iters, groups=2),
+                _gradient_io((n, n_anchors), (n, n_anchors)),
+                lambda x, ref=ref: ref({"scores": x["scores"].double()}),
+                ("scores",),
+                providers,
+            )
+        )
+    return out
+
+
+def sinkhorn_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
+    b, k, iters, eps = (256, 96, 3, 0.05) if size == "tiny" else (4096, 3000, 3, 0.05)
+
+    def ref(x, log_domain="auto"):
+        s = x["scores"]
+        rows = torch.ones(s.shape[0], dtype=s.dtype, device=s.device)
+        return reference.sinkhorn(
+            s, eps, iters, rows, torch.full((s.shape[1],), s.shape[0] / s.shape[1], dtype=s.dtype, device=s.device), log_domain
+        )
+
+    providers: dict[str, Provider | str] = {
+        _mmot(device): Provider(lambda x: mmot.sinkhorn(x["scores"], eps, iters), differentiable=True),
+        "reference-eager": Provider(ref, differentiable=True),
+        "swav-eager": Provider(lambda x: baselines.swav_eager_sinkhorn(x["scores"], eps, iters)),
+    }
+    if compile_:
+        providers["reference-compiled"] = Provider(_compiled(lambda x: ref(x, log_domain="off")))
+    pot_missing = f"POT is not installed: {BENCH_EXTRA}" if importlib.util.find_spec("ot") is None else None
+    if device.type == "cpu":
+        providers["pot-numpy"] = pot_missing or Provider(lambda x: baselines.pot_sinkhorn(x["scores"], eps, iters, backend="numpy"))
+    providers["pot-torch"] = pot_missing or Provider(lambda x: baselines.pot_sinkhorn(x["scores"], eps, iters, backend="torch"))
     if device.type == "cuda":
         providers["flash-sinkhorn"] = _flash_sinkhorn(eps)
 
-    def inputs(dev):
+    def inputs(dev, small):
         generator = torch.Generator().manual_seed(0)
-        x, y = _unit_rows(b, 64, generator, dev), _unit_rows(k, 64, generator, dev)
+        x = F.normalize(torch.randn(64 if small else b, 64, generator=generator), dim=-1).to(dev)
+        y = F.normalize(torch.randn(k, 64, generator=generator), dim=-1).to(dev)
         # |x - y|^2 = 2 - 2 x.y for unit rows: the squared-Euclidean cost flash-sinkhorn takes.
         return {"scores": x @ y.T, "x": x, "y": y}
 
+    swav_size = size != "tiny"
     return [
         Workload(
             "sinkhorn",
             f"B={b} K={k} iters={iters}",
             inputs,
-            floor_bytes=(iters + 1) * b * k * 4,
-            providers=providers,
-            baseline="swav-eager" if baselines is not None else "reference-eager",
+            _sinkhorn_work(1, b, k, iters, groups=1),
+            _gradient_io((b, k), (b, k)),
+            lambda x: ref({"scores": x["scores"].double()}),
+            ("scores",),
+            providers,
+            target=Target("swav-eager", 2.5, 2.0, f"{iters + 1} reads + 1 write") if swav_size else None,
         )
     ]
 
 
-def _flash_sinkhorn(eps: float) -> Callable[[dict], object] | str:
-    """flash-sinkhorn's streaming solver on the features (its own stopping rule, not 3 iterations)."""
+def _flash_sinkhorn(eps: float) -> Provider | str:
+    """flash-sinkhorn's streaming solver on the features (its own stopping rule; returns a cost, not a plan)."""
     if importlib.util.find_spec("flash_sinkhorn") is None:
         return "flash-sinkhorn not installed (pip install flash-sinkhorn)"
     from flash_sinkhorn import SamplesLoss
@@ -162,135 +250,179 @@ def _flash_sinkhorn(eps: float) -> Callable[[dict], object] | str:
     # Its cost is the full |x - y|^2 = 2 - 2 x.y for unit rows, so exp(-cost/blur^2) matches
     # exp(scores/eps) when blur^2 = 2 eps.
     loss = SamplesLoss(loss="sinkhorn", p=2, blur=(2 * eps) ** 0.5, debias=False)
-    return lambda x: loss(x["x"], x["y"])
+    return Provider(lambda x: loss(x["x"], x["y"]), comparable=False)
 
 
-def tiny_batch_workloads(device: torch.device, quick: bool) -> list[Workload]:
-    workloads = []
-    problems, iters = (16384 if quick else 65536), 20
-    for size in (4, 16):
+def batched_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
+    out = []
+    problems = {"tiny": 64, "quick": 65536 if device.type == "cuda" else 16384, "full": 65536}[size]
+    iters, eps = 20, 0.1
+    for side in (4, 16):
+        k = side // 2
+        weights = [0.25] * (side - k) + [1.0] * k
 
-        def inputs(dev, size=size):
-            return {"scores": cosine_scores(size, size, dev, batch=(problems,))}
+        def inputs(dev, small, side=side):
+            return {"scores": cosine_scores(side, side, dev, batch=(16 if small else problems,))}
 
-        rows = torch.ones(problems, size, device=device)
-        cols = torch.ones(problems, size, device=device)
-        k = size // 2
-        weights = [0.25] * (size - k) + [1.0] * k
-        mass = torch.ones(problems, size, device=device)
-        workloads.append(
+        def ref_sk(x, log_domain="auto"):
+            s = x["scores"]
+            ones = torch.ones(s.shape[:-1], dtype=s.dtype, device=s.device)
+            return reference.sinkhorn(s, eps, iters, ones, ones, log_domain)
+
+        def ref_msk(x, k=k, weights=weights, log_domain="auto"):
+            s = x["scores"]
+            mass = torch.ones(s.shape[:-2] + s.shape[-1:], dtype=s.dtype, device=s.device)
+            return reference.multi_sinkhorn(s, eps, iters, weights, k, mass, "minmax", log_domain)
+
+        sinkhorn_providers: dict[str, Provider | str] = {
+            _mmot(device): Provider(lambda x: mmot.sinkhorn(x["scores"], eps, iters), differentiable=True),
+            "reference-eager": Provider(ref_sk, differentiable=True),
+            "batched-torch-eager": Provider(lambda x: baselines.batched_torch_eager_sinkhorn(x["scores"], eps, iters)),
+        }
+        multi_providers: dict[str, Provider | str] = {
+            _mmot(device): Provider(lambda x, k=k: mmot.multi_sinkhorn(x["scores"], k, eps, iters), differentiable=True),
+            "reference-eager": Provider(ref_msk, differentiable=True),
+        }
+        if compile_:
+            sinkhorn_providers["reference-compiled"] = Provider(_compiled(lambda x, ref=ref_sk: ref(x, log_domain="off")))
+            multi_providers["reference-compiled"] = Provider(_compiled(lambda x, ref=ref_msk: ref(x, log_domain="off")))
+        shape = (problems, side, side)
+        out.append(
             Workload(
                 "sinkhorn_batched",
-                f"{problems}x({size}x{size}) iters={iters}",
+                f"{problems}x({side}x{side}) iters={iters}",
                 inputs,
-                floor_bytes=(iters + 1) * problems * size * size * 4,
-                providers={
-                    _mmot_provider(device): lambda x: mmot.sinkhorn(x["scores"], 0.1, iters),
-                    "reference-eager": lambda x: mmot.sinkhorn(x["scores"], 0.1, iters, backend="torch"),
-                    "reference-compiled": _lazy_compiled(lambda s, r=rows, c=cols: reference.sinkhorn(s, 0.1, iters, r, c, "off")),
-                },
+                _sinkhorn_work(problems, side, side, iters, groups=1),
+                _gradient_io(shape, shape),
+                lambda x, ref=ref_sk: ref({"scores": x["scores"].double()}),
+                ("scores",),
+                sinkhorn_providers,
             )
         )
-        workloads.append(
+        out.append(
             Workload(
                 "multi_sinkhorn_batched",
-                f"{problems}x({size}x{size}) k={k} iters={iters}",
+                f"{problems}x({side}x{side}) k={k} iters={iters}",
                 inputs,
-                floor_bytes=(iters + 1) * problems * size * size * 4,
-                providers={
-                    _mmot_provider(device): lambda x, k=k: mmot.multi_sinkhorn(x["scores"], k, 0.1, iters),
-                    "reference-eager": lambda x, k=k: mmot.multi_sinkhorn(x["scores"], k, 0.1, iters, backend="torch"),
-                    "reference-compiled": _lazy_compiled(
-                        lambda s, w=weights, k=k, m=mass: reference.multi_sinkhorn(s, 0.1, iters, w, k, m, "minmax", "off")
-                    ),
-                },
+                _sinkhorn_work(problems, side, side, iters, groups=2),
+                _gradient_io(shape, shape),
+                lambda x, ref=ref_msk: ref({"scores": x["scores"].double()}),
+                ("scores",),
+                multi_providers,
             )
         )
-    return workloads
+    return out
 
 
-def similarity_workloads(device: torch.device, quick: bool) -> list[Workload]:
-    mods, sets, b, k, d = 3, 3, 7660, 64, 256
+def similarity_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
+    mods, sets, n, k, d = (3, 3, 64, 16, 32) if size == "tiny" else (3, 3, 7660, 64, 256)
 
-    def inputs(dev):
+    def inputs(dev, small):
         generator = torch.Generator().manual_seed(0)
         return {
-            "x": torch.randn(mods, 1, b, d, generator=generator).to(dev),
+            "x": torch.randn(mods, 1, 64 if small else n, d, generator=generator).to(dev),
             "y": torch.randn(1, sets, k, d, generator=generator).to(dev),
         }
 
-    def materialised(x):
-        xn = torch.nn.functional.normalize(x["x"], dim=-1)
-        yn = torch.nn.functional.normalize(x["y"], dim=-1)
-        return xn @ yn.transpose(-1, -2)
+    def ref(x):
+        return reference.similarity(x["x"], x["y"])
 
+    providers: dict[str, Provider | str] = {
+        _mmot(device): Provider(lambda x: mmot.similarity(x["x"], x["y"]), differentiable=True),
+        "reference-eager": Provider(ref, differentiable=True),
+    }
+    if compile_:
+        providers["reference-compiled"] = Provider(_compiled(ref))
+    x_shape, y_shape, out_shape = (mods, n, d), (sets, k, d), (mods, sets, n, k)
+    flops = 2 * mods * sets * n * k * d
+    io = sum(torch.Size(s).numel() for s in (x_shape, y_shape, out_shape)) * F32
     return [
         Workload(
             "similarity",
-            f"({mods},1,{b},{d})x(1,{sets},{k},{d})",
+            f"({mods},1,{n},{d})x(1,{sets},{k},{d})",
             inputs,
-            floor_bytes=(mods * b * d + sets * k * d + mods * sets * b * k) * 4,
-            providers={
-                _mmot_provider(device): lambda x: mmot.similarity(x["x"], x["y"]),
-                "reference-eager": materialised,
-            },
+            Work(footprint=io, traffic=io, flops=flops),
+            _gradient_io(out_shape, x_shape, y_shape) + Work(0, 0, flops=2 * flops),  # gx = G ŷ and gy = Gᵀ x̂
+            lambda x: ref({"x": x["x"].double(), "y": x["y"].double()}),
+            ("x", "y"),
+            providers,
         )
     ]
 
 
-def info_nce_workloads(device: torch.device, quick: bool) -> list[Workload]:
-    if not hasattr(mmot, "info_nce"):
-        return []
-    workloads = []
-    d = 256
-    for n in (4096,) if quick else (4096, 8192, 16384):
+def info_nce_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
+    out = []
+    d, temperature = (32, 0.05) if size == "tiny" else (256, 0.05)
+    for n in {"tiny": [128], "quick": [4096], "full": [4096, 8192, 16384]}[size]:
 
-        def inputs(dev, n=n):
+        def inputs(dev, small, n=n):
             generator = torch.Generator().manual_seed(0)
-            return {"a": torch.randn(n, d, generator=generator).to(dev), "b": torch.randn(n, d, generator=generator).to(dev)}
+            rows = 64 if small else n
+            return {"a": torch.randn(rows, d, generator=generator).to(dev), "b": torch.randn(rows, d, generator=generator).to(dev)}
 
-        def materialised(x):
-            a = torch.nn.functional.normalize(x["a"], dim=-1)
-            b = torch.nn.functional.normalize(x["b"], dim=-1)
-            logits = a @ b.T / 0.05
+        def materialized(x):
+            """The full N×N logits and F.cross_entropy in both directions (everything_at_once's NormSoftmax)."""
+            a, b = F.normalize(x["a"], dim=-1), F.normalize(x["b"], dim=-1)
+            logits = a @ b.T / temperature
             labels = torch.arange(a.shape[0], device=a.device)
-            return torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
+            return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
 
-        workloads.append(
+        def ref(x):
+            a, b = x["a"].double(), x["b"].double()
+            return reference.info_nce(a, b, torch.ones(a.shape[0], dtype=torch.bool, device=a.device), temperature).mean()
+
+        providers: dict[str, Provider | str] = {
+            _mmot(device): Provider(lambda x: mmot.info_nce(x["a"], x["b"], temperature), differentiable=True),
+            "materialized": Provider(materialized, differentiable=True),
+        }
+        if device.type == "cuda":
+            providers["inf-cl"] = _inf_cl(temperature)
+        gemm = 2 * n * n * d
+        io = 2 * n * d * F32
+        out.append(
             Workload(
                 "info_nce",
                 f"N=M={n} D={d}",
                 inputs,
-                floor_bytes=2 * n * d * 4,
-                providers={
-                    _mmot_provider(device): lambda x: mmot.info_nce(x["a"], x["b"]),
-                    "materialized": materialised,
-                    **({"inf-cl": _inf_cl()} if device.type == "cuda" else {}),
-                },
-                baseline="materialized",
+                Work(footprint=io, traffic=io, flops=gemm, exps=n * n),
+                Work(footprint=io, traffic=io, flops=2 * gemm),  # grad_a = G b̂ and grad_b = Gᵀ â
+                ref,
+                ("a", "b"),
+                providers,
             )
         )
-    return workloads
+    return out
 
 
-def _inf_cl() -> Callable[[dict], object] | str:
+def _inf_cl(temperature: float) -> Provider | str:
     """Inf-CL's tiled contrastive loss (one direction per call, so both directions are summed)."""
     if importlib.util.find_spec("inf_cl") is None:
         return "inf-cl not installed (pip install inf-cl)"
     from inf_cl import cal_inf_loss
 
     def run(x):
-        a = torch.nn.functional.normalize(x["a"], dim=-1)
-        b = torch.nn.functional.normalize(x["b"], dim=-1)
-        return cal_inf_loss(a, b, scale=1 / 0.05) + cal_inf_loss(b, a, scale=1 / 0.05)
+        a, b = F.normalize(x["a"], dim=-1), F.normalize(x["b"], dim=-1)
+        return cal_inf_loss(a, b, scale=1 / temperature) + cal_inf_loss(b, a, scale=1 / temperature)
 
-    return run
+    return Provider(run, differentiable=True)
 
 
-OPS = {
+OPS: dict[str, Callable[[torch.device, str, bool], list[Workload]]] = {
     "multi_sinkhorn": multi_sinkhorn_workloads,
     "sinkhorn": sinkhorn_workloads,
-    "batched": tiny_batch_workloads,
+    "batched": batched_workloads,
     "similarity": similarity_workloads,
     "info_nce": info_nce_workloads,
 }
+
+
+def select(device: torch.device, size: str, ops=None, only=None, compile_: bool | None = None) -> list[Workload]:
+    """The workloads of ``ops`` (default all) at ``size``, those whose label contains one of ``only``.
+
+    ``compile_`` (default: only at the full sizes) adds the torch.compile'd references, whose
+    compilation takes tens of seconds each.
+    """
+    if compile_ is None:
+        compile_ = size == "full"
+    chosen = [w for op in (ops or OPS) for w in OPS[op](device, size, compile_)]
+    return [w for w in chosen if not only or any(part in w.label for part in only)]

@@ -1,0 +1,140 @@
+"""The runner's output: a markdown table per workload and pass, the markdown report, the speed-up plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmot._extras import require
+
+FLOOR_NOTE = (
+    "Floor: the least time any implementation needs here, the largest of the DRAM floor (bytes that must come from memory "
+    "over the measured DRAM bandwidth), the cache floor (bytes that must move between cache and core over the measured "
+    "in-cache bandwidth) and the compute floor (multiply-add flops over the measured GEMM rate, or exps over the measured "
+    "exp rate); the fraction is floor / min time (docs/benchmarks.md)."
+)
+
+
+def _groups(report: dict) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in report["records"]:
+        groups.setdefault((record["label"], record["mode"]), []).append(record)
+    for skip in report["skipped"]:
+        groups.setdefault((skip["label"], skip["mode"]), [])
+    return groups
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _speedup(value: float | None) -> str:
+    return "–" if value is None else (f"{value:.1f}×" if value < 100 else f"{value:.0f}×")
+
+
+def header(report: dict) -> str:
+    machine = report["machine"]
+    where = machine.get("gpu", machine["processor"])
+    return (
+        f"mmot {machine['mmot']} (commit {machine['commit']}) · torch {machine['torch']} · {where} · {machine['cpu_count']} CPUs · "
+        f"torch threads {machine['torch_threads']}, MMOT_NUM_THREADS={machine['mmot_num_threads']} · "
+        f"load average {machine['load_before']} before, {machine['load_after']} after · {machine['date']}\n"
+        f"Rates (best seen in the run): {machine['rates_text']}"
+    )
+
+
+def format_table(report: dict) -> str:
+    """A markdown table per workload and pass: min and median time, mmot's speed-up by each, the floor and its fraction."""
+    memory = any("peak_mib" in r for r in report["records"])
+    floors = {(f["label"], f["mode"]): f for f in report["floors"]}
+    checks: dict[tuple[str, str, str], dict] = {(c["label"], c["provider"], c["mode"]): c for c in report.get("checks", [])}
+    lines = [header(report)]
+    for (label, mode), rows in _groups(report).items():
+        floor = floors.get((label, mode))
+        lines += ["", f"### {label} · {mode}", ""]
+        if floor:
+            parts = ", ".join(f"{kind} {ms:.3g}" for kind, ms in floor["parts_ms"].items())
+            lines += [f"Floor: {floor['kind']}, {floor['ms']:.3g} ms ({parts} ms).", ""]
+        columns = ["provider", "min ms", "median ms", "mmot speed-up (min)", "(median)", "floor", "fraction of floor"]
+        columns += ["peak MiB"] if memory else []
+        columns += ["max error"] if checks else []
+        lines += ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+        for r in sorted(rows, key=lambda r: r["min_ms"]):
+            fraction = "model broken" if r["floor_fraction"] is None else f"{r['floor_fraction']:.0%}"
+            cells = [r["provider"], _ms(r["min_ms"]), _ms(r["median_ms"]), _speedup(r["speedup_min"]), _speedup(r["speedup_median"])]
+            cells += [r["floor_kind"], fraction]
+            cells += [_peak(r.get("peak_mib"))] if memory else []
+            if checks:
+                check = checks.get((label, r["provider"], mode))
+                cells.append(_error(check))
+            lines.append("| " + " | ".join(cells) + " |")
+        for skip in (s for s in report["skipped"] if (s["label"], s["mode"]) == (label, mode)):
+            lines.append("| " + " | ".join([skip["provider"]] + ["–"] * (len(columns) - 2) + [skip["reason"]]) + " |")
+        for target in (t for t in report["targets"] if (t["label"], "forward") == (label, mode)):
+            lines += ["", target["text"]]
+        for r in (r for r in rows if r["floor_fraction"] is None):
+            lines += [
+                "",
+                f"Warning: {r['provider']} took {r['min_ms']:.3g} ms, under the {floor['ms']:.3g} ms floor: the floor model "
+                "is wrong for this workload (docs/benchmarks.md).",
+            ]
+    failed = [c for c in report.get("checks", []) if not c["ok"]]
+    if report.get("checks"):
+        lines += ["", f"Check against mmot.reference: {len(report['checks']) - len(failed)} of {len(report['checks'])} passed."]
+        for c in failed:
+            detail = c.get("note") or f"error {c['error']:.2e} > tolerance {c['tolerance']:.0e}"
+            lines.append(f"- MISMATCH {c['label']} · {c['mode']} · {c['provider']}: {detail}")
+    return "\n".join(lines)
+
+
+def _peak(value) -> str:
+    if value is None:
+        return "–"
+    return value if isinstance(value, str) else f"{value:.1f}"
+
+
+def _error(check: dict | None) -> str:
+    if check is None:
+        return "–"
+    if check["error"] is None:
+        return "failed"
+    return f"{check['error']:.1e}" + ("" if check["ok"] else " MISMATCH")
+
+
+def markdown_report(report: dict) -> str:
+    machine = report["machine"]
+    where = machine.get("gpu", f"{machine['processor']}, {machine['cpu_count']} CPUs")
+    intro = [
+        f"## mmot-bench on {machine['device']} ({where})",
+        "",
+        f"Command: `{report['command']}`. Each provider's calls run interleaved with the others', round after round, each "
+        "timed call after an untimed one of its own; min and median over the rounds. " + FLOOR_NOTE,
+        "",
+    ]
+    return "\n".join(intro) + format_table(report) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """A bar per workload and provider: mmot's speed-up by median (log scale), forward rows."""
+    require("matplotlib", "bench", "mmot-bench --plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["records"] if r["mode"] == "forward" and not r["provider"].startswith("mmot-")]
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    figure, axis = plt.subplots(figsize=(max(6, 1.8 * len(labels)), 4.5))
+    width = 0.8 / max(1, len(providers))
+    for index, provider in enumerate(providers):
+        points = [(labels.index(r["label"]) + index * width, r["speedup_median"]) for r in rows if r["provider"] == provider]
+        axis.bar([x for x, _ in points], [y for _, y in points], width, label=provider)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_yscale("log")
+    axis.set_ylabel("mmot speed-up (provider time / mmot time, median)")
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], [label.replace(" · ", "\n") for label in labels], fontsize=7)
+    axis.legend(fontsize=7)
+    axis.set_title(f"mmot-bench · {report['machine'].get('gpu', report['machine']['processor'])}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
