@@ -12,9 +12,13 @@ iteration t = 1..T is
     T       = Σ_G top_G C_{G,T},    C_{G,t} = exp(lE_G + γ_t + φ_{G,t} + ψ_{G,t}).
 
 The forward is re-run keeping φ_{G,t} and ψ_{G,t}; γ_t is recomputed from them. With the
-plans A_{G,t} = exp(lE_G + γ_{t−1} + ψ_{G,t−1} + φ_{G,t}) (columns sum to r) and
-c_G B_{G,t} = exp(log c_G + lE_G + φ_{G,t} + ψ_{G,t−1} + γ_t) (sums to 1 over G), and T̄ the
-cotangent of T after the min-max VJP, the reverse sweep is
+plans after each step, taken as softmaxes so that they sum to their masses to rounding,
+
+    A_{G,t} = exp(lE_G + γ_{t−1} + ψ_{G,t−1} + φ_{G,t}) = r·softmax_n(lE_G + γ_{t−1} + ψ_{G,t−1})
+    c_G B_{G,t} = softmax_G(log c_G + lE_G + φ_{G,t} + ψ_{G,t−1})
+    C_{G,t} = softmax_a(lE_G + γ_t + φ_{G,t})
+
+and T̄ the cotangent of T after the min-max VJP, the reverse sweep is
 
     X_G = top_G T̄ ⊙ C_{G,T}:  lĒ_G = X_G, γ̄_T = Σ_G X_G, φ̄_{G,T} = Σ_n X_G, ψ̄_{G,T} = Σ_a X_G
     for t = T..1:
@@ -27,7 +31,7 @@ cotangent of T after the min-max VJP, the reverse sweep is
 Min-max: y = (T − lo)/(hi − lo) per row gives T̄ = ȳ/s − Σ_a ȳ(1 − y)/s · ∂lo − Σ_a ȳ y/s · ∂hi
 with s = hi − lo, where ∂lo and ∂hi share 1 equally among the entries that attain the row's
 min and max (as torch.amin/amax do); constant rows give 0 and zero gradient. See
-``docs/gradients.md``. Every plan entry is bounded (A ≤ r, c_G B ≤ 1, C ≤ 1).
+``docs/gradients.md``.
 """
 
 from __future__ import annotations
@@ -76,14 +80,16 @@ def backward(
         return -torch.logsumexp(log_count + logits + anchor_pot[t] + row_pot[t - 1], dim=0)
 
     anchor_pot: list[Tensor] = [logits.new_zeros(())]  # φ_{G,t}; index 0 unused
-    row_pot = [logits.new_zeros(logits.shape[:-1] + (1,))]  # ψ_{G,t}
+    row_pot = [logits.new_zeros(logits.shape[:-1] + (1,))]  # ψ_{G,0} .. ψ_{G,T−1}: ψ_{G,T} enters no plan
     gamma = sample_pot(0)
     for t in range(1, n_iters + 1):
-        anchor_pot.append(log_r - torch.logsumexp(logits + gamma + row_pot[-1], dim=-2, keepdim=True))
+        anchor_pot.append(log_r - torch.logsumexp(logits + gamma + row_pot[t - 1], dim=-2, keepdim=True))
         gamma = sample_pot(t)
-        row_pot.append(-torch.logsumexp(logits + gamma + anchor_pot[-1], dim=-1, keepdim=True))
+        if t < n_iters:
+            row_pot.append(-torch.logsumexp(logits + gamma + anchor_pot[t], dim=-1, keepdim=True))
 
-    plan = torch.exp(logits + gamma + anchor_pot[-1] + row_pot[-1])  # C_{G,T}
+    # Each plan is the softmax that its normaliser defines, so it sums to its mass to rounding.
+    plan = torch.softmax(logits + gamma + anchor_pot[-1], dim=-1)  # C_{G,T}
     target_bar = grad.to(dtype)
     if normalize == "minmax":
         target_bar = _minmax_backward(target_bar, (top * plan).sum(0))
@@ -93,13 +99,13 @@ def backward(
     row_bar = grad_logits.sum(-1, keepdim=True)
     for t in range(n_iters, 0, -1):
         if t < n_iters:
-            plan = torch.exp(logits + gamma + anchor_pot[t] + row_pot[t])
+            plan = torch.softmax(logits + gamma + anchor_pot[t], dim=-1)
         y = -row_bar * plan  # Y_G
         gamma_bar = gamma_bar + y.sum(0)
-        z = -gamma_bar * torch.exp(log_count + logits + anchor_pot[t] + row_pot[t - 1] + gamma)  # Z_G
+        z = -gamma_bar * torch.softmax(log_count + logits + anchor_pot[t] + row_pot[t - 1], dim=0)  # Z_G
         anchor_bar = anchor_bar + (y + z).sum(-2, keepdim=True)
         gamma = sample_pot(t - 1)
-        w = -anchor_bar * torch.exp(logits + gamma + row_pot[t - 1] + anchor_pot[t]) / r  # W_G
+        w = -anchor_bar * torch.softmax(logits + gamma + row_pot[t - 1], dim=-2)  # W_G = −φ̄ A / r
         grad_logits += y + z + w
         gamma_bar = w.sum(0)
         row_bar = (z + w).sum(-1, keepdim=True)
