@@ -134,8 +134,8 @@ def _time_workload(workload, device, args, progress) -> tuple[list[dict], list[d
         bound = {name: functools.partial(fn, inputs) for name, fn in calls.items()}
         results = timing.interleaved(bound, device, args.repeats, progress.update)
         for name, provider in workload.providers.items():
-            if mode != "forward" and isinstance(provider, Provider) and not provider.differentiable:
-                continue
+            if mode != "forward" and not (isinstance(provider, Provider) and provider.differentiable):
+                continue  # unavailable and forward-only providers are listed once, under the forward pass
             result = results.get(name, provider)
             where = {"op": workload.op, "shape": workload.shape, "label": workload.label, "mode": mode, "provider": name}
             if isinstance(result, timing.Timing):
