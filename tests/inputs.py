@@ -31,3 +31,17 @@ def multi_problems(draw, max_n=24, max_k=12):
     seed = draw(st.integers(0, 2**31 - 1))
     spread = draw(st.floats(0.1, 3.0))
     return random_scores(n, n_anchors, seed=seed, spread=spread), k, eps, n_iters
+
+
+def positive_pairs(n, d, seed, dtype=torch.float64):
+    """(a, b) leaves of shape (N, D) where b[i] is a noisy copy of a[i]: InfoNCE's positive pairs."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=generator, dtype=torch.float64).to(dtype)
+    b = (a.double() + 0.7 * torch.randn(n, d, generator=generator, dtype=torch.float64)).to(dtype)
+    return a.requires_grad_(True), b.requires_grad_(True)
+
+
+def uniform_cosines(*shape, seed=0, dtype=torch.float64):
+    """Values uniform in [-1, 1): stand-ins for cosine similarities."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(*shape, generator=generator, dtype=torch.float64) * 2 - 1).to(dtype)

@@ -1,13 +1,15 @@
 """Independent, deliberately naive forms of the ops, written from the paper's description.
 
 They share no code with mmot: the dense (K, N, K) Multi-SK as the SSPC code builds it, a
-SwAV-style loop, and similarity by explicit loops. Tests compare every backend with these in
-float64.
+SwAV-style loop, a plain alternating-scaling loop, similarity by explicit loops, InfoNCE through
+F.cross_entropy and the anchor term through its softplus form. Tests compare every backend with
+these in float64.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def dense_multi_sinkhorn(scores, k, eps, n_iters, slot_weights, anchor_mass=None, normalize="minmax"):
@@ -42,6 +44,15 @@ def swav_sinkhorn(scores, eps, n_iters):
     return (q * batch).t()
 
 
+def alternating_sinkhorn(scores, eps, n_iters, row_mass, col_mass):
+    """Plain alternating scaling of the full matrix with generic masses, in float64."""
+    p = torch.exp(scores.double() / eps)
+    for _ in range(n_iters):
+        p = p * (col_mass.double() / p.sum(0))[None, :]
+        p = p * (row_mass.double() / p.sum(1))[:, None]
+    return p
+
+
 def loop_similarity(x, y, normalize, scale):
     """Similarity of two 2-D inputs by explicit row loops."""
     out = torch.empty(x.shape[0], y.shape[0], dtype=torch.float64)
@@ -53,3 +64,25 @@ def loop_similarity(x, y, normalize, scale):
                 b = b / max(b.norm().item(), 1e-12)
             out[i, j] = scale * (a * b).sum()
     return out
+
+
+def cross_entropy_info_nce(a, b, temperature, valid=None, symmetric=True, normalize=True):
+    """The textbook form: drop invalid pairs, build the logits, cross-entropy against the diagonal."""
+    if valid is not None:
+        a, b = a[valid], b[valid]
+    if a.shape[0] == 0:
+        return (a.sum() + b.sum()) * 0.0
+    if normalize:
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = a @ b.T / temperature
+    labels = torch.arange(a.shape[0])
+    loss = F.cross_entropy(logits, labels)
+    if symmetric:
+        loss = loss + F.cross_entropy(logits.T, labels)
+    return loss
+
+
+def softplus_anchor_consistency(sim, target, temperature):
+    """BCE-with-logits of z = exp(sim / temperature) written out: softplus(z) - t z, averaged over every entry."""
+    z = torch.exp(sim / temperature)
+    return (torch.log1p(torch.exp(-z)) + z - target * z).mean()

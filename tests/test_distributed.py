@@ -3,12 +3,11 @@
 import os
 import socket
 
+import mmot
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import mmot
 from inputs import cosine_scores, random_scores
 
 WORLD = 2

@@ -1,9 +1,8 @@
 """Half-precision inputs, non-contiguous inputs, and inputs left untouched."""
 
+import mmot
 import pytest
 import torch
-
-import mmot
 from inputs import cosine_scores, random_scores
 
 OPS = {

@@ -2,9 +2,8 @@
 
 import multiprocessing
 
-import torch
-
 import mmot
+import torch
 
 
 class SinkhornDataset(torch.utils.data.Dataset):

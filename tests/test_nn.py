@@ -1,10 +1,9 @@
 """mmot.nn modules: each against the op it wraps or an explicit computation."""
 
+import mmot
 import pytest
 import torch
 import torch.nn.functional as F
-
-import mmot
 from mmot import nn as mnn
 
 
@@ -81,7 +80,7 @@ def _batch(seed, dims, joint_dim=8, batch=6):
 
 
 def _explicit_sspc(loss, inputs, joints, input_queue, joint_queue, assign):
-    """DESIGN.md §4 written out with plain torch for the predictions and queues given explicitly."""
+    """SSPC's loss written out with plain torch, for the predictions and queues given explicitly."""
     mods = loss.modalities
     batch = joints[mods[0]].shape[0]
 

@@ -5,10 +5,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from mmot.sspc import data as sdata
 from mmot.sspc.config import ConfigError, DataConfig, PickleConfig, config_from_dict, load_config, shipped_configs
-
 
 # ------------------------------------------------------------------------------------ config
 
@@ -104,8 +102,13 @@ def test_npz_format(tmp_path):
     mask = np.ones((30, 5), bool)
     mask[:, 3:] = False
     mask[0] = False  # a sample without any valid token keeps its first one
-    np.savez(path, video=rng.normal(size=(30, 5, 7)).astype(np.float32), video_mask=mask,
-             text=rng.normal(size=(30, 11)), labels=np.repeat(np.arange(3), 10))
+    np.savez(
+        path,
+        video=rng.normal(size=(30, 5, 7)).astype(np.float32),
+        video_mask=mask,
+        text=rng.normal(size=(30, 11)),
+        labels=np.repeat(np.arange(3), 10),
+    )
     d = sdata.load_npz(path)
     assert d.dims() == {"video": 7, "text": 11}
     assert d.features["text"].shape == (30, 1, 11) and d.masks["video"][0].tolist() == [True, False, False, False, False]
@@ -174,7 +177,9 @@ def test_derive_uci_matches_embedded(tmp_path):
     for view in ("pix", "fac", "fou"):
         x = d[view].astype(np.float64)
         table = np.concatenate([x, labels[:, None]], axis=1)
-        np.savetxt(csv_dir / f"mfeat-{view}.csv", table, delimiter=",", header=",".join(map(str, range(table.shape[1]))), comments="", fmt="%.8g")
+        np.savetxt(
+            csv_dir / f"mfeat-{view}.csv", table, delimiter=",", header=",".join(map(str, range(table.shape[1]))), comments="", fmt="%.8g"
+        )
     out = sdata.derive_uci_npz(csv_dir, tmp_path / "out.npz")
     again = np.load(out)
     for key in ("pix", "fac", "fou", "labels"):

@@ -8,10 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import mmot
 import pytest
 import torch
-
-import mmot
 from mmot.sspc.config import load_config
 from mmot.sspc.evaluate import all_pairs, ranks, retrieval_metrics
 
@@ -100,8 +99,19 @@ def test_step_time_and_table(tmp_path):
 
 
 def _train_cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "mmot.sspc.cli", "train", "--config", "synthetic_tiny", "--out", str(out),
-            "--no-progress", "--set", "train.ema_decay=0.9"]
+    return [
+        sys.executable,
+        "-m",
+        "mmot.sspc.cli",
+        "train",
+        "--config",
+        "synthetic_tiny",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "train.ema_decay=0.9",
+    ]
 
 
 def _env(**extra):

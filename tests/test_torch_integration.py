@@ -1,13 +1,15 @@
-"""torch.library registration: opcheck and torch.compile(fullgraph=True), forward and backward."""
-
-import pytest
-import torch
+"""torch.library registration of every op: opcheck and torch.compile(fullgraph=True), forward and backward."""
 
 import mmot
-from inputs import random_scores
+import pytest
+import torch
+from inputs import positive_pairs, random_scores, uniform_cosines
+from mmot.ops.anchor_consistency import anchor_consistency_op
+from mmot.ops.info_nce import info_nce_op
 from mmot.ops.multi_sinkhorn import multi_sinkhorn_op
 from mmot.ops.similarity import similarity_op
 from mmot.ops.sinkhorn import sinkhorn_op
+from naive import softplus_anchor_consistency
 
 
 def op_samples(backend):
@@ -18,18 +20,24 @@ def op_samples(backend):
     x = random_scores(3, 1, 4, 6, seed=2).requires_grad_(True)
     y = random_scores(1, 2, 5, 6, seed=3).requires_grad_(True)
     weights = [0.25, 0.25, 0.25, 1.0, 1.0]
-    return [
-        (sinkhorn_op, (scores, 0.3, 3, rows, cols, "auto", backend)),
-        (sinkhorn_op, (scores, 0.3, 3, rows, cols, "on", backend)),
-        (multi_sinkhorn_op, (scores, 0.3, 4, weights, 2, mass, "minmax", "auto", backend)),
-        (multi_sinkhorn_op, (scores, 0.3, 4, weights, 2, mass, "none", "on", backend)),
-        (similarity_op, (x, y, True, 2.0, backend)),
-    ]
+    a, b = positive_pairs(7, 5, 12)
+    pair_weights = torch.tensor([1, 1, 0, 1, 1, 1, 1], dtype=torch.float64)
+    sim, target = uniform_cosines(6, 4, seed=4).requires_grad_(True), uniform_cosines(6, 4, seed=5).abs()
+    return {
+        "sinkhorn": (sinkhorn_op, (scores, 0.3, 3, rows, cols, "auto", backend)),
+        "sinkhorn_log": (sinkhorn_op, (scores, 0.3, 3, rows, cols, "on", backend)),
+        "multi_sinkhorn": (multi_sinkhorn_op, (scores, 0.3, 4, weights, 2, mass, "minmax", "auto", backend)),
+        "multi_sinkhorn_log": (multi_sinkhorn_op, (scores, 0.3, 4, weights, 2, mass, "none", "on", backend)),
+        "similarity": (similarity_op, (x, y, True, 2.0, backend)),
+        "info_nce": (info_nce_op, (a, b, pair_weights, 0.2, True, True, backend)),
+        "info_nce_plain": (info_nce_op, (a, b, pair_weights, 0.5, False, False, backend)),
+        "anchor_consistency": (anchor_consistency_op, (sim, target, 0.1, backend)),
+    }
 
 
-@pytest.mark.parametrize("index", range(5))
-def test_opcheck(backend, index):
-    op, args = op_samples(backend)[index]
+@pytest.mark.parametrize("name", list(op_samples("torch")))
+def test_opcheck(native_backend, name):
+    op, args = op_samples(native_backend)[name]
     torch.library.opcheck(op, args)
 
 
@@ -55,6 +63,33 @@ def test_compile_fullgraph_forward_and_backward(backend):
     torch.testing.assert_close(loss, eager_loss)
     torch.testing.assert_close(feats.grad, eager_feats.grad)
     torch.testing.assert_close(anchors.grad, eager_anchors.grad)
+
+
+def test_compile_info_nce_with_masks(backend):
+    torch._dynamo.reset()
+
+    def step(a, b, valid):
+        return mmot.info_nce(a, b, 0.1, valid=valid, backend=backend) + mmot.info_nce(a, b, symmetric=False, backend=backend)
+
+    a, b = positive_pairs(12, 6, 13)
+    valid = torch.arange(12) % 4 != 0
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(a, b, valid)
+    got = torch.autograd.grad(loss, (a, b))
+    want_loss = step(a, b, valid)
+    torch.testing.assert_close(loss, want_loss)
+    for g, w in zip(got, torch.autograd.grad(want_loss, (a, b))):
+        torch.testing.assert_close(g, w)
+
+
+def test_compile_anchor_consistency_against_its_softplus_form(backend):
+    sim = uniform_cosines(6, 4, seed=4).requires_grad_(True)
+    target = uniform_cosines(6, 4, seed=5).abs()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, t: mmot.anchor_consistency_loss(s * 1.0, t, backend=backend), fullgraph=True, backend="aot_eager")
+    (grad,) = torch.autograd.grad(compiled(sim, target), sim)
+    (want,) = torch.autograd.grad(softplus_anchor_consistency(sim, target, 0.1), sim)
+    torch.testing.assert_close(grad, want)
 
 
 def test_compile_with_inductor():
