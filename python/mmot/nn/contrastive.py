@@ -32,9 +32,7 @@ class NormSoftmaxLoss(nn.Module):
         self.temperature, self.symmetric, self.normalize, self.backend = temperature, symmetric, normalize, backend
 
     def forward(self, a: Tensor, b: Tensor, valid: Tensor | None = None) -> Tensor:
-        return info_nce(
-            a, b, self.temperature, symmetric=self.symmetric, normalize=self.normalize, valid=valid, backend=self.backend
-        )
+        return info_nce(a, b, self.temperature, symmetric=self.symmetric, normalize=self.normalize, valid=valid, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, symmetric={self.symmetric}, normalize={self.normalize}"
@@ -72,15 +70,12 @@ class CombinatorialContrastiveLoss(nn.Module):
     ) -> None:
         super().__init__()
         weights = dict(SSPC_PAIR_WEIGHTS if pair_weights is None else pair_weights)
+        where = "mmot.nn.CombinatorialContrastiveLoss: argument 'pair_weights'"
         for pair, weight in weights.items():
             if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(m, str) for m in pair) and pair[0] != pair[1]):
-                raise ValueError(
-                    f"mmot.nn.CombinatorialContrastiveLoss: argument 'pair_weights' must map pairs of two different modality names to weights; got key {pair!r}"
-                )
+                raise ValueError(f"{where} must map pairs of two different modality names to weights; got key {pair!r}")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-                raise ValueError(
-                    f"mmot.nn.CombinatorialContrastiveLoss: argument 'pair_weights' must hold non-negative weights; got {weight!r} for {pair}"
-                )
+                raise ValueError(f"{where} must hold non-negative weights; got {weight!r} for {pair}")
         if not weights or sum(weights.values()) <= 0:
             raise ValueError("mmot.nn.CombinatorialContrastiveLoss: argument 'pair_weights' needs at least one positive weight")
         self.pair_weights = {pair: float(weight) for pair, weight in weights.items()}

@@ -23,7 +23,7 @@ def sspc_pair_weight(m: str, n: str, low: float = 0.1, low_modalities: Sequence[
 
 
 class SSPCLoss(nn.Module):
-    r"""SSPC's anchor loss (Swetha et al., ICCV 2023; DESIGN.md §4), owning its anchors and queues.
+    r"""SSPC's anchor loss (Swetha et al., ICCV 2023), owning its anchors and queues.
 
     For modality m, x_m is its input-space feature (B, D_m) and x̂_m its joint-space
     embedding (B, D). The module holds K anchors per modality in each space, Z_m and Ẑ_m, and
@@ -107,7 +107,9 @@ class SSPCLoss(nn.Module):
     def forward(self, inputs: Mapping[str, Tensor], joints: Mapping[str, Tensor]) -> Tensor:
         missing = [m for m in self.modalities if m not in inputs or m not in joints]
         if missing:
-            raise ValueError(f"mmot.nn.SSPCLoss: arguments 'inputs' and 'joints' must hold every modality {self.modalities}; missing {missing}")
+            raise ValueError(
+                f"mmot.nn.SSPCLoss: arguments 'inputs' and 'joints' must hold every modality {self.modalities}; missing {missing}"
+            )
         mods = self.modalities
         batch = joints[mods[0]].shape[0]
         if not self.warmed_up:
@@ -123,9 +125,7 @@ class SSPCLoss(nn.Module):
 
         # Targets on [queue; batch], keeping the batch rows.
         with torch.no_grad():
-            t_in = {
-                m: self._assign(self.input_anchors[m](self.input_queues[m].extend(inputs[m].detach())))[-batch:] for m in mods
-            }
+            t_in = {m: self._assign(self.input_anchors[m](self.input_queues[m].extend(inputs[m].detach())))[-batch:] for m in mods}
             queued = torch.stack([self.joint_queues[n].extend(joints[n].detach()) for n in mods])[:, None]
             t_joint = self._assign(similarity(queued, z_hat.detach(), backend=self.backend))[..., -batch:, :]
 
