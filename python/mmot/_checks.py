@@ -41,9 +41,7 @@ def float_tensor(op: str, name: str, value: object, *, min_dim: int, shape_hint:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor of shape {shape_hint}; got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{op}: argument '{name}' must be a floating tensor (float64, float32, bfloat16 or float16); got {value.dtype}"
-        )
+        raise TypeError(f"{op}: argument '{name}' must be a floating tensor (float64, float32, bfloat16 or float16); got {value.dtype}")
     if value.dim() < min_dim:
         raise ValueError(f"{op}: argument '{name}' must have shape {shape_hint}; got shape {tuple(value.shape)}")
     return value

@@ -1,6 +1,28 @@
-"""Launch helpers shared by mmot's Triton kernels: dtypes, tile sizes and the launch plan.
+"""What mmot's Triton kernels share: dtypes, float scalars, constants, tile sizes and the launch plan.
 
-Launch structure of the Sinkhorn kernels (see ``sinkhorn.py`` and ``multi_sinkhorn.py``):
+This is the only module the kernel modules import besides torch and triton (see
+``docs/architecture.md``).
+
+**Float scalars** (eps, temperatures, scales). The real Triton compiler types a plain Python
+``float`` argument as fp32, while the interpreter used in CI keeps it a Python float, so a
+float64 kernel that takes ``1/eps`` as a float is exact in every CPU test and silently fp32 on a
+GPU. The one convention here:
+
+* the kernel parameter is annotated ``tl.float64`` (``inv_eps: tl.float64``). Triton then types
+  it fp64 whatever the Python value, and the launcher passes it by value as a double: no device
+  tensor, no host-to-device copy, no host sync, and it is captured by value in a CUDA graph;
+* the kernel reads it once through :func:`scalar`, which rounds it to the accumulation dtype
+  (one ``cvt`` for fp32 kernels, nothing for fp64 ones), so fp32 kernels never compute in fp64.
+  Under the interpreter, where the value is still a Python float, :func:`scalar` materialises
+  it in the accumulation dtype directly, so both paths round it the same way.
+
+Constants that shape a kernel rather than vary per call (Multi-SK's slot-group table, whose
+length is the constexpr group count anyway) are ``tl.constexpr`` Python numbers: Triton
+materialises a Python number in the dtype of the tensor it meets, so those stay exact too.
+Module-level constants used inside ``@triton.jit`` code must be ``tl.constexpr`` (the compiler
+refuses other globals), hence :data:`NEG_INF` and :data:`POS_INF`.
+
+**Launch structure of the Sinkhorn kernels** (``sinkhorn.py`` and ``multi_sinkhorn.py``):
 
 * **persistent** (``R == 1``): one program per problem runs every pass of the iteration (the
   column pass, ``n_iters`` row passes, the output) in a single launch, keeping the column
@@ -23,7 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmot import reference
+NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
+POS_INF: tl.constexpr = tl.constexpr(float("inf"))
 
 # Tests set this to force the split launch structure under the interpreter (None: automatic).
 FORCE_PROGRAMS_PER_PROBLEM: int | None = None
@@ -32,23 +55,48 @@ FORCE_TILE_ROWS: int | None = None
 
 # Work per problem (rows × columns × groups) above which a single problem is split over programs.
 SPLIT_MIN_ELEMENTS = 1 << 17
-# Widest row a tile holds (the kernels keep a whole row in one tile for the row reductions).
+# Widest row a tile holds: the Sinkhorn kernels keep a whole row in one tile for the row
+# reductions. Wider calls are not theirs to take (each kernel module's ``fits``).
 MAX_BLOCK_K = 1 << 14
+
+# Tests set MMOT_POISON_OUTPUTS=1 so that an element a kernel forgets to write shows up as NaN.
+_poison_outputs = os.environ.get("MMOT_POISON_OUTPUTS", "0") == "1"
 
 
 def interpreting() -> bool:
+    """TRITON_INTERPRET=1: the kernels run on CPU tensors through Triton's interpreter (CI)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return reference.compute_dtype(dtype)
+    """Accumulation dtype: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-@functools.lru_cache(maxsize=None)
+def tl_acc(dtype: torch.dtype):
+    """The Triton accumulation dtype for inputs of ``dtype``."""
+    return tl_dtype(acc_dtype(dtype))
+
+
+@triton.jit
+def scalar(value, ACC: tl.constexpr):
+    """A ``tl.float64`` kernel parameter in the accumulation dtype (see the module doc)."""
+    return tl.full([], value, ACC)
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised output, NaN-filled under MMOT_POISON_OUTPUTS=1."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison_outputs:
+        out.fill_(float("nan"))
+    return out
+
+
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -11,8 +11,10 @@ mean over all entries; its gradient is
 
 forward   one program per BLOCK entries writes its partial sum; the partials are added by torch
           in a fixed order (deterministic, no atomics, no host synchronisation).
-backward  one program per BLOCK entries; the upstream gradient (and 1/τ, which Triton would
-          pass as fp32 if given as a Python float) is read from device memory.
+backward  one program per BLOCK entries; the upstream gradient, already divided by count·τ,
+          is read from device memory (it is a device tensor: no host synchronisation).
+
+1/τ reaches the kernels as a ``tl.float64`` parameter (the convention of ``_common``).
 
 Accumulation is float32, or float64 for float64 inputs; bf16/fp16 are loaded and cast.
 """
@@ -23,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mmot import _dispatch, reference
+from mmot.kernels import _common
+from mmot.kernels._common import scalar
 
 # Entries per program; tests may set this to force several programs on tiny inputs.
 FORCE_BLOCK: int | None = None
@@ -37,9 +40,9 @@ def _softplus_exp_neg(z):
 
 
 @triton.jit
-def _forward_kernel(SIM, TARGET, PARTIAL, COUNT, INV_TAU, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _forward_kernel(SIM, TARGET, PARTIAL, COUNT, inv_tau: tl.float64, BLOCK: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
-    inv_tau = tl.load(INV_TAU).to(ACC)
+    inv_tau = scalar(inv_tau, ACC)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < COUNT
     s = tl.load(SIM + offs, mask=mask, other=0.0).to(ACC)
@@ -53,9 +56,9 @@ def _forward_kernel(SIM, TARGET, PARTIAL, COUNT, INV_TAU, BLOCK: tl.constexpr, A
 
 
 @triton.jit
-def _backward_kernel(GRAD, SIM, TARGET, OUT, COUNT, INV_TAU, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _backward_kernel(GRAD, SIM, TARGET, OUT, COUNT, inv_tau: tl.float64, BLOCK: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
-    inv_tau = tl.load(INV_TAU).to(ACC)
+    inv_tau = scalar(inv_tau, ACC)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < COUNT
     g = tl.load(GRAD).to(ACC)
@@ -69,22 +72,13 @@ def _backward_kernel(GRAD, SIM, TARGET, OUT, COUNT, INV_TAU, BLOCK: tl.constexpr
 def _block(count: int) -> int:
     if FORCE_BLOCK is not None:
         return FORCE_BLOCK
-    if _dispatch.triton_interpreter():
+    if _common.interpreting():
         return 64
     return 2048 if count >= 1 << 20 else 1024
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1).contiguous()
-
-
-def _inv_tau(temperature: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # A device scalar rather than a kernel argument: Triton passes Python floats as fp32.
-    return torch.full((1,), 1.0 / temperature, dtype=dtype, device=device)
 
 
 def forward(sim: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -92,13 +86,12 @@ def forward(sim: torch.Tensor, target: torch.Tensor, temperature: float) -> torc
     count = sim.numel()
     if count == 0:
         return sim.new_zeros(())
-    dtype = reference.compute_dtype(sim.dtype)
+    dtype = _common.acc_dtype(sim.dtype)
     s, t = _flat(sim), _flat(target.to(sim.dtype))
     block = _block(count)
     programs = triton.cdiv(count, block)
-    partial = _dispatch.new_output((programs,), dtype, sim.device)
-    inv_tau = _inv_tau(temperature, dtype, sim.device)
-    _forward_kernel[(programs,)](s, t, partial, count, inv_tau, BLOCK=block, ACC=_acc(dtype))
+    partial = _common.new_output((programs,), dtype, sim.device)
+    _forward_kernel[(programs,)](s, t, partial, count, 1.0 / temperature, BLOCK=block, ACC=_common.tl_dtype(dtype))
     return (partial.sum() / count).to(sim.dtype)
 
 
@@ -107,14 +100,11 @@ def backward(grad: torch.Tensor, sim: torch.Tensor, target: torch.Tensor, temper
     count = sim.numel()
     if count == 0:
         return torch.zeros_like(sim)
-    dtype = reference.compute_dtype(sim.dtype)
+    dtype = _common.acc_dtype(sim.dtype)
     s, t = _flat(sim), _flat(target.to(sim.dtype))
-    inv_tau = _inv_tau(temperature, dtype, sim.device)
     # grad / count / τ, formed on the device (no host synchronisation).
-    g = (grad.reshape(1).to(dtype) * inv_tau / count).contiguous()
-    out = _dispatch.new_output((count,), sim.dtype, sim.device)
+    g = (grad.reshape(1).to(dtype) * (1.0 / temperature) / count).contiguous()
+    out = _common.new_output((count,), sim.dtype, sim.device)
     block = _block(count)
-    _backward_kernel[(triton.cdiv(count, block),)](
-        g, s, t, out, count, inv_tau, BLOCK=block, ACC=_acc(dtype)
-    )
+    _backward_kernel[(triton.cdiv(count, block),)](g, s, t, out, count, 1.0 / temperature, BLOCK=block, ACC=_common.tl_dtype(dtype))
     return out.view(sim.shape)

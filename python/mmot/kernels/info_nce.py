@@ -21,15 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
-from mmot import _dispatch, reference
+from mmot.kernels import _common
+from mmot.kernels._common import NEG_INF, scalar
 
-NEG_INF = float("-inf")
 NORM_EPS = 1e-12
 
 
 @triton.jit
-def _lse_kernel(X, Y, W, LSE, N, D, scale,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _lse_kernel(
+    X, Y, W, LSE, N, D, scale: tl.float64, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr
+):
+    scale = scalar(scale, ACC)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -54,9 +56,25 @@ def _lse_kernel(X, Y, W, LSE, N, D, scale,
 
 
 @triton.jit
-def _grad_kernel(X, Y, W, G, LSE_X, LSE_Y, OUT, N, D, scale,
-                 OWN: tl.constexpr, OTHER: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _grad_kernel(
+    X,
+    Y,
+    W,
+    G,
+    LSE_X,
+    LSE_Y,
+    OUT,
+    N,
+    D,
+    scale: tl.float64,
+    OWN: tl.constexpr,
+    OTHER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    scale = scalar(scale, ACC)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -90,19 +108,15 @@ def _grad_kernel(X, Y, W, G, LSE_X, LSE_Y, OUT, N, D, scale,
 
 def _blocks(d: int) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(d))
-    if _dispatch.triton_interpreter():
+    if _common.interpreting():
         return 16, 16, block_d
     # Keep a BLOCK_M × BLOCK_D accumulator plus a BLOCK_N × BLOCK_D tile in registers/SMEM.
     block = 64 if block_d <= 128 else 32
     return block, block, block_d
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _prepare(a: torch.Tensor, b: torch.Tensor, normalize: bool):
-    dtype = reference.compute_dtype(a.dtype)
+    dtype = _common.acc_dtype(a.dtype)
     x, y = a.to(dtype).contiguous(), b.to(dtype).contiguous()
     if normalize:
         x = torch.nn.functional.normalize(x, dim=-1, eps=NORM_EPS)
@@ -113,9 +127,9 @@ def _prepare(a: torch.Tensor, b: torch.Tensor, normalize: bool):
 def _lse(x, y, weights, scale):
     n, d = x.shape
     block_m, block_n, block_d = _blocks(d)
-    out = _dispatch.new_output((n,), x.dtype, x.device)
+    out = _common.new_output((n,), x.dtype, x.device)
     _lse_kernel[(triton.cdiv(n, block_m),)](
-        x, y, weights, out, n, d, scale, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ACC=_acc(x.dtype)
+        x, y, weights, out, n, d, scale, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ACC=_common.tl_dtype(x.dtype)
     )
     return out
 
@@ -138,10 +152,24 @@ def forward(a, b, weights, temperature, symmetric, normalize):
 def _grad(x, y, w, g, lse_x, lse_y, scale, own, other):
     n, d = x.shape
     block_m, block_n, block_d = _blocks(d)
-    out = _dispatch.new_output((n, d), x.dtype, x.device)
+    out = _common.new_output((n, d), x.dtype, x.device)
     _grad_kernel[(triton.cdiv(n, block_m),)](
-        x, y, w, g, lse_x, lse_y, out, n, d, scale, OWN=own, OTHER=other,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ACC=_acc(x.dtype),
+        x,
+        y,
+        w,
+        g,
+        lse_x,
+        lse_y,
+        out,
+        n,
+        d,
+        scale,
+        OWN=own,
+        OTHER=other,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        ACC=_common.tl_dtype(x.dtype),
     )
     return out
 
@@ -167,4 +195,4 @@ def backward(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normaliz
     if normalize:
         grad_x = _through_normalize(a.to(dtype), x, grad_x)
         grad_y = _through_normalize(b.to(dtype), y, grad_y)
-    return grad_x.to(a.dtype), grad_y.to(b.dtype)
+    return [grad_x.to(a.dtype), grad_y.to(b.dtype)]

@@ -1,8 +1,9 @@
 """Triton kernels of ``mmot::multi_sinkhorn``: the grouped Multi-SK forward and its exact VJP.
 
-Slots are grouped by equal weight (``mmot.reference.slot_groups``): group G has weight w_G,
-c_G slots and top_G of the last k slots. With L = scores/eps, lE_G = w_G·L and log-potentials
-φ_G[a] (anchors), γ[n,a] and ψ_G[n] (samples), iteration t is (DESIGN §2.2, in logs)::
+Slots are grouped by equal weight (the op passes the groups, formed as in
+``mmot.reference.slot_groups``): group G has weight w_G, c_G slots and top_G of the last k
+slots. With L = scores/eps, lE_G = w_G·L and log-potentials φ_G[a] (anchors), γ[n,a] and
+ψ_G[n] (samples), iteration t is (``docs/multi_sinkhorn.md``, in logs)::
 
     φ_{G,t}  = log r - LSE_n (lE_G + γ_{t-1} + ψ_{G,t-1})           (γ_0 = ψ_0 = 0)
     γ_t      = -LSE_G (log c_G + lE_G + φ_{G,t} + ψ_{G,t-1})
@@ -13,8 +14,8 @@ Kernel structure: pass 0 is an online column log-sum-exp giving φ_1; row pass t
 tile of rows (groups × rows × anchors in registers), computes γ_t, ψ_t and C_t, and adds
 Σ_n C_{G,t} to the next column sums: φ_{G,t+1} = φ_{G,t} + log r - log Σ_n C_{G,t}. Every
 per-slot plan entry is bounded (C ≤ 1) and its column sums are at least 1/K², so this is
-stable for any finite input without a host-side domain decision: ``log_domain`` is accepted
-and ignored (the plain and log domains of the reference are the same function). The last pass
+stable for any finite input without a host-side domain decision: the kernels take no
+``log_domain`` (the plain and log domains of the reference are the same function). The last pass
 writes T and its row min-max. Each iteration is one streaming pass over the scores.
 
 Backward: the forward is re-run saving φ_{G,t} and ψ_{G,t} (O(T·G·(N+K))); γ_t is
@@ -30,38 +31,37 @@ and the first reverse pass starts from the min-max VJP (ties share like torch.am
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from mmot import reference
 from mmot.kernels import _common
-
-NEG_INF = float("-inf")
+from mmot.kernels._common import NEG_INF, POS_INF, scalar
 
 
 @triton.jit
-def _group_vectors(WH, WL, LC, TOP, NG: tl.constexpr, BLOCK_G: tl.constexpr, ACC: tl.constexpr):
-    """(w_hi, w_lo, log c, top) as (BLOCK_G,) vectors from tuples; padded groups: 0, 0, -inf, 0."""
+def _group_vectors(
+    WEIGHTS: tl.constexpr, LOG_COUNTS: tl.constexpr, TOPS: tl.constexpr, NG: tl.constexpr, BLOCK_G: tl.constexpr, ACC: tl.constexpr
+):
+    """(w, log c, top) as (BLOCK_G,) vectors from the constexpr group table; padded groups: 0, -inf, 0."""
     offs_g = tl.arange(0, BLOCK_G)
-    wh = tl.zeros([BLOCK_G], ACC)
-    wl = tl.zeros([BLOCK_G], ACC)
+    w = tl.zeros([BLOCK_G], ACC)
     lc = tl.full([BLOCK_G], NEG_INF, ACC)
     top = tl.zeros([BLOCK_G], ACC)
     for i in tl.static_range(NG):
-        wh = tl.where(offs_g == i, WH[i], wh)
-        wl = tl.where(offs_g == i, WL[i], wl)
-        lc = tl.where(offs_g == i, LC[i], lc)
-        top = tl.where(offs_g == i, TOP[i], top)
-    return wh, wl, lc, top
+        w = tl.where(offs_g == i, WEIGHTS[i], w)
+        lc = tl.where(offs_g == i, LOG_COUNTS[i], lc)
+        top = tl.where(offs_g == i, TOPS[i], top)
+    return w, lc, top
 
 
 @triton.jit
-def _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, wh, wl, ACC: tl.constexpr):
+def _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, w, ACC: tl.constexpr):
     """lE_G = w_G · scores / eps for a tile, as (BLOCK_G, BLOCK_N, BLOCK_K)."""
     x = tl.load(S + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k, mask=mask, other=0.0).to(ACC)
-    x = x * eps_hi + x * eps_lo
-    return wh[:, None, None] * x[None, :, :] + wl[:, None, None] * x[None, :, :]
+    return w[:, None, None] * (x * inv_eps)[None, :, :]
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def _rows(le, gamma, phi, mask3, nmask):
 
 @triton.jit
 def _minmax(t, kmask):
-    lo = tl.min(tl.where(kmask[None, :], t, float("inf")), axis=1)
+    lo = tl.min(tl.where(kmask[None, :], t, POS_INF), axis=1)
     hi = tl.max(tl.where(kmask[None, :], t, NEG_INF), axis=1)
     spread = hi - lo
     valid = spread > 0
@@ -99,8 +99,21 @@ def _minmax(t, kmask):
 
 
 @triton.jit
-def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo, wh, wl, gmask,
-                BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _column_lse(
+    S,
+    stride_n,
+    stride_k,
+    row_lo,
+    row_hi,
+    K,
+    inv_eps,
+    w,
+    gmask,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < K
     m = tl.full([BLOCK_G, BLOCK_K], NEG_INF, ACC)
@@ -109,7 +122,7 @@ def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo, wh, wl
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_n < row_hi)[:, None] & kmask[None, :]
         mask3 = gmask[:, None, None] & mask[None, :, :]
-        le = tl.where(mask3, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, wh, wl, ACC), NEG_INF)
+        le = tl.where(mask3, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, w, ACC), NEG_INF)
         new_m = tl.maximum(m, tl.max(le, axis=1))
         safe = tl.where(new_m == NEG_INF, 0.0, new_m)
         acc = acc * tl.exp(m - safe) + tl.sum(tl.exp(le - safe[:, None, :]), axis=1)
@@ -118,10 +131,31 @@ def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo, wh, wl
 
 
 @triton.jit
-def _row_pass(S, stride_n, stride_k, OUT, PSI_PREV, PSI, phi, t, row_lo, row_hi, N, K,
-              eps_hi, eps_lo, wh, wl, lc, top, gmask,
-              WRITE_OUT: tl.constexpr, MINMAX: tl.constexpr,
-              BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _row_pass(
+    S,
+    stride_n,
+    stride_k,
+    OUT,
+    PSI_PREV,
+    PSI,
+    phi,
+    t,
+    row_lo,
+    row_hi,
+    N,
+    K,
+    inv_eps,
+    w,
+    lc,
+    top,
+    gmask,
+    WRITE_OUT: tl.constexpr,
+    MINMAX: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Row pass of iteration t given φ_t: stores ψ_t, writes T on the last pass; returns Σ_n C_t."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_g = tl.arange(0, BLOCK_G)
@@ -134,7 +168,7 @@ def _row_pass(S, stride_n, stride_k, OUT, PSI_PREV, PSI, phi, t, row_lo, row_hi,
         mask3 = gmask[:, None, None] & mask[None, :, :]
         gn = offs_g[:, None] * N + offs_n[None, :]
         gnmask = gmask[:, None] & nmask[None, :]
-        le = _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, wh, wl, ACC)
+        le = _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, w, ACC)
         psi_prev = tl.load(PSI_PREV + gn, mask=gnmask, other=0.0)
         gamma, _ = _gamma(le, phi, psi_prev, lc, mask3)
         psi, c = _rows(le, gamma, phi, mask3, nmask)
@@ -152,15 +186,38 @@ def _row_pass(S, stride_n, stride_k, OUT, PSI_PREV, PSI, phi, t, row_lo, row_hi,
 
 @triton.jit
 def _multi_fwd_kernel(
-    S, OUT, RMASS, PHI, PSI, COLSUM, PART,
-    N, K, eps_hi, eps_lo, n_iters, pass_index, rows_per_program, R, psi_slots,
-    stride_b, stride_n, stride_k,
-    WH, WL, LC, TOP,
-    NG: tl.constexpr, SINGLE: tl.constexpr, MINMAX: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    S,
+    OUT,
+    RMASS,
+    PHI,
+    PSI,
+    COLSUM,
+    PART,
+    N,
+    K,
+    inv_eps: tl.float64,
+    n_iters,
+    pass_index,
+    rows_per_program,
+    R,
+    psi_slots,
+    stride_b,
+    stride_n,
+    stride_k,
+    WEIGHTS: tl.constexpr,
+    LOG_COUNTS: tl.constexpr,
+    TOPS: tl.constexpr,
+    NG: tl.constexpr,
+    SINGLE: tl.constexpr,
+    MINMAX: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
+    inv_eps = scalar(inv_eps, ACC)
     S += pid.to(tl.int64) * stride_b
     OUT += pid.to(tl.int64) * N * K
     PHI += pid.to(tl.int64) * (n_iters + 1) * BLOCK_G * K
@@ -172,30 +229,73 @@ def _multi_fwd_kernel(
     gmask = offs_g < NG
     gk = offs_g[:, None] * K + offs_k[None, :]
     gkmask = gmask[:, None] & kmask[None, :]
-    wh, wl, lc, top = _group_vectors(WH, WL, LC, TOP, NG, BLOCK_G, ACC)
+    w, lc, top = _group_vectors(WEIGHTS, LOG_COUNTS, TOPS, NG, BLOCK_G, ACC)
     log_r = tl.log(tl.load(RMASS + pid * K + offs_k, mask=kmask, other=1.0).to(ACC))
     row_lo = pid_r * rows_per_program
     row_hi = tl.minimum(row_lo + rows_per_program, N)
     slot_stride = BLOCK_G * N
     if SINGLE:
-        m, acc = _column_lse(S, stride_n, stride_k, 0, N, K, eps_hi, eps_lo, wh, wl, gmask, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+        m, acc = _column_lse(S, stride_n, stride_k, 0, N, K, inv_eps, w, gmask, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
         phi = tl.where(gkmask, log_r[None, :] - m - tl.log(tl.where(gkmask, acc, 1.0)), 0.0)
         tl.store(PHI + K * BLOCK_G + gk, phi, mask=gkmask)
         for t in range(1, n_iters):
-            col = _row_pass(S, stride_n, stride_k, OUT, PSI + ((t - 1) % psi_slots) * slot_stride,
-                            PSI + (t % psi_slots) * slot_stride, phi, t, 0, N, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
-                            False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+            col = _row_pass(
+                S,
+                stride_n,
+                stride_k,
+                OUT,
+                PSI + ((t - 1) % psi_slots) * slot_stride,
+                PSI + (t % psi_slots) * slot_stride,
+                phi,
+                t,
+                0,
+                N,
+                N,
+                K,
+                inv_eps,
+                w,
+                lc,
+                top,
+                gmask,
+                False,
+                MINMAX,
+                BLOCK_G,
+                BLOCK_N,
+                BLOCK_K,
+                ACC,
+            )
             phi = tl.where(gkmask, phi + log_r[None, :] - tl.log(tl.where(gkmask, col, 1.0)), 0.0)
             tl.store(PHI + (t + 1) * K * BLOCK_G + gk, phi, mask=gkmask)
             tl.debug_barrier()
         t = n_iters
-        _row_pass(S, stride_n, stride_k, OUT, PSI + ((t - 1) % psi_slots) * slot_stride,
-                  PSI + (t % psi_slots) * slot_stride, phi, t, 0, N, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
-                  True, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+        _row_pass(
+            S,
+            stride_n,
+            stride_k,
+            OUT,
+            PSI + ((t - 1) % psi_slots) * slot_stride,
+            PSI + (t % psi_slots) * slot_stride,
+            phi,
+            t,
+            0,
+            N,
+            N,
+            K,
+            inv_eps,
+            w,
+            lc,
+            top,
+            gmask,
+            True,
+            MINMAX,
+            BLOCK_G,
+            BLOCK_N,
+            BLOCK_K,
+            ACC,
+        )
     else:
         if pass_index == 0:
-            m, acc = _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo, wh, wl, gmask,
-                                 BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+            m, acc = _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, inv_eps, w, gmask, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
             part = PART + (pid * R + pid_r).to(tl.int64) * 2 * BLOCK_G * K
             tl.store(part + gk, m, mask=gkmask)
             tl.store(part + BLOCK_G * K + gk, acc, mask=gkmask)
@@ -212,17 +312,62 @@ def _multi_fwd_kernel(
             psi_prev = PSI + ((t - 1) % psi_slots) * slot_stride
             psi_next = PSI + (t % psi_slots) * slot_stride
             if t < n_iters:
-                col = _row_pass(S, stride_n, stride_k, OUT, psi_prev, psi_next, phi, t, row_lo, row_hi, N, K,
-                                eps_hi, eps_lo, wh, wl, lc, top, gmask, False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+                col = _row_pass(
+                    S,
+                    stride_n,
+                    stride_k,
+                    OUT,
+                    psi_prev,
+                    psi_next,
+                    phi,
+                    t,
+                    row_lo,
+                    row_hi,
+                    N,
+                    K,
+                    inv_eps,
+                    w,
+                    lc,
+                    top,
+                    gmask,
+                    False,
+                    MINMAX,
+                    BLOCK_G,
+                    BLOCK_N,
+                    BLOCK_K,
+                    ACC,
+                )
                 tl.atomic_add(COLSUM + t * K * BLOCK_G + gk, col, mask=gkmask)
             else:
-                _row_pass(S, stride_n, stride_k, OUT, psi_prev, psi_next, phi, t, row_lo, row_hi, N, K,
-                          eps_hi, eps_lo, wh, wl, lc, top, gmask, True, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+                _row_pass(
+                    S,
+                    stride_n,
+                    stride_k,
+                    OUT,
+                    psi_prev,
+                    psi_next,
+                    phi,
+                    t,
+                    row_lo,
+                    row_hi,
+                    N,
+                    K,
+                    inv_eps,
+                    w,
+                    lc,
+                    top,
+                    gmask,
+                    True,
+                    MINMAX,
+                    BLOCK_G,
+                    BLOCK_N,
+                    BLOCK_K,
+                    ACC,
+                )
 
 
 @triton.jit
-def _combine_lse_kernel(PART, RMASS, PHI, K, R, n_iters, NG: tl.constexpr,
-                        BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _combine_lse_kernel(PART, RMASS, PHI, K, R, n_iters, NG: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """φ_1 = log r - LSE over the R programs' partial (max, sum) pairs."""
     pid = tl.program_id(0)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -245,10 +390,36 @@ def _combine_lse_kernel(PART, RMASS, PHI, K, R, n_iters, NG: tl.constexpr,
 
 
 @triton.jit
-def _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, phibar_next, t,
-                  row_lo, row_hi, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
-                  FIRST: tl.constexpr, FINAL: tl.constexpr, MINMAX: tl.constexpr,
-                  BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _reverse_pass(
+    S,
+    stride_n,
+    stride_k,
+    GRAD,
+    D,
+    DS,
+    RMASS,
+    PHI,
+    PSI,
+    PSIBAR,
+    phibar_next,
+    t,
+    row_lo,
+    row_hi,
+    N,
+    K,
+    inv_eps,
+    w,
+    lc,
+    top,
+    gmask,
+    FIRST: tl.constexpr,
+    FINAL: tl.constexpr,
+    MINMAX: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Reverse pass t (FIRST: t = T; FINAL: t = 0); returns this program's Σ_n for φ̄_{G,t}."""
     offs_k = tl.arange(0, BLOCK_K)
     offs_g = tl.arange(0, BLOCK_G)
@@ -265,7 +436,6 @@ def _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, p
         phi = tl.zeros([BLOCK_G, BLOCK_K], ACC)
     else:
         phi = tl.load(PHI + t * BLOCK_G * K + gk, mask=gkmask, other=0.0)
-    w = wh + wl
     for n0 in range(row_lo, row_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < row_hi
@@ -274,13 +444,13 @@ def _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, p
         gn = offs_g[:, None] * N + offs_n[None, :]
         gnmask = gmask[:, None] & nmask[None, :]
         tile = offs_n[:, None] * K + offs_k[None, :]
-        le = _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, wh, wl, ACC)
+        le = _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, w, ACC)
         if FINAL:
             # A_{G,1} = exp(lE_G + φ_{G,1}): γ_0 = ψ_0 = 0.
             a = tl.exp(tl.where(mask3, le + phi_next[:, None, :], NEG_INF))
             wadj = -(phibar_next / r[None, :])[:, None, :] * a
             dl = tl.load(D + tile, mask=mask, other=0.0) + tl.sum(w[:, None, None] * wadj, axis=0)
-            tl.store(DS + tile, (dl * eps_hi + dl * eps_lo).to(DS.dtype.element_ty), mask=mask)
+            tl.store(DS + tile, (dl * inv_eps).to(DS.dtype.element_ty), mask=mask)
         else:
             psi_prev = tl.load(PSI + (t - 1) * BLOCK_G * N + gn, mask=gnmask, other=0.0)
             gamma, cb = _gamma(le, phi, psi_prev, lc, mask3)
@@ -324,15 +494,38 @@ def _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, p
 
 @triton.jit
 def _multi_bwd_kernel(
-    S, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, PHIBAR,
-    N, K, eps_hi, eps_lo, n_iters, pass_index, rows_per_program,
-    stride_b, stride_n, stride_k,
-    WH, WL, LC, TOP,
-    NG: tl.constexpr, SINGLE: tl.constexpr, MINMAX: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    S,
+    GRAD,
+    D,
+    DS,
+    RMASS,
+    PHI,
+    PSI,
+    PSIBAR,
+    PHIBAR,
+    N,
+    K,
+    inv_eps: tl.float64,
+    n_iters,
+    pass_index,
+    rows_per_program,
+    stride_b,
+    stride_n,
+    stride_k,
+    WEIGHTS: tl.constexpr,
+    LOG_COUNTS: tl.constexpr,
+    TOPS: tl.constexpr,
+    NG: tl.constexpr,
+    SINGLE: tl.constexpr,
+    MINMAX: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
+    inv_eps = scalar(inv_eps, ACC)
     S += pid.to(tl.int64) * stride_b
     GRAD += pid.to(tl.int64) * N * K
     D += pid.to(tl.int64) * N * K
@@ -347,64 +540,221 @@ def _multi_bwd_kernel(
     gmask = offs_g < NG
     gk = offs_g[:, None] * K + offs_k[None, :]
     gkmask = gmask[:, None] & (offs_k < K)[None, :]
-    wh, wl, lc, top = _group_vectors(WH, WL, LC, TOP, NG, BLOCK_G, ACC)
+    w, lc, top = _group_vectors(WEIGHTS, LOG_COUNTS, TOPS, NG, BLOCK_G, ACC)
     row_lo = pid_r * rows_per_program
     row_hi = tl.minimum(row_lo + rows_per_program, N)
     zero = tl.zeros([BLOCK_G, BLOCK_K], ACC)
     if SINGLE:
-        phibar = _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, zero, n_iters,
-                               0, N, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
-                               True, False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+        phibar = _reverse_pass(
+            S,
+            stride_n,
+            stride_k,
+            GRAD,
+            D,
+            DS,
+            RMASS,
+            PHI,
+            PSI,
+            PSIBAR,
+            zero,
+            n_iters,
+            0,
+            N,
+            N,
+            K,
+            inv_eps,
+            w,
+            lc,
+            top,
+            gmask,
+            True,
+            False,
+            MINMAX,
+            BLOCK_G,
+            BLOCK_N,
+            BLOCK_K,
+            ACC,
+        )
         for i in range(1, n_iters):
             tl.debug_barrier()
-            phibar = _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, phibar, n_iters - i,
-                                   0, N, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
-                                   False, False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+            phibar = _reverse_pass(
+                S,
+                stride_n,
+                stride_k,
+                GRAD,
+                D,
+                DS,
+                RMASS,
+                PHI,
+                PSI,
+                PSIBAR,
+                phibar,
+                n_iters - i,
+                0,
+                N,
+                N,
+                K,
+                inv_eps,
+                w,
+                lc,
+                top,
+                gmask,
+                False,
+                False,
+                MINMAX,
+                BLOCK_G,
+                BLOCK_N,
+                BLOCK_K,
+                ACC,
+            )
         tl.debug_barrier()
-        _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, phibar, 0,
-                      0, N, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
-                      False, True, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+        _reverse_pass(
+            S,
+            stride_n,
+            stride_k,
+            GRAD,
+            D,
+            DS,
+            RMASS,
+            PHI,
+            PSI,
+            PSIBAR,
+            phibar,
+            0,
+            0,
+            N,
+            N,
+            K,
+            inv_eps,
+            w,
+            lc,
+            top,
+            gmask,
+            False,
+            True,
+            MINMAX,
+            BLOCK_G,
+            BLOCK_N,
+            BLOCK_K,
+            ACC,
+        )
     else:
         t = pass_index
         if t == n_iters:
-            col = _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, zero, t,
-                                row_lo, row_hi, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
-                                True, False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+            col = _reverse_pass(
+                S,
+                stride_n,
+                stride_k,
+                GRAD,
+                D,
+                DS,
+                RMASS,
+                PHI,
+                PSI,
+                PSIBAR,
+                zero,
+                t,
+                row_lo,
+                row_hi,
+                N,
+                K,
+                inv_eps,
+                w,
+                lc,
+                top,
+                gmask,
+                True,
+                False,
+                MINMAX,
+                BLOCK_G,
+                BLOCK_N,
+                BLOCK_K,
+                ACC,
+            )
             tl.atomic_add(PHIBAR + t * BLOCK_G * K + gk, col, mask=gkmask)
         else:
             phibar = tl.load(PHIBAR + (t + 1) * BLOCK_G * K + gk, mask=gkmask, other=0.0)
             if t > 0:
-                col = _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, phibar, t,
-                                    row_lo, row_hi, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
-                                    False, False, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
+                col = _reverse_pass(
+                    S,
+                    stride_n,
+                    stride_k,
+                    GRAD,
+                    D,
+                    DS,
+                    RMASS,
+                    PHI,
+                    PSI,
+                    PSIBAR,
+                    phibar,
+                    t,
+                    row_lo,
+                    row_hi,
+                    N,
+                    K,
+                    inv_eps,
+                    w,
+                    lc,
+                    top,
+                    gmask,
+                    False,
+                    False,
+                    MINMAX,
+                    BLOCK_G,
+                    BLOCK_N,
+                    BLOCK_K,
+                    ACC,
+                )
                 tl.atomic_add(PHIBAR + t * BLOCK_G * K + gk, col, mask=gkmask)
             else:
-                _reverse_pass(S, stride_n, stride_k, GRAD, D, DS, RMASS, PHI, PSI, PSIBAR, phibar, 0,
-                              row_lo, row_hi, N, K, eps_hi, eps_lo, wh, wl, lc, top, gmask,
-                              False, True, MINMAX, BLOCK_G, BLOCK_N, BLOCK_K, ACC)
-
-
-def split_float(value: float) -> tuple[float, float]:
-    """value = hi + lo with hi exactly a float32: Triton passes Python floats as float32."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(value - hi)
+                _reverse_pass(
+                    S,
+                    stride_n,
+                    stride_k,
+                    GRAD,
+                    D,
+                    DS,
+                    RMASS,
+                    PHI,
+                    PSI,
+                    PSIBAR,
+                    phibar,
+                    0,
+                    row_lo,
+                    row_hi,
+                    N,
+                    K,
+                    inv_eps,
+                    w,
+                    lc,
+                    top,
+                    gmask,
+                    False,
+                    True,
+                    MINMAX,
+                    BLOCK_G,
+                    BLOCK_N,
+                    BLOCK_K,
+                    ACC,
+                )
 
 
 class _Plan:
-    def __init__(self, scores: torch.Tensor, slot_weights, k, backward: bool = False):
+    def __init__(self, scores: torch.Tensor, groups, backward: bool = False):
         self.n_rows, self.n_cols = scores.shape[-2:]
         self.s = scores.reshape(-1, self.n_rows, self.n_cols)
         self.n_problems = self.s.shape[0]
         self.acc = _common.acc_dtype(scores.dtype)
         self.acc_tl = _common.tl_dtype(self.acc)
-        groups = reference.slot_groups(slot_weights, k)
         self.n_groups = len(groups)
         self.block_g = triton.next_power_of_2(self.n_groups)
-        weights = [split_float(weight) for weight, _, _ in groups]
-        self.wh = tuple(hi for hi, _ in weights)
-        self.wl = tuple(lo for _, lo in weights)
-        self.log_count = tuple(float(torch.tensor(float(count), dtype=torch.float64).log()) for _, count, _ in groups)
-        self.top = tuple(float(top) for _, _, top in groups)
+        # The group table is constexpr: it shapes the kernel (NG) and stays exact (see _common).
+        self.table = dict(
+            WEIGHTS=tuple(float(weight) for weight, _, _ in groups),
+            LOG_COUNTS=tuple(math.log(count) for _, count, _ in groups),
+            TOPS=tuple(float(top) for _, _, top in groups),
+            NG=self.n_groups,
+        )
         self.block_k = triton.next_power_of_2(self.n_cols)
         row = self.block_g * self.block_k * (2 if backward else 1)
         self.block_n = _common.tile_rows(self.n_rows, row)
@@ -420,13 +770,10 @@ class _Plan:
     def strides(self):
         return self.s.stride(0), self.s.stride(1), self.s.stride(2)
 
-    def groups(self):
-        return self.wh, self.wl, self.log_count, self.top
 
-
-def _too_wide(scores, slot_weights, k) -> bool:
-    n_groups = len(reference.slot_groups(slot_weights, k))
-    return triton.next_power_of_2(scores.shape[-1]) * triton.next_power_of_2(n_groups) > _common.MAX_BLOCK_K
+def fits(n_cols: int, n_groups: int) -> bool:
+    """Whether a row of ``n_cols`` anchors for ``n_groups`` weight groups fits one tile; the op runs wider calls elsewhere."""
+    return triton.next_power_of_2(n_cols) * triton.next_power_of_2(n_groups) <= _common.MAX_BLOCK_K
 
 
 def _run_forward(plan: _Plan, eps, n_iters, anchor_mass, normalize, save: bool):
@@ -441,15 +788,32 @@ def _run_forward(plan: _Plan, eps, n_iters, anchor_mass, normalize, save: bool):
     psi[:, 0].zero_()  # ψ_0 = 0
     colsum = torch.zeros((B, n_iters + 1, BG, K) if not plan.single else (1,), dtype=plan.acc, device=dev)
     part = torch.empty((B, plan.R, 2, BG, K) if not plan.single else (1,), dtype=plan.acc, device=dev)
-    eps_hi, eps_lo = split_float(1.0 / eps)
 
     def launch(pass_index):
         _multi_fwd_kernel[(B, plan.R)](
-            s, out, mass, phi, psi, colsum, part,
-            N, K, eps_hi, eps_lo, n_iters, pass_index, plan.rows_per_program, plan.R, psi_slots,
-            *plan.strides(), *plan.groups(),
-            NG=plan.n_groups, SINGLE=plan.single, MINMAX=normalize == "minmax",
-            BLOCK_G=BG, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, ACC=plan.acc_tl,
+            s,
+            out,
+            mass,
+            phi,
+            psi,
+            colsum,
+            part,
+            N,
+            K,
+            1.0 / eps,
+            n_iters,
+            pass_index,
+            plan.rows_per_program,
+            plan.R,
+            psi_slots,
+            *plan.strides(),
+            **plan.table,
+            SINGLE=plan.single,
+            MINMAX=normalize == "minmax",
+            BLOCK_G=BG,
+            BLOCK_N=plan.block_n,
+            BLOCK_K=plan.block_k,
+            ACC=plan.acc_tl,
             num_warps=plan.warps,
         )
 
@@ -464,22 +828,16 @@ def _run_forward(plan: _Plan, eps, n_iters, anchor_mass, normalize, save: bool):
     return out, mass, phi, psi
 
 
-def forward(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
-    """T (shape and dtype of scores); ``log_domain`` is accepted but never needed (see module doc)."""
-    if _too_wide(scores, slot_weights, k):
-        return reference.multi_sinkhorn(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
-    plan = _Plan(scores, slot_weights, k)
+def forward(scores, eps, n_iters, groups, anchor_mass, normalize):
+    """T (shape and dtype of scores) for the slot groups [(weight, slots, slots among the last k)]."""
+    plan = _Plan(scores, groups)
     out, *_ = _run_forward(plan, eps, n_iters, anchor_mass, normalize, save=False)
     return out.view(scores.shape)
 
 
-def backward(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+def backward(grad, scores, eps, n_iters, groups, anchor_mass, normalize):
     """∂loss/∂scores for ∂loss/∂T = grad: recompute the potentials, then the reverse passes."""
-    if _too_wide(scores, slot_weights, k):
-        from mmot.ops.multi_sinkhorn import _backward_replay
-
-        return _backward_replay(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
-    plan = _Plan(scores, slot_weights, k, backward=True)
+    plan = _Plan(scores, groups, backward=True)
     _, mass, phi, psi = _run_forward(plan, eps, n_iters, anchor_mass, normalize, save=True)
     B, N, K, BG = plan.n_problems, plan.n_rows, plan.n_cols, plan.block_g
     dev = scores.device
@@ -488,15 +846,32 @@ def backward(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize
     ds = d if scores.dtype == plan.acc else torch.empty((B, N, K), dtype=scores.dtype, device=dev)
     psibar = torch.empty((B, BG, N), dtype=plan.acc, device=dev)
     phibar = torch.zeros((B, n_iters + 1, BG, K) if not plan.single else (1,), dtype=plan.acc, device=dev)
-    eps_hi, eps_lo = split_float(1.0 / eps)
 
     def launch(pass_index):
         _multi_bwd_kernel[(B, plan.R)](
-            plan.s, g, d, ds, mass, phi, psi, psibar, phibar,
-            N, K, eps_hi, eps_lo, n_iters, pass_index, plan.rows_per_program,
-            *plan.strides(), *plan.groups(),
-            NG=plan.n_groups, SINGLE=plan.single, MINMAX=normalize == "minmax",
-            BLOCK_G=BG, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, ACC=plan.acc_tl,
+            plan.s,
+            g,
+            d,
+            ds,
+            mass,
+            phi,
+            psi,
+            psibar,
+            phibar,
+            N,
+            K,
+            1.0 / eps,
+            n_iters,
+            pass_index,
+            plan.rows_per_program,
+            *plan.strides(),
+            **plan.table,
+            SINGLE=plan.single,
+            MINMAX=normalize == "minmax",
+            BLOCK_G=BG,
+            BLOCK_N=plan.block_n,
+            BLOCK_K=plan.block_k,
+            ACC=plan.acc_tl,
             num_warps=plan.warps,
         )
 

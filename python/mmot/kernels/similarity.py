@@ -25,8 +25,7 @@ import triton
 import triton.language as tl
 
 from mmot.kernels import _common
-
-NORM_EPS = 1e-12
+from mmot.kernels._common import scalar
 
 
 @triton.jit
@@ -48,10 +47,29 @@ def _inv_norm(ss, NORMALIZE: tl.constexpr):
 
 @triton.jit
 def _similarity_fwd_kernel(
-    X, Y, OUT, XI, YI, N, M, D, scale_hi, scale_lo,
-    sxb, sxn, sxd, syb, sym, syd,
-    NORMALIZE: tl.constexpr, CAST: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    X,
+    Y,
+    OUT,
+    XI,
+    YI,
+    N,
+    M,
+    D,
+    scale: tl.float64,
+    sxb,
+    sxn,
+    sxd,
+    syb,
+    sym,
+    syd,
+    NORMALIZE: tl.constexpr,
+    CAST: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,7 +95,7 @@ def _similarity_fwd_kernel(
             yf = yt.to(ACC)
             ssx += tl.sum(xf * xf, axis=1)
             ssy += tl.sum(yf * yf, axis=1)
-    acc = acc * scale_hi + acc * scale_lo
+    acc = acc * scalar(scale, ACC)
     out = acc * _inv_norm(ssx, NORMALIZE)[:, None] * _inv_norm(ssy, NORMALIZE)[None, :]
     ptrs = OUT + b.to(tl.int64) * N * M + offs_n[:, None] * M + offs_m[None, :]
     tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
@@ -99,10 +117,32 @@ def _inv_norm_kernel(X, RN, rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexp
 
 @triton.jit
 def _similarity_grad_kernel(
-    G, OTHER, RSELF, ROTHER, V, BMAP, OTHER_INDEX, P, Q, D, n_rep, scale_hi, scale_lo,
-    sgb, sgp, sgq, sob, soq, sod,
-    NORMALIZE: tl.constexpr, CAST: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    G,
+    OTHER,
+    RSELF,
+    ROTHER,
+    V,
+    BMAP,
+    OTHER_INDEX,
+    P,
+    Q,
+    D,
+    n_rep,
+    scale: tl.float64,
+    sgb,
+    sgp,
+    sgq,
+    sob,
+    soq,
+    sod,
+    NORMALIZE: tl.constexpr,
+    CAST: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """v[self, p, d] = Σ_{b → self} Σ_q H_b[p, q] other_b[q, d], H = scale·Ḡ·r_self·r_other."""
     pself = tl.program_id(0)
@@ -119,19 +159,19 @@ def _similarity_grad_kernel(
         for q0 in range(0, Q, BLOCK_Q):
             offs_q = q0 + tl.arange(0, BLOCK_Q)
             qmask = offs_q < Q
-            h = tl.load(G + b.to(tl.int64) * sgb + offs_p[:, None] * sgp + offs_q[None, :] * sgq,
-                        mask=pmask[:, None] & qmask[None, :], other=0.0).to(ACC)
+            h = tl.load(
+                G + b.to(tl.int64) * sgb + offs_p[:, None] * sgp + offs_q[None, :] * sgq, mask=pmask[:, None] & qmask[None, :], other=0.0
+            ).to(ACC)
             if NORMALIZE:
                 ro = tl.load(ROTHER + o * Q + offs_q, mask=qmask, other=0.0)
                 h = h * rs[:, None] * ro[None, :]
-            ot = tl.load(OTHER + o * sob + offs_q[:, None] * soq + offs_d[None, :] * sod,
-                         mask=qmask[:, None] & dmask[None, :], other=0.0)
+            ot = tl.load(OTHER + o * sob + offs_q[:, None] * soq + offs_d[None, :] * sod, mask=qmask[:, None] & dmask[None, :], other=0.0)
             if CAST:
                 ot = ot.to(ACC)
             else:
                 h = h.to(ot.dtype)
             acc += _mm(h, ot, USE_DOT, PRECISION, ACC)
-    acc = acc * scale_hi + acc * scale_lo
+    acc = acc * scalar(scale, ACC)
     tl.store(V + pself.to(tl.int64) * P * D + offs_p[:, None] * D + offs_d[None, :], acc, mask=pmask[:, None] & dmask[None, :])
 
 
@@ -157,11 +197,6 @@ def _project_kernel(X, V, OUT, rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.const
         x = tl.load(X + base + offs_d[None, :], mask=mask, other=0.0).to(ACC)
         v = tl.load(V + base + offs_d[None, :], mask=mask, other=0.0)
         tl.store(OUT + base + offs_d[None, :], (v - coef[:, None] * x).to(OUT.dtype.element_ty), mask=mask)
-
-
-def _split(value: float) -> tuple[float, float]:
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(value - hi)
 
 
 def _settings(dtype: torch.dtype, device: torch.device):
@@ -204,10 +239,26 @@ def forward(x: torch.Tensor, y: torch.Tensor, normalize: bool, scale: float) -> 
     bd = _tile(D, 32 if x.dtype == torch.float64 else 64)
     grid = (B, triton.cdiv(N, bn), triton.cdiv(M, bm))
     _similarity_fwd_kernel[grid](
-        xs, ys, out, xi, yi, N, M, D, *_split(scale),
-        *xs.stride(), *ys.stride(),
-        NORMALIZE=normalize, CAST=cast, USE_DOT=use_dot, PRECISION=precision,
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, ACC=_common.tl_dtype(acc), num_warps=4,
+        xs,
+        ys,
+        out,
+        xi,
+        yi,
+        N,
+        M,
+        D,
+        scale,
+        *xs.stride(),
+        *ys.stride(),
+        NORMALIZE=normalize,
+        CAST=cast,
+        USE_DOT=use_dot,
+        PRECISION=precision,
+        BLOCK_N=bn,
+        BLOCK_M=bm,
+        BLOCK_D=bd,
+        ACC=_common.tl_dtype(acc),
+        num_warps=4,
     )
     return out.view(tuple(ob) + (N, M))
 
@@ -246,10 +297,29 @@ def backward(grad, x, y, normalize: bool, scale: float):
         bp, bq = _tile(P, 64), _tile(Q, 64)
         bd = _tile(D, 32 if x.dtype == torch.float64 else 64)
         _similarity_grad_kernel[(n_self, triton.cdiv(P, bp), triton.cdiv(D, bd))](
-            g, other_t, rs, ro, v, bmap, other_index, P, Q, D, n_rep, *_split(scale),
-            *strides_g, *other_t.stride(),
-            NORMALIZE=normalize, CAST=cast, USE_DOT=use_dot, PRECISION=precision,
-            BLOCK_P=bp, BLOCK_Q=bq, BLOCK_D=bd, ACC=acc_tl, num_warps=4,
+            g,
+            other_t,
+            rs,
+            ro,
+            v,
+            bmap,
+            other_index,
+            P,
+            Q,
+            D,
+            n_rep,
+            scale,
+            *strides_g,
+            *other_t.stride(),
+            NORMALIZE=normalize,
+            CAST=cast,
+            USE_DOT=use_dot,
+            PRECISION=precision,
+            BLOCK_P=bp,
+            BLOCK_Q=bq,
+            BLOCK_D=bd,
+            ACC=acc_tl,
+            num_warps=4,
         )
         if normalize:
             out = torch.empty(self_t.shape, dtype=x.dtype, device=x.device)
@@ -258,4 +328,4 @@ def backward(grad, x, y, normalize: bool, scale: float):
         else:
             out = v.to(x.dtype)
         grads.append(out)
-    return grads[0].view(x.shape), grads[1].view(y.shape)
+    return [grads[0].view(x.shape), grads[1].view(y.shape)]

@@ -30,22 +30,19 @@ import torch
 import triton
 import triton.language as tl
 
-from mmot import reference
 from mmot.kernels import _common
-
-NEG_INF = float("-inf")
+from mmot.kernels._common import NEG_INF, scalar
 
 
 @triton.jit
-def _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, ACC: tl.constexpr):
+def _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC: tl.constexpr):
     ptrs = S + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
     x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-    return x * eps_hi + x * eps_lo
+    return x * inv_eps
 
 
 @triton.jit
-def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, inv_eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """Online (max, Σ exp(x - max)) over rows [row_lo, row_hi) of every column of L."""
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < K
@@ -54,7 +51,7 @@ def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo,
     for n0 in range(row_lo, row_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_n < row_hi)[:, None] & kmask[None, :]
-        x = tl.where(mask, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, ACC), NEG_INF)
+        x = tl.where(mask, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC), NEG_INF)
         new_m = tl.maximum(m, tl.max(x, axis=0))
         safe = tl.where(new_m == NEG_INF, 0.0, new_m)
         acc = acc * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[None, :]), axis=0)
@@ -63,9 +60,24 @@ def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo,
 
 
 @triton.jit
-def _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT, b, row_lo, row_hi, K, eps_hi, eps_lo,
-              SAVE: tl.constexpr, WRITE_OUT: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _row_pass(
+    S,
+    stride_n,
+    stride_k,
+    OUT,
+    RMASS,
+    APOT,
+    b,
+    row_lo,
+    row_hi,
+    K,
+    inv_eps,
+    SAVE: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Row step of one iteration given b_t: stores a_t (SAVE), P_t (WRITE_OUT); returns Σ_n P_t."""
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < K
@@ -74,7 +86,7 @@ def _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT, b, row_lo, row_hi, K, eps
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < row_hi
         mask = nmask[:, None] & kmask[None, :]
-        x = tl.where(mask, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, ACC) + b[None, :], NEG_INF)
+        x = tl.where(mask, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC) + b[None, :], NEG_INF)
         row_max = tl.where(nmask, tl.max(x, axis=1), 0.0)
         p = tl.exp(x - row_max[:, None])
         row_sum = tl.where(nmask, tl.sum(p, axis=1), 1.0)
@@ -90,12 +102,31 @@ def _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT, b, row_lo, row_hi, K, eps
 
 @triton.jit
 def _sinkhorn_fwd_kernel(
-    S, OUT, RMASS, CMASS, APOT, BPOT, COLSUM, PART,
-    N, K, eps_hi, eps_lo, n_iters, pass_index, rows_per_program, R,
-    stride_b, stride_n, stride_k,
-    SINGLE: tl.constexpr, SAVE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    S,
+    OUT,
+    RMASS,
+    CMASS,
+    APOT,
+    BPOT,
+    COLSUM,
+    PART,
+    N,
+    K,
+    inv_eps: tl.float64,
+    n_iters,
+    pass_index,
+    rows_per_program,
+    R,
+    stride_b,
+    stride_n,
+    stride_k,
+    SINGLE: tl.constexpr,
+    SAVE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
+    inv_eps = scalar(inv_eps, ACC)
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
     S += pid.to(tl.int64) * stride_b
@@ -109,21 +140,19 @@ def _sinkhorn_fwd_kernel(
     APOT += pid.to(tl.int64) * (n_iters + 1) * N
     BPOT += pid * (n_iters + 1) * K
     if SINGLE:
-        m, acc = _column_lse(S, stride_n, stride_k, 0, N, K, eps_hi, eps_lo, BLOCK_N, BLOCK_K, ACC)
+        m, acc = _column_lse(S, stride_n, stride_k, 0, N, K, inv_eps, BLOCK_N, BLOCK_K, ACC)
         b = tl.where(kmask, log_c - m - tl.log(tl.where(kmask, acc, 1.0)), 0.0)
         if SAVE:
             tl.store(BPOT + K + offs_k, b, mask=kmask)
         for t in range(1, n_iters):
-            col = _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, 0, N, K, eps_hi, eps_lo,
-                            SAVE, False, BLOCK_N, BLOCK_K, ACC)
+            col = _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, 0, N, K, inv_eps, SAVE, False, BLOCK_N, BLOCK_K, ACC)
             b = tl.where(kmask, b + log_c - tl.log(tl.where(kmask, col, 1.0)), 0.0)
             if SAVE:
                 tl.store(BPOT + (t + 1) * K + offs_k, b, mask=kmask)
-        _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + n_iters * N, b, 0, N, K, eps_hi, eps_lo,
-                  SAVE, True, BLOCK_N, BLOCK_K, ACC)
+        _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + n_iters * N, b, 0, N, K, inv_eps, SAVE, True, BLOCK_N, BLOCK_K, ACC)
     else:
         if pass_index == 0:
-            m, acc = _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, eps_hi, eps_lo, BLOCK_N, BLOCK_K, ACC)
+            m, acc = _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, inv_eps, BLOCK_N, BLOCK_K, ACC)
             part = PART + (pid * R + pid_r) * 2 * K
             tl.store(part + offs_k, m, mask=kmask)
             tl.store(part + K + offs_k, acc, mask=kmask)
@@ -138,12 +167,12 @@ def _sinkhorn_fwd_kernel(
                 if pid_r == 0:
                     tl.store(BPOT + t * K + offs_k, b, mask=kmask)
             if t < n_iters:
-                col = _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, row_lo, row_hi, K, eps_hi, eps_lo,
-                                SAVE, False, BLOCK_N, BLOCK_K, ACC)
+                col = _row_pass(
+                    S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, row_lo, row_hi, K, inv_eps, SAVE, False, BLOCK_N, BLOCK_K, ACC
+                )
                 tl.atomic_add(COLSUM + (pid * (n_iters + 1) + t) * K + offs_k, col, mask=kmask)
             else:
-                _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, row_lo, row_hi, K, eps_hi, eps_lo,
-                          SAVE, True, BLOCK_N, BLOCK_K, ACC)
+                _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, row_lo, row_hi, K, inv_eps, SAVE, True, BLOCK_N, BLOCK_K, ACC)
 
 
 @triton.jit
@@ -172,10 +201,30 @@ def _plan(x, a, b, mask):
 
 
 @triton.jit
-def _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, BBAR_IN, DS,
-                  row_lo, row_hi, N, K, eps_hi, eps_lo, t,
-                  FIRST: tl.constexpr, FINAL: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _reverse_pass(
+    S,
+    stride_n,
+    stride_k,
+    G,
+    D,
+    RMASS,
+    CMASS,
+    APOT,
+    BPOT,
+    BBAR_IN,
+    DS,
+    row_lo,
+    row_hi,
+    N,
+    K,
+    inv_eps,
+    t,
+    FIRST: tl.constexpr,
+    FINAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """One reverse pass; returns this program's column sums for b̄ of the next (earlier) pass."""
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < K
@@ -196,7 +245,7 @@ def _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, BBAR_IN
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < row_hi
         mask = nmask[:, None] & kmask[None, :]
-        x = _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, eps_hi, eps_lo, ACC)
+        x = _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC)
         tile = offs_n[:, None] * K + offs_k[None, :]
         r = tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC)
         if FIRST:
@@ -223,7 +272,7 @@ def _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, BBAR_IN
                 col += tl.sum(z, axis=0)
                 dl += z
         if FINAL:
-            tl.store(DS + tile, (dl * eps_hi + dl * eps_lo).to(DS.dtype.element_ty), mask=mask)
+            tl.store(DS + tile, (dl * inv_eps).to(DS.dtype.element_ty), mask=mask)
         else:
             tl.store(D + tile, dl, mask=mask)
     return col
@@ -231,12 +280,31 @@ def _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, BBAR_IN
 
 @triton.jit
 def _sinkhorn_bwd_kernel(
-    S, G, D, DS, RMASS, CMASS, APOT, BPOT, BBAR,
-    N, K, eps_hi, eps_lo, n_iters, pass_index, rows_per_program,
-    stride_b, stride_n, stride_k,
-    SINGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    S,
+    G,
+    D,
+    DS,
+    RMASS,
+    CMASS,
+    APOT,
+    BPOT,
+    BBAR,
+    N,
+    K,
+    inv_eps: tl.float64,
+    n_iters,
+    pass_index,
+    rows_per_program,
+    stride_b,
+    stride_n,
+    stride_k,
+    SINGLE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Reverse passes t = T (first), T-1 .. 1, then 0 (final, writes ∂scores)."""
+    inv_eps = scalar(inv_eps, ACC)
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
     S += pid.to(tl.int64) * stride_b
@@ -253,31 +321,121 @@ def _sinkhorn_bwd_kernel(
     row_lo = pid_r * rows_per_program
     row_hi = tl.minimum(row_lo + rows_per_program, N)
     if SINGLE:
-        bbar = _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, offs_k * 0.0, DS,
-                             0, N, N, K, eps_hi, eps_lo, n_iters, True, False, BLOCK_N, BLOCK_K, ACC)
+        bbar = _reverse_pass(
+            S,
+            stride_n,
+            stride_k,
+            G,
+            D,
+            RMASS,
+            CMASS,
+            APOT,
+            BPOT,
+            offs_k * 0.0,
+            DS,
+            0,
+            N,
+            N,
+            K,
+            inv_eps,
+            n_iters,
+            True,
+            False,
+            BLOCK_N,
+            BLOCK_K,
+            ACC,
+        )
         for i in range(1, n_iters):
             tl.debug_barrier()
             t = n_iters - i
-            bbar = _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS,
-                                 0, N, N, K, eps_hi, eps_lo, t, False, False, BLOCK_N, BLOCK_K, ACC)
+            bbar = _reverse_pass(
+                S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS, 0, N, N, K, inv_eps, t, False, False, BLOCK_N, BLOCK_K, ACC
+            )
         tl.debug_barrier()
-        _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS,
-                      0, N, N, K, eps_hi, eps_lo, 0, False, True, BLOCK_N, BLOCK_K, ACC)
+        _reverse_pass(
+            S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS, 0, N, N, K, inv_eps, 0, False, True, BLOCK_N, BLOCK_K, ACC
+        )
     else:
         t = pass_index
         if t == n_iters:
-            col = _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, offs_k * 0.0, DS,
-                                row_lo, row_hi, N, K, eps_hi, eps_lo, t, True, False, BLOCK_N, BLOCK_K, ACC)
+            col = _reverse_pass(
+                S,
+                stride_n,
+                stride_k,
+                G,
+                D,
+                RMASS,
+                CMASS,
+                APOT,
+                BPOT,
+                offs_k * 0.0,
+                DS,
+                row_lo,
+                row_hi,
+                N,
+                K,
+                inv_eps,
+                t,
+                True,
+                False,
+                BLOCK_N,
+                BLOCK_K,
+                ACC,
+            )
             tl.atomic_add(BBAR + t * K + offs_k, col, mask=kmask)
         else:
             bbar = tl.load(BBAR + (t + 1) * K + offs_k, mask=kmask, other=0.0)
             if t > 0:
-                col = _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS,
-                                    row_lo, row_hi, N, K, eps_hi, eps_lo, t, False, False, BLOCK_N, BLOCK_K, ACC)
+                col = _reverse_pass(
+                    S,
+                    stride_n,
+                    stride_k,
+                    G,
+                    D,
+                    RMASS,
+                    CMASS,
+                    APOT,
+                    BPOT,
+                    bbar,
+                    DS,
+                    row_lo,
+                    row_hi,
+                    N,
+                    K,
+                    inv_eps,
+                    t,
+                    False,
+                    False,
+                    BLOCK_N,
+                    BLOCK_K,
+                    ACC,
+                )
                 tl.atomic_add(BBAR + t * K + offs_k, col, mask=kmask)
             else:
-                _reverse_pass(S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS,
-                              row_lo, row_hi, N, K, eps_hi, eps_lo, 0, False, True, BLOCK_N, BLOCK_K, ACC)
+                _reverse_pass(
+                    S,
+                    stride_n,
+                    stride_k,
+                    G,
+                    D,
+                    RMASS,
+                    CMASS,
+                    APOT,
+                    BPOT,
+                    bbar,
+                    DS,
+                    row_lo,
+                    row_hi,
+                    N,
+                    K,
+                    inv_eps,
+                    0,
+                    False,
+                    True,
+                    BLOCK_N,
+                    BLOCK_K,
+                    ACC,
+                )
 
 
 class _Plan:
@@ -291,9 +449,7 @@ class _Plan:
         self.block_k = triton.next_power_of_2(self.n_cols)
         self.block_n = _common.tile_rows(self.n_rows, self.block_k)
         self.warps = _common.num_warps(self.block_n * self.block_k)
-        self.R = _common.programs_per_problem(
-            self.n_problems, self.n_rows, self.block_n, self.n_rows * self.n_cols, scores.device
-        )
+        self.R = _common.programs_per_problem(self.n_problems, self.n_rows, self.block_n, self.n_rows * self.n_cols, scores.device)
         tiles = triton.cdiv(self.n_rows, self.block_n)
         self.rows_per_program = triton.cdiv(tiles, self.R) * self.block_n
         self.R = triton.cdiv(self.n_rows, self.rows_per_program)
@@ -303,14 +459,9 @@ class _Plan:
         return self.s.stride(0), self.s.stride(1), self.s.stride(2)
 
 
-def _split(value: float) -> tuple[float, float]:
-    """value = hi + lo with hi a float32: Triton passes Python floats as float32."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(value - hi)
-
-
-def _too_wide(scores: torch.Tensor) -> bool:
-    return scores.shape[-1] > _common.MAX_BLOCK_K
+def fits(n_cols: int) -> bool:
+    """Whether rows of ``n_cols`` scores fit one tile; the op runs wider calls elsewhere."""
+    return triton.next_power_of_2(n_cols) <= _common.MAX_BLOCK_K
 
 
 def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
@@ -329,10 +480,27 @@ def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
 
     def launch(pass_index):
         _sinkhorn_fwd_kernel[(B, plan.R)](
-            s, out, rows, cols, apot, bpot, colsum, part,
-            N, K, *_split(1.0 / eps), n_iters, pass_index, plan.rows_per_program, plan.R,
+            s,
+            out,
+            rows,
+            cols,
+            apot,
+            bpot,
+            colsum,
+            part,
+            N,
+            K,
+            1.0 / eps,
+            n_iters,
+            pass_index,
+            plan.rows_per_program,
+            plan.R,
             *plan.strides(),
-            SINGLE=plan.single, SAVE=save, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, ACC=acc_tl,
+            SINGLE=plan.single,
+            SAVE=save,
+            BLOCK_N=plan.block_n,
+            BLOCK_K=plan.block_k,
+            ACC=acc_tl,
             num_warps=plan.warps,
         )
 
@@ -349,8 +517,6 @@ def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
 
 def forward(scores, eps, n_iters, row_mass, col_mass, log_domain):
     """P (same shape and dtype as scores); ``log_domain`` is accepted but never needed (see module doc)."""
-    if _too_wide(scores):
-        return reference.sinkhorn(scores, eps, n_iters, row_mass, col_mass, log_domain)
     plan = _Plan(scores)
     out, *_ = _run_forward(plan, eps, n_iters, row_mass, col_mass, save=False)
     return out.view(scores.shape)
@@ -358,10 +524,6 @@ def forward(scores, eps, n_iters, row_mass, col_mass, log_domain):
 
 def backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
     """∂loss/∂scores for ∂loss/∂P = grad: recompute the potentials, then the reverse passes."""
-    if _too_wide(scores):
-        from mmot.ops.sinkhorn import _backward_replay
-
-        return _backward_replay(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
     plan = _Plan(scores)
     _, rows, cols, apot, bpot = _run_forward(plan, eps, n_iters, row_mass, col_mass, save=True)
     B, N, K = plan.n_problems, plan.n_rows, plan.n_cols
@@ -373,10 +535,26 @@ def backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
 
     def launch(pass_index):
         _sinkhorn_bwd_kernel[(B, plan.R)](
-            plan.s, g, d, ds, rows, cols, apot, bpot, bbar,
-            N, K, *_split(1.0 / eps), n_iters, pass_index, plan.rows_per_program,
+            plan.s,
+            g,
+            d,
+            ds,
+            rows,
+            cols,
+            apot,
+            bpot,
+            bbar,
+            N,
+            K,
+            1.0 / eps,
+            n_iters,
+            pass_index,
+            plan.rows_per_program,
             *plan.strides(),
-            SINGLE=plan.single, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, ACC=acc_tl,
+            SINGLE=plan.single,
+            BLOCK_N=plan.block_n,
+            BLOCK_K=plan.block_k,
+            ACC=acc_tl,
             num_warps=plan.warps,
         )
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmot import _checks, _dispatch, reference
-from mmot._recompute import vjp
+from mmot import _backend, _checks, _rust, reference
+from mmot.ops._kernels import Kernels, triton_entry
+from mmot.reverse import anchor_consistency as reverse
 
 OP = "mmot.anchor_consistency_loss"
+KERNELS = "anchor_consistency"  # mmot.kernels.anchor_consistency
 
 
 def anchor_consistency_loss(sim: Tensor, target: Tensor, temperature: float = 0.1, *, backend: str = "auto") -> Tensor:
@@ -54,11 +56,12 @@ def anchor_consistency_loss(sim: Tensor, target: Tensor, temperature: float = 0.
     if target.shape != sim.shape:
         raise ValueError(f"{OP}: argument 'target' must have the shape of 'sim' {tuple(sim.shape)}; got {tuple(target.shape)}")
     temperature = _checks.positive_float(OP, "temperature", temperature)
-    backend = _dispatch.resolve_backend(OP, backend, sim.device)
+    backend = _backend.resolve_backend(OP, backend, sim.device, KERNELS)
     return anchor_consistency_op(sim, target.detach().to(sim.dtype), temperature, backend)
 
 
-def _check_values(sim: Tensor, target: Tensor) -> None:
+def _check(backend, sim, target, temperature):
+    # Every backend, Rust included: its kernel does not check values.
     _checks.finite(OP, "sim", sim)
     _checks.finite(OP, "target", target)
 
@@ -70,41 +73,48 @@ def _forward_torch(sim, target, temperature):
 
 
 def _forward_rust(sim, target, temperature):
-    from mmot import _core
-
-    dtype = reference.compute_dtype(sim.dtype)
-    value = _dispatch.call_rust(
-        OP,
-        _core.anchor_consistency_forward,
-        _dispatch.kernel_array(sim.reshape(-1), dtype),
-        _dispatch.kernel_array(target.reshape(-1), dtype),
-        temperature,
-        _dispatch.num_threads(),
+    value = _rust.run(
+        OP, "anchor_consistency_forward", reference.compute_dtype(sim.dtype), [sim.reshape(-1), target.reshape(-1)], [], [temperature]
     )
     return torch.tensor(value, dtype=sim.dtype)
 
 
-def _forward_triton(sim, target, temperature):
-    from mmot.kernels import anchor_consistency as kernel
+def _backward_rust(grad, sim, target, temperature):
+    (out,) = _rust.run(
+        OP,
+        "anchor_consistency_backward",
+        reference.compute_dtype(sim.dtype),
+        [float(grad), sim.reshape(-1), target.reshape(-1)],
+        [(sim.numel(),)],
+        [temperature],
+    )
+    return out.view(sim.shape).to(sim.dtype)
 
-    return kernel.forward(sim, target, temperature)
 
-
-_FORWARD = {"torch": _forward_torch, "rust": _forward_rust, "triton": _forward_triton}
+_FORWARD = Kernels(
+    torch=_forward_torch,
+    rust=_forward_rust,
+    triton=triton_entry(KERNELS, "forward"),
+    empty=lambda sim, *_: sim.numel() == 0,
+    check=_check,
+)
+_BACKWARD = Kernels(
+    torch=reverse.backward,
+    rust=_backward_rust,
+    triton=triton_entry(KERNELS, "backward"),
+    empty=lambda grad, sim, *_: sim.numel() == 0,
+)
 
 
 @torch.library.custom_op("mmot::anchor_consistency_loss", mutates_args=())
 def anchor_consistency_op(sim: Tensor, target: Tensor, temperature: float, backend: str) -> Tensor:
-    """Devices without a kernel of their own run the torch reference."""
-    _check_values(sim, target)
-    return _forward_torch(sim, target, temperature)
+    """Devices without a kernel of their own run the torch backend."""
+    return _FORWARD("torch", sim, target, temperature)
 
 
 @anchor_consistency_op.register_kernel(("cpu", "cuda"))
 def _anchor_consistency_kernel(sim, target, temperature, backend):
-    _check_values(sim, target)
-    run = _forward_torch if sim.numel() == 0 else _FORWARD[backend]
-    return run(sim, target, temperature)
+    return _FORWARD(backend, sim, target, temperature)
 
 
 @anchor_consistency_op.register_fake
@@ -112,47 +122,15 @@ def _anchor_consistency_fake(sim, target, temperature, backend):
     return sim.new_empty(())
 
 
-def _backward_replay(grad, sim, target, temperature):
-    return vjp(lambda s: reference.anchor_consistency_loss(s, target, temperature), [sim], grad)[0]
-
-
-def _backward_rust(grad, sim, target, temperature):
-    from mmot import _core
-
-    dtype = reference.compute_dtype(sim.dtype)
-    out = _dispatch.new_output((sim.numel(),), dtype)
-    _dispatch.call_rust(
-        OP,
-        _core.anchor_consistency_backward,
-        float(grad),
-        _dispatch.kernel_array(sim.reshape(-1), dtype),
-        _dispatch.kernel_array(target.reshape(-1), dtype),
-        out.numpy(),
-        temperature,
-        _dispatch.num_threads(),
-    )
-    return out.view(sim.shape).to(sim.dtype)
-
-
-def _backward_triton(grad, sim, target, temperature):
-    from mmot.kernels import anchor_consistency as kernel
-
-    return kernel.backward(grad, sim, target, temperature)
-
-
-_BACKWARD = {"torch": _backward_replay, "rust": _backward_rust, "triton": _backward_triton}
-
-
 @torch.library.custom_op("mmot::anchor_consistency_loss_backward", mutates_args=())
 def anchor_consistency_backward_op(grad: Tensor, sim: Tensor, target: Tensor, temperature: float, backend: str) -> Tensor:
-    return _backward_replay(grad, sim, target, temperature)
+    """The gradient for sim; devices without a kernel of their own run the torch backend."""
+    return _BACKWARD("torch", grad, sim, target, temperature)
 
 
 @anchor_consistency_backward_op.register_kernel(("cpu", "cuda"))
 def _anchor_consistency_backward_kernel(grad, sim, target, temperature, backend):
-    if sim.numel() == 0:
-        return torch.zeros_like(sim)
-    return _BACKWARD[backend](grad, sim, target, temperature)
+    return _BACKWARD(backend, grad, sim, target, temperature)
 
 
 @anchor_consistency_backward_op.register_fake

@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmot import _checks, _dispatch, reference
-from mmot._recompute import vjp
+from mmot import _backend, _checks, _rust, reference
+from mmot.ops._kernels import Kernels, triton_entry
+from mmot.reverse import info_nce as reverse
 
 OP = "mmot.info_nce"
+KERNELS = "info_nce"  # mmot.kernels.info_nce
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -91,7 +93,7 @@ def info_nce(
             raise TypeError(f"{OP}: argument '{name}' must be a bool; got {type(flag).__name__}")
     reduction = _checks.choice(OP, "reduction", reduction, REDUCTIONS)
     weights = _valid_weights(valid, a)
-    backend = _dispatch.resolve_backend(OP, backend, a.device)
+    backend = _backend.resolve_backend(OP, backend, a.device, KERNELS)
 
     loss, _, _ = info_nce_op(a, b, weights, temperature, symmetric, normalize, backend)
     if reduction == "none":
@@ -118,9 +120,9 @@ def _valid_weights(valid, a: Tensor) -> Tensor:
     return valid.to(dtype)
 
 
-def _check_values(a: Tensor, b: Tensor, finite: bool = True) -> None:
-    # The Rust kernel checks finiteness itself, in its row-norm pass (finite=False).
-    if finite:
+def _check(backend, a, b, weights, temperature, symmetric, normalize):
+    # The Rust kernel checks finiteness itself, in its row-norm pass.
+    if backend != "rust":
         _checks.finite(OP, "a", a)
         _checks.finite(OP, "b", b)
 
@@ -143,36 +145,44 @@ def _forward_torch(a, b, weights, temperature, symmetric, normalize):
 
 
 def _forward_rust(a, b, weights, temperature, symmetric, normalize):
-    from mmot import _core
-
     n = a.shape[0]
-    dtype = reference.compute_dtype(a.dtype)
-    loss, lse_a, lse_b = (_dispatch.new_output((n,), dtype) for _ in range(3))
-    _dispatch.call_rust(
+    loss, lse_a, lse_b = _rust.run(
         OP,
-        _core.info_nce_forward,
-        _dispatch.kernel_array(a, dtype),
-        _dispatch.kernel_array(b, dtype),
-        _dispatch.kernel_array(weights, dtype),
-        loss.numpy(),
-        lse_a.numpy(),
-        lse_b.numpy(),
-        temperature,
-        symmetric,
-        normalize,
-        _dispatch.num_threads(),
-        _checks.value_checks_enabled(),
+        "info_nce_forward",
+        reference.compute_dtype(a.dtype),
+        [a, b, weights],
+        [(n,), (n,), (n,)],
+        [temperature, symmetric, normalize],
+        checks=_checks.value_checks_enabled(),
     )
     return loss.to(a.dtype), lse_a, lse_b
 
 
-def _forward_triton(a, b, weights, temperature, symmetric, normalize):
-    from mmot.kernels import info_nce as kernel
+def _backward_rust(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize):
+    grad_a, grad_b = _rust.run(
+        OP,
+        "info_nce_backward",
+        reference.compute_dtype(a.dtype),
+        [grad, a, b, weights, lse_a, lse_b],
+        [a.shape, b.shape],
+        [temperature, symmetric, normalize],
+    )
+    return [grad_a.to(a.dtype), grad_b.to(b.dtype)]
 
-    return kernel.forward(a, b, weights, temperature, symmetric, normalize)
 
-
-_FORWARD = {"torch": _forward_torch, "rust": _forward_rust, "triton": _forward_triton}
+_FORWARD = Kernels(
+    torch=_forward_torch,
+    rust=_forward_rust,
+    triton=triton_entry(KERNELS, "forward"),
+    empty=lambda a, *_: a.numel() == 0,
+    check=_check,
+)
+_BACKWARD = Kernels(
+    torch=reverse.backward,
+    rust=_backward_rust,
+    triton=triton_entry(KERNELS, "backward"),
+    empty=lambda grad, a, *_: a.numel() == 0,
+)
 
 
 @torch.library.custom_op("mmot::info_nce", mutates_args=())
@@ -180,15 +190,12 @@ def info_nce_op(
     a: Tensor, b: Tensor, weights: Tensor, temperature: float, symmetric: bool, normalize: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair losses (N,) and the row/column log-sum-exps; devices without a kernel run the reference."""
-    _check_values(a, b)
-    return _forward_torch(a, b, weights, temperature, symmetric, normalize)
+    return _FORWARD("torch", a, b, weights, temperature, symmetric, normalize)
 
 
 @info_nce_op.register_kernel(("cpu", "cuda"))
 def _info_nce_kernel(a, b, weights, temperature, symmetric, normalize, backend):
-    run = _forward_torch if a.numel() == 0 else _FORWARD[backend]
-    _check_values(a, b, finite=run is not _forward_rust)
-    return run(a, b, weights, temperature, symmetric, normalize)
+    return _FORWARD(backend, a, b, weights, temperature, symmetric, normalize)
 
 
 @info_nce_op.register_fake
@@ -196,49 +203,6 @@ def _info_nce_fake(a, b, weights, temperature, symmetric, normalize, backend):
     n = a.shape[0]
     dtype = reference.compute_dtype(a.dtype)
     return a.new_empty((n,)), a.new_empty((n,), dtype=dtype), a.new_empty((n,), dtype=dtype)
-
-
-def _backward_replay(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize):
-    """Gradients for a and b by autograd through the (materialising) reference."""
-
-    def forward(x: Tensor, y: Tensor) -> Tensor:
-        return reference.info_nce(x, y, weights != 0, temperature, symmetric, normalize)
-
-    return vjp(forward, [a, b], grad)
-
-
-def _backward_rust(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize):
-    from mmot import _core
-
-    dtype = reference.compute_dtype(a.dtype)
-    grad_a = _dispatch.new_output(a.shape, dtype)
-    grad_b = _dispatch.new_output(b.shape, dtype)
-    _dispatch.call_rust(
-        OP,
-        _core.info_nce_backward,
-        _dispatch.kernel_array(grad, dtype),
-        _dispatch.kernel_array(a, dtype),
-        _dispatch.kernel_array(b, dtype),
-        _dispatch.kernel_array(weights, dtype),
-        _dispatch.kernel_array(lse_a, dtype),
-        _dispatch.kernel_array(lse_b, dtype),
-        grad_a.numpy(),
-        grad_b.numpy(),
-        temperature,
-        symmetric,
-        normalize,
-        _dispatch.num_threads(),
-    )
-    return [grad_a.to(a.dtype), grad_b.to(b.dtype)]
-
-
-def _backward_triton(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize):
-    from mmot.kernels import info_nce as kernel
-
-    return list(kernel.backward(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize))
-
-
-_BACKWARD = {"torch": _backward_replay, "rust": _backward_rust, "triton": _backward_triton}
 
 
 @torch.library.custom_op("mmot::info_nce_backward", mutates_args=())
@@ -254,13 +218,13 @@ def info_nce_backward_op(
     normalize: bool,
     backend: str,
 ) -> list[Tensor]:
-    return _backward_replay(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize)
+    """Gradients for a and b from the saved log-sum-exps; other devices run the torch backend."""
+    return _BACKWARD("torch", grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize)
 
 
 @info_nce_backward_op.register_kernel(("cpu", "cuda"))
 def _info_nce_backward_kernel(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize, backend):
-    run = _backward_replay if a.numel() == 0 else _BACKWARD[backend]
-    return run(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize)
+    return _BACKWARD(backend, grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize)
 
 
 @info_nce_backward_op.register_fake

@@ -7,11 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mmot import _checks, _dispatch, reference
+from mmot import _backend, _checks, _rust, reference
 from mmot._columns import LOCAL, ShardedColumns
-from mmot._recompute import vjp
+from mmot.ops._kernels import Kernels, triton_kernels
+from mmot.reverse import multi_sinkhorn as reverse
 
 OP = "mmot.multi_sinkhorn"
+KERNELS = "multi_sinkhorn"  # mmot.kernels.multi_sinkhorn
 NORMALIZE_CHOICES = ("minmax", "none")
 
 
@@ -87,7 +89,7 @@ def multi_sinkhorn(
     normalize = _checks.choice(OP, "normalize", normalize, NORMALIZE_CHOICES)
     flag = _checks.log_domain_flag(OP, log_domain)
     distributed = process_group is not None
-    backend = _dispatch.resolve_backend(OP, backend, scores.device, distributed=distributed)
+    backend = _backend.resolve_backend(OP, backend, scores.device, KERNELS, distributed=distributed)
     columns = ShardedColumns(process_group) if distributed else LOCAL
     total_rows = columns.total_rows(n_rows, scores.device) if distributed else n_rows
     mass = _anchor_mass(scores, anchor_mass, total_rows)
@@ -126,41 +128,71 @@ def _check_values(scores: Tensor, anchor_mass: Tensor, total_rows: int) -> None:
     _checks.positive_masses(OP, "anchor_mass", anchor_mass, float(total_rows), f"N = {total_rows}")
 
 
-def _forward_torch(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
-    return reference.multi_sinkhorn(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+def _check(backend, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+    # The Rust kernel checks the values itself: the scores in the column-statistics pass it
+    # makes anyway, the masses in microseconds where torch ops would take a tenth of a ms.
+    if backend != "rust":
+        _check_values(scores, anchor_mass, scores.shape[-2])
+
+
+def _fits_triton(scores: Tensor, slot_weights: list[float], k: int) -> bool:
+    return triton_kernels(KERNELS).fits(scores.shape[-1], len(reference.slot_groups(slot_weights, k)))
 
 
 def _forward_rust(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
-    from mmot import _core
-
-    n_problems, n_rows, n_cols = _dispatch.problem_shape(scores)
-    dtype = reference.compute_dtype(scores.dtype)
-    out = _dispatch.new_output((n_problems, n_rows, n_cols), dtype)
-    _dispatch.call_rust(
+    b, n, m = _rust.problem_shape(scores)
+    (out,) = _rust.run(
         OP,
-        _core.multi_sinkhorn,
-        _dispatch.kernel_array(scores.reshape(-1, n_rows, n_cols), dtype),
-        _dispatch.kernel_array(anchor_mass.reshape(-1, n_cols), dtype),
-        out.numpy(),
-        eps,
-        n_iters,
-        list(slot_weights),
-        k,
-        normalize,
-        log_domain,
-        _dispatch.num_threads(),
-        _checks.value_checks_enabled(),
+        "multi_sinkhorn",
+        reference.compute_dtype(scores.dtype),
+        [scores.reshape(b, n, m), anchor_mass.reshape(b, m)],
+        [(b, n, m)],
+        [eps, n_iters, list(slot_weights), k, normalize, log_domain],
+        checks=_checks.value_checks_enabled(),
     )
     return out.view(scores.shape).to(scores.dtype)
 
 
+def _backward_rust(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+    """The exact VJP of the unrolled iteration and the min-max step, by the Rust reverse sweep."""
+    b, n, m = _rust.problem_shape(scores)
+    (out,) = _rust.run(
+        OP,
+        "multi_sinkhorn_backward",
+        reference.compute_dtype(scores.dtype),
+        [grad.reshape(b, n, m), scores.reshape(b, n, m), anchor_mass.reshape(b, m)],
+        [(b, n, m)],
+        [eps, n_iters, list(slot_weights), k, normalize, log_domain],
+    )
+    return out.view(scores.shape).to(scores.dtype)
+
+
+# The Triton kernels take the slot groups, and no log_domain: they need no domain decision.
 def _forward_triton(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
-    from mmot.kernels import multi_sinkhorn as kernel
+    groups = reference.slot_groups(slot_weights, k)
+    return triton_kernels(KERNELS).forward(scores, eps, n_iters, groups, anchor_mass, normalize)
 
-    return kernel.forward(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+
+def _backward_triton(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+    groups = reference.slot_groups(slot_weights, k)
+    return triton_kernels(KERNELS).backward(grad, scores, eps, n_iters, groups, anchor_mass, normalize)
 
 
-_FORWARD = {"torch": _forward_torch, "rust": _forward_rust, "triton": _forward_triton}
+_FORWARD = Kernels(
+    torch=reference.multi_sinkhorn,
+    rust=_forward_rust,
+    triton=_forward_triton,
+    empty=lambda scores, *_: scores.numel() == 0,
+    fits=lambda scores, eps, n_iters, slot_weights, k, *_: _fits_triton(scores, slot_weights, k),
+    check=_check,
+)
+_BACKWARD = Kernels(
+    torch=reverse.backward,
+    rust=_backward_rust,
+    triton=_backward_triton,
+    empty=lambda grad, scores, *_: scores.numel() == 0,
+    fits=lambda grad, scores, eps, n_iters, slot_weights, k, *_: _fits_triton(scores, slot_weights, k),
+)
 
 
 @torch.library.custom_op("mmot::multi_sinkhorn", mutates_args=())
@@ -175,67 +207,18 @@ def multi_sinkhorn_op(
     log_domain: str,
     backend: str,
 ) -> Tensor:
-    """Devices without a kernel of their own run the torch reference."""
-    _check_values(scores, anchor_mass, scores.shape[-2])
-    return _forward_torch(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+    """Devices without a kernel of their own run the torch backend."""
+    return _FORWARD("torch", scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
 
 
 @multi_sinkhorn_op.register_kernel(("cpu", "cuda"))
 def _multi_sinkhorn_kernel(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain, backend):
-    run = _forward_torch if scores.numel() == 0 else _FORWARD[backend]
-    if run is not _forward_rust:
-        # The Rust kernel checks the values itself: the scores in the column-statistics pass it
-        # makes anyway, the masses in microseconds where torch ops would take a tenth of a ms.
-        _check_values(scores, anchor_mass, scores.shape[-2])
-    return run(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+    return _FORWARD(backend, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
 
 
 @multi_sinkhorn_op.register_fake
 def _multi_sinkhorn_fake(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain, backend):
     return torch.empty_like(scores)
-
-
-def _backward_replay(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
-    """The exact VJP of the unrolled iteration and the min-max step, replaying the reference."""
-
-    def forward(s: Tensor) -> Tensor:
-        return reference.multi_sinkhorn(s, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
-
-    return vjp(forward, [scores], grad)[0]
-
-
-def _backward_rust(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
-    """The exact VJP of the unrolled iteration and the min-max step, by the Rust reverse sweep."""
-    from mmot import _core
-
-    n_problems, n_rows, n_cols = _dispatch.problem_shape(scores)
-    dtype = reference.compute_dtype(scores.dtype)
-    out = _dispatch.new_output((n_problems, n_rows, n_cols), dtype)
-    _dispatch.call_rust(
-        OP,
-        _core.multi_sinkhorn_backward,
-        _dispatch.kernel_array(grad.reshape(-1, n_rows, n_cols), dtype),
-        _dispatch.kernel_array(scores.reshape(-1, n_rows, n_cols), dtype),
-        _dispatch.kernel_array(anchor_mass.reshape(-1, n_cols), dtype),
-        out.numpy(),
-        eps,
-        n_iters,
-        list(slot_weights),
-        k,
-        normalize,
-        log_domain,
-        _dispatch.num_threads(),
-    )
-    return out.view(scores.shape).to(scores.dtype)
-
-
-def _backward_triton(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
-    from mmot.kernels import multi_sinkhorn as kernel
-
-    return kernel.backward(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
-
-
-_BACKWARD = {"torch": _backward_replay, "rust": _backward_rust, "triton": _backward_triton}
 
 
 @torch.library.custom_op("mmot::multi_sinkhorn_backward", mutates_args=())
@@ -251,13 +234,13 @@ def multi_sinkhorn_backward_op(
     log_domain: str,
     backend: str,
 ) -> Tensor:
-    return _backward_replay(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+    """The exact VJP of the unrolled iteration and the min-max step; other devices run the torch backend."""
+    return _BACKWARD("torch", grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
 
 
 @multi_sinkhorn_backward_op.register_kernel(("cpu", "cuda"))
 def _multi_sinkhorn_backward_kernel(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain, backend):
-    run = _backward_replay if scores.numel() == 0 else _BACKWARD[backend]
-    return run(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+    return _BACKWARD(backend, grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
 
 
 @multi_sinkhorn_backward_op.register_fake

@@ -7,10 +7,12 @@ import math
 import torch
 from torch import Tensor
 
-from mmot import _checks, _dispatch, reference
-from mmot._recompute import vjp
+from mmot import _backend, _checks, _rust, reference
+from mmot.ops._kernels import Kernels, triton_entry
+from mmot.reverse import similarity as reverse
 
 OP = "mmot.similarity"
+KERNELS = "similarity"  # mmot.kernels.similarity
 
 
 def similarity(x: Tensor, y: Tensor, *, normalize: bool = True, scale: float = 1.0, backend: str = "auto") -> Tensor:
@@ -48,13 +50,11 @@ def similarity(x: Tensor, y: Tensor, *, normalize: bool = True, scale: float = 1
     try:
         torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     except RuntimeError:
-        raise ValueError(
-            f"{OP}: the batch dims of 'x' {tuple(x.shape[:-2])} and 'y' {tuple(y.shape[:-2])} must broadcast"
-        ) from None
+        raise ValueError(f"{OP}: the batch dims of 'x' {tuple(x.shape[:-2])} and 'y' {tuple(y.shape[:-2])} must broadcast") from None
     if not isinstance(normalize, bool):
         raise TypeError(f"{OP}: argument 'normalize' must be a bool; got {type(normalize).__name__}")
     scale = _checks.real_number(OP, "scale", scale)
-    backend = _dispatch.resolve_backend(OP, backend, x.device)
+    backend = _backend.resolve_backend(OP, backend, x.device, KERNELS)
     return similarity_op(x, y, normalize, scale, backend)
 
 
@@ -62,64 +62,76 @@ def _output_shape(x: Tensor, y: Tensor) -> tuple[int, ...]:
     return tuple(torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])) + (x.shape[-2], y.shape[-2])
 
 
-def _check_values(x: Tensor, y: Tensor, finite: bool = True) -> None:
-    # The Rust kernel checks finiteness itself, in its row-norm pass (finite=False).
-    if finite:
+def _check(backend, x, y, normalize, scale):
+    # The Rust kernel checks finiteness itself, in its row-norm pass.
+    if backend != "rust":
         _checks.finite(OP, "x", x)
         _checks.finite(OP, "y", y)
 
 
-def _forward_torch(x, y, normalize, scale):
-    return reference.similarity(x, y, normalize, scale)
+def _problems(t: Tensor) -> Tensor:
+    """(..., rows, D) as (problems, rows, D)."""
+    return t.reshape((-1,) + t.shape[-2:])
+
+
+def _problem_index(t: Tensor, batch: tuple[int, ...]) -> Tensor:
+    """For each output problem, the problem of ``t`` it reads: broadcasting without copies."""
+    return torch.arange(math.prod(t.shape[:-2])).reshape(t.shape[:-2]).expand(batch).reshape(-1).contiguous()
 
 
 def _forward_rust(x, y, normalize, scale):
-    from mmot import _core
-
     shape = _output_shape(x, y)
-    batch = shape[:-2]
-    # Output problem b reads x[x_index[b]] and y[y_index[b]]: broadcasting without copies.
-    x_index = torch.arange(math.prod(x.shape[:-2])).reshape(x.shape[:-2]).expand(batch).reshape(-1).contiguous()
-    y_index = torch.arange(math.prod(y.shape[:-2])).reshape(y.shape[:-2]).expand(batch).reshape(-1).contiguous()
-    dtype = reference.compute_dtype(x.dtype)
-    out = _dispatch.new_output((x_index.numel(),) + shape[-2:], dtype)
-    _dispatch.call_rust(
+    x_index, y_index = _problem_index(x, shape[:-2]), _problem_index(y, shape[:-2])
+    (out,) = _rust.run(
         OP,
-        _core.similarity,
-        _dispatch.kernel_array(x.reshape((-1,) + x.shape[-2:]), dtype),
-        _dispatch.kernel_array(y.reshape((-1,) + y.shape[-2:]), dtype),
-        x_index.numpy(),
-        y_index.numpy(),
-        out.numpy(),
-        normalize,
-        scale,
-        _dispatch.num_threads(),
-        _checks.value_checks_enabled(),
+        "similarity",
+        reference.compute_dtype(x.dtype),
+        [_problems(x), _problems(y), x_index, y_index],
+        [(x_index.numel(),) + shape[-2:]],
+        [normalize, scale],
+        checks=_checks.value_checks_enabled(),
     )
     return out.view(shape).to(x.dtype)
 
 
-def _forward_triton(x, y, normalize, scale):
-    from mmot.kernels import similarity as kernel
+def _backward_rust(grad, x, y, normalize, scale):
+    """Gradients for x and y (reduced over broadcast batch dims), by the Rust kernel."""
+    batch = tuple(grad.shape[:-2])
+    grad_x, grad_y = _rust.run(
+        OP,
+        "similarity_backward",
+        reference.compute_dtype(x.dtype),
+        [_problems(grad), _problems(x), _problems(y), _problem_index(x, batch), _problem_index(y, batch)],
+        [_problems(x).shape, _problems(y).shape],
+        [normalize, scale],
+    )
+    return [grad_x.view(x.shape).to(x.dtype), grad_y.view(y.shape).to(y.dtype)]
 
-    return kernel.forward(x, y, normalize, scale)
 
-
-_FORWARD = {"torch": _forward_torch, "rust": _forward_rust, "triton": _forward_triton}
+_FORWARD = Kernels(
+    torch=reference.similarity,
+    rust=_forward_rust,
+    triton=triton_entry(KERNELS, "forward"),
+    empty=lambda x, y, *_: x.numel() == 0 or y.numel() == 0,
+    check=_check,
+)
+_BACKWARD = Kernels(
+    torch=reverse.backward,
+    rust=_backward_rust,
+    triton=triton_entry(KERNELS, "backward"),
+    empty=lambda grad, x, y, *_: x.numel() == 0 or y.numel() == 0,
+)
 
 
 @torch.library.custom_op("mmot::similarity", mutates_args=())
 def similarity_op(x: Tensor, y: Tensor, normalize: bool, scale: float, backend: str) -> Tensor:
-    """Devices without a kernel of their own run the torch reference."""
-    _check_values(x, y)
-    return _forward_torch(x, y, normalize, scale)
+    """Devices without a kernel of their own run the torch backend."""
+    return _FORWARD("torch", x, y, normalize, scale)
 
 
 @similarity_op.register_kernel(("cpu", "cuda"))
 def _similarity_kernel(x, y, normalize, scale, backend):
-    run = _forward_torch if x.numel() == 0 or y.numel() == 0 else _FORWARD[backend]
-    _check_values(x, y, finite=run is not _forward_rust)
-    return run(x, y, normalize, scale)
+    return _FORWARD(backend, x, y, normalize, scale)
 
 
 @similarity_op.register_fake
@@ -127,62 +139,15 @@ def _similarity_fake(x, y, normalize, scale, backend):
     return x.new_empty(_output_shape(x, y))
 
 
-def _backward_replay(grad, x, y, normalize, scale):
-    """Gradients for x and y (reduced over broadcast batch dims), replaying the reference."""
-
-    def forward(xs: Tensor, ys: Tensor) -> Tensor:
-        return reference.similarity(xs, ys, normalize, scale)
-
-    return vjp(forward, [x, y], grad)
-
-
-def _backward_rust(grad, x, y, normalize, scale):
-    """Gradients for x and y (reduced over broadcast batch dims), by the Rust kernel."""
-    from mmot import _core
-
-    batch = grad.shape[:-2]
-    x_index = torch.arange(math.prod(x.shape[:-2])).reshape(x.shape[:-2]).expand(batch).reshape(-1).contiguous()
-    y_index = torch.arange(math.prod(y.shape[:-2])).reshape(y.shape[:-2]).expand(batch).reshape(-1).contiguous()
-    dtype = reference.compute_dtype(x.dtype)
-    x3 = x.reshape((-1,) + x.shape[-2:])
-    y3 = y.reshape((-1,) + y.shape[-2:])
-    grad_x = _dispatch.new_output(x3.shape, dtype)
-    grad_y = _dispatch.new_output(y3.shape, dtype)
-    _dispatch.call_rust(
-        OP,
-        _core.similarity_backward,
-        _dispatch.kernel_array(grad.reshape((-1,) + grad.shape[-2:]), dtype),
-        _dispatch.kernel_array(x3, dtype),
-        _dispatch.kernel_array(y3, dtype),
-        x_index.numpy(),
-        y_index.numpy(),
-        grad_x.numpy(),
-        grad_y.numpy(),
-        normalize,
-        scale,
-        _dispatch.num_threads(),
-    )
-    return [grad_x.view(x.shape).to(x.dtype), grad_y.view(y.shape).to(y.dtype)]
-
-
-def _backward_triton(grad, x, y, normalize, scale):
-    from mmot.kernels import similarity as kernel
-
-    return list(kernel.backward(grad, x, y, normalize, scale))
-
-
-_BACKWARD = {"torch": _backward_replay, "rust": _backward_rust, "triton": _backward_triton}
-
-
 @torch.library.custom_op("mmot::similarity_backward", mutates_args=())
 def similarity_backward_op(grad: Tensor, x: Tensor, y: Tensor, normalize: bool, scale: float, backend: str) -> list[Tensor]:
-    return _backward_replay(grad, x, y, normalize, scale)
+    """Gradients for x and y, reduced over broadcast batch dims; other devices run the torch backend."""
+    return _BACKWARD("torch", grad, x, y, normalize, scale)
 
 
 @similarity_backward_op.register_kernel(("cpu", "cuda"))
 def _similarity_backward_kernel(grad, x, y, normalize, scale, backend):
-    run = _backward_replay if x.numel() == 0 or y.numel() == 0 else _BACKWARD[backend]
-    return run(grad, x, y, normalize, scale)
+    return _BACKWARD(backend, grad, x, y, normalize, scale)
 
 
 @similarity_backward_op.register_fake

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmot import _checks, _dispatch, reference
+from mmot import _backend, _checks, _rust, reference
 from mmot._columns import LOCAL, ShardedColumns
-from mmot._recompute import vjp
+from mmot.ops._kernels import Kernels, triton_entry, triton_kernels
+from mmot.reverse import sinkhorn as reverse
 
 OP = "mmot.sinkhorn"
+KERNELS = "sinkhorn"  # mmot.kernels.sinkhorn
 
 
 def sinkhorn(
@@ -46,7 +48,7 @@ def sinkhorn(
         process_group: a ``torch.distributed`` group over which the rows (samples) are
             sharded: each rank passes its own rows, and column sums are all-reduced every
             iteration. N in the defaults is then the total over ranks.
-        backend: "auto" (Rust on CPU, torch elsewhere), "rust", "triton" or "torch".
+        backend: "auto" (Rust on CPU, Triton on CUDA, torch elsewhere), "rust", "triton" or "torch".
 
     Returns:
         P with the shape and dtype of ``scores``. Gradients flow to ``scores`` only.
@@ -63,7 +65,7 @@ def sinkhorn(
     n_iters = _checks.int_in_range(OP, "n_iters", n_iters, 1)
     flag = _checks.log_domain_flag(OP, log_domain)
     distributed = process_group is not None
-    backend = _dispatch.resolve_backend(OP, backend, scores.device, distributed=distributed)
+    backend = _backend.resolve_backend(OP, backend, scores.device, KERNELS, distributed=distributed)
     n_rows, n_cols = scores.shape[-2:]
     if n_cols == 0:
         raise ValueError(f"{OP}: argument 'scores' must have at least one column (K >= 1); got shape {tuple(scores.shape)}")
@@ -98,62 +100,71 @@ def _resolve_masses(scores: Tensor, row_mass, col_mass, total_rows: int, columns
 
 
 def _check_values(scores: Tensor, rows: Tensor, cols: Tensor, columns=LOCAL, finite: bool = True) -> None:
-    # The Rust kernel checks finiteness itself, in its column-statistics pass (finite=False).
     if finite:
         _checks.finite(OP, "scores", scores)
     _checks.positive_masses(OP, "row_mass", rows)
     _checks.positive_masses(OP, "col_mass", cols, columns.sum(rows.sum(-1)), "the total of row_mass")
 
 
-def _forward_torch(scores, eps, n_iters, row_mass, col_mass, log_domain):
-    return reference.sinkhorn(scores, eps, n_iters, row_mass, col_mass, log_domain)
+def _check(backend, scores, eps, n_iters, row_mass, col_mass, log_domain):
+    # The Rust kernel checks finiteness itself, in its column-statistics pass.
+    _check_values(scores, row_mass, col_mass, finite=backend != "rust")
 
 
 def _forward_rust(scores, eps, n_iters, row_mass, col_mass, log_domain):
-    from mmot import _core
-
-    n_problems, n_rows, n_cols = _dispatch.problem_shape(scores)
-    dtype = reference.compute_dtype(scores.dtype)
-    out = _dispatch.new_output((n_problems, n_rows, n_cols), dtype)
-    _dispatch.call_rust(
+    b, n, k = _rust.problem_shape(scores)
+    (out,) = _rust.run(
         OP,
-        _core.sinkhorn,
-        _dispatch.kernel_array(scores.reshape(-1, n_rows, n_cols), dtype),
-        _dispatch.kernel_array(row_mass.reshape(-1, n_rows), dtype),
-        _dispatch.kernel_array(col_mass.reshape(-1, n_cols), dtype),
-        out.numpy(),
-        eps,
-        n_iters,
-        log_domain,
-        _dispatch.num_threads(),
-        _checks.value_checks_enabled(),
+        "sinkhorn",
+        reference.compute_dtype(scores.dtype),
+        [scores.reshape(b, n, k), row_mass.reshape(b, n), col_mass.reshape(b, k)],
+        [(b, n, k)],
+        [eps, n_iters, log_domain],
+        checks=_checks.value_checks_enabled(),
     )
     return out.view(scores.shape).to(scores.dtype)
 
 
-def _forward_triton(scores, eps, n_iters, row_mass, col_mass, log_domain):
-    from mmot.kernels import sinkhorn as kernel
+def _backward_rust(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
+    """The exact VJP of the unrolled iteration, by the Rust kernel's own reverse sweep."""
+    b, n, k = _rust.problem_shape(scores)
+    (out,) = _rust.run(
+        OP,
+        "sinkhorn_backward",
+        reference.compute_dtype(scores.dtype),
+        [grad.reshape(b, n, k), scores.reshape(b, n, k), row_mass.reshape(b, n), col_mass.reshape(b, k)],
+        [(b, n, k)],
+        [eps, n_iters, log_domain],
+    )
+    return out.view(scores.shape).to(scores.dtype)
 
-    return kernel.forward(scores, eps, n_iters, row_mass, col_mass, log_domain)
 
-
-_FORWARD = {"torch": _forward_torch, "rust": _forward_rust, "triton": _forward_triton}
+_FORWARD = Kernels(
+    torch=reference.sinkhorn,
+    rust=_forward_rust,
+    triton=triton_entry(KERNELS, "forward"),
+    empty=lambda scores, *_: scores.numel() == 0,
+    fits=lambda scores, *_: triton_kernels(KERNELS).fits(scores.shape[-1]),
+    check=_check,
+)
+_BACKWARD = Kernels(
+    torch=reverse.backward,
+    rust=_backward_rust,
+    triton=triton_entry(KERNELS, "backward"),
+    empty=lambda grad, scores, *_: scores.numel() == 0,
+    fits=lambda grad, scores, *_: triton_kernels(KERNELS).fits(scores.shape[-1]),
+)
 
 
 @torch.library.custom_op("mmot::sinkhorn", mutates_args=())
-def sinkhorn_op(
-    scores: Tensor, eps: float, n_iters: int, row_mass: Tensor, col_mass: Tensor, log_domain: str, backend: str
-) -> Tensor:
-    """Devices without a kernel of their own run the torch reference."""
-    _check_values(scores, row_mass, col_mass)
-    return _forward_torch(scores, eps, n_iters, row_mass, col_mass, log_domain)
+def sinkhorn_op(scores: Tensor, eps: float, n_iters: int, row_mass: Tensor, col_mass: Tensor, log_domain: str, backend: str) -> Tensor:
+    """Devices without a kernel of their own run the torch backend."""
+    return _FORWARD("torch", scores, eps, n_iters, row_mass, col_mass, log_domain)
 
 
 @sinkhorn_op.register_kernel(("cpu", "cuda"))
 def _sinkhorn_kernel(scores, eps, n_iters, row_mass, col_mass, log_domain, backend):
-    run = _forward_torch if scores.numel() == 0 else _FORWARD[backend]
-    _check_values(scores, row_mass, col_mass, finite=run is not _forward_rust)
-    return run(scores, eps, n_iters, row_mass, col_mass, log_domain)
+    return _FORWARD(backend, scores, eps, n_iters, row_mass, col_mass, log_domain)
 
 
 @sinkhorn_op.register_fake
@@ -161,58 +172,17 @@ def _sinkhorn_fake(scores, eps, n_iters, row_mass, col_mass, log_domain, backend
     return torch.empty_like(scores)
 
 
-def _backward_replay(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
-    """The exact VJP of the unrolled iteration, by replaying the reference under autograd."""
-
-    def forward(s: Tensor) -> Tensor:
-        return reference.sinkhorn(s, eps, n_iters, row_mass, col_mass, log_domain)
-
-    return vjp(forward, [scores], grad)[0]
-
-
-def _backward_rust(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
-    """The exact VJP of the unrolled iteration, by the Rust kernel's own reverse sweep."""
-    from mmot import _core
-
-    n_problems, n_rows, n_cols = _dispatch.problem_shape(scores)
-    dtype = reference.compute_dtype(scores.dtype)
-    out = _dispatch.new_output((n_problems, n_rows, n_cols), dtype)
-    _dispatch.call_rust(
-        OP,
-        _core.sinkhorn_backward,
-        _dispatch.kernel_array(grad.reshape(-1, n_rows, n_cols), dtype),
-        _dispatch.kernel_array(scores.reshape(-1, n_rows, n_cols), dtype),
-        _dispatch.kernel_array(row_mass.reshape(-1, n_rows), dtype),
-        _dispatch.kernel_array(col_mass.reshape(-1, n_cols), dtype),
-        out.numpy(),
-        eps,
-        n_iters,
-        log_domain,
-        _dispatch.num_threads(),
-    )
-    return out.view(scores.shape).to(scores.dtype)
-
-
-def _backward_triton(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
-    from mmot.kernels import sinkhorn as kernel
-
-    return kernel.backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
-
-
-_BACKWARD = {"torch": _backward_replay, "rust": _backward_rust, "triton": _backward_triton}
-
-
 @torch.library.custom_op("mmot::sinkhorn_backward", mutates_args=())
 def sinkhorn_backward_op(
     grad: Tensor, scores: Tensor, eps: float, n_iters: int, row_mass: Tensor, col_mass: Tensor, log_domain: str, backend: str
 ) -> Tensor:
-    return _backward_replay(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
+    """The exact VJP of the unrolled iteration; devices without a kernel of their own run the torch backend."""
+    return _BACKWARD("torch", grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
 
 
 @sinkhorn_backward_op.register_kernel(("cpu", "cuda"))
 def _sinkhorn_backward_kernel(grad, scores, eps, n_iters, row_mass, col_mass, log_domain, backend):
-    run = _backward_replay if scores.numel() == 0 else _BACKWARD[backend]
-    return run(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
+    return _BACKWARD(backend, grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
 
 
 @sinkhorn_backward_op.register_fake
