@@ -110,9 +110,8 @@ def pot_sinkhorn(scores: torch.Tensor, eps: float, n_iters: int, backend: str = 
         plan = ot.sinkhorn(a, b, m, eps, method="sinkhorn", numItermax=n_iters, stopThr=0.0, warn=False)
         return torch.from_numpy(plan)
     if backend == "torch":
-        a = scores.new_ones(n)
-        b = scores.new_full((n_anchors,), n / n_anchors)
-        return ot.sinkhorn(a, b, -scores, eps, method="sinkhorn", numItermax=n_iters, stopThr=0.0, warn=False)
+        rows, cols = scores.new_ones(n), scores.new_full((n_anchors,), n / n_anchors)
+        return ot.sinkhorn(rows, cols, -scores, eps, method="sinkhorn", numItermax=n_iters, stopThr=0.0, warn=False)
     raise ValueError(f"pot_sinkhorn: backend must be 'numpy' or 'torch'; got {backend!r}")
 
 

@@ -7,6 +7,8 @@ other than the op's result (flash-sinkhorn returns a transport cost) are not com
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mmot.bench.workloads import Provider, Workload, backward_of, forward
 
 
@@ -28,7 +30,7 @@ def relative_error(got, want) -> float:
 
 def check(workload: Workload, inputs: dict, backward: bool) -> list[dict]:
     """One record per comparable provider and pass: error, tolerance, ok."""
-    passes = [("forward", forward)]
+    passes: list[tuple[str, Callable]] = [("forward", forward)]
     if backward:
         passes.append(("forward+backward", lambda fn: backward_of(fn, workload.grad_inputs)))
     records = []
@@ -39,7 +41,7 @@ def check(workload: Workload, inputs: dict, backward: bool) -> list[dict]:
                 continue
             if mode != "forward" and not provider.differentiable:
                 continue
-            record = {"label": workload.label, "provider": name, "mode": mode, "tolerance": workload.tolerance}
+            record: dict = {"label": workload.label, "provider": name, "mode": mode, "tolerance": workload.tolerance}
             try:
                 record["error"] = relative_error(wrap(provider.run)(inputs), expected)
                 record["ok"] = record["error"] <= workload.tolerance

@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def _time_workload(workload, device, args, progress) -> tuple[list[dict], list[d
     inputs = workload.make_inputs(device, False)
     for mode in modes:
         calls = _calls(workload, mode)
-        bound = {name: functools.partial(fn, inputs) for name, fn in calls.items()}
+        bound: dict[str, Callable[[], object]] = {name: functools.partial(fn, inputs) for name, fn in calls.items()}
         results = timing.interleaved(bound, device, args.repeats, progress.update)
         for name, provider in workload.providers.items():
             if mode != "forward" and not (isinstance(provider, Provider) and provider.differentiable):

@@ -71,12 +71,13 @@ def format_table(report: dict) -> str:
             lines.append("| " + " | ".join([skip["provider"]] + ["–"] * (len(columns) - 2) + [skip["reason"]]) + " |")
         for target in (t for t in report["targets"] if (t["label"], "forward") == (label, mode)):
             lines += ["", target["text"]]
-        for r in (r for r in rows if r["floor_fraction"] is None):
-            lines += [
-                "",
-                f"Warning: {r['provider']} took {r['min_ms']:.3g} ms, under the {floor['ms']:.3g} ms floor: the floor model "
-                "is wrong for this workload (docs/benchmarks.md).",
-            ]
+        if floor:
+            for r in (r for r in rows if r["floor_fraction"] is None):
+                lines += [
+                    "",
+                    f"Warning: {r['provider']} took {r['min_ms']:.3g} ms, under the {floor['ms']:.3g} ms floor: the floor model "
+                    "is wrong for this workload (docs/benchmarks.md).",
+                ]
     failed = [c for c in report.get("checks", []) if not c["ok"]]
     if report.get("checks"):
         lines += ["", f"Check against mmot.reference: {len(report['checks']) - len(failed)} of {len(report['checks'])} passed."]

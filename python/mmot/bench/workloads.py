@@ -156,53 +156,50 @@ def _gradient_io(*shapes: tuple[int, ...]) -> Work:
 
 
 def multi_sinkhorn_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
-    out = []
-    eps, iters = 0.07, 20
-    for n, n_anchors in {"tiny": [(300, 16)], "quick": [(7660, 64)], "full": [(7660, kk) for kk in (64, 128, 256, 1024)]}[size]:
-        k = n_anchors // 2
-        weights = [0.25] * (n_anchors - k) + [1.0] * k
+    shapes = {"tiny": [(300, 16)], "quick": [(7660, 64)], "full": [(7660, kk) for kk in (64, 128, 256, 1024)]}[size]
+    return [_multi_sinkhorn(device, n, n_anchors, compile_) for n, n_anchors in shapes]
 
-        def mass(s: torch.Tensor) -> torch.Tensor:
-            return torch.full(s.shape[-1:], s.shape[-2] / s.shape[-1], dtype=s.dtype, device=s.device)
 
-        def ref(x, k=k, weights=weights, log_domain="auto"):
-            return reference.multi_sinkhorn(x["scores"], eps, iters, weights, k, mass(x["scores"]), "minmax", log_domain)
+def _multi_sinkhorn(device: torch.device, n: int, n_anchors: int, compile_: bool) -> Workload:
+    k, eps, iters = n_anchors // 2, 0.07, 20
+    weights = [0.25] * (n_anchors - k) + [1.0] * k
 
-        providers: dict[str, Provider | str] = {
-            _mmot(device): Provider(lambda x, k=k: mmot.multi_sinkhorn(x["scores"], k, eps, iters), differentiable=True),
-            "reference-eager": Provider(ref, differentiable=True),
-            "grouped-torch-eager": Provider(lambda x, k=k: baselines.grouped_torch_eager_multi_sinkhorn(x["scores"], k, eps, iters)),
-        }
-        if compile_:
-            providers["reference-compiled"] = Provider(_compiled(lambda x, ref=ref: ref(x, log_domain="off")))
-        if n_anchors * n * n_anchors > DENSE_MAX_ELEMENTS[device.type]:
-            providers["official-dense"] = f"needs {n_anchors * n * n_anchors * F32 / 2**30:.0f} GiB per (K,N,K) tensor"
-        else:
-            providers["official-dense"] = Provider(lambda x, k=k: dense_multi_sinkhorn(x["scores"], k, eps, iters))
-        out.append(
-            Workload(
-                "multi_sinkhorn",
-                f"N={n} K={n_anchors} k={k} iters={iters}",
-                lambda dev, small, n=n, n_anchors=n_anchors: {"scores": cosine_scores(64 if small else n, n_anchors, dev)},
-                _sinkhorn_work(1, n, n_anchors, iters, groups=2),
-                _gradient_io((n, n_anchors), (n, n_anchors)),
-                lambda x, ref=ref: ref({"scores": x["scores"].double()}),
-                ("scores",),
-                providers,
-            )
-        )
-    return out
+    def ref(x: dict, log_domain: str = "auto") -> torch.Tensor:
+        s = x["scores"]
+        mass = torch.full(s.shape[-1:], s.shape[-2] / s.shape[-1], dtype=s.dtype, device=s.device)
+        return reference.multi_sinkhorn(s, eps, iters, weights, k, mass, "minmax", log_domain)
+
+    providers: dict[str, Provider | str] = {
+        _mmot(device): Provider(lambda x: mmot.multi_sinkhorn(x["scores"], k, eps, iters), differentiable=True),
+        "reference-eager": Provider(ref, differentiable=True),
+        "grouped-torch-eager": Provider(lambda x: baselines.grouped_torch_eager_multi_sinkhorn(x["scores"], k, eps, iters)),
+    }
+    if compile_:
+        providers["reference-compiled"] = Provider(_compiled(lambda x: ref(x, log_domain="off")))
+    if n_anchors * n * n_anchors > DENSE_MAX_ELEMENTS[device.type]:
+        providers["official-dense"] = f"needs {n_anchors * n * n_anchors * F32 / 2**30:.0f} GiB per (K,N,K) tensor"
+    else:
+        providers["official-dense"] = Provider(lambda x: dense_multi_sinkhorn(x["scores"], k, eps, iters))
+    return Workload(
+        "multi_sinkhorn",
+        f"N={n} K={n_anchors} k={k} iters={iters}",
+        lambda dev, small: {"scores": cosine_scores(64 if small else n, n_anchors, dev)},
+        _sinkhorn_work(1, n, n_anchors, iters, groups=2),
+        _gradient_io((n, n_anchors), (n, n_anchors)),
+        lambda x: ref({"scores": x["scores"].double()}),
+        ("scores",),
+        providers,
+    )
 
 
 def sinkhorn_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
     b, k, iters, eps = (256, 96, 3, 0.05) if size == "tiny" else (4096, 3000, 3, 0.05)
 
-    def ref(x, log_domain="auto"):
+    def ref(x: dict, log_domain: str = "auto") -> torch.Tensor:
         s = x["scores"]
         rows = torch.ones(s.shape[0], dtype=s.dtype, device=s.device)
-        return reference.sinkhorn(
-            s, eps, iters, rows, torch.full((s.shape[1],), s.shape[0] / s.shape[1], dtype=s.dtype, device=s.device), log_domain
-        )
+        cols = torch.full((s.shape[1],), s.shape[0] / s.shape[1], dtype=s.dtype, device=s.device)
+        return reference.sinkhorn(s, eps, iters, rows, cols, log_domain)
 
     providers: dict[str, Provider | str] = {
         _mmot(device): Provider(lambda x: mmot.sinkhorn(x["scores"], eps, iters), differentiable=True),
@@ -218,7 +215,7 @@ def sinkhorn_workloads(device: torch.device, size: str, compile_: bool) -> list[
     if device.type == "cuda":
         providers["flash-sinkhorn"] = _flash_sinkhorn(eps)
 
-    def inputs(dev, small):
+    def inputs(dev: torch.device, small: bool) -> dict:
         generator = torch.Generator().manual_seed(0)
         x = F.normalize(torch.randn(64 if small else b, 64, generator=generator), dim=-1).to(dev)
         y = F.normalize(torch.randn(k, 64, generator=generator), dim=-1).to(dev)
@@ -254,77 +251,81 @@ def _flash_sinkhorn(eps: float) -> Provider | str:
 
 
 def batched_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
-    out = []
     problems = {"tiny": 64, "quick": 65536 if device.type == "cuda" else 16384, "full": 65536}[size]
+    return [make(device, problems, side, compile_) for side in (4, 16) for make in (_sinkhorn_batched, _multi_sinkhorn_batched)]
+
+
+def _batched_inputs(problems: int, side: int) -> Callable[[torch.device, bool], dict]:
+    return lambda dev, small: {"scores": cosine_scores(side, side, dev, batch=(16 if small else problems,))}
+
+
+def _sinkhorn_batched(device: torch.device, problems: int, side: int, compile_: bool) -> Workload:
     iters, eps = 20, 0.1
-    for side in (4, 16):
-        k = side // 2
-        weights = [0.25] * (side - k) + [1.0] * k
 
-        def inputs(dev, small, side=side):
-            return {"scores": cosine_scores(side, side, dev, batch=(16 if small else problems,))}
+    def ref(x: dict, log_domain: str = "auto") -> torch.Tensor:
+        s = x["scores"]
+        ones = torch.ones(s.shape[:-1], dtype=s.dtype, device=s.device)
+        return reference.sinkhorn(s, eps, iters, ones, ones, log_domain)
 
-        def ref_sk(x, log_domain="auto"):
-            s = x["scores"]
-            ones = torch.ones(s.shape[:-1], dtype=s.dtype, device=s.device)
-            return reference.sinkhorn(s, eps, iters, ones, ones, log_domain)
+    providers: dict[str, Provider | str] = {
+        _mmot(device): Provider(lambda x: mmot.sinkhorn(x["scores"], eps, iters), differentiable=True),
+        "reference-eager": Provider(ref, differentiable=True),
+        "batched-torch-eager": Provider(lambda x: baselines.batched_torch_eager_sinkhorn(x["scores"], eps, iters)),
+    }
+    if compile_:
+        providers["reference-compiled"] = Provider(_compiled(lambda x: ref(x, log_domain="off")))
+    shape = (problems, side, side)
+    return Workload(
+        "sinkhorn_batched",
+        f"{problems}x({side}x{side}) iters={iters}",
+        _batched_inputs(problems, side),
+        _sinkhorn_work(problems, side, side, iters, groups=1),
+        _gradient_io(shape, shape),
+        lambda x: ref({"scores": x["scores"].double()}),
+        ("scores",),
+        providers,
+    )
 
-        def ref_msk(x, k=k, weights=weights, log_domain="auto"):
-            s = x["scores"]
-            mass = torch.ones(s.shape[:-2] + s.shape[-1:], dtype=s.dtype, device=s.device)
-            return reference.multi_sinkhorn(s, eps, iters, weights, k, mass, "minmax", log_domain)
 
-        sinkhorn_providers: dict[str, Provider | str] = {
-            _mmot(device): Provider(lambda x: mmot.sinkhorn(x["scores"], eps, iters), differentiable=True),
-            "reference-eager": Provider(ref_sk, differentiable=True),
-            "batched-torch-eager": Provider(lambda x: baselines.batched_torch_eager_sinkhorn(x["scores"], eps, iters)),
-        }
-        multi_providers: dict[str, Provider | str] = {
-            _mmot(device): Provider(lambda x, k=k: mmot.multi_sinkhorn(x["scores"], k, eps, iters), differentiable=True),
-            "reference-eager": Provider(ref_msk, differentiable=True),
-        }
-        if compile_:
-            sinkhorn_providers["reference-compiled"] = Provider(_compiled(lambda x, ref=ref_sk: ref(x, log_domain="off")))
-            multi_providers["reference-compiled"] = Provider(_compiled(lambda x, ref=ref_msk: ref(x, log_domain="off")))
-        shape = (problems, side, side)
-        out.append(
-            Workload(
-                "sinkhorn_batched",
-                f"{problems}x({side}x{side}) iters={iters}",
-                inputs,
-                _sinkhorn_work(problems, side, side, iters, groups=1),
-                _gradient_io(shape, shape),
-                lambda x, ref=ref_sk: ref({"scores": x["scores"].double()}),
-                ("scores",),
-                sinkhorn_providers,
-            )
-        )
-        out.append(
-            Workload(
-                "multi_sinkhorn_batched",
-                f"{problems}x({side}x{side}) k={k} iters={iters}",
-                inputs,
-                _sinkhorn_work(problems, side, side, iters, groups=2),
-                _gradient_io(shape, shape),
-                lambda x, ref=ref_msk: ref({"scores": x["scores"].double()}),
-                ("scores",),
-                multi_providers,
-            )
-        )
-    return out
+def _multi_sinkhorn_batched(device: torch.device, problems: int, side: int, compile_: bool) -> Workload:
+    k, iters, eps = side // 2, 20, 0.1
+    weights = [0.25] * (side - k) + [1.0] * k
+
+    def ref(x: dict, log_domain: str = "auto") -> torch.Tensor:
+        s = x["scores"]
+        mass = torch.ones(s.shape[:-2] + s.shape[-1:], dtype=s.dtype, device=s.device)
+        return reference.multi_sinkhorn(s, eps, iters, weights, k, mass, "minmax", log_domain)
+
+    providers: dict[str, Provider | str] = {
+        _mmot(device): Provider(lambda x: mmot.multi_sinkhorn(x["scores"], k, eps, iters), differentiable=True),
+        "reference-eager": Provider(ref, differentiable=True),
+    }
+    if compile_:
+        providers["reference-compiled"] = Provider(_compiled(lambda x: ref(x, log_domain="off")))
+    shape = (problems, side, side)
+    return Workload(
+        "multi_sinkhorn_batched",
+        f"{problems}x({side}x{side}) k={k} iters={iters}",
+        _batched_inputs(problems, side),
+        _sinkhorn_work(problems, side, side, iters, groups=2),
+        _gradient_io(shape, shape),
+        lambda x: ref({"scores": x["scores"].double()}),
+        ("scores",),
+        providers,
+    )
 
 
 def similarity_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
     mods, sets, n, k, d = (3, 3, 64, 16, 32) if size == "tiny" else (3, 3, 7660, 64, 256)
 
-    def inputs(dev, small):
+    def inputs(dev: torch.device, small: bool) -> dict:
         generator = torch.Generator().manual_seed(0)
         return {
             "x": torch.randn(mods, 1, 64 if small else n, d, generator=generator).to(dev),
             "y": torch.randn(1, sets, k, d, generator=generator).to(dev),
         }
 
-    def ref(x):
+    def ref(x: dict) -> torch.Tensor:
         return reference.similarity(x["x"], x["y"])
 
     providers: dict[str, Provider | str] = {
@@ -351,47 +352,48 @@ def similarity_workloads(device: torch.device, size: str, compile_: bool) -> lis
 
 
 def info_nce_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
-    out = []
-    d, temperature = (32, 0.05) if size == "tiny" else (256, 0.05)
-    for n in {"tiny": [128], "quick": [4096], "full": [4096, 8192, 16384]}[size]:
+    d = 32 if size == "tiny" else 256
+    return [_info_nce(device, n, d) for n in {"tiny": [128], "quick": [4096], "full": [4096, 8192, 16384]}[size]]
 
-        def inputs(dev, small, n=n):
-            generator = torch.Generator().manual_seed(0)
-            rows = 64 if small else n
-            return {"a": torch.randn(rows, d, generator=generator).to(dev), "b": torch.randn(rows, d, generator=generator).to(dev)}
 
-        def materialized(x):
-            """The full N×N logits and F.cross_entropy in both directions (everything_at_once's NormSoftmax)."""
-            a, b = F.normalize(x["a"], dim=-1), F.normalize(x["b"], dim=-1)
-            logits = a @ b.T / temperature
-            labels = torch.arange(a.shape[0], device=a.device)
-            return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+def _materialized_info_nce(x: dict, temperature: float) -> torch.Tensor:
+    """The full N×N logits and F.cross_entropy in both directions (everything_at_once's NormSoftmax)."""
+    a, b = F.normalize(x["a"], dim=-1), F.normalize(x["b"], dim=-1)
+    logits = a @ b.T / temperature
+    labels = torch.arange(a.shape[0], device=a.device)
+    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
 
-        def ref(x):
-            a, b = x["a"].double(), x["b"].double()
-            return reference.info_nce(a, b, torch.ones(a.shape[0], dtype=torch.bool, device=a.device), temperature).mean()
 
-        providers: dict[str, Provider | str] = {
-            _mmot(device): Provider(lambda x: mmot.info_nce(x["a"], x["b"], temperature), differentiable=True),
-            "materialized": Provider(materialized, differentiable=True),
-        }
-        if device.type == "cuda":
-            providers["inf-cl"] = _inf_cl(temperature)
-        gemm = 2 * n * n * d
-        io = 2 * n * d * F32
-        out.append(
-            Workload(
-                "info_nce",
-                f"N=M={n} D={d}",
-                inputs,
-                Work(footprint=io, traffic=io, flops=gemm, exps=n * n),
-                Work(footprint=io, traffic=io, flops=2 * gemm),  # grad_a = G b̂ and grad_b = Gᵀ â
-                ref,
-                ("a", "b"),
-                providers,
-            )
-        )
-    return out
+def _info_nce(device: torch.device, n: int, d: int) -> Workload:
+    temperature = 0.05
+
+    def inputs(dev: torch.device, small: bool) -> dict:
+        generator = torch.Generator().manual_seed(0)
+        rows = 64 if small else n
+        return {"a": torch.randn(rows, d, generator=generator).to(dev), "b": torch.randn(rows, d, generator=generator).to(dev)}
+
+    def ref(x: dict) -> torch.Tensor:
+        a, b = x["a"].double(), x["b"].double()
+        return reference.info_nce(a, b, torch.ones(a.shape[0], dtype=torch.bool, device=a.device), temperature).mean()
+
+    providers: dict[str, Provider | str] = {
+        _mmot(device): Provider(lambda x: mmot.info_nce(x["a"], x["b"], temperature), differentiable=True),
+        "materialized": Provider(lambda x: _materialized_info_nce(x, temperature), differentiable=True),
+    }
+    if device.type == "cuda":
+        providers["inf-cl"] = _inf_cl(temperature)
+    gemm = 2 * n * n * d
+    io = 2 * n * d * F32
+    return Workload(
+        "info_nce",
+        f"N=M={n} D={d}",
+        inputs,
+        Work(footprint=io, traffic=io, flops=gemm, exps=n * n),
+        Work(footprint=io, traffic=io, flops=2 * gemm),  # grad_a = G b̂ and grad_b = Gᵀ â
+        ref,
+        ("a", "b"),
+        providers,
+    )
 
 
 def _inf_cl(temperature: float) -> Provider | str:
