@@ -10,7 +10,11 @@ pub struct Dims {
 
 impl Dims {
     pub fn new(problems: usize, rows: usize, cols: usize) -> Self {
-        Self { problems, rows, cols }
+        Self {
+            problems,
+            rows,
+            cols,
+        }
     }
 
     /// Elements of one problem's matrix.

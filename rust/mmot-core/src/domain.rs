@@ -6,7 +6,7 @@
 //! batch is computed one way and the returned flag describes the call.
 
 use crate::error::{MmotError, Result};
-use crate::real::Real;
+use crate::simd::Real;
 use std::str::FromStr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

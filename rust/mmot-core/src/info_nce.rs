@@ -1,4 +1,4 @@
-//! Fused InfoNCE / NormSoftmax loss without the N×N logits (DESIGN.md §2.3).
+//! Fused InfoNCE / NormSoftmax loss without the N×N logits (reverse pass in `docs/gradients.md`).
 //!
 //! With s[i,j] = â_i·b̂_j / τ (â, b̂ the L2-normalised rows when `normalize`) and w the 0/1
 //! validity of each pair, the per-pair loss is
@@ -26,9 +26,10 @@
 //! Row chunks have a fixed size and every row's arithmetic is independent of the others, so
 //! results do not depend on the thread count.
 
-use crate::error::{check_len, MmotError, Result};
-use crate::gemm::gemm;
-use crate::real::{Real, LANES};
+use crate::error::{check_len, not_finite, MmotError, Result};
+use crate::exec::row_norms::{inv_row_norms, NORM_EPS};
+use crate::simd::gemm::{gemm, MatrixRef};
+use crate::simd::{dispatch, dot, sum, Real, LANES};
 use rayon::prelude::*;
 
 /// Rows per parallel task in the element-wise loops and the backward.
@@ -39,8 +40,6 @@ const TR: usize = 256;
 const TC: usize = 256;
 /// Row blocks in the forward's column log-sum-exp partials (bounds them to O(M) memory).
 const MAX_BLOCKS: usize = 64;
-/// Norm floor, as `torch.nn.functional.normalize(eps=1e-12)`.
-const NORM_EPS: f64 = 1e-12;
 
 /// The loss's parameters.
 #[derive(Clone, Copy, Debug)]
@@ -51,89 +50,86 @@ pub struct InfoNceParams {
     pub symmetric: bool,
     /// L2-normalise the rows of a and b first (cosine similarities).
     pub normalize: bool,
+    /// Return an error (not a result) for NaN or Inf in `a` or `b`, found in the row-norm pass
+    /// (so the caller need not scan the inputs first).
+    pub check_finite: bool,
 }
 
-fn check(
-    params: &InfoNceParams,
-    a: &[impl Real],
-    b: &[impl Real],
-    valid: &[impl Real],
-    n: usize,
-    d: usize,
-) -> Result<()> {
+/// The arrays both directions read: pair `i` is row `i` of `a` and of `b`.
+#[derive(Clone, Copy, Debug)]
+pub struct InfoNceInput<'a, T> {
+    /// `[rows, features]` each.
+    pub a: &'a [T],
+    pub b: &'a [T],
+    /// `[rows]`: 1 for a pair that counts, 0 for padding.
+    pub valid: &'a [T],
+    pub rows: usize,
+    pub features: usize,
+}
+
+fn check<T>(params: &InfoNceParams, input: &InfoNceInput<'_, T>) -> Result<()> {
     if !(params.temperature.is_finite() && params.temperature > 0.0) {
         return Err(MmotError::InvalidArgument(format!(
             "temperature must be a finite number > 0, got {}",
             params.temperature
         )));
     }
-    check_len("a", a.len(), n * d, &format!("[{n}, {d}]"))?;
-    check_len("b", b.len(), n * d, &format!("[{n}, {d}]"))?;
-    check_len("valid", valid.len(), n, &format!("[{n}]"))
+    let (n, d) = (input.rows, input.features);
+    check_len("a", input.a.len(), [n, d])?;
+    check_len("b", input.b.len(), [n, d])?;
+    check_len("valid", input.valid.len(), [n])
 }
 
-/// Per-pair losses and the two log-sum-exps (`loss`, `lse_a`, `lse_b`: `[n]` each).
+/// The logits `s[i,j] = scale · ia_i · ib_j · a_i·b_j` (`ia`, `ib` the inverse row norms, or
+/// ones) and the pairs' validity: what the tiled passes of both directions share.
+#[derive(Clone, Copy)]
+struct Logits<'a, T> {
+    a: &'a [T],
+    b: &'a [T],
+    ia: &'a [T],
+    ib: &'a [T],
+    valid: &'a [T],
+    d: usize,
+    scale: T,
+}
+
+/// Per-pair losses and the two log-sum-exps (`loss`, `lse_a`, `lse_b`: `[rows]` each).
 ///
-/// `a`, `b`: `[n, d]`; `valid`: `[n]` of 0 or 1. Without `symmetric`, `lse_b` is filled with 0.
-/// An invalid pair gets loss 0; a row with no valid column gets lse −∞.
-#[allow(clippy::too_many_arguments)]
+/// Without `symmetric`, `lse_b` is filled with 0. An invalid pair gets loss 0; a row with no
+/// valid column gets lse −∞.
 pub fn info_nce_forward<T: Real>(
-    a: &[T],
-    b: &[T],
-    valid: &[T],
-    n: usize,
-    d: usize,
-    params: &InfoNceParams,
+    input: InfoNceInput<'_, T>,
     loss: &mut [T],
     lse_a: &mut [T],
     lse_b: &mut [T],
-) -> Result<()> {
-    info_nce_forward_checked(a, b, valid, n, d, params, loss, lse_a, lse_b, false)
-}
-
-/// [`info_nce_forward`], and with `check_finite` an error (not a result) for NaN or Inf in `a`
-/// or `b`, found in the row-norm pass (so the caller need not scan the inputs first).
-#[allow(clippy::too_many_arguments)]
-pub fn info_nce_forward_checked<T: Real>(
-    a: &[T],
-    b: &[T],
-    valid: &[T],
-    n: usize,
-    d: usize,
     params: &InfoNceParams,
-    loss: &mut [T],
-    lse_a: &mut [T],
-    lse_b: &mut [T],
-    check_finite: bool,
 ) -> Result<()> {
-    check(params, a, b, valid, n, d)?;
+    check(params, &input)?;
+    let InfoNceInput {
+        a,
+        b,
+        valid,
+        rows: n,
+        features: d,
+    } = input;
     for (name, v) in [("loss", &*loss), ("lse_a", &*lse_a), ("lse_b", &*lse_b)] {
-        check_len(name, v.len(), n, &format!("[{n}]"))?;
+        check_len(name, v.len(), [n])?;
     }
     let scale = T::from_f64(1.0 / params.temperature);
-    let (ia, finite_a) = inv_norms_checked(a, n, d, params.normalize, check_finite);
-    if !finite_a {
-        return Err(crate::chunks::not_finite("a"));
-    }
-    let (ib, finite_b) = inv_norms_checked(b, n, d, params.normalize, check_finite);
-    if !finite_b {
-        return Err(crate::chunks::not_finite("b"));
-    }
+    let (ia, ib) = checked_norms(&input, params)?;
+    let logits = Logits {
+        a,
+        b,
+        ia: &ia,
+        ib: &ib,
+        valid,
+        d,
+        scale,
+    };
     if params.symmetric {
-        lse_fused(
-            a,
-            b,
-            &ia,
-            &ib,
-            valid,
-            valid,
-            d,
-            scale,
-            lse_a,
-            Some(&mut *lse_b),
-        );
+        lse_fused(&logits, lse_a, Some(&mut *lse_b));
     } else {
-        lse_fused(a, b, &ia, &ib, valid, valid, d, scale, lse_a, None);
+        lse_fused(&logits, lse_a, None);
         lse_b.fill(T::ZERO);
     }
     let (la, lb) = (&*lse_a, &*lse_b);
@@ -143,8 +139,8 @@ pub fn info_nce_forward_checked<T: Real>(
             *o = if valid[i] == T::ZERO {
                 T::ZERO
             } else {
-                let diag = crate::real::dot(&a[i * d..(i + 1) * d], &b[i * d..(i + 1) * d])
-                    * (scale * ia[i] * ib[i]);
+                let diag =
+                    dot(&a[i * d..(i + 1) * d], &b[i * d..(i + 1) * d]) * (scale * ia[i] * ib[i]);
                 let mut l = la[i] - diag;
                 if params.symmetric {
                     l += lb[i] - diag;
@@ -156,43 +152,47 @@ pub fn info_nce_forward_checked<T: Real>(
     Ok(())
 }
 
-/// Gradients of Σ_i grad[i]·loss[i] with respect to `a` and `b` (`grad_a`, `grad_b`: `[n, d]`),
-/// recomputing the logits tile by tile from the saved `lse_a` and `lse_b`.
-#[allow(clippy::too_many_arguments)]
+/// Gradients of Σ_i grad[i]·loss[i] with respect to `a` and `b` (`grad_a`, `grad_b`: `[rows,
+/// features]`), recomputing the logits tile by tile from the saved `lse_a` and `lse_b`.
+/// `check_finite` works as in the forward.
 pub fn info_nce_backward<T: Real>(
     grad: &[T],
-    a: &[T],
-    b: &[T],
-    valid: &[T],
+    input: InfoNceInput<'_, T>,
     lse_a: &[T],
     lse_b: &[T],
-    n: usize,
-    d: usize,
-    params: &InfoNceParams,
     grad_a: &mut [T],
     grad_b: &mut [T],
+    params: &InfoNceParams,
 ) -> Result<()> {
-    check(params, a, b, valid, n, d)?;
-    for (name, v) in [("grad", grad), ("lse_a", lse_a), ("lse_b", lse_b)] {
-        check_len(name, v.len(), n, &format!("[{n}]"))?;
-    }
-    check_len("grad_a", grad_a.len(), n * d, &format!("[{n}, {d}]"))?;
-    check_len("grad_b", grad_b.len(), n * d, &format!("[{n}, {d}]"))?;
-    let scale = T::from_f64(1.0 / params.temperature);
-    let ia = inv_norms(a, n, d, params.normalize);
-    let ib = inv_norms(b, n, d, params.normalize);
-    backward_tiles(
+    check(params, &input)?;
+    let InfoNceInput {
         a,
         b,
-        &ia,
-        &ib,
         valid,
+        rows: n,
+        features: d,
+    } = input;
+    for (name, v) in [("grad", grad), ("lse_a", lse_a), ("lse_b", lse_b)] {
+        check_len(name, v.len(), [n])?;
+    }
+    check_len("grad_a", grad_a.len(), [n, d])?;
+    check_len("grad_b", grad_b.len(), [n, d])?;
+    let scale = T::from_f64(1.0 / params.temperature);
+    let (ia, ib) = checked_norms(&input, params)?;
+    let logits = Logits {
+        a,
+        b,
+        ia: &ia,
+        ib: &ib,
+        valid,
+        d,
+        scale,
+    };
+    backward_tiles(
+        &logits,
         grad,
         lse_a,
         lse_b,
-        n,
-        d,
-        scale,
         params.symmetric,
         grad_a,
         grad_b,
@@ -202,61 +202,22 @@ pub fn info_nce_backward<T: Real>(
     Ok(())
 }
 
-/// Inverse row norms (all ones without `normalize`) and, with `check`, whether every element of
-/// `x` is finite (`v − v` is 0 for finite `v` and NaN otherwise, summed in the same pass).
-#[allow(clippy::eq_op)]
-fn inv_norms_checked<T: Real>(
-    x: &[T],
-    n: usize,
-    d: usize,
-    normalize: bool,
-    check: bool,
-) -> (Vec<T>, bool) {
-    if !check {
-        return (inv_norms(x, n, d, normalize), true);
+/// The inverse row norms of `a` and `b` (ones without `normalize`), or the error for a
+/// non-finite input when `check_finite` asks.
+fn checked_norms<T: Real>(
+    input: &InfoNceInput<'_, T>,
+    params: &InfoNceParams,
+) -> Result<(Vec<T>, Vec<T>)> {
+    let (n, d, check) = (input.rows, input.features, params.check_finite);
+    let (ia, finite_a) = inv_row_norms(input.a, n, d, params.normalize, check);
+    if !finite_a {
+        return Err(not_finite("a"));
     }
-    let tiny = T::from_f64(NORM_EPS);
-    let mut v = vec![T::ONE; n];
-    let ok = v
-        .par_chunks_mut(1024)
-        .enumerate()
-        .map(|(c, vs)| {
-            let mut nf = T::ZERO;
-            for (k, vi) in vs.iter_mut().enumerate() {
-                let row = &x[(c * 1024 + k) * d..(c * 1024 + k + 1) * d];
-                let mut z = [T::ZERO; LANES];
-                let mut it = row.chunks_exact(LANES);
-                for ch in &mut it {
-                    for l in 0..LANES {
-                        z[l] += ch[l] - ch[l];
-                    }
-                }
-                for q in it.remainder() {
-                    nf += *q - *q;
-                }
-                nf += crate::real::sum(&z);
-                if normalize {
-                    *vi = T::ONE / crate::real::dot(row, row).sqrt().fmax(tiny);
-                }
-            }
-            nf == T::ZERO
-        })
-        .reduce(|| true, |p, q| p && q);
-    (v, ok)
-}
-
-fn inv_norms<T: Real>(x: &[T], n: usize, d: usize, normalize: bool) -> Vec<T> {
-    let mut v = vec![T::ONE; n];
-    if normalize {
-        let tiny = T::from_f64(NORM_EPS);
-        v.par_chunks_mut(1024).enumerate().for_each(|(c, vs)| {
-            for (k, vi) in vs.iter_mut().enumerate() {
-                let row = &x[(c * 1024 + k) * d..(c * 1024 + k + 1) * d];
-                *vi = T::ONE / crate::real::dot(row, row).sqrt().fmax(tiny);
-            }
-        });
+    let (ib, finite_b) = inv_row_norms(input.b, n, d, params.normalize, check);
+    if !finite_b {
+        return Err(not_finite("b"));
     }
-    v
+    Ok((ia, ib))
 }
 
 /// Both log-sum-exps from one GEMM per tile:
@@ -266,19 +227,17 @@ fn inv_norms<T: Real>(x: &[T], n: usize, d: usize, normalize: bool) -> Vec<T> {
 /// Each task owns a fixed block of rows (its size depends only on the problem size) and keeps,
 /// for every column, a running (max, sum) over its rows; the blocks' column partials are then
 /// merged in block order. At most `MAX_BLOCKS` blocks, so the partials take O(M) memory.
-#[allow(clippy::too_many_arguments)]
-fn lse_fused<T: Real>(
-    x: &[T],
-    y: &[T],
-    ix: &[T],
-    iy: &[T],
-    wx: &[T],
-    wy: &[T],
-    d: usize,
-    scale: T,
-    lse_x: &mut [T],
-    lse_y: Option<&mut [T]>,
-) {
+fn lse_fused<T: Real>(logits: &Logits<'_, T>, lse_x: &mut [T], lse_y: Option<&mut [T]>) {
+    let Logits {
+        a: x,
+        b: y,
+        ia: ix,
+        ib: iy,
+        valid: wx,
+        d,
+        scale,
+    } = *logits;
+    let wy = wx;
     let n = ix.len();
     let m = iy.len();
     let want_cols = lse_y.is_some();
@@ -331,7 +290,7 @@ fn lse_fused<T: Real>(
                 for j0 in (0..m).step_by(TC) {
                     let cols = TC.min(m - j0);
                     dot_tile(xs, &y[j0 * d..(j0 + cols) * d], d, rows, cols, &mut tile);
-                    crate::simd::dispatch(
+                    dispatch(
                         #[inline(always)]
                         || {
                             for q in 0..cols {
@@ -438,7 +397,7 @@ fn exp_sum<T: Real>(t: &[T], mask: &[T], shift: T) -> T {
     for (v, mk) in it.remainder().iter().zip(im.remainder()) {
         tail += (*v + *mk - shift).exp_fast();
     }
-    crate::real::sum(&acc) + tail
+    sum(&acc) + tail
 }
 
 /// A raw pointer the wavefront tasks share; each task writes only rows no other task of the
@@ -467,23 +426,25 @@ impl<T> SharedMut<T> {
 /// wavefront steps: step k runs the tiles (I, (I + k) mod nb) for every I in parallel, so within
 /// a step every task owns one row block of `grad_a` and one of `grad_b`. Each output block
 /// receives its contributions in a fixed order (k = 0, 1, …), whatever the thread count.
-#[allow(clippy::too_many_arguments)]
 fn backward_tiles<T: Real>(
-    a: &[T],
-    b: &[T],
-    ia: &[T],
-    ib: &[T],
-    w: &[T],
+    logits: &Logits<'_, T>,
     g: &[T],
     lse_a: &[T],
     lse_b: &[T],
-    n: usize,
-    d: usize,
-    scale: T,
     sym: bool,
     grad_a: &mut [T],
     grad_b: &mut [T],
 ) {
+    let Logits {
+        a,
+        b,
+        ia,
+        ib,
+        valid: w,
+        d,
+        scale,
+    } = *logits;
+    let n = ia.len();
     const { assert!(TR == TC) };
     grad_a
         .par_chunks_mut(RB * d.max(1))
@@ -510,7 +471,7 @@ fn backward_tiles<T: Real>(
                 let xs = &a[i0 * d..(i0 + rows) * d];
                 let ys = &b[j0 * d..(j0 + cols) * d];
                 dot_tile(xs, ys, d, rows, cols, ta);
-                crate::simd::dispatch(
+                dispatch(
                     #[inline(always)]
                     || {
                         for r in 0..rows {
@@ -546,32 +507,20 @@ fn backward_tiles<T: Real>(
                 // task alone ((bi + k) mod nb is a bijection); the bounds are those of the slices.
                 unsafe {
                     gemm(
-                        rows,
-                        cols,
-                        d,
-                        ta.as_ptr(),
-                        TC as isize,
-                        1,
-                        ys.as_ptr(),
-                        d as isize,
-                        1,
+                        [rows, cols, d],
+                        MatrixRef::row_major(ta.as_ptr(), TC),
+                        MatrixRef::row_major(ys.as_ptr(), d),
                         T::ONE,
                         pa.at(i0 * d),
-                        d as isize,
+                        d,
                     );
                     gemm(
-                        cols,
-                        rows,
-                        d,
-                        tb.as_ptr(),
-                        1,
-                        TC as isize,
-                        xs.as_ptr(),
-                        d as isize,
-                        1,
+                        [cols, rows, d],
+                        MatrixRef::transpose_of(tb.as_ptr(), TC),
+                        MatrixRef::row_major(xs.as_ptr(), d),
                         T::ONE,
                         pb.at(j0 * d),
-                        d as isize,
+                        d,
                     );
                 }
             },
@@ -597,7 +546,7 @@ fn finish_rows<T: Real>(x: &[T], ix: &[T], d: usize, scale: T, normalize: bool, 
                 let inv = ix[i];
                 if T::ONE / inv >= tiny {
                     // x̂ = x / ‖x‖: ∂x = (∂x̂ − x̂ (x̂·∂x̂)) / ‖x‖
-                    let proj = crate::real::dot(xr, gr) * inv;
+                    let proj = dot(xr, gr) * inv;
                     for (v, xv) in gr.iter_mut().zip(xr) {
                         *v = (*v - *xv * inv * proj) * inv;
                     }
@@ -619,18 +568,12 @@ fn dot_tile<T: Real>(xs: &[T], ys: &[T], d: usize, rows: usize, cols: usize, til
     // SAFETY: the bounds above cover every element the strides reach.
     unsafe {
         gemm(
-            rows,
-            d,
-            cols,
-            xs.as_ptr(),
-            d as isize,
-            1,
-            ys.as_ptr(),
-            1,
-            d as isize,
+            [rows, d, cols],
+            MatrixRef::row_major(xs.as_ptr(), d),
+            MatrixRef::transpose_of(ys.as_ptr(), d),
             T::ZERO,
             tile.as_mut_ptr(),
-            TC as isize,
+            TC,
         )
     }
 }
@@ -693,9 +636,17 @@ mod tests {
                     temperature: 0.3,
                     symmetric,
                     normalize,
+                    check_finite: false,
+                };
+                let input = InfoNceInput {
+                    a: &a,
+                    b: &b,
+                    valid: &w,
+                    rows: n,
+                    features: d,
                 };
                 let (mut loss, mut la, mut lb) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-                info_nce_forward(&a, &b, &w, n, d, &p, &mut loss, &mut la, &mut lb).unwrap();
+                info_nce_forward(input, &mut loss, &mut la, &mut lb, &p).unwrap();
                 let want = dense(&a, &b, &w, n, d, &p);
                 for i in 0..n {
                     assert!(
@@ -706,7 +657,7 @@ mod tests {
                     );
                 }
                 let (mut ga, mut gb) = (vec![0.0; n * d], vec![0.0; n * d]);
-                info_nce_backward(&g, &a, &b, &w, &la, &lb, n, d, &p, &mut ga, &mut gb).unwrap();
+                info_nce_backward(&g, input, &la, &lb, &mut ga, &mut gb, &p).unwrap();
                 let obj = |a: &[f64], b: &[f64]| {
                     dense(a, b, &w, n, d, &p)
                         .iter()
@@ -732,136 +683,41 @@ mod tests {
     }
 
     #[test]
-    fn rejects_bad_temperature_and_lengths() {
+    fn rejects_bad_temperature_lengths_and_values() {
         let p = InfoNceParams {
             temperature: 0.0,
             symmetric: true,
             normalize: true,
+            check_finite: false,
         };
         let (mut l, mut x, mut y) = (vec![0.0f32; 2], vec![0.0f32; 2], vec![0.0f32; 2]);
-        let a = vec![1.0f32; 6];
-        assert!(info_nce_forward(&a, &a, &[1.0; 2], 2, 3, &p, &mut l, &mut x, &mut y).is_err());
+        let mut a = vec![1.0f32; 6];
+        fn input(a: &[f32], b_len: usize) -> InfoNceInput<'_, f32> {
+            InfoNceInput {
+                a: &a[..6],
+                b: &a[..b_len],
+                valid: &[1.0; 2],
+                rows: 2,
+                features: 3,
+            }
+        }
+        assert!(info_nce_forward(input(&a, 6), &mut l, &mut x, &mut y, &p).is_err());
         let p = InfoNceParams {
             temperature: 0.1,
             ..p
         };
-        assert!(
-            info_nce_forward(&a, &a[..5], &[1.0; 2], 2, 3, &p, &mut l, &mut x, &mut y).is_err()
-        );
-    }
-}
-
-/// Elements per task in the anchor-consistency reductions (fixed, so sums are deterministic).
-const ACL_CHUNK: usize = 4096;
-
-fn check_acl(sim_len: usize, target_len: usize, temperature: f64) -> Result<()> {
-    if !(temperature.is_finite() && temperature > 0.0) {
-        return Err(MmotError::InvalidArgument(format!(
-            "temperature must be a finite number > 0, got {temperature}"
-        )));
-    }
-    check_len("target", target_len, sim_len, &format!("[{sim_len}]"))
-}
-
-/// SSPC's anchor-consistency loss: the mean over all entries of
-/// BCE-with-logits(z, t) = softplus(z) − t·z with z = exp(sim/τ) (> 0, so
-/// softplus(z) = z + ln(1 + e^{−z})). Partial sums are taken per fixed chunk in f64 and added
-/// in order. Returns 0 for empty input.
-pub fn anchor_consistency_forward<T: Real>(
-    sim: &[T],
-    target: &[T],
-    temperature: f64,
-) -> Result<f64> {
-    check_acl(sim.len(), target.len(), temperature)?;
-    if sim.is_empty() {
-        return Ok(0.0);
-    }
-    let inv = T::from_f64(1.0 / temperature);
-    let partials: Vec<f64> = sim
-        .par_chunks(ACL_CHUNK)
-        .zip(target.par_chunks(ACL_CHUNK))
-        .map(|(s, t)| {
-            let mut acc = 0.0f64;
-            for (sv, tv) in s.iter().zip(t) {
-                let z = (*sv * inv).exp_fast();
-                let l = z + (T::ONE + (-z).exp_fast()).ln() - *tv * z;
-                acc += l.to_f64();
-            }
-            acc
-        })
-        .collect();
-    Ok(partials.iter().sum::<f64>() / sim.len() as f64)
-}
-
-/// Gradient of `grad · anchor_consistency_forward` with respect to `sim`:
-/// out = grad/count · (σ(z) − t) · z / τ.
-pub fn anchor_consistency_backward<T: Real>(
-    grad: f64,
-    sim: &[T],
-    target: &[T],
-    temperature: f64,
-    out: &mut [T],
-) -> Result<()> {
-    check_acl(sim.len(), target.len(), temperature)?;
-    check_len("out", out.len(), sim.len(), &format!("[{}]", sim.len()))?;
-    if sim.is_empty() {
-        return Ok(());
-    }
-    let inv = T::from_f64(1.0 / temperature);
-    let g = T::from_f64(grad / sim.len() as f64) * inv;
-    out.par_chunks_mut(ACL_CHUNK)
-        .zip(sim.par_chunks(ACL_CHUNK).zip(target.par_chunks(ACL_CHUNK)))
-        .for_each(|(o, (s, t))| {
-            for ((ov, sv), tv) in o.iter_mut().zip(s).zip(t) {
-                let z = (*sv * inv).exp_fast();
-                let sig = T::ONE / (T::ONE + (-z).exp_fast());
-                *ov = g * (sig - *tv) * z;
-            }
-        });
-    Ok(())
-}
-
-#[cfg(test)]
-mod acl_tests {
-    use super::*;
-
-    #[test]
-    fn anchor_consistency_matches_definition_and_finite_differences() {
-        let sim: Vec<f64> = (0..9000).map(|i| ((i as f64) * 0.37).sin()).collect();
-        let target: Vec<f64> = (0..9000).map(|i| ((i as f64) * 0.11).cos().abs()).collect();
-        let tau = 0.1;
-        let term = |s: f64, t: f64| {
-            let z = (s / tau).exp();
-            z + (-z).exp().ln_1p() - t * z
+        assert!(info_nce_forward(input(&a, 6), &mut l, &mut x, &mut y, &p).is_ok());
+        assert!(info_nce_forward(input(&a, 5), &mut l, &mut x, &mut y, &p).is_err());
+        a[4] = f32::NAN;
+        assert!(info_nce_forward(input(&a, 6), &mut l, &mut x, &mut y, &p).is_ok());
+        let checked = InfoNceParams {
+            check_finite: true,
+            ..p
         };
-        let loss = |s: &[f64]| {
-            s.iter()
-                .zip(&target)
-                .map(|(s, t)| term(*s, *t))
-                .sum::<f64>()
-                / s.len() as f64
-        };
-        let got = anchor_consistency_forward(&sim, &target, tau).unwrap();
-        assert!(
-            (got - loss(&sim)).abs() < 1e-12 * got.abs(),
-            "{got} vs {}",
-            loss(&sim)
+        let err = info_nce_forward(input(&a, 6), &mut l, &mut x, &mut y, &checked).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "argument 'a' must be finite; found NaN or Inf"
         );
-        let mut g = vec![0.0; sim.len()];
-        anchor_consistency_backward(2.0, &sim, &target, tau, &mut g).unwrap();
-        for &k in &[0usize, 17, 4500, 8999] {
-            // The loss is a sum of per-entry terms: difference the one that moves.
-            let h = 1e-6;
-            let fd = 2.0 / sim.len() as f64
-                * (term(sim[k] + h, target[k]) - term(sim[k] - h, target[k]))
-                / (2.0 * h);
-            assert!(
-                (fd - g[k]).abs() < 1e-8 + 1e-5 * g[k].abs(),
-                "{k}: {fd} vs {}",
-                g[k]
-            );
-        }
-        assert!(anchor_consistency_forward(&sim, &target[..3], tau).is_err());
-        assert!(anchor_consistency_forward(&sim, &target, 0.0).is_err());
     }
 }

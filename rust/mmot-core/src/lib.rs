@@ -1,29 +1,45 @@
-//! Pure-Rust optimal-transport kernels behind `mmot._core` (DESIGN.md §2).
+//! Pure-Rust optimal-transport kernels behind `mmot._core` (layers in `docs/architecture.md`).
 //!
-//! This crate has no Python dependency so that `cargo test`/`cargo bench` run anywhere; the
+//! This crate has no Python dependency so that `cargo test` and `cargo bench` run anywhere; the
 //! `mmot-python` crate is a thin PyO3 layer over it. All kernels take flat row-major slices plus
-//! explicit dimensions, write into caller-provided outputs, and parallelise with whatever rayon
-//! pool they are called from (the bindings install a dedicated one).
+//! explicit dimensions and a parameter struct, write into caller-provided outputs, and
+//! parallelise with whatever rayon pool they are called from (the bindings install a dedicated
+//! one).
+//!
+//! Layers, each using only those above it:
+//! - [`dims`], [`domain`], [`error`]: the shapes, the plain/log domain choice and the errors the
+//!   kernels share;
+//! - [`simd`]: the element type [`Real`], vector registers, runtime dispatch, reductions, GEMM;
+//! - `exec`: row chunks and how passes over them run, workspaces kept between calls, problems
+//!   in SIMD lanes;
+//! - the kernels, one module each: [`sinkhorn`], [`multi_sinkhorn`], [`similarity`],
+//!   [`info_nce`], [`anchor_consistency`].
+//!
+//! `cargo bench -p mmot-core --bench kernels` times them at the sizes that matter (see
+//! `benches/kernels.rs`).
 
-mod chunks;
 pub mod dims;
 pub mod domain;
 pub mod error;
-mod gemm;
-pub mod info_nce;
-mod lanes;
-pub mod multi_sinkhorn;
-pub mod real;
+mod exec;
 pub mod simd;
+
+pub mod anchor_consistency;
+pub mod info_nce;
+pub mod multi_sinkhorn;
 pub mod similarity;
 pub mod sinkhorn;
-mod spare;
-mod vector;
 
+pub use anchor_consistency::{
+    anchor_consistency_backward, anchor_consistency_forward, AnchorConsistencyParams,
+};
 pub use dims::Dims;
 pub use domain::LogDomain;
 pub use error::{MmotError, Result};
+pub use info_nce::{info_nce_backward, info_nce_forward, InfoNceInput, InfoNceParams};
 pub use multi_sinkhorn::{multi_sinkhorn, multi_sinkhorn_backward, MultiSinkhornParams, Normalize};
-pub use real::Real;
-pub use similarity::{similarity, similarity_backward, similarity_checked};
-pub use sinkhorn::{sinkhorn, sinkhorn_backward, sinkhorn_checked};
+pub use simd::Real;
+pub use similarity::{
+    similarity, similarity_backward, SimilarityDims, SimilarityInput, SimilarityParams,
+};
+pub use sinkhorn::{sinkhorn, sinkhorn_backward, SinkhornParams};

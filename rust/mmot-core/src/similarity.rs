@@ -1,15 +1,16 @@
-//! Batched (cosine) similarity `scale · x̂ ŷᵀ` (DESIGN.md §2.3).
+//! Batched (cosine) similarity `scale · x̂ ŷᵀ`.
 //!
 //! The forward writes no normalised copies of `x` and `y`: only the inverse row norms (`O(N+M)`
 //! values) are computed, and each dot product is scaled by `scale · 1/‖x_i‖ · 1/‖y_j‖`. The
-//! backward's products are GEMMs against normalised rows: a copy of `y` and blocks of `x`. The batch
-//! broadcast is resolved by the caller into index vectors, so one output problem may reuse the
-//! same `x` or `y` problem many times without copies.
+//! backward's products are GEMMs against normalised rows: a copy of `y` and blocks of `x`. The
+//! batch broadcast is resolved by the caller into index vectors, so one output problem may reuse
+//! the same `x` or `y` problem many times without copies.
 
-use crate::chunks::not_finite;
-use crate::error::{check_len, MmotError, Result};
-use crate::gemm::gemm;
-use crate::real::{Real, LANES};
+use crate::dims::Dims;
+use crate::error::{check_len, not_finite, MmotError, Result};
+use crate::exec::row_norms::inv_row_norms;
+use crate::simd::gemm::{gemm, MatrixRef};
+use crate::simd::{dot, Real};
 use rayon::prelude::*;
 
 /// Rows of `x` normalised at a time in the backward's `gy` products (a scratch of this many
@@ -21,113 +22,74 @@ const Y_TILE_ROWS: usize = 32;
 /// Output rows per parallel task: one GEMM each, large enough to amortise its packing.
 const ROWS_PER_TASK: usize = 256;
 
-/// `out[o] = scale · x̂[x_index[o]] ŷ[y_index[o]]ᵀ`.
-///
-/// `x`: `[bx, n, d]`, `y`: `[by, m, d]`, `x_index`/`y_index`: `[bo]`, `out`: `[bo, n, m]`.
-/// With `normalize`, rows are divided by `max(‖row‖₂, 1e-12)`.
-#[allow(clippy::too_many_arguments)]
-pub fn similarity<T: Real>(
-    x: &[T],
-    y: &[T],
-    x_index: &[i64],
-    y_index: &[i64],
-    out: &mut [T],
-    bx: usize,
-    n: usize,
-    by: usize,
-    m: usize,
-    d: usize,
-    normalize: bool,
-    scale: f64,
-) -> Result<()> {
-    similarity_checked(
-        x, y, x_index, y_index, out, bx, n, by, m, d, normalize, scale, false,
-    )
+/// The shapes of a call: `x` is `[x_problems, x_rows, features]`, `y` is `[y_problems, y_rows,
+/// features]`, and the output (or its adjoint) `[pairs, x_rows, y_rows]`, one problem per entry
+/// of the index arrays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimilarityDims {
+    pub x_problems: usize,
+    pub x_rows: usize,
+    pub y_problems: usize,
+    pub y_rows: usize,
+    pub features: usize,
 }
 
-/// [`similarity`], and with `check_finite` an error (not a result) for NaN or Inf in `x` or
-/// `y`, found in the row-norm pass (a pass of its own when `normalize` is off).
-#[allow(clippy::too_many_arguments, clippy::eq_op)]
-pub fn similarity_checked<T: Real>(
-    x: &[T],
-    y: &[T],
-    x_index: &[i64],
-    y_index: &[i64],
+impl SimilarityDims {
+    fn x(&self) -> Dims {
+        Dims::new(self.x_problems, self.x_rows, self.features)
+    }
+    fn y(&self) -> Dims {
+        Dims::new(self.y_problems, self.y_rows, self.features)
+    }
+    fn out(&self, pairs: usize) -> Dims {
+        Dims::new(pairs, self.x_rows, self.y_rows)
+    }
+}
+
+/// The arrays a call reads: `x`, `y`, and for output problem `o` the problems `x_index[o]` of
+/// `x` and `y_index[o]` of `y` it pairs.
+#[derive(Clone, Copy, Debug)]
+pub struct SimilarityInput<'a, T> {
+    pub x: &'a [T],
+    pub y: &'a [T],
+    pub x_index: &'a [i64],
+    pub y_index: &'a [i64],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SimilarityParams {
+    /// Divide rows by `max(‖row‖₂, 1e-12)` first (cosine similarity).
+    pub normalize: bool,
+    pub scale: f64,
+    /// Return an error (not a result) for NaN or Inf in `x` or `y`, found in the row-norm pass
+    /// (a pass of its own when `normalize` is off).
+    pub check_finite: bool,
+}
+
+/// `out[o] = scale · x̂[x_index[o]] ŷ[y_index[o]]ᵀ`, `out` shaped `[pairs, x_rows, y_rows]`.
+pub fn similarity<T: Real>(
+    input: SimilarityInput<'_, T>,
     out: &mut [T],
-    bx: usize,
-    n: usize,
-    by: usize,
-    m: usize,
-    d: usize,
-    normalize: bool,
-    scale: f64,
-    check_finite: bool,
+    dims: SimilarityDims,
+    params: &SimilarityParams,
 ) -> Result<()> {
-    check_problems(
+    check_input(&input, ("out", out.len()), dims)?;
+    let SimilarityInput {
         x,
         y,
         x_index,
         y_index,
-        ("out", out.len()),
-        [bx, n, by, m, d],
-    )?;
+    } = input;
+    let (n, m, d) = (dims.x_rows, dims.y_rows, dims.features);
+    let check_finite = params.check_finite;
     if out.is_empty() && !check_finite {
         return Ok(());
     }
-    let sc = T::from_f64(scale);
-    // Inverse row norms (all ones without `normalize`) and whether every element is finite
-    // (`v - v` is 0 for finite `v`, NaN otherwise; summed beside the squares in the same pass).
-    let inv_norms = |a: &[T], rows: usize| -> (Vec<T>, bool) {
-        let tiny = T::from_f64(1e-12);
-        let mut v = vec![T::ONE; rows];
-        if !normalize && !check_finite {
-            return (v, true);
-        }
-        let ok = v
-            .par_chunks_mut(1024)
-            .enumerate()
-            .map(|(c, vs)| {
-                crate::simd::dispatch(
-                    #[inline(always)]
-                    || {
-                        let mut nf = [T::ZERO; LANES];
-                        for (i, vi) in vs.iter_mut().enumerate() {
-                            let r = c * 1024 + i;
-                            let row = &a[r * d..(r + 1) * d];
-                            if check_finite {
-                                let mut ch = row.chunks_exact(LANES);
-                                for q in &mut ch {
-                                    for l in 0..LANES {
-                                        nf[l] += q[l] - q[l];
-                                    }
-                                }
-                                for (l, q) in ch.remainder().iter().enumerate() {
-                                    nf[l] += *q - *q;
-                                }
-                            }
-                            if normalize {
-                                *vi = T::ONE / crate::real::dot(row, row).sqrt().fmax(tiny);
-                            }
-                        }
-                        nf.iter().all(|z| *z == T::ZERO)
-                    },
-                )
-            })
-            .reduce(|| true, |a, b| a && b);
-        (v, ok)
-    };
-    let (ix, okx) = inv_norms(x, bx * n);
-    let (iy, oky) = inv_norms(y, by * m);
-    if check_finite && !okx {
-        return Err(not_finite("x"));
-    }
-    if check_finite && !oky {
-        return Err(not_finite("y"));
-    }
+    let (ix, iy) = checked_norms(&input, dims, params)?;
     if out.is_empty() {
         return Ok(());
     }
-
+    let sc = T::from_f64(params.scale);
     out.par_chunks_mut(n * m).enumerate().for_each(|(o, op)| {
         let xb = x_index[o] as usize;
         let yb = y_index[o] as usize;
@@ -154,28 +116,47 @@ pub fn similarity_checked<T: Real>(
     Ok(())
 }
 
-/// Shapes shared by the forward and the backward: `x` `[bx, n, d]`, `y` `[by, m, d]`, the
-/// `[bo, n, m]` output (or its adjoint) named `output.0`, and index arrays of length `bo`
-/// whose entries address existing problems.
-fn check_problems<T>(
-    x: &[T],
-    y: &[T],
-    x_index: &[i64],
-    y_index: &[i64],
+/// The inverse row norms of `x` and `y` (ones without `normalize`), or the error for a
+/// non-finite input when `check_finite` asks.
+fn checked_norms<T: Real>(
+    input: &SimilarityInput<'_, T>,
+    dims: SimilarityDims,
+    params: &SimilarityParams,
+) -> Result<(Vec<T>, Vec<T>)> {
+    let (normalize, check) = (params.normalize, params.check_finite);
+    let d = dims.features;
+    let (ix, x_finite) = inv_row_norms(input.x, dims.x_problems * dims.x_rows, d, normalize, check);
+    let (iy, y_finite) = inv_row_norms(input.y, dims.y_problems * dims.y_rows, d, normalize, check);
+    if !x_finite {
+        return Err(not_finite("x"));
+    }
+    if !y_finite {
+        return Err(not_finite("y"));
+    }
+    Ok((ix, iy))
+}
+
+/// Shapes shared by the forward and the backward: `x`, `y`, the output (or its adjoint) named
+/// `output.0`, and index arrays of one length whose entries address existing problems.
+fn check_input<T>(
+    input: &SimilarityInput<'_, T>,
     output: (&str, usize),
-    [bx, n, by, m, d]: [usize; 5],
+    dims: SimilarityDims,
 ) -> Result<()> {
-    check_len("x", x.len(), bx * n * d, &format!("[{bx}, {n}, {d}]"))?;
-    check_len("y", y.len(), by * m * d, &format!("[{by}, {m}, {d}]"))?;
-    let bo = x_index.len();
-    if y_index.len() != bo {
+    check_len("x", input.x.len(), dims.x())?;
+    check_len("y", input.y.len(), dims.y())?;
+    let pairs = input.x_index.len();
+    if input.y_index.len() != pairs {
         return Err(MmotError::Shape(format!(
-            "x_index and y_index must have the same length, got {bo} and {}",
-            y_index.len()
+            "x_index and y_index must have the same length, got {pairs} and {}",
+            input.y_index.len()
         )));
     }
-    check_len(output.0, output.1, bo * n * m, &format!("[{bo}, {n}, {m}]"))?;
-    for (name, idx, lim) in [("x_index", x_index, bx), ("y_index", y_index, by)] {
+    check_len(output.0, output.1, dims.out(pairs))?;
+    for (name, idx, lim) in [
+        ("x_index", input.x_index, dims.x_problems),
+        ("y_index", input.y_index, dims.y_problems),
+    ] {
         if let Some(bad) = idx.iter().find(|&&i| i < 0 || i as u64 >= lim as u64) {
             return Err(MmotError::InvalidArgument(format!(
                 "{name} entries must be in 0..{lim}, got {bad}"
@@ -197,18 +178,12 @@ fn tile_kernel<T: Real>(xs: &[T], ys: &[T], ix: &[T], iy: &[T], out: &mut [T], d
     // SAFETY: the bounds above cover every element the strides reach.
     unsafe {
         gemm(
-            rows,
-            d,
-            m,
-            xs.as_ptr(),
-            d as isize,
-            1,
-            ys.as_ptr(),
-            1,
-            d as isize,
+            [rows, d, m],
+            MatrixRef::row_major(xs.as_ptr(), d),
+            MatrixRef::transpose_of(ys.as_ptr(), d),
             T::ZERO,
             out.as_mut_ptr(),
-            m as isize,
+            m,
         )
     }
     for (row, &xi) in out.chunks_exact_mut(m).zip(ix) {
@@ -226,37 +201,29 @@ fn tile_kernel<T: Real>(xs: &[T], ys: &[T], ix: &[T], iy: &[T], out: &mut [T], d
 /// With `ŷ = y / ν_y`, the adjoint of `x̂` is `u = scale · G ŷ`; through the normalisation
 /// `x̂ = x / max(‖x‖, 1e-12)` it becomes `(u − x̂ ⟨x̂, u⟩) / ‖x‖` (or `u / 1e-12` below the
 /// clamp). The products are GEMMs over fixed row blocks, summed in a fixed order
-/// (deterministic for any thread count).
-#[allow(clippy::too_many_arguments)]
+/// (deterministic for any thread count). `check_finite` works as in the forward.
 pub fn similarity_backward<T: Real>(
     grad: &[T],
-    x: &[T],
-    y: &[T],
-    x_index: &[i64],
-    y_index: &[i64],
+    input: SimilarityInput<'_, T>,
     gx: &mut [T],
     gy: &mut [T],
-    bx: usize,
-    n: usize,
-    by: usize,
-    m: usize,
-    d: usize,
-    normalize: bool,
-    scale: f64,
+    dims: SimilarityDims,
+    params: &SimilarityParams,
 ) -> Result<()> {
-    check_problems(
+    check_input(&input, ("grad", grad.len()), dims)?;
+    check_len("gx", gx.len(), dims.x())?;
+    check_len("gy", gy.len(), dims.y())?;
+    let SimilarityInput {
         x,
         y,
         x_index,
         y_index,
-        ("grad", grad.len()),
-        [bx, n, by, m, d],
-    )?;
-    check_len("gx", gx.len(), bx * n * d, &format!("[{bx}, {n}, {d}]"))?;
-    check_len("gy", gy.len(), by * m * d, &format!("[{by}, {m}, {d}]"))?;
-    let sc = T::from_f64(scale);
-    let ix = inv_norms(x, bx * n, d, normalize);
-    let iy = inv_norms(y, by * m, d, normalize);
+    } = input;
+    let (bx, by) = (dims.x_problems, dims.y_problems);
+    let (n, m, d) = (dims.x_rows, dims.y_rows, dims.features);
+    let normalize = params.normalize;
+    let sc = T::from_f64(params.scale);
+    let (ix, iy) = checked_norms(&input, dims, params)?;
     // Output problems reading each input problem, in order.
     let users = |idx: &[i64], nb: usize| -> Vec<Vec<usize>> {
         let mut u = vec![Vec::new(); nb];
@@ -286,18 +253,12 @@ pub fn similarity_backward<T: Real>(
                         // SAFETY: g is rows × m, yh is m × d and tile rows × d, all row-major.
                         unsafe {
                             gemm(
-                                rows,
-                                m,
-                                d,
-                                g.as_ptr(),
-                                m as isize,
-                                1,
-                                yh.as_ptr(),
-                                d as isize,
-                                1,
+                                [rows, m, d],
+                                MatrixRef::row_major(g.as_ptr(), m),
+                                MatrixRef::row_major(yh.as_ptr(), d),
                                 T::ONE,
                                 tile.as_mut_ptr(),
-                                d as isize,
+                                d,
                             )
                         };
                     }
@@ -330,18 +291,12 @@ pub fn similarity_backward<T: Real>(
                             // xh is len × d and tile rows × d, row-major.
                             unsafe {
                                 gemm(
-                                    rows,
-                                    len,
-                                    d,
-                                    g.as_ptr(),
-                                    1,
-                                    m as isize,
-                                    xh.as_ptr(),
-                                    d as isize,
-                                    1,
+                                    [rows, len, d],
+                                    MatrixRef::transpose_of(g.as_ptr(), m),
+                                    MatrixRef::row_major(xh.as_ptr(), d),
                                     T::ONE,
                                     tile.as_mut_ptr(),
-                                    d as isize,
+                                    d,
                                 )
                             };
                         }
@@ -353,23 +308,6 @@ pub fn similarity_backward<T: Real>(
         });
     }
     Ok(())
-}
-
-/// `1 / max(‖row‖, 1e-12)` per row (or ones without normalisation).
-fn inv_norms<T: Real>(a: &[T], rows: usize, d: usize, normalize: bool) -> Vec<T> {
-    if !normalize {
-        return vec![T::ONE; rows];
-    }
-    let tiny = T::from_f64(1e-12);
-    let mut v = vec![T::ZERO; rows];
-    v.par_chunks_mut(1024).enumerate().for_each(|(c, vs)| {
-        for (i, vi) in vs.iter_mut().enumerate() {
-            let r = c * 1024 + i;
-            let row = &a[r * d..(r + 1) * d];
-            *vi = T::ONE / crate::real::dot(row, row).sqrt().fmax(tiny);
-        }
-    });
-    v
 }
 
 /// `out[r] = w[r] · src[r]` for rows of `d` values.
@@ -412,7 +350,7 @@ fn finish_rows<T: Real>(tile: &mut [T], xs: &[T], inv: &[T], d: usize, sc: T, no
             continue;
         }
         let xr = &xs[r * d..(r + 1) * d];
-        let proj = crate::real::dot(xr, u) * iv * iv;
+        let proj = dot(xr, u) * iv * iv;
         for p in 0..d {
             u[p] = (u[p] - xr[p] * proj) * (sc * iv);
         }

@@ -132,7 +132,15 @@ fn sinkhorn_matches_dense_both_domains() {
             }
             for mode in [LogDomain::Off, LogDomain::On] {
                 let mut out = vec![f64::NAN; b * n * k];
-                let used = sinkhorn(&s, &r, &c, &mut out, b, n, k, eps, iters, mode).unwrap();
+                let used = sinkhorn(
+                    &s,
+                    &r,
+                    &c,
+                    &mut out,
+                    Dims::new(b, n, k),
+                    &SinkhornParams::new(eps, iters, mode),
+                )
+                .unwrap();
                 assert_eq!(used, mode == LogDomain::On);
                 let err = max_rel_diff(&out, &want);
                 assert!(
@@ -164,7 +172,15 @@ fn sinkhorn_plain_domain_with_column_maxima_in_different_row_chunks() {
     let c = vec![n as f64 / k as f64; k];
     let want = dense_sinkhorn(&s, &r, &c, n, k, eps, 3);
     let mut out = vec![f64::NAN; n * k];
-    assert!(!sinkhorn(&s, &r, &c, &mut out, 1, n, k, eps, 3, LogDomain::Off).unwrap());
+    assert!(!sinkhorn(
+        &s,
+        &r,
+        &c,
+        &mut out,
+        Dims::new(1, n, k),
+        &SinkhornParams::new(eps, 3, LogDomain::Off)
+    )
+    .unwrap());
     let err = max_rel_diff(&out, &want);
     assert!(err < 1e-10, "rel err {err}");
 }
@@ -186,12 +202,8 @@ fn sinkhorn_rows_exact_and_small_eps_stable() {
             &r32,
             &c32,
             &mut out,
-            b,
-            n,
-            k,
-            eps,
-            50,
-            LogDomain::Auto,
+            Dims::new(b, n, k),
+            &SinkhornParams::new(eps, 50, LogDomain::Auto),
         )
         .unwrap();
         assert_eq!(log, eps < 0.01);
@@ -458,12 +470,8 @@ fn plain_and_log_agree_near_switch_over() {
         &rr32,
         &c32,
         &mut plain,
-        1,
-        n,
-        kk,
-        eps,
-        10,
-        LogDomain::Auto
+        Dims::new(1, n, kk),
+        &SinkhornParams::new(eps, 10, LogDomain::Auto)
     )
     .unwrap());
     assert!(sinkhorn(
@@ -471,12 +479,8 @@ fn plain_and_log_agree_near_switch_over() {
         &rr32,
         &c32,
         &mut log,
-        1,
-        n,
-        kk,
-        eps,
-        10,
-        LogDomain::On
+        Dims::new(1, n, kk),
+        &SinkhornParams::new(eps, 10, LogDomain::On)
     )
     .unwrap());
     let d = plain
@@ -491,12 +495,8 @@ fn plain_and_log_agree_near_switch_over() {
         &rr32,
         &c32,
         &mut log,
-        1,
-        n,
-        kk,
-        2.0 / 52.0,
-        10,
-        LogDomain::Auto
+        Dims::new(1, n, kk),
+        &SinkhornParams::new(2.0 / 52.0, 10, LogDomain::Auto)
     )
     .unwrap());
 }
@@ -536,8 +536,24 @@ fn f32_agrees_with_f64() {
         let rr32 = vec![1.0f32; b * n];
         let mut o64 = vec![0f64; b * n * kk];
         let mut o32 = vec![0f32; b * n * kk];
-        sinkhorn(&s, &rr, &r, &mut o64, b, n, kk, 0.05, 3, mode).unwrap();
-        sinkhorn(&s32, &rr32, &r32, &mut o32, b, n, kk, 0.05, 3, mode).unwrap();
+        sinkhorn(
+            &s,
+            &rr,
+            &r,
+            &mut o64,
+            Dims::new(b, n, kk),
+            &SinkhornParams::new(0.05, 3, mode),
+        )
+        .unwrap();
+        sinkhorn(
+            &s32,
+            &rr32,
+            &r32,
+            &mut o32,
+            Dims::new(b, n, kk),
+            &SinkhornParams::new(0.05, 3, mode),
+        )
+        .unwrap();
         let d = max_rel_diff(&o64, &o32.iter().map(|&x| x as f64).collect::<Vec<_>>());
         assert!(d < 1e-3, "sinkhorn f32 vs f64 ({mode:?}): {d}");
     }
@@ -572,7 +588,15 @@ fn deterministic_across_thread_counts() {
             let mut o = vec![0f32; b * n * kk];
             multi_sinkhorn(&s, &r, &mut o, Dims::new(b, n, kk), &params).unwrap();
             let mut o2 = vec![0f32; b * n * kk];
-            sinkhorn(&s, &rr, &r, &mut o2, b, n, kk, 0.05, 3, log).unwrap();
+            sinkhorn(
+                &s,
+                &rr,
+                &r,
+                &mut o2,
+                Dims::new(b, n, kk),
+                &SinkhornParams::new(0.05, 3, log),
+            )
+            .unwrap();
             (o, o2)
         })
     };
@@ -615,10 +639,25 @@ fn similarity_matches_naive() {
         for normalize in [true, false] {
             let scale = 1.7;
             let mut out = vec![f64::NAN; xi.len() * n * m];
-            similarity(
-                &x, &y, &xi, &yi, &mut out, bx, n, by, m, d, normalize, scale,
-            )
-            .unwrap();
+            let input = SimilarityInput {
+                x: &x,
+                y: &y,
+                x_index: &xi,
+                y_index: &yi,
+            };
+            let dims = SimilarityDims {
+                x_problems: bx,
+                x_rows: n,
+                y_problems: by,
+                y_rows: m,
+                features: d,
+            };
+            let params = SimilarityParams {
+                normalize,
+                scale,
+                check_finite: false,
+            };
+            similarity(input, &mut out, dims, &params).unwrap();
             let norm = |v: &[f64]| {
                 if normalize {
                     v.iter().map(|a| a * a).sum::<f64>().sqrt().max(1e-12)
@@ -696,10 +735,25 @@ fn similarity_backward_matches_naive() {
             }
         }
         let (mut gx, mut gy) = (vec![f64::NAN; bx * n * d], vec![f64::NAN; by * m * d]);
-        similarity_backward(
-            &g, &x, &y, &xi, &yi, &mut gx, &mut gy, bx, n, by, m, d, normalize, scale,
-        )
-        .unwrap();
+        let input = SimilarityInput {
+            x: &x,
+            y: &y,
+            x_index: &xi,
+            y_index: &yi,
+        };
+        let dims = SimilarityDims {
+            x_problems: bx,
+            x_rows: n,
+            y_problems: by,
+            y_rows: m,
+            features: d,
+        };
+        let params = SimilarityParams {
+            normalize,
+            scale,
+            check_finite: false,
+        };
+        similarity_backward(&g, input, &mut gx, &mut gy, dims, &params).unwrap();
         assert!(
             max_abs_diff(&gx, &want_x) < 1e-10,
             "gx, normalize={normalize}"
@@ -717,11 +771,51 @@ fn bad_input_is_an_error_not_a_panic() {
     let mut out = vec![0.0f64; 12];
     let r = vec![1.0; 4];
     let c = vec![4.0 / 3.0; 3];
-    assert!(sinkhorn(&s, &r, &c, &mut out, 1, 4, 3, 0.1, 3, LogDomain::Auto).is_ok());
-    assert!(sinkhorn(&s, &r, &c, &mut out, 1, 4, 4, 0.1, 3, LogDomain::Auto).is_err());
-    assert!(sinkhorn(&s, &r[..3], &c, &mut out, 1, 4, 3, 0.1, 3, LogDomain::Auto).is_err());
-    assert!(sinkhorn(&s, &r, &c, &mut out, 1, 4, 3, 0.0, 3, LogDomain::Auto).is_err());
-    assert!(sinkhorn(&s, &r, &c, &mut out, 1, 4, 3, 0.1, 0, LogDomain::Auto).is_err());
+    assert!(sinkhorn(
+        &s,
+        &r,
+        &c,
+        &mut out,
+        Dims::new(1, 4, 3),
+        &SinkhornParams::new(0.1, 3, LogDomain::Auto)
+    )
+    .is_ok());
+    assert!(sinkhorn(
+        &s,
+        &r,
+        &c,
+        &mut out,
+        Dims::new(1, 4, 4),
+        &SinkhornParams::new(0.1, 3, LogDomain::Auto)
+    )
+    .is_err());
+    assert!(sinkhorn(
+        &s,
+        &r[..3],
+        &c,
+        &mut out,
+        Dims::new(1, 4, 3),
+        &SinkhornParams::new(0.1, 3, LogDomain::Auto)
+    )
+    .is_err());
+    assert!(sinkhorn(
+        &s,
+        &r,
+        &c,
+        &mut out,
+        Dims::new(1, 4, 3),
+        &SinkhornParams::new(0.0, 3, LogDomain::Auto)
+    )
+    .is_err());
+    assert!(sinkhorn(
+        &s,
+        &r,
+        &c,
+        &mut out,
+        Dims::new(1, 4, 3),
+        &SinkhornParams::new(0.1, 0, LogDomain::Auto)
+    )
+    .is_err());
     let am = vec![4.0 / 3.0; 3];
     let p = |k: usize, w: Vec<f64>| MultiSinkhornParams {
         eps: 0.1,
@@ -748,9 +842,27 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!("zscore".parse::<Normalize>().is_err());
     let xi = [0i64];
     let bad = [1i64];
-    assert!(similarity(&s, &s, &xi, &xi, &mut out[..9], 1, 3, 1, 3, 4, true, 1.0).is_ok());
-    assert!(similarity(&s, &s, &xi, &bad, &mut out[..9], 1, 3, 1, 3, 4, true, 1.0).is_err());
-    assert!(similarity(&s, &s, &xi, &[-1], &mut out[..9], 1, 3, 1, 3, 4, true, 1.0).is_err());
+    let dims = SimilarityDims {
+        x_problems: 1,
+        x_rows: 3,
+        y_problems: 1,
+        y_rows: 3,
+        features: 4,
+    };
+    let params = SimilarityParams {
+        normalize: true,
+        scale: 1.0,
+        check_finite: false,
+    };
+    let pairs = |y_index| SimilarityInput {
+        x: &s,
+        y: &s,
+        x_index: &xi,
+        y_index,
+    };
+    assert!(similarity(pairs(&xi), &mut out[..9], dims, &params).is_ok());
+    assert!(similarity(pairs(&bad), &mut out[..9], dims, &params).is_err());
+    assert!(similarity(pairs(&[-1]), &mut out[..9], dims, &params).is_err());
     // empty problems are a no-op
     let mut empty: Vec<f64> = vec![];
     assert!(sinkhorn(
@@ -758,12 +870,8 @@ fn bad_input_is_an_error_not_a_panic() {
         &[],
         &c,
         &mut empty,
-        1,
-        0,
-        3,
-        0.1,
-        3,
-        LogDomain::Auto
+        Dims::new(1, 0, 3),
+        &SinkhornParams::new(0.1, 3, LogDomain::Auto)
     )
     .is_ok());
     assert!(multi_sinkhorn(
@@ -859,12 +967,29 @@ fn sinkhorn_backward_matches_finite_differences() {
                 let eps = 0.3;
                 let fwd = |x: &[f64]| {
                     let mut o = vec![0.0; b * n * k];
-                    sinkhorn(x, &r, &c, &mut o, b, n, k, eps, iters, mode).unwrap();
+                    sinkhorn(
+                        x,
+                        &r,
+                        &c,
+                        &mut o,
+                        Dims::new(b, n, k),
+                        &SinkhornParams::new(eps, iters, mode),
+                    )
+                    .unwrap();
                     o
                 };
                 let want = fd_grad(&s, &g, fwd);
                 let mut got = vec![f64::NAN; b * n * k];
-                sinkhorn_backward(&g, &s, &r, &c, &mut got, b, n, k, eps, iters, mode).unwrap();
+                sinkhorn_backward(
+                    &g,
+                    &s,
+                    &r,
+                    &c,
+                    &mut got,
+                    Dims::new(b, n, k),
+                    &SinkhornParams::new(eps, iters, mode),
+                )
+                .unwrap();
                 assert_grad_close(
                     &got,
                     &want,

@@ -37,7 +37,15 @@ impl Batch {
         let (s, r, c) = (cast(&self.s), cast(&self.r), cast(&self.c));
         let (b, n, k) = (self.b, self.n, self.k);
         let mut out = vec![T::from_f64(f64::NAN); b * n * k];
-        let log = sinkhorn(&s, &r, &c, &mut out, b, n, k, eps, iters, mode).unwrap();
+        let log = sinkhorn(
+            &s,
+            &r,
+            &c,
+            &mut out,
+            Dims::new(b, n, k),
+            &SinkhornParams::new(eps, iters, mode),
+        )
+        .unwrap();
         (out, log)
     }
 
@@ -198,23 +206,31 @@ fn small_path_non_finite_scores() {
         let (r, c) = (vec![1.0f32; b * n], vec![0.75f32; b * k]);
         let mut out = vec![0.0f32; b * n * k];
         for mode in [LogDomain::Auto, LogDomain::On, LogDomain::Off] {
-            let err = sinkhorn_checked(&s, &r, &c, &mut out, b, n, k, 0.1, 3, mode, true);
+            let err = sinkhorn(
+                &s,
+                &r,
+                &c,
+                &mut out,
+                Dims::new(b, n, k),
+                &SinkhornParams {
+                    check_finite: true,
+                    ..SinkhornParams::new(0.1, 3, mode)
+                },
+            );
             let msg = err.unwrap_err().to_string();
             assert!(msg.contains("'scores' must be finite"), "{msg}");
         }
         // Unchecked, a non-finite input goes to the log domain under Auto (no panic).
-        let log = sinkhorn_checked(
+        let log = sinkhorn(
             &s,
             &r,
             &c,
             &mut out,
-            b,
-            n,
-            k,
-            0.1,
-            3,
-            LogDomain::Auto,
-            false,
+            Dims::new(b, n, k),
+            &SinkhornParams {
+                check_finite: false,
+                ..SinkhornParams::new(0.1, 3, LogDomain::Auto)
+            },
         );
         assert!(log.unwrap());
         assert!(out[..p * n * k].iter().all(|x| x.is_finite()));

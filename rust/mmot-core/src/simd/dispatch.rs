@@ -1,4 +1,4 @@
-//! Runtime SIMD dispatch (DESIGN.md §2.6): wheels are built for baseline x86-64, so the hot
+//! Runtime SIMD dispatch: wheels are built for baseline x86-64, so the hot
 //! loops are recompiled for AVX2+FMA and AVX-512 and chosen once per process with
 //! `is_x86_feature_detected!`.
 //!

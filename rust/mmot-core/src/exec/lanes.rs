@@ -6,7 +6,7 @@
 //! whole arrays: LLVM then vectorises the lanes without having to prove the buffers disjoint
 //! (they are fields of one scratch struct). Loops over elements call [`lanes_only`].
 
-use crate::real::Real;
+use crate::simd::Real;
 
 // The transposes are element by element: LLVM's shuffle networks for whole `L`×`L` blocks
 // and its gathers and scatters both measured slower.

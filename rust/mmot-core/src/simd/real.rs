@@ -1,9 +1,10 @@
 //! The float abstraction shared by every kernel.
 //!
 //! Kernels are written once and instantiated for `f32` and `f64`; accumulation always happens in
-//! the input type, as DESIGN.md §2.5 requires. The trait is deliberately tiny and hand-rolled so the
-//! core crate has no numeric dependencies.
+//! the input type (see `docs/numerics.md`, accumulation dtypes). The trait is deliberately tiny
+//! and hand-rolled so the core crate has no numeric dependencies.
 
+use super::vector::Vectors;
 use std::cell::RefCell;
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
@@ -26,7 +27,7 @@ pub trait Real:
     + SubAssign
     + MulAssign
     + DivAssign
-    + crate::vector::Vectors
+    + Vectors
     + 'static
 {
     const ZERO: Self;
@@ -34,7 +35,7 @@ pub trait Real:
     const INFINITY: Self;
     const NEG_INFINITY: Self;
     /// Largest dynamic range (in units of the exponent argument) for which the plain-domain
-    /// kernels are trusted not to overflow or underflow (DESIGN.md §2.5; rule in `domain.rs`).
+    /// kernels are trusted not to overflow or underflow (`docs/numerics.md`; rule in `domain.rs`).
     const PLAIN_RANGE_LIMIT: f64;
     /// A sum of exponentials below this may have lost its leading terms to underflow (it is
     /// about 2^24 times the smallest normal), so the log-domain kernels recompute it exactly.
@@ -48,7 +49,7 @@ pub trait Real:
     /// call and keeps every loop that uses it scalar). Accurate to a few ulp; returns exactly 0
     /// below the normal range and +inf above it.
     fn exp_fast(self) -> Self;
-    /// This thread's reusable scratch buffer (see `chunks::with_thread_scratch`).
+    /// This thread's reusable scratch buffer (see `exec::chunks::with_thread_scratch`).
     fn thread_scratch() -> &'static LocalKey<RefCell<Vec<Self>>>;
 
     /// `max` without NaN special-casing, so that it lowers to a single vector instruction.
@@ -204,20 +205,6 @@ impl Real for f64 {
     }
 }
 
-/// Number of independent accumulators in some kernels' lane-array reductions. Float addition is
-/// not associative, so LLVM will not vectorise a plain `sum()`; spelling out the lanes lets it,
-/// and fixes the summation order. `sum`, `dot`, `extremes` and `max` use explicit vectors instead
-/// (`vector.rs`), which LLVM cannot turn into narrow shuffles.
-pub(crate) const LANES: usize = 8;
-
-pub(crate) use crate::vector::{dot, extremes, sum};
-
-/// Maximum of a slice (-inf for an empty one).
-#[inline(always)]
-pub(crate) fn max<T: Real>(x: &[T]) -> T {
-    extremes(x).1
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,17 +239,5 @@ mod tests {
         assert_eq!((-100.0f32).exp_fast(), 0.0);
         assert_eq!(100.0f32.exp_fast(), f32::INFINITY);
         assert_eq!(0.0f32.exp_fast(), 1.0);
-    }
-
-    #[test]
-    fn reductions() {
-        let x: Vec<f64> = (0..37).map(|i| (i as f64 * 0.7).sin()).collect();
-        let y: Vec<f64> = (0..37).map(|i| (i as f64 * 0.3).cos()).collect();
-        let s: f64 = x.iter().sum();
-        let d: f64 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
-        assert!((sum(&x) - s).abs() < 1e-12);
-        assert!((dot(&x, &y) - d).abs() < 1e-12);
-        assert_eq!(max(&x), x.iter().cloned().fold(f64::MIN, f64::max));
-        assert_eq!(extremes(&x).0, x.iter().cloned().fold(f64::MAX, f64::min));
     }
 }

@@ -1,5 +1,5 @@
-//! The small-problem path of [`super::sinkhorn_checked`]: batches of many problems of at most
-//! [`SMALL`] elements (DESIGN.md §2.6, §3 "many tiny problems").
+//! The small-problem path of [`super::sinkhorn`]: batches of many problems of at most
+//! [`SMALL`] elements.
 //!
 //! One tiny problem's row dot, division and update form a short latency chain, so problems are
 //! solved `L` at a time instead (16 for f32, 8 for f64): a group is gathered into a transposed
@@ -15,12 +15,12 @@
 //! solve (see [`Problem::solve_batch`]). Rows are processed four at a time so that their
 //! reductions overlap; the log domain takes its logarithms with a vectorisable [`ln_fast`].
 
-use super::SMALL;
-use crate::chunks::not_finite;
+use super::{Problem, SinkhornParams, SMALL};
+use crate::dims::Dims;
 use crate::domain::{use_log_domain, LogDomain};
-use crate::error::Result;
-use crate::lanes::{gather, lanes_only, scatter};
-use crate::real::Real;
+use crate::error::{not_finite, Result};
+use crate::exec::lanes::{gather, lanes_only, scatter};
+use crate::simd::{dispatch, Real};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -28,28 +28,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// at 4×4, few enough that a task's scores stay in L2 between its statistics and its solve.
 const TASK_ELEMS: usize = 1 << 14;
 
-#[allow(clippy::too_many_arguments)]
+/// [`super::sinkhorn`] for `dims.matrix_len() <= SMALL` (and a non-empty batch).
 pub(super) fn sinkhorn<T: Real>(
     scores: &[T],
     row_mass: &[T],
     col_mass: &[T],
     out: &mut [T],
-    b: usize,
-    n: usize,
-    k: usize,
-    eps: f64,
-    n_iters: usize,
-    log_domain: LogDomain,
-    check_finite: bool,
+    dims: Dims,
+    params: &SinkhornParams,
 ) -> Result<bool> {
-    debug_assert!(b > 0 && n * k <= SMALL);
-    let p = Problem {
-        n,
-        k,
-        eps,
-        inv_eps: T::from_f64(1.0 / eps),
-        n_iters,
-    };
+    debug_assert!(!dims.is_empty() && dims.matrix_len() <= SMALL);
+    let p = Problem::new(dims, params);
+    let (log_domain, check_finite) = (params.log_domain, params.check_finite);
     let io = (scores, row_mass, col_mass, out);
     // One 512-bit vector of lanes (two 256-bit ones without AVX-512).
     if std::mem::size_of::<T>() == 4 {
@@ -57,14 +47,6 @@ pub(super) fn sinkhorn<T: Real>(
     } else {
         p.solve_batch::<8>(io, log_domain, check_finite)
     }
-}
-
-struct Problem<T> {
-    n: usize,
-    k: usize,
-    eps: f64,
-    inv_eps: T,
-    n_iters: usize,
 }
 
 /// `(scores, row_mass, col_mass, out)` of a batch or of one task.
@@ -125,7 +107,7 @@ impl<T: Real> Problem<T> {
         let (n, k) = (self.n, self.k);
         let nk = n * k;
         let mut g = Group::<T, L>::new(n, k);
-        crate::simd::dispatch(
+        dispatch(
             #[inline(always)]
             || {
                 for p0 in (0..o.len() / nk).step_by(L) {
@@ -134,9 +116,9 @@ impl<T: Real> Problem<T> {
                     gather(&mut g.r, &r[p0 * n..], n, m);
                     gather(&mut g.c, &c[p0 * k..], k, m);
                     if log {
-                        self.solve_log(&mut g);
+                        self.solve_log_lanes(&mut g);
                     } else {
-                        self.solve_plain(&mut g);
+                        self.solve_plain_lanes(&mut g);
                     }
                     scatter(&g.x, &mut o[p0 * nk..], nk, m);
                 }
@@ -144,10 +126,10 @@ impl<T: Real> Problem<T> {
         )
     }
 
-    /// [`super::Problem::solve_plain`] on `L` problems: `E = exp((S - colmax)/eps)` is cached
+    /// [`Problem::solve_plain`] on `L` problems: `E = exp((S - colmax)/eps)` is cached
     /// in `x`, which ends up holding the plan.
     #[inline(always)]
-    fn solve_plain<const L: usize>(&self, g: &mut Group<T, L>) {
+    fn solve_plain_lanes<const L: usize>(&self, g: &mut Group<T, L>) {
         let (n, k) = (self.n, self.k);
         let (x, r, c) = (&mut g.x[..n * k], &g.r[..n], &g.c[..k]);
         let (acc, v) = (&mut g.acc[..k], &mut g.col[..k]);
@@ -175,10 +157,10 @@ impl<T: Real> Problem<T> {
         }
     }
 
-    /// [`super::Problem::solve_log`] on `L` problems: `x` caches `(S - colmax)/eps`, then holds
+    /// [`Problem::solve_log`] on `L` problems: `x` caches `(S - colmax)/eps`, then holds
     /// the plan.
     #[inline(always)]
-    fn solve_log<const L: usize>(&self, g: &mut Group<T, L>) {
+    fn solve_log_lanes<const L: usize>(&self, g: &mut Group<T, L>) {
         let (n, k) = (self.n, self.k);
         let (x, r, c) = (&mut g.x[..n * k], &g.r[..n], &g.c[..k]);
         let (acc, bpot, t) = (&mut g.acc[..k], &mut g.col[..k], &mut g.row[..ROWS * k]);
@@ -223,7 +205,7 @@ fn tasks<T: Real>(
 /// The largest column range (max - min over rows) of the problems in `scores`, and whether
 /// they are all finite.
 fn stats<T: Real>(scores: &[T], nk: usize, k: usize) -> (f64, bool) {
-    crate::simd::dispatch(
+    dispatch(
         #[inline(always)]
         || match k {
             16.. => stats_blocks::<T, 16>(scores, nk, k),

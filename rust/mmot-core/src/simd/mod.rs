@@ -1,0 +1,19 @@
+//! Arithmetic building blocks, the bottom layer of the crate: the element type [`Real`], explicit
+//! vector registers ([`Vector`]) with the runtime choice of instruction set ([`dispatch`]), the
+//! reductions built on them, and dense matrix products. Nothing here knows about a kernel.
+//!
+//! The files depend on each other one way: `dispatch` <- `vector` (+ `x86`) <- `real` <-
+//! `reduce`, `gemm`.
+
+mod dispatch;
+pub(crate) mod gemm;
+mod real;
+mod reduce;
+mod vector;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use dispatch::{dispatch, level, Level};
+pub use real::Real;
+pub(crate) use reduce::{dot, extremes, max, sum, LANES};
+pub(crate) use vector::{Vector, VectorOp};
