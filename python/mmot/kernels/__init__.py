@@ -5,11 +5,16 @@ forward and its backward (the exact VJP, computed in the kernel's own reverse pa
 
 * ``sinkhorn`` and ``multi_sinkhorn``: one streaming pass over the scores per iteration, in a
   stabilised log formulation that is safe for every finite input, so no host-side domain
-  decision (and no host sync) is needed; ``log_domain`` is accepted and has no effect here.
+  decision (and no host sync) is needed and ``log_domain`` changes nothing here.
   One program per problem runs every iteration in a single launch (batches, small problems);
-  a large single problem is split over programs with one launch per pass (``_common``).
+  a large single problem is split over programs with one launch per pass (``_common``). A row
+  must fit one tile: ``fits`` says whether a call does, and the op runs the others elsewhere.
 * ``similarity``: normalisation fused into the matrix product; the backward reduces over
   broadcast batch dims in registers.
 
-Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors; that is how CI tests them.
+* ``info_nce`` and ``anchor_consistency``: the fused losses (online log-sum-exp over column
+  tiles; one elementwise pass with per-program partial sums).
+
+These modules import only ``_common``, torch and triton. Under ``TRITON_INTERPRET=1`` the same
+kernels run on CPU tensors; that is how CI tests them.
 """

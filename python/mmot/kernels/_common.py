@@ -18,7 +18,8 @@ GPU. The one convention here:
 
 Constants that shape a kernel rather than vary per call (Multi-SK's slot-group table, whose
 length is the constexpr group count anyway) are ``tl.constexpr`` Python numbers: Triton
-materialises a Python number in the dtype of the tensor it meets, so those stay exact too.
+materialises a Python number in the dtype of the tensor it meets, so those stay exact too (a
+new table compiles a new kernel, as a new group count would).
 Module-level constants used inside ``@triton.jit`` code must be ``tl.constexpr`` (the compiler
 refuses other globals), hence :data:`NEG_INF` and :data:`POS_INF`.
 
@@ -75,11 +76,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
-
-
-def tl_acc(dtype: torch.dtype):
-    """The Triton accumulation dtype for inputs of ``dtype``."""
-    return tl_dtype(acc_dtype(dtype))
 
 
 @triton.jit
