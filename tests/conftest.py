@@ -14,14 +14,13 @@ settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-# Session scope: hypothesis tests may take them (it refuses function-scoped fixtures).
-@pytest.fixture(params=ALL, scope="session")
+@pytest.fixture(params=ALL)
 def backend(request):
     """Every backend: rust, torch, and triton through the interpreter."""
     return request.param
 
 
-@pytest.fixture(params=NATIVE, scope="session")
+@pytest.fixture(params=NATIVE)
 def native_backend(request):
     """rust and torch, for shapes or call counts too large for the Triton interpreter."""
     return request.param

@@ -10,7 +10,7 @@ from functools import partial
 import mmot
 import pytest
 import torch
-from backends import needs_triton
+from backends import NATIVE, needs_triton
 from bad_input import bad_input_test
 from gradients import F64, assert_grads_close, assert_matches_reference, grad_of, leaf, value_and_grads
 from hypothesis import given, settings
@@ -64,22 +64,23 @@ def test_matches_dense_float64(backend, shape, log_domain):
 
 
 @pytest.mark.parametrize("shape", ODD_SHAPES)
-def test_matches_dense_float32(backend, shape):
+def test_matches_dense_float32(native_backend, shape):
     n, n_anchors, k = shape
     scores = cosine_scores(n, n_anchors, seed=n)
     for normalize in comparable_modes(n, n_anchors, k):
-        got = mmot.multi_sinkhorn(scores.float(), k, normalize=normalize, backend=backend)
+        got = mmot.multi_sinkhorn(scores.float(), k, normalize=normalize, backend=native_backend)
         want = dense_multi_sinkhorn(scores, k, 0.07, 20, default_weights(n_anchors, k), normalize=normalize)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
 
 
 @given(problem=multi_problems())
-def test_hypothesis_matches_dense(native_backend, problem):
+def test_hypothesis_matches_dense(problem):
     scores, k, eps, n_iters = problem
     want = dense_multi_sinkhorn(scores, k, eps, n_iters, default_weights(scores.shape[1], k), normalize="none")
-    got = mmot.multi_sinkhorn(scores, k, eps, n_iters, normalize="none", backend=native_backend)
-    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+    for backend in NATIVE:
+        got = mmot.multi_sinkhorn(scores, k, eps, n_iters, normalize="none", backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
 
 
 def test_custom_slot_weights_and_anchor_mass(backend):
@@ -116,13 +117,14 @@ def test_low_weight_equal_to_one_is_a_single_group(backend):
 
 
 @given(problem=multi_problems())
-def test_marginals_and_range(native_backend, problem):
+def test_marginals_and_range(problem):
     scores, k, eps, n_iters = problem
-    raw = mmot.multi_sinkhorn(scores, k, eps, n_iters, normalize="none", backend=native_backend)
-    torch.testing.assert_close(raw.sum(-1), torch.full((scores.shape[0],), float(k), dtype=torch.float64))
-    assert bool((raw >= 0).all())  # entries reach [0, 1] only as the iteration converges
-    targets = mmot.multi_sinkhorn(scores, k, eps, n_iters, backend=native_backend)
-    assert bool((targets >= 0).all()) and bool((targets <= 1).all())
+    for backend in NATIVE:
+        raw = mmot.multi_sinkhorn(scores, k, eps, n_iters, normalize="none", backend=backend)
+        torch.testing.assert_close(raw.sum(-1), torch.full((scores.shape[0],), float(k), dtype=torch.float64))
+        assert bool((raw >= 0).all())  # entries reach [0, 1] only as the iteration converges
+        targets = mmot.multi_sinkhorn(scores, k, eps, n_iters, backend=backend)
+        assert bool((targets >= 0).all()) and bool((targets <= 1).all())
 
 
 def test_converged_columns_and_entries(native_backend):
@@ -133,13 +135,14 @@ def test_converged_columns_and_entries(native_backend):
 
 
 @given(problem=multi_problems(), shift=st.floats(-5.0, 5.0), column=st.integers(0, 11))
-def test_invariant_to_shifting_an_anchor_column(native_backend, problem, shift, column):
+def test_invariant_to_shifting_an_anchor_column(problem, shift, column):
     scores, k, eps, n_iters = problem
     shifted = scores.clone()
     shifted[:, column % scores.shape[1]] += shift
-    a = mmot.multi_sinkhorn(scores, k, eps, n_iters, normalize="none", backend=native_backend)
-    b = mmot.multi_sinkhorn(shifted, k, eps, n_iters, normalize="none", backend=native_backend)
-    torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+    for backend in NATIVE:
+        a = mmot.multi_sinkhorn(scores, k, eps, n_iters, normalize="none", backend=backend)
+        b = mmot.multi_sinkhorn(shifted, k, eps, n_iters, normalize="none", backend=backend)
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
 
 
 def test_batched_equals_looped(backend):
@@ -268,7 +271,7 @@ def test_forward_backward_match_reference(native_backend, shape, log_domain, nor
     normalize=st.sampled_from(["none", "minmax"]),
     log_domain=st.sampled_from([True, False, "auto"]),
 )
-def test_hypothesis_backward_matches_reference(native_backend, n, n_anchors, data, eps, n_iters, seed, normalize, log_domain):
+def test_hypothesis_backward_matches_reference(n, n_anchors, data, eps, n_iters, seed, normalize, log_domain):
     k = data.draw(st.integers(1, n_anchors))
     pool = [0.25, 0.5, 1.0, 0.8]
     weights = [data.draw(st.sampled_from(pool)) for _ in range(n_anchors)]
@@ -279,27 +282,25 @@ def test_hypothesis_backward_matches_reference(native_backend, n, n_anchors, dat
     upstream = random_scores(n, n_anchors, seed=seed + 1)
     if normalize == "minmax" and flat_minmax(scores, k, eps, n_iters, weights, mass):
         normalize = "none"
-
-    def fn(s):
-        kwargs = dict(slot_weights=weights, anchor_mass=mass, normalize=normalize, log_domain=log_domain)
-        return mmot.multi_sinkhorn(s, k, eps, n_iters, **kwargs, backend=native_backend)
-
-    out, got = value_and_grads(fn, [scores], upstream)
-    ref, want = value_and_grads(
-        lambda s: reference_multi(s, k, eps, n_iters, weights, mass, normalize=normalize, log_domain=log_domain), [scores], upstream
-    )
-    torch.testing.assert_close(out, ref, **F64)
-    if normalize == "none":
-        assert_grads_close(got, want, torch.float64)
-        return
-    # Equal-size groups split evenly by k make T nearly flat and the gradient ill-conditioned:
-    # compare in proportion to that conditioning.
-    raw = reference.multi_sinkhorn(scores, eps, n_iters, weights, k, mass, "none", "auto")
-    spread = float((raw.amax(-1) - raw.amin(-1)).min())
-    # An exactly-zero true gradient (K = 2 rows always min-max to {0, 1}) leaves only rounding
-    # noise in the reference, so the scale never drops below 1.
-    scale = max(float(want[0].abs().max()), 1.0)
-    torch.testing.assert_close(got[0] / scale, want[0] / scale, rtol=0, atol=1e-10 / min(spread, 1.0) ** 2)
+    kwargs = dict(slot_weights=weights, anchor_mass=mass, normalize=normalize, log_domain=log_domain)
+    ref, want = value_and_grads(partial(reference_multi, k=k, eps=eps, n_iters=n_iters, **kwargs), [scores], upstream)
+    if normalize == "minmax":
+        # Equal-size groups split evenly by k make T nearly flat and the gradient ill-conditioned:
+        # compare in proportion to that conditioning.
+        raw = reference.multi_sinkhorn(scores, eps, n_iters, weights, k, mass, "none", "auto")
+        spread = float((raw.amax(-1) - raw.amin(-1)).min())
+        # An exactly-zero true gradient (K = 2 rows always min-max to {0, 1}) leaves only rounding
+        # noise in the reference, so the scale never drops below 1.
+        scale = max(float(want[0].abs().max()), 1.0)
+    for backend in NATIVE:
+        out, got = value_and_grads(
+            partial(mmot.multi_sinkhorn, k=k, eps=eps, n_iters=n_iters, **kwargs, backend=backend), [scores], upstream
+        )
+        torch.testing.assert_close(out, ref, **F64)
+        if normalize == "none":
+            assert_grads_close(got, want, torch.float64)
+        else:
+            torch.testing.assert_close(got[0] / scale, want[0] / scale, rtol=0, atol=1e-10 / min(spread, 1.0) ** 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -10,9 +10,9 @@ from functools import partial
 import mmot
 import pytest
 import torch
-from backends import needs_triton
+from backends import NATIVE, needs_triton
 from bad_input import bad_input_test
-from gradients import F32, assert_matches_reference, grad_of, leaf
+from gradients import F32, F64, assert_grads_close, assert_matches_reference, grad_of, leaf, value_and_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from inputs import cosine_scores, random_scores
@@ -61,15 +61,17 @@ def test_matches_swav_float32(backend, shape):
     n_iters=st.integers(1, 10),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_hypothesis_custom_masses(native_backend, n, k, eps, n_iters, seed):
+def test_hypothesis_custom_masses(n, k, eps, n_iters, seed):
     generator = torch.Generator().manual_seed(seed)
     scores = torch.randn(n, k, generator=generator, dtype=torch.float64)
     rows = torch.rand(n, generator=generator, dtype=torch.float64) + 0.1
     cols = torch.rand(k, generator=generator, dtype=torch.float64) + 0.1
     cols = cols / cols.sum() * rows.sum()
-    got = mmot.sinkhorn(scores, eps, n_iters, row_mass=rows, col_mass=cols, backend=native_backend)
-    torch.testing.assert_close(got, alternating_sinkhorn(scores, eps, n_iters, rows, cols), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(got.sum(-1), rows)
+    want = alternating_sinkhorn(scores, eps, n_iters, rows, cols)
+    for backend in NATIVE:
+        got = mmot.sinkhorn(scores, eps, n_iters, row_mass=rows, col_mass=cols, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got.sum(-1), rows)
 
 
 def test_one_mass_given_sets_the_total(backend):
@@ -169,17 +171,18 @@ def test_forward_backward_match_reference(native_backend, shape, log_domain, dty
     seed=st.integers(0, 2**31 - 1),
     log_domain=st.sampled_from([True, False, "auto"]),
 )
-def test_hypothesis_backward_matches_reference(native_backend, n, k, eps, n_iters, seed, log_domain):
+def test_hypothesis_backward_matches_reference(n, k, eps, n_iters, seed, log_domain):
     scores = random_scores(n, k, seed=seed)
     upstream = random_scores(n, k, seed=seed + 1)
     cols = torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
     cols = cols / cols.sum() * n
-    assert_matches_reference(
-        lambda s: mmot.sinkhorn(s, eps, n_iters, col_mass=cols, log_domain=log_domain, backend=native_backend),
-        lambda s: reference_sinkhorn(s, eps, n_iters, col_mass=cols, log_domain=log_domain),
-        [scores],
-        upstream,
-    )
+    ref, want = value_and_grads(lambda s: reference_sinkhorn(s, eps, n_iters, col_mass=cols, log_domain=log_domain), [scores], upstream)
+    for backend in NATIVE:
+        out, got = value_and_grads(
+            partial(mmot.sinkhorn, eps=eps, n_iters=n_iters, col_mass=cols, log_domain=log_domain, backend=backend), [scores], upstream
+        )
+        torch.testing.assert_close(out, ref, **F64)
+        assert_grads_close(got, want, torch.float64)
 
 
 def test_backward_small_eps_log_domain_is_finite(native_backend):

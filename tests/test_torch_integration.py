@@ -41,15 +41,15 @@ def test_opcheck(native_backend, name):
     torch.library.opcheck(op, args)
 
 
-def test_compile_fullgraph_forward_and_backward(backend):
+def test_compile_fullgraph_forward_and_backward(native_backend):
     torch._dynamo.reset()
 
     def step(feats, anchors):
-        scores = mmot.similarity(feats, anchors, backend=backend)
+        scores = mmot.similarity(feats, anchors, backend=native_backend)
         with torch.no_grad():
-            targets = mmot.multi_sinkhorn(scores, 3, backend=backend)
-        q = mmot.sinkhorn(scores, 0.1, 3, backend=backend)
-        multi = mmot.multi_sinkhorn(scores, 3, 0.2, 5, normalize="none", backend=backend)
+            targets = mmot.multi_sinkhorn(scores, 3, backend=native_backend)
+        q = mmot.sinkhorn(scores, 0.1, 3, backend=native_backend)
+        multi = mmot.multi_sinkhorn(scores, 3, 0.2, 5, normalize="none", backend=native_backend)
         return (scores * targets).sum() + (q * scores).sum() + multi.square().sum()
 
     feats = random_scores(10, 8, seed=4).requires_grad_(True)
@@ -65,11 +65,11 @@ def test_compile_fullgraph_forward_and_backward(backend):
     torch.testing.assert_close(anchors.grad, eager_anchors.grad)
 
 
-def test_compile_info_nce_with_masks(backend):
+def test_compile_info_nce_with_masks(native_backend):
     torch._dynamo.reset()
 
     def step(a, b, valid):
-        return mmot.info_nce(a, b, 0.1, valid=valid, backend=backend) + mmot.info_nce(a, b, symmetric=False, backend=backend)
+        return mmot.info_nce(a, b, 0.1, valid=valid, backend=native_backend) + mmot.info_nce(a, b, symmetric=False, backend=native_backend)
 
     a, b = positive_pairs(12, 6, 13)
     valid = torch.arange(12) % 4 != 0
@@ -82,11 +82,13 @@ def test_compile_info_nce_with_masks(backend):
         torch.testing.assert_close(g, w)
 
 
-def test_compile_anchor_consistency_against_its_softplus_form(backend):
+def test_compile_anchor_consistency_against_its_softplus_form(native_backend):
     sim = uniform_cosines(6, 4, seed=4).requires_grad_(True)
     target = uniform_cosines(6, 4, seed=5).abs()
     torch._dynamo.reset()
-    compiled = torch.compile(lambda s, t: mmot.anchor_consistency_loss(s * 1.0, t, backend=backend), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda s, t: mmot.anchor_consistency_loss(s * 1.0, t, backend=native_backend), fullgraph=True, backend="aot_eager"
+    )
     (grad,) = torch.autograd.grad(compiled(sim, target), sim)
     (want,) = torch.autograd.grad(softplus_anchor_consistency(sim, target, 0.1), sim)
     torch.testing.assert_close(grad, want)
