@@ -2,10 +2,13 @@
 //!
 //! Everything is zero-copy: torch tensors arrive as `tensor.numpy()` views and are borrowed
 //! through rust-numpy's dynamic borrow checker, which also rejects `out` aliasing an input.
+//! Every binding does the same: [`input`] for each array it reads and [`output`] for each it
+//! writes (in that order, so that an aliased `out` is the one refused), shapes checked with
+//! [`Input::shaped`] / [`Output::shaped`], then the slices.
 
 use mmot_core::MmotError;
 use numpy::{
-    Element, PyArrayDescrMethods, PyReadonlyArray, PyReadwriteArray, PyUntypedArray,
+    Element, PyArrayDescrMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
     PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -33,6 +36,131 @@ pub fn float_dtype(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Dtype> {
     }
 }
 
+/// Runs `$body` with the type `$T` bound to the float type (f32 or f64) of the array `$array`
+/// named `$name`: the one dtype dispatch of every binding.
+macro_rules! for_float_type {
+    ($array:expr, $name:expr, $T:ident => $body:expr) => {
+        match $crate::arrays::float_dtype($array, $name)? {
+            $crate::arrays::Dtype::F32 => {
+                type $T = f32;
+                $body
+            }
+            $crate::arrays::Dtype::F64 => {
+                type $T = f64;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use for_float_type;
+
+/// An array a kernel reads: `N` dimensions of `T`, borrowed read-only.
+pub struct Input<'py, T: Element, const N: usize> {
+    array: PyReadonlyArrayDyn<'py, T>,
+    name: &'static str,
+}
+
+/// An array a kernel writes: `N` dimensions of `T`, borrowed read-write.
+pub struct Output<'py, T: Element, const N: usize> {
+    array: PyReadwriteArrayDyn<'py, T>,
+    name: &'static str,
+}
+
+/// Borrows `obj`, which must be an `N`-D array of `T`, for reading.
+pub fn input<'py, T: Element, const N: usize>(
+    obj: &Bound<'py, PyAny>,
+    name: &'static str,
+) -> PyResult<Input<'py, T, N>> {
+    let array = obj
+        .extract::<PyReadonlyArrayDyn<'py, T>>()
+        .map_err(|_| mismatch::<T>(obj, name))?;
+    check_ndim(name, array.shape(), N)?;
+    Ok(Input { array, name })
+}
+
+/// Borrows `obj`, which must be an `N`-D array of `T`, for writing.
+pub fn output<'py, T: Element, const N: usize>(
+    obj: &Bound<'py, PyAny>,
+    name: &'static str,
+) -> PyResult<Output<'py, T, N>> {
+    let array = obj
+        .extract::<PyReadwriteArrayDyn<'py, T>>()
+        .map_err(|_| mismatch::<T>(obj, name))?;
+    check_ndim(name, array.shape(), N)?;
+    Ok(Output { array, name })
+}
+
+impl<T: Element, const N: usize> Input<'_, T, N> {
+    pub fn shape(&self) -> [usize; N] {
+        self.array
+            .shape()
+            .try_into()
+            .expect("ndim checked on borrowing")
+    }
+
+    /// The array, if its shape is `want`.
+    pub fn shaped(self, want: [usize; N]) -> PyResult<Self> {
+        check_shape(self.name, &self.shape(), &want)?;
+        Ok(self)
+    }
+
+    pub fn data(&self) -> PyResult<&[T]> {
+        // `as_slice` also accepts Fortran order, which would silently transpose the data.
+        if !self.array.is_c_contiguous() {
+            return Err(not_c_contiguous(self.name));
+        }
+        self.array
+            .as_slice()
+            .map_err(|_| not_c_contiguous(self.name))
+    }
+}
+
+impl<T: Element, const N: usize> Output<'_, T, N> {
+    pub fn shape(&self) -> [usize; N] {
+        self.array
+            .shape()
+            .try_into()
+            .expect("ndim checked on borrowing")
+    }
+
+    /// The array, if its shape is `want`.
+    pub fn shaped(self, want: [usize; N]) -> PyResult<Self> {
+        check_shape(self.name, &self.shape(), &want)?;
+        Ok(self)
+    }
+
+    /// The slice to write, with huge-page advice for a large one ([`advise_huge_pages`]).
+    pub fn data(&mut self) -> PyResult<&mut [T]> {
+        if !self.array.is_c_contiguous() {
+            return Err(not_c_contiguous(self.name));
+        }
+        let s = self
+            .array
+            .as_slice_mut()
+            .map_err(|_| not_c_contiguous(self.name))?;
+        advise_huge_pages(s);
+        Ok(s)
+    }
+}
+
+pub fn check_shape(name: &str, got: &[usize], want: &[usize]) -> PyResult<()> {
+    if got != want {
+        return Err(PyValueError::new_err(format!(
+            "{name} must have shape {want:?}, got {got:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_ndim(name: &str, shape: &[usize], ndim: usize) -> PyResult<()> {
+    if shape.len() != ndim {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be {ndim}-D, got shape {shape:?}"
+        )));
+    }
+    Ok(())
+}
+
 fn untyped<'a, 'py>(
     obj: &'a Bound<'py, PyAny>,
     name: &str,
@@ -47,8 +175,8 @@ fn untyped<'a, 'py>(
     })
 }
 
-/// Explains why `obj` is not a C-contiguous `ndim`-D array of `T`.
-fn mismatch<T: Element>(obj: &Bound<'_, PyAny>, name: &str, ndim: usize) -> PyErr {
+/// Explains why `obj` could not be borrowed as an array of `T`.
+fn mismatch<T: Element>(obj: &Bound<'_, PyAny>, name: &str) -> PyErr {
     let arr = match untyped(obj, name) {
         Ok(a) => a,
         Err(e) => return e,
@@ -60,79 +188,9 @@ fn mismatch<T: Element>(obj: &Bound<'_, PyAny>, name: &str, ndim: usize) -> PyEr
             arr.dtype()
         ));
     }
-    if arr.ndim() != ndim {
-        return PyValueError::new_err(format!(
-            "{name} must be {ndim}-D, got shape {:?}",
-            arr.shape()
-        ));
-    }
     PyValueError::new_err(format!(
         "{name} could not be borrowed (is it writeable and not aliased by another argument?)"
     ))
-}
-
-pub fn ro<'py, T: Element, D: ndarray_dim::Dim>(
-    obj: &Bound<'py, PyAny>,
-    name: &str,
-) -> PyResult<PyReadonlyArray<'py, T, D::Ix>> {
-    obj.extract::<PyReadonlyArray<'py, T, D::Ix>>()
-        .map_err(|_| mismatch::<T>(obj, name, D::NDIM))
-}
-
-pub fn rw<'py, T: Element, D: ndarray_dim::Dim>(
-    obj: &Bound<'py, PyAny>,
-    name: &str,
-) -> PyResult<PyReadwriteArray<'py, T, D::Ix>> {
-    obj.extract::<PyReadwriteArray<'py, T, D::Ix>>()
-        .map_err(|_| mismatch::<T>(obj, name, D::NDIM))
-}
-
-/// Dimension markers, so call sites say `ro::<f32, D3>(..)`.
-pub mod ndarray_dim {
-    pub trait Dim {
-        type Ix: numpy::ndarray::Dimension;
-        const NDIM: usize;
-    }
-    pub struct D1;
-    pub struct D2;
-    pub struct D3;
-    impl Dim for D1 {
-        type Ix = numpy::Ix1;
-        const NDIM: usize = 1;
-    }
-    impl Dim for D2 {
-        type Ix = numpy::Ix2;
-        const NDIM: usize = 2;
-    }
-    impl Dim for D3 {
-        type Ix = numpy::Ix3;
-        const NDIM: usize = 3;
-    }
-}
-
-pub fn slice<'a, T: Element, D: numpy::ndarray::Dimension>(
-    a: &'a PyReadonlyArray<'_, T, D>,
-    name: &str,
-) -> PyResult<&'a [T]> {
-    // `as_slice` also accepts Fortran order, which would silently transpose the data.
-    if !a.is_c_contiguous() {
-        return Err(not_c_contiguous(name));
-    }
-    a.as_slice().map_err(|_| not_c_contiguous(name))
-}
-
-/// The slice of an output array (the bindings use it for nothing else), with huge-page advice
-/// for a large one ([`advise_huge_pages`]).
-pub fn slice_mut<'a, T: Element, D: numpy::ndarray::Dimension>(
-    a: &'a mut PyReadwriteArray<'_, T, D>,
-    name: &str,
-) -> PyResult<&'a mut [T]> {
-    if !a.is_c_contiguous() {
-        return Err(not_c_contiguous(name));
-    }
-    let s = a.as_slice_mut().map_err(|_| not_c_contiguous(name))?;
-    advise_huge_pages(s);
-    Ok(s)
 }
 
 /// Outputs at least this large get huge-page advice (a few 2 MiB pages' worth).
