@@ -1,7 +1,29 @@
-"""Type stubs for the Rust extension (rust/mmot-python). Arrays are C-contiguous and share one float dtype."""
+"""Type stubs for the Rust extension (rust/mmot-python).
+
+Every function takes its input arrays, then its output arrays (written in place), then its
+parameters, the thread count (<= 0: all cores) and, where the kernel checks values, the checks
+flag. Arrays are C-contiguous numpy views sharing one float dtype (float32 or float64); index
+arrays are int64. ``tests/stub_check.py`` checks these signatures against the compiled module.
+"""
+
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = [
+    "__version__",
+    "sinkhorn",
+    "sinkhorn_backward",
+    "multi_sinkhorn",
+    "multi_sinkhorn_backward",
+    "similarity",
+    "similarity_backward",
+    "info_nce_forward",
+    "info_nce_backward",
+    "anchor_consistency_forward",
+    "anchor_consistency_backward",
+]
 
 __version__: str
 
@@ -14,30 +36,10 @@ def sinkhorn(
     n_iters: int,
     log_domain: str,
     num_threads: int,
-) -> bool: ...
-def multi_sinkhorn(
-    scores: npt.NDArray[np.floating],
-    anchor_mass: npt.NDArray[np.floating],
-    out: npt.NDArray[np.floating],
-    eps: float,
-    n_iters: int,
-    slot_weights: list[float],
-    k: int,
-    normalize: str,
-    log_domain: str,
-    num_threads: int,
-    check_values: bool = False,
-) -> bool: ...
-def similarity(
-    x: npt.NDArray[np.floating],
-    y: npt.NDArray[np.floating],
-    x_index: npt.NDArray[np.int64],
-    y_index: npt.NDArray[np.int64],
-    out: npt.NDArray[np.floating],
-    normalize: bool,
-    scale: float,
-    num_threads: int,
-) -> None: ...
+    check_finite: bool = False,
+) -> bool:
+    """Sinkhorn on ``scores`` [B, N, K] into ``out``; returns whether the log domain was used."""
+
 def sinkhorn_backward(
     grad: npt.NDArray[np.floating],
     scores: npt.NDArray[np.floating],
@@ -48,7 +50,24 @@ def sinkhorn_backward(
     n_iters: int,
     log_domain: str,
     num_threads: int,
-) -> bool: ...
+) -> bool:
+    """The gradient of ``sinkhorn`` w.r.t. ``scores`` into ``out``; returns the domain used."""
+
+def multi_sinkhorn(
+    scores: npt.NDArray[np.floating],
+    anchor_mass: npt.NDArray[np.floating],
+    out: npt.NDArray[np.floating],
+    eps: float,
+    n_iters: int,
+    slot_weights: Sequence[float],
+    k: int,
+    normalize: str,
+    log_domain: str,
+    num_threads: int,
+    check_values: bool = False,
+) -> bool:
+    """Grouped Multi-SK on ``scores`` [B, N, K] into ``out``; returns whether the log domain was used."""
+
 def multi_sinkhorn_backward(
     grad: npt.NDArray[np.floating],
     scores: npt.NDArray[np.floating],
@@ -56,12 +75,27 @@ def multi_sinkhorn_backward(
     out: npt.NDArray[np.floating],
     eps: float,
     n_iters: int,
-    slot_weights: list[float],
+    slot_weights: Sequence[float],
     k: int,
     normalize: str,
     log_domain: str,
     num_threads: int,
-) -> bool: ...
+) -> bool:
+    """The gradient of ``multi_sinkhorn`` w.r.t. ``scores`` into ``out``; returns the domain used."""
+
+def similarity(
+    x: npt.NDArray[np.floating],
+    y: npt.NDArray[np.floating],
+    x_index: npt.NDArray[np.int64],
+    y_index: npt.NDArray[np.int64],
+    out: npt.NDArray[np.floating],
+    normalize: bool,
+    scale: float,
+    num_threads: int,
+    check_finite: bool = False,
+) -> None:
+    """``out[o] = scale * x̂[x_index[o]] @ ŷ[y_index[o]].T`` for ``x`` [Bx, N, D], ``y`` [By, M, D]."""
+
 def similarity_backward(
     grad: npt.NDArray[np.floating],
     x: npt.NDArray[np.floating],
@@ -73,4 +107,54 @@ def similarity_backward(
     normalize: bool,
     scale: float,
     num_threads: int,
-) -> None: ...
+) -> None:
+    """The gradients of ``similarity`` into ``gx`` and ``gy``, summed over shared problems."""
+
+def info_nce_forward(
+    a: npt.NDArray[np.floating],
+    b: npt.NDArray[np.floating],
+    valid: npt.NDArray[np.floating],
+    loss: npt.NDArray[np.floating],
+    lse_a: npt.NDArray[np.floating],
+    lse_b: npt.NDArray[np.floating],
+    temperature: float,
+    symmetric: bool,
+    normalize: bool,
+    num_threads: int,
+    check_finite: bool = False,
+) -> None:
+    """Per-pair InfoNCE losses of ``a``, ``b`` [N, D] into ``loss``, and the log-sum-exps [N]."""
+
+def info_nce_backward(
+    grad: npt.NDArray[np.floating],
+    a: npt.NDArray[np.floating],
+    b: npt.NDArray[np.floating],
+    valid: npt.NDArray[np.floating],
+    lse_a: npt.NDArray[np.floating],
+    lse_b: npt.NDArray[np.floating],
+    grad_a: npt.NDArray[np.floating],
+    grad_b: npt.NDArray[np.floating],
+    temperature: float,
+    symmetric: bool,
+    normalize: bool,
+    num_threads: int,
+) -> None:
+    """The gradients of ``sum(grad * loss)`` w.r.t. ``a`` and ``b`` into ``grad_a``, ``grad_b``."""
+
+def anchor_consistency_forward(
+    sim: npt.NDArray[np.floating],
+    target: npt.NDArray[np.floating],
+    temperature: float,
+    num_threads: int,
+) -> float:
+    """The mean of BCE-with-logits(exp(sim / temperature), target) over the flat arrays."""
+
+def anchor_consistency_backward(
+    grad: float,
+    sim: npt.NDArray[np.floating],
+    target: npt.NDArray[np.floating],
+    out: npt.NDArray[np.floating],
+    temperature: float,
+    num_threads: int,
+) -> None:
+    """The gradient of ``grad * anchor_consistency_forward`` w.r.t. ``sim`` into ``out``."""
