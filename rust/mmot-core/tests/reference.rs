@@ -1,23 +1,17 @@
-//! Kernels against naive dense implementations of the spec (DESIGN.md §2.1–§2.3), in f64.
+//! Kernels against naive dense implementations of their definitions (`docs/numerics.md`,
+//! `docs/multi_sinkhorn.md`), in f64.
 
 mod common;
 
 use common::{dense_sinkhorn, Rng};
 use mmot_core::*;
 
-/// Dense Multi-SK of one [n, kk] problem: the (K, N, K) tensor with its three normalisations.
-#[allow(clippy::too_many_arguments)]
-fn dense_multi(
-    s: &[f64],
-    r: &[f64],
-    n: usize,
-    kk: usize,
-    w: &[f64],
-    k: usize,
-    eps: f64,
-    iters: usize,
-    minmax: bool,
-) -> Vec<f64> {
+/// Dense Multi-SK of one [n, kk] problem: the (K, N, K) tensor with its three normalisations
+/// (`kk` is the number of slot weights; the log domain is ignored).
+fn dense_multi(s: &[f64], r: &[f64], n: usize, params: &MultiSinkhornParams) -> Vec<f64> {
+    let (w, k, eps, iters) = (&params.slot_weights, params.k, params.eps, params.n_iters);
+    let kk = w.len();
+    let minmax = params.normalize == Normalize::MinMax;
     let idx = |m: usize, i: usize, a: usize| (m * n + i) * kk + a;
     let mut p = vec![0.0; kk * n * kk];
     for m in 0..kk {
@@ -261,46 +255,34 @@ fn multi_sinkhorn_matches_dense_both_domains() {
             };
             for k in ks {
                 for (iters, minmax) in [(1, false), (5, true), (20, false)] {
-                    let eps = 0.2;
+                    let dense = MultiSinkhornParams {
+                        eps: 0.2,
+                        n_iters: iters,
+                        slot_weights: w.clone(),
+                        k,
+                        normalize: if minmax {
+                            Normalize::MinMax
+                        } else {
+                            Normalize::None
+                        },
+                        log_domain: LogDomain::Auto,
+                        check_values: false,
+                    };
+                    let raw = MultiSinkhornParams {
+                        normalize: Normalize::None,
+                        ..dense.clone()
+                    };
                     let mut want = Vec::new();
                     let mut want_raw = Vec::new();
                     for p in 0..b {
-                        want.extend(dense_multi(
-                            &s[p * n * kk..(p + 1) * n * kk],
-                            &r[p * kk..(p + 1) * kk],
-                            n,
-                            kk,
-                            &w,
-                            k,
-                            eps,
-                            iters,
-                            minmax,
-                        ));
-                        want_raw.extend(dense_multi(
-                            &s[p * n * kk..(p + 1) * n * kk],
-                            &r[p * kk..(p + 1) * kk],
-                            n,
-                            kk,
-                            &w,
-                            k,
-                            eps,
-                            iters,
-                            false,
-                        ));
+                        let (s, r) = (&s[p * n * kk..(p + 1) * n * kk], &r[p * kk..(p + 1) * kk]);
+                        want.extend(dense_multi(s, r, n, &dense));
+                        want_raw.extend(dense_multi(s, r, n, &raw));
                     }
                     for mode in [LogDomain::Off, LogDomain::On] {
                         let params = MultiSinkhornParams {
-                            eps,
-                            n_iters: iters,
-                            slot_weights: w.clone(),
-                            k,
-                            normalize: if minmax {
-                                Normalize::MinMax
-                            } else {
-                                Normalize::None
-                            },
                             log_domain: mode,
-                            check_values: false,
+                            ..dense.clone()
                         };
                         let mut out = vec![f64::NAN; b * n * kk];
                         multi_sinkhorn(&s, &r, &mut out, Dims::new(b, n, kk), &params).unwrap();
@@ -771,51 +753,14 @@ fn bad_input_is_an_error_not_a_panic() {
     let mut out = vec![0.0f64; 12];
     let r = vec![1.0; 4];
     let c = vec![4.0 / 3.0; 3];
-    assert!(sinkhorn(
-        &s,
-        &r,
-        &c,
-        &mut out,
-        Dims::new(1, 4, 3),
-        &SinkhornParams::new(0.1, 3, LogDomain::Auto)
-    )
-    .is_ok());
-    assert!(sinkhorn(
-        &s,
-        &r,
-        &c,
-        &mut out,
-        Dims::new(1, 4, 4),
-        &SinkhornParams::new(0.1, 3, LogDomain::Auto)
-    )
-    .is_err());
-    assert!(sinkhorn(
-        &s,
-        &r[..3],
-        &c,
-        &mut out,
-        Dims::new(1, 4, 3),
-        &SinkhornParams::new(0.1, 3, LogDomain::Auto)
-    )
-    .is_err());
-    assert!(sinkhorn(
-        &s,
-        &r,
-        &c,
-        &mut out,
-        Dims::new(1, 4, 3),
-        &SinkhornParams::new(0.0, 3, LogDomain::Auto)
-    )
-    .is_err());
-    assert!(sinkhorn(
-        &s,
-        &r,
-        &c,
-        &mut out,
-        Dims::new(1, 4, 3),
-        &SinkhornParams::new(0.1, 0, LogDomain::Auto)
-    )
-    .is_err());
+    let dims = Dims::new(1, 4, 3);
+    let params = |eps, n_iters| SinkhornParams::new(eps, n_iters, LogDomain::Auto);
+    assert!(sinkhorn(&s, &r, &c, &mut out, dims, &params(0.1, 3)).is_ok());
+    let wrong_k = Dims::new(1, 4, 4);
+    assert!(sinkhorn(&s, &r, &c, &mut out, wrong_k, &params(0.1, 3)).is_err());
+    assert!(sinkhorn(&s, &r[..3], &c, &mut out, dims, &params(0.1, 3)).is_err());
+    assert!(sinkhorn(&s, &r, &c, &mut out, dims, &params(0.0, 3)).is_err());
+    assert!(sinkhorn(&s, &r, &c, &mut out, dims, &params(0.1, 0)).is_err());
     let am = vec![4.0 / 3.0; 3];
     let p = |k: usize, w: Vec<f64>| MultiSinkhornParams {
         eps: 0.1,
@@ -900,7 +845,6 @@ fn multi_sinkhorn_log_rescue_matches_dense() {
         .map(|m| if m < kk - k { 0.25 } else { 1.0 })
         .collect();
     for iters in [1, 3] {
-        let want = dense_multi(&s, &r, n, kk, &w, k, 0.004, iters, false);
         let params = MultiSinkhornParams {
             eps: 0.004,
             n_iters: iters,
@@ -910,6 +854,7 @@ fn multi_sinkhorn_log_rescue_matches_dense() {
             log_domain: LogDomain::Auto,
             check_values: false,
         };
+        let want = dense_multi(&s, &r, n, &params);
         let mut out = vec![0.0; n * kk];
         assert!(multi_sinkhorn(&s, &r, &mut out, Dims::new(1, n, kk), &params).unwrap());
         let err = max_abs_diff(&out, &want);
@@ -1083,4 +1028,51 @@ fn multi_sinkhorn_backward_matches_finite_differences() {
             }
         }
     }
+}
+
+#[test]
+fn backwards_report_non_finite_input_when_asked() {
+    let not_finite = |name: &str| format!("argument '{name}' must be finite; found NaN or Inf");
+    let (n, k) = (40, 30);
+    let mut s = vec![0.1f64; n * k];
+    s[7] = f64::NAN;
+    let (r, c) = (vec![1.0; n], vec![n as f64 / k as f64; k]);
+    let (g, mut out) = (vec![1.0; n * k], vec![0.0; n * k]);
+    let dims = Dims::new(1, n, k);
+    let unchecked = SinkhornParams::new(0.1, 2, LogDomain::Auto);
+    assert!(sinkhorn_backward(&g, &s, &r, &c, &mut out, dims, &unchecked).is_ok());
+    let checked = SinkhornParams {
+        check_finite: true,
+        ..unchecked
+    };
+    let err = sinkhorn_backward(&g, &s, &r, &c, &mut out, dims, &checked).unwrap_err();
+    assert_eq!(err.to_string(), not_finite("scores"));
+
+    let (x, y) = (vec![1.0f64; 2 * 3], vec![f64::INFINITY; 2 * 3]);
+    let input = SimilarityInput {
+        x: &x,
+        y: &y,
+        x_index: &[0],
+        y_index: &[0],
+    };
+    let dims = SimilarityDims {
+        x_problems: 1,
+        x_rows: 2,
+        y_problems: 1,
+        y_rows: 2,
+        features: 3,
+    };
+    let (grad, mut gx, mut gy) = (vec![1.0; 4], vec![0.0; 6], vec![0.0; 6]);
+    let params = SimilarityParams {
+        normalize: false,
+        scale: 1.0,
+        check_finite: false,
+    };
+    assert!(similarity_backward(&grad, input, &mut gx, &mut gy, dims, &params).is_ok());
+    let checked = SimilarityParams {
+        check_finite: true,
+        ..params
+    };
+    let err = similarity_backward(&grad, input, &mut gx, &mut gy, dims, &checked).unwrap_err();
+    assert_eq!(err.to_string(), not_finite("y"));
 }
