@@ -1,6 +1,6 @@
 //! Fused InfoNCE / NormSoftmax loss without the N×N logits (reverse pass in `docs/gradients.md`).
 //!
-//! With s[i,j] = â_i·b̂_j / τ (â, b̂ the L2-normalised rows when `normalize`) and w the 0/1
+//! With `s[i,j] = â_i·b̂_j / τ` (â, b̂ the L2-normalised rows when `normalize`) and w the 0/1
 //! validity of each pair, the per-pair loss is
 //!
 //! ```text
@@ -152,7 +152,7 @@ pub fn info_nce_forward<T: Real>(
     Ok(())
 }
 
-/// Gradients of Σ_i grad[i]·loss[i] with respect to `a` and `b` (`grad_a`, `grad_b`: `[rows,
+/// Gradients of `Σ_i grad[i]·loss[i]` with respect to `a` and `b` (`grad_a`, `grad_b`: `[rows,
 /// features]`), recomputing the logits tile by tile from the saved `lse_a` and `lse_b`.
 /// `check_finite` works as in the forward.
 pub fn info_nce_backward<T: Real>(

@@ -12,8 +12,9 @@
 //! - [`simd`]: the element type [`Real`], vector registers, runtime dispatch, reductions, GEMM;
 //! - `exec`: row chunks and how passes over them run, workspaces kept between calls, problems
 //!   in SIMD lanes;
-//! - the kernels, one module each: [`sinkhorn`], [`multi_sinkhorn`], [`similarity`],
-//!   [`info_nce`], [`anchor_consistency`].
+//! - the kernels, one module each: [`sinkhorn`](mod@sinkhorn),
+//!   [`multi_sinkhorn`](mod@multi_sinkhorn), [`similarity`](mod@similarity), [`info_nce`],
+//!   [`anchor_consistency`].
 //!
 //! `cargo bench -p mmot-core --bench kernels` times them at the sizes that matter (see
 //! `benches/kernels.rs`).

@@ -1,5 +1,5 @@
 //! Arithmetic building blocks, the bottom layer of the crate: the element type [`Real`], explicit
-//! vector registers ([`Vector`]) with the runtime choice of instruction set ([`dispatch`]), the
+//! vector registers (`Vector`) with the runtime choice of instruction set ([`dispatch`]), the
 //! reductions built on them, and dense matrix products. Nothing here knows about a kernel.
 //!
 //! The files depend on each other one way: `dispatch` <- `vector` (+ `x86`) <- `real` <-
