@@ -1,6 +1,6 @@
 //! The small-problem path of [`super::multi_sinkhorn`]: batches of problems of at most
 //! [`SMALL`] elements with two weight groups (SSPC's weights, any two values) in the plain
-//! domain (DESIGN.md §2.6, §3 "many tiny problems").
+//! domain (`docs/multi_sinkhorn.md`, "Small problems").
 //!
 //! The streaming path solves one problem at a time, and at 4×4 its per-pass bookkeeping is
 //! most of the work. Here problems are solved `L` at a time in SIMD lanes, as in
@@ -11,10 +11,10 @@
 //! `LogDomain::Auto`, within the plain domain's range. Otherwise this path gives up (the first
 //! task to see it stops the others) and the streaming path solves the call.
 
-use super::{Normalize, Problem};
+use super::{MultiSinkhornParams, Normalize, Problem};
 use crate::domain::{use_log_domain, LogDomain};
-use crate::lanes::{gather, lanes_only, scatter};
-use crate::real::Real;
+use crate::exec::lanes::{gather, lanes_only, scatter};
+use crate::simd::Real;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -26,21 +26,21 @@ const TASK_ELEMS: usize = 1 << 14;
 
 /// Whether this path can solve the problems of `p` under `mode`.
 pub(super) fn applies<T: Real>(p: &Problem<T>, mode: LogDomain) -> bool {
-    p.g.w.len() == 2 && p.n * p.k <= SMALL && mode != LogDomain::On
+    p.groups.len() == 2 && p.rows * p.anchors <= SMALL && mode != LogDomain::On
 }
 
 /// Solves the `[b, n, k]` batch `s` with masses `r` (`[b, k]`) into `out` in the plain domain
 /// and returns true, or returns false, with `out` partly written, if some problem is not finite
-/// or (under `Auto`) needs the log domain. `eps` and `mode` decide the domain exactly as the
-/// streaming path does.
+/// or (under `Auto`) needs the log domain. `params.eps` and `params.log_domain` decide the
+/// domain exactly as the streaming path does.
 pub(super) fn solve<T: Real>(
     p: &Problem<T>,
     s: &[T],
     r: &[T],
     out: &mut [T],
-    eps: f64,
-    mode: LogDomain,
+    params: &MultiSinkhornParams,
 ) -> bool {
+    let (eps, mode) = (params.eps, params.log_domain);
     // One 512-bit vector of lanes (two 256-bit ones without AVX-512).
     if std::mem::size_of::<T>() == 4 {
         solve_lanes::<T, 16>(p, s, r, out, eps, mode)
@@ -57,7 +57,7 @@ fn solve_lanes<T: Real, const L: usize>(
     eps: f64,
     mode: LogDomain,
 ) -> bool {
-    let (n, k) = (p.n, p.k);
+    let (n, k) = (p.rows, p.anchors);
     let nk = n * k;
     let per_task = (TASK_ELEMS / (nk * L)).max(1) * L;
     let give_up = AtomicBool::new(false);
@@ -77,7 +77,7 @@ fn solve_lanes<T: Real, const L: usize>(
                         let m = (count - p0).min(L);
                         gather(&mut g.e0, &s[p0 * nk..], nk, m);
                         let (range, finite) = col_stats(&g.e0[..nk], &mut g.cmax[..k]);
-                        if !finite || use_log_domain::<T>(mode, range * p.g.w_max / eps) {
+                        if !finite || use_log_domain::<T>(mode, range * p.groups.max_weight / eps) {
                             give_up.store(true, Ordering::Relaxed);
                             return;
                         }
@@ -163,12 +163,10 @@ impl<T: Real, const L: usize> Group<T, L> {
 /// The streaming path's plain two-group iteration (`Problem::solve`) on `L` problems.
 #[inline(always)]
 fn solve_group<T: Real, const L: usize>(p: &Problem<T>, g: &mut Group<T, L>) {
-    let (n, k, inv_eps) = (p.n, p.k, p.inv_eps);
-    let (w, c, t) = (
-        [p.g.w[0], p.g.w[1]],
-        [p.g.c[0], p.g.c[1]],
-        [p.g.t[0], p.g.t[1]],
-    );
+    let (n, k, inv_eps, groups) = (p.rows, p.anchors, p.inv_eps, &p.groups);
+    let w = [groups.weights[0], groups.weights[1]];
+    let c = [groups.counts[0], groups.counts[1]];
+    let top = [groups.top_counts[0], groups.top_counts[1]];
     let Group {
         e0,
         e1,
@@ -244,16 +242,16 @@ fn solve_group<T: Real, const L: usize>(p: &Problem<T>, g: &mut Group<T, L>) {
             (*hr0, *hr1) = (s0, s1);
             if last {
                 // The result T = Σ_G t_G h_G y_G replaces the row's E_0, no longer needed.
-                let (u0, u1) = (scaled(s0, t[0]), scaled(s1, t[1]));
+                let (u0, u1) = (scaled(s0, top[0]), scaled(s1, top[1]));
                 for j in 0..k {
                     lanes_only();
                     let (q0, q1) = (y0[j], y1[j]);
                     let mut o = [T::ZERO; L];
                     for l in 0..L {
-                        if t[0] > T::ZERO {
+                        if top[0] > T::ZERO {
                             o[l] += u0[l] * q0[l];
                         }
-                        if t[1] > T::ZERO {
+                        if top[1] > T::ZERO {
                             o[l] += u1[l] * q1[l];
                         }
                     }
@@ -346,152 +344,5 @@ fn minmax_lanes<T: Real, const L: usize>(row: &mut [[T; L]]) {
             };
         }
         *x = v;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::{Groups, Workspace};
-    use super::*;
-    use crate::chunks::batch_col_stats;
-
-    /// Uniform in [-1, 1), from a fixed xorshift stream.
-    fn uniform(len: usize, seed: u64) -> Vec<f64> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-            })
-            .collect()
-    }
-
-    /// The lanes against the streaming path (`Problem::solve`, one problem at a time) on the
-    /// same batch: odd shapes, a batch that leaves a short last group of lanes, random masses,
-    /// and weight pairs with and without an integer ratio.
-    fn lanes_match_streaming<T: Real>(tol: f64) {
-        let shapes = [
-            (1, 3, 1),
-            (4, 4, 2),
-            (5, 7, 3),
-            (16, 16, 8),
-            (3, 300, 100),
-            (33, 31, 30),
-        ];
-        for (case, &(n, kk, k)) in shapes.iter().enumerate() {
-            for (low, normalize) in [(0.25, Normalize::MinMax), (0.3, Normalize::None)] {
-                // A single row's T is constant up to rounding: its min-max is noise.
-                let normalize = if n == 1 { Normalize::None } else { normalize };
-                let b = 37;
-                let s: Vec<T> = uniform(b * n * kk, case as u64)
-                    .iter()
-                    .map(|&x| T::from_f64(x))
-                    .collect();
-                let mut r: Vec<T> = uniform(b * kk, 99 + case as u64)
-                    .iter()
-                    .map(|&x| T::from_f64(x + 1.5))
-                    .collect();
-                for rp in r.chunks_exact_mut(kk) {
-                    let total = rp.iter().map(|x| x.to_f64()).sum::<f64>();
-                    rp.iter_mut()
-                        .for_each(|x| *x = T::from_f64(x.to_f64() * n as f64 / total));
-                }
-                let weights: Vec<f64> = (0..kk)
-                    .map(|m| if m < kk - k { low } else { 1.0 })
-                    .collect();
-                let p = Problem {
-                    n,
-                    k: kk,
-                    inv_eps: T::from_f64(1.0 / 0.2),
-                    n_iters: 9,
-                    normalize,
-                    g: Groups::new(&weights, k),
-                };
-                assert!(applies(&p, LogDomain::Auto));
-                let mut got = vec![T::from_f64(f64::NAN); b * n * kk];
-                assert!(solve(&p, &s, &r, &mut got, 0.2, LogDomain::Auto));
-                let mut cmax = vec![T::ZERO; b * kk];
-                batch_col_stats(&s, b, n, kk, &mut cmax);
-                let mut want = vec![T::from_f64(f64::NAN); b * n * kk];
-                let mut ws = Workspace::default();
-                for i in 0..b {
-                    let (sp, rp, cm) = (
-                        &s[i * n * kk..][..n * kk],
-                        &r[i * kk..][..kk],
-                        &cmax[i * kk..][..kk],
-                    );
-                    p.solve(
-                        sp,
-                        rp,
-                        cm,
-                        &mut want[i * n * kk..][..n * kk],
-                        &mut ws,
-                        false,
-                        None,
-                    );
-                }
-                for (e, (x, y)) in got.iter().zip(&want).enumerate() {
-                    let (x, y) = (x.to_f64(), y.to_f64());
-                    assert!(
-                        (x - y).abs() <= tol * (1.0 + y.abs()),
-                        "shape {n}x{kk} k={k} low={low}: element {e}: lanes {x}, streaming {y}"
-                    );
-                }
-            }
-        }
-    }
-
-    /// One problem of the batch beyond the plain range sends the whole call to the streaming
-    /// path's log domain, as if the small path did not exist; a NaN gives the streaming path's
-    /// error.
-    #[test]
-    fn one_wide_problem_gives_the_call_to_the_log_domain() {
-        use crate::multi_sinkhorn::{multi_sinkhorn, MultiSinkhornParams};
-        use crate::Dims;
-        let (b, n, kk, k) = (37, 4, 4, 2);
-        let mut s: Vec<f32> = uniform(b * n * kk, 7).iter().map(|&x| x as f32).collect();
-        let r = vec![1f32; b * kk];
-        let params = |log_domain| MultiSinkhornParams {
-            eps: 0.1,
-            n_iters: 5,
-            slot_weights: vec![0.25, 0.25, 1.0, 1.0],
-            k,
-            normalize: Normalize::None,
-            log_domain,
-            check_values: false,
-        };
-        let run = |s: &[f32], mode| {
-            let mut out = vec![f32::NAN; b * n * kk];
-            let log = multi_sinkhorn(s, &r, &mut out, Dims::new(b, n, kk), &params(mode)).unwrap();
-            (log, out)
-        };
-        assert!(
-            !run(&s, LogDomain::Auto).0,
-            "uniform scores at eps 0.1 are plain"
-        );
-        s[20 * n * kk] = 6.0; // range 7 / eps 0.1 = 70 > 50
-        let (log, auto) = run(&s, LogDomain::Auto);
-        assert!(log);
-        assert_eq!(auto, run(&s, LogDomain::On).1);
-        s[20 * n * kk] = f32::NAN;
-        let mut out = vec![0f32; b * n * kk];
-        let checked_params = MultiSinkhornParams {
-            check_values: true,
-            ..params(LogDomain::Off)
-        };
-        let checked = multi_sinkhorn(&s, &r, &mut out, Dims::new(b, n, kk), &checked_params);
-        assert!(checked.unwrap_err().to_string().contains("finite"));
-    }
-
-    #[test]
-    fn lanes_match_streaming_f64() {
-        lanes_match_streaming::<f64>(1e-11);
-    }
-
-    #[test]
-    fn lanes_match_streaming_f32() {
-        lanes_match_streaming::<f32>(2e-5);
     }
 }
