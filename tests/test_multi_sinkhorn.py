@@ -218,13 +218,13 @@ def test_gradient_equals_dense_autograd(backend):
         torch.testing.assert_close(ours.grad, dense.grad, rtol=1e-8, atol=1e-10)
 
 
-def test_float32_gradients_match_float64(backend):
+def test_float32_gradients_match_float64(native_backend):
     scores = random_scores(12, 8, seed=9)
     upstream = random_scores(12, 8, seed=10)
     grads = []
     for dtype in (torch.float32, torch.float64):
         s = leaf(scores.to(dtype))
-        (mmot.multi_sinkhorn(s, 4, backend=backend) * upstream.to(dtype)).sum().backward()
+        (mmot.multi_sinkhorn(s, 4, backend=native_backend) * upstream.to(dtype)).sum().backward()
         grads.append(s.grad.double())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-3)
 
@@ -234,7 +234,7 @@ def test_no_graph_without_grad(backend):
     assert out.grad_fn is None and not out.requires_grad
 
 
-# (N, K, k): single sample, K = 1, k = 1, k = K, primes; several row chunks in the Rust section.
+# (N, K, k): single sample, K = 1, k = 1, k = K, primes.
 SHAPES = [(1, 4, 2), (9, 1, 1), (7, 5, 1), (6, 6, 6), (13, 11, 5), (33, 17, 8)]
 
 
@@ -251,14 +251,6 @@ def check_against_reference(backend, shape, log_domain, normalize, dtype):
         [scores],
         upstream,
     )
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("log_domain", [True, False])
-@pytest.mark.parametrize("normalize", ["none", "minmax"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_forward_backward_match_reference(native_backend, shape, log_domain, normalize, dtype):
-    check_against_reference(native_backend, shape, log_domain, normalize, dtype)
 
 
 @given(
@@ -316,17 +308,6 @@ def test_backward_weights_mass_and_batch(native_backend, dtype):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_backward_small_eps_log_domain(native_backend, dtype):
-    scores = cosine_scores(120, 16, seed=3, dtype=dtype)
-    upstream = random_scores(120, 16, seed=4, dtype=dtype)
-    _, got = value_and_grads(lambda s: mmot.multi_sinkhorn(s, 8, 1e-3, 20, normalize="none", backend=native_backend), [scores], upstream)
-    assert bool(torch.isfinite(got[0]).all())
-    if dtype == torch.float64:
-        _, want = value_and_grads(lambda s: reference_multi(s, 8, 1e-3, 20, normalize="none"), [scores], upstream)
-        assert_grads_close(got, want, dtype)
-
-
 # Column spread just under 2, so w·spread/eps sits on either side of the f32 limit of 50.
 @pytest.mark.parametrize("eps", [2.0 / 49.0, 2.0 / 51.0])
 def test_backward_near_domain_switch(native_backend, eps):
@@ -346,6 +327,29 @@ def test_backward_near_domain_switch(native_backend, eps):
 
 
 # ---------------------------------------------------------------- Rust kernel
+
+# The Rust reverse sweep against autograd through the reference. The torch backend's reverse pass
+# is checked against autograd in test_torch_reverse.py; repeating this sweep for it here would
+# double the file's gradient time.
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("log_domain", [True, False])
+@pytest.mark.parametrize("normalize", ["none", "minmax"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rust_forward_backward_match_reference(shape, log_domain, normalize, dtype):
+    check_against_reference("rust", shape, log_domain, normalize, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rust_backward_small_eps_log_domain(dtype):
+    scores = cosine_scores(120, 16, seed=3, dtype=dtype)
+    upstream = random_scores(120, 16, seed=4, dtype=dtype)
+    _, got = value_and_grads(lambda s: mmot.multi_sinkhorn(s, 8, 1e-3, 20, normalize="none", backend="rust"), [scores], upstream)
+    assert bool(torch.isfinite(got[0]).all())
+    if dtype == torch.float64:
+        _, want = value_and_grads(lambda s: reference_multi(s, 8, 1e-3, 20, normalize="none"), [scores], upstream)
+        assert_grads_close(got, want, dtype)
 
 
 @pytest.mark.parametrize("log_domain", [True, False])
