@@ -146,8 +146,12 @@ def anchor_consistency_forward(
     target: npt.NDArray[np.floating],
     temperature: float,
     num_threads: int,
+    check_finite: bool = False,
 ) -> float:
-    """The mean of BCE-with-logits(exp(sim / temperature), target) over the flat arrays."""
+    """The mean of BCE-with-logits(exp(sim / temperature), target) over the flat arrays.
+
+    With ``check_finite``, NaN or Inf in ``sim`` or ``target`` raises ValueError.
+    """
 
 def anchor_consistency_backward(
     grad: float,

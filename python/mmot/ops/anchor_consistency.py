@@ -61,9 +61,10 @@ def anchor_consistency_loss(sim: Tensor, target: Tensor, temperature: float = 0.
 
 
 def _check(backend, sim, target, temperature):
-    # Every backend, Rust included: its kernel does not check values.
-    _checks.finite(OP, "sim", sim)
-    _checks.finite(OP, "target", target)
+    # The Rust kernel checks finiteness itself, in the pass that computes the loss.
+    if backend != "rust":
+        _checks.finite(OP, "sim", sim)
+        _checks.finite(OP, "target", target)
 
 
 def _forward_torch(sim, target, temperature):
@@ -74,7 +75,13 @@ def _forward_torch(sim, target, temperature):
 
 def _forward_rust(sim, target, temperature):
     value = _rust.run(
-        OP, "anchor_consistency_forward", reference.compute_dtype(sim.dtype), [sim.reshape(-1), target.reshape(-1)], [], [temperature]
+        OP,
+        "anchor_consistency_forward",
+        reference.compute_dtype(sim.dtype),
+        [sim.reshape(-1), target.reshape(-1)],
+        [],
+        [temperature],
+        checks=_checks.value_checks_enabled(),
     )
     return torch.tensor(value, dtype=sim.dtype)
 

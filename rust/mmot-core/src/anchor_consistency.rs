@@ -2,7 +2,7 @@
 //! BCE-with-logits(z, t) = softplus(z) − t·z with z = exp(sim/τ) (> 0, so
 //! softplus(z) = z + ln(1 + e^{−z})), and its gradient (see `docs/gradients.md`).
 
-use crate::error::{check_len, MmotError, Result};
+use crate::error::{check_len, not_finite, MmotError, Result};
 use crate::simd::Real;
 use rayon::prelude::*;
 
@@ -13,6 +13,8 @@ const TASK_LEN: usize = 4096;
 pub struct AnchorConsistencyParams {
     /// τ > 0: the logits are `exp(sim / τ)`.
     pub temperature: f64,
+    /// The forward reports NaN or Inf in `sim` or `target` as an error (the backward ignores it).
+    pub check_finite: bool,
 }
 
 fn check(sim_len: usize, target_len: usize, params: &AnchorConsistencyParams) -> Result<()> {
@@ -37,20 +39,33 @@ pub fn anchor_consistency_forward<T: Real>(
         return Ok(0.0);
     }
     let inv = T::from_f64(1.0 / params.temperature);
-    let partials: Vec<f64> = sim
+    // Each chunk also sums `x - x`, which is 0 for finite x and NaN otherwise: the value check
+    // costs two operations an element in the pass the loss makes anyway.
+    let partials: Vec<(f64, T, T)> = sim
         .par_chunks(TASK_LEN)
         .zip(target.par_chunks(TASK_LEN))
         .map(|(s, t)| {
-            let mut acc = 0.0f64;
+            let (mut acc, mut sim_probe, mut target_probe) = (0.0f64, T::ZERO, T::ZERO);
             for (sv, tv) in s.iter().zip(t) {
                 let z = (*sv * inv).exp_fast();
                 let l = z + (T::ONE + (-z).exp_fast()).ln() - *tv * z;
                 acc += l.to_f64();
+                sim_probe += *sv - *sv;
+                target_probe += *tv - *tv;
             }
-            acc
+            (acc, sim_probe, target_probe)
         })
         .collect();
-    Ok(partials.iter().sum::<f64>() / sim.len() as f64)
+    if params.check_finite {
+        if partials.iter().any(|p| p.1 != T::ZERO) {
+            return Err(not_finite("sim"));
+        }
+        if partials.iter().any(|p| p.2 != T::ZERO) {
+            return Err(not_finite("target"));
+        }
+    }
+    let total: f64 = partials.iter().map(|p| p.0).sum();
+    Ok(total / sim.len() as f64)
 }
 
 /// Gradient of `grad · anchor_consistency_forward` with respect to `sim`:
@@ -90,7 +105,10 @@ mod tests {
         let sim: Vec<f64> = (0..9000).map(|i| ((i as f64) * 0.37).sin()).collect();
         let target: Vec<f64> = (0..9000).map(|i| ((i as f64) * 0.11).cos().abs()).collect();
         let tau = 0.1;
-        let params = AnchorConsistencyParams { temperature: tau };
+        let params = AnchorConsistencyParams {
+            temperature: tau,
+            check_finite: true,
+        };
         let term = |s: f64, t: f64| {
             let z = (s / tau).exp();
             z + (-z).exp().ln_1p() - t * z
@@ -123,7 +141,37 @@ mod tests {
             );
         }
         assert!(anchor_consistency_forward(&sim, &target[..3], &params).is_err());
-        let zero = AnchorConsistencyParams { temperature: 0.0 };
+        let zero = AnchorConsistencyParams {
+            temperature: 0.0,
+            ..params
+        };
         assert!(anchor_consistency_forward(&sim, &target, &zero).is_err());
+    }
+
+    #[test]
+    fn anchor_consistency_reports_non_finite_values_when_asked() {
+        let sim: Vec<f32> = (0..9000).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let target: Vec<f32> = (0..9000).map(|i| ((i as f32) * 0.11).cos().abs()).collect();
+        let params = AnchorConsistencyParams {
+            temperature: 0.1,
+            check_finite: true,
+        };
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            // In the second chunk, so that the check covers every chunk, not the first.
+            let mut s = sim.clone();
+            s[5000] = bad;
+            let err = anchor_consistency_forward(&s, &target, &params).unwrap_err();
+            assert!(err.to_string().contains("'sim'"), "{err}");
+            let mut t = target.clone();
+            t[8999] = bad;
+            let err = anchor_consistency_forward(&sim, &t, &params).unwrap_err();
+            assert!(err.to_string().contains("'target'"), "{err}");
+            let unchecked = AnchorConsistencyParams {
+                check_finite: false,
+                ..params
+            };
+            assert!(anchor_consistency_forward(&s, &target, &unchecked).is_ok());
+        }
+        assert!(anchor_consistency_forward(&sim, &target, &params).is_ok());
     }
 }

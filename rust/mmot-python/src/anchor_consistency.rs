@@ -6,16 +6,21 @@ use crate::run;
 use mmot_core::AnchorConsistencyParams;
 use pyo3::prelude::*;
 
-/// Mean of BCE-with-logits(exp(sim/τ), target) over the flat arrays `sim` and `target`.
+/// Mean of BCE-with-logits(exp(sim/τ), target) over the flat arrays `sim` and `target`; with
+/// `check_finite`, NaN or Inf in either is a ValueError.
 #[pyfunction]
-#[pyo3(signature = (sim, target, temperature, num_threads))]
+#[pyo3(signature = (sim, target, temperature, num_threads, check_finite=false))]
 fn anchor_consistency_forward(
     sim: &Bound<'_, PyAny>,
     target: &Bound<'_, PyAny>,
     temperature: f64,
     num_threads: i64,
+    check_finite: bool,
 ) -> PyResult<f64> {
-    let params = AnchorConsistencyParams { temperature };
+    let params = AnchorConsistencyParams {
+        temperature,
+        check_finite,
+    };
     let py = sim.py();
     for_float_type!(sim, "sim", T => {
         let sim = input::<T, 1>(sim, "sim")?;
@@ -36,7 +41,10 @@ fn anchor_consistency_backward(
     temperature: f64,
     num_threads: i64,
 ) -> PyResult<()> {
-    let params = AnchorConsistencyParams { temperature };
+    let params = AnchorConsistencyParams {
+        temperature,
+        check_finite: false,
+    };
     let py = sim.py();
     for_float_type!(sim, "sim", T => {
         let sim = input::<T, 1>(sim, "sim")?;
