@@ -151,9 +151,7 @@ def multi_sinkhorn(
         log_h = [s.new_zeros(s.shape[:-1] + (1,)) for _ in groups]
         for _ in range(n_iters):
             log_f = [log_r - _column_logsumexp(lg + log_g + lh, columns) for lg, lh in zip(logits, log_h)]
-            log_g = -torch.logsumexp(
-                torch.stack([lc + lg + lf + lh for lc, lg, lf, lh in zip(log_count, logits, log_f, log_h)]), dim=0
-            )
+            log_g = -torch.logsumexp(torch.stack([lc + lg + lf + lh for lc, lg, lf, lh in zip(log_count, logits, log_f, log_h)]), dim=0)
             rows = [_row_log_normalizer(lg + log_g + lf) for lg, lf in zip(logits, log_f)]
             log_h = [-row_max - log_norm for _, log_norm, row_max in rows]
         target = sum(top * torch.exp(centered - log_norm) for (_, _, top), (centered, log_norm, _) in zip(groups, rows) if top)

@@ -106,9 +106,7 @@ class ModelConfig:
 class LossConfig:
     variant: str = "multi_sk"
     temperature: float = 0.05
-    pair_weights: dict[str, float] = field(
-        default_factory=lambda: {"text-video": 1.0, "text-audio": 0.1, "video-audio": 0.1}
-    )
+    pair_weights: dict[str, float] = field(default_factory=lambda: {"text-video": 1.0, "text-audio": 0.1, "video-audio": 0.1})
     default_pair_weight: float = 1.0
     anchor_weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0, "video": 1.0, "audio": 0.1})
     default_anchor_weight: float = 1.0
@@ -171,7 +169,12 @@ class Config:
 def _deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and not key.endswith("weights") and key not in ("n_tokens", "token_dim"):
+        if (
+            isinstance(value, dict)
+            and isinstance(out.get(key), dict)
+            and not key.endswith("weights")
+            and key not in ("n_tokens", "token_dim")
+        ):
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = value
@@ -334,8 +337,12 @@ def validate(cfg: Config) -> None:
     s = d.synthetic
     _check(s.n_classes >= 2, "data.synthetic.n_classes", "an integer >= 2", s.n_classes)
     _check(s.per_class >= 2, "data.synthetic.per_class", "an integer >= 2", s.per_class)
-    _check(set(s.n_tokens) == set(s.token_dim) and len(s.n_tokens) >= 2, "data.synthetic.n_tokens",
-           "the same >= 2 modality names as data.synthetic.token_dim", s.n_tokens)
+    _check(
+        set(s.n_tokens) == set(s.token_dim) and len(s.n_tokens) >= 2,
+        "data.synthetic.n_tokens",
+        "the same >= 2 modality names as data.synthetic.token_dim",
+        s.n_tokens,
+    )
     _check(s.noise >= 0, "data.synthetic.noise", "a number >= 0", s.noise)
     p = d.pickle
     for key in ("max_words", "n_video_tokens", "audio_frames_per_token", "n_audio_tokens"):

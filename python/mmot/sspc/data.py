@@ -190,7 +190,7 @@ def load_npz(path: str | os.PathLike, modalities: list[str] | None = None) -> Mu
         raise DataError(f"npz data: file '{path}' not found")
     try:
         z = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a DataError
+    except Exception as exc:
         raise DataError(f"npz data: cannot read '{path}': {exc}") from None
     with z:
         keys = list(z.keys())
@@ -251,7 +251,7 @@ def _fit_tokens(x: np.ndarray, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     t = x.shape[0]
     if t > n_tokens:
         edges = np.linspace(0, t, n_tokens + 1).round().astype(int)
-        x = np.stack([x[a:max(b, a + 1)].mean(axis=0) for a, b in zip(edges[:-1], edges[1:])])
+        x = np.stack([x[a : max(b, a + 1)].mean(axis=0) for a, b in zip(edges[:-1], edges[1:])])
         t = n_tokens
     out = np.zeros((n_tokens, x.shape[1]), dtype=np.float32)
     out[:t] = x
@@ -275,6 +275,17 @@ def _read_word_vectors(path: str) -> dict[str, np.ndarray]:
     return vectors
 
 
+def _clip_array(clip: dict, key: str, ndim: int, where: str) -> np.ndarray:
+    """``clip[key]`` as a finite float32 array of ``ndim`` dimensions, or a DataError naming the clip."""
+    value = np.asarray(clip[key])
+    if value.ndim != ndim or not np.issubdtype(value.dtype, np.number):
+        raise DataError(f"{where}: '{key}' must be a {ndim}-D numeric array; got {value.dtype} {value.shape}")
+    value = value.astype(np.float32)
+    if not np.isfinite(value).all():
+        raise DataError(f"{where}: '{key}' has NaN or infinite values")
+    return value
+
+
 def load_feature_pickle(path: str | os.PathLike, opts: PickleConfig | None = None) -> MultiModalData:
     """Read an everything_at_once / SSPC clip-feature pickle (keys documented in the module)."""
     opts = opts or PickleConfig()
@@ -284,7 +295,7 @@ def load_feature_pickle(path: str | os.PathLike, opts: PickleConfig | None = Non
     try:
         with open(path, "rb") as fh:
             clips = pickle.load(fh)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise DataError(f"pickle data: cannot unpickle '{path}': {exc}") from None
     if isinstance(clips, dict):
         clips = [dict(value, id=value.get("id", key)) if isinstance(value, dict) else value for key, value in clips.items()]
@@ -299,14 +310,8 @@ def load_feature_pickle(path: str | os.PathLike, opts: PickleConfig | None = Non
         where = f"pickle data '{path}', clip {i} (id {clip.get('id', '?')!r})"
         present = sorted(map(str, clip))
 
-        def array(key, ndim=2):
-            value = np.asarray(clip[key])
-            if value.ndim != ndim or not np.issubdtype(value.dtype, np.number):
-                raise DataError(f"{where}: '{key}' must be a {ndim}-D numeric array; got {value.dtype} {value.shape}")
-            value = value.astype(np.float32)
-            if not np.isfinite(value).all():
-                raise DataError(f"{where}: '{key}' has NaN or infinite values")
-            return value
+        def array(key, ndim=2, clip=clip, where=where):
+            return _clip_array(clip, key, ndim, where)
 
         has2, has3 = opts.key_2d in clip, opts.key_3d in clip
         if not (has2 or has3):
@@ -326,7 +331,7 @@ def load_feature_pickle(path: str | os.PathLike, opts: PickleConfig | None = Non
             n_frames = a.shape[1]
             step = opts.audio_frames_per_token
             n_tok = max(1, -(-n_frames // step))
-            a = np.stack([a[:, j * step:(j + 1) * step].mean(axis=1) for j in range(n_tok)])
+            a = np.stack([a[:, j * step : (j + 1) * step].mean(axis=1) for j in range(n_tok)])
         a, am = _fit_tokens(a, opts.n_audio_tokens)
 
         if opts.text_key in clip:
@@ -339,7 +344,9 @@ def load_feature_pickle(path: str | os.PathLike, opts: PickleConfig | None = Non
                     f"'{opts.caption_key}'/'eval_caption' string; keys present: {present}"
                 )
             if words is None:
-                raise DataError(f"{where}: has captions but no '{opts.text_key}' array; set data.pickle.word_vectors to a word-vector text file")
+                raise DataError(
+                    f"{where}: has captions but no '{opts.text_key}' array; set data.pickle.word_vectors to a word-vector text file"
+                )
             if isinstance(caption, (list, tuple)):
                 caption = caption[0]
             tokens = [w for w in re.findall(r"[a-z0-9']+", str(caption).lower()) if w in words]
@@ -413,7 +420,9 @@ def load_data(cfg: DataConfig) -> MultiModalData:
         missing = [m for m in cfg.modalities if m not in data.features]
         if missing:
             raise DataError(f"data.modalities: {missing} not in the data (it has {data.modalities})")
-        data = MultiModalData({m: data.features[m] for m in cfg.modalities}, {m: data.masks[m] for m in cfg.modalities}, data.labels, data.name)
+        data = MultiModalData(
+            {m: data.features[m] for m in cfg.modalities}, {m: data.masks[m] for m in cfg.modalities}, data.labels, data.name
+        )
     return data
 
 
@@ -462,7 +471,9 @@ def make_splits(cfg: DataConfig) -> dict[str, MultiModalData]:
             extra = load_npz(es.path, cfg.modalities)
         extra.name = es.name
         if set(extra.modalities) != set(data.modalities) or extra.dims() != data.dims():
-            raise DataError(f"data.eval_sets '{es.name}': modalities/feature sizes {extra.dims()} differ from the training data {data.dims()}")
+            raise DataError(
+                f"data.eval_sets '{es.name}': modalities/feature sizes {extra.dims()} differ from the training data {data.dims()}"
+            )
         splits[es.name] = extra
     if len(splits["train"]) < 2:
         raise DataError(f"the training split has {len(splits['train'])} samples; need at least 2")

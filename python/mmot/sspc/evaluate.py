@@ -24,7 +24,7 @@ def ranks(query: Tensor, gallery: Tensor, block: int = 1024) -> Tensor:
     g = torch.nn.functional.normalize(gallery.float(), dim=-1)
     out = []
     for start in range(0, q.shape[0], block):
-        sims = q[start:start + block] @ g.T
+        sims = q[start : start + block] @ g.T
         idx = torch.arange(start, start + sims.shape[0])
         true = sims[torch.arange(sims.shape[0]), idx]
         out.append(1 + (sims > true[:, None]).sum(dim=1))
@@ -34,7 +34,7 @@ def ranks(query: Tensor, gallery: Tensor, block: int = 1024) -> Tensor:
 def retrieval_metrics(query: Tensor, gallery: Tensor) -> dict[str, float]:
     r = ranks(query, gallery).double()
     out = {f"R@{k}": float((r <= k).double().mean() * 100.0) for k in RECALL_KS}
-    out["MedR"] = float(r.median()) if r.numel() % 2 else float(r.sort().values[r.numel() // 2 - 1: r.numel() // 2 + 1].mean())
+    out["MedR"] = float(r.median()) if r.numel() % 2 else float(r.sort().values[r.numel() // 2 - 1 : r.numel() // 2 + 1].mean())
     return out
 
 

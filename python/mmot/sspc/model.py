@@ -149,9 +149,16 @@ class SSPCObjective(nn.Module):
             single = cfg.variant == "sinkhorn"
             cls = DenseSSPCLoss if (cfg.assignment_impl == "official_dense" and not single) else mmot.nn.SSPCLoss
             self.sspc = cls(
-                dims, embed_dim, n_anchors, cfg.queue_size, k=cfg.mk_k,
-                eps=cfg.sk_eps if single else cfg.mk_eps, n_iters=cfg.sk_iters if single else cfg.mk_iters,
-                temperature=cfg.anchor_temperature, assignment="single" if single else "multi", pair_weights=c,
+                dims,
+                embed_dim,
+                n_anchors,
+                cfg.queue_size,
+                k=cfg.mk_k,
+                eps=cfg.sk_eps if single else cfg.mk_eps,
+                n_iters=cfg.sk_iters if single else cfg.mk_iters,
+                temperature=cfg.anchor_temperature,
+                assignment="single" if single else "multi",
+                pair_weights=c,
             )
 
     @property

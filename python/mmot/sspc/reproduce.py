@@ -77,11 +77,17 @@ def _summarise(per_run: dict) -> list[dict]:
         for split in by_seed[seeds[0]]:
             for metric in METRICS:
                 values = [by_seed[s][split]["mean"][metric] for s in seeds]
-                rows.append({
-                    "variant": variant, "split": split, "metric": metric,
-                    "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "seeds": seeds, "values": values,
-                })
+                rows.append(
+                    {
+                        "variant": variant,
+                        "split": split,
+                        "metric": metric,
+                        "mean": statistics.fmean(values),
+                        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "seeds": seeds,
+                        "values": values,
+                    }
+                )
     return rows
 
 

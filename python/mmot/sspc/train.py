@@ -249,7 +249,7 @@ def train(
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             order = _epoch_order(n_train, t.seed, epoch)
-            idx = order[in_epoch * batch:(in_epoch + 1) * batch]
+            idx = order[in_epoch * batch : (in_epoch + 1) * batch]
             tokens = {m: train_split.features[m][idx].to(device, non_blocking=True) for m in model.modalities}
             masks = {m: train_split.masks[m][idx].to(device, non_blocking=True) for m in model.modalities}
             with autocast():
@@ -271,9 +271,14 @@ def train(
                 time.sleep(delay)
             if step % t.log_every == 0 or step == total_steps:
                 record = {
-                    "type": "train", "step": step, "epoch": epoch,
-                    "loss": float(losses["loss"].detach()), "contrastive": float(losses["contrastive"]), "anchor": float(losses["anchor"]),
-                    "lr": optimizer.param_groups[0]["lr"], "queue_full": objective.queue_full,
+                    "type": "train",
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": float(losses["loss"].detach()),
+                    "contrastive": float(losses["contrastive"]),
+                    "anchor": float(losses["anchor"]),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "queue_full": objective.queue_full,
                 }
                 metrics.write(record)
                 if progress is not None:
