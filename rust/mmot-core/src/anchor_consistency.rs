@@ -39,7 +39,7 @@ pub fn anchor_consistency_forward<T: Real>(
         return Ok(0.0);
     }
     let inv = T::from_f64(1.0 / params.temperature);
-    // Each chunk also sums `x - x`, which is 0 for finite x and NaN otherwise: the value check
+    // Each chunk also sums `0 · x`, which is 0 for finite x and NaN otherwise: the value check
     // costs two operations an element in the pass the loss makes anyway.
     let partials: Vec<(f64, T, T)> = sim
         .par_chunks(TASK_LEN)
@@ -50,8 +50,8 @@ pub fn anchor_consistency_forward<T: Real>(
                 let z = (*sv * inv).exp_fast();
                 let l = z + (T::ONE + (-z).exp_fast()).ln() - *tv * z;
                 acc += l.to_f64();
-                sim_probe += *sv - *sv;
-                target_probe += *tv - *tv;
+                sim_probe += *sv * T::ZERO;
+                target_probe += *tv * T::ZERO;
             }
             (acc, sim_probe, target_probe)
         })
