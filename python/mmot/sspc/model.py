@@ -10,7 +10,7 @@ A gated projection is a linear layer followed by context gating, y ← y ⊙ σ(
 pretrained feature space whose structure SSPC preserves. Every modality has K learnable anchors
 Z_m in its input space and K anchors Ẑ_m in the joint space.
 
-Objective (DESIGN §4): the NormSoftmax combinatorial contrastive loss (τ = 0.05) over modality
+Objective (as in the SSPC paper): the NormSoftmax combinatorial contrastive loss (τ = 0.05) over modality
 pairs with weights normalised to sum 1, plus, for the SSPC variants, the anchor loss
 
     L_anc = Σ_{m,n} c[m,n]·ACL(P_m, T̂_{n,m}) + Σ_{n,m} c[n,m]·ACL(P̂_{n,m}, T_m)
