@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -126,14 +127,14 @@ def _calls(workload: workloads.Workload, mode: str) -> dict:
     }
 
 
-def _time_workload(workload, device, args, progress) -> tuple[list[dict], list[dict]]:
+def _time_workload(workload, device, args, on_round: Callable[[], None]) -> tuple[list[dict], list[dict]]:
     records, skipped = [], []
     modes = MODES if args.backward else MODES[:1]
     inputs = workload.make_inputs(device, False)
     for mode in modes:
         calls = _calls(workload, mode)
         bound: dict[str, Callable[[], object]] = {name: functools.partial(fn, inputs) for name, fn in calls.items()}
-        results = timing.interleaved(bound, device, args.repeats, progress.update)
+        results = timing.interleaved(bound, device, args.repeats, on_round)
         for name, provider in workload.providers.items():
             if mode != "forward" and not (isinstance(provider, Provider) and provider.differentiable):
                 continue  # unavailable and forward-only providers are listed once, under the forward pass
@@ -201,18 +202,25 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     compile_ = False if args.no_compile else None
     selected = workloads.select(device, args.size, args.ops, args.only, compile_)
     machine = _machine(device)
-    result: dict = {"command": " ".join(["mmot-bench", *argv]), "machine": machine, "records": [], "skipped": [], "checks": []}
-    rates = None
+    result: dict = {"command": shlex.join(["mmot-bench", *argv]), "machine": machine, "records": [], "skipped": [], "checks": []}
     rounds = len(selected) * args.repeats * (2 if args.backward else 1)
+    rates = floors.measure(device)
     with tqdm(total=rounds, desc="mmot-bench", unit="round", file=sys.stderr) as progress:
+
+        def after_round() -> None:
+            # The machine's rates drift (a shared VM's bandwidth and clock change by 1.5-2x within
+            # minutes): a one-try probe in every round meets the same moments as the providers.
+            nonlocal rates
+            rates = rates.best(floors.measure(device, tries=1))
+            progress.update()
+
         for workload in selected:
             progress.set_postfix_str(workload.label)
-            rates = floors.measure(device).best(rates)  # beside every workload: the machine is shared
             if args.check:
                 inputs = workload.make_inputs(device, False)
                 result["checks"] += check.check(workload, inputs, args.backward)
                 del inputs
-            records, skipped = _time_workload(workload, device, args, progress)
+            records, skipped = _time_workload(workload, device, args, after_round)
             result["records"] += records
             result["skipped"] += skipped
     rates = floors.measure(device).best(rates)

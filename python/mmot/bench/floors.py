@@ -10,8 +10,8 @@ in-cache bandwidth, GEMM rate, exp rate) and :func:`floor` picks the floor that 
 - cache: the bytes that must move between cache and core over the in-cache bandwidth;
 - compute: multiply-add flops over the GEMM rate, or exps over the exp rate, whichever is larger.
 
-Each is a lower bound only if the rates are the machine's best, so the runner measures them
-beside every workload and keeps the best seen (:meth:`Rates.best`). docs/benchmarks.md
+Each is a lower bound only if the rates are the machine's best, so the runner measures them at
+its start and end and in every round of every workload, and keeps the best seen (:meth:`Rates.best`). docs/benchmarks.md
 describes the model and each workload's counts.
 """
 
@@ -27,6 +27,9 @@ import torch
 from mmot.bench.timing import best_seconds
 
 KINDS = ("dram", "cache", "compute")
+# Timings per rate in a full measurement, the best kept: a rate measured low puts a floor above
+# what the machine can do.
+TRIES = 10
 
 
 @dataclass(frozen=True)
@@ -111,17 +114,17 @@ def floor(work: Work, rates: Rates) -> Floor:
     return Floor(kind, parts[kind], parts)
 
 
-def measure(device: torch.device) -> Rates:
-    """Measure the rates once (a few tenths of a second on an idle CPU)."""
+def measure(device: torch.device, tries: int = TRIES) -> Rates:
+    """Measure the rates, each the best of ``tries`` timings (about 1.5 s on the 2-core CPU; tens of ms with one try)."""
     llc, l1 = cache_sizes(device)
     # Bytes copied per in-cache timing: enough to hide the per-call overhead (kernel launches on CUDA).
     volume = 2**31 if device.type == "cuda" else 2**25
     with torch.no_grad():
         return Rates(
-            dram_gbps=_bandwidth_gbps(device, max(128 * 2**20, 4 * llc), repeats=1),
-            cache_gbps=max(_bandwidth_gbps(device, size, repeats=max(1, volume // size)) for size in (llc // 16, llc // 4)),
-            gemm_gflops=_gemm_gflops(device),
-            exp_per_s=_exp_per_s(device),
+            dram_gbps=_bandwidth_gbps(device, max(128 * 2**20, 4 * llc), 1, tries),
+            cache_gbps=max(_bandwidth_gbps(device, size, max(1, volume // size), tries) for size in (llc // 16, llc // 4)),
+            gemm_gflops=_gemm_gflops(device, tries),
+            exp_per_s=_exp_per_s(device, tries),
             llc_bytes=llc,
             l1_bytes=l1,
         )
@@ -161,7 +164,7 @@ def _sysconf(name: str) -> int:
         return 0
 
 
-def _bandwidth_gbps(device: torch.device, size: int, repeats: int) -> float:
+def _bandwidth_gbps(device: torch.device, size: int, repeats: int, tries: int) -> float:
     """Best of a copy (read + write) and a sum (read) of a ``size``-byte float32 buffer."""
     src = torch.ones(max(1, size // 4), device=device)
     dst = torch.empty_like(src)
@@ -174,12 +177,12 @@ def _bandwidth_gbps(device: torch.device, size: int, repeats: int) -> float:
         for _ in range(repeats):
             src.sum()
 
-    copy_rate = 2 * src.numel() * 4 * repeats / best_seconds(copies, device)
-    read_rate = src.numel() * 4 * repeats / best_seconds(sums, device)
+    copy_rate = 2 * src.numel() * 4 * repeats / best_seconds(copies, device, tries)
+    read_rate = src.numel() * 4 * repeats / best_seconds(sums, device, tries)
     return max(copy_rate, read_rate) / 1e9
 
 
-def _gemm_gflops(device: torch.device) -> float:
+def _gemm_gflops(device: torch.device, tries: int) -> float:
     """The faster of torch's matmul and mmot's GEMM (the Rust similarity without normalisation).
 
     On CUDA TF32 is allowed for the probe: mmot's Triton kernels may use TF32 tensor cores, and a
@@ -191,7 +194,7 @@ def _gemm_gflops(device: torch.device) -> float:
         allowed = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
         try:
-            return 2 * n**3 / best_seconds(lambda: a @ b, device) / 1e9
+            return 2 * n**3 / best_seconds(lambda: a @ b, device, tries) / 1e9
         finally:
             torch.backends.cuda.matmul.allow_tf32 = allowed
     import mmot
@@ -199,12 +202,12 @@ def _gemm_gflops(device: torch.device) -> float:
     n, d = 1024, 256
     a, b = torch.randn(n, d), torch.randn(n, d)
     flops = 2 * n * n * d
-    torch_rate = flops / best_seconds(lambda: a @ b.T, device)
-    mmot_rate = flops / best_seconds(lambda: mmot.similarity(a, b, normalize=False, backend="rust"), device)
+    torch_rate = flops / best_seconds(lambda: a @ b.T, device, tries)
+    mmot_rate = flops / best_seconds(lambda: mmot.similarity(a, b, normalize=False, backend="rust"), device, tries)
     return max(torch_rate, mmot_rate) / 1e9
 
 
-def _exp_per_s(device: torch.device) -> float:
+def _exp_per_s(device: torch.device, tries: int) -> float:
     if device.type == "cuda":
         return math.inf
     x = torch.rand(2**16) - 0.5
@@ -215,4 +218,4 @@ def _exp_per_s(device: torch.device) -> float:
         for _ in range(repeats):
             torch.exp(x, out=y)
 
-    return x.numel() * repeats / best_seconds(exps, device)
+    return x.numel() * repeats / best_seconds(exps, device, tries)

@@ -37,7 +37,7 @@ def header(report: dict) -> str:
     return (
         f"mmot {machine['mmot']} (commit {machine['commit']}) · torch {machine['torch']} · {where} · {machine['cpu_count']} CPUs · "
         f"torch threads {machine['torch_threads']}, MMOT_NUM_THREADS={machine['mmot_num_threads']} · "
-        f"load average {machine['load_before']} before, {machine['load_after']} after · {machine['date']}\n"
+        f"load average {machine['load_before']} before, {machine['load_after']} after · {machine['date']}\n\n"
         f"Rates (best seen in the run): {machine['rates_text']}"
     )
 
@@ -109,6 +109,7 @@ def markdown_report(report: dict) -> str:
         "",
         f"Command: `{report['command']}`. Each provider's calls run interleaved with the others', round after round, each "
         "timed call after an untimed one of its own; min and median over the rounds. " + FLOOR_NOTE,
+        "",
         "",
     ]
     return "\n".join(intro) + format_table(report) + "\n"
