@@ -17,6 +17,7 @@ describes the model and each workload's counts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, fields
@@ -115,19 +116,43 @@ def floor(work: Work, rates: Rates) -> Floor:
 
 
 def measure(device: torch.device, tries: int = TRIES) -> Rates:
-    """Measure the rates, each the best of ``tries`` timings (about 1.5 s on the 2-core CPU; tens of ms with one try)."""
+    """Measure the rates, each the best of ``tries`` timings (about 1.5 s on the 2-core CPU; tens of ms with one try).
+
+    On a CPU the in-cache, GEMM and exp rates are one thread's times the cores: a fork-join team
+    loses a whole time slice to any other process that takes one of its cores, a single thread
+    does not, and per-core rates add up to at most that across cores (so the floor stays a lower
+    bound). DRAM bandwidth, which one core cannot saturate, is measured with every thread.
+    """
     llc, l1 = cache_sizes(device)
     # Bytes copied per in-cache timing: enough to hide the per-call overhead (kernel launches on CUDA).
     volume = 2**31 if device.type == "cuda" else 2**25
+    cores = 1 if device.type == "cuda" else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with torch.no_grad():
-        return Rates(
-            dram_gbps=_bandwidth_gbps(device, max(128 * 2**20, 4 * llc), 1, tries),
-            cache_gbps=max(_bandwidth_gbps(device, size, max(1, volume // size), tries) for size in (llc // 16, llc // 4)),
-            gemm_gflops=_gemm_gflops(device, tries),
-            exp_per_s=_exp_per_s(device, tries),
-            llc_bytes=llc,
-            l1_bytes=l1,
-        )
+        dram = _bandwidth_gbps(device, max(128 * 2**20, 4 * llc), 1, tries)
+        with _one_thread(device):
+            cache = max(_bandwidth_gbps(device, size, max(1, volume // size), tries) for size in (llc // 16, llc // 4))
+            gemm = _gemm_gflops(device, tries)
+            exp = _exp_per_s(device, tries)
+    return Rates(dram, cores * cache, cores * gemm, cores * exp, llc, l1)
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """torch and mmot's Rust kernels on one thread (nothing changes on CUDA)."""
+    if device.type == "cuda":
+        yield
+        return
+    threads, configured = torch.get_num_threads(), os.environ.get("MMOT_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["MMOT_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if configured is None:
+            del os.environ["MMOT_NUM_THREADS"]
+        else:
+            os.environ["MMOT_NUM_THREADS"] = configured
 
 
 def cache_sizes(device: torch.device) -> tuple[int, int]:
