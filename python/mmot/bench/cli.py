@@ -3,8 +3,13 @@
 The providers of each workload run in interleaved rounds; the table gives every provider's min
 and median time, mmot's speed-up by each, and the fraction of the workload's physical floor (the
 binding one of DRAM, cache and compute, measured on this machine in the same run). Optional:
-forward + backward timings, peak memory per provider, and a check of every provider against
-``mmot.reference``. On a CPU only the ratios are meaningful: absolute times move with the load.
+forward + backward timings, peak memory per provider, a check of every provider against
+``mmot.reference``, and the validation cases of every op and dtype (``--validate``,
+bench/validate.py). On a CPU only the ratios are meaningful: absolute times move with the load.
+
+``--gpu-validate`` is the one command for a lent GPU (docs/gpu.md): validation, the check, forward
++ backward, peak memory, within a time budget. A failure anywhere is recorded and the run goes
+on; the JSON is rewritten after every workload, so a run cut short still leaves its data.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ import datetime
 import functools
 import importlib.util
 import json
+import math
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -27,10 +35,17 @@ import torch
 from tqdm import tqdm
 
 import mmot
-from mmot.bench import check, floors, memory, report, timing, workloads
+from mmot.bench import check, floors, memory, report, timing, validate, workloads
 from mmot.bench.workloads import Provider, backward_of, forward
 
 MODES = ("forward", "forward+backward")
+# --gpu-validate: seconds after which no further workload starts (the command must end within
+# about 8 minutes on one H100; the last workload and the report take the rest).
+GPU_BUDGET_S = 400
+GPU_REPEATS = 5
+# --gpu-validate compiles only these references (each torch.compile takes tens of seconds): the
+# SSPC-size Multi-SK, the SwAV-size Sinkhorn and the similarity.
+GPU_COMPILED = ("multi_sinkhorn · N=7660 K=64 ", "sinkhorn · B=4096", "similarity · ")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -53,14 +68,33 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--memory", action="store_true", help="peak memory a call adds, per provider (a fresh process per figure on CPU)")
     parser.add_argument("--check", action="store_true", help="compare every provider with mmot.reference; exit 1 on a mismatch")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd references (always skipped below full sizes)")
+    parser.add_argument("--validate", action="store_true", help="run every op's validation cases (bench/validate.py); exit 1 on a failure")
+    parser.add_argument(
+        "--budget", type=float, metavar="SECONDS", help="start no workload after this many seconds; the rest are listed as skipped"
+    )
+    parser.add_argument(
+        "--gpu-validate",
+        action="store_true",
+        help=f"the lent-GPU command: --device cuda --validate --check --backward --memory --budget {GPU_BUDGET_S}, "
+        f"{GPU_REPEATS} rounds, three compiled references (docs/gpu.md)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the records as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of mmot's speed-up per workload and provider")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="write the tables as a markdown section (bench/RESULTS.md)")
     args = parser.parse_args(argv)
+    if args.gpu_validate:
+        if args.quick or args.tiny:
+            parser.error("--gpu-validate runs the full sizes; drop --quick/--tiny")
+        args.device = "cuda"
+        args.validate = args.check = args.backward = args.memory = True
+        args.budget = GPU_BUDGET_S if args.budget is None else args.budget
+        args.repeats = args.repeats or GPU_REPEATS
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); use --device cpu")
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1; got {args.repeats}")
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget must be > 0 seconds; got {args.budget}")
     for path in (args.json, args.plot, args.markdown):
         if path is not None and not path.resolve().parent.is_dir():
             parser.error(f"cannot write {path}: directory {path.resolve().parent} does not exist")
@@ -115,9 +149,35 @@ def _machine(device: torch.device) -> dict:
         "device": device.type,
         "load_before": _load(),
     }
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        info["triton"] = triton.__version__
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=torch.cuda.get_device_name(device),
+            capability=f"sm_{props.major}{props.minor}",
+            sm_count=props.multi_processor_count,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            l2_mib=round(props.L2_cache_size / 2**20, 1),
+            cuda=torch.version.cuda,
+            nvidia_smi_before=_nvidia_smi(),
+        )
     return info
+
+
+def _nvidia_smi() -> dict | str:
+    """Driver, clocks, temperature, power and utilisation as nvidia-smi reports them (low clocks or busy: contention)."""
+    fields = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu,memory.used"
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"nvidia-smi failed: {error}"
+    values = result.stdout.strip().splitlines()[0].split(", ") if result.stdout.strip() else []
+    return dict(zip(fields.split(","), values)) if len(values) == len(fields.split(",")) else f"nvidia-smi: {result.stderr.strip()[:200]}"
 
 
 def _calls(workload: workloads.Workload, mode: str) -> dict:
@@ -170,6 +230,9 @@ def _add_floors(result: dict, selected: list, rates: floors.Rates) -> None:
                 # Above 1 the model is wrong, not the machine fast: reported as broken, never as a fraction.
                 floor_fraction=fraction if fraction <= 1 else None,
                 gbps=work.traffic / (r["min_ms"] * 1e-3) / 1e9,
+                # The share of the DRAM (HBM) bandwidth the row's traffic would take if every pass
+                # streamed from memory; above 1 the data stayed in cache.
+                dram_fraction=work.traffic / (r["min_ms"] * 1e-3) / 1e9 / rates.dram_gbps,
                 speedup_min=r["min_ms"] / mine["min_ms"] if mine else None,
                 speedup_median=r["median_ms"] / mine["median_ms"] if mine else None,
             )
@@ -186,74 +249,209 @@ def _targets(result: dict, selected: list, rates: floors.Rates) -> list[dict]:
         floor_ms = workload.work.traffic / (rates.dram_gbps * 1e9) * 1e3
         speedups = [rows[target.against][key] / mine[key] for key in ("min_ms", "median_ms")]
         to_floor = [mine[key] / floor_ms for key in ("min_ms", "median_ms")]
-        met = [s >= target.speedup and f <= target.floor_factor for s, f in zip(speedups, to_floor)]
+        factor = math.inf if target.floor_factor is None else target.floor_factor
+        met = [s >= target.speedup and f <= factor for s, f in zip(speedups, to_floor)]
         verdict = "met" if all(met) else "met by min, not by median" if met[0] else "missed"
-        text = (
-            f"Target: {mine['provider']} at least {target.speedup}× {target.against} and within {target.floor_factor}× the "
-            f"{target.floor_text} memory floor ({floor_ms:.3g} ms at {rates.dram_gbps:.1f} GB/s): {speedups[0]:.1f}× / "
-            f"{speedups[1]:.1f}× (min / median), {to_floor[0]:.2f}× / {to_floor[1]:.2f}× the floor: **{verdict}**."
-        )
+        if target.floor_factor is None:
+            text = (
+                f"Target: {mine['provider']} at least {target.speedup:.3g}× {target.against} (no slower than "
+                f"{1 / target.speedup:.3g}×): {speedups[0]:.2f}× / {speedups[1]:.2f}× (min / median): **{verdict}**."
+            )
+        else:
+            text = (
+                f"Target: {mine['provider']} at least {target.speedup}× {target.against} and within {target.floor_factor}× the "
+                f"{target.floor_text} memory floor ({floor_ms:.3g} ms at {rates.dram_gbps:.1f} GB/s): {speedups[0]:.1f}× / "
+                f"{speedups[1]:.1f}× (min / median), {to_floor[0]:.2f}× / {to_floor[1]:.2f}× the floor: **{verdict}**."
+            )
         out.append({"label": workload.label, "speedup": speedups, "times_floor": to_floor, "met": met, "text": text})
     return out
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    device = torch.device(args.device)
+class Run:
+    """One run's records, written out after every step so that a run cut short leaves its data."""
+
+    def __init__(self, args: argparse.Namespace, argv: list[str]):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.start = time.monotonic()
+        self.result: dict = {
+            "command": shlex.join(["mmot-bench", *argv]),
+            "machine": _machine(self.device),
+            "records": [],
+            "skipped": [],
+            "checks": [],
+            "errors": [],
+            "floors": [],
+            "targets": [],
+            "elapsed_s": {},
+            "complete": False,
+        }
+        self.selected: list[workloads.Workload] = []
+        self.rates: floors.Rates | None = None
+
+    def log(self, text: str) -> None:
+        print(f"[mmot-bench {time.monotonic() - self.start:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def over_budget(self) -> bool:
+        return self.args.budget is not None and time.monotonic() - self.start > self.args.budget
+
+    def error(self, where: str, error: BaseException) -> None:
+        self.result["errors"].append({"where": where, "error": f"{type(error).__name__}: {error}"[:500]})
+        self.log(f"{where}: {type(error).__name__}: {error}"[:300])
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def finish(self) -> dict:
+        """Floors and targets at the best rates seen so far (also for a partial run)."""
+        result = self.result
+        result["elapsed_s"]["total"] = round(time.monotonic() - self.start, 1)
+        if self.rates is None:
+            return result
+        result["machine"].update(load_after=_load(), rates=asdict(self.rates), rates_text=self.rates.describe())
+        measured = {r["label"] for r in result["records"]}
+        done = [w for w in self.selected if w.label in measured]
+        _add_floors(result, done, self.rates)
+        result["targets"] = _targets(result, done, self.rates)
+        return result
+
+    def save(self) -> None:
+        """The JSON so far, replaced atomically (a run killed while writing keeps the previous one)."""
+        if self.args.json is None:
+            return
+        self.finish()
+        partial = self.args.json.with_name(self.args.json.name + ".partial")
+        partial.write_text(json.dumps(self.result, indent=2))
+        os.replace(partial, self.args.json)
+
+    def validate(self) -> None:
+        self.log(f"validation cases on {self.device.type}")
+
+        def on_case(case: validate.Case, records: list[dict]) -> None:
+            failed = [r for r in records if not r["ok"]]
+            self.log(f"validate {case.label}: {'FAILED ' + str(len(failed)) if failed else 'ok'}")
+
+        started = time.monotonic()
+        records, skipped = validate.run(self.device, on_case)
+        self.result["checks"] += records
+        self.result["skipped"] += skipped
+        self.result["elapsed_s"]["validate"] = round(time.monotonic() - started, 1)
+        self.save()
+
+    def workload(self, workload: workloads.Workload, after_round: Callable[[], None]) -> None:
+        args, device, started = self.args, self.device, time.monotonic()
+        if args.check:
+            self._check(workload)
+        records, skipped = _time_workload(workload, device, args, after_round)
+        self.result["records"] += records
+        self.result["skipped"] += skipped
+        if args.memory:
+            for r in records:
+                try:
+                    if device.type == "cuda":
+                        r["peak_mib"] = memory.peak_mib_cuda(workload, r["provider"], r["mode"], device)
+                    else:
+                        compiled = args.no_compile is False and args.size == "full"
+                        r["peak_mib"] = memory.peak_mib_cpu(r["label"], r["provider"], r["mode"], args.size, compiled)
+                except Exception as error:  # an OOM in one provider's measurement leaves the others'
+                    r["peak_mib"] = f"failed: {type(error).__name__}"
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+        self.result["elapsed_s"][workload.label] = round(time.monotonic() - started, 1)
+        self.log(f"{workload.label}: {time.monotonic() - started:.1f} s")
+
+    def _check(self, workload: workloads.Workload) -> None:
+        if self.device.type == "cuda" and workload.reference_bytes:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if workload.reference_bytes > 0.9 * free:
+                need = workload.reference_bytes / 2**30
+                reason = f"not checked: the float64 reference needs about {need:.0f} GiB, {free / 2**30:.0f} GiB free"
+                self.result["skipped"].append({"label": workload.label, "mode": "check", "provider": "mmot.reference", "reason": reason})
+                return
+        inputs = workload.make_inputs(self.device, False)
+        self.result["checks"] += check.check(workload, inputs, self.args.backward)
+        del inputs
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _limit_compiled(selected: list[workloads.Workload]) -> None:
+    """--gpu-validate: compiled references only where GPU_COMPILED names the workload."""
+    for workload in selected:
+        if "reference-compiled" in workload.providers and not any(workload.label.startswith(keep) for keep in GPU_COMPILED):
+            workload.providers["reference-compiled"] = (
+                "not compiled under --gpu-validate (time budget); run mmot-bench --device cuda --only ..."
+            )
+
+
+def run(args: argparse.Namespace, argv: list[str], state: Run | None = None) -> dict:
+    state = state or Run(args, argv)
+    device = state.device
     compile_ = False if args.no_compile else None
+    if args.validate:
+        state.validate()
     selected = workloads.select(device, args.size, args.ops, args.only, compile_)
-    machine = _machine(device)
-    result: dict = {"command": shlex.join(["mmot-bench", *argv]), "machine": machine, "records": [], "skipped": [], "checks": []}
+    if args.gpu_validate:
+        _limit_compiled(selected)
+    state.selected = selected
+    state.rates = floors.measure(device)
     rounds = len(selected) * args.repeats * (2 if args.backward else 1)
-    rates = floors.measure(device)
     with tqdm(total=rounds, desc="mmot-bench", unit="round", file=sys.stderr) as progress:
 
         def after_round() -> None:
             # The machine's rates drift (a shared VM's bandwidth and clock change by 1.5-2x within
             # minutes): a one-try probe in every round meets the same moments as the providers.
-            nonlocal rates
-            rates = rates.best(floors.measure(device, tries=1))
+            state.rates = state.rates.best(floors.measure(device, tries=1))
             progress.update()
 
         for workload in selected:
+            if state.over_budget():
+                reason = f"time budget: {args.budget:.0f} s spent before it started"
+                state.result["skipped"].append({"label": workload.label, "mode": "all", "provider": "all", "reason": reason})
+                continue
             progress.set_postfix_str(workload.label)
-            if args.check:
-                inputs = workload.make_inputs(device, False)
-                result["checks"] += check.check(workload, inputs, args.backward)
-                del inputs
-            records, skipped = _time_workload(workload, device, args, after_round)
-            result["records"] += records
-            result["skipped"] += skipped
-    rates = floors.measure(device).best(rates)
-    machine.update(load_after=_load(), rates=asdict(rates), rates_text=rates.describe())
-    _add_floors(result, selected, rates)
-    result["targets"] = _targets(result, selected, rates)
-    if args.memory:
-        by_label = {w.label: w for w in selected}
-        for r in tqdm(result["records"], desc="peak memory", file=sys.stderr):
-            if device.type == "cuda":
-                r["peak_mib"] = memory.peak_mib_cuda(by_label[r["label"]], r["provider"], r["mode"], device)
-            else:
-                r["peak_mib"] = memory.peak_mib_cpu(
-                    r["label"], r["provider"], r["mode"], args.size, compile_ is not False and args.size == "full"
-                )
-    return result
+            try:
+                state.workload(workload, after_round)
+            except Exception as error:  # one workload's failure (an OOM, a missing package) leaves the rest
+                state.error(workload.label, error)
+            state.save()
+    state.rates = floors.measure(device).best(state.rates)
+    if device.type == "cuda":
+        state.result["machine"]["nvidia_smi_after"] = _nvidia_smi()
+    state.result["complete"] = True
+    return state.finish()
+
+
+def _raise_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def failed(result: dict) -> bool:
+    """Any check or validation case failed, or a workload raised outside its providers."""
+    return any(not c["ok"] for c in result["checks"]) or bool(result["errors"])
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
-    result = run(args, argv)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # `timeout` sends SIGTERM: write what there is
+    state = Run(args, argv)
+    try:
+        result = run(args, argv, state)
+    except KeyboardInterrupt as interrupt:
+        state.error("interrupted", interrupt)
+        result = state.finish()
+    finally:
+        state.save()
     print(report.format_table(result))
     if args.markdown:
         args.markdown.write_text(report.markdown_report(result))
         print(f"\nwrote {args.markdown}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     if args.plot:
         report.plot(result, args.plot)
         print(f"wrote {args.plot}")
-    if any(not c["ok"] for c in result["checks"]):
+    if failed(result) or not result["complete"]:
         sys.exit(1)
 
 

@@ -68,10 +68,11 @@ class Rates:
 
     dram_gbps: float
     cache_gbps: float
-    gemm_gflops: float
+    gemm_gflops: float  # float32 products at IEEE precision (on CUDA: no TF32)
     exp_per_s: float  # inf where exps are not a limit worth measuring (CUDA's special-function units)
     llc_bytes: int
     l1_bytes: int
+    tf32_gflops: float = 0.0  # CUDA only, for the record: TF32 tensor cores (no floor uses it)
 
     def best(self, other: Rates | None) -> Rates:
         """The higher of each rate: floors from the best rate seen are the ones noise cannot raise."""
@@ -82,8 +83,9 @@ class Rates:
 
     def describe(self) -> str:
         exp = "" if math.isinf(self.exp_per_s) else f", exp {self.exp_per_s / 1e9:.2f} G/s"
+        tf32 = f" (TF32 {self.tf32_gflops:.0f}, not used)" if self.tf32_gflops else ""
         return (
-            f"DRAM {self.dram_gbps:.1f} GB/s, in-cache {self.cache_gbps:.0f} GB/s, GEMM {self.gemm_gflops:.0f} GFLOP/s{exp}, "
+            f"DRAM {self.dram_gbps:.1f} GB/s, in-cache {self.cache_gbps:.0f} GB/s, GEMM {self.gemm_gflops:.0f} GFLOP/s{tf32}{exp}, "
             f"last-level cache {self.llc_bytes / 2**20:.0f} MiB"
         )
 
@@ -124,24 +126,48 @@ def measure(device: torch.device, tries: int = TRIES) -> Rates:
     bound). DRAM bandwidth, which one core cannot saturate, is measured with every thread.
     """
     llc, l1 = cache_sizes(device)
-    # Bytes copied per in-cache timing: enough to hide the per-call overhead (kernel launches on CUDA).
-    volume = 2**31 if device.type == "cuda" else 2**25
-    cores = 1 if device.type == "cuda" else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device.type == "cuda":
+        return _measure_cuda(device, llc, l1, tries)
+    volume = 2**25  # bytes copied per in-cache timing: enough to hide the per-call overhead
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with torch.no_grad():
         dram = _bandwidth_gbps(device, max(128 * 2**20, 4 * llc), 1, tries)
-        with _one_thread(device):
+        with _one_thread():
             cache = max(_bandwidth_gbps(device, size, max(1, volume // size), tries) for size in (llc // 16, llc // 4))
             gemm = _gemm_gflops(device, tries)
             exp = _exp_per_s(device, tries)
     return Rates(dram, cores * cache, cores * gemm, cores * exp, llc, l1)
 
 
+def _measure_cuda(device: torch.device, llc: int, l1: int, tries: int) -> Rates:
+    """HBM bandwidth from a 1 GiB device copy or sum; GEMM rates from torch.mm on 4096²; L2 from re-reads.
+
+    The floors use the float32 GEMM rate at IEEE precision: mmot's Triton kernels multiply
+    float32 at IEEE precision (info_nce) or as three TF32 products (similarity), never plain TF32.
+    A copy of an L2-sized buffer takes about as long as its launch, so the in-cache rate is the
+    faster of repeated copies and one reduction that re-reads a buffer many times (stride 0):
+    an over-estimate at worst, which keeps the cache floor a lower bound.
+    """
+    with torch.no_grad():
+        dram = _bandwidth_gbps(device, 2**30, 1, tries)
+        size = llc // 4
+        cache = max(_bandwidth_gbps(device, size, max(1, 2**31 // size), tries), _reread_gbps(device, size, tries))
+        gemm = _gemm_gflops(device, tries, tf32=False)
+        tf32 = _gemm_gflops(device, tries, tf32=True)
+    return Rates(dram, cache, gemm, math.inf, llc, l1, tf32)
+
+
+def _reread_gbps(device: torch.device, size: int, tries: int, reads: int = 64) -> float:
+    """Bytes read per second by one reduction over ``reads`` stride-0 copies of a ``size``-byte buffer."""
+    src = torch.ones(max(1, size // 4), device=device)
+    dst = torch.empty_like(src)
+    view = src.expand(reads, src.numel())
+    return reads * src.numel() * 4 / best_seconds(lambda: torch.sum(view, 0, out=dst), device, tries) / 1e9
+
+
 @contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """torch and mmot's Rust kernels on one thread (nothing changes on CUDA)."""
-    if device.type == "cuda":
-        yield
-        return
+def _one_thread():
+    """torch and mmot's Rust kernels on one thread."""
     threads, configured = torch.get_num_threads(), os.environ.get("MMOT_NUM_THREADS")
     torch.set_num_threads(1)
     os.environ["MMOT_NUM_THREADS"] = "1"
@@ -207,17 +233,16 @@ def _bandwidth_gbps(device: torch.device, size: int, repeats: int, tries: int) -
     return max(copy_rate, read_rate) / 1e9
 
 
-def _gemm_gflops(device: torch.device, tries: int) -> float:
+def _gemm_gflops(device: torch.device, tries: int, tf32: bool = False) -> float:
     """The faster of torch's matmul and mmot's GEMM (the Rust similarity without normalisation).
 
-    On CUDA TF32 is allowed for the probe: mmot's Triton kernels may use TF32 tensor cores, and a
-    floor must not sit above what they can reach.
+    On CUDA: torch.mm on 4096², with TF32 tensor cores allowed only when ``tf32``.
     """
     if device.type == "cuda":
         n = 4096
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         allowed = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
             return 2 * n**3 / best_seconds(lambda: a @ b, device, tries) / 1e9
         finally:
@@ -233,8 +258,6 @@ def _gemm_gflops(device: torch.device, tries: int) -> float:
 
 
 def _exp_per_s(device: torch.device, tries: int) -> float:
-    if device.type == "cuda":
-        return math.inf
     x = torch.rand(2**16) - 0.5
     y = torch.empty_like(x)
     repeats = 16

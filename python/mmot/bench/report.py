@@ -6,6 +6,8 @@ from pathlib import Path
 
 from mmot._extras import require
 
+PASSES = ("forward", "forward+backward")
+
 FLOOR_NOTE = (
     "Floor: the least time any implementation needs here, the largest of the DRAM floor (bytes that must come from memory "
     "over the measured DRAM bandwidth), the cache floor (bytes that must move between cache and core over the measured "
@@ -19,7 +21,8 @@ def _groups(report: dict) -> dict[tuple[str, str], list[dict]]:
     for record in report["records"]:
         groups.setdefault((record["label"], record["mode"]), []).append(record)
     for skip in report["skipped"]:
-        groups.setdefault((skip["label"], skip["mode"]), [])
+        if skip["mode"] in PASSES:
+            groups.setdefault((skip["label"], skip["mode"]), [])
     return groups
 
 
@@ -34,11 +37,15 @@ def _speedup(value: float | None) -> str:
 def header(report: dict) -> str:
     machine = report["machine"]
     where = machine.get("gpu", machine["processor"])
+    if "gpu" in machine:
+        smi = machine.get("nvidia_smi_before")
+        driver = smi.get("driver_version", "?") if isinstance(smi, dict) else "?"
+        where += f" ({machine['capability']}, CUDA {machine['cuda']}, driver {driver}, triton {machine.get('triton', '–')})"
     return (
         f"mmot {machine['mmot']} (commit {machine['commit']}) · torch {machine['torch']} · {where} · {machine['cpu_count']} CPUs · "
         f"torch threads {machine['torch_threads']}, MMOT_NUM_THREADS={machine['mmot_num_threads']} · "
-        f"load average {machine['load_before']} before, {machine['load_after']} after · {machine['date']}\n\n"
-        f"Rates (best seen in the run): {machine['rates_text']}"
+        f"load average {machine['load_before']} before, {machine.get('load_after', '–')} after · {machine['date']}\n\n"
+        f"Rates (best seen in the run): {machine.get('rates_text', 'not measured')}"
     )
 
 
@@ -46,22 +53,24 @@ def format_table(report: dict) -> str:
     """A markdown table per workload and pass: min and median time, mmot's speed-up by each, the floor and its fraction."""
     memory = any("peak_mib" in r for r in report["records"])
     floors = {(f["label"], f["mode"]): f for f in report["floors"]}
-    checks: dict[tuple[str, str, str], dict] = {(c["label"], c["provider"], c["mode"]): c for c in report.get("checks", [])}
+    workload_checks = [c for c in report.get("checks", []) if c.get("kind") != "validate"]
+    checks: dict[tuple[str, str, str], dict] = {(c["label"], c["provider"], c["mode"]): c for c in workload_checks}
     lines = [header(report)]
+    lines += validation_table(report)
     for (label, mode), rows in _groups(report).items():
         floor = floors.get((label, mode))
         lines += ["", f"### {label} · {mode}", ""]
         if floor:
             parts = ", ".join(f"{kind} {ms:.3g}" for kind, ms in floor["parts_ms"].items())
             lines += [f"Floor: {floor['kind']}, {floor['ms']:.3g} ms ({parts} ms).", ""]
-        columns = ["provider", "min ms", "median ms", "mmot speed-up (min)", "(median)", "floor", "fraction of floor"]
+        columns = ["provider", "min ms", "median ms", "mmot speed-up (min)", "(median)", "floor", "fraction of floor", "of DRAM BW"]
         columns += ["peak MiB"] if memory else []
         columns += ["max error"] if checks else []
         lines += ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
         for r in sorted(rows, key=lambda r: r["min_ms"]):
             fraction = "model broken" if r["floor_fraction"] is None else f"{r['floor_fraction']:.0%}"
             cells = [r["provider"], _ms(r["min_ms"]), _ms(r["median_ms"]), _speedup(r["speedup_min"]), _speedup(r["speedup_median"])]
-            cells += [r["floor_kind"], fraction]
+            cells += [r["floor_kind"], fraction, f"{r['dram_fraction']:.0%}"]
             cells += [_peak(r.get("peak_mib"))] if memory else []
             if checks:
                 check = checks.get((label, r["provider"], mode))
@@ -73,18 +82,57 @@ def format_table(report: dict) -> str:
             lines += ["", target["text"]]
         if floor:
             for r in (r for r in rows if r["floor_fraction"] is None):
+                why = (
+                    " (on CUDA: faster than float32 GEMMs at IEEE precision, so it multiplies in TF32 or lower)"
+                    if floor["kind"] == "compute" and report["machine"]["device"] == "cuda"
+                    else ""
+                )
                 lines += [
                     "",
                     f"Warning: {r['provider']} took {r['min_ms']:.3g} ms, under the {floor['ms']:.3g} ms floor: the floor model "
-                    "is wrong for this workload (docs/benchmarks.md).",
+                    f"is wrong for this workload{why} (docs/benchmarks.md).",
                 ]
-    failed = [c for c in report.get("checks", []) if not c["ok"]]
-    if report.get("checks"):
-        lines += ["", f"Check against mmot.reference: {len(report['checks']) - len(failed)} of {len(report['checks'])} passed."]
+    failed = [c for c in workload_checks if not c["ok"]]
+    if workload_checks:
+        lines += ["", f"Check against mmot.reference: {len(workload_checks) - len(failed)} of {len(workload_checks)} passed."]
         for c in failed:
             detail = c.get("note") or f"error {c['error']:.2e} > tolerance {c['tolerance']:.0e}"
             lines.append(f"- MISMATCH {c['label']} · {c['mode']} · {c['provider']}: {detail}")
+    for skip in report["skipped"]:
+        if skip["mode"] not in PASSES and skip.get("kind") != "validate":
+            lines.append(f"- skipped {skip['label']} ({skip['mode']}): {skip['reason']}")
+    for error in report.get("errors", []):
+        lines.append(f"- ERROR {error['where']}: {error['error']}")
+    if not report.get("complete", True):
+        lines += ["", f"INCOMPLETE: the run stopped after {report['elapsed_s'].get('total', '?')} s."]
     return "\n".join(lines)
+
+
+def validation_table(report: dict) -> list[str]:
+    """The --validate cases: one row per case and pass, its error in units of its tolerance (1 is the limit)."""
+    cases = [c for c in report.get("checks", []) if c.get("kind") == "validate"]
+    skipped = [s for s in report.get("skipped", []) if s.get("kind") == "validate"]
+    if not cases and not skipped:
+        return []
+    lines = ["", f"### Validation against mmot.reference on {report['machine']['device']}", ""]
+    lines += [
+        "error: max |got − want| / (atol + rtol·|want|), want from autograd through mmot.reference in float64; "
+        "gradients relative to their largest entry; 1 is the limit.",
+        "",
+        "| op | shape | dtype | backend | launch | pass | error | rtol | atol | |",
+        "|---|---|---|---|---|---|---:|---:|---:|---|",
+    ]
+    for c in cases:
+        what = c["mode"] + (f" ∂{c['input']}" if c.get("input") else "")
+        error = "raised" if c["error"] is None else f"{c['error']:.2g}"
+        verdict = "ok" if c["ok"] else "**FAILED** " + c.get("note", "")
+        cells = [c["op"], c["shape"], c["dtype"], c["backend"], c.get("launch") or "–", what, error, f"{c['rtol']:.0e}", f"{c['atol']:.0e}"]
+        lines.append("| " + " | ".join(cells + [verdict]) + " |")
+    failed = [c for c in cases if not c["ok"]]
+    lines += ["", f"Validation: {len(cases) - len(failed)} of {len(cases)} passed" + (f", {len(skipped)} skipped." if skipped else ".")]
+    for s in skipped:
+        lines.append(f"- skipped {s['label']}: {s['reason']}")
+    return lines
 
 
 def _peak(value) -> str:

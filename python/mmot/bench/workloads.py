@@ -52,12 +52,13 @@ class Provider:
 
 @dataclass(frozen=True)
 class Target:
-    """mmot's goal on a workload: ``speedup``× ``against`` or better, within ``floor_factor``× its memory floor."""
+    """mmot's goal on a workload: ``speedup``× ``against`` or better and, where ``floor_factor`` is given,
+    within ``floor_factor``× its memory floor (``floor_text`` says which passes it counts)."""
 
     against: str
     speedup: float
-    floor_factor: float
-    floor_text: str
+    floor_factor: float | None = None
+    floor_text: str = ""
 
 
 @dataclass
@@ -74,6 +75,9 @@ class Workload:
     providers: dict[str, Provider | str] = field(default_factory=dict)
     tolerance: float = 1e-3  # of the largest |reference| entry, for results and gradients
     target: Target | None = None
+    # Device memory the float64 reference of ``--check`` needs (forward and backward), where it is
+    # large enough to matter: on CUDA the check is skipped, with the figure, when it is not free.
+    reference_bytes: int = 0
 
     @property
     def label(self) -> str:
@@ -351,9 +355,17 @@ def similarity_workloads(device: torch.device, size: str, compile_: bool) -> lis
     ]
 
 
+# The GPU target: N = 65536 pairs of D = 512 (full size on CUDA), no slower than 1.2x the
+# materialised logits (16 GiB of them) at O(N) memory.
+GPU_INFO_NCE = (65536, 512)
+
+
 def info_nce_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
     d = 32 if size == "tiny" else 256
-    return [_info_nce(device, n, d) for n in {"tiny": [128], "quick": [4096], "full": [4096, 8192, 16384]}[size]]
+    shapes = [(n, d) for n in {"tiny": [128], "quick": [4096], "full": [4096, 8192, 16384]}[size]]
+    if device.type == "cuda" and size == "full":
+        shapes.append(GPU_INFO_NCE)
+    return [_info_nce(device, n, d) for n, d in shapes]
 
 
 def _materialized_info_nce(x: dict, temperature: float) -> torch.Tensor:
@@ -362,6 +374,28 @@ def _materialized_info_nce(x: dict, temperature: float) -> torch.Tensor:
     logits = a @ b.T / temperature
     labels = torch.arange(a.shape[0], device=a.device)
     return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+
+
+# Bytes per N² the materialised form holds at its peak, in units of one float32 N×N matrix: the
+# logits, their scaled copy and a log-softmax forward; with autograd, the saved log-softmaxes
+# of both directions and their gradients as well.
+MATERIALIZED_PEAK = {"forward": 3, "forward+backward": 6}
+
+
+def _materialized_guarded(temperature: float) -> Callable[[dict], torch.Tensor]:
+    """The materialised form, refused with the memory it needs where a CUDA device has not that much free (rather than an OOM)."""
+
+    def run(x: dict) -> torch.Tensor:
+        a = x["a"]
+        if a.device.type == "cuda":
+            mode = "forward+backward" if torch.is_grad_enabled() else "forward"
+            need = MATERIALIZED_PEAK[mode] * a.shape[0] ** 2 * F32 + 2**30
+            free, _ = torch.cuda.mem_get_info(a.device)
+            if need > free:
+                raise MemoryError(f"skipped: needs {need / 2**30:.0f} GiB for the {mode} N×N logits, {free / 2**30:.0f} GiB free")
+        return _materialized_info_nce(x, temperature)
+
+    return run
 
 
 def _info_nce(device: torch.device, n: int, d: int) -> Workload:
@@ -378,7 +412,7 @@ def _info_nce(device: torch.device, n: int, d: int) -> Workload:
 
     providers: dict[str, Provider | str] = {
         _mmot(device): Provider(lambda x: mmot.info_nce(x["a"], x["b"], temperature), differentiable=True),
-        "materialized": Provider(lambda x: _materialized_info_nce(x, temperature), differentiable=True),
+        "materialized": Provider(_materialized_guarded(temperature), differentiable=True),
     }
     if device.type == "cuda":
         providers["inf-cl"] = _inf_cl(temperature)
@@ -393,6 +427,9 @@ def _info_nce(device: torch.device, n: int, d: int) -> Workload:
         ref,
         ("a", "b"),
         providers,
+        target=Target("materialized", 1 / 1.2) if (n, d) == GPU_INFO_NCE else None,
+        # float64 logits, their masked copies, two log-sum-exps and autograd's saved tensors
+        reference_bytes=8 * n * n * 8,
     )
 
 
