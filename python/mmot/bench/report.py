@@ -108,6 +108,39 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(report: dict) -> str:
+    """The last lines a run prints: what failed, the targets, mmot's floor fractions and time, for a log's tail."""
+    cases = [c for c in report["checks"] if c.get("kind") == "validate"]
+    checks = [c for c in report["checks"] if c.get("kind") != "validate"]
+    lines = [
+        f"SUMMARY {report['machine'].get('gpu', report['machine']['processor'])} · {report['elapsed_s'].get('total', '?')} s · "
+        f"{'complete' if report.get('complete') else 'INCOMPLETE'}",
+        f"validation {sum(c['ok'] for c in cases)}/{len(cases)} passed · check {sum(c['ok'] for c in checks)}/{len(checks)} passed · "
+        f"{len(report['errors'])} errors · {len(report['skipped'])} skipped",
+    ]
+    for c in (c for c in report["checks"] if not c["ok"]):
+        detail = c.get("note") or f"error {c['error']:.3g} > {c['tolerance']:.0e}"
+        lines.append(f"FAILED {c['label']} · {c['mode']}{' ∂' + c['input'] if c.get('input') else ''} · {c['provider']}: {detail}")
+    for error in report["errors"]:
+        lines.append(f"ERROR {error['where']}: {error['error'][:200]}")
+    lines += [t["text"] for t in report["targets"]]
+    for r in (r for r in report["records"] if r["provider"].startswith("mmot-") and "floor_fraction" in r):
+        fraction = "model broken" if r["floor_fraction"] is None else f"{r['floor_fraction']:.0%}"
+        lines.append(
+            f"{r['label']} · {r['mode']}: {r['min_ms']:.3g} ms, {fraction} of the {r['floor_kind']} floor, "
+            f"{r['dram_fraction']:.0%} of DRAM BW; fastest alternative {_next_best(report, r)}"
+        )
+    return "\n".join(lines)
+
+
+def _next_best(report: dict, mine: dict) -> str:
+    others = [r for r in report["records"] if (r["label"], r["mode"]) == (mine["label"], mine["mode"]) and r is not mine]
+    if not others:
+        return "–"
+    best = min(others, key=lambda r: r["min_ms"])
+    return f"{best['provider']} at {best['min_ms'] / mine['min_ms']:.2f}× mmot's time"
+
+
 def validation_table(report: dict) -> list[str]:
     """The --validate cases: one row per case and pass, its error in units of its tolerance (1 is the limit)."""
     cases = [c for c in report.get("checks", []) if c.get("kind") == "validate"]
