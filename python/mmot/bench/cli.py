@@ -336,10 +336,11 @@ class Run:
         def on_case(case: validate.Case, records: list[dict]) -> None:
             failed = [r for r in records if not r["ok"]]
             self.log(f"validate {case.label}: {'FAILED ' + str(len(failed)) if failed else 'ok'}")
+            self.result["checks"] += records  # kept as they come: an interrupted run keeps them
+            self.save()
 
         started = time.monotonic()
-        records, skipped = validate.run(self.device, on_case)
-        self.result["checks"] += records
+        _, skipped = validate.run(self.device, on_case)
         self.result["skipped"] += skipped
         self.result["elapsed_s"]["validate"] = round(time.monotonic() - started, 1)
         self.save()
