@@ -184,6 +184,7 @@ def test_gpu_validate_without_cuda_is_explained(capsys):
 
 
 def test_gpu_preset_compiles_three_references_and_adds_the_gpu_info_nce_size():
+    assert sorted(cli.GPU_ORDER) == sorted(workloads.OPS)  # every op, targets first
     selected = workloads.select(torch.device("cuda"), "full", compile_=True)
     cli._limit_compiled(selected)
     compiled = [w.label for w in selected if isinstance(w.providers.get("reference-compiled"), workloads.Provider)]

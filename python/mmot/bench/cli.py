@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -47,7 +48,7 @@ GPU_REPEATS = 5
 # SSPC-size Multi-SK, the SwAV-size Sinkhorn and the similarity.
 GPU_COMPILED = ("multi_sinkhorn · N=7660 K=64 ", "sinkhorn · B=4096", "similarity · ")
 # --gpu-validate's order, the targets first, so that the budget cuts what matters least.
-GPU_ORDER = ("sinkhorn", "info_nce", "multi_sinkhorn", "similarity", "batched")
+GPU_ORDER = ("sinkhorn", "info_nce", "multi_sinkhorn", "similarity", "anchor_consistency", "batched")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -142,7 +143,7 @@ def _load() -> str:
 
 
 def _machine(device: torch.device) -> dict:
-    info = {
+    info: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "processor": _cpu_model(),
@@ -157,9 +158,7 @@ def _machine(device: torch.device) -> dict:
         "load_before": _load(),
     }
     if importlib.util.find_spec("triton") is not None:
-        import triton
-
-        info["triton"] = triton.__version__
+        info["triton"] = importlib.metadata.version("triton")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(
@@ -409,7 +408,7 @@ def run(args: argparse.Namespace, argv: list[str], state: Run | None = None) -> 
         def after_round() -> None:
             # The machine's rates drift (a shared VM's bandwidth and clock change by 1.5-2x within
             # minutes): a one-try probe in every round meets the same moments as the providers.
-            state.rates = state.rates.best(floors.measure(device, tries=1))
+            state.rates = floors.measure(device, tries=1).best(state.rates)
             progress.update()
 
         for workload in selected:

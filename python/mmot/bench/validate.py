@@ -26,6 +26,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -321,7 +322,7 @@ def run_case(case: Case, device: torch.device) -> list[dict]:
     """The case's records: forward, and backward for float32/float64; a raised exception is a failed record."""
     spec = OPS[case.op]
     rtol, atol = case.tolerance
-    where = {
+    where: dict[str, Any] = {
         "kind": "validate",
         "label": case.label,
         "op": case.op,
@@ -345,7 +346,9 @@ def run_case(case: Case, device: torch.device) -> list[dict]:
         note = f"{type(error).__name__}: {error}"[:300]
         return [{**where, "mode": mode, "error": None, "ok": False, "note": note} for mode in passes]
     launched = None if not seen else "split" if max(seen) > 1 else "persistent"
-    records = [{**where, "mode": "forward", "programs_per_problem": sorted(set(seen)), "error": excess(got, want, rtol, atol)}]
+    records: list[dict[str, Any]] = [
+        {**where, "mode": "forward", "programs_per_problem": sorted(set(seen)), "error": excess(got, want, rtol, atol)}
+    ]
     for name, g, w in zip(spec.grad_names, got_grads, want_grads):
         scale = _gradient_scale(w, case.dtype)
         records.append({**where, "mode": "backward", "input": name, "error": excess(g / scale, w / scale, rtol, atol)})

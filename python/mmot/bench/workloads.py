@@ -446,7 +446,44 @@ def _inf_cl(temperature: float) -> Provider | str:
     return Provider(run, differentiable=True)
 
 
+def anchor_consistency_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
+    shapes = [(3, 3, 64, 16)] if size == "tiny" else [(3, 3, 2160, 64), (4096, 4096)]  # SSPC's 3x3 (2160, 64) and a flat one
+    return [_anchor_consistency(device, shape, compile_) for shape in shapes]
+
+
+def _anchor_consistency(device: torch.device, shape: tuple[int, ...], compile_: bool) -> Workload:
+    temperature = 0.1
+
+    def inputs(dev: torch.device, small: bool) -> dict:
+        generator = torch.Generator().manual_seed(0)
+        rows = (*shape[:-2], 16, shape[-1]) if small else shape
+        sim = torch.rand(rows, generator=generator) * 2 - 1  # cosine similarities
+        return {"sim": sim.to(dev), "target": torch.rand(rows, generator=generator).to(dev)}
+
+    def ref(x: dict) -> torch.Tensor:
+        return reference.anchor_consistency_loss(x["sim"], x["target"], temperature)
+
+    providers: dict[str, Provider | str] = {
+        _mmot(device): Provider(lambda x: mmot.anchor_consistency_loss(x["sim"], x["target"], temperature), differentiable=True),
+        "reference-eager": Provider(ref, differentiable=True),
+    }
+    if compile_:
+        providers["reference-compiled"] = Provider(_compiled(ref))
+    size = torch.Size(shape).numel() * F32
+    return Workload(
+        "anchor_consistency",
+        "x".join(map(str, shape)),
+        inputs,
+        Work(footprint=2 * size, traffic=2 * size, exps=torch.Size(shape).numel()),  # read sim and target
+        _gradient_io(shape),  # write the gradient of sim (a fused pass needs no second read)
+        lambda x: ref({"sim": x["sim"].double(), "target": x["target"].double()}),
+        ("sim",),
+        providers,
+    )
+
+
 OPS: dict[str, Callable[[torch.device, str, bool], list[Workload]]] = {
+    "anchor_consistency": anchor_consistency_workloads,
     "multi_sinkhorn": multi_sinkhorn_workloads,
     "sinkhorn": sinkhorn_workloads,
     "batched": batched_workloads,
