@@ -90,11 +90,28 @@ def test_calls_that_fit_still_run_triton(narrow_tiles):
     """The spies see calls within the limit: the tests above prove a fallback, not a broken spy."""
     scores = random_scores(5, 4, seed=4).requires_grad_(True)
     mmot.sinkhorn(scores, 0.3, 2, backend="triton").sum().backward()
-    mmot.multi_sinkhorn(scores, 2, 0.3, 2, low_weight=1.0, backend="triton").sum().backward()
+    # One weight group: 2 anchors fill half a row forward; the reverse pass counts rows double.
+    anchors = random_scores(5, 2, seed=5).requires_grad_(True)
+    mmot.multi_sinkhorn(anchors, 2, 0.3, 2, low_weight=1.0, backend="triton").sum().backward()
     prefix = "mmot.kernels."
     assert narrow_tiles == [prefix + name for name in ("sinkhorn.forward", "sinkhorn.backward")] + [
         prefix + name for name in ("multi_sinkhorn.forward", "multi_sinkhorn.backward")
     ]
+
+
+@needs_triton
+def test_multi_sinkhorn_backward_falls_back_alone(narrow_tiles):
+    """2 anchors in 2 weight groups fill a row forward, and twice that backward: the forward runs
+    Triton, the backward torch."""
+    scores = random_scores(5, 2, seed=6)
+    upstream = random_scores(5, 2, seed=7)
+    assert_matches_reference(
+        lambda s: mmot.multi_sinkhorn(s, 1, 0.3, 3, low_weight=0.25, backend="triton"),
+        lambda s: reference.multi_sinkhorn(s, 0.3, 3, [0.25, 1.0], 1, torch.full((2,), 5 / 2, dtype=torch.float64), "minmax"),
+        [scores],
+        upstream,
+    )
+    assert narrow_tiles == ["mmot.kernels.multi_sinkhorn.forward"]
 
 
 # ---------------------------------------------------------------- empty inputs

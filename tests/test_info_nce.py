@@ -241,15 +241,18 @@ def test_rust_peak_rss_far_below_the_logits():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("symmetric,normalize", [(True, True), (False, True), (True, False)])
 def test_triton_forward_and_backward(dtype, symmetric, normalize):
-    a, b = positive_pairs(21, 9, 14, dtype)
+    """21 rows and 37 features: two row tiles, and three feature chunks in both the products and
+    the backward's output split (16 each under the interpreter)."""
+    a, b = positive_pairs(21, 37, 14, dtype)
     valid = torch.arange(21) % 6 != 1
-    got = mmot.info_nce(a, b, 0.1, symmetric=symmetric, normalize=normalize, valid=valid, backend="triton")
-    want = mmot.info_nce(a, b, 0.1, symmetric=symmetric, normalize=normalize, valid=valid, backend="torch")
+    temperature = 0.1 if normalize else 5.0  # raw products of 37 features: logits of a similar size
+    got = mmot.info_nce(a, b, temperature, symmetric=symmetric, normalize=normalize, valid=valid, backend="triton")
+    want = mmot.info_nce(a, b, temperature, symmetric=symmetric, normalize=normalize, valid=valid, backend="torch")
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, **tol)
     for g, w in zip(grads(got, a, b), grads(want, a, b)):
         torch.testing.assert_close(g, w, **tol)
-    rust = mmot.info_nce(a, b, 0.1, symmetric=symmetric, normalize=normalize, valid=valid, backend="rust")
+    rust = mmot.info_nce(a, b, temperature, symmetric=symmetric, normalize=normalize, valid=valid, backend="rust")
     torch.testing.assert_close(got, rust, **tol)
 
 

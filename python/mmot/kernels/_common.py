@@ -49,15 +49,32 @@ import triton.language as tl
 NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 POS_INF: tl.constexpr = tl.constexpr(float("inf"))
 
+# Per-call integers of the Sinkhorn kernels that Triton must not specialise on (it compiles a
+# variant for a value of 1 and for multiples of 16): the iteration count and the pass of a split
+# launch would otherwise cost up to three compiles of the same kernel on first use.
+NOT_SPECIALIZED = ("n_iters", "pass_index")
+
 # Tests set this to force the split launch structure under the interpreter (None: automatic).
 FORCE_PROGRAMS_PER_PROBLEM: int | None = None
 # Tests set this to force small row tiles, so tiny problems span several tiles and programs.
 FORCE_TILE_ROWS: int | None = None
+# ``mmot.aot`` sets this to plan launches for a GPU that is not here (its streaming-multiprocessor
+# count), so the launchers choose the configurations they would choose on that GPU.
+TARGET_SM_COUNT: int | None = None
 
 # Work per problem (rows × columns × groups) above which a single problem is split over programs.
 SPLIT_MIN_ELEMENTS = 1 << 17
-# Widest row a tile holds: the Sinkhorn kernels keep a whole row in one tile for the row
-# reductions. Wider calls are not theirs to take (each kernel module's ``fits``).
+# A Sinkhorn program holds a tile in registers. On a GPU it gets at most MAX_WARPS warps, each
+# thread at most ELEMENTS_PER_THREAD float32 elements of the tile (half as many float64 ones)
+# and up to MAX_REGISTERS registers (ptxas would otherwise stop at 128 and spill; 16 warps
+# would cap them at 128 too): the sizes at which every kernel compiles without register spills
+# (``python -m mmot.aot``), at one 8-warp program per SM where a tile needs over 128.
+MAX_WARPS = 8
+ELEMENTS_PER_THREAD = 16
+MAX_REGISTERS = 255
+# Widest row a tile holds under the interpreter (tests lower it): the Sinkhorn kernels keep a
+# whole row in one tile for the row reductions. Wider calls are not theirs to take (each kernel
+# module's ``fits``); on a GPU the register budget binds first (:func:`tile_elements`).
 MAX_BLOCK_K = 1 << 14
 
 # Tests set MMOT_POISON_OUTPUTS=1 so that an element a kernel forgets to write shows up as NaN.
@@ -67,6 +84,11 @@ _poison_outputs = os.environ.get("MMOT_POISON_OUTPUTS", "0") == "1"
 def interpreting() -> bool:
     """TRITON_INTERPRET=1: the kernels run on CPU tensors through Triton's interpreter (CI)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compiled_for_gpu(device: torch.device) -> bool:
+    """Whether launches for ``device`` compile for a GPU: a CUDA device, or ``mmot.aot``'s target."""
+    return not interpreting() and (device.type == "cuda" or TARGET_SM_COUNT is not None)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,21 +120,37 @@ def _sm_count(index: int) -> int:
 
 
 def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
+    if not compiled_for_gpu(device):
         return 1
+    if TARGET_SM_COUNT is not None:
+        return TARGET_SM_COUNT
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def tile_rows(n_rows: int, row_elements: int) -> int:
-    """Rows per tile so that a tile holds about 8K elements on a GPU (16K under the interpreter)."""
+def _per_thread(acc: torch.dtype) -> int:
+    return ELEMENTS_PER_THREAD // (2 if acc == torch.float64 else 1)
+
+
+def tile_elements(acc: torch.dtype) -> int:
+    """Elements of a Sinkhorn tile: what MAX_WARPS warps hold in registers (16K under the interpreter)."""
+    return (1 << 14) if interpreting() else MAX_WARPS * 32 * _per_thread(acc)
+
+
+def widest_row(acc: torch.dtype) -> int:
+    """The widest row (a power of two) that one tile holds."""
+    return min(MAX_BLOCK_K, tile_elements(acc))
+
+
+def tile_rows(n_rows: int, row_elements: int, acc: torch.dtype) -> int:
+    """Rows per tile: as many as :func:`tile_elements` allows, at least one."""
     if FORCE_TILE_ROWS is not None:
         return FORCE_TILE_ROWS
-    target = (1 << 14) if interpreting() else (1 << 13)
-    return max(1, min(triton.next_power_of_2(n_rows), target // row_elements))
+    return max(1, min(triton.next_power_of_2(n_rows), tile_elements(acc) // row_elements))
 
 
-def num_warps(tile_elements: int) -> int:
-    return max(1, min(8, tile_elements // 512))
+def num_warps(tile: int, acc: torch.dtype) -> int:
+    """Warps for a tile of ``tile`` elements: enough that no thread holds more than its share."""
+    return max(1, min(MAX_WARPS, tile // (32 * _per_thread(acc))))
 
 
 def programs_per_problem(n_problems: int, n_rows: int, block_n: int, work: int, device: torch.device) -> int:
@@ -120,9 +158,9 @@ def programs_per_problem(n_problems: int, n_rows: int, block_n: int, work: int, 
     tiles = triton.cdiv(n_rows, block_n)
     if FORCE_PROGRAMS_PER_PROBLEM is not None:
         return max(1, min(FORCE_PROGRAMS_PER_PROBLEM, tiles))
-    if device.type != "cuda" or tiles <= 1 or work < SPLIT_MIN_ELEMENTS:
+    if tiles <= 1 or work < SPLIT_MIN_ELEMENTS:
         return 1
-    sms = sm_count(device)
+    sms = sm_count(device)  # 1 off a GPU: one program per problem
     if n_problems >= sms:
         return 1
     return max(1, min(tiles, (2 * sms) // n_problems))

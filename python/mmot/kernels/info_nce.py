@@ -4,8 +4,9 @@ With x̂, ŷ the (normalised) rows, s = x̂ ŷᵀ · scale (scale = 1/τ) and w 
 
     forward   lse_x[i] = log Σ_j w_j exp(s[i, j])          one program per BLOCK_M rows, an
                                                           online (max, sum) over column tiles
-    backward  ∂x̂_i = scale · Σ_j G[i, j] ŷ_j               one program per BLOCK_M rows, the
-                                                          tiles of s recomputed
+    backward  ∂x̂_i = scale · Σ_j G[i, j] ŷ_j               one program per BLOCK_M rows and
+                                                          BLOCK_E features, the tiles of s
+                                                          recomputed
     G[i, j] = w_i w_j (OWN · g_i e^{s − lse_x[i]} + OTHER · g_j e^{s − lse_y[j]}) − δ_ij g_i w_i (OWN + OTHER)
 
 The loss's row direction uses (x, y) = (a, b), the column direction (b, a); the gradient for
@@ -28,24 +29,35 @@ NORM_EPS = 1e-12
 
 
 @triton.jit
+def _logits(
+    X, Y, rows, cols, rmask, cmask, D, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr
+):
+    """One tile of s = x̂ ŷᵀ · scale, the features in BLOCK_D chunks: registers and shared memory stay
+    bounded whatever D is."""
+    s = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dmask = dims < D
+        x = tl.load(X + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        y = tl.load(Y + cols[:, None] * D + dims[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s += tl.dot(x, tl.trans(y), input_precision="ieee").to(ACC)
+    return s * scale
+
+
+@triton.jit
 def _lse_kernel(
     X, Y, W, LSE, N, D, scale: tl.float64, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr
 ):
     scale = scalar(scale, ACC)
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
-    dmask = dims < D
-    x = tl.load(X + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(ACC)
     m = tl.full([BLOCK_M], NEG_INF, ACC)
     acc = tl.zeros([BLOCK_M], ACC)
     for j0 in range(0, N, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        y = tl.load(Y + cols[:, None] * D + dims[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0).to(ACC)
         w = tl.load(W + cols, mask=cmask, other=0.0)
-        s = tl.dot(x, tl.trans(y), input_precision="ieee").to(ACC) * scale
+        s = _logits(X, Y, rows, cols, rmask, cmask, D, scale, BLOCK_M, BLOCK_N, BLOCK_D, ACC)
         s = tl.where((cmask & (w != 0))[None, :], s, NEG_INF)
         new_m = tl.maximum(m, tl.max(s, axis=1))
         safe = tl.where(new_m == NEG_INF, 0.0, new_m)
@@ -72,25 +84,24 @@ def _grad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """∂x̂ for BLOCK_M rows and BLOCK_E of the D output features (program axes 0 and 1)."""
     scale = scalar(scale, ACC)
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     rmask = rows < N
-    dmask = dims < D
-    x = tl.load(X + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0).to(ACC)
+    fmask = feats < D
     w_row = tl.load(W + rows, mask=rmask, other=0.0).to(ACC)
     g_row = tl.load(G + rows, mask=rmask, other=0.0).to(ACC)
     lse_row = tl.load(LSE_X + rows, mask=rmask, other=0.0).to(ACC)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_E], ACC)
     for j0 in range(0, N, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        y = tl.load(Y + cols[:, None] * D + dims[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0).to(ACC)
         w_col = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
-        s = tl.dot(x, tl.trans(y), input_precision="ieee").to(ACC) * scale
+        s = _logits(X, Y, rows, cols, rmask, cmask, D, scale, BLOCK_M, BLOCK_N, BLOCK_D, ACC)
         coef = tl.zeros([BLOCK_M, BLOCK_N], ACC)
         if OWN:
             coef += g_row[:, None] * tl.exp(s - lse_row[:, None])
@@ -102,17 +113,26 @@ def _grad_kernel(
         diag = rows[:, None] == cols[None, :]
         coef = tl.where(live, coef, 0.0)
         coef = tl.where(live & diag, coef - (g_row * (OWN + OTHER))[:, None], coef)
+        y = tl.load(Y + cols[:, None] * D + feats[None, :], mask=cmask[:, None] & fmask[None, :], other=0.0)
         acc += tl.dot(coef.to(ACC), y, input_precision="ieee").to(ACC)
-    tl.store(OUT + rows[:, None] * D + dims[None, :], acc * scale, mask=rmask[:, None] & dmask[None, :])
+    tl.store(OUT + rows[:, None] * D + feats[None, :], acc * scale, mask=rmask[:, None] & fmask[None, :])
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
-    block_d = max(16, triton.next_power_of_2(d))
-    if _common.interpreting():
-        return 16, 16, block_d
-    # Keep a BLOCK_M × BLOCK_D accumulator plus a BLOCK_N × BLOCK_D tile in registers/SMEM.
-    block = 64 if block_d <= 128 else 32
-    return block, block, block_d
+class _Tiles:
+    """Tile sizes: rows × columns of the logits, the feature chunk of their products, and the
+    output features one backward program holds (a wider D is split over programs, which then
+    each recompute the logits: the price of bounded registers)."""
+
+    def __init__(self, d: int, dtype: torch.dtype):
+        wide = dtype == torch.float64
+        if _common.interpreting():  # the smallest tiles tl.dot takes: tests span several of each
+            self.m = self.n = self.d = self.e = 16
+            self.warps = 4
+            return
+        self.m = self.n = 32 if wide else 64
+        self.d = min(16 if wide else 32, max(16, triton.next_power_of_2(d)))
+        self.e = min(64 if wide else 128, max(16, triton.next_power_of_2(d)))
+        self.warps = 4
 
 
 def _prepare(a: torch.Tensor, b: torch.Tensor, normalize: bool):
@@ -126,11 +146,11 @@ def _prepare(a: torch.Tensor, b: torch.Tensor, normalize: bool):
 
 def _lse(x, y, weights, scale):
     n, d = x.shape
-    block_m, block_n, block_d = _blocks(d)
+    tiles = _Tiles(d, x.dtype)
     out = _common.new_output((n,), x.dtype, x.device)
-    _lse_kernel[(triton.cdiv(n, block_m),)](
-        x, y, weights, out, n, d, scale, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ACC=_common.tl_dtype(x.dtype)
-    )
+    acc = _common.tl_dtype(x.dtype)
+    grid = (triton.cdiv(n, tiles.m),)
+    _lse_kernel[grid](x, y, weights, out, n, d, scale, BLOCK_M=tiles.m, BLOCK_N=tiles.n, BLOCK_D=tiles.d, ACC=acc, num_warps=tiles.warps)
     return out
 
 
@@ -151,9 +171,9 @@ def forward(a, b, weights, temperature, symmetric, normalize):
 
 def _grad(x, y, w, g, lse_x, lse_y, scale, own, other):
     n, d = x.shape
-    block_m, block_n, block_d = _blocks(d)
+    tiles = _Tiles(d, x.dtype)
     out = _common.new_output((n, d), x.dtype, x.device)
-    _grad_kernel[(triton.cdiv(n, block_m),)](
+    _grad_kernel[(triton.cdiv(n, tiles.m), triton.cdiv(d, tiles.e))](
         x,
         y,
         w,
@@ -166,10 +186,12 @@ def _grad(x, y, w, g, lse_x, lse_y, scale, own, other):
         scale,
         OWN=own,
         OTHER=other,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
+        BLOCK_M=tiles.m,
+        BLOCK_N=tiles.n,
+        BLOCK_D=tiles.d,
+        BLOCK_E=tiles.e,
         ACC=_common.tl_dtype(x.dtype),
+        num_warps=tiles.warps,
     )
     return out
 

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from mmot.kernels import _common
-from mmot.kernels._common import NEG_INF, POS_INF, scalar
+from mmot.kernels._common import NEG_INF, NOT_SPECIALIZED, POS_INF, scalar
 
 
 @triton.jit
@@ -184,7 +184,7 @@ def _row_pass(
     return col
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _multi_fwd_kernel(
     S,
     OUT,
@@ -492,7 +492,7 @@ def _reverse_pass(
     return col
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _multi_bwd_kernel(
     S,
     GRAD,
@@ -756,9 +756,10 @@ class _Plan:
             NG=self.n_groups,
         )
         self.block_k = triton.next_power_of_2(self.n_cols)
+        # The reverse pass holds about twice the forward's per element: it counts rows double.
         row = self.block_g * self.block_k * (2 if backward else 1)
-        self.block_n = _common.tile_rows(self.n_rows, row)
-        self.warps = _common.num_warps(self.block_n * self.block_g * self.block_k)
+        self.block_n = _common.tile_rows(self.n_rows, row, self.acc)
+        self.warps = _common.num_warps(self.block_n * row, self.acc)
         self.R = _common.programs_per_problem(
             self.n_problems, self.n_rows, self.block_n, self.n_rows * self.n_cols * self.block_g, scores.device
         )
@@ -771,9 +772,11 @@ class _Plan:
         return self.s.stride(0), self.s.stride(1), self.s.stride(2)
 
 
-def fits(n_cols: int, n_groups: int) -> bool:
-    """Whether a row of ``n_cols`` anchors for ``n_groups`` weight groups fits one tile; the op runs wider calls elsewhere."""
-    return triton.next_power_of_2(n_cols) * triton.next_power_of_2(n_groups) <= _common.MAX_BLOCK_K
+def fits(n_cols: int, n_groups: int, dtype: torch.dtype, backward: bool) -> bool:
+    """Whether a row of ``n_cols`` anchors for ``n_groups`` weight groups fits one tile (counted
+    double for the backward, as :class:`_Plan` does); the op runs wider calls elsewhere."""
+    row = triton.next_power_of_2(n_cols) * triton.next_power_of_2(n_groups) * (2 if backward else 1)
+    return row <= _common.widest_row(_common.acc_dtype(dtype))
 
 
 def _run_forward(plan: _Plan, eps, n_iters, anchor_mass, normalize, save: bool):
@@ -815,6 +818,7 @@ def _run_forward(plan: _Plan, eps, n_iters, anchor_mass, normalize, save: bool):
             BLOCK_K=plan.block_k,
             ACC=plan.acc_tl,
             num_warps=plan.warps,
+            maxnreg=_common.MAX_REGISTERS,
         )
 
     launch(0)
@@ -873,6 +877,7 @@ def backward(grad, scores, eps, n_iters, groups, anchor_mass, normalize):
             BLOCK_K=plan.block_k,
             ACC=plan.acc_tl,
             num_warps=plan.warps,
+            maxnreg=_common.MAX_REGISTERS,
         )
 
     if plan.single:

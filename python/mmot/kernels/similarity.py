@@ -201,10 +201,9 @@ def _project_kernel(X, V, OUT, rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.const
 
 def _settings(dtype: torch.dtype, device: torch.device):
     """(CAST, USE_DOT, PRECISION): how the tiles meet tl.dot for this dtype and device."""
-    interpreting = _common.interpreting() or device.type != "cuda"
     if dtype == torch.float64:
         return True, False, "ieee"
-    if interpreting:
+    if not _common.compiled_for_gpu(device):
         return True, True, "ieee"
     if dtype == torch.float32:
         return False, True, "tf32x3"

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from mmot.kernels import _common
-from mmot.kernels._common import NEG_INF, scalar
+from mmot.kernels._common import NEG_INF, NOT_SPECIALIZED, scalar
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def _row_pass(
     return col
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _sinkhorn_fwd_kernel(
     S,
     OUT,
@@ -278,7 +278,7 @@ def _reverse_pass(
     return col
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _sinkhorn_bwd_kernel(
     S,
     G,
@@ -447,8 +447,8 @@ class _Plan:
         self.n_problems = self.s.shape[0]
         self.acc = _common.acc_dtype(scores.dtype)
         self.block_k = triton.next_power_of_2(self.n_cols)
-        self.block_n = _common.tile_rows(self.n_rows, self.block_k)
-        self.warps = _common.num_warps(self.block_n * self.block_k)
+        self.block_n = _common.tile_rows(self.n_rows, self.block_k, self.acc)
+        self.warps = _common.num_warps(self.block_n * self.block_k, self.acc)
         self.R = _common.programs_per_problem(self.n_problems, self.n_rows, self.block_n, self.n_rows * self.n_cols, scores.device)
         tiles = triton.cdiv(self.n_rows, self.block_n)
         self.rows_per_program = triton.cdiv(tiles, self.R) * self.block_n
@@ -459,9 +459,9 @@ class _Plan:
         return self.s.stride(0), self.s.stride(1), self.s.stride(2)
 
 
-def fits(n_cols: int) -> bool:
+def fits(n_cols: int, dtype: torch.dtype) -> bool:
     """Whether rows of ``n_cols`` scores fit one tile; the op runs wider calls elsewhere."""
-    return triton.next_power_of_2(n_cols) <= _common.MAX_BLOCK_K
+    return triton.next_power_of_2(n_cols) <= _common.widest_row(_common.acc_dtype(dtype))
 
 
 def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
@@ -502,6 +502,7 @@ def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
             BLOCK_K=plan.block_k,
             ACC=acc_tl,
             num_warps=plan.warps,
+            maxnreg=_common.MAX_REGISTERS,
         )
 
     if plan.single:
@@ -556,6 +557,7 @@ def backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
             BLOCK_K=plan.block_k,
             ACC=acc_tl,
             num_warps=plan.warps,
+            maxnreg=_common.MAX_REGISTERS,
         )
 
     if plan.single:

@@ -135,8 +135,9 @@ def _check(backend, scores, eps, n_iters, slot_weights, k, anchor_mass, normaliz
         _check_values(scores, anchor_mass, scores.shape[-2])
 
 
-def _fits_triton(scores: Tensor, slot_weights: list[float], k: int) -> bool:
-    return triton_kernels(KERNELS).fits(scores.shape[-1], len(reference.slot_groups(slot_weights, k)))
+def _fits_triton(scores: Tensor, slot_weights: list[float], k: int, backward: bool) -> bool:
+    n_groups = len(reference.slot_groups(slot_weights, k))
+    return triton_kernels(KERNELS).fits(scores.shape[-1], n_groups, scores.dtype, backward)
 
 
 def _forward_rust(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
@@ -183,7 +184,7 @@ _FORWARD = Kernels(
     rust=_forward_rust,
     triton=_forward_triton,
     empty=lambda scores, *_: scores.numel() == 0,
-    fits=lambda scores, eps, n_iters, slot_weights, k, *_: _fits_triton(scores, slot_weights, k),
+    fits=lambda scores, eps, n_iters, slot_weights, k, *_: _fits_triton(scores, slot_weights, k, False),
     check=_check,
 )
 _BACKWARD = Kernels(
@@ -191,7 +192,7 @@ _BACKWARD = Kernels(
     rust=_backward_rust,
     triton=_backward_triton,
     empty=lambda grad, scores, *_: scores.numel() == 0,
-    fits=lambda grad, scores, eps, n_iters, slot_weights, k, *_: _fits_triton(scores, slot_weights, k),
+    fits=lambda grad, scores, eps, n_iters, slot_weights, k, *_: _fits_triton(scores, slot_weights, k, True),
 )
 
 

@@ -144,7 +144,7 @@ _FORWARD = Kernels(
     rust=_forward_rust,
     triton=triton_entry(KERNELS, "forward"),
     empty=lambda scores, *_: scores.numel() == 0,
-    fits=lambda scores, *_: triton_kernels(KERNELS).fits(scores.shape[-1]),
+    fits=lambda scores, *_: triton_kernels(KERNELS).fits(scores.shape[-1], scores.dtype),
     check=_check,
 )
 _BACKWARD = Kernels(
@@ -152,7 +152,7 @@ _BACKWARD = Kernels(
     rust=_backward_rust,
     triton=triton_entry(KERNELS, "backward"),
     empty=lambda grad, scores, *_: scores.numel() == 0,
-    fits=lambda grad, scores, *_: triton_kernels(KERNELS).fits(scores.shape[-1]),
+    fits=lambda grad, scores, *_: triton_kernels(KERNELS).fits(scores.shape[-1], scores.dtype),
 )
 
 

@@ -1,0 +1,200 @@
+"""The launcher calls that ``mmot.aot`` drives: every op, dtype and launch structure, at the tile
+shapes the launchers can choose and at the sizes of ``mmot-bench``'s workloads.
+
+Each call runs an op's Triton forward and backward launchers (``mmot.kernels.<op>``) on meta
+tensors, which carry shapes and dtypes but no memory, so even the largest sizes cost nothing.
+What gets compiled is whatever those launchers then ask Triton for.
+
+**Full sweep** (``--all``). For every input dtype (float32, float64, bfloat16, float16):
+
+* ``sinkhorn``: every row tile width ``BLOCK_K`` (each power of two up to the widest a tile
+  holds on a GPU, ``_common.widest_row``; wider calls run elsewhere), each with a full tile of
+  rows in both launch structures (one large problem split over programs; a batch of problems,
+  one program each) and with a one-row tile;
+* ``multi_sinkhorn``: the same, for 1, 2 and 3 slot groups, with and without min-max;
+* ``similarity``: every combination of row, column and feature tile sizes, normalised or not;
+* ``info_nce``: feature sizes up to 4096, symmetric or not;
+* ``anchor_consistency_loss``: both block sizes;
+* every op at the sizes of the benchmark workloads.
+
+**Sample** (the default, what CI compiles on every run). Resources grow with the tile: the warp
+count follows the tile's elements, so a tile smaller than the launcher's target holds no more
+per thread than the full one. The sample keeps, for float32 and float64, the full tiles at the
+narrowest and widest ``BLOCK_K`` and at the benchmark sizes, every op's flags, and bfloat16 and
+float16 at the benchmark sizes; the full sweep checks the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from mmot import reference
+from mmot.kernels import _common, anchor_consistency, info_nce, multi_sinkhorn, similarity, sinkhorn
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+WIDE = (torch.float32, torch.float64)
+META = torch.device("meta")
+# A batch larger than any GPU's SM count: one program per problem.
+BATCH = 1024
+# Rows enough for a full tile at every width, and for a split launch.
+ROWS = 8192
+
+
+@dataclass(frozen=True)
+class Call:
+    op: str
+    label: str
+    run: Callable[[], None]
+    sampled: bool
+
+
+def _empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=META)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sinkhorn(dtype: torch.dtype, b: int, n: int, k: int) -> Callable[[], None]:
+    """Forward and backward, where the op would run them on the GPU (the kernel module's ``fits``)."""
+
+    def run() -> None:
+        if not sinkhorn.fits(k, dtype):
+            return
+        scores = _empty(b, n, k, dtype=dtype)
+        rows, cols = _empty(b, n, dtype=_common.acc_dtype(dtype)), _empty(b, k, dtype=_common.acc_dtype(dtype))
+        sinkhorn.forward(scores, 0.05, 3, rows, cols, "auto")
+        sinkhorn.backward(_empty(b, n, k, dtype=dtype), scores, 0.05, 3, rows, cols, "auto")
+
+    return run
+
+
+def _groups(n_groups: int, k: int) -> list[tuple[float, int, int]]:
+    """Slot groups of a Multi-SK call with ``k`` anchors: SSPC's two weights, or one, or three."""
+    top = k // 2
+    weights = {1: [1.0] * k, 2: [0.25] * (k - top) + [1.0] * top, 3: [0.25] * (k - top) + [0.5] * (top // 2) + [1.0] * (top - top // 2)}
+    return reference.slot_groups(weights[n_groups], max(1, k // 2))
+
+
+def _multi_sinkhorn(dtype: torch.dtype, b: int, n: int, k: int, n_groups: int, normalize: str) -> Callable[[], None]:
+    """Forward and backward, each where the op would run it on the GPU (the kernel module's ``fits``)."""
+
+    def run() -> None:
+        scores = _empty(b, n, k, dtype=dtype)
+        groups = _groups(n_groups, k)
+        if not multi_sinkhorn.fits(k, len(groups), dtype, backward=False):
+            return
+        mass = _empty(b, k, dtype=_common.acc_dtype(dtype))
+        multi_sinkhorn.forward(scores, 0.07, 3, groups, mass, normalize)
+        if multi_sinkhorn.fits(k, len(groups), dtype, backward=True):
+            multi_sinkhorn.backward(_empty(b, n, k, dtype=dtype), scores, 0.07, 3, groups, mass, normalize)
+
+    return run
+
+
+def _similarity(dtype: torch.dtype, x_shape: tuple, y_shape: tuple, normalize: bool) -> Callable[[], None]:
+    def run() -> None:
+        x, y = _empty(*x_shape, dtype=dtype), _empty(*y_shape, dtype=dtype)
+        out = similarity.forward(x, y, normalize, 20.0)
+        similarity.backward(torch.empty_like(out), x, y, normalize, 20.0)
+
+    return run
+
+
+def _info_nce(dtype: torch.dtype, n: int, d: int, symmetric: bool) -> Callable[[], None]:
+    def run() -> None:
+        a, b = _empty(n, d, dtype=dtype), _empty(n, d, dtype=dtype)
+        weights = _empty(n, dtype=_common.acc_dtype(dtype))
+        loss, lse_a, lse_b = info_nce.forward(a, b, weights, 0.05, symmetric, True)
+        info_nce.backward(torch.empty_like(loss), a, b, weights, lse_a, lse_b, 0.05, symmetric, True)
+
+    return run
+
+
+def _anchor_consistency(dtype: torch.dtype, n: int, k: int) -> Callable[[], None]:
+    def run() -> None:
+        sim = _empty(n, k, dtype=dtype)
+        anchor_consistency.forward(sim, sim, 0.1)
+        anchor_consistency.backward(_empty(dtype=dtype), sim, sim, 0.1)
+
+    return run
+
+
+def _widths(limit: int) -> list[int]:
+    """A width for every power of two up to ``limit``: odd, just above the previous power, where one exists."""
+    return [1] + [(1 << j) // 2 + 1 for j in range(1, limit.bit_length())]
+
+
+def _sinkhorn_calls() -> Iterator[Call]:
+    for dtype in DTYPES:
+        widths = _widths(_common.widest_row(_common.acc_dtype(dtype)))
+        for k in widths:
+            sampled = dtype in WIDE and k in (widths[0], widths[-1])
+            for b, n, what in ((1, ROWS, "one problem"), (BATCH, ROWS, "batch"), (BATCH, 1, "one row")):
+                yield Call("sinkhorn", f"{_name(dtype)} {what} B={b} N={n} K={k}", _sinkhorn(dtype, b, n, k), sampled and n > 1)
+        # mmot-bench: the SwAV size, and batches of tiny problems.
+        for b, n, k in ((1, 4096, 3000), (65536, 4, 4), (65536, 16, 16)):
+            yield Call("sinkhorn", f"{_name(dtype)} bench B={b} N={n} K={k}", _sinkhorn(dtype, b, n, k), True)
+
+
+def _multi_sinkhorn_calls() -> Iterator[Call]:
+    for dtype in DTYPES:
+        for n_groups in (1, 2, 3):
+            block_g = 1 << (n_groups - 1).bit_length()
+            widths = [k for k in _widths(_common.widest_row(_common.acc_dtype(dtype)) // block_g) if k >= n_groups]
+            for k in widths:
+                for normalize in ("minmax", "none"):
+                    sampled = dtype in WIDE and k in (widths[0], widths[-1]) and (n_groups == 2 or normalize == "minmax")
+                    for b, n, what in ((1, ROWS, "one problem"), (BATCH, ROWS, "batch"), (BATCH, 1, "one row")):
+                        label = f"{_name(dtype)} {what} B={b} N={n} K={k} groups={n_groups} {normalize}"
+                        yield Call("multi_sinkhorn", label, _multi_sinkhorn(dtype, b, n, k, n_groups, normalize), sampled and n > 1)
+        # mmot-bench: the SSPC batch against 64-1024 anchors, and batches of tiny problems.
+        for b, n, k in ((1, 7660, 64), (1, 7660, 128), (1, 7660, 256), (1, 7660, 1024), (65536, 4, 4), (65536, 16, 16)):
+            label = f"{_name(dtype)} bench B={b} N={n} K={k}"
+            yield Call("multi_sinkhorn", label, _multi_sinkhorn(dtype, b, n, k, 2, "minmax"), True)
+
+
+def _similarity_calls() -> Iterator[Call]:
+    sides = (9, 30, 100)  # tiles of 16, 32 and 64
+    for dtype in DTYPES:
+        for n in sides:
+            for m in sides:
+                for d in (9, 30, 100):
+                    for normalize in (True, False):
+                        sampled = dtype in WIDE and n == m == d == sides[-1]
+                        label = f"{_name(dtype)} N={n} M={m} D={d} normalize={normalize}"
+                        yield Call("similarity", label, _similarity(dtype, (2, n, d), (2, m, d), normalize), sampled)
+        # mmot-bench: three modalities against three anchor sets.
+        label = f"{_name(dtype)} bench (3,1,7660,256)x(1,3,64,256)"
+        yield Call("similarity", label, _similarity(dtype, (3, 1, 7660, 256), (1, 3, 64, 256), True), True)
+
+
+def _info_nce_calls() -> Iterator[Call]:
+    for dtype in DTYPES:
+        for d in (3, 16, 64, 128, 256, 512, 1024, 4096):
+            for symmetric in (True, False):
+                sampled = dtype in WIDE and d in (3, 4096)
+                yield Call("info_nce", f"{_name(dtype)} N=1000 D={d} symmetric={symmetric}", _info_nce(dtype, 1000, d, symmetric), sampled)
+        # mmot-bench, and the GPU size N = 65536, D = 512.
+        for n, d in ((4096, 256), (16384, 256), (65536, 512)):
+            yield Call("info_nce", f"{_name(dtype)} bench N={n} D={d}", _info_nce(dtype, n, d, True), True)
+
+
+def _anchor_consistency_calls() -> Iterator[Call]:
+    for dtype in DTYPES:
+        for n, k in ((100, 64), (7660, 1024)):  # block sizes 1024 and 2048
+            yield Call("anchor_consistency", f"{_name(dtype)} N={n} K={k}", _anchor_consistency(dtype, n, k), True)
+
+
+def every_call() -> list[Call]:
+    return [
+        *_sinkhorn_calls(),
+        *_multi_sinkhorn_calls(),
+        *_similarity_calls(),
+        *_info_nce_calls(),
+        *_anchor_consistency_calls(),
+    ]
