@@ -129,10 +129,12 @@ class _Tiles:
             self.m = self.n = self.d = self.e = 16
             self.warps = 4
             return
-        self.m = self.n = 32 if wide else 64
-        self.d = min(16 if wide else 32, max(16, triton.next_power_of_2(d)))
-        self.e = min(64 if wide else 128, max(16, triton.next_power_of_2(d)))
-        self.warps = 4
+        self.m, self.n = (32, 32) if wide else (64, 32)
+        self.d = 16
+        self.e = min(64, max(16, triton.next_power_of_2(d)))
+        # The accumulator and the logits tile over 8 warps, up to 255 registers each (ptxas would
+        # stop at 128 and spill): the sizes that compile without spills.
+        self.warps = 8
 
 
 def _prepare(a: torch.Tensor, b: torch.Tensor, normalize: bool):
@@ -150,7 +152,21 @@ def _lse(x, y, weights, scale):
     out = _common.new_output((n,), x.dtype, x.device)
     acc = _common.tl_dtype(x.dtype)
     grid = (triton.cdiv(n, tiles.m),)
-    _lse_kernel[grid](x, y, weights, out, n, d, scale, BLOCK_M=tiles.m, BLOCK_N=tiles.n, BLOCK_D=tiles.d, ACC=acc, num_warps=tiles.warps)
+    _lse_kernel[grid](
+        x,
+        y,
+        weights,
+        out,
+        n,
+        d,
+        scale,
+        BLOCK_M=tiles.m,
+        BLOCK_N=tiles.n,
+        BLOCK_D=tiles.d,
+        ACC=acc,
+        num_warps=tiles.warps,
+        maxnreg=_common.MAX_REGISTERS,
+    )
     return out
 
 
@@ -192,6 +208,7 @@ def _grad(x, y, w, g, lse_x, lse_y, scale, own, other):
         BLOCK_E=tiles.e,
         ACC=_common.tl_dtype(x.dtype),
         num_warps=tiles.warps,
+        maxnreg=_common.MAX_REGISTERS,
     )
     return out
 

@@ -29,15 +29,6 @@ from mmot.kernels._common import scalar
 
 
 @triton.jit
-def _mm(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """a (P, D) @ b (D, Q) accumulated in ACC."""
-    if USE_DOT:
-        return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
-    else:
-        return tl.sum(a.to(ACC)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
-
-
-@triton.jit
 def _inv_norm(ss, NORMALIZE: tl.constexpr):
     if NORMALIZE:
         return 1.0 / tl.maximum(tl.sqrt(ss), 1e-12)
@@ -64,7 +55,6 @@ def _similarity_fwd_kernel(
     syd,
     NORMALIZE: tl.constexpr,
     CAST: tl.constexpr,
-    USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -89,7 +79,7 @@ def _similarity_fwd_kernel(
         if CAST:
             xt = xt.to(ACC)
             yt = yt.to(ACC)
-        acc += _mm(xt, tl.trans(yt), USE_DOT, PRECISION, ACC)
+        acc += tl.dot(xt, tl.trans(yt), input_precision=PRECISION, out_dtype=ACC)
         if NORMALIZE:
             xf = xt.to(ACC)
             yf = yt.to(ACC)
@@ -137,7 +127,6 @@ def _similarity_grad_kernel(
     sod,
     NORMALIZE: tl.constexpr,
     CAST: tl.constexpr,
-    USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -170,7 +159,7 @@ def _similarity_grad_kernel(
                 ot = ot.to(ACC)
             else:
                 h = h.to(ot.dtype)
-            acc += _mm(h, ot, USE_DOT, PRECISION, ACC)
+            acc += tl.dot(h, ot, input_precision=PRECISION, out_dtype=ACC)
     acc = acc * scalar(scale, ACC)
     tl.store(V + pself.to(tl.int64) * P * D + offs_p[:, None] * D + offs_d[None, :], acc, mask=pmask[:, None] & dmask[None, :])
 
@@ -200,14 +189,19 @@ def _project_kernel(X, V, OUT, rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.const
 
 
 def _settings(dtype: torch.dtype, device: torch.device):
-    """(CAST, USE_DOT, PRECISION): how the tiles meet tl.dot for this dtype and device."""
-    if dtype == torch.float64:
-        return True, False, "ieee"
+    """(CAST, PRECISION, warps, widest feature tile): how the tiles meet tl.dot for this dtype and device.
+
+    float32 on a GPU takes three TF32 products (tf32x3), which hold about three times the
+    registers of one, and float64 products twice the bytes: those tiles are shallower and
+    spread over 8 warps, the sizes that compile without spills (``python -m mmot.aot``).
+    """
     if not _common.compiled_for_gpu(device):
-        return True, True, "ieee"
+        return True, "ieee", 4, 32 if dtype == torch.float64 else 64
+    if dtype == torch.float64:
+        return True, "ieee", 8, 16
     if dtype == torch.float32:
-        return False, True, "tf32x3"
-    return False, True, "ieee"  # bf16 / fp16 tiles on tensor cores, fp32 accumulation
+        return False, "tf32x3", 8, 32
+    return False, "ieee", 4, 64  # bf16 / fp16 tiles on tensor cores, fp32 accumulation
 
 
 def _batch_maps(x: torch.Tensor, y: torch.Tensor):
@@ -233,9 +227,9 @@ def forward(x: torch.Tensor, y: torch.Tensor, normalize: bool, scale: float) -> 
     B = xi.numel()
     acc = _common.acc_dtype(x.dtype)
     out = torch.empty((B, N, M), dtype=x.dtype, device=x.device)
-    cast, use_dot, precision = _settings(x.dtype, x.device)
+    cast, precision, warps, depth = _settings(x.dtype, x.device)
     bn, bm = _tile(N, 64), _tile(M, 64)
-    bd = _tile(D, 32 if x.dtype == torch.float64 else 64)
+    bd = _tile(D, depth)
     grid = (B, triton.cdiv(N, bn), triton.cdiv(M, bm))
     _similarity_fwd_kernel[grid](
         xs,
@@ -251,13 +245,12 @@ def forward(x: torch.Tensor, y: torch.Tensor, normalize: bool, scale: float) -> 
         *ys.stride(),
         NORMALIZE=normalize,
         CAST=cast,
-        USE_DOT=use_dot,
         PRECISION=precision,
         BLOCK_N=bn,
         BLOCK_M=bm,
         BLOCK_D=bd,
         ACC=_common.tl_dtype(acc),
-        num_warps=4,
+        num_warps=warps,
     )
     return out.view(tuple(ob) + (N, M))
 
@@ -280,7 +273,7 @@ def backward(grad, x, y, normalize: bool, scale: float):
     g = grad.reshape(B, N, M).contiguous()
     acc = _common.acc_dtype(x.dtype)
     acc_tl = _common.tl_dtype(acc)
-    cast, use_dot, precision = _settings(x.dtype, x.device)
+    cast, precision, warps, depth = _settings(x.dtype, x.device)
     rx = _inv_norms(xs, acc) if normalize else xs.new_empty((1,), dtype=acc)
     ry = _inv_norms(ys, acc) if normalize else ys.new_empty((1,), dtype=acc)
     grads = []
@@ -294,7 +287,7 @@ def backward(grad, x, y, normalize: bool, scale: float):
         n_rep = B // n_self
         v = torch.empty((n_self, P, D), dtype=acc, device=x.device)
         bp, bq = _tile(P, 64), _tile(Q, 64)
-        bd = _tile(D, 32 if x.dtype == torch.float64 else 64)
+        bd = _tile(D, depth)
         _similarity_grad_kernel[(n_self, triton.cdiv(P, bp), triton.cdiv(D, bd))](
             g,
             other_t,
@@ -312,13 +305,12 @@ def backward(grad, x, y, normalize: bool, scale: float):
             *other_t.stride(),
             NORMALIZE=normalize,
             CAST=cast,
-            USE_DOT=use_dot,
             PRECISION=precision,
             BLOCK_P=bp,
             BLOCK_Q=bq,
             BLOCK_D=bd,
             ACC=acc_tl,
-            num_warps=4,
+            num_warps=warps,
         )
         if normalize:
             out = torch.empty(self_t.shape, dtype=x.dtype, device=x.device)
