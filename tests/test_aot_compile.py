@@ -56,7 +56,7 @@ def launched_kernels() -> set[str]:
         names = []
         for module in {KERNEL_MODULES!r}:
             m = importlib.import_module("mmot.kernels." + module)
-            names += [n for n, v in vars(m).items() if isinstance(v, JITFunction) and n.endswith("_kernel")]
+            names += [module + "." + n for n, v in vars(m).items() if isinstance(v, JITFunction) and n.endswith("_kernel")]
         print(json.dumps(names))
         """
     )
@@ -109,10 +109,10 @@ PROBE = textwrap.dedent(
         tl.store(OUT + offs, offs.to(tl.float64) * scale)
 
     @triton.jit
-    def holds_too_much(X, OUT, BLOCK: tl.constexpr):
+    def holds_too_much(X, Y, OUT, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
-        x = tl.load(X + offs)
-        tl.store(OUT + offs, tl.cumsum(x * x, 0) + tl.sort(x, 0))
+        x, y = tl.load(X + offs), tl.load(Y + offs)  # both live across the sum: 2 x 128 doubles a thread
+        tl.store(OUT + offs, x * tl.sum(x * y, 0) + y)
 
     @triton.jit
     def reduces(X, OUT, BLOCK: tl.constexpr):
@@ -124,13 +124,13 @@ PROBE = textwrap.dedent(
         reads_a_global[(1,)](out, BLOCK=64)
         takes_a_plain_float[(1,)](out, 1 / 3, BLOCK=64)
         takes_an_fp64_scalar[(1,)](out, 1 / 3, BLOCK=64)
-        holds_too_much[(1,)](out, out, BLOCK=1 << 14, num_warps=1)
+        holds_too_much[(1,)](out, out, out, BLOCK=1 << 12, num_warps=1)
         reduces[(1,)](out, out, BLOCK=64, num_warps=4)
     builder.SHARED_LIMIT[90] = 16  # a limit so low that a reduction through shared memory breaks it
     results = {}
     for spec in asked:
         b = builder.build(spec)
-        results[spec.name] = {"problems": b.problems, "scalars": b.float_scalars}
+        results[spec.kernel.fn.__name__] = {"problems": b.problems, "scalars": b.float_scalars}
     print(json.dumps(results))
     """
 )

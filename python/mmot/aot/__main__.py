@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"calls": len(chosen), "seconds": seconds, "builds": [asdict(b) for b in builds]}, indent=1))
     if args.markdown:
-        args.markdown.write_text(report.markdown(builds, seconds, sys.argv if argv is None else ["python", "-m", "mmot.aot", *argv]))
+        args.markdown.write_text(report.markdown(builds, seconds, sys.argv[1:] if argv is None else argv))
     return 1 if any(not b.ok for b in builds) else 0
 
 

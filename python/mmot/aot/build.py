@@ -119,7 +119,7 @@ def build(spec: Specialization) -> Build:
     narrow = {name: kind for name, kind in result.float_scalars.items() if kind != "fp64"}
     if narrow:
         result.problems.append(f"float scalars not fp64: {narrow}")
-    f64_params = len(_F64_PARAM.findall(kernel.asm["ptx"]))
-    if f64_params < len(result.float_scalars):
-        result.problems.append(f"{len(result.float_scalars)} fp64 scalars in the signature, {f64_params} .f64 parameters in the PTX")
+    wide, f64_params = len(result.float_scalars) - len(narrow), len(_F64_PARAM.findall(kernel.asm["ptx"]))
+    if f64_params < wide:
+        result.problems.append(f"{wide} fp64 scalars in the signature, {f64_params} .f64 parameters in the PTX")
     return result

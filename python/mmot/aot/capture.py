@@ -40,14 +40,15 @@ class Specialization:
 
     @property
     def name(self) -> str:
-        return self.kernel.fn.__name__
+        """The kernel with its op's module (several modules have a ``_combine_lse_kernel``)."""
+        return f"{self.kernel.fn.__module__.rsplit('.', 1)[-1]}.{self.kernel.fn.__name__}"
 
     @property
     def key(self) -> tuple:
         """What makes two launches the same compile."""
         constexprs = sorted((str(path), repr(value)) for path, value in self.constexprs.items())
         options = json.dumps(self.options, sort_keys=True, default=str)
-        return (self.kernel.fn.__module__, self.name, self.arch, json.dumps(self.signature), str(constexprs), options)
+        return (self.name, self.arch, json.dumps(self.signature), str(constexprs), options)
 
 
 class _StandInDriver(DriverBase):

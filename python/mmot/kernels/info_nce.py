@@ -120,8 +120,9 @@ def _grad_kernel(
 
 class _Tiles:
     """Tile sizes: rows × columns of the logits, the feature chunk of their products, and the
-    output features one backward program holds (a wider D is split over programs, which then
-    each recompute the logits: the price of bounded registers)."""
+    output features one backward program holds: 256 in float32 and 128 in float64, so up to
+    D = 256 each logit is computed once per direction, and a wider D is split over programs that
+    each recompute the logits (twice at D = 512): the price of bounded registers."""
 
     def __init__(self, d: int, dtype: torch.dtype):
         wide = dtype == torch.float64
@@ -131,7 +132,7 @@ class _Tiles:
             return
         self.m, self.n = (32, 32) if wide else (64, 32)
         self.d = 16
-        self.e = min(64, max(16, triton.next_power_of_2(d)))
+        self.e = min(128 if wide else 256, max(16, triton.next_power_of_2(d)))
         # The accumulator and the logits tile over 8 warps, up to 255 registers each (ptxas would
         # stop at 128 and spill): the sizes that compile without spills.
         self.warps = 8
