@@ -543,7 +543,7 @@ test_bad_input_is_named = bad_input_test(
         (lambda: mmot.multi_sinkhorn(S, eps=-1), ValueError, "'eps'", "positive"),
         (lambda: mmot.multi_sinkhorn(S, eps=float("nan")), ValueError, "'eps'"),
         (lambda: mmot.multi_sinkhorn(S, eps="0.1"), TypeError, "'eps'"),
-        (lambda: mmot.multi_sinkhorn(S, n_iters=0), ValueError, "'n_iters'", ">= 1"),
+        (lambda: mmot.multi_sinkhorn(S, n_iters=0), ValueError, "'n_iters'", "1..2147483647"),
         (lambda: mmot.multi_sinkhorn(S, n_iters=True), TypeError, "'n_iters'", "int"),
         (lambda: mmot.multi_sinkhorn(S, low_weight=0.0), ValueError, "'low_weight'", "positive"),
         (lambda: mmot.multi_sinkhorn(S, slot_weights=[1.0, 1.0]), ValueError, "'slot_weights'", "4"),

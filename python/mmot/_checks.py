@@ -15,6 +15,8 @@ from numbers import Integral, Real
 import torch
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# Counts (iterations, slots) reach the kernels as 32-bit integers.
+MAX_COUNT = 2**31 - 1
 
 _value_checks = os.environ.get("MMOT_CHECKS", "1").strip().lower() not in ("0", "false", "off", "no")
 
@@ -40,6 +42,9 @@ def value_checks_enabled() -> bool:
 def float_tensor(op: str, name: str, value: object, *, min_dim: int, shape_hint: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor of shape {shape_hint}; got {type(value).__name__}")
+    if value.is_nested or value.layout != torch.strided:
+        layout = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+        raise TypeError(f"{op}: argument '{name}' must be a dense (strided) tensor; got a {layout} tensor (convert it with .to_dense())")
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: argument '{name}' must be a floating tensor (float64, float32, bfloat16 or float16); got {value.dtype}")
     if value.dim() < min_dim:
@@ -51,7 +56,9 @@ def positive_float(op: str, name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{op}: argument '{name}' must be a positive real number; got {type(value).__name__}")
     value = float(value)
-    if not (value > 0 and math.isfinite(value)):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) the value is a SymFloat,
+    # which comparisons guard on and math.isfinite cannot take. NaN fails both.
+    if not 0 < value < math.inf:
         raise ValueError(f"{op}: argument '{name}' must be a positive finite number; got {value}")
     return value
 
@@ -60,18 +67,17 @@ def real_number(op: str, name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{op}: argument '{name}' must be a real number; got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # SymFloat-safe, as in positive_float
         raise ValueError(f"{op}: argument '{name}' must be finite; got {value}")
     return value
 
 
-def int_in_range(op: str, name: str, value: object, low: int, high: int | None = None) -> int:
+def int_in_range(op: str, name: str, value: object, low: int, high: int = MAX_COUNT) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{op}: argument '{name}' must be an int; got {type(value).__name__}")
     value = int(value)
-    if value < low or (high is not None and value > high):
-        expected = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{op}: argument '{name}' must be {expected}; got {value}")
+    if not low <= value <= high:
+        raise ValueError(f"{op}: argument '{name}' must be in {low}..{high}; got {value}")
     return value
 
 

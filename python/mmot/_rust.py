@@ -16,16 +16,17 @@ import torch
 
 # Tests set MMOT_POISON_OUTPUTS=1 so that an element a kernel forgets to write shows up as NaN.
 _poison_outputs = os.environ.get("MMOT_POISON_OUTPUTS", "0") == "1"
+MAX_THREADS = 4096
 
 
 def num_threads() -> int:
     """Threads for the Rust pool: MMOT_NUM_THREADS, else torch's intra-op thread count."""
     configured = os.environ.get("MMOT_NUM_THREADS", "").strip()
     if configured:
-        try:
-            return max(1, int(configured))
-        except ValueError:
-            raise ValueError(f"MMOT_NUM_THREADS must be a positive integer; got {configured!r}") from None
+        # A thread per core at most makes sense; 4096 bounds it well below what rayon can spawn.
+        if not (configured.isdigit() and 1 <= int(configured) <= MAX_THREADS):
+            raise ValueError(f"MMOT_NUM_THREADS must be an integer in 1..{MAX_THREADS}; got {configured!r}")
+        return int(configured)
     return max(1, torch.get_num_threads())
 
 
