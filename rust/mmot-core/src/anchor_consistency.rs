@@ -1,6 +1,12 @@
 //! SSPC's anchor-consistency loss: the mean over all entries of
 //! BCE-with-logits(z, t) = softplus(z) − t·z with z = exp(sim/τ) (> 0, so
 //! softplus(z) = z + ln(1 + e^{−z})), and its gradient (see `docs/gradients.md`).
+//!
+//! The term is evaluated as (1 − t)·z + ln(1 + e^{−z}); where (1 − t)·z overflows the input
+//! type it is recomputed in f64 as ±e^{x + ln|1 − t|}, x = sim/τ, so the loss and gradient are
+//! finite wherever the exact values are (0 at t = 1 however large z is) and ±inf only where the
+//! exact value overflows. With the finiteness check off, NaN or ±inf in `sim` or `target`
+//! gives a NaN loss and NaN gradient entries there.
 
 use crate::error::{check_len, not_finite, MmotError, Result};
 use crate::simd::Real;
@@ -39,8 +45,10 @@ pub fn anchor_consistency_forward<T: Real>(
         return Ok(0.0);
     }
     let inv = T::from_f64(1.0 / params.temperature);
+    let inv64 = 1.0 / params.temperature;
     // Each chunk also sums `0 · x`, which is 0 for finite x and NaN otherwise: the value check
-    // costs two operations an element in the pass the loss makes anyway.
+    // costs two operations an element in the pass the loss makes anyway, and without the check
+    // the probe makes the loss NaN (non-finite in, non-finite out).
     let partials: Vec<(f64, T, T)> = sim
         .par_chunks(TASK_LEN)
         .zip(target.par_chunks(TASK_LEN))
@@ -48,8 +56,13 @@ pub fn anchor_consistency_forward<T: Real>(
             let (mut acc, mut sim_probe, mut target_probe) = (0.0f64, T::ZERO, T::ZERO);
             for (sv, tv) in s.iter().zip(t) {
                 let z = (*sv * inv).exp_fast();
-                let l = z + (T::ONE + (-z).exp_fast()).ln() - *tv * z;
-                acc += l.to_f64();
+                let lin = (T::ONE - *tv) * z;
+                let lin = if lin.to_f64().is_finite() {
+                    lin.to_f64()
+                } else {
+                    linear_term(sv.to_f64() * inv64, tv.to_f64(), 0.0)
+                };
+                acc += lin + softplus_neg(z).to_f64();
                 sim_probe += *sv * T::ZERO;
                 target_probe += *tv * T::ZERO;
             }
@@ -64,8 +77,28 @@ pub fn anchor_consistency_forward<T: Real>(
             return Err(not_finite("target"));
         }
     }
-    let total: f64 = partials.iter().map(|p| p.0).sum();
+    let total: f64 = partials.iter().map(|p| p.0 + (p.1 + p.2).to_f64()).sum();
     Ok(total / sim.len() as f64)
+}
+
+/// `(1 − t)·e^{x + log_c}` without forming e^x, so it is finite wherever the product is
+/// (0 for t = 1 exactly, ±inf only where the product overflows f64). `x` must be finite.
+fn linear_term(x: f64, t: f64, log_c: f64) -> f64 {
+    let one_minus = 1.0 - t;
+    if one_minus == 0.0 {
+        return 0.0;
+    }
+    (x + one_minus.abs().ln() + log_c).exp().copysign(one_minus)
+}
+
+/// `ln(1 + e^{−z})` for z ≥ 0, accurate where e^{−z} is tiny (the `t = 1` loss lives there).
+fn softplus_neg<T: Real>(z: T) -> T {
+    let e = (-z).exp_fast();
+    if e < T::from_f64(1e-4) {
+        e * (T::ONE - T::from_f64(0.5) * e)
+    } else {
+        (T::ONE + e).ln()
+    }
 }
 
 /// Gradient of `grad · anchor_consistency_forward` with respect to `sim`:
@@ -83,14 +116,27 @@ pub fn anchor_consistency_backward<T: Real>(
         return Ok(());
     }
     let inv = T::from_f64(1.0 / params.temperature);
-    let g = T::from_f64(grad / sim.len() as f64) * inv;
+    let inv64 = 1.0 / params.temperature;
+    let c = grad / sim.len() as f64 * inv64;
+    let g = T::from_f64(c);
+    // (σ(z) − t)·z = (1 − t)·z − z·σ(−z): the second part vanishes where z is large, the first
+    // is recomputed without forming z where the product overflows (see `linear_term`).
     out.par_chunks_mut(TASK_LEN)
         .zip(sim.par_chunks(TASK_LEN).zip(target.par_chunks(TASK_LEN)))
         .for_each(|(o, (s, t))| {
             for ((ov, sv), tv) in o.iter_mut().zip(s).zip(t) {
                 let z = (*sv * inv).exp_fast();
-                let sig = T::ONE / (T::ONE + (-z).exp_fast());
-                *ov = g * (sig - *tv) * z;
+                let e = (-z).exp_fast();
+                let v = g * ((T::ONE - *tv) * z - z * e / (T::ONE + e));
+                let v = if v.to_f64().is_finite() {
+                    v
+                } else {
+                    let x = sv.to_f64() * inv64;
+                    let lin = linear_term(x, tv.to_f64(), c.abs().ln()) * c.signum();
+                    T::from_f64(if c == 0.0 { 0.0 } else { lin })
+                };
+                // NaN where sim or target is not finite (exp_fast maps NaN to a finite value).
+                *ov = v + (*sv + *tv) * T::ZERO;
             }
         });
     Ok(())
@@ -173,5 +219,70 @@ mod tests {
             assert!(anchor_consistency_forward(&s, &target, &unchecked).is_ok());
         }
         assert!(anchor_consistency_forward(&sim, &target, &params).is_ok());
+    }
+
+    #[test]
+    fn anchor_consistency_stays_finite_where_exp_overflows() {
+        // x = sim/τ up to 100: e^x overflows f32 (88.7) but the exact terms are finite.
+        let sim: Vec<f32> = vec![1.0, 0.95, 0.9, 1.0, 0.3];
+        let target: Vec<f32> = vec![1.0, 1.0, 0.99999994, 0.0, 0.5];
+        let tau = 0.01;
+        let params = AnchorConsistencyParams {
+            temperature: tau,
+            check_finite: true,
+        };
+        let exact = |s: f32, t: f32| {
+            let (x, t) = (s as f64 / tau, t as f64);
+            let z = x.exp();
+            (
+                (1.0 - t) * z + (-z).exp().ln_1p(),
+                (1.0 / (1.0 + (-z).exp()) - t) * z / tau,
+            )
+        };
+        // Finite where the mean is: drop the entry whose term alone overflows f32.
+        let (s, t) = (&sim[..3], &target[..3]);
+        let got = anchor_consistency_forward(s, t, &params).unwrap();
+        let want: f64 = s.iter().zip(t).map(|(a, b)| exact(*a, *b).0).sum::<f64>() / 3.0;
+        assert!(
+            got.is_finite() && (got - want).abs() < 1e-5 * want.abs(),
+            "{got} vs {want}"
+        );
+        let mut g = vec![0.0f32; 3];
+        anchor_consistency_backward(1.0, s, t, &mut g, &params).unwrap();
+        for k in 0..3 {
+            let want = exact(s[k], t[k]).1 / 3.0;
+            let ok = (g[k] as f64 - want).abs() <= 1e-5 * want.abs() + 1e-30;
+            assert!(g[k].is_finite() && ok, "{k}: {} vs {want}", g[k]);
+        }
+        // A term beyond f64 (t = 0 at x = 100 is e^100, fine; x = 1e5 is not) is +inf, not NaN.
+        let huge = anchor_consistency_forward(&[1000.0f32], &[0.0], &params).unwrap();
+        assert_eq!(huge, f64::INFINITY);
+        let mut g1 = [0.0f32];
+        anchor_consistency_backward(1.0, &[1000.0f32], &[0.0], &mut g1, &params).unwrap();
+        assert_eq!(g1[0], f32::INFINITY);
+        anchor_consistency_backward(1.0, &[1000.0f32], &[1.0], &mut g1, &params).unwrap();
+        assert_eq!(g1[0], 0.0);
+    }
+
+    #[test]
+    fn anchor_consistency_unchecked_non_finite_gives_nan() {
+        let params = AnchorConsistencyParams {
+            temperature: 0.1,
+            check_finite: false,
+        };
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut s = vec![0.5f32; 5000];
+            s[4500] = bad;
+            let t = vec![0.5f32; 5000];
+            assert!(anchor_consistency_forward(&s, &t, &params)
+                .unwrap()
+                .is_nan());
+            assert!(anchor_consistency_forward(&t, &s, &params)
+                .unwrap()
+                .is_nan());
+            let mut g = vec![0.0f32; 5000];
+            anchor_consistency_backward(1.0, &s, &t, &mut g, &params).unwrap();
+            assert!(g[4500].is_nan() && g[0].is_finite());
+        }
     }
 }
