@@ -34,17 +34,54 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def uses_log_domain(scores: torch.Tensor, eps: float, max_weight: float, log_domain: str, columns=LOCAL) -> bool:
-    """Decide the domain: ``log_domain`` is "on", "off" or "auto" (spread threshold above)."""
-    if log_domain != "auto":
+def uses_log_domain(scores: torch.Tensor, eps: float, max_weight: float, log_domain: str, columns=LOCAL, op: str = "mmot.sinkhorn") -> bool:
+    """Decide the domain: ``log_domain`` is "on", "off" or "auto" (spread threshold above).
+
+    Forcing the plain domain ("off") where "auto" would leave it raises ValueError: exp would
+    under- or overflow there and the result would be NaN. ``op`` names the op in the message.
+    """
+    if log_domain == "on" or scores.numel() == 0:
         return log_domain == "on"
-    if scores.numel() == 0:
-        return False
     scores = scores.detach()
     col_max = columns.max(scores.amax(-2))
     col_min = -columns.max(-scores.amin(-2))
     spread = float((col_max - col_min).amax()) * max_weight / eps
-    return spread > PLAIN_DOMAIN_MAX_SPREAD[compute_dtype(scores.dtype)]
+    limit = PLAIN_DOMAIN_MAX_SPREAD[compute_dtype(scores.dtype)]
+    if log_domain == "off" and spread > limit:
+        raise ValueError(
+            f"{op}: log_domain=False forces the plain domain, where exp would under- or overflow: the exponent range "
+            f"(max - min of a score column) * weight / eps is {spread:.4g} here (eps = {eps:g}), above the plain "
+            f'domain\'s limit of {limit:g} for this dtype; use log_domain="auto" (or True)'
+        )
+    # `not (<=)` so that a NaN spread (non-finite scores) takes the log domain, as in the kernels.
+    return log_domain == "auto" and not spread <= limit
+
+
+def centered_logits(s: torch.Tensor, eps: float, columns=LOCAL, weight: float = 1.0) -> torch.Tensor:
+    """weight·(s − column max)/eps, floored at −(dtype max)/8 so that every log-potential stays finite.
+
+    The column shift is absorbed exactly by the first column scaling. Without the floor a
+    difference beyond the dtype's range (scores near 1e38 in float32) is −inf, and a row of
+    −inf has no row normaliser: the log domain then gives NaN where the kernels give a finite
+    result. Entries at the floor are exp-negligible next to their column's maximum; potentials
+    and their sums stay within a few floors, inside the range. The floor passes NaN through.
+    """
+    shift = columns.max(s.detach().amax(-2, keepdim=True))
+    return (weight * ((s - shift) / eps)).clamp(min=logit_floor(s.dtype))
+
+
+def logit_floor(dtype: torch.dtype) -> float:
+    """The smallest centred logit the Sinkhorn ops use: −(largest finite value)/8."""
+    return -torch.finfo(dtype).max / 8
+
+
+def poison_non_finite(out: torch.Tensor, s: torch.Tensor, columns=LOCAL) -> torch.Tensor:
+    """Non-finite in, non-finite out: all-NaN for every problem whose scores hold a NaN or Inf.
+
+    Max-shifts, floors and min-max would otherwise turn such inputs into finite values.
+    """
+    bad = (~torch.isfinite(s.detach())).any(-1, keepdim=True).any(-2, keepdim=True).to(s.dtype)
+    return torch.where(columns.max(bad) > 0, torch.full_like(out, float("nan")), out)
 
 
 def _column_logsumexp(x: torch.Tensor, columns) -> torch.Tensor:
@@ -82,23 +119,23 @@ def sinkhorn(
     s = scores.to(compute_dtype(scores.dtype))
     r = row_mass.to(s.dtype).unsqueeze(-1)
     c = col_mass.to(s.dtype).unsqueeze(-2)
+    logits = centered_logits(s, eps, columns)
     if uses_log_domain(s, eps, 1.0, log_domain, columns):
-        logits = s / eps
         log_r, log_c = torch.log(r), torch.log(c)
         a = torch.zeros_like(r)
         for _ in range(n_iters):
             b = log_c - _column_logsumexp(logits + a, columns)
             centered, log_norm, row_max = _row_log_normalizer(logits + b)
             a = log_r - row_max - log_norm
-        return torch.exp(centered - log_norm + log_r).to(scores.dtype)
-
-    shift = columns.max(s.detach().amax(-2, keepdim=True))
-    e = torch.exp((s - shift) / eps)
-    u = torch.ones_like(r)
-    for _ in range(n_iters):
-        v = c / columns.sum((e * u).sum(-2, keepdim=True))
-        u = r / (e * v).sum(-1, keepdim=True)
-    return (e * u * v).to(scores.dtype)
+        plan = torch.exp(centered - log_norm + log_r)
+    else:
+        e = torch.exp(logits)
+        u = torch.ones_like(r)
+        for _ in range(n_iters):
+            v = c / columns.sum((e * u).sum(-2, keepdim=True))
+            u = r / (e * v).sum(-1, keepdim=True)
+        plan = e * u * v
+    return poison_non_finite(plan, s, columns).to(scores.dtype)
 
 
 def slot_groups(slot_weights: list[float], k: int) -> list[tuple[float, int, int]]:
@@ -143,8 +180,8 @@ def multi_sinkhorn(
     groups = slot_groups(slot_weights, k)
     max_weight = max(weight for weight, _, _ in groups)
 
-    if uses_log_domain(s, eps, max_weight, log_domain, columns):
-        logits = [weight * s / eps for weight, _, _ in groups]
+    logits = [centered_logits(s, eps, columns, weight) for weight, _, _ in groups]
+    if uses_log_domain(s, eps, max_weight, log_domain, columns, "mmot.multi_sinkhorn"):
         log_count = [math.log(count) for _, count, _ in groups]
         log_r = torch.log(r)
         log_g = torch.zeros_like(s)
@@ -156,8 +193,7 @@ def multi_sinkhorn(
             log_h = [-row_max - log_norm for _, log_norm, row_max in rows]
         target = sum(top * torch.exp(centered - log_norm) for (_, _, top), (centered, log_norm, _) in zip(groups, rows) if top)
     else:
-        centered = (s - columns.max(s.detach().amax(-2, keepdim=True))) / eps
-        e = [torch.exp(weight * centered) for weight, _, _ in groups]
+        e = [torch.exp(lg) for lg in logits]
         g = torch.ones_like(s)
         h = [s.new_ones(s.shape[:-1] + (1,)) for _ in groups]
         for _ in range(n_iters):
@@ -168,15 +204,28 @@ def multi_sinkhorn(
 
     if normalize == "minmax":
         target = minmax_rows(target)
-    return target.to(scores.dtype)
+    return poison_non_finite(target, s, columns).to(scores.dtype)
+
+
+# A min-max row counts as constant when max − min ≤ CONSTANT_ROW_ULPS · ε · max(|max|, |min|),
+# ε the accumulation dtype's machine epsilon (docs/numerics.md). Equal slot weights make every
+# row constant in exact arithmetic; the iteration leaves up to about 100 ulps of rounding there.
+CONSTANT_ROW_ULPS = 1024.0
+
+
+def constant_rows(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Which rows with extremes ``low``, ``high`` are constant; NaN rows are not (NaN passes on)."""
+    scale = torch.maximum(low.abs(), high.abs())
+    return high - low <= CONSTANT_ROW_ULPS * torch.finfo(low.dtype).eps * scale
 
 
 def minmax_rows(target: torch.Tensor) -> torch.Tensor:
-    """Rescale each row to [0, 1]; constant rows become 0 (the scikit-learn MinMaxScaler rule)."""
+    """Rescale each row to [0, 1]; constant rows (:func:`constant_rows`) become 0, as in scikit-learn's MinMaxScaler."""
     low = target.amin(-1, keepdim=True)
-    spread = target.amax(-1, keepdim=True) - low
-    nonzero = spread > 0
-    return torch.where(nonzero, (target - low) / torch.where(nonzero, spread, torch.ones_like(spread)), 0.0)
+    high = target.amax(-1, keepdim=True)
+    constant = constant_rows(low, high)
+    spread = torch.where(constant, torch.ones_like(high), high - low)
+    return torch.where(constant, 0.0, (target - low) / spread)
 
 
 def similarity(x: torch.Tensor, y: torch.Tensor, normalize: bool = True, scale: float = 1.0) -> torch.Tensor:
@@ -232,9 +281,25 @@ def info_nce(
 def anchor_consistency_loss(sim: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
     """SSPC's anchor term: mean over all entries of BCE-with-logits(exp(sim / temperature), target).
 
-    ``target`` carries no gradient. Returns a 0-dim tensor in the dtype of ``sim``.
+    ``target`` carries no gradient. Returns a 0-dim tensor in the dtype of ``sim`` (0 when empty).
+
+    With x = sim/τ and z = e^x each term is (1 − t)·z + log(1 + e^{−z}). The first part is summed
+    as ±e^{x + log|1 − t|}, shifted down where its largest exponent passes 64, so e^x is never formed: the loss is
+    finite wherever the exact mean is (0 from entries with t = 1 however large x is) and ±inf only
+    where the exact mean overflows. NaN or ±inf in ``sim`` or ``target`` gives NaN.
     """
+    if sim.numel() == 0:
+        return sim.new_zeros(())
     dtype = compute_dtype(sim.dtype)
-    logits = torch.exp(sim.to(dtype) / temperature)
-    loss = F.binary_cross_entropy_with_logits(logits, target.detach().to(dtype), reduction="mean")
-    return loss.to(sim.dtype)
+    s, t = sim.to(dtype), target.detach().to(dtype)
+    one_minus = 1.0 - t
+    log_linear = s / temperature + torch.log(one_minus.abs())
+    # Shifted only when e^64 would be exceeded, so ordinary inputs keep every entry's gradient.
+    shift = (log_linear.detach().amax() - 64.0).clamp_min(0.0)
+    linear = torch.exp(shift) * (torch.sign(one_minus) * torch.exp(log_linear - shift)).mean()
+    # log(1 + e^{−z}) is exactly 0 in every dtype once x > 64 (z > 6e27): clamping there keeps
+    # e^x finite and its gradient 0 instead of 0·inf.
+    softplus = F.softplus(-torch.exp((s / temperature).clamp(max=64.0))).mean()
+    # 0 for finite inputs, NaN otherwise (e^{−inf} alone would hide a −inf).
+    probe = (s - s).sum() + (t - t).sum()
+    return (linear + softplus + probe).to(sim.dtype)

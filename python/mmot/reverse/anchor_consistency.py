@@ -6,7 +6,10 @@ entries, d/dz BCE(z, t) = σ(z) − t and dz/dsim = z/τ, so
     ∂sim = ḡ / count · (σ(z) − t) · z / τ,        σ(z) = 1 / (1 + e^{−z}),
 
 which equals autograd through the reference wherever that is finite. See
-``docs/gradients.md``.
+``docs/gradients.md``. It is evaluated as ḡ/(count·τ)·((1 − t)·z − z·σ(−z)); where that
+overflows (z = e^x beyond the dtype) the second part is 0 and the first is recomputed as
+±e^{x + log|1 − t| + log|ḡ/(count·τ)|}, so the gradient is finite wherever the exact one is.
+NaN or ±inf in ``sim`` or ``target`` gives NaN at those entries.
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ def backward(grad: Tensor, sim: Tensor, target: Tensor, temperature: float) -> T
     if sim.numel() == 0:
         return torch.zeros_like(sim)
     dtype = compute_dtype(sim.dtype)
-    z = torch.exp(sim.to(dtype) / temperature)
-    per_entry = grad.to(dtype) / sim.numel()
-    return ((torch.sigmoid(z) - target.to(dtype)) * per_entry * z / temperature).to(sim.dtype)
+    s, t = sim.to(dtype), target.to(dtype)
+    x = s / temperature
+    c = grad.to(dtype) / sim.numel() / temperature
+    one_minus = 1.0 - t
+    z = torch.exp(x)
+    direct = c * (one_minus * z - z * torch.sigmoid(-z))
+    far = torch.sign(c) * torch.sign(one_minus) * torch.exp(x + torch.log(one_minus.abs()) + torch.log(c.abs()))
+    out = torch.where(torch.isfinite(direct), direct, torch.where(c == 0, 0.0, far))
+    # NaN where an input is not finite (e^{−inf} alone would give 0).
+    return (out + (s - s) + (t - t)).to(sim.dtype)
