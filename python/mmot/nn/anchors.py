@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mmot import _checks
+from mmot.nn import _args
 from mmot.ops.similarity import similarity
+
+_WHERE = "mmot.nn.Anchors"
 
 
 class Anchors(nn.Module):
@@ -35,19 +39,22 @@ class Anchors(nn.Module):
 
     def __init__(self, dim: int, n_anchors: int, *, scale: float = 1.0, backend: str = "auto") -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"mmot.nn.Anchors: argument 'dim' must be an int >= 1; got {dim!r}")
-        if isinstance(n_anchors, bool) or not isinstance(n_anchors, int) or n_anchors < 1:
-            raise ValueError(f"mmot.nn.Anchors: argument 'n_anchors' must be an int >= 1; got {n_anchors!r}")
+        dim = _args.int_in_range(_WHERE, "dim", dim, 1)
+        n_anchors = _args.int_in_range(_WHERE, "n_anchors", n_anchors, 1)
+        self.scale = _checks.real_number(_WHERE, "scale", scale)
+        self.backend = _args.backend(_WHERE, backend)
         self.weight = nn.Parameter(torch.randn(n_anchors, dim))
-        self.scale = float(scale)
-        self.backend = backend
 
     def normalized(self) -> Tensor:
         """The anchors divided by their L2 norms, (n_anchors, dim)."""
         return nn.functional.normalize(self.weight, dim=-1, eps=1e-12)
 
     def forward(self, x: Tensor) -> Tensor:
+        dim = self.weight.shape[1]
+        x = _checks.float_tensor(f"{_WHERE}.forward", "x", x, min_dim=2, shape_hint=f"(..., B, {dim})")
+        if x.shape[-1] != dim:
+            raise ValueError(f"{_WHERE}.forward: argument 'x' must have shape (..., B, {dim}); got {tuple(x.shape)}")
+        _checks.same_device(f"{_WHERE}.forward", "x", x, self.weight, "the anchors")
         return similarity(x, self.weight.to(x.dtype), scale=self.scale, backend=self.backend)
 
     def extra_repr(self) -> str:

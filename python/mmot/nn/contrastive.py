@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from mmot.nn import _args
 from mmot.ops.info_nce import info_nce
 
 # SSPC's and everything_at_once's pair weights: text–video 1, anything with audio 0.1.
@@ -29,7 +30,11 @@ class NormSoftmaxLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.05, *, symmetric: bool = True, normalize: bool = True, backend: str = "auto") -> None:
         super().__init__()
-        self.temperature, self.symmetric, self.normalize, self.backend = temperature, symmetric, normalize, backend
+        where = "mmot.nn.NormSoftmaxLoss"
+        self.temperature = _args.positive_float(where, "temperature", temperature)
+        self.symmetric = _args.flag(where, "symmetric", symmetric)
+        self.normalize = _args.flag(where, "normalize", normalize)
+        self.backend = _args.backend(where, backend)
 
     def forward(self, a: Tensor, b: Tensor, valid: Tensor | None = None) -> Tensor:
         return info_nce(a, b, self.temperature, symmetric=self.symmetric, normalize=self.normalize, valid=valid, backend=self.backend)
@@ -69,21 +74,38 @@ class CombinatorialContrastiveLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        weights = dict(SSPC_PAIR_WEIGHTS if pair_weights is None else pair_weights)
-        where = "mmot.nn.CombinatorialContrastiveLoss: argument 'pair_weights'"
-        for pair, weight in weights.items():
+        where = "mmot.nn.CombinatorialContrastiveLoss"
+        given = (
+            SSPC_PAIR_WEIGHTS if pair_weights is None else _args.mapping(where, "pair_weights", pair_weights, "modality pairs to weights")
+        )
+        self.pair_weights: dict[tuple[str, str], float] = {}
+        for pair, weight in given.items():
             if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(m, str) for m in pair) and pair[0] != pair[1]):
-                raise ValueError(f"{where} must map pairs of two different modality names to weights; got key {pair!r}")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-                raise ValueError(f"{where} must hold non-negative weights; got {weight!r} for {pair}")
-        if not weights or sum(weights.values()) <= 0:
-            raise ValueError("mmot.nn.CombinatorialContrastiveLoss: argument 'pair_weights' needs at least one positive weight")
-        self.pair_weights = {pair: float(weight) for pair, weight in weights.items()}
+                raise ValueError(
+                    f"{where}: argument 'pair_weights' must map pairs of two different modality names to weights; got key {pair!r}"
+                )
+            if (pair[1], pair[0]) in self.pair_weights:
+                raise ValueError(f"{where}: argument 'pair_weights' names the pair {pair} in both orders; give it once")
+            self.pair_weights[pair] = _args.weight(where, "pair_weights", weight, pair)
+        if sum(self.pair_weights.values()) <= 0:
+            raise ValueError(f"{where}: argument 'pair_weights' needs at least one positive weight")
         self.loss = NormSoftmaxLoss(temperature, symmetric=symmetric, normalize=normalize, backend=backend)
         self.last_terms: dict[tuple[str, str], Tensor] = {}
 
     def forward(self, embeddings: Mapping[str, Tensor | None], masks: Mapping[str, Tensor] | None = None) -> Tensor:
-        masks = {} if masks is None else masks
+        where = "mmot.nn.CombinatorialContrastiveLoss.forward"
+        _args.mapping(where, "embeddings", embeddings, "modality names to (B, D) tensors or None")
+        for name, value in embeddings.items():
+            if value is not None and not isinstance(value, Tensor):
+                raise TypeError(
+                    f"{where}: argument 'embeddings' must map modalities to tensors or None; got {type(value).__name__} for {name!r}"
+                )
+        masks = {} if masks is None else _args.mapping(where, "masks", masks, "modality names to (B,) bool tensors")
+        for name, value in masks.items():
+            if value is not None and not isinstance(value, Tensor):
+                raise TypeError(
+                    f"{where}: argument 'masks' must map modalities to (B,) bool tensors; got {type(value).__name__} for {name!r}"
+                )
         total, weight_sum, terms = None, 0.0, {}
         for (m, n), weight in self.pair_weights.items():
             a, b = embeddings.get(m), embeddings.get(n)

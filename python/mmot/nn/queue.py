@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mmot import _checks
+from mmot.nn import _args
+
+_WHERE = "mmot.nn.FeatureQueue"
+
 
 class FeatureQueue(nn.Module):
     """A first-in first-out queue of the last ``size`` embeddings of width ``dim``.
@@ -27,10 +32,9 @@ class FeatureQueue(nn.Module):
 
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        for name, value in (("size", size), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"mmot.nn.FeatureQueue: argument '{name}' must be an int >= 1; got {value!r}")
-        self.size, self.dim = size, dim
+        self.size = _args.int_in_range(_WHERE, "size", size, 1)
+        self.dim = _args.int_in_range(_WHERE, "dim", dim, 1)
+        dtype = _args.float_dtype(_WHERE, "dtype", dtype)
         self.register_buffer("storage", torch.zeros(size, dim, dtype=dtype))
         self.register_buffer("head", torch.zeros((), dtype=torch.long))  # next slot to write
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
@@ -44,9 +48,11 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, x: Tensor) -> None:
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"mmot.nn.FeatureQueue.push: argument 'x' must have shape (B, {self.dim}); got {tuple(x.shape)}")
+        """Append the rows of x (B, dim), which must be finite: a NaN kept here would poison every later target."""
+        x = _args.rows(f"{_WHERE}.push", "x", x, self.dim, self.storage.device)
         x = x.detach().to(self.storage.dtype)[-self.size :]
+        if _checks.value_checks_enabled() and x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{_WHERE}.push: argument 'x' must be finite in the queue's dtype ({self.storage.dtype}); found NaN or Inf")
         n, head = x.shape[0], int(self.head)
         first = min(n, self.size - head)
         self.storage[head : head + first] = x[:first]
@@ -63,6 +69,7 @@ class FeatureQueue(nn.Module):
 
     def extend(self, x: Tensor) -> Tensor:
         """``[queue; x]``: the stored rows (detached, in x's dtype) followed by x."""
+        x = _args.rows(f"{_WHERE}.extend", "x", x, self.dim, self.storage.device)
         return torch.cat([self.features().to(x.dtype), x])
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mmot.nn import _args
 from mmot.nn.anchors import Anchors
 from mmot.nn.queue import FeatureQueue
 from mmot.ops.anchor_consistency import anchor_consistency_loss
@@ -15,10 +16,12 @@ from mmot.ops.similarity import similarity
 from mmot.ops.sinkhorn import sinkhorn
 
 ASSIGNMENTS = ("multi", "single")
+_WHERE = "mmot.nn.SSPCLoss"
 
 
 def sspc_pair_weight(m: str, n: str, low: float = 0.1, low_modalities: Sequence[str] = ("audio",)) -> float:
     """SSPC's c[m, n]: 1 within text and video, ``low`` (0.1) wherever audio is involved."""
+    low = _args.weight("mmot.nn.sspc_pair_weight", "low", low, "low")
     return low if (m in low_modalities or n in low_modalities) else 1.0
 
 
@@ -73,26 +76,65 @@ class SSPCLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        _args.mapping(_WHERE, "input_dims", input_dims, "modality names to input feature sizes")
         if not input_dims:
-            raise ValueError("mmot.nn.SSPCLoss: argument 'input_dims' must name at least one modality")
-        if assignment not in ASSIGNMENTS:
-            raise ValueError(f"mmot.nn.SSPCLoss: argument 'assignment' must be one of {ASSIGNMENTS}; got {assignment!r}")
+            raise ValueError(f"{_WHERE}: argument 'input_dims' must name at least one modality")
+        for m, d in input_dims.items():
+            if not isinstance(m, str):
+                raise TypeError(f"{_WHERE}: argument 'input_dims' must be keyed by modality names (str); got {m!r}")
+            _args.int_in_range(_WHERE, f"input_dims[{m!r}]", d, 1)
+        joint_dim = _args.int_in_range(_WHERE, "joint_dim", joint_dim, 1)
+        n_anchors = _args.int_in_range(_WHERE, "n_anchors", n_anchors, 1)
+        queue_size = _args.int_in_range(_WHERE, "queue_size", queue_size, 1)
+        # Multi-SK keeps k of the n_anchors slots; a k beyond them would only fail after the warm-up.
+        self.k = max(1, n_anchors // 2) if k is None else _args.int_in_range(_WHERE, "k", k, 1, n_anchors)
+        self.eps = _args.positive_float(_WHERE, "eps", eps)
+        self.n_iters = _args.int_in_range(_WHERE, "n_iters", n_iters, 1)
+        self.temperature = _args.positive_float(_WHERE, "temperature", temperature)
+        self.assignment = _args.choice(_WHERE, "assignment", assignment, ASSIGNMENTS)
+        self.backend = _args.backend(_WHERE, backend)
         self.modalities = list(input_dims)
+        self.input_dims, self.joint_dim = dict(input_dims), joint_dim
         self.input_anchors = nn.ModuleDict({m: Anchors(d, n_anchors, backend=backend) for m, d in input_dims.items()})
         self.joint_anchors = nn.ModuleDict({m: Anchors(joint_dim, n_anchors, backend=backend) for m in self.modalities})
         self.input_queues = nn.ModuleDict({m: FeatureQueue(queue_size, d) for m, d in input_dims.items()})
         self.joint_queues = nn.ModuleDict({m: FeatureQueue(queue_size, joint_dim) for m in self.modalities})
-        self.k = max(1, n_anchors // 2) if k is None else k
-        self.eps, self.n_iters, self.temperature = eps, n_iters, temperature
-        self.assignment, self.backend = assignment, backend
-        self.pair_weights = {}
+        self.pair_weights = self._pair_weights(pair_weights)
+        self.last_terms: dict[str, Tensor] = {}
+
+    def _pair_weights(self, given: Mapping[tuple[str, str], float] | None) -> dict[tuple[str, str], float]:
+        """c[m, n] for every ordered pair of modalities: ``given`` (in either order) over SSPC's defaults."""
+        if given is not None:
+            _args.mapping(_WHERE, "pair_weights", given, "modality pairs to weights")
+            for pair in given:
+                if not (isinstance(pair, tuple) and len(pair) == 2 and all(m in self.modalities for m in pair)):
+                    raise ValueError(
+                        f"{_WHERE}: argument 'pair_weights' must be keyed by pairs of the modalities {self.modalities}; got key {pair!r}"
+                    )
+        weights = {}
         for m in self.modalities:
             for n in self.modalities:
-                given = None
-                if pair_weights is not None:
-                    given = pair_weights.get((m, n), pair_weights.get((n, m)))
-                self.pair_weights[(m, n)] = float(sspc_pair_weight(m, n) if given is None else given)
-        self.last_terms: dict[str, Tensor] = {}
+                value = None if given is None else given.get((m, n), given.get((n, m)))
+                weights[(m, n)] = sspc_pair_weight(m, n) if value is None else _args.weight(_WHERE, "pair_weights", value, (m, n))
+        return weights
+
+    def _check_batch(self, inputs: Mapping[str, Tensor], joints: Mapping[str, Tensor]) -> int:
+        """Every modality's (B, D_m) input and (B, joint_dim) joint rows, with one B >= 1; returns B."""
+        where = f"{_WHERE}.forward"
+        _args.mapping(where, "inputs", inputs, "modality names to (B, D_m) tensors")
+        _args.mapping(where, "joints", joints, "modality names to (B, joint_dim) tensors")
+        missing = [m for m in self.modalities if m not in inputs or m not in joints]
+        if missing:
+            raise ValueError(f"{where}: arguments 'inputs' and 'joints' must hold every modality {self.modalities}; missing {missing}")
+        device = self.joint_queues[self.modalities[0]].storage.device
+        sizes = {}
+        for m in self.modalities:
+            sizes[f"inputs[{m!r}]"] = _args.rows(where, f"inputs[{m!r}]", inputs[m], self.input_dims[m], device).shape[0]
+            sizes[f"joints[{m!r}]"] = _args.rows(where, f"joints[{m!r}]", joints[m], self.joint_dim, device).shape[0]
+        batches = set(sizes.values())
+        if len(batches) != 1 or 0 in batches:
+            raise ValueError(f"{where}: every modality's rows must share one batch size B >= 1; got {sizes}")
+        return batches.pop()
 
     @property
     def warmed_up(self) -> bool:
@@ -105,13 +147,8 @@ class SSPCLoss(nn.Module):
         return multi_sinkhorn(scores, self.k, self.eps, self.n_iters, backend=self.backend)
 
     def forward(self, inputs: Mapping[str, Tensor], joints: Mapping[str, Tensor]) -> Tensor:
-        missing = [m for m in self.modalities if m not in inputs or m not in joints]
-        if missing:
-            raise ValueError(
-                f"mmot.nn.SSPCLoss: arguments 'inputs' and 'joints' must hold every modality {self.modalities}; missing {missing}"
-            )
+        batch = self._check_batch(inputs, joints)
         mods = self.modalities
-        batch = joints[mods[0]].shape[0]
         if not self.warmed_up:
             self._push(inputs, joints)
             self.last_terms = {}
