@@ -98,9 +98,11 @@ def info_nce(
     loss, _, _ = info_nce_op(a, b, weights, temperature, symmetric, normalize, backend)
     if reduction == "none":
         return loss
-    total = loss.sum()
+    # Accumulated in float32 (float64 for float64) and cast back: an fp16 sum of ~2048 losses of
+    # ~log N each passes 65504 although the mean does not.
+    total = loss.sum(dtype=reference.compute_dtype(a.dtype))
     if reduction == "sum":
-        return total
+        return total.to(a.dtype)
     return (total / weights.sum().clamp_min(1.0).to(total.dtype)).to(a.dtype)
 
 
