@@ -94,7 +94,12 @@ def _minmax(t, kmask):
     lo = tl.min(tl.where(kmask[None, :], t, POS_INF), axis=1)
     hi = tl.max(tl.where(kmask[None, :], t, NEG_INF), axis=1)
     spread = hi - lo
-    valid = spread > 0
+    # reference.constant_rows: a row within 1024 ulps of its magnitude is constant (docs/numerics.md).
+    if t.dtype == tl.float64:
+        tol = 1024.0 * 2.220446049250313e-16
+    else:
+        tol = 1024.0 * 1.1920928955078125e-07
+    valid = spread > tol * tl.maximum(tl.abs(lo), tl.abs(hi))
     return lo, hi, spread, valid
 
 

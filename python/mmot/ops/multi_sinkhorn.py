@@ -37,19 +37,22 @@ def multi_sinkhorn(
     last k, or ``slot_weights``). P[m,n,a] ∝ exp(w_m · scores[n,a] / eps), then ``n_iters``
     times scale so that
 
-    1. Σ_n P[m,n,a] = r_a (``anchor_mass``, N/K each by default, summing to N);
+    1. Σ_n P[m,n,a] = r_a = N/K (every slot gives every anchor the same share of the N samples);
     2. Σ_m P[m,n,a] = 1;
     3. Σ_a P[m,n,a] = 1.
 
     The result is T[n,a] = Σ_{last k slots m} P[m,n,a]: rows sum to k, entries lie in [0, 1]
-    and anchor columns sum to about k·r_a. ``normalize="minmax"`` rescales each row to [0, 1]
-    (the targets SSPC trains on; constant rows become 0), ``"none"`` returns T as is.
+    and anchor columns sum to about k·N/K. ``normalize="minmax"`` rescales each row to [0, 1]
+    (the targets SSPC trains on; a row whose spread is within rounding of constant becomes 0,
+    see docs/numerics.md), ``"none"`` returns T as is.
+
+    The three constraints are only consistent for equal anchor masses: summing 1 over m and n
+    gives K·r_a, summing 2 over m and n gives N, so r_a = N/K for every anchor. Nor would a mass
+    change the result: the per-(sample, anchor) scaling of step 2 absorbs any anchor scaling of
+    step 1 (docs/multi_sinkhorn.md). Hence ``anchor_mass`` may only be uniform.
 
     Slots of equal weight stay identical, so the kernels keep one set of potentials per
     distinct weight: O(N·K) memory and time per iteration instead of the dense O(K²·N).
-
-    Unlike the SSPC code, ``anchor_mass`` is used as given: the SSPC code re-sorts a
-    non-uniform class distribution to follow the anchors' initial column sums.
 
     Args:
         scores: (..., N, K) float tensor of sample-anchor similarities; leading dims are
@@ -59,7 +62,8 @@ def multi_sinkhorn(
         n_iters: iterations, >= 1. SSPC uses 20.
         low_weight: weight of the first K−k slots, > 0 (ignored with ``slot_weights``).
         slot_weights: K positive weights, one per slot, instead of ``low_weight``.
-        anchor_mass: positive (K,) or (..., K) anchor masses summing to N. Default N/K each.
+        anchor_mass: (K,) or (..., K) anchor masses, accepted for SSPC compatibility: they
+            must all be N/K (to a relative 1e-4), else ValueError. Default N/K each.
         normalize: "minmax" or "none".
         log_domain: "auto", True or False (see :func:`mmot.sinkhorn`).
         process_group: shard the rows across a ``torch.distributed`` group (see
@@ -116,11 +120,26 @@ def _slot_weights(slot_weights, low_weight, n_slots: int, k: int) -> list[float]
 
 
 def _anchor_mass(scores: Tensor, anchor_mass, total_rows: int) -> Tensor:
+    """The uniform masses N/K, after checking that a given ``anchor_mass`` is uniform.
+
+    The kernels always get the uniform masses: only they are feasible, and with the value checks
+    off a non-uniform mass would otherwise make plain-domain potentials drift by K·r_a/N per
+    iteration until they overflow.
+    """
     dtype = reference.compute_dtype(scores.dtype)
     shape = scores.shape[:-2] + scores.shape[-1:]
-    if anchor_mass is None:
-        return scores.new_full(shape, total_rows / shape[-1], dtype=dtype)
-    return _checks.mass_shape(OP, "anchor_mass", anchor_mass, scores, shape, "K").to(dtype).contiguous()
+    uniform = total_rows / shape[-1]
+    if anchor_mass is not None:
+        given = _checks.mass_shape(OP, "anchor_mass", anchor_mass, scores, shape, "K")
+        if _checks.value_checks_enabled() and given.numel():
+            low, high = float(given.amin()), float(given.amax())
+            if not (abs(low - uniform) <= 1e-4 * uniform and abs(high - uniform) <= 1e-4 * uniform):
+                raise ValueError(
+                    f"{OP}: argument 'anchor_mass' must be uniform, N/K = {uniform:.6g} for every anchor: the Multi-SK "
+                    f"marginals are only consistent for equal anchor masses (summing them gives K·r_a = N), and the "
+                    f"result does not depend on them; got masses from {low:.6g} to {high:.6g}"
+                )
+    return scores.new_full(shape, uniform, dtype=dtype)
 
 
 def _check_values(scores: Tensor, anchor_mass: Tensor, total_rows: int) -> None:
@@ -133,6 +152,9 @@ def _check(backend, scores, eps, n_iters, slot_weights, k, anchor_mass, normaliz
     # makes anyway, the masses in microseconds where torch ops would take a tenth of a ms.
     if backend != "rust":
         _check_values(scores, anchor_mass, scores.shape[-2])
+    if backend == "triton" and log_domain == "off" and _checks.value_checks_enabled():
+        # Triton needs no domain, but forcing the plain domain is refused as on every backend.
+        reference.uses_log_domain(scores, eps, max(slot_weights), log_domain, op=OP)
 
 
 def _fits_triton(scores: Tensor, slot_weights: list[float], k: int, backward: bool) -> bool:
@@ -169,14 +191,18 @@ def _backward_rust(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, nor
 
 
 # The Triton kernels take the slot groups, and no log_domain: they need no domain decision.
+# With the value checks off, non-finite scores must give NaN problems (docs/numerics.md); the
+# kernels' shifts and guards would not ensure it. With them on, such scores never get here.
 def _forward_triton(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
     groups = reference.slot_groups(slot_weights, k)
-    return triton_kernels(KERNELS).forward(scores, eps, n_iters, groups, anchor_mass, normalize)
+    out = triton_kernels(KERNELS).forward(scores, eps, n_iters, groups, anchor_mass, normalize)
+    return out if _checks.value_checks_enabled() else reference.poison_non_finite(out, scores)
 
 
 def _backward_triton(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
     groups = reference.slot_groups(slot_weights, k)
-    return triton_kernels(KERNELS).backward(grad, scores, eps, n_iters, groups, anchor_mass, normalize)
+    out = triton_kernels(KERNELS).backward(grad, scores, eps, n_iters, groups, anchor_mass, normalize)
+    return reference.poison_non_finite(out, scores)
 
 
 _FORWARD = Kernels(

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from mmot import _backend, _checks, _rust, reference
 from mmot._columns import LOCAL, ShardedColumns
-from mmot.ops._kernels import Kernels, triton_entry, triton_kernels
+from mmot.ops._kernels import Kernels, triton_kernels
 from mmot.reverse import sinkhorn as reverse
 
 OP = "mmot.sinkhorn"
@@ -109,6 +109,21 @@ def _check_values(scores: Tensor, rows: Tensor, cols: Tensor, columns=LOCAL, fin
 def _check(backend, scores, eps, n_iters, row_mass, col_mass, log_domain):
     # The Rust kernel checks finiteness itself, in its column-statistics pass.
     _check_values(scores, row_mass, col_mass, finite=backend != "rust")
+    if backend == "triton" and log_domain == "off" and _checks.value_checks_enabled():
+        # Triton needs no domain, but forcing the plain domain is refused as on every backend.
+        reference.uses_log_domain(scores, eps, 1.0, log_domain, op=OP)
+
+
+# With the value checks off, non-finite scores must give NaN problems (docs/numerics.md); the
+# kernels' shifts and guards would not ensure it. With them on, such scores never get here.
+def _forward_triton(scores, eps, n_iters, row_mass, col_mass, log_domain):
+    out = triton_kernels(KERNELS).forward(scores, eps, n_iters, row_mass, col_mass, log_domain)
+    return out if _checks.value_checks_enabled() else reference.poison_non_finite(out, scores)
+
+
+def _backward_triton(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
+    out = triton_kernels(KERNELS).backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
+    return reference.poison_non_finite(out, scores)
 
 
 def _forward_rust(scores, eps, n_iters, row_mass, col_mass, log_domain):
@@ -142,7 +157,7 @@ def _backward_rust(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
 _FORWARD = Kernels(
     torch=reference.sinkhorn,
     rust=_forward_rust,
-    triton=triton_entry(KERNELS, "forward"),
+    triton=_forward_triton,
     empty=lambda scores, *_: scores.numel() == 0,
     fits=lambda scores, *_: triton_kernels(KERNELS).fits(scores.shape[-1], scores.dtype),
     check=_check,
@@ -150,7 +165,7 @@ _FORWARD = Kernels(
 _BACKWARD = Kernels(
     torch=reverse.backward,
     rust=_backward_rust,
-    triton=triton_entry(KERNELS, "backward"),
+    triton=_backward_triton,
     empty=lambda grad, scores, *_: scores.numel() == 0,
     fits=lambda grad, scores, *_: triton_kernels(KERNELS).fits(scores.shape[-1], scores.dtype),
 )

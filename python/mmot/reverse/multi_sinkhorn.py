@@ -30,7 +30,9 @@ and T̄ the cotangent of T after the min-max VJP, the reverse sweep is
 
 Min-max: y = (T − lo)/(hi − lo) per row gives T̄ = ȳ/s − Σ_a ȳ(1 − y)/s · ∂lo − Σ_a ȳ y/s · ∂hi
 with s = hi − lo, where ∂lo and ∂hi share 1 equally among the entries that attain the row's
-min and max (as torch.amin/amax do); constant rows give 0 and zero gradient. See
+min and max (as torch.amin/amax do); constant rows (within rounding, see
+:func:`mmot.reference.constant_rows`) give 0 and zero gradient. Logits are centred per column
+and floored as in the forward (:func:`mmot.reference.centered_logits`). See
 ``docs/gradients.md``.
 """
 
@@ -41,7 +43,7 @@ import math
 import torch
 from torch import Tensor
 
-from mmot.reference import compute_dtype, slot_groups
+from mmot.reference import centered_logits, compute_dtype, constant_rows, logit_floor, poison_non_finite, slot_groups
 
 
 def backward(
@@ -69,7 +71,8 @@ def backward(
     weight = per_group([w for w, _, _ in groups])
     log_count = per_group([math.log(count) for _, count, _ in groups])
     top = per_group([float(in_top) for _, _, in_top in groups])
-    logits = weight * (scores.to(dtype) / eps)
+    # As in the forward: centred per column and floored; floored entries pass no gradient.
+    logits = torch.stack([centered_logits(scores.to(dtype), eps, weight=w) for w, _, _ in groups])
     r = anchor_mass.to(dtype).unsqueeze(-2)
     log_r = torch.log(r)
 
@@ -110,16 +113,16 @@ def backward(
         gamma_bar = w.sum(0)
         row_bar = (z + w).sum(-1, keepdim=True)
         anchor_bar = torch.zeros_like(anchor_bar)  # φ_{G,t−1} feeds iteration t−1 only
-    return ((weight * grad_logits).sum(0) / eps).to(scores.dtype)
+    grad_logits = torch.where(logits > logit_floor(dtype), grad_logits, 0.0)
+    return poison_non_finite((weight * grad_logits).sum(0) / eps, scores).to(scores.dtype)
 
 
 def _minmax_backward(grad: Tensor, target: Tensor) -> Tensor:
     """VJP of :func:`mmot.reference.minmax_rows` at ``target``."""
     low = target.amin(-1, keepdim=True)
     high = target.amax(-1, keepdim=True)
-    spread = high - low
-    nonzero = spread > 0
-    spread = torch.where(nonzero, spread, torch.ones_like(spread))
+    nonzero = ~constant_rows(low, high)
+    spread = torch.where(nonzero, high - low, torch.ones_like(high))
     scaled_grad = torch.where(nonzero, grad, torch.zeros_like(grad)) / spread
     scaled = (target - low) / spread
     high_bar = -(scaled_grad * scaled).sum(-1, keepdim=True)

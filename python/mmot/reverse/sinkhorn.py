@@ -17,7 +17,8 @@ Q_t = exp(L + a_{t−1} + b_t) = c·softmax_n(L + a_{t−1}), the reverse sweep 
 
 (see ``docs/gradients.md``). The plans are taken as softmaxes, not as exp(L + a + b): they then
 sum to their masses to rounding, which the cancellations in L̄ need when |L| is large (at
-eps = 1e-3 in float32, exp of the summed potentials loses about half of the gradient).
+eps = 1e-3 in float32, exp of the summed potentials loses about half of the gradient). L is
+centred per column and floored as in the forward (:func:`mmot.reference.centered_logits`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmot.reference import compute_dtype
+from mmot.reference import centered_logits, compute_dtype, logit_floor, poison_non_finite
 
 
 def backward(grad: Tensor, scores: Tensor, eps: float, n_iters: int, row_mass: Tensor, col_mass: Tensor, log_domain: str) -> Tensor:
@@ -33,7 +34,8 @@ def backward(grad: Tensor, scores: Tensor, eps: float, n_iters: int, row_mass: T
     if scores.numel() == 0:
         return torch.zeros_like(scores)
     dtype = compute_dtype(scores.dtype)
-    logits = scores.to(dtype) / eps
+    # As in the forward: centred per column and floored; floored entries pass no gradient.
+    logits = centered_logits(scores.to(dtype), eps)
     r = row_mass.to(dtype).unsqueeze(-1)
     c = col_mass.to(dtype).unsqueeze(-2)
     log_r, log_c = torch.log(r), torch.log(c)
@@ -56,4 +58,5 @@ def backward(grad: Tensor, scores: Tensor, eps: float, n_iters: int, row_mass: T
             z = -y.sum(-1, keepdim=True) * torch.softmax(logits + col_pot[t - 1], dim=-1)  # −ā_{t−1} P_{t−1} / r
             grad_logits += z
             col_bar = z.sum(-2, keepdim=True)
-    return (grad_logits / eps).to(scores.dtype)
+    grad_logits = torch.where(logits > logit_floor(dtype), grad_logits, 0.0)
+    return poison_non_finite(grad_logits / eps, scores).to(scores.dtype)

@@ -5,7 +5,9 @@
 //! range. The decision is made once per call (over all problems of the batch), so a whole
 //! batch is computed one way and the returned flag describes the call.
 
+use crate::dims::Dims;
 use crate::error::{MmotError, Result};
+use crate::exec::column_stats::batch_col_stats;
 use crate::simd::Real;
 use std::str::FromStr;
 
@@ -41,4 +43,34 @@ pub fn use_log_domain<T: Real>(mode: LogDomain, range: f64) -> bool {
         #[allow(clippy::neg_cmp_op_on_partial_ord)]
         LogDomain::Auto => !(range <= T::PLAIN_RANGE_LIMIT),
     }
+}
+
+/// Forcing the plain domain (`Off`) where "auto" would leave it is an error, not a NaN result:
+/// `exp` would under- or overflow there. `max_weight` is the largest slot weight (1 for
+/// `sinkhorn`). The exponent
+/// range is measured like "auto" measures it; a NaN range (non-finite scores) is left to the
+/// finiteness rules. Costs one pass over the scores, and only when `Off` is forced.
+pub(crate) fn check_forced_plain<T: Real>(
+    mode: LogDomain,
+    scores: &[T],
+    dims: Dims,
+    eps: f64,
+    max_weight: f64,
+) -> Result<()> {
+    if mode != LogDomain::Off || dims.is_empty() {
+        return Ok(());
+    }
+    let mut col_max = vec![T::ZERO; dims.problems * dims.cols];
+    let (range, _) = batch_col_stats(scores, dims.problems, dims.rows, dims.cols, &mut col_max);
+    let range = range * max_weight / eps;
+    if range > T::PLAIN_RANGE_LIMIT {
+        return Err(MmotError::InvalidArgument(format!(
+            "log_domain=False forces the plain domain, where exp would under- or overflow: the \
+             exponent range (max - min of a score column) * weight / eps is {range:.4e} here \
+             (eps = {eps:e}), above the plain domain's limit of {limit} for this dtype; use \
+             log_domain=\"auto\" (or True)",
+            limit = T::PLAIN_RANGE_LIMIT,
+        )));
+    }
+    Ok(())
 }

@@ -13,7 +13,7 @@
 
 use super::forward::{History, Sweep, Workspace};
 use super::layout::aligned_view;
-use super::rows::PerGroup;
+use super::rows::{constant_row, PerGroup};
 use super::{Inputs, Normalize, Problem};
 use crate::exec::chunks::reduce_partials;
 use crate::exec::spare::{vec_bytes, Footprint};
@@ -429,10 +429,9 @@ impl<T: Real> ReversePass<'_, T> {
 
 /// Adjoint of `rows::minmax_row`: `x` holds the row before min-max, `g` the output's adjoint
 /// and receives the input's. Ties at the min or max share their part equally (as `torch.amin`).
-#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn minmax_row_backward<T: Real>(x: &[T], g: &mut [T]) {
     let (lo, hi) = extremes(x);
-    if !(hi > lo) {
+    if constant_row(lo, hi) {
         g.fill(T::ZERO);
         return;
     }

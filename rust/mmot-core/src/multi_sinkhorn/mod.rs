@@ -34,11 +34,13 @@ mod tests;
 mod two_groups;
 
 use crate::dims::Dims;
+use crate::domain::check_forced_plain;
 use crate::domain::{use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, not_finite, MmotError, Result};
 use crate::exec::column_stats::batch_col_stats;
 use crate::exec::spare::Spare;
 use crate::simd::Real;
+use crate::sinkhorn::poison_non_finite;
 use backward::BackWorkspace;
 use forward::Workspace;
 use rayon::prelude::*;
@@ -101,11 +103,34 @@ pub fn multi_sinkhorn<T: Real>(
         check_masses(anchor_mass, dims.cols, dims.rows)?;
     }
     let problem = Problem::new(dims, params);
+    check_forced_plain(
+        params.log_domain,
+        scores,
+        dims,
+        params.eps,
+        problem.groups.max_weight,
+    )?;
+    let log = solve(&problem, scores, anchor_mass, out, dims, params)?;
+    if !params.check_values {
+        poison_non_finite(scores, out, dims);
+    }
+    Ok(log)
+}
+
+/// The forward solve, with the argument checks done.
+fn solve<T: Real>(
+    problem: &Problem<T>,
+    scores: &[T],
+    anchor_mass: &[T],
+    out: &mut [T],
+    dims: Dims,
+    params: &MultiSinkhornParams,
+) -> Result<bool> {
     if dims.problems * dims.rows == 0 {
         return Ok(use_log_domain::<T>(params.log_domain, 0.0));
     }
-    if small::applies(&problem, params.log_domain)
-        && small::solve(&problem, scores, anchor_mass, out, params)
+    if small::applies(problem, params.log_domain)
+        && small::solve(problem, scores, anchor_mass, out, params)
     {
         return Ok(false);
     }
@@ -156,6 +181,7 @@ pub fn multi_sinkhorn_backward<T: Real>(
     if problem.groups.weights.len() == 1 {
         // One group: g makes every slot value 1/c, so T = top/K whatever the scores.
         out.fill(T::ZERO);
+        poison_non_finite(scores, out, dims);
         return Ok(log);
     }
     let matrix = dims.matrix_len();
@@ -175,6 +201,7 @@ pub fn multi_sinkhorn_backward<T: Real>(
                 problem.backward(grad, input, out, bw, log)
             },
         );
+    poison_non_finite(scores, out, dims);
     Ok(log)
 }
 

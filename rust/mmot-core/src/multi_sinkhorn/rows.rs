@@ -434,14 +434,31 @@ fn result_row<T: Real>(slots: &[T], inv: &[T], top_counts: &[T], out_row: &mut [
     }
 }
 
-/// `(x - min) / (max - min)` per row; a constant row becomes all zeros. Inlined so that it is
-/// compiled with the caller's vector width (out of line it ran as SSE2 code).
-#[allow(clippy::neg_cmp_op_on_partial_ord)]
+/// Relative spread at or below which a min-max row counts as constant, in units of the
+/// accumulation dtype's machine epsilon (`docs/numerics.md`). Equal slot weights make every row
+/// constant in exact arithmetic; the iteration leaves up to about 100 ulps of rounding there,
+/// which min-max would otherwise blow up into 0/1 targets.
+const CONSTANT_ROW_ULPS: f64 = 1024.0;
+
+/// Whether a row with extremes `lo`, `hi` is constant: `hi - lo <= 1024 ε max(|lo|, |hi|)`.
+/// NaN extremes count as not constant, so that a NaN reaches the output.
+#[inline(always)]
+pub(super) fn constant_row<T: Real>(lo: T, hi: T) -> bool {
+    let epsilon = if std::mem::size_of::<T>() == 4 {
+        f32::EPSILON as f64
+    } else {
+        f64::EPSILON
+    };
+    let scale = lo.fmax(-lo).fmax(hi.fmax(-hi));
+    hi - lo <= T::from_f64(CONSTANT_ROW_ULPS * epsilon) * scale
+}
+
+/// `(x - min) / (max - min)` per row; a constant row ([`constant_row`]) becomes all zeros.
+/// Inlined so that it is compiled with the caller's vector width (out of line it ran as SSE2 code).
 #[inline(always)]
 pub(super) fn minmax_row<T: Real>(row: &mut [T]) {
     let (lo, hi) = extremes(row);
-    // Written as `!(hi > lo)` so that a degenerate row can never reach the division.
-    if !(hi > lo) {
+    if constant_row(lo, hi) {
         row.fill(T::ZERO);
         return;
     }

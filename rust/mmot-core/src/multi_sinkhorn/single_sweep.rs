@@ -5,6 +5,7 @@
 //! `two_groups`.
 
 use super::layout::StateLayout;
+use super::rows::constant_row;
 use super::two_groups::{cached_rows, slot_values, ColumnScales, ResultRows};
 use crate::simd::{Real, Vector};
 
@@ -235,8 +236,7 @@ fn output_row<T: Real, V: Vector<T>, const NV: usize>(
             .iter()
             .fold((o[0], o[0]), |(l, h), v| (l.min(*v), h.max(*v)));
         let (lo, hi) = (lo.reduce_min(), hi.reduce_max());
-        #[allow(clippy::neg_cmp_op_on_partial_ord)]
-        let degenerate = !(hi > lo);
+        let degenerate = constant_row(lo, hi);
         let (l, d) = (V::splat(lo), V::splat(hi - lo));
         for ov in &mut o {
             *ov = if degenerate {

@@ -11,6 +11,7 @@
 //! `LogDomain::Auto`, within the plain domain's range. Otherwise this path gives up (the first
 //! task to see it stops the others) and the streaming path solves the call.
 
+use super::rows::constant_row;
 use super::{MultiSinkhornParams, Normalize, Problem};
 use crate::domain::{use_log_domain, LogDomain};
 use crate::exec::lanes::{gather, lanes_only, scatter};
@@ -326,8 +327,8 @@ fn minmax_lanes<T: Real, const L: usize>(row: &mut [[T; L]]) {
     }
     let mut d = [T::ZERO; L];
     for l in 0..L {
-        // As in `minmax_row`: a degenerate row never reaches the division.
-        d[l] = if !(hi[l] > lo[l]) {
+        // As in `minmax_row`: a constant row never reaches the division.
+        d[l] = if constant_row(lo[l], hi[l]) {
             T::ZERO
         } else {
             hi[l] - lo[l]
@@ -337,7 +338,7 @@ fn minmax_lanes<T: Real, const L: usize>(row: &mut [[T; L]]) {
         lanes_only();
         let mut v = *x;
         for l in 0..L {
-            v[l] = if d[l] > T::ZERO {
+            v[l] = if !(d[l] == T::ZERO) {
                 (v[l] - lo[l]) / d[l]
             } else {
                 T::ZERO

@@ -29,7 +29,7 @@ mod rows;
 mod small;
 
 use crate::dims::Dims;
-use crate::domain::{use_log_domain, LogDomain};
+use crate::domain::{check_forced_plain, use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, not_finite, Result};
 use crate::exec::column_stats::batch_col_stats;
 use crate::simd::Real;
@@ -67,6 +67,9 @@ impl SinkhornParams {
 /// `scores`, `out`: `[problems, rows, cols]`; `row_mass`: `[problems, rows]`; `col_mass`:
 /// `[problems, cols]` (already resolved by the caller: positive, with equal totals per
 /// problem). Returns whether the log domain was used (decided once for the whole call).
+///
+/// Without `check_finite`, a problem with a NaN or Inf score gets an all-NaN result
+/// ([`poison_non_finite`]); `log_domain: Off` where "auto" would pick the log domain is an error.
 pub fn sinkhorn<T: Real>(
     scores: &[T],
     row_mass: &[T],
@@ -78,6 +81,41 @@ pub fn sinkhorn<T: Real>(
     check_len("scores", scores.len(), dims)?;
     check_len("out", out.len(), dims)?;
     check_masses(row_mass, col_mass, dims, params)?;
+    check_forced_plain(params.log_domain, scores, dims, params.eps, 1.0)?;
+    let log = solve(scores, row_mass, col_mass, out, dims, params)?;
+    if !params.check_finite {
+        poison_non_finite(scores, out, dims);
+    }
+    Ok(log)
+}
+
+/// Non-finite in, non-finite out: every problem whose scores hold a NaN or an Inf gets an
+/// all-NaN `out`. The iteration alone would not ensure it: max-shifts and guarded divisions
+/// turn such inputs into finite values. One pass over the scores, made only when unchecked.
+pub(crate) fn poison_non_finite<T: Real>(scores: &[T], out: &mut [T], dims: Dims) {
+    if dims.is_empty() {
+        return;
+    }
+    let matrix = dims.matrix_len();
+    out.par_chunks_mut(matrix)
+        .zip(scores.par_chunks(matrix))
+        .for_each(|(o, s)| {
+            // 0·x is NaN exactly for x = ±Inf or NaN.
+            if !s.iter().all(|x| T::ZERO * *x == T::ZERO) {
+                o.fill(T::from_f64(f64::NAN));
+            }
+        });
+}
+
+/// The forward solve, with the argument checks done.
+fn solve<T: Real>(
+    scores: &[T],
+    row_mass: &[T],
+    col_mass: &[T],
+    out: &mut [T],
+    dims: Dims,
+    params: &SinkhornParams,
+) -> Result<bool> {
     let Dims {
         problems: b,
         rows: n,
@@ -166,6 +204,7 @@ pub fn sinkhorn_backward<T: Real>(
         .for_each_init(BackWorkspace::default, |bw, (((o, g), input), cm)| {
             p.backward(g, input, cm, o, bw, log)
         });
+    poison_non_finite(scores, out, dims);
     Ok(log)
 }
 
