@@ -4,12 +4,16 @@ With z = exp(sim / τ) > 0 and the detached target t, each entry's BCE-with-logi
 
     softplus(z) − t·z = (1 − t)·z + log(1 + e^{−z})
 
-which never forms e^{z} (the softplus form), so it stays finite wherever z does. The loss is the
-mean over all entries; its gradient is
+which never forms e^{z} (the softplus form). Where (1 − t)·z overflows (z = e^x beyond the
+dtype, x = sim/τ) it is recomputed as ±e^{x + log|1 − t|}, and it is 0 at t = 1 exactly, so the
+terms are finite wherever the exact ones are. The loss is the mean over all entries; its gradient
 
-    ∂loss/∂sim = grad / count · (σ(z) − t) · z / τ,        σ(z) = 1 / (1 + e^{−z}).
+    ∂loss/∂sim = grad / count · ((1 − t)·z − z·σ(−z)) / τ,        σ(z) = 1 / (1 + e^{−z}),
 
-forward   one program per BLOCK entries writes its partial sum; the partials are added by torch
+takes the same route (z·σ(−z) is 0 where z overflows). NaN or ±inf in sim or target gives NaN
+(x − x is added: e^{−inf} = 0 alone would hide a −inf).
+
+forward   one program per BLOCK entries writes its partial sum of term/count; the partials are added by torch
           in a fixed order (deterministic, no atomics, no host synchronisation).
 backward  one program per BLOCK entries; the upstream gradient, already divided by count·τ,
           is read from device memory (it is a device tensor: no host synchronisation).
@@ -40,6 +44,16 @@ def _softplus_exp_neg(z):
 
 
 @triton.jit
+def _linear(x, z, one_minus, c, log_c):
+    """(1 − t)·c·z (c ≥ 0, log_c = log c) with z = e^x: the product where it is finite, else ±e^{x + log|1 − t| + log_c}."""
+    direct = one_minus * z * c
+    far = tl.exp(x + tl.log(tl.abs(one_minus)) + log_c)
+    far = tl.where(one_minus < 0.0, -far, far)
+    lin = tl.where(tl.abs(direct) < float("inf"), direct, far)
+    return tl.where(one_minus == 0.0, 0.0, lin)
+
+
+@triton.jit
 def _forward_kernel(SIM, TARGET, PARTIAL, COUNT, inv_tau: tl.float64, BLOCK: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
     inv_tau = scalar(inv_tau, ACC)
@@ -47,10 +61,13 @@ def _forward_kernel(SIM, TARGET, PARTIAL, COUNT, inv_tau: tl.float64, BLOCK: tl.
     mask = offs < COUNT
     s = tl.load(SIM + offs, mask=mask, other=0.0).to(ACC)
     t = tl.load(TARGET + offs, mask=mask, other=0.0).to(ACC)
-    z = tl.exp(s * inv_tau)
+    x = s * inv_tau
+    z = tl.exp(x)
     # (1 − t)·z with t = 1 exactly giving 0 even where z overflowed.
-    lin = tl.where(t == 1.0, 0.0, (1.0 - t) * z)
-    term = lin + _softplus_exp_neg(z)
+    # Each term is divided by count here, so the sum overflows only where the mean does.
+    inv_count = 1.0 / COUNT.to(ACC)
+    lin = _linear(x, z, 1.0 - t, inv_count, tl.log(inv_count))
+    term = lin + _softplus_exp_neg(z) * inv_count + (s - s) + (t - t)
     term = tl.where(mask, term, 0.0)
     tl.store(PARTIAL + pid, tl.sum(term, axis=0))
 
@@ -64,9 +81,14 @@ def _backward_kernel(GRAD, SIM, TARGET, OUT, COUNT, inv_tau: tl.float64, BLOCK: 
     g = tl.load(GRAD).to(ACC)
     s = tl.load(SIM + offs, mask=mask, other=0.0).to(ACC)
     t = tl.load(TARGET + offs, mask=mask, other=0.0).to(ACC)
-    z = tl.exp(s * inv_tau)
-    sig = 1.0 / (1.0 + tl.exp(-z))
-    tl.store(OUT + offs, (g * (sig - t) * z).to(OUT.dtype.element_ty), mask=mask)
+    x = s * inv_tau
+    z = tl.exp(x)
+    e = tl.exp(-z)
+    # z·σ(−z) is 0 where z overflowed (e = 0), not inf·0.
+    damp = tl.where(e == 0.0, 0.0, z * e / (1.0 + e))
+    v = _linear(x, z, 1.0 - t, tl.abs(g), tl.log(tl.abs(g))) * tl.where(g < 0.0, -1.0, 1.0) - g * damp
+    v = tl.where(g == 0.0, 0.0, v) + (s - s) + (t - t)
+    tl.store(OUT + offs, v.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _block(count: int) -> int:
@@ -92,7 +114,7 @@ def forward(sim: torch.Tensor, target: torch.Tensor, temperature: float) -> torc
     programs = triton.cdiv(count, block)
     partial = _common.new_output((programs,), dtype, sim.device)
     _forward_kernel[(programs,)](s, t, partial, count, 1.0 / temperature, BLOCK=block, ACC=_common.tl_dtype(dtype))
-    return (partial.sum() / count).to(sim.dtype)
+    return partial.sum().to(sim.dtype)
 
 
 def backward(grad: torch.Tensor, sim: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
