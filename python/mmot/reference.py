@@ -228,6 +228,20 @@ def minmax_rows(target: torch.Tensor) -> torch.Tensor:
     return torch.where(constant, 0.0, (target - low) / spread)
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / max(‖x‖₂, 1e-12) row-wise (F.normalize's rule), scale-safe.
+
+    Each row is first divided by the power of two at its largest magnitude (exact), so the sum
+    of squares neither overflows (rows past ~1.8e19 in float32 used to give 0) nor underflows.
+    """
+    if x.shape[-1] == 0:
+        return x
+    _, exponent = torch.frexp(x.detach().abs().amax(-1, keepdim=True))
+    step = torch.ldexp(torch.ones_like(x[..., :1]), exponent)
+    scaled = x / step
+    return scaled / torch.maximum(torch.linalg.vector_norm(scaled, dim=-1, keepdim=True), 1e-12 / step)
+
+
 def similarity(x: torch.Tensor, y: torch.Tensor, normalize: bool = True, scale: float = 1.0) -> torch.Tensor:
     """scale · x̂ ŷᵀ for x (..., N, D) and y (..., M, D) with broadcast batch dims.
 
@@ -236,7 +250,7 @@ def similarity(x: torch.Tensor, y: torch.Tensor, normalize: bool = True, scale: 
     dtype = compute_dtype(x.dtype)
     xs, ys = x.to(dtype), y.to(dtype)
     if normalize:
-        xs, ys = F.normalize(xs, dim=-1, eps=1e-12), F.normalize(ys, dim=-1, eps=1e-12)
+        xs, ys = unit_rows(xs), unit_rows(ys)
     return (scale * (xs @ ys.transpose(-1, -2))).to(x.dtype)
 
 
@@ -262,7 +276,7 @@ def info_nce(
     dtype = compute_dtype(a.dtype)
     x, y = a.to(dtype), b.to(dtype)
     if normalize:
-        x, y = F.normalize(x, dim=-1, eps=1e-12), F.normalize(y, dim=-1, eps=1e-12)
+        x, y = unit_rows(x), unit_rows(y)
     logits = (x @ y.T) / temperature
     keep = valid.to(torch.bool)
     pair = keep[:, None] & keep[None, :]
