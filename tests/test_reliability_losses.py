@@ -99,3 +99,19 @@ def test_info_nce_float16_reductions_accumulate_in_float32(native_backend, reduc
     else:
         assert torch.isfinite(got)
         torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=0)
+
+
+# ---------------------------------------------------------------- similarity: huge rows
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e30])
+def test_similarity_normalize_huge_rows_torch(magnitude):
+    """Rows whose squared norm overflows float32 still give their cosines (the torch backend)."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 6, generator=gen), torch.randn(5, 6, generator=gen)
+    want = torch.nn.functional.normalize(x.double(), dim=-1) @ torch.nn.functional.normalize(y.double(), dim=-1).T
+    xs = (x * magnitude).requires_grad_(True)
+    got = mmot.similarity(xs, y * magnitude, backend="torch")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(got.sum(), xs)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0

@@ -22,9 +22,16 @@ NORM_FLOOR = 1e-12  # F.normalize's eps in the reference
 
 
 def unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(x̂, ‖x‖) row-wise, x̂ = x / max(‖x‖, 1e-12) as the reference's F.normalize."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x / norm.clamp_min(NORM_FLOOR), norm
+    """(x̂, ‖x‖) row-wise, x̂ = x / max(‖x‖, 1e-12) as the reference's unit_rows: scale-safe, each
+    row divided by the power of two at its largest magnitude before the sum of squares. ‖x‖ is
+    inf only past the dtype's range, where the gradient (below 1/max) rounds to 0."""
+    if x.shape[-1] == 0:
+        return x, x.new_zeros(x.shape[:-1] + (1,))
+    _, exponent = torch.frexp(x.abs().amax(-1, keepdim=True))
+    step = torch.ldexp(torch.ones_like(x[..., :1]), exponent)
+    scaled = x / step
+    norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+    return scaled / torch.maximum(norm, NORM_FLOOR / step), norm * step
 
 
 def unit_rows_backward(grad_unit: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
