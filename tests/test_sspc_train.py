@@ -69,7 +69,7 @@ def test_tiny_end_to_end(tmp_path):
     assert steps[0]["anchor"] == 0.0 and steps[-1]["queue_full"] and steps[-1]["anchor"] > 0  # warm-up, then SSPC
     assert steps[-1]["lr"] == pytest.approx(1e-3 * 0.9**3)  # ExponentialLR, stepped after each epoch
     assert {r["split"] for r in records if r["type"] == "eval"} == {"test", "ood"}
-    state = torch.load(run / "last.pt", weights_only=False)
+    state = torch.load(run / "last.pt", weights_only=True)
     assert state["finished"] and state["step"] == 16 and state["ema"] is not None
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp files left
 
@@ -135,15 +135,15 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    before = torch.load(killed / "last.pt", weights_only=False)
+    before = torch.load(killed / "last.pt", weights_only=True)
     assert 0 < before["step"] < 16 and not before["finished"]
 
     resumed = subprocess.run(_train_cmd(killed) + ["--resume"], env=_env(), capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr
     assert ref.wait(timeout=180) == 0, ref.stderr.read().decode()
 
-    a = torch.load(whole / "last.pt", weights_only=False)
-    b = torch.load(killed / "last.pt", weights_only=False)
+    a = torch.load(whole / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 16
     for key in ("model", "objective", "ema"):
         assert a[key].keys() == b[key].keys()

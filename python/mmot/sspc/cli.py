@@ -1,10 +1,14 @@
 """``mmot-sspc``: train, evaluate and reproduce SSPC.
 
-    mmot-sspc train --config uci_quick [--resume] [--out DIR] [--set train.epochs=5 ...]
+    mmot-sspc train --config uci_quick [--resume | --overwrite] [--out DIR] [--set train.epochs=5 ...]
     mmot-sspc eval --checkpoint runs/uci_quick/last.pt [--split test] [--json FILE]
-    mmot-sspc reproduce [--quick] [--out DIR] [--seeds 3]
+    mmot-sspc reproduce [--quick] [--out DIR] [--seeds 3] [--overwrite]
+    mmot-sspc convert-features IN.pkl OUT.npz [--config CFG] [--set data.pickle.n_video_tokens=48 ...]
 
 ``--config`` takes a YAML path or the name of a shipped config (``mmot-sspc configs`` lists them).
+Checkpoints are read without unpickling code (tensors and plain containers only). Feature
+pickles (``data.format: pickle``) are unpickled: only read pickles you trust, or convert them
+once with ``convert-features`` and train on the ``.npz`` (``data.format: npz``).
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a model from a YAML config")
     p_train.add_argument("--config", required=True, help="YAML file or shipped config name")
-    p_train.add_argument("--resume", action="store_true", help="continue the run in the output directory from its last checkpoint")
+    mode = p_train.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in the output directory from its last checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="start over in an output directory that already holds a run")
     p_train.add_argument("--out", help="output directory (default: train.out_dir)")
     p_train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     p_train.add_argument("--no-progress", action="store_true")
@@ -63,11 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     p_rep.add_argument("--seeds", type=int, default=3, help="number of seeds (>= 3 recommended)")
     p_rep.add_argument("--config", default=None, help="base config (default: uci_quick or uci_full)")
     p_rep.add_argument("--no-progress", action="store_true")
+    p_rep.add_argument("--overwrite", action="store_true", help="start over where the output directory already holds runs")
+    p_conv = sub.add_parser(
+        "convert-features",
+        help="convert a trusted everything_at_once feature pickle into an .npz (read with data.format: npz, no unpickling)",
+        description="Unpickling runs any code the file holds: convert only pickles you trust. Tokens are fitted with the "
+        "data.pickle options of --config (and --set data.pickle.KEY=VALUE); the .npz then needs no unpickling.",
+    )
+    p_conv.add_argument("src", metavar="IN.pkl", help="a trusted clip-feature pickle")
+    p_conv.add_argument("dst", metavar="OUT.npz", help="the .npz file to write")
+    p_conv.add_argument("--config", default=None, help="config whose data.pickle options to use (default: the defaults)")
+    p_conv.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     sub.add_parser("configs", help="list the shipped configs")
     args = parser.parse_args(argv)
 
     try:
-        from mmot.sspc.config import ConfigError, load_config, shipped_configs
+        from mmot.sspc.checkpoint import CheckpointError
+        from mmot.sspc.config import Config, ConfigError, load_config, shipped_configs
         from mmot.sspc.data import DataError
     except MissingExtra as exc:
         print(f"mmot-sspc: error: {exc}", file=sys.stderr)
@@ -86,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 overrides.setdefault("train", {})["progress"] = False
             if overrides:
                 cfg = cfg.replace(**overrides)
-            results = train(cfg, resume=args.resume, out_dir=args.out)
+            results = train(cfg, resume=args.resume, overwrite=args.overwrite, out_dir=args.out)
             print(_table(results))
             return 0
         if args.command == "eval":
@@ -101,9 +119,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reproduce":
             from mmot.sspc.reproduce import reproduce
 
-            reproduce(quick=args.quick, out_dir=args.out, n_seeds=args.seeds, config=args.config, progress=not args.no_progress)
+            reproduce(
+                quick=args.quick,
+                out_dir=args.out,
+                n_seeds=args.seeds,
+                config=args.config,
+                progress=not args.no_progress,
+                overwrite=args.overwrite,
+            )
             return 0
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+        if args.command == "convert-features":
+            from mmot.sspc.data import convert_feature_pickle
+
+            cfg = load_config(args.config) if args.config else Config()
+            overrides = _parse_set(args.set)
+            if overrides:
+                cfg = cfg.replace(**overrides)
+            out = convert_feature_pickle(args.src, args.dst, cfg.data.pickle)
+            print(f"wrote {out}: read it with data.format: npz, data.path: {out}")
+            return 0
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
         print(f"mmot-sspc: error: {exc}", file=sys.stderr)
         return 2
     return 1  # pragma: no cover

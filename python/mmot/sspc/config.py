@@ -9,6 +9,7 @@ data is read or any training starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -229,15 +230,19 @@ def _coerce(value, tp, where: str):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
             # YAML reads 5e-5 (no dot) as a string; accept numeric strings.
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        value = float(value)
+        # YAML's .inf / .nan would pass range checks written as comparisons and fail mid-run.
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")

@@ -61,6 +61,13 @@ Sources (``data.format`` in the config):
     (longer sequences are average-pooled down) and padded with masked tokens. The clips are held
     in memory, so a HowTo100M training set must be a clip pickle of a size that fits.
 
+    **Only read pickles you trust**: unpickling a file can run any code it contains. This is
+    the format's own (everything_at_once distributes its features this way), so mmot reads it
+    with :mod:`pickle`. ``mmot-sspc convert-features IN.pkl OUT.npz`` (:func:`convert_feature_pickle`)
+    turns a trusted pickle into the ``npz`` format above once (tokens fitted with the
+    ``data.pickle`` options given); set ``format: npz`` and the new path to read it from then on,
+    as training data or as a ``data.eval_sets`` entry, without unpickling anything.
+
 ``synthetic``
     :func:`synthetic_data`: planted shared (class) and modality-specific structure, for tests.
 
@@ -287,7 +294,11 @@ def _clip_array(clip: dict, key: str, ndim: int, where: str) -> np.ndarray:
 
 
 def load_feature_pickle(path: str | os.PathLike, opts: PickleConfig | None = None) -> MultiModalData:
-    """Read an everything_at_once / SSPC clip-feature pickle (keys documented in the module)."""
+    """Read an everything_at_once / SSPC clip-feature pickle (keys documented in the module).
+
+    Only read pickles you trust: unpickling runs whatever code the file holds. Convert a trusted
+    pickle once with :func:`convert_feature_pickle` and read the ``.npz`` from then on.
+    """
     opts = opts or PickleConfig()
     path = Path(path)
     if not path.is_file():
@@ -370,6 +381,34 @@ def load_feature_pickle(path: str | os.PathLike, opts: PickleConfig | None = Non
         "audio": torch.from_numpy(np.stack(audio_mask)),
     }
     return MultiModalData(features, masks, None, path.name)
+
+
+def save_npz(data: MultiModalData, path: str | os.PathLike) -> Path:
+    """Write ``data`` in the ``npz`` format :func:`load_npz` reads: one (N, T, D) float32 array
+    and one ``<modality>_mask`` per modality, and ``labels`` if any (no pickled objects)."""
+    arrays: dict[str, np.ndarray] = {}
+    for m in data.modalities:
+        arrays[m] = data.features[m].numpy().astype(np.float32)
+        arrays[f"{m}_mask"] = data.masks[m].numpy().astype(bool)
+    if data.labels is not None:
+        arrays["labels"] = data.labels.numpy().astype(np.int64)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def convert_feature_pickle(src: str | os.PathLike, dst: str | os.PathLike, opts: PickleConfig | None = None) -> Path:
+    """Convert a trusted everything_at_once / SSPC clip-feature pickle into an ``.npz`` file.
+
+    The clips are read as :func:`load_feature_pickle` reads them (tokens fitted with ``opts``),
+    and written with :func:`save_npz`; ``load_npz(dst)`` gives the same tensors back, so runs
+    can use ``format: npz`` and never unpickle again.
+    """
+    if Path(dst).suffix != ".npz":
+        raise DataError(f"convert-features: the output '{dst}' must end in .npz")
+    return save_npz(load_feature_pickle(src, opts), dst)
 
 
 # ---------------------------------------------------------------------------------------------

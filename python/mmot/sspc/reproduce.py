@@ -140,7 +140,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def reproduce(quick: bool = False, out_dir: str | None = None, n_seeds: int = 3, config: str | None = None, progress: bool = True) -> dict:
+def reproduce(
+    quick: bool = False,
+    out_dir: str | None = None,
+    n_seeds: int = 3,
+    config: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Train every variant for every seed and summarise; runs already in ``out_dir`` are refused unless ``overwrite``."""
     base = load_config(config or ("uci_quick" if quick else "uci_full"))
     out = Path(out_dir or ("sspc_reproduce_quick" if quick else "sspc_reproduce"))
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +166,7 @@ def reproduce(quick: bool = False, out_dir: str | None = None, n_seeds: int = 3,
         for seed in seeds:
             cfg = base.replace(loss={"variant": variant}, train={"seed": seed, "progress": False, "eval_every": 0})
             bar.set_postfix(variant=variant, seed=seed)
-            results = train(cfg, out_dir=out / "runs" / f"{variant}_seed{seed}", splits=splits)
+            results = train(cfg, overwrite=overwrite, out_dir=out / "runs" / f"{variant}_seed{seed}", splits=splits)
             per_run[variant][seed] = results
             per_pair[variant][seed] = {split: res["pairs"] for split, res in results.items()}
             bar.update(1)

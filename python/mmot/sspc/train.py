@@ -11,8 +11,13 @@ Output directory (``train.out_dir``):
   ``os.replace``, so a crash never leaves a torn checkpoint. It holds the model, optimizer,
   scheduler, AMP scaler, EMA weights, queues, every RNG state, the step/epoch counters and the
   number of metric lines written; ``--resume`` restores all of it (and truncates the metrics
-  to that line count), so a resumed run ends bit-identical to an uninterrupted one on CPU;
+  to that line count), so a resumed run ends bit-identical to an uninterrupted one on CPU.
+  It is read with ``torch.load(weights_only=True)``: tensors and plain containers only, the
+  config as a dict (:mod:`mmot.sspc.checkpoint`), so loading a checkpoint never runs code;
 - ``config.yaml``: the resolved configuration.
+
+A directory that already holds a run is not trained into again unless ``resume`` (continue it)
+or ``overwrite`` (start over, deleting its checkpoint first) is given.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmot.sspc import checkpoint as ckpt
+from mmot.sspc.checkpoint import CheckpointError
 from mmot.sspc.config import Config, ConfigError, config_from_dict, yaml
 from mmot.sspc.data import MultiModalData, make_splits
 from mmot.sspc.evaluate import all_pairs, mean_over_pairs
@@ -34,6 +41,8 @@ from mmot.sspc.model import SSPCModel, SSPCObjective, embed_split
 
 CHECKPOINT = "last.pt"
 METRICS = "metrics.jsonl"
+# Files whose presence marks a directory as holding a run.
+RUN_FILES = (CHECKPOINT, METRICS, "config.yaml")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,15 +51,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device: '{name}' requested but CUDA is not available")
     return torch.device(name)
-
-
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class EMA:
@@ -67,21 +67,6 @@ class EMA:
                 self.state[k].mul_(self.decay).add_(v.detach(), alpha=1 - self.decay)
             else:
                 self.state[k].copy_(v)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _seed_all(seed: int) -> None:
@@ -136,6 +121,35 @@ def _same_run(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
+def _restore(module, saved: dict, key: str, path: Path) -> None:
+    """``module.load_state_dict(saved)``, a mismatch reported as the checkpoint's fault."""
+    try:
+        module.load_state_dict(saved)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"checkpoint '{path}': '{key}' does not fit the model built from its config: {reason}") from None
+
+
+def _checkpoint_config(state: dict, path: Path) -> Config:
+    try:
+        return config_from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint '{path}': its config is invalid: {exc}") from None
+
+
+def _refuse_existing_run(out: Path, overwrite: bool) -> None:
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if not present:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"output directory '{out}' already holds a run ({', '.join(present)}); "
+            "pass --resume to continue it or --overwrite to start over"
+        )
+    # A stale checkpoint must not outlive the run it belonged to (a later --resume would pick it up).
+    (out / CHECKPOINT).unlink(missing_ok=True)
+
+
 def build(cfg: Config, device: torch.device, splits: dict[str, MultiModalData]):
     dims = splits["train"].dims()
     model = SSPCModel(dims, cfg.model).to(device)
@@ -147,6 +161,7 @@ def train(
     cfg: Config,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     out_dir: str | os.PathLike | None = None,
     splits: dict[str, MultiModalData] | None = None,
     step_hook=None,
@@ -154,7 +169,8 @@ def train(
     """Train (or resume) a run; returns the final evaluation ``{split: {"mean", "pairs"}}``.
 
     Everything that can be checked is checked before the first step: the config, the data
-    (loaded and split here unless ``splits`` is given), the device.
+    (loaded and split here unless ``splits`` is given), the device, the checkpoint. Without
+    ``resume``, a directory that already holds a run is refused unless ``overwrite``.
     """
     t = cfg.train
     out = Path(out_dir or t.out_dir)
@@ -174,10 +190,12 @@ def train(
     if resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        diffs = _same_run(state["config"], cfg.to_dict())
+        state = ckpt.load(ckpt_path)
+        diffs = _same_run(_checkpoint_config(state, ckpt_path).to_dict(), cfg.to_dict())
         if diffs:
             raise ConfigError("--resume: the config differs from the checkpoint's: " + "; ".join(diffs))
+    else:
+        _refuse_existing_run(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
     _seed_all(t.seed)
@@ -190,21 +208,21 @@ def train(
     ema = EMA(model, t.ema_decay) if t.ema_decay else None
     step = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        parts = {"model": model, "objective": objective, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+        for key, part in parts.items():
+            _restore(part, state[key], key, ckpt_path)
         if ema is not None:
+            if not isinstance(state.get("ema"), dict):
+                raise CheckpointError(f"checkpoint '{ckpt_path}': no EMA weights, but train.ema_decay is set")
             ema.state = {k: v.to(device) for k, v in state["ema"].items()}
         step = state["step"]
-        _set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng"], ckpt_path)
     else:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     metrics = _Metrics(out / METRICS, state["metrics_lines"] if state else None)
 
     def checkpoint() -> None:
-        atomic_save(
+        ckpt.save(
             {
                 "config": cfg.to_dict(),
                 "model": model.state_dict(),
@@ -213,7 +231,7 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "ema": None if ema is None else ema.state,
-                "rng": _rng_state(),
+                "rng": ckpt.rng_state(),
                 "step": step,
                 "metrics_lines": metrics.lines,
                 "finished": step >= total_steps,
@@ -311,9 +329,10 @@ def load_for_eval(path, device: str = "cpu"):
         path = path / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' not found")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = config_from_dict(state["config"])
+    state = ckpt.load(path)
+    cfg = _checkpoint_config(state, path)
     splits = make_splits(cfg.data)
     model = SSPCModel(splits["train"].dims(), cfg.model)
-    model.load_state_dict(state["ema"] if state.get("ema") else state["model"])
+    key = "ema" if state.get("ema") else "model"
+    _restore(model, state[key], key, path)
     return model.to(device), splits, cfg
