@@ -160,3 +160,213 @@ def test_sspc_forward_checks_the_batch_before_touching_the_queues():
     # No queue was pushed by the rejected calls: the warm-up still needs exactly one full batch.
     assert all(len(q) == 0 for q in [*loss.input_queues.values(), *loss.joint_queues.values()])
     assert float(loss(inputs, joints)) == 0.0 and loss.warmed_up
+
+
+# ------------------------------------------------------------------------------------ mmot-sspc: config numbers
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"train": {"lr": math.inf}}, r"train\.lr: expected a finite number"),
+        ({"loss": {"mk_eps": math.nan}}, r"loss\.mk_eps: expected a finite number"),
+        ({"loss": {"anchor_temperature": "inf"}}, r"loss\.anchor_temperature: expected a finite number"),
+        ({"train": {"grad_clip": math.inf}}, r"train\.grad_clip: expected a finite number"),  # float | None
+        ({"loss": {"pair_weights": {"text-video": math.inf}}}, r"loss\.pair_weights\.text-video: expected a finite number"),
+        ({"data": {"synthetic": {"noise": math.inf}}}, r"data\.synthetic\.noise: expected a finite number"),
+    ],
+)
+def test_config_numbers_must_be_finite(values, match):
+    from mmot.sspc.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(values)
+
+
+def test_cli_rejects_an_infinite_yaml_value(tmp_path, capsys):
+    from mmot.sspc.cli import main
+
+    assert main(["train", "--config", "synthetic_tiny", "--out", str(tmp_path / "run"), "--set", "loss.anchor_temperature=.inf"]) == 2
+    assert "mmot-sspc: error: " in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------ mmot-sspc: checkpoints
+
+
+def _tiny_cfg(out):
+    from mmot.sspc.config import load_config
+
+    return load_config("synthetic_tiny").replace(train={"out_dir": str(out), "epochs": 1, "eval_every": 0})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from mmot.sspc.train import train
+
+    out = tmp_path_factory.mktemp("sspc") / "run"
+    train(_tiny_cfg(out))
+    return out
+
+
+def test_checkpoint_holds_only_tensors_and_plain_containers(run_dir):
+    state = torch.load(run_dir / "last.pt", weights_only=True)  # raised UnpicklingError on numpy's RNG state before
+    assert state["format"] == "mmot-sspc-checkpoint" and state["version"] == 1
+    assert isinstance(state["config"], dict) and state["config"]["model"]["n_anchors"] == 8
+    assert state["rng"]["numpy"]["keys"].dtype == torch.int64 and state["rng"]["python"]["state"].shape == (625,)
+
+
+class _Marker:
+    """Pickles as a call that creates a file: the stand-in for code in a hostile checkpoint."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def _write_bad_checkpoints(folder, valid):
+    import numpy as np
+
+    folder.mkdir(exist_ok=True)
+    data = valid.read_bytes()
+    bad = {}
+    bad["truncated"] = folder / "truncated.pt"
+    bad["truncated"].write_bytes(data[: len(data) // 2])
+    bad["garbage"] = folder / "garbage.pt"
+    bad["garbage"].write_bytes(b"not a checkpoint at all\n" * 10)
+    bad["empty"] = folder / "empty.pt"
+    bad["empty"].write_bytes(b"")
+    bad["hostile"] = folder / "hostile.pt"
+    torch.save({"config": {}, "model": _Marker(folder / "pwned")}, bad["hostile"])
+    bad["numpy"] = folder / "numpy.pt"  # the old layout: numpy's RNG state as an ndarray
+    torch.save({"rng": {"numpy": np.random.get_state()}}, bad["numpy"])
+    bad["foreign"] = folder / "foreign.pt"
+    torch.save({"weights": torch.ones(2)}, bad["foreign"])
+    return bad
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "empty", "hostile", "numpy", "foreign"])
+def test_eval_refuses_a_bad_checkpoint_naming_it(run_dir, tmp_path, capsys, kind):
+    from mmot.sspc.cli import main
+
+    path = _write_bad_checkpoints(tmp_path / "bad", run_dir / "last.pt")[kind]
+    assert main(["eval", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmot-sspc: error: checkpoint ") and str(path) in err and "Traceback" not in err
+    assert not (tmp_path / "bad" / "pwned").exists()  # nothing in the file was run
+
+
+def test_eval_refuses_a_checkpoint_that_does_not_fit_its_config(run_dir, tmp_path, capsys):
+    from mmot.sspc.cli import main
+
+    state = torch.load(run_dir / "last.pt", weights_only=True)
+    state["model"] = {name: value[..., :1] for name, value in state["model"].items()}
+    torch.save(state, tmp_path / "shrunk.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "shrunk.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "mmot-sspc: error: checkpoint" in err and "does not fit the model" in err
+
+
+def test_resume_refuses_a_truncated_checkpoint(run_dir, tmp_path, capsys):
+    import shutil
+
+    from mmot.sspc.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) - 100])
+    args = ["train", "--config", "synthetic_tiny", "--out", str(run), "--set", "train.epochs=1", "--set", "train.eval_every=0", "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmot-sspc: error: checkpoint ") and str(run / "last.pt") in err
+
+
+# ------------------------------------------------------------------------------------ mmot-sspc: run directories
+
+
+def test_training_into_an_existing_run_needs_overwrite(run_dir, tmp_path, capsys):
+    import shutil
+
+    from mmot.sspc.cli import main
+    from mmot.sspc.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds a run \(last\.pt, metrics\.jsonl, config\.yaml\).*--overwrite"):
+        train(_tiny_cfg(run))
+    args = ["train", "--config", "synthetic_tiny", "--out", str(run), "--set", "train.epochs=1", "--set", "train.eval_every=0"]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (run / "last.pt").read_bytes() == before  # untouched
+    with pytest.raises(SystemExit):
+        main([*args, "--resume", "--overwrite"])  # one or the other
+
+    # --overwrite deletes the old checkpoint before anything else: a run stopped early leaves none behind.
+    def stop(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny_cfg(run), overwrite=True, step_hook=stop)
+    assert not (run / "last.pt").exists()
+    assert main([*args, "--overwrite"]) == 0
+    assert torch.load(run / "last.pt", weights_only=True)["finished"]
+
+
+def test_an_empty_output_directory_is_not_a_run(tmp_path):
+    from mmot.sspc.train import _refuse_existing_run
+
+    (tmp_path / "notes.txt").write_text("mine")
+    _refuse_existing_run(tmp_path, overwrite=False)  # no run files: nothing to protect
+
+
+# ------------------------------------------------------------------------------------ mmot-sspc: feature pickles
+
+
+def test_convert_features_round_trips_to_npz(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+    from mmot.sspc import data as sdata
+    from mmot.sspc.cli import main
+    from mmot.sspc.config import PickleConfig
+
+    rng = np.random.default_rng(3)
+    clips = [
+        {
+            "id": f"v{i}",
+            "2d": rng.normal(size=(5, 4)),
+            "3d": rng.normal(size=(7, 3)),
+            "audio": rng.normal(size=(4, 130)),
+            "text": rng.normal(size=(2 + i, 6)),
+        }
+        for i in range(5)
+    ]
+    src = tmp_path / "clips.pkl"
+    src.write_bytes(pickle.dumps(clips))
+    dst = tmp_path / "clips.npz"
+    args = ["convert-features", str(src), str(dst), "--set", "data.pickle.n_video_tokens=3", "--set", "data.pickle.max_words=4"]
+    assert main(args) == 0
+    assert "data.format: npz" in capsys.readouterr().out
+    want = sdata.load_feature_pickle(src, PickleConfig(n_video_tokens=3, max_words=4))
+    got = sdata.load_npz(dst)
+    assert got.modalities == want.modalities
+    for m in want.modalities:
+        assert torch.equal(got.features[m], want.features[m]) and torch.equal(got.masks[m], want.masks[m])
+    with np.load(dst, allow_pickle=False) as z:  # nothing in it needs unpickling
+        assert sorted(z.keys()) == sorted([*want.modalities, *(f"{m}_mask" for m in want.modalities)])
+    assert main(["convert-features", str(src), str(tmp_path / "clips.pkl2")]) == 2
+    assert "must end in .npz" in capsys.readouterr().err
+
+
+def test_pickle_trust_is_stated_where_pickles_are_read(capsys):
+    from mmot.sspc import data as sdata
+    from mmot.sspc.cli import main
+
+    assert "Only read pickles you trust" in sdata.load_feature_pickle.__doc__
+    assert "Only read pickles you trust" in sdata.__doc__
+    with pytest.raises(SystemExit):
+        main(["convert-features", "--help"])
+    assert "only pickles you trust" in " ".join(capsys.readouterr().out.split())
