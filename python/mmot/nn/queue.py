@@ -30,6 +30,10 @@ class FeatureQueue(nn.Module):
         queue.push(z)
     """
 
+    storage: Tensor
+    head: Tensor
+    count: Tensor
+
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.size = _args.int_in_range(_WHERE, "size", size, 1)

@@ -126,7 +126,7 @@ class SSPCLoss(nn.Module):
         missing = [m for m in self.modalities if m not in inputs or m not in joints]
         if missing:
             raise ValueError(f"{where}: arguments 'inputs' and 'joints' must hold every modality {self.modalities}; missing {missing}")
-        device = self.joint_queues[self.modalities[0]].storage.device
+        device = next(self.buffers()).device  # the queues' device
         sizes = {}
         for m in self.modalities:
             sizes[f"inputs[{m!r}]"] = _args.rows(where, f"inputs[{m!r}]", inputs[m], self.input_dims[m], device).shape[0]

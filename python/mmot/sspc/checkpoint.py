@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ def load(path: Path) -> dict:
 
 def rng_state() -> dict:
     """Every RNG's state as tensors and plain numbers."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    _, keys, pos, has_gauss, gauss = cast(tuple, np.random.get_state(legacy=True))
     version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
