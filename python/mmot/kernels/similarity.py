@@ -192,16 +192,17 @@ def _settings(dtype: torch.dtype, device: torch.device):
     """(CAST, PRECISION, warps, widest feature tile): how the tiles meet tl.dot for this dtype and device.
 
     float32 on a GPU takes three TF32 products (tf32x3), which hold about three times the
-    registers of one, and float64 products twice the bytes: those tiles are shallower and
-    spread over 8 warps, the sizes that compile without spills (``python -m mmot.aot``).
+    registers of one, and float64 products twice the bytes: those tiles are shallower. Every
+    tile spreads over 8 warps with up to 255 registers a thread (ptxas would stop at 128): the
+    sizes that compile without spills (``python -m mmot.aot``).
     """
     if not _common.compiled_for_gpu(device):
         return True, "ieee", 4, 32 if dtype == torch.float64 else 64
     if dtype == torch.float64:
         return True, "ieee", 8, 16
     if dtype == torch.float32:
-        return False, "tf32x3", 8, 32
-    return False, "ieee", 4, 64  # bf16 / fp16 tiles on tensor cores, fp32 accumulation
+        return False, "tf32x3", 8, 16
+    return False, "ieee", 8, 64  # bf16 / fp16 tiles on tensor cores, fp32 accumulation
 
 
 def _batch_maps(x: torch.Tensor, y: torch.Tensor):
@@ -251,6 +252,7 @@ def forward(x: torch.Tensor, y: torch.Tensor, normalize: bool, scale: float) -> 
         BLOCK_D=bd,
         ACC=_common.tl_dtype(acc),
         num_warps=warps,
+        maxnreg=_common.MAX_REGISTERS,
     )
     return out.view(tuple(ob) + (N, M))
 
@@ -311,6 +313,7 @@ def backward(grad, x, y, normalize: bool, scale: float):
             BLOCK_D=bd,
             ACC=acc_tl,
             num_warps=warps,
+            maxnreg=_common.MAX_REGISTERS,
         )
         if normalize:
             out = torch.empty(self_t.shape, dtype=x.dtype, device=x.device)

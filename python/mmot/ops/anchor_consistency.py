@@ -51,7 +51,7 @@ def anchor_consistency_loss(sim: Tensor, target: Tensor, temperature: float = 0.
     sim = _checks.float_tensor(OP, "sim", sim, min_dim=1, shape_hint="(..., B, K)")
     if not isinstance(target, Tensor):
         raise TypeError(f"{OP}: argument 'target' must be a torch.Tensor of shape {tuple(sim.shape)}; got {type(target).__name__}")
-    target = _checks.float_tensor(OP, "target", target, min_dim=0, shape_hint=str(tuple(sim.shape)))
+    target = _checks.float_tensor(OP, "target", target, min_dim=0, shape_hint="the shape of 'sim'")
     _checks.same_device(OP, "target", target, sim, "sim")
     if target.shape != sim.shape:
         raise ValueError(f"{OP}: argument 'target' must have the shape of 'sim' {tuple(sim.shape)}; got {tuple(target.shape)}")
