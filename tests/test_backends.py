@@ -52,13 +52,13 @@ def test_value_checks_can_be_switched_off():
     scores = random_scores(6, 4, seed=0)
     previous = mmot.set_checks(False)
     try:
-        out = mmot.multi_sinkhorn(scores, anchor_mass=torch.full((4,), 2.0, dtype=torch.float64))  # wrong total, unchecked
+        out = mmot.multi_sinkhorn(scores, anchor_mass=torch.full((4,), 2.0, dtype=torch.float64))  # not N/K, unchecked
         assert out.shape == scores.shape
         with pytest.raises(ValueError, match="'k'"):  # parameter checks always run
             mmot.multi_sinkhorn(scores, k=9)
     finally:
         mmot.set_checks(previous)
-    with pytest.raises(ValueError, match="sum to N"):
+    with pytest.raises(ValueError, match="'anchor_mass' must be uniform"):
         mmot.multi_sinkhorn(scores, anchor_mass=torch.full((4,), 2.0, dtype=torch.float64))
 
 

@@ -23,7 +23,7 @@ def free_port():
 def problems():
     scores = random_scores(3, 13, 6, seed=1)
     upstream = random_scores(3, 13, 6, seed=2)
-    mass = torch.tensor([1.0, 3.0, 2.0, 2.5, 2.5, 2.0], dtype=torch.float64)
+    mass = torch.full((6,), 13 / 6, dtype=torch.float64)  # N/K over the ranks' 13 rows
     return {
         "sinkhorn": (scores, upstream, lambda s, **kw: mmot.sinkhorn(s, 0.4, 4, **kw)),
         "sinkhorn_log": (scores, upstream, lambda s, **kw: mmot.sinkhorn(s, 0.4, 4, log_domain=True, **kw)),

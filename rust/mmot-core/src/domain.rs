@@ -66,8 +66,8 @@ pub(crate) fn check_forced_plain<T: Real>(
     if range > T::PLAIN_RANGE_LIMIT {
         return Err(MmotError::InvalidArgument(format!(
             "log_domain=False forces the plain domain, where exp would under- or overflow: the \
-             exponent range (max - min of a score column) * weight / eps is {range:.4e} here \
-             (eps = {eps:e}), above the plain domain's limit of {limit} for this dtype; use \
+             exponent range (max - min of a score column) * weight / eps is {range:.1} here \
+             (eps = {eps}), above the plain domain's limit of {limit} for this dtype; use \
              log_domain=\"auto\" (or True)",
             limit = T::PLAIN_RANGE_LIMIT,
         )));
