@@ -1,8 +1,9 @@
 """Arguments that used to slip past the checks, and ops under torch.compile with changing shapes.
 
 Regression tests for: float arguments under ``torch.compile(dynamic=True)`` (a SymFloat, which
-``math.isfinite`` cannot take), sparse and nested tensors, counts beyond 32 bits, and the
-``MMOT_NUM_THREADS`` setting.
+``math.isfinite`` cannot take), sparse and nested tensors, counts beyond 32 bits, the
+``MMOT_NUM_THREADS`` setting, masses blamed on the argument the user gave, ``process_group``
+of the wrong type, and torch.func / forward-mode AD (refused: mmot's gradients are reverse-mode).
 """
 
 from __future__ import annotations
@@ -76,6 +77,69 @@ def test_good_thread_counts_run(monkeypatch, setting):
     monkeypatch.setenv("MMOT_NUM_THREADS", setting)
     scores = random_scores(6, 4)
     torch.testing.assert_close(mmot.sinkhorn(scores, backend="rust"), mmot.sinkhorn(scores, backend="torch"))
+
+
+# ---------------------------------------------------------------- masses and groups, named
+
+
+@pytest.mark.parametrize(
+    "masses, named",
+    [
+        (dict(col_mass=torch.tensor([float("nan"), 1.5, 1.5, 1.5])), "'col_mass' must hold positive finite masses"),
+        (dict(col_mass=torch.tensor([1.5, -1.5, 1.5, 1.5])), "'col_mass' must hold positive finite masses"),
+        (dict(row_mass=torch.tensor([1.0, 1.0, float("inf"), 1.0, 1.0, 1.0])), "'row_mass' must hold positive finite masses"),
+        # Each finite, but the total (from which the default col_mass is derived) overflows float32.
+        (dict(row_mass=torch.full((6,), 1e38)), r"'row_mass' must sum to at most 3\.403e\+38"),
+        (dict(col_mass=torch.full((4,), 1e300, dtype=torch.float64)), r"'col_mass' must sum to at most 3\.403e\+38"),
+    ],
+)
+def test_bad_masses_are_blamed_on_the_given_argument(backend, masses, named):
+    with pytest.raises(ValueError, match=r"mmot\.sinkhorn: argument " + named):
+        mmot.sinkhorn(random_scores(6, 4, dtype=torch.float32), 0.3, 3, backend=backend, **masses)
+
+
+@pytest.mark.parametrize("group", ["foo", 0, object()])
+def test_process_group_of_the_wrong_type_is_named(backend, group):
+    scores = random_scores(6, 4)
+    for call in (mmot.sinkhorn, mmot.multi_sinkhorn):
+        with pytest.raises(TypeError, match=r"argument 'process_group' must be a torch\.distributed ProcessGroup"):
+            call(scores, process_group=group, backend=backend)
+
+
+# ---------------------------------------------------------------- torch.func and forward-mode AD
+
+
+FUNC_CALLS = {
+    "sinkhorn": lambda s: mmot.sinkhorn(s, 0.3, 3),
+    "multi_sinkhorn": lambda s: mmot.multi_sinkhorn(s, 2, 0.3, 3),
+    "similarity": lambda s: mmot.similarity(s, s.detach() + 1),
+    "info_nce": lambda s: mmot.info_nce(s.detach() + 1, s, 0.1),  # differentiated through the second argument
+    "anchor_consistency_loss": lambda s: mmot.anchor_consistency_loss(s.tanh(), s.detach().sigmoid(), 0.1),
+}
+
+
+@pytest.mark.parametrize("op", sorted(FUNC_CALLS))
+def test_torch_func_gradients_are_refused_by_name(op):
+    """torch.func's grad/jvp used to fail inside torch (grad) or give zero tangents silently (jvp)."""
+    scores, tangent = random_scores(6, 4, seed=1), random_scores(6, 4, seed=2)
+    named = rf"mmot\.{op}: argument '\w+' is being differentiated by a torch\.func transform"
+    with pytest.raises(NotImplementedError, match=named):
+        torch.func.grad(lambda s: FUNC_CALLS[op](s).sum())(scores)
+    with pytest.raises(NotImplementedError, match=named):
+        torch.func.jvp(FUNC_CALLS[op], (scores,), (tangent,))
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match=named):
+        FUNC_CALLS[op](torch.autograd.forward_ad.make_dual(scores, tangent))
+    # Reverse mode is the supported way and agrees with the reference's autograd.
+    leaf = scores.clone().requires_grad_()
+    (got,) = torch.autograd.grad(FUNC_CALLS[op](leaf).sum(), leaf)
+    assert bool(torch.isfinite(got).all()) and bool((got != 0).any())
+
+
+@pytest.mark.parametrize("op", ["sinkhorn", "multi_sinkhorn", "similarity"])
+def test_vmap_equals_a_loop(op):
+    batch = random_scores(3, 6, 4, seed=3)
+    got = torch.vmap(FUNC_CALLS[op])(batch)
+    torch.testing.assert_close(got, torch.stack([FUNC_CALLS[op](b) for b in batch]), rtol=1e-12, atol=1e-12)
 
 
 def test_backends_are_the_parametrised_ones():

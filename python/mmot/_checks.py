@@ -45,11 +45,28 @@ def float_tensor(op: str, name: str, value: object, *, min_dim: int, shape_hint:
     if value.is_nested or value.layout != torch.strided:
         layout = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
         raise TypeError(f"{op}: argument '{name}' must be a dense (strided) tensor; got a {layout} tensor (convert it with .to_dense())")
+    _reverse_mode_only(op, name, value)
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: argument '{name}' must be a floating tensor (float64, float32, bfloat16 or float16); got {value.dtype}")
     if value.dim() < min_dim:
         raise ValueError(f"{op}: argument '{name}' must have shape {shape_hint}; got shape {tuple(value.shape)}")
     return value
+
+
+def _reverse_mode_only(op: str, name: str, value: torch.Tensor) -> None:
+    """mmot's ops define reverse-mode gradients only (torch.library's register_autograd): under
+    torch.func's grad/vjp/jacrev/jvp they would fail deep inside torch, and forward-mode AD would
+    silently drop or zero the tangent, so both are refused up front."""
+    if torch.compiler.is_compiling():
+        return
+    from torch.autograd.forward_ad import unpack_dual
+
+    if torch._C._functorch.is_gradtrackingtensor(value) or unpack_dual(value).tangent is not None:
+        raise NotImplementedError(
+            f"{op}: argument '{name}' is being differentiated by a torch.func transform (grad, vjp, jacrev, jvp) or by "
+            f"forward-mode AD; mmot's ops have reverse-mode autograd only: use loss.backward() or torch.autograd.grad "
+            f"(torch.vmap works)"
+        )
 
 
 def positive_float(op: str, name: str, value: object) -> float:
@@ -137,9 +154,43 @@ def mass_shape(op: str, name: str, masses: object, scores: torch.Tensor, full_sh
     masses = float_tensor(op, name, masses, min_dim=1, shape_hint=f"({what},) or (..., {what})")
     same_device(op, name, masses, scores, "scores")
     try:
-        return masses.expand(full_shape)
+        expanded = masses.expand(full_shape)
     except RuntimeError:
         raise ValueError(
             f"{op}: argument '{name}' must have shape ({full_shape[-1]},) or broadcast to {tuple(full_shape)}; "
             f"got shape {tuple(masses.shape)}"
         ) from None
+    _given_masses(op, name, masses, scores.dtype)
+    return expanded
+
+
+def _given_masses(op: str, name: str, masses: torch.Tensor, scores_dtype: torch.dtype) -> None:
+    """Value check of a user's masses before any default is derived from them, so that a bad
+    ``col_mass`` is never reported as the ``row_mass`` computed from its total (or the reverse)."""
+    positive_masses(op, name, masses)
+    if not _value_checks or masses.numel() == 0:
+        return
+    compute = torch.float64 if scores_dtype == torch.float64 else torch.float32
+    limit = torch.finfo(compute).max
+    total = float(masses.sum(-1, dtype=torch.float64).amax())
+    if not total <= limit:
+        raise ValueError(
+            f"{op}: argument '{name}' must sum to at most {limit:.4g} ({compute} is the compute dtype of "
+            f"{scores_dtype} scores); got a sum of {total:.4g}"
+        )
+
+
+def process_group(op: str, group: object) -> bool:
+    """Whether the rows are sharded: ``group`` is None or an initialised ``torch.distributed`` group."""
+    if group is None:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"{op}: argument 'process_group' must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD) or None; "
+            f"got {type(group).__name__}"
+        )
+    if not dist.is_initialized():
+        raise ValueError(f"{op}: argument 'process_group' needs torch.distributed initialised (dist.init_process_group)")
+    return True

@@ -92,7 +92,7 @@ def multi_sinkhorn(
     weights = _slot_weights(slot_weights, low_weight, n_slots, k)
     normalize = _checks.choice(OP, "normalize", normalize, NORMALIZE_CHOICES)
     flag = _checks.log_domain_flag(OP, log_domain)
-    distributed = process_group is not None
+    distributed = _checks.process_group(OP, process_group)
     backend = _backend.resolve_backend(OP, backend, scores.device, KERNELS, distributed=distributed)
     columns = ShardedColumns(process_group) if distributed else LOCAL
     total_rows = columns.total_rows(n_rows, scores.device) if distributed else n_rows

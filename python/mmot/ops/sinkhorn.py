@@ -64,7 +64,7 @@ def sinkhorn(
     eps = _checks.positive_float(OP, "eps", eps)
     n_iters = _checks.int_in_range(OP, "n_iters", n_iters, 1)
     flag = _checks.log_domain_flag(OP, log_domain)
-    distributed = process_group is not None
+    distributed = _checks.process_group(OP, process_group)
     backend = _backend.resolve_backend(OP, backend, scores.device, KERNELS, distributed=distributed)
     n_rows, n_cols = scores.shape[-2:]
     if n_cols == 0:
