@@ -79,6 +79,27 @@ def test_good_thread_counts_run(monkeypatch, setting):
     torch.testing.assert_close(mmot.sinkhorn(scores, backend="rust"), mmot.sinkhorn(scores, backend="torch"))
 
 
+# ---------------------------------------------------------------- temperatures whose reciprocal overflows
+
+TEMPERATURE_CALLS = {
+    "sinkhorn": ("eps", lambda x, t, b: mmot.sinkhorn(x, t, 3, backend=b)),
+    "multi_sinkhorn": ("eps", lambda x, t, b: mmot.multi_sinkhorn(x, 2, t, 3, backend=b)),
+    "info_nce": ("temperature", lambda x, t, b: mmot.info_nce(x, x.flip(0), t, backend=b)),
+    "anchor_consistency_loss": ("temperature", lambda x, t, b: mmot.anchor_consistency_loss(x.tanh(), x.sigmoid(), t, backend=b)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(TEMPERATURE_CALLS))
+@pytest.mark.parametrize(
+    "dtype, value", [(torch.float32, 1e-45), (torch.float32, 2.9e-39), (torch.bfloat16, 1e-40), (torch.float64, 1e-320)]
+)
+def test_temperatures_whose_reciprocal_overflows_are_named(backend, op, dtype, value):
+    """eps = 1e-45 in float32 used to give uniform plans (a wrong number), temperature 1e-40 NaN."""
+    name, call = TEMPERATURE_CALLS[op]
+    with pytest.raises(ValueError, match=rf"mmot\.{op}: argument '{name}' must be at least .* \(its reciprocal overflows"):
+        call(random_scores(6, 4, seed=5).to(dtype), value, backend)
+
+
 # ---------------------------------------------------------------- masses and groups, named
 
 

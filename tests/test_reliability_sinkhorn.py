@@ -12,6 +12,7 @@ import math
 import mmot
 import pytest
 import torch
+from mmot import reference
 
 BACKENDS = ["rust", "torch", "triton"]
 
@@ -130,8 +131,36 @@ def test_forced_plain_domain_beyond_its_limit_is_refused(backend, op, dtype):
 
 
 @pytest.mark.parametrize("backend", ["rust", "torch"])
-@pytest.mark.parametrize("scale", [1e30, 1e38])
-def test_huge_scores_give_finite_plans(backend, scale):
+@pytest.mark.parametrize("scale, checks", [(1e30, True), (1e38, False)])
+def test_huge_scores_give_finite_plans(backend, scale, checks):
+    # At 1e38 the exponent range is beyond float32's log domain (refused with the checks on,
+    # test_exponent_range_beyond_the_log_domain_is_refused); unchecked, the floored logits
+    # still give finite plans with the right marginals.
+    previous = mmot.set_checks(checks)
+    try:
+        _finite_plans(backend, scale)
+    finally:
+        mmot.set_checks(previous)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e38), (torch.float32, 1e36), (torch.float64, 1e306)])
+def test_exponent_range_beyond_the_log_domain_is_refused(backend, dtype, scale):
+    """Past finfo.max/8 a centred logit would hit the floor and a row's order would be lost."""
+    s = torch.rand(6, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64).mul(2).sub(1).mul(scale).to(dtype)
+    eps = 0.01  # range/eps past the limit in every case
+    named = r"argument 'eps' is too small for these scores: the exponent range"
+    with pytest.raises(ValueError, match=r"mmot\.sinkhorn: " + named):
+        mmot.sinkhorn(s, eps, 3, backend=backend)
+    with pytest.raises(ValueError, match=r"mmot\.multi_sinkhorn: " + named):
+        mmot.multi_sinkhorn(s, 2, eps, 3, backend=backend)
+    # Just inside the limit the answer is the float64 one (a near-hard assignment).
+    inside = s.double() * (reference.logit_floor(dtype) / -8.0 / float(s.double().amax(-2).sub(s.double().amin(-2)).amax()) * eps)
+    got = mmot.sinkhorn(inside.to(dtype), eps, 3, backend=backend)
+    torch.testing.assert_close(got.double(), mmot.sinkhorn(inside.to(dtype).double(), eps, 3, backend="torch"), atol=1e-5, rtol=0)
+
+
+def _finite_plans(backend, scale):
     s = (torch.randn(8, 5, generator=torch.Generator().manual_seed(7)) * scale).requires_grad_(True)
     p = mmot.sinkhorn(s, backend=backend)
     assert torch.isfinite(p).all()

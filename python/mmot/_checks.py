@@ -194,3 +194,16 @@ def process_group(op: str, group: object) -> bool:
     if not dist.is_initialized():
         raise ValueError(f"{op}: argument 'process_group' needs torch.distributed initialised (dist.init_process_group)")
     return True
+
+
+def reciprocal_fits(op: str, name: str, value: float, dtype: torch.dtype) -> float:
+    """A temperature whose reciprocal overflows the accumulation dtype (float64 for float64
+    inputs, float32 otherwise) is refused: the kernels scale by 1/value."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    smallest = 1.0 / torch.finfo(compute).max
+    if not value >= smallest:  # a comparison, so a SymFloat under torch.compile stays in the graph
+        raise ValueError(
+            f"{op}: argument '{name}' must be at least {smallest:.4g} for {dtype} inputs (its reciprocal "
+            f"overflows {compute}); got {value}"
+        )
+    return value

@@ -42,10 +42,7 @@ def uses_log_domain(scores: torch.Tensor, eps: float, max_weight: float, log_dom
     """
     if log_domain == "on" or scores.numel() == 0:
         return log_domain == "on"
-    scores = scores.detach()
-    col_max = columns.max(scores.amax(-2))
-    col_min = -columns.max(-scores.amin(-2))
-    spread = float((col_max - col_min).amax()) * max_weight / eps
+    spread = exponent_range(scores, eps, max_weight, columns)
     limit = PLAIN_DOMAIN_MAX_SPREAD[compute_dtype(scores.dtype)]
     if log_domain == "off" and spread > limit:
         raise ValueError(
@@ -55,6 +52,33 @@ def uses_log_domain(scores: torch.Tensor, eps: float, max_weight: float, log_dom
         )
     # `not (<=)` so that a NaN spread (non-finite scores) takes the log domain, as in the kernels.
     return log_domain == "auto" and not spread <= limit
+
+
+def exponent_range(scores: torch.Tensor, eps: float, max_weight: float, columns=LOCAL) -> float:
+    """max over columns of (max − min of the column) · max_weight / eps, in float64 (so a spread
+    beyond the dtype's range is measured, not infinite); NaN for non-finite scores."""
+    scores = scores.detach()
+    col_max = columns.max(scores.amax(-2)).double()
+    col_min = -columns.max(-scores.amin(-2)).double()
+    return float((col_max - col_min).amax()) * max_weight / eps
+
+
+def check_log_range(scores: torch.Tensor, eps: float, max_weight: float, op: str, columns=LOCAL) -> None:
+    """ValueError where the exponent range is beyond what the log domain represents.
+
+    Centred logits are floored at :func:`logit_floor`; past it a row's order would be lost and
+    the result wrong, so such eps (for such scores) is refused. The same limit as the kernels'.
+    """
+    if scores.numel() == 0:
+        return
+    spread = exponent_range(scores, eps, max_weight, columns)
+    limit = -logit_floor(scores.dtype if scores.dtype == torch.float64 else torch.float32)
+    if spread > limit:
+        raise ValueError(
+            f"{op}: argument 'eps' is too small for these scores: the exponent range (max - min of a score column) "
+            f"* weight / eps is {spread:.4e} here (eps = {eps:g}), beyond the {limit:.4e} this dtype can represent; "
+            f"scale the scores down, raise eps or pass float64"
+        )
 
 
 def centered_logits(s: torch.Tensor, eps: float, columns=LOCAL, weight: float = 1.0) -> torch.Tensor:

@@ -55,7 +55,7 @@ def anchor_consistency_loss(sim: Tensor, target: Tensor, temperature: float = 0.
     _checks.same_device(OP, "target", target, sim, "sim")
     if target.shape != sim.shape:
         raise ValueError(f"{OP}: argument 'target' must have the shape of 'sim' {tuple(sim.shape)}; got {tuple(target.shape)}")
-    temperature = _checks.positive_float(OP, "temperature", temperature)
+    temperature = _checks.reciprocal_fits(OP, "temperature", _checks.positive_float(OP, "temperature", temperature), sim.dtype)
     backend = _backend.resolve_backend(OP, backend, sim.device, KERNELS)
     return anchor_consistency_op(sim, target.detach().to(sim.dtype), temperature, backend)
 

@@ -87,7 +87,7 @@ def info_nce(
     _checks.same_device(OP, "b", b, a, "a")
     if b.shape != a.shape:
         raise ValueError(f"{OP}: argument 'b' must have the shape of 'a' {tuple(a.shape)} (one positive per row); got {tuple(b.shape)}")
-    temperature = _checks.positive_float(OP, "temperature", temperature)
+    temperature = _checks.reciprocal_fits(OP, "temperature", _checks.positive_float(OP, "temperature", temperature), a.dtype)
     for name, flag in (("symmetric", symmetric), ("normalize", normalize)):
         if not isinstance(flag, bool):
             raise TypeError(f"{OP}: argument '{name}' must be a bool; got {type(flag).__name__}")

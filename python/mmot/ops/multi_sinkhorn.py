@@ -87,7 +87,7 @@ def multi_sinkhorn(
     if n_slots == 0:
         raise ValueError(f"{OP}: argument 'scores' must have at least one anchor column (K >= 1); got shape {tuple(scores.shape)}")
     k = max(1, n_slots // 2) if k is None else _checks.int_in_range(OP, "k", k, 1, n_slots)
-    eps = _checks.positive_float(OP, "eps", eps)
+    eps = _checks.reciprocal_fits(OP, "eps", _checks.positive_float(OP, "eps", eps), scores.dtype)
     n_iters = _checks.int_in_range(OP, "n_iters", n_iters, 1)
     weights = _slot_weights(slot_weights, low_weight, n_slots, k)
     normalize = _checks.choice(OP, "normalize", normalize, NORMALIZE_CHOICES)
@@ -100,6 +100,8 @@ def multi_sinkhorn(
 
     if distributed:
         _checks.finite(OP, "scores", scores)
+        if _checks.value_checks_enabled():
+            reference.check_log_range(scores, eps, max(weights), OP, columns)
         return reference.multi_sinkhorn(scores, eps, n_iters, weights, k, mass, normalize, flag, columns)
     if scores.numel() == 0:
         return scores.new_empty(scores.shape)
@@ -147,6 +149,8 @@ def _check(backend, scores, eps, n_iters, slot_weights, k, anchor_mass, normaliz
     # makes anyway, the masses in microseconds where torch ops would take a tenth of a ms.
     if backend != "rust":
         _checks.finite(OP, "scores", scores)
+        if _checks.value_checks_enabled():
+            reference.check_log_range(scores, eps, max(slot_weights), OP)
     if backend == "triton" and log_domain == "off" and _checks.value_checks_enabled():
         # Triton needs no domain, but forcing the plain domain is refused as on every backend.
         reference.uses_log_domain(scores, eps, max(slot_weights), log_domain, op=OP)

@@ -61,7 +61,7 @@ def sinkhorn(
         True
     """
     scores = _checks.float_tensor(OP, "scores", scores, min_dim=2, shape_hint="(..., N, K)")
-    eps = _checks.positive_float(OP, "eps", eps)
+    eps = _checks.reciprocal_fits(OP, "eps", _checks.positive_float(OP, "eps", eps), scores.dtype)
     n_iters = _checks.int_in_range(OP, "n_iters", n_iters, 1)
     flag = _checks.log_domain_flag(OP, log_domain)
     distributed = _checks.process_group(OP, process_group)
@@ -75,6 +75,8 @@ def sinkhorn(
 
     if distributed:
         _check_values(scores, rows, cols, columns)
+        if _checks.value_checks_enabled():
+            reference.check_log_range(scores, eps, 1.0, OP, columns)
         return reference.sinkhorn(scores, eps, n_iters, rows, cols, flag, columns)
     if scores.numel() == 0:
         return scores.new_empty(scores.shape)
@@ -107,8 +109,10 @@ def _check_values(scores: Tensor, rows: Tensor, cols: Tensor, columns=LOCAL, fin
 
 
 def _check(backend, scores, eps, n_iters, row_mass, col_mass, log_domain):
-    # The Rust kernel checks finiteness itself, in its column-statistics pass.
+    # The Rust kernel checks finiteness and the exponent range itself, in its column-statistics pass.
     _check_values(scores, row_mass, col_mass, finite=backend != "rust")
+    if backend != "rust" and _checks.value_checks_enabled():
+        reference.check_log_range(scores, eps, 1.0, OP)
     if backend == "triton" and log_domain == "off" and _checks.value_checks_enabled():
         # Triton needs no domain, but forcing the plain domain is refused as on every backend.
         reference.uses_log_domain(scores, eps, 1.0, log_domain, op=OP)

@@ -45,6 +45,22 @@ pub fn use_log_domain<T: Real>(mode: LogDomain, range: f64) -> bool {
     }
 }
 
+/// An error unless the exponent range `range` (max − min of a score column, times the largest
+/// slot weight, over eps; +inf where the difference overflowed `T`) fits the log domain. Beyond [`Real::LOG_RANGE_LIMIT`] the centred logits would reach the floor the
+/// kernels clamp them to and a row's order would be lost: a wrong answer, so a value check
+/// refuses it. A NaN range (non-finite scores) is left to the finiteness rules.
+pub(crate) fn check_log_range<T: Real>(range: f64, eps: f64) -> Result<()> {
+    if range > T::LOG_RANGE_LIMIT {
+        return Err(MmotError::InvalidArgument(format!(
+            "argument 'eps' is too small for these scores: the exponent range (max - min of a \
+             score column) * weight / eps is {range:.4e} here (eps = {eps}), beyond the {limit:.4e} \
+             this dtype can represent; scale the scores down, raise eps or pass float64",
+            limit = T::LOG_RANGE_LIMIT,
+        )));
+    }
+    Ok(())
+}
+
 /// Forcing the plain domain (`Off`) where "auto" would leave it is an error, not a NaN result:
 /// `exp` would under- or overflow there. `max_weight` is the largest slot weight (1 for
 /// `sinkhorn`). The exponent

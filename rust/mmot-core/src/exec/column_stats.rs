@@ -118,7 +118,7 @@ pub(crate) fn batch_col_stats<T: Real>(
                 let ok = col_range(sp, n, k, mx, cmin);
                 let mut r = if ok { 0.0f64 } else { f64::NAN };
                 for j in 0..k {
-                    let d = (mx[j] - cmin[j]).to_f64();
+                    let d = mx[j].to_f64() - cmin[j].to_f64();
                     // propagate NaN: NaN never compares greater
                     if d.is_nan() || r.is_nan() {
                         r = f64::NAN;

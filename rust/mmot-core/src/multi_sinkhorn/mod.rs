@@ -34,7 +34,7 @@ mod tests;
 mod two_groups;
 
 use crate::dims::Dims;
-use crate::domain::check_forced_plain;
+use crate::domain::{check_forced_plain, check_log_range};
 use crate::domain::{use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, not_finite, MmotError, Result};
 use crate::exec::column_stats::batch_col_stats;
@@ -137,6 +137,9 @@ fn solve<T: Real>(
     let stats = ColumnStats::measure(scores, dims, &problem.groups, params);
     if params.check_values && !stats.finite {
         return Err(not_finite("scores"));
+    }
+    if params.check_values {
+        check_log_range::<T>(stats.range, params.eps)?;
     }
     let log = stats.log;
     let matrix = dims.matrix_len();
@@ -370,6 +373,8 @@ struct Inputs<'a, T> {
 struct ColumnStats<T> {
     /// `[problems, K]`.
     col_max: Vec<T>,
+    /// max_G w_G · (max − min of a column) / eps over the call.
+    range: f64,
     log: bool,
     finite: bool,
 }
@@ -380,9 +385,11 @@ impl<T: Real> ColumnStats<T> {
         let (range, finite) =
             batch_col_stats(scores, dims.problems, dims.rows, dims.cols, &mut col_max);
         // The widest exponent range the plain domain would meet: max_G w_G · range / eps.
-        let log = use_log_domain::<T>(params.log_domain, range * groups.max_weight / params.eps);
+        let range = range * groups.max_weight / params.eps;
+        let log = use_log_domain::<T>(params.log_domain, range);
         ColumnStats {
             col_max,
+            range,
             log,
             finite,
         }

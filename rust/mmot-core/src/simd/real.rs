@@ -37,6 +37,9 @@ pub trait Real:
     /// Largest dynamic range (in units of the exponent argument) for which the plain-domain
     /// kernels are trusted not to overflow or underflow (`docs/numerics.md`; rule in `domain.rs`).
     const PLAIN_RANGE_LIMIT: f64;
+    /// Largest exponent range the log domain can represent: an eighth of the largest finite
+    /// value, so that centred logits and the potentials summed with them stay finite.
+    const LOG_RANGE_LIMIT: f64;
     /// A sum of exponentials below this may have lost its leading terms to underflow (it is
     /// about 2^24 times the smallest normal), so the log-domain kernels recompute it exactly.
     const TINY: Self;
@@ -82,6 +85,7 @@ impl Real for f32 {
     const INFINITY: Self = f32::INFINITY;
     const NEG_INFINITY: Self = f32::NEG_INFINITY;
     const PLAIN_RANGE_LIMIT: f64 = 50.0;
+    const LOG_RANGE_LIMIT: f64 = f32::MAX as f64 / 8.0;
     const TINY: Self = 1e-30;
 
     #[inline(always)]
@@ -146,6 +150,7 @@ impl Real for f64 {
     const INFINITY: Self = f64::INFINITY;
     const NEG_INFINITY: Self = f64::NEG_INFINITY;
     const PLAIN_RANGE_LIMIT: f64 = 300.0;
+    const LOG_RANGE_LIMIT: f64 = f64::MAX / 8.0;
     const TINY: Self = 1e-280;
 
     #[inline(always)]

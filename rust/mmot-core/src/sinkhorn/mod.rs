@@ -29,7 +29,7 @@ mod rows;
 mod small;
 
 use crate::dims::Dims;
-use crate::domain::{check_forced_plain, use_log_domain, LogDomain};
+use crate::domain::{check_forced_plain, check_log_range, use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, not_finite, Result};
 use crate::exec::column_stats::batch_col_stats;
 use crate::simd::Real;
@@ -131,9 +131,12 @@ fn solve<T: Real>(
     let p = Problem::new(dims, params);
     let mut cmax = vec![T::ZERO; b * k];
     let log = if log_domain == LogDomain::On {
-        let finite = batch_col_stats(scores, b, n, k, &mut cmax).1;
+        let (range, finite) = batch_col_stats(scores, b, n, k, &mut cmax);
         if params.check_finite && !finite {
             return Err(not_finite("scores"));
+        }
+        if params.check_finite {
+            check_log_range::<T>(range / params.eps, params.eps)?;
         }
         true
     } else {
@@ -151,6 +154,9 @@ fn solve<T: Real>(
             .reduce(|| 0.0, max_range);
         if params.check_finite && range.is_nan() {
             return Err(not_finite("scores"));
+        }
+        if params.check_finite {
+            check_log_range::<T>(range / params.eps, params.eps)?;
         }
         use_log_domain::<T>(log_domain, range / params.eps)
     };

@@ -17,7 +17,7 @@
 
 use super::{Problem, SinkhornParams, SMALL};
 use crate::dims::Dims;
-use crate::domain::{use_log_domain, LogDomain};
+use crate::domain::{check_log_range, use_log_domain, LogDomain};
 use crate::error::{not_finite, Result};
 use crate::exec::lanes::{gather, lanes_only, scatter};
 use crate::simd::{dispatch, Real};
@@ -94,6 +94,9 @@ impl<T: Real> Problem<T> {
         }
         // A non-finite input goes to the log domain, as on the streaming path.
         let range = first.iter().map(|t| t.0).fold(0.0, f64::max) / self.eps;
+        if check_finite {
+            check_log_range::<T>(range, self.eps)?;
+        }
         let log = use_log_domain::<T>(log_domain, if finite { range } else { f64::NAN });
         tasks((s, r, c, out), n, k, per_task)
             .zip(first.par_iter())
