@@ -203,7 +203,6 @@ def reciprocal_fits(op: str, name: str, value: float, dtype: torch.dtype) -> flo
     smallest = 1.0 / torch.finfo(compute).max
     if not value >= smallest:  # a comparison, so a SymFloat under torch.compile stays in the graph
         raise ValueError(
-            f"{op}: argument '{name}' must be at least {smallest:.4g} for {dtype} inputs (its reciprocal "
-            f"overflows {compute}); got {value}"
+            f"{op}: argument '{name}' must be at least {smallest:.4g} for {dtype} inputs (its reciprocal overflows {compute}); got {value}"
         )
     return value

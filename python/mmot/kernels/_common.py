@@ -106,6 +106,25 @@ def scalar(value, ACC: tl.constexpr):
     return tl.full([], value, ACC)
 
 
+@triton.jit
+def shifted_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC: tl.constexpr):
+    """(scores − the problem's first row) / eps for a tile of the Sinkhorn ops.
+
+    A per-column constant is absorbed exactly by the first column scaling (so it passes no
+    gradient either), and subtracting one keeps large scores (1e38 with a small spread) from
+    overflowing when divided by eps. The clamp to ±finfo.max/8, the widest exponent range the
+    value checks accept, keeps logits finite when the checks are off and the range is beyond it.
+    """
+    kmask = tl.max(mask.to(tl.int32), axis=0) > 0
+    first = tl.load(S + offs_k * stride_k, mask=kmask, other=0.0).to(ACC)
+    x = tl.load(S + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k, mask=mask, other=0.0).to(ACC)
+    if ACC == tl.float64:
+        bound = tl.full([], 2.2471164185778946e307, tl.float64)
+    else:
+        bound = tl.full([], 4.253529586511731e37, tl.float32)
+    return tl.minimum(tl.maximum((x - first[None, :]) * inv_eps, -bound), bound)
+
+
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised output, NaN-filled under MMOT_POISON_OUTPUTS=1."""
     out = torch.empty(shape, dtype=dtype, device=device)
