@@ -127,8 +127,13 @@ def test_sspc_loss_warm_up_and_value(assignment):
     got = loss(inputs, joints)
     if assignment == "multi":
         assign = lambda s: mmot.multi_sinkhorn(s, 2, 0.07, 20)  # noqa: E731
-    else:
-        assign = lambda s: mmot.sinkhorn(s, 0.07, 20)  # noqa: E731
+    else:  # SwAV's assignment, rows min-max rescaled as Multi-SK's are (like-for-like targets)
+
+        def assign(s):
+            t = mmot.sinkhorn(s, 0.07, 20)
+            low, high = t.amin(-1, keepdim=True), t.amax(-1, keepdim=True)
+            return (t - low) / (high - low)
+
     want = _explicit_sspc(loss, inputs, joints, input_queue, joint_queue, assign)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(loss.last_terms["specific"] + loss.last_terms["cross"], got.detach())

@@ -210,7 +210,7 @@ def run_dir(tmp_path_factory):
 
 def test_checkpoint_holds_only_tensors_and_plain_containers(run_dir):
     state = torch.load(run_dir / "last.pt", weights_only=True)  # raised UnpicklingError on numpy's RNG state before
-    assert state["format"] == "mmot-sspc-checkpoint" and state["version"] == 1
+    assert state["format"] == "mmot-sspc-checkpoint" and state["version"] == 2
     assert isinstance(state["config"], dict) and state["config"]["model"]["n_anchors"] == 8
     assert state["rng"]["numpy"]["keys"].dtype == torch.int64 and state["rng"]["python"]["state"].shape == (625,)
 
@@ -281,6 +281,42 @@ def test_resume_refuses_a_truncated_checkpoint(run_dir, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("mmot-sspc: error: checkpoint ") and str(run / "last.pt") in err
+
+
+def _as_version_1(state):
+    """The checkpoint as version 1 wrote it: no input_space / queue_batches / eval_ema keys."""
+    state = dict(state, version=1)
+    config = {k: dict(v) if isinstance(v, dict) else v for k, v in state["config"].items()}
+    for section, key in (("loss", "input_space"), ("loss", "queue_batches"), ("train", "eval_ema")):
+        del config[section][key]
+    config["loss"]["queue_size"] = 48
+    config["train"]["ema_decay"] = 0.9
+    state["config"] = config
+    state["ema"] = state["model"]
+    return state
+
+
+def test_version_1_checkpoints_are_evaluated_not_resumed(run_dir, tmp_path, capsys):
+    import shutil
+
+    from mmot.sspc import checkpoint as ckpt
+    from mmot.sspc.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    torch.save(_as_version_1(torch.load(run / "last.pt", weights_only=True)), run / "last.pt")
+    upgraded = ckpt.load(run / "last.pt")["config"]
+    # What version 1 did: raw input features, the EMA evaluated whenever kept.
+    assert upgraded["loss"]["input_space"] == "raw" and upgraded["train"]["eval_ema"] is True
+    assert main(["eval", "--checkpoint", str(run), "--split", "test"]) == 0
+    args = ["train", "--config", "synthetic_tiny", "--out", str(run), "--set", "train.epochs=1", "--set", "train.eval_every=0", "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "format version 1" in err and "can be evaluated but not resumed" in err and "--overwrite" in err
+    state = torch.load(run / "last.pt", weights_only=True)
+    torch.save(dict(state, version=3), run / "last.pt")
+    assert main(["eval", "--checkpoint", str(run)]) == 2
+    assert "format version 3; this mmot reads versions (1, 2)" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ mmot-sspc: run directories

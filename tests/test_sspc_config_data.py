@@ -30,6 +30,10 @@ def test_shipped_configs_load():
         ({"loss": {"mk_k": 99}}, r"loss\.mk_k: expected an integer in 1\.\.model\.n_anchors"),
         ({"bogus": {}}, r"bogus: unknown key"),
         ({"train": {"amp": "yes"}}, r"train\.amp: expected true or false"),
+        ({"loss": {"input_space": "pooled"}}, r"loss\.input_space: expected one of \('projected', 'raw'\)"),
+        ({"loss": {"queue_batches": 0}}, r"loss\.queue_batches: expected a number > 0"),
+        ({"loss": {"queue_size": 0}}, r"loss\.queue_size: expected an integer >= 1 or null"),
+        ({"train": {"eval_ema": True}}, r"train\.eval_ema: expected false when train\.ema_decay is null"),
     ],
 )
 def test_bad_config_values(values, match):

@@ -1,4 +1,5 @@
-"""mmot.sspc: retrieval metrics, a tiny end-to-end training run, exact kill-and-resume, eval CLI."""
+"""mmot.sspc: the input space, queue and evaluated weights; a tiny end-to-end training run, exact
+kill-and-resume, eval CLI. The retrieval metrics are tested in test_sspc_evaluate.py."""
 
 import json
 import os
@@ -12,37 +13,62 @@ import mmot
 import pytest
 import torch
 from mmot.sspc.config import load_config
-from mmot.sspc.evaluate import all_pairs, ranks, retrieval_metrics
+from mmot.sspc.evaluate import METRICS
 
 MMOT_ROOT = Path(mmot.__file__).resolve().parents[1]
 
 
-# ------------------------------------------------------------------------------------ metrics
+# ------------------------------------------------------------------------------------ faithful defaults
 
 
-def test_retrieval_metrics_hand_computed():
-    # 4 queries against 4 gallery items in 2-D; the true match of query i is gallery item i.
-    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [-1.0, 0.0]])
-    g = torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.0, -1.0]])
-    # cosines: q0 → g0 1.0 (rank 1); q1 → g1 ≈ 0.05 below g2 = 1 (rank 2);
-    # q2 → g2 ≈ 0.0995 below g1 ≈ 0.999 and g0 ≈ 0.995 (rank 3); q3 → g3 = 0, g1 < 0, g0 < 0, g2 = 0 tie (rank 1)
-    assert ranks(q, g).tolist() == [1, 2, 3, 1]
-    m = retrieval_metrics(q, g)
-    assert m["R@1"] == pytest.approx(50.0) and m["R@5"] == pytest.approx(100.0) and m["R@10"] == pytest.approx(100.0)
-    assert m["MedR"] == pytest.approx(1.5)  # median of 1, 1, 2, 3
-    assert retrieval_metrics(q[:3], g[:3])["MedR"] == pytest.approx(2.0)
-    pairs = all_pairs({"a": q, "b": g, "c": q})
-    assert set(pairs) == {"a->b", "b->a", "a->c", "c->a", "b->c", "c->b"}
-    assert pairs["a->c"]["R@1"] == 100.0  # identical embeddings
+def _first_batch(split, n=8):
+    return {m: split.features[m][:n] for m in split.modalities}, {m: split.masks[m][:n] for m in split.modalities}
 
 
-def test_recall_at_k_counts_rank_k():
-    q = torch.eye(12)
-    g = torch.eye(12)[[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0]]
-    # gallery item i-1 equals query i (score 1) and beats the true match (score 0); the other ten tie with it
-    assert ranks(q, g).tolist() == [2] * 12
-    m = retrieval_metrics(q, g)
-    assert (m["R@1"], m["R@5"], m["MedR"]) == (0.0, 100.0, 2.0)
+@pytest.mark.parametrize("space", ["projected", "raw"])
+def test_input_space(tmp_path, space):
+    from mmot.sspc.data import make_splits
+    from mmot.sspc.train import build
+
+    cfg = _tiny(tmp_path).replace(loss={"input_space": space})
+    splits = make_splits(cfg.data)
+    torch.manual_seed(0)
+    model, objective = build(cfg, torch.device("cpu"), splits)
+    tokens, masks = _first_batch(splits["train"])
+    inputs, _ = model(tokens, masks)
+    d_model, dims = cfg.model.d_model, splits["train"].dims()
+    for m, x in inputs.items():
+        mask = masks[m].double().unsqueeze(-1)
+        if space == "raw":  # the masked mean of the raw tokens: data only, no gradient
+            want = (tokens[m].double() * mask).sum(1) / mask.sum(1)
+            assert not x.requires_grad and objective.sspc.input_anchors[m].weight.shape == (8, dims[m])
+        else:  # the normalised masked mean of the gated projection + LayerNorm, with gradient
+            enc = model.encoders[m]
+            h = enc.norm(enc.token_proj(tokens[m])).double()
+            want = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+            assert x.requires_grad and objective.sspc.input_anchors[m].weight.shape == (8, d_model)
+        torch.testing.assert_close(x.double(), want, rtol=1e-5, atol=1e-6)
+    if space == "projected":  # the input-space terms reach the token projection
+        inputs["video"].sum().backward()
+        assert model.encoders["video"].token_proj.fc.weight.grad.abs().sum() > 0
+        assert model.encoders["video"].joint_proj.fc.weight.grad is None
+
+
+def test_faithful_defaults_and_queue_in_batches(tmp_path):
+    from mmot.sspc.config import Config
+    from mmot.sspc.data import make_splits
+    from mmot.sspc.train import build
+
+    d = Config()
+    assert (d.loss.input_space, d.model.dropout, d.train.grad_clip) == ("projected", 0.0, None)
+    assert d.train.ema_decay is None and d.train.eval_ema is False
+    assert d.loss.queue_batches == 2.5 and d.loss.queue_size is None and d.loss.queue_rows(2160) == 5400
+    cfg = _tiny(tmp_path, batch_size=10).replace(loss={"queue_batches": 2.5})
+    _, objective = build(cfg, torch.device("cpu"), make_splits(cfg.data))
+    assert objective.sspc.input_queues["text"].size == objective.sspc.joint_queues["audio"].size == 25
+    cfg = cfg.replace(loss={"queue_size": 7})
+    _, objective = build(cfg, torch.device("cpu"), make_splits(cfg.data))
+    assert objective.sspc.input_queues["text"].size == 7  # rows, when given
 
 
 # ------------------------------------------------------------------------------------ training
@@ -59,8 +85,8 @@ def test_tiny_end_to_end(tmp_path):
     results = train(cfg)
     assert set(results) == {"test", "ood"}
     for res in results.values():
-        assert len(res["pairs"]) == 6
-        assert all(0 <= res["mean"][m] <= 100 for m in ("R@1", "R@5", "R@10"))
+        assert len(res["pairs"]) == 12  # six single-modality pairs, six fused queries
+        assert all(0 <= res["mean"][m] <= 100 for m in ("R@1", "R@5", "R@10", "R@50"))
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["type"] == "train"]
@@ -79,6 +105,19 @@ def test_tiny_end_to_end(tmp_path):
     ev = json.loads((tmp_path / "e.json").read_text())
     assert set(ev) == {"test"} and ev["test"]["mean"] == pytest.approx(results["test"]["mean"])
 
+    # The EMA is kept but the trained weights are evaluated, unless train.eval_ema.
+    from mmot.sspc.train import load_for_eval
+
+    def weights(path):
+        return load_for_eval(path)[0].state_dict()
+
+    assert all(torch.equal(v, state["model"][k]) for k, v in weights(run).items())
+    state["config"]["train"]["eval_ema"] = True
+    torch.save(state, tmp_path / "ema.pt")
+    got = weights(tmp_path / "ema.pt")
+    assert all(torch.equal(v, state["ema"][k]) for k, v in got.items())
+    assert not all(torch.equal(v, state["model"][k]) for k, v in got.items())
+
 
 def test_step_time_and_table(tmp_path):
     from mmot.sspc.data import make_splits
@@ -87,13 +126,13 @@ def test_step_time_and_table(tmp_path):
     cfg = _tiny(tmp_path)
     times = measure_step_time(cfg, make_splits(cfg.data), n_steps=2, warmup=1)
     assert set(times) == {"mmot", "official_dense"} and all(t > 0 for t in times.values())
-    fake = {"test": {"mean": {"R@1": 10.0, "R@5": 20.0, "R@10": 30.0, "MedR": 4.0}}}
-    other = {"test": {"mean": {"R@1": 20.0, "R@5": 40.0, "R@10": 50.0, "MedR": 2.0}}}
+    fake = {"test": {"mean": dict(zip(METRICS, [10.0, 20.0, 30.0, 40.0, 4.0, 5.0]))}}
+    other = {"test": {"mean": dict(zip(METRICS, [20.0, 40.0, 50.0, 60.0, 2.0, 3.0]))}}
     rows = _summarise({"contrastive": {0: fake, 1: other}, "multi_sk": {0: other, 1: other}})
     r1 = next(r for r in rows if r["variant"] == "contrastive" and r["metric"] == "R@1")
     assert r1["mean"] == 15.0 and r1["std"] == pytest.approx(7.0710678) and r1["seeds"] == [0, 1]
     table = markdown_table(rows)
-    assert "| contrastive only | 15.0 ± 7.1 |" in table and "+ SSPC (Multi-SK)" in table
+    assert "| contrastive only | 15.0 ± 7.1 |" in table and "+ SSPC (Multi-SK)" in table and "test MeanR" in table
     plot(rows, tmp_path / "p.png", "t")
     assert (tmp_path / "p.png").stat().st_size > 1000
 

@@ -14,6 +14,7 @@ from mmot.ops.anchor_consistency import anchor_consistency_loss
 from mmot.ops.multi_sinkhorn import multi_sinkhorn
 from mmot.ops.similarity import similarity
 from mmot.ops.sinkhorn import sinkhorn
+from mmot.reference import minmax_rows
 
 ASSIGNMENTS = ("multi", "single")
 _WHERE = "mmot.nn.SSPCLoss"
@@ -32,6 +33,14 @@ class SSPCLoss(nn.Module):
     embedding (B, D). The module holds K anchors per modality in each space, Z_m and Ẑ_m, and
     a :class:`FeatureQueue` of ``queue_size`` past rows per modality and space.
 
+    **Which input to pass as x_m.** The SSPC code's default is the L2-normalised masked mean
+    of the modality's *projected* tokens: after the token projection (and its LayerNorm),
+    before the transformer, computed *with* gradient, so the anchor terms also train the
+    token projection. Pass that. Its non-default ``anchor_raw_feat_sim`` passes the pooled
+    raw input features instead (no gradient reaches the encoder through them; the input-space
+    terms then only move the input anchors). Scores are cosine similarities, so whether x_m
+    is normalised does not change the loss.
+
     - P_m = sim(x_m, Z_m) and P̂_{n,m} = sim(x̂_n, Ẑ_m) for every pair (n, m) (one batched
       :func:`mmot.similarity` call).
     - Targets, under ``no_grad``: T_m = Multi-SK(sim([queue; x_m], Z_m))[-B:] and
@@ -43,20 +52,28 @@ class SSPCLoss(nn.Module):
       wherever audio is involved (``pair_weights`` overrides).
     - **Warm-up.** Until every queue is full, the loss is 0 (no graph) and the call only
       pushes the batch. Afterwards the batch is pushed after the targets are computed.
-    - ``assignment="single"`` replaces Multi-SK by the single-assignment SwAV Sinkhorn
-      (:func:`mmot.sinkhorn` with the same eps and iterations; its rows sum to 1): the
-      "+SSPC with single-assignment Sinkhorn" ablation.
+    - ``queue_size``: SSPC's is 5500 rows at a batch of 2160 (216 videos × 10 clips), about
+      2.5 batches; scale it with your batch.
+    - ``assignment="single"``: the "+SSPC with single-assignment Sinkhorn" ablation. Multi-SK
+      is replaced by SwAV's Sinkhorn (:func:`mmot.sinkhorn` with this module's ``eps`` and
+      ``n_iters``), and its rows, which sum to 1, are min-max rescaled to [0, 1] as Multi-SK's
+      targets are (:func:`mmot.reference.minmax_rows`), so that the two variants differ only in
+      the assignment. Unscaled SwAV rows (most entries near 0) would push almost every score
+      down under ACL, whose predicted probability σ(exp(s/τ)) is above 0.5. Multi-SK with
+      k = 1 was not used: its other K − 1 down-weighted slots still share each sample's mass,
+      so it is not SwAV's assignment.
 
     After a call, ``last_terms`` holds the detached "specific" and "cross" parts.
 
     Example: add SSPC to an existing multi-modal model::
 
-        sspc = mmot.nn.SSPCLoss({"video": 4096, "audio": 128, "text": 300}, joint_dim=4096)
+        sspc = mmot.nn.SSPCLoss({"video": 4096, "audio": 4096, "text": 4096}, joint_dim=6144, queue_size=5500)
         contrastive = mmot.nn.CombinatorialContrastiveLoss()
         optimizer = torch.optim.Adam([*model.parameters(), *sspc.parameters()], lr=5e-5)
         for batch in loader:
-            tokens, joint = model(batch)        # per modality: (B, D_m) input features, (B, 4096) embeddings
-            loss = contrastive(joint) + sspc(tokens, joint)
+            # per modality: (B, 4096) pooled projected tokens (with gradient), (B, 6144) embeddings
+            pooled, joint = model(batch)
+            loss = contrastive(joint) + sspc(pooled, joint)
             optimizer.zero_grad(); loss.backward(); optimizer.step()
     """
 
@@ -143,7 +160,7 @@ class SSPCLoss(nn.Module):
 
     def _assign(self, scores: Tensor) -> Tensor:
         if self.assignment == "single":
-            return sinkhorn(scores, self.eps, self.n_iters, backend=self.backend)
+            return minmax_rows(sinkhorn(scores, self.eps, self.n_iters, backend=self.backend))
         return multi_sinkhorn(scores, self.k, self.eps, self.n_iters, backend=self.backend)
 
     def forward(self, inputs: Mapping[str, Tensor], joints: Mapping[str, Tensor]) -> Tensor:

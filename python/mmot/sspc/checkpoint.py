@@ -6,6 +6,10 @@ The config is stored as a plain dict and every RNG state as tensors (numpy's Mer
 key and Python's ``random`` state as int64 tensors), so nothing in a checkpoint needs pickled
 classes. A file that is truncated, not a checkpoint, or holds anything else (for example a
 pickled object from another program) is refused with a :class:`CheckpointError` naming the file.
+
+Format versions: 2 is written. 1 (before the SSPC code's defaults: raw input space, queue in
+rows, EMA evaluated when kept) is read for evaluation, its config completed with the values that
+reproduce what it was trained with (:func:`upgrade_config`); ``train --resume`` refuses it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import numpy as np
 import torch
 
 FORMAT = "mmot-sspc-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)
 # Keys every checkpoint holds, with the type each must have once loaded.
 REQUIRED = {
     "config": dict,
@@ -61,14 +66,28 @@ def load(path: Path) -> dict:
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint '{path}' is not an mmot-sspc checkpoint (no format tag '{FORMAT}')")
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint '{path}' has format version {state.get('version')!r}; this mmot reads version {VERSION}")
+    if state.get("version") not in READABLE:
+        raise CheckpointError(f"checkpoint '{path}' has format version {state.get('version')!r}; this mmot reads versions {READABLE}")
     for key, kind in REQUIRED.items():
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"checkpoint '{path}': '{key}' must be a {kind.__name__}; got {type(state.get(key)).__name__}")
     if state.get("ema") is not None and not isinstance(state["ema"], dict):
         raise CheckpointError(f"checkpoint '{path}': 'ema' must be a dict or None; got {type(state['ema']).__name__}")
+    if state["version"] == 1:
+        state["config"] = upgrade_config(state["config"])
     return state
+
+
+def upgrade_config(config: dict) -> dict:
+    """A version-1 config completed with the behaviour of the code that wrote it: the raw input
+    space, and the EMA evaluated whenever one was kept (its queue_size, dropout and clipping are
+    stored in it already)."""
+    config = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    if isinstance(config.get("loss"), dict):
+        config["loss"].setdefault("input_space", "raw")
+    if isinstance(config.get("train"), dict):
+        config["train"].setdefault("eval_ema", config["train"].get("ema_decay") is not None)
+    return config
 
 
 def rng_state() -> dict:

@@ -23,9 +23,14 @@ yaml = require("yaml", "sspc", "mmot.sspc")
 
 VARIANTS = ("contrastive", "sinkhorn", "multi_sk")
 """Loss variants: NormSoftmax only; + SSPC anchor terms with single-assignment Sinkhorn targets
-(:func:`mmot.sinkhorn`); + SSPC anchor terms with Multi-SK targets (:func:`mmot.multi_sinkhorn`)."""
+(:func:`mmot.sinkhorn`, rows min-max rescaled as Multi-SK's are); + SSPC anchor terms with
+Multi-SK targets (:func:`mmot.multi_sinkhorn`)."""
 DATA_FORMATS = ("uci", "npz", "pickle", "synthetic")
 ASSIGNMENT_IMPLS = ("mmot", "official_dense")
+INPUT_SPACES = ("projected", "raw")
+"""What the input-space anchors score: the L2-normalised masked mean of the projected tokens
+(after the gated token projection and LayerNorm, with gradient; the SSPC code's default), or the
+masked mean of the raw input tokens (no gradient; the SSPC code's ``anchor_raw_feat_sim``)."""
 
 
 class ConfigError(ValueError):
@@ -99,13 +104,14 @@ class ModelConfig:
     embed_dim: int = 64
     n_heads: int = 4
     mlp_ratio: float = 2.0
-    dropout: float = 0.1
+    dropout: float = 0.0  # the SSPC code's transformer has no dropout
     n_anchors: int = 32
 
 
 @dataclass
 class LossConfig:
     variant: str = "multi_sk"
+    input_space: str = "projected"
     temperature: float = 0.05
     pair_weights: dict[str, float] = field(default_factory=lambda: {"text-video": 1.0, "text-audio": 0.1, "video-audio": 0.1})
     default_pair_weight: float = 1.0
@@ -113,13 +119,29 @@ class LossConfig:
     default_anchor_weight: float = 1.0
     anchor_temperature: float = 0.1
     anchor_loss_weight: float = 1.0
-    queue_size: int = 5500
+    # Queue length in training batches (the SSPC code: 5500 rows at batch 2160, about 2.5);
+    # queue_size, when set, gives it in rows instead.
+    queue_batches: float = 2.5
+    queue_size: int | None = None
     mk_k: int | None = None
     mk_eps: float = 0.07
     mk_iters: int = 20
     sk_eps: float = 0.05
     sk_iters: int = 3
     assignment_impl: str = "mmot"
+
+    def pair_weight(self, a: str, b: str) -> float:
+        """The contrastive weight of the modality pair {a, b} (either key order), else the default."""
+        for key in (f"{a}-{b}", f"{b}-{a}"):
+            if key in self.pair_weights:
+                return float(self.pair_weights[key])
+        return float(self.default_pair_weight)
+
+    def queue_rows(self, batch: int) -> int:
+        """The queue length in rows for a training batch of ``batch`` rows."""
+        if self.queue_size is not None:
+            return self.queue_size
+        return max(1, round(self.queue_batches * batch))
 
 
 @dataclass
@@ -129,9 +151,11 @@ class TrainConfig:
     lr: float = 5e-5
     lr_gamma: float = 0.9
     weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = None  # the SSPC code does not clip
     amp: bool | None = None
     ema_decay: float | None = None
+    # Evaluate the EMA weights instead of the trained ones (the SSPC code keeps an EMA but evaluates the raw model).
+    eval_ema: bool = False
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = None
@@ -360,11 +384,15 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "a number in [0, 1)", m.dropout)
 
     _check(loss.variant in VARIANTS, "loss.variant", f"one of {VARIANTS}", loss.variant)
+    _check(loss.input_space in INPUT_SPACES, "loss.input_space", f"one of {INPUT_SPACES}", loss.input_space)
     _check(loss.assignment_impl in ASSIGNMENT_IMPLS, "loss.assignment_impl", f"one of {ASSIGNMENT_IMPLS}", loss.assignment_impl)
     for key in ("temperature", "anchor_temperature", "mk_eps", "sk_eps"):
         _check(getattr(loss, key) > 0, f"loss.{key}", "a number > 0", getattr(loss, key))
-    for key in ("mk_iters", "sk_iters", "queue_size"):
+    for key in ("mk_iters", "sk_iters"):
         _check(getattr(loss, key) >= 1, f"loss.{key}", "an integer >= 1", getattr(loss, key))
+    _check(loss.queue_batches > 0, "loss.queue_batches", "a number > 0", loss.queue_batches)
+    if loss.queue_size is not None:
+        _check(loss.queue_size >= 1, "loss.queue_size", "an integer >= 1 or null (null: loss.queue_batches)", loss.queue_size)
     _check(loss.anchor_loss_weight >= 0, "loss.anchor_loss_weight", "a number >= 0", loss.anchor_loss_weight)
     if loss.mk_k is not None:
         _check(1 <= loss.mk_k <= m.n_anchors, "loss.mk_k", f"an integer in 1..model.n_anchors ({m.n_anchors}) or null", loss.mk_k)
@@ -383,6 +411,8 @@ def validate(cfg: Config) -> None:
         _check(t.grad_clip > 0, "train.grad_clip", "a number > 0 or null", t.grad_clip)
     if t.ema_decay is not None:
         _check(0 < t.ema_decay < 1, "train.ema_decay", "a number in (0, 1) or null", t.ema_decay)
+    no_ema = "false when train.ema_decay is null (no EMA to evaluate)"
+    _check(not t.eval_ema or t.ema_decay is not None, "train.eval_ema", no_ema, t.eval_ema)
     _check(t.device in ("auto", "cpu") or t.device.startswith("cuda"), "train.device", "'auto', 'cpu' or 'cuda[:i]'", t.device)
     if t.num_threads is not None:
         _check(t.num_threads >= 1, "train.num_threads", "an integer >= 1 or null", t.num_threads)

@@ -1,10 +1,22 @@
-"""Cross-modal retrieval metrics: R@1, R@5, R@10 (percent) and MedR for every ordered modality pair.
+"""Cross-modal retrieval metrics as everything_at_once reports them: R@1, R@5, R@10, R@50 (percent),
+MedR and MeanR, for every ordered modality pair and the fused queries.
 
 For a query modality a and a gallery modality b over the same N samples, query i's true match is
-gallery item i. Its rank is 1 + the number of gallery items scored strictly higher than the true
-match (cosine similarity of the joint embeddings), so ties count in the query's favour.
-R@k is the percentage of queries with rank <= k; MedR is the median rank (for an even number of
-queries, the mean of the two middle ranks).
+gallery item i, scored by the cosine similarity of the joint embeddings. **Ties are averaged**:
+with h gallery items scored strictly above the true match and c items (the true match included)
+scored exactly equal to it, the rank is h + (c + 1)/2, the mean position of the tied block, so a
+tie never counts in the query's favour (everything_at_once's default, ``break_ties='averaging'``).
+R@k is the percentage of queries with rank ≤ k; MedR and MeanR are the median (for an even N, the
+mean of the two middle ranks) and the mean rank.
+
+Fused queries (three or more modalities): the fused embedding of b and c is the mean of their
+L2-normalised embeddings, as everything_at_once's ``b+c`` embeddings; "a->b+c" queries it with a
+and "b+c->a" is the reverse. The headline one is "text->video+audio".
+
+The summary over pairs is a weighted mean of the single-modality pairs, each ordered pair a->b
+weighted as the contrastive loss weights {a, b} in training (``loss.pair_weights``), so text-video
+counts 10× the audio pairs under SSPC's weights. Fused queries are reported, not averaged in: mmot
+trains no fused terms, and neither does the SSPC model (its fused-term weights never apply).
 """
 
 from __future__ import annotations
@@ -14,50 +26,91 @@ import itertools
 import torch
 from torch import Tensor
 
-RECALL_KS = (1, 5, 10)
-METRICS = ("R@1", "R@5", "R@10", "MedR")
+from mmot.sspc.config import LossConfig
+
+RECALL_KS = (1, 5, 10, 50)
+METRICS = ("R@1", "R@5", "R@10", "R@50", "MedR", "MeanR")
+FUSED_QUERY = "text->video+audio"
+
+
+def ranks_from_similarity(sims: Tensor, offset: int = 0) -> Tensor:
+    """Ties-averaged 1-based ranks of each row's true match, column ``offset + row``, in a
+    (rows, N) similarity block; (rows,) float64."""
+    rows = torch.arange(sims.shape[0])
+    true = sims[rows, rows + offset][:, None]
+    above = (sims > true).sum(dim=1).double()
+    tied = (sims == true).sum(dim=1).double()  # the true match included
+    return above + (tied + 1.0) / 2.0
 
 
 def ranks(query: Tensor, gallery: Tensor, block: int = 1024) -> Tensor:
-    """1-based rank of gallery item i for query i under cosine similarity; (N,) long."""
+    """1-based rank of gallery item i for query i under cosine similarity, ties averaged; (N,) float64."""
     q = torch.nn.functional.normalize(query.float(), dim=-1)
     g = torch.nn.functional.normalize(gallery.float(), dim=-1)
-    out = []
-    for start in range(0, q.shape[0], block):
-        sims = q[start : start + block] @ g.T
-        idx = torch.arange(start, start + sims.shape[0])
-        true = sims[torch.arange(sims.shape[0]), idx]
-        out.append(1 + (sims > true[:, None]).sum(dim=1))
-    return torch.cat(out)
+    return torch.cat([ranks_from_similarity(q[start : start + block] @ g.T, start) for start in range(0, q.shape[0], block)])
 
 
 def retrieval_metrics(query: Tensor, gallery: Tensor) -> dict[str, float]:
-    r = ranks(query, gallery).double()
+    return metrics_from_ranks(ranks(query, gallery))
+
+
+def metrics_from_ranks(r: Tensor) -> dict[str, float]:
+    """R@k (% of ranks ≤ k), MedR and MeanR of the (N,) ranks ``r``."""
     out = {f"R@{k}": float((r <= k).double().mean() * 100.0) for k in RECALL_KS}
-    out["MedR"] = float(r.median()) if r.numel() % 2 else float(r.sort().values[r.numel() // 2 - 1 : r.numel() // 2 + 1].mean())
+    mid = r.sort().values[(r.numel() - 1) // 2 : r.numel() // 2 + 1]
+    out["MedR"] = float(mid.mean())
+    out["MeanR"] = float(r.mean())
     return out
 
 
+def fused(a: Tensor, b: Tensor) -> Tensor:
+    """everything_at_once's fused embedding: the mean of the two L2-normalised embeddings."""
+    normalize = torch.nn.functional.normalize
+    return (normalize(a.float(), dim=-1) + normalize(b.float(), dim=-1)) / 2
+
+
 def all_pairs(embeddings: dict[str, Tensor]) -> dict[str, dict[str, float]]:
-    """Metrics for every ordered pair, keyed "a->b" (query a, gallery b)."""
-    return {f"{a}->{b}": retrieval_metrics(embeddings[a], embeddings[b]) for a, b in itertools.permutations(embeddings, 2)}
+    """Metrics for every ordered pair, keyed "a->b" (query a, gallery b), then with three or more
+    modalities every fused query "a->b+c" and "b+c->a" (b, c in the order of ``embeddings``)."""
+    out = {f"{a}->{b}": retrieval_metrics(embeddings[a], embeddings[b]) for a, b in itertools.permutations(embeddings, 2)}
+    if len(embeddings) >= 3:
+        for a in embeddings:
+            for b, c in itertools.combinations([m for m in embeddings if m != a], 2):
+                bc = fused(embeddings[b], embeddings[c])
+                out[f"{a}->{b}+{c}"] = retrieval_metrics(embeddings[a], bc)
+                out[f"{b}+{c}->{a}"] = retrieval_metrics(bc, embeddings[a])
+    return out
 
 
-def mean_over_pairs(pairs: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {m: sum(p[m] for p in pairs.values()) / len(pairs) for m in METRICS}
+def pair_weights(modalities: list[str], loss: LossConfig) -> dict[str, float]:
+    """The weight of each ordered single-modality pair "a->b": the training weight of {a, b}."""
+    return {f"{a}->{b}": loss.pair_weight(a, b) for a, b in itertools.permutations(modalities, 2)}
+
+
+def mean_over_pairs(pairs: dict[str, dict[str, float]], weights: dict[str, float]) -> dict[str, float]:
+    """The ``weights``-weighted mean of each metric over the pairs ``weights`` names (fused queries have none)."""
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(f"loss.pair_weights: the modality pairs {list(weights)} have weights summing to 0")
+    return {m: sum(w * pairs[key][m] for key, w in weights.items()) / total for m in METRICS}
+
+
+def summarise(embeddings: dict[str, Tensor], loss: LossConfig) -> dict:
+    """``{"pairs": all_pairs(...), "mean": the training-weighted mean, "weights": the pair weights}``."""
+    pairs = all_pairs(embeddings)
+    weights = pair_weights(list(embeddings), loss)
+    return {"pairs": pairs, "mean": mean_over_pairs(pairs, weights), "weights": weights}
 
 
 def evaluate_checkpoint(path, splits: list[str] | None = None, device: str = "cpu") -> dict:
     """Load a checkpoint written by :func:`mmot.sspc.train.train` and evaluate it on its data."""
+    from mmot.sspc.model import embed_split
     from mmot.sspc.train import load_for_eval
 
     model, data, cfg = load_for_eval(path, device=device)
-    from mmot.sspc.model import embed_split
-
     results = {}
     for name, split in data.items():
         if name == "train" or (splits and name not in splits):
             continue
-        pairs = all_pairs(embed_split(model, split, cfg.train.batch_size, device))
-        results[name] = {"pairs": pairs, "mean": mean_over_pairs(pairs)}
+        results[name] = summarise(embed_split(model, split, cfg.train.batch_size, device), cfg.loss)
     return results

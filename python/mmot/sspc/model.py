@@ -6,22 +6,29 @@ Model, per modality (as everything_at_once / SSPC):
     projection ─▶ joint embedding x̂_m (B, E)
 
 A gated projection is a linear layer followed by context gating, y ← y ⊙ σ(W y + b). The
-*input-space* feature of modality m is the masked mean of its raw tokens, x_m (B, D_m): the
-pretrained feature space whose structure SSPC preserves. Every modality has K learnable anchors
-Z_m in its input space and K anchors Ẑ_m in the joint space.
+*input-space* feature x_m, whose structure SSPC preserves, is chosen by ``loss.input_space``:
 
-Objective (as in the SSPC paper): the NormSoftmax combinatorial contrastive loss (τ = 0.05) over modality
-pairs with weights normalised to sum 1, plus, for the SSPC variants, the anchor loss
+- ``projected`` (default, the SSPC code's): the L2-normalised masked mean of the projected
+  tokens, after the gated token projection and LayerNorm and before the transformer, (B, d_model),
+  with gradient, so the anchor terms also train the token projection;
+- ``raw`` (the SSPC code's non-default ``anchor_raw_feat_sim``): the masked mean of the raw input
+  tokens, (B, D_m), a function of the data alone, so those terms only move the input anchors.
+
+Every modality has K learnable anchors Z_m in its input space and K anchors Ẑ_m in the joint space.
+
+Objective (as in the SSPC paper and code): the NormSoftmax combinatorial contrastive loss (τ = 0.05)
+over modality pairs with weights normalised to sum 1, plus, for the SSPC variants, the anchor loss
 
     L_anc = Σ_{m,n} c[m,n]·ACL(P_m, T̂_{n,m}) + Σ_{n,m} c[n,m]·ACL(P̂_{n,m}, T_m)
 
 with P_m = sim(x_m, Z_m), P̂_{n,m} = sim(x̂_n, Ẑ_m), targets T from an assignment of the
 [queue; batch] scores (rows of the batch kept) under no_grad, c[m,n] = min(w_m, w_n) (1 for text
 and video, 0.1 wherever audio is involved), ACL = :func:`mmot.anchor_consistency_loss` (τ 0.1).
-The queues hold past x_m and x̂_m; they are re-scored against the current anchors at every step
-and L_anc is 0 until they are full. All of this is :class:`mmot.nn.SSPCLoss` (which owns the
-anchors and queues) and :class:`mmot.nn.CombinatorialContrastiveLoss`; this module only wires
-them to the encoders and the config, and swaps in the official-dense Multi-SK for timing.
+The queues hold past x_m and x̂_m (``loss.queue_batches`` training batches, 2.5 by default);
+they are re-scored against the current anchors at every step and L_anc is 0 until they are full.
+All of this is :class:`mmot.nn.SSPCLoss` (which owns the anchors and queues) and
+:class:`mmot.nn.CombinatorialContrastiveLoss`; this module only wires them to the encoders and
+the config, and swaps in the official-dense Multi-SK for timing.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from torch import Tensor, nn
 
 import mmot
 from mmot.dense_multi_sinkhorn import dense_multi_sinkhorn
-from mmot.sspc.config import LossConfig, ModelConfig
+from mmot.sspc.config import INPUT_SPACES, LossConfig, ModelConfig
 from mmot.sspc.data import MultiModalData
 
 
@@ -71,24 +78,34 @@ class ModalityEncoder(nn.Module):
         )
         self.joint_proj = GatedProjection(cfg.d_model, cfg.embed_dim)
 
-    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(L2-normalised masked mean of the projected tokens, joint embedding)."""
         h = self.norm(self.token_proj(tokens))
+        pooled = nn.functional.normalize(masked_mean(h, mask), dim=-1)
         h = self.block(h, src_key_padding_mask=~mask)
-        return self.joint_proj(masked_mean(h, mask))
+        return pooled, self.joint_proj(masked_mean(h, mask))
 
 
 class SSPCModel(nn.Module):
-    """Per-modality encoders; the anchors live in the objective (:class:`mmot.nn.SSPCLoss`)."""
+    """Per-modality encoders; the anchors live in the objective (:class:`mmot.nn.SSPCLoss`).
+    ``input_space`` picks the input-space features it returns (see the module docstring)."""
 
-    def __init__(self, dims: dict[str, int], cfg: ModelConfig) -> None:
+    def __init__(self, dims: dict[str, int], cfg: ModelConfig, input_space: str = "projected") -> None:
         super().__init__()
+        if input_space not in INPUT_SPACES:
+            raise ValueError(f"loss.input_space: expected one of {INPUT_SPACES}, got {input_space!r}")
         self.modalities = list(dims)
+        self.input_space = input_space
+        self.input_dims = dict(dims) if input_space == "raw" else {m: cfg.d_model for m in dims}
         self.encoders = nn.ModuleDict({m: ModalityEncoder(d, cfg) for m, d in dims.items()})
 
     def forward(self, tokens: dict[str, Tensor], masks: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Returns (input-space features x_m, joint embeddings x̂_m), each keyed by modality."""
-        inputs = {m: masked_mean(tokens[m], masks[m]) for m in self.modalities}
-        joint = {m: self.encoders[m](tokens[m], masks[m]) for m in self.modalities}
+        inputs, joint = {}, {}
+        for m in self.modalities:
+            inputs[m], joint[m] = self.encoders[m](tokens[m], masks[m])
+            if self.input_space == "raw":
+                inputs[m] = masked_mean(tokens[m], masks[m])
         return inputs, joint
 
 
@@ -112,13 +129,6 @@ def embed_split(model: SSPCModel, split: MultiModalData, batch_size: int = 512, 
 # Objective
 
 
-def _pair_weight(table: dict[str, float], default: float, a: str, b: str) -> float:
-    for key in (f"{a}-{b}", f"{b}-{a}"):
-        if key in table:
-            return float(table[key])
-    return float(default)
-
-
 class DenseSSPCLoss(mmot.nn.SSPCLoss):
     """:class:`mmot.nn.SSPCLoss` with the official-dense (K, N, K) Multi-SK of the SSPC code in
     place of mmot's kernels: the baseline of the step-time comparison, nothing else."""
@@ -132,13 +142,15 @@ class DenseSSPCLoss(mmot.nn.SSPCLoss):
 class SSPCObjective(nn.Module):
     """NormSoftmax combinatorial loss (:class:`mmot.nn.CombinatorialContrastiveLoss`) plus, for
     the SSPC variants, the anchor loss (:class:`mmot.nn.SSPCLoss`, which owns the input- and
-    joint-space anchors and the queues; its parameters are trained with the model's)."""
+    joint-space anchors and the queues; its parameters are trained with the model's).
+    ``dims`` are the input-space sizes (:attr:`SSPCModel.input_dims`), ``queue_size`` the queue
+    length in rows (:meth:`LossConfig.queue_rows`)."""
 
-    def __init__(self, dims: dict[str, int], embed_dim: int, n_anchors: int, cfg: LossConfig) -> None:
+    def __init__(self, dims: dict[str, int], embed_dim: int, n_anchors: int, cfg: LossConfig, queue_size: int) -> None:
         super().__init__()
         self.cfg = cfg
         mods = list(dims)
-        pairs = {(a, b): _pair_weight(cfg.pair_weights, cfg.default_pair_weight, a, b) for a, b in itertools.combinations(mods, 2)}
+        pairs = {(a, b): cfg.pair_weight(a, b) for a, b in itertools.combinations(mods, 2)}
         if sum(pairs.values()) <= 0:
             raise ValueError(f"loss.pair_weights: the weights of the modality pairs {list(pairs)} sum to 0")
         self.contrastive = mmot.nn.CombinatorialContrastiveLoss({p: w for p, w in pairs.items() if w > 0}, cfg.temperature)
@@ -152,7 +164,7 @@ class SSPCObjective(nn.Module):
                 dims,
                 embed_dim,
                 n_anchors,
-                cfg.queue_size,
+                queue_size,
                 k=cfg.mk_k,
                 eps=cfg.sk_eps if single else cfg.mk_eps,
                 n_iters=cfg.sk_iters if single else cfg.mk_iters,

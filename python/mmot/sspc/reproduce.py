@@ -4,15 +4,18 @@ Three variants, each trained with ``n_seeds`` seeds (model init and batch order;
 is fixed) and evaluated in-domain (``test``) and on the held-out classes (``ood``):
 
 - ``contrastive``: the NormSoftmax combinatorial loss only;
-- ``sinkhorn``: + the SSPC anchor loss with single-assignment Sinkhorn targets (:func:`mmot.sinkhorn`);
+- ``sinkhorn``: + the SSPC anchor loss with single-assignment Sinkhorn targets (:func:`mmot.sinkhorn`,
+  rows min-max rescaled as Multi-SK's are: see :class:`mmot.nn.SSPCLoss`);
 - ``multi_sk``: + the SSPC anchor loss with Multi-SK targets (:func:`mmot.multi_sinkhorn`).
 
-Each metric is the mean over the six ordered modality pairs of one run; the table shows its mean
-± standard deviation over seeds. Outputs in ``out_dir``: ``results.json`` (``{"rows": [{"variant",
-"split", "metric", "mean", "std", "seeds", "values"}], "step_time_ms": {"mmot", "official_dense"},
-"per_pair": ..., "config": ...}``; ``seeds`` lists the seeds, ``values`` the per-seed values),
-``results.md`` (the table), ``results.png`` (the plot) and ``runs/`` (every run's checkpoint and
-metrics).
+Metrics are everything_at_once's (:mod:`mmot.sspc.evaluate`: ties averaged). Each ``mean`` row is
+one run's mean over the six ordered modality pairs weighted by the training pair weights; the
+``text->video+audio`` rows are the fused query. The tables show mean ± standard deviation over
+seeds. Outputs in ``out_dir``: ``results.json`` (``{"rows": [{"variant", "split", "query",
+"metric", "mean", "std", "seeds", "values"}], "step_time_ms": {"mmot", "official_dense"},
+"per_pair": {variant: {seed: {split: {pair: metrics}}}}, "config": ...}``; ``query`` is "mean" or
+a pair key, ``seeds`` lists the seeds, ``values`` the per-seed values), ``results.md`` (the
+tables), ``results.png`` (the plot of the means) and ``runs/`` (every run's checkpoint and metrics).
 
 ``step_time_ms`` is the mean time of a full training step (forward, loss, backward, Adam) of the
 ``multi_sk`` variant, once with mmot's Multi-SK kernels and once with the official-dense
@@ -32,8 +35,8 @@ import torch
 from mmot._extras import MissingExtra, require
 from mmot.sspc.config import Config, load_config
 from mmot.sspc.data import make_splits
-from mmot.sspc.evaluate import METRICS
-from mmot.sspc.train import build, train
+from mmot.sspc.evaluate import FUSED_QUERY, METRICS
+from mmot.sspc.train import build, train, train_batch
 
 VARIANTS = ("contrastive", "sinkhorn", "multi_sk")
 LABELS = {"contrastive": "contrastive only", "sinkhorn": "+ SSPC (Sinkhorn)", "multi_sk": "+ SSPC (Multi-SK)"}
@@ -43,7 +46,7 @@ def measure_step_time(cfg: Config, splits, n_steps: int = 10, warmup: int = 3) -
     """Mean training-step time (ms) of the multi_sk variant with mmot's ops vs official-dense Multi-SK.
     The two are interleaved step by step so that machine noise hits both alike."""
     train_split = splits["train"]
-    batch = min(cfg.train.batch_size, len(train_split))
+    batch = train_batch(cfg, len(train_split))
     setups = {}
     for impl in ("mmot", "official_dense"):
         c = cfg.replace(loss={"variant": "multi_sk", "assignment_impl": impl})
@@ -52,7 +55,7 @@ def measure_step_time(cfg: Config, splits, n_steps: int = 10, warmup: int = 3) -
         optimizer = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=c.train.lr)
         setups["official_dense" if impl == "official_dense" else "mmot"] = (model, objective, optimizer)
     times: dict[str, list[float]] = {k: [] for k in setups}
-    n_fill = -(-cfg.loss.queue_size // batch)  # steps until the queues are full
+    n_fill = -(-cfg.loss.queue_rows(batch) // batch)  # steps until the queues are full
     for i in range(n_fill + warmup + n_steps):
         start = (i * batch) % max(1, len(train_split) - batch + 1)
         idx = torch.arange(start, start + batch)
@@ -70,17 +73,23 @@ def measure_step_time(cfg: Config, splits, n_steps: int = 10, warmup: int = 3) -
     return {name: statistics.fmean(v) for name, v in times.items()}
 
 
-def _summarise(per_run: dict) -> list[dict]:
+def _summarise(per_run: dict, query: str = "mean") -> list[dict]:
+    """Rows over seeds of ``query``: "mean" (the weighted mean over pairs) or a pair key of the runs' "pairs"."""
+
+    def pick(result: dict) -> dict:
+        return result["mean"] if query == "mean" else result["pairs"][query]
+
     rows = []
     for variant, by_seed in per_run.items():
         seeds = sorted(by_seed)
         for split in by_seed[seeds[0]]:
             for metric in METRICS:
-                values = [by_seed[s][split]["mean"][metric] for s in seeds]
+                values = [pick(by_seed[s][split])[metric] for s in seeds]
                 rows.append(
                     {
                         "variant": variant,
                         "split": split,
+                        "query": query,
                         "metric": metric,
                         "mean": statistics.fmean(values),
                         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -130,7 +139,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(recalls))]
             ax.bar(xs, means, width, yerr=stds, capsize=3, label=LABELS.get(v, v))
         ax.set_xticks(range(len(recalls)), recalls)
-        ax.set_ylabel("recall (%), mean over modality pairs")
+        ax.set_ylabel("recall (%), weighted mean over modality pairs")
         ax.set_title({"test": "in-domain test", "ood": "held-out classes (OOD)"}.get(split, split))
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -172,22 +181,27 @@ def reproduce(
             bar.update(1)
     bar.close()
     rows = _summarise(per_run)
+    first = next(iter(per_run[VARIANTS[0]].values()))
+    fused_rows = _summarise(per_run, FUSED_QUERY) if all(FUSED_QUERY in res["pairs"] for res in first.values()) else []
     step_time = measure_step_time(base, splits)
     elapsed = time.perf_counter() - started
     table = markdown_table(rows)
+    if fused_rows:
+        table += f"\n\nFused query {FUSED_QUERY}:\n\n" + markdown_table(fused_rows)
     n_train, n_test = len(splits["train"]), len(splits["test"])
     n_ood = len(splits["ood"]) if "ood" in splits else 0
     header = (
         f"SSPC ablation on UCI Multiple Features ({base.name}; {n_train} train / {n_test} test / {n_ood} OOD "
-        f"samples; {len(seeds)} seeds; metrics averaged over the 6 ordered modality pairs; "
-        f"R@k in %, MedR in ranks)"
+        f"samples; {len(seeds)} seeds; metrics averaged over the 6 ordered modality pairs weighted as in training; "
+        f"ties averaged; R@k in %, MedR and MeanR in ranks)"
     )
+    queue = base.loss.queue_rows(train_batch(base, n_train))
     step_line = (
-        f"Training-step time (multi_sk, batch {base.train.batch_size}, queue {base.loss.queue_size}, "
+        f"Training-step time (multi_sk, batch {train_batch(base, n_train)}, queue {queue}, "
         f"K {base.model.n_anchors}): mmot {step_time['mmot']:.1f} ms, official-dense {step_time['official_dense']:.1f} ms "
         f"({step_time['official_dense'] / step_time['mmot']:.2f}x); total wall time {elapsed:.0f} s"
     )
-    summary = {"rows": rows, "step_time_ms": step_time, "per_pair": per_pair, "config": base.to_dict(), "wall_time_s": elapsed}
+    summary = {"rows": rows + fused_rows, "step_time_ms": step_time, "per_pair": per_pair, "config": base.to_dict(), "wall_time_s": elapsed}
     with open(out / "results.json", "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)
     (out / "results.md").write_text(f"{header}\n\n{table}\n\n{step_line}\n")

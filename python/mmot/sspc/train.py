@@ -1,12 +1,14 @@
-"""The training loop: Adam, ExponentialLR per epoch, AMP on GPU, optional EMA, gradient clipping,
-JSONL metrics, atomic checkpoints and exact resume.
+"""The training loop: Adam, ExponentialLR per epoch, AMP on GPU, JSONL metrics, atomic checkpoints
+and exact resume. As in the SSPC code, there is no gradient clipping and the trained weights are
+evaluated; ``train.grad_clip`` adds clipping, ``train.ema_decay`` keeps an EMA of the weights and
+``train.eval_ema`` evaluates that EMA instead.
 
 Output directory (``train.out_dir``):
 
 - ``metrics.jsonl``: one JSON record a line: ``{"type": "train", "step", "epoch", "loss",
   "contrastive", "anchor", "lr", "queue_full"}`` every ``train.log_every`` steps and
-  ``{"type": "eval", "step", "epoch", "split", "mean": {...}, "pairs": {"a->b": {...}}}`` after
-  evaluations;
+  ``{"type": "eval", "step", "epoch", "split", "mean": {...}, "pairs": {"a->b": {...}},
+  "weights": {"a->b": w}}`` after evaluations (:func:`mmot.sspc.evaluate.summarise`);
 - ``last.pt``: the latest checkpoint, written to a temporary file and moved into place with
   ``os.replace``, so a crash never leaves a torn checkpoint. It holds the model, optimizer,
   scheduler, AMP scaler, EMA weights, queues, every RNG state, the step/epoch counters and the
@@ -34,9 +36,9 @@ import torch
 
 from mmot.sspc import checkpoint as ckpt
 from mmot.sspc.checkpoint import CheckpointError
-from mmot.sspc.config import Config, ConfigError, config_from_dict, yaml
+from mmot.sspc.config import Config, ConfigError, LossConfig, config_from_dict, yaml
 from mmot.sspc.data import MultiModalData, make_splits
-from mmot.sspc.evaluate import all_pairs, mean_over_pairs
+from mmot.sspc.evaluate import summarise
 from mmot.sspc.model import SSPCModel, SSPCObjective, embed_split
 
 CHECKPOINT = "last.pt"
@@ -80,14 +82,8 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def evaluate_model(model, splits: dict[str, MultiModalData], batch_size: int, device) -> dict:
-    out = {}
-    for name, split in splits.items():
-        if name == "train":
-            continue
-        pairs = all_pairs(embed_split(model, split, batch_size, device))
-        out[name] = {"pairs": pairs, "mean": mean_over_pairs(pairs)}
-    return out
+def evaluate_model(model, splits: dict[str, MultiModalData], batch_size: int, device, loss: LossConfig) -> dict:
+    return {name: summarise(embed_split(model, split, batch_size, device), loss) for name, split in splits.items() if name != "train"}
 
 
 class _Metrics:
@@ -109,8 +105,8 @@ class _Metrics:
 
 def _same_run(saved: dict, current: dict) -> list[str]:
     """Config keys that differ between a checkpoint and the current config (train.epochs,
-    out_dir, progress, max_steps and log/eval cadence may change on resume)."""
-    free = {"epochs", "out_dir", "progress", "max_steps", "log_every", "eval_every", "checkpoint_every", "num_threads"}
+    out_dir, progress, max_steps, num_threads, eval_ema and log/eval cadence may change on resume)."""
+    free = {"epochs", "out_dir", "progress", "max_steps", "log_every", "eval_every", "checkpoint_every", "num_threads", "eval_ema"}
     diffs = []
     for section in ("data", "model", "loss", "train"):
         for key in set(saved[section]) | set(current[section]):
@@ -150,10 +146,16 @@ def _refuse_existing_run(out: Path, overwrite: bool) -> None:
     (out / CHECKPOINT).unlink(missing_ok=True)
 
 
+def train_batch(cfg: Config, n_train: int) -> int:
+    """The training batch size: ``train.batch_size``, at most the training set."""
+    return min(cfg.train.batch_size, n_train)
+
+
 def build(cfg: Config, device: torch.device, splits: dict[str, MultiModalData]):
-    dims = splits["train"].dims()
-    model = SSPCModel(dims, cfg.model).to(device)
-    objective = SSPCObjective(dims, cfg.model.embed_dim, cfg.model.n_anchors, cfg.loss).to(device)
+    train_split = splits["train"]
+    model = SSPCModel(train_split.dims(), cfg.model, cfg.loss.input_space).to(device)
+    queue = cfg.loss.queue_rows(train_batch(cfg, len(train_split)))
+    objective = SSPCObjective(model.input_dims, cfg.model.embed_dim, cfg.model.n_anchors, cfg.loss, queue).to(device)
     return model, objective
 
 
@@ -179,7 +181,7 @@ def train(
         torch.set_num_threads(t.num_threads)
     splits = splits if splits is not None else make_splits(cfg.data)
     n_train = len(splits["train"])
-    batch = min(t.batch_size, n_train)
+    batch = train_batch(cfg, n_train)
     steps_per_epoch = max(1, n_train // batch)
     total_steps = steps_per_epoch * t.epochs
     if t.max_steps is not None:
@@ -191,6 +193,12 @@ def train(
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         state = ckpt.load(ckpt_path)
+        if state["version"] != ckpt.VERSION:
+            raise CheckpointError(
+                f"checkpoint '{ckpt_path}' has format version {state['version']}, from before the SSPC code's defaults "
+                f"(projected input space, queue in batches, min-max single-assignment targets): it can be evaluated "
+                f"but not resumed; start over with --overwrite"
+            )
         diffs = _same_run(_checkpoint_config(state, ckpt_path).to_dict(), cfg.to_dict())
         if diffs:
             raise ConfigError("--resume: the config differs from the checkpoint's: " + "; ".join(diffs))
@@ -240,14 +248,14 @@ def train(
         )
 
     def eval_model():
-        if ema is None:
+        if ema is None or not t.eval_ema:
             return model
-        shadow = SSPCModel(splits["train"].dims(), cfg.model).to(device)
+        shadow = SSPCModel(splits["train"].dims(), cfg.model, cfg.loss.input_space).to(device)
         shadow.load_state_dict(ema.state)
         return shadow
 
     def run_eval(epoch: int) -> dict:
-        results = evaluate_model(eval_model(), splits, max(batch, 256), device)
+        results = evaluate_model(eval_model(), splits, max(batch, 256), device, cfg.loss)
         for name, res in results.items():
             metrics.write({"type": "eval", "step": step, "epoch": epoch, "split": name, **res})
         return results
@@ -323,7 +331,8 @@ def train(
 
 
 def load_for_eval(path, device: str = "cpu"):
-    """(model with EMA weights if any, splits, config) from a checkpoint file or run directory."""
+    """(model, splits, config) from a checkpoint file or run directory; the model holds the
+    trained weights, or the EMA weights where the run's config says ``train.eval_ema``."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
@@ -332,7 +341,9 @@ def load_for_eval(path, device: str = "cpu"):
     state = ckpt.load(path)
     cfg = _checkpoint_config(state, path)
     splits = make_splits(cfg.data)
-    model = SSPCModel(splits["train"].dims(), cfg.model)
-    key = "ema" if state.get("ema") else "model"
+    model = SSPCModel(splits["train"].dims(), cfg.model, cfg.loss.input_space)
+    key = "ema" if cfg.train.eval_ema else "model"
+    if not isinstance(state.get(key), dict):
+        raise CheckpointError(f"checkpoint '{path}': no '{key}' weights to evaluate")
     _restore(model, state[key], key, path)
     return model.to(device), splits, cfg
