@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 
 import mmot
+import mpmath
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from mmot import reference
 
 BACKENDS = ["rust", "torch", "triton"]
@@ -131,33 +134,11 @@ def test_forced_plain_domain_beyond_its_limit_is_refused(backend, op, dtype):
 
 
 @pytest.mark.parametrize("backend", ["rust", "torch"])
-@pytest.mark.parametrize("scale, checks", [(1e30, True), (1e38, False)])
-def test_huge_scores_give_finite_plans(backend, scale, checks):
-    # At 1e38 the exponent range is beyond float32's log domain (refused with the checks on,
-    # test_exponent_range_beyond_the_log_domain_is_refused); unchecked, the floored logits
-    # still give finite plans with the right marginals.
-    previous = mmot.set_checks(checks)
-    try:
-        _finite_plans(backend, scale)
-    finally:
-        mmot.set_checks(previous)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e38), (torch.float32, 1e36), (torch.float64, 1e306)])
-def test_exponent_range_beyond_the_log_domain_is_refused(backend, dtype, scale):
-    """Past finfo.max/8 a centred logit would hit the floor and a row's order would be lost."""
-    s = torch.rand(6, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64).mul(2).sub(1).mul(scale).to(dtype)
-    eps = 0.01  # range/eps past the limit in every case
-    named = r"argument 'eps' is too small for these scores: the exponent range"
-    with pytest.raises(ValueError, match=r"mmot\.sinkhorn: " + named):
-        mmot.sinkhorn(s, eps, 3, backend=backend)
-    with pytest.raises(ValueError, match=r"mmot\.multi_sinkhorn: " + named):
-        mmot.multi_sinkhorn(s, 2, eps, 3, backend=backend)
-    # Just inside the limit the answer is the float64 one (a near-hard assignment).
-    inside = s.double() * (reference.logit_floor(dtype) / -8.0 / float(s.double().amax(-2).sub(s.double().amin(-2)).amax()) * eps)
-    got = mmot.sinkhorn(inside.to(dtype), eps, 3, backend=backend)
-    torch.testing.assert_close(got.double(), mmot.sinkhorn(inside.to(dtype).double(), eps, 3, backend="torch"), atol=1e-5, rtol=0)
+def test_huge_scores_give_finite_plans_with_the_checks_off(backend, checks_off):
+    # At 1e38 Multi-SK's exponent range is past what float64 resolves (refused with the checks
+    # on, test_multi_sinkhorn_past_float64_resolution_is_refused); unchecked, the floored
+    # logits still give finite plans with the right marginals.
+    _finite_plans(backend, 1e38)
 
 
 def _finite_plans(backend, scale):
@@ -180,3 +161,171 @@ def test_large_scores_agree_with_float64(backend):
     p = mmot.sinkhorn(s, eps=1.0, n_iters=5, backend=backend)
     expected = mmot.sinkhorn(s.double(), eps=1.0, n_iters=5, backend="torch")
     torch.testing.assert_close(p.double(), expected, atol=5e-3, rtol=0)
+
+
+# Class: extreme magnitudes and eps near its limit. The specification is the exact iteration,
+# evaluated here with 100-bit mpmath numbers (whose exponents do not overflow), independent of
+# mmot: float64 itself rounds the potentials of the reference's old form at |logits| ~ 1e20.
+
+MP_PREC = 100
+
+
+def _exact_sinkhorn(s: torch.Tensor, eps: float, n_iters: int) -> torch.Tensor:
+    """Plain-domain Sinkhorn-Knopp in mpmath, default masses (rows 1, columns N/K)."""
+    rows = [[mpmath.mpf(v) for v in row] for row in s.double().tolist()]
+    n, k = len(rows), len(rows[0])
+    with mpmath.workprec(MP_PREC):
+        col_max = [max(row[j] for row in rows) for j in range(k)]
+        e = [[mpmath.exp((row[j] - col_max[j]) / eps) for j in range(k)] for row in rows]
+        u = [mpmath.mpf(1)] * n
+        for _ in range(n_iters):
+            v = [mpmath.mpf(n) / k / mpmath.fsum(e[i][j] * u[i] for i in range(n)) for j in range(k)]
+            u = [1 / mpmath.fsum(e[i][j] * v[j] for j in range(k)) for i in range(n)]
+        return torch.tensor([[float(e[i][j] * u[i] * v[j]) for j in range(k)] for i in range(n)], dtype=torch.float64)
+
+
+def _exact_multi_sinkhorn(s: torch.Tensor, eps: float, n_iters: int, weights: list[float], k: int) -> torch.Tensor:
+    """The dense [K, N, K] Multi-SK in mpmath, uniform anchor masses N/K, normalize="none"."""
+    rows = [[mpmath.mpf(v) for v in row] for row in s.double().tolist()]
+    n, kk = len(rows), len(rows[0])
+    with mpmath.workprec(MP_PREC):
+        col_max = [max(row[a] for row in rows) for a in range(kk)]
+        p = [[[mpmath.exp(w * (row[a] - col_max[a]) / eps) for a in range(kk)] for row in rows] for w in weights]
+        mass = mpmath.mpf(n) / kk
+        for _ in range(n_iters):
+            for m in range(kk):
+                for a in range(kk):
+                    scale = mass / mpmath.fsum(p[m][i][a] for i in range(n))
+                    for i in range(n):
+                        p[m][i][a] *= scale
+            for i in range(n):
+                for a in range(kk):
+                    total = mpmath.fsum(p[m][i][a] for m in range(kk))
+                    for m in range(kk):
+                        p[m][i][a] /= total
+            for m in range(kk):
+                for i in range(n):
+                    total = mpmath.fsum(p[m][i])
+                    p[m][i] = [x / total for x in p[m][i]]
+        top = range(kk - k, kk)
+        return torch.tensor([[float(mpmath.fsum(p[m][i][a] for m in top)) for a in range(kk)] for i in range(n)], dtype=torch.float64)
+
+
+def _scores(seed: int, dtype: torch.dtype, magnitude: float, shape=(6, 4), tie=False, constant=False) -> torch.Tensor:
+    """Uniform in [−magnitude, magnitude] (so finite in ``dtype``), optionally with a row tied
+    to another and a constant row."""
+    s = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(2).sub(1).mul(magnitude)
+    if tie:
+        s[1] = s[0]
+    if constant:
+        s[2] = s[2, 0]
+    return s.to(dtype)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Float32 accuracy for float32 (and float64 at least); float16/bfloat16 outputs round to their own unit."""
+    return {torch.float64: 1e-12, torch.float32: 2e-6}.get(dtype, torch.finfo(dtype).eps)
+
+
+MAGNITUDE_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=12)
+@given(
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(MAGNITUDE_DTYPES),
+    position=st.floats(0.0, 1.0),
+    tie=st.booleans(),
+    constant=st.booleans(),
+)
+@example(seed=0, dtype=torch.float32, position=1.0, tie=True, constant=False)
+def test_sinkhorn_matches_exact_at_every_magnitude(backend, seed, dtype, position, tie, constant):
+    """From the smallest normals to finfo.max/2 (float32: 10**-37.9 .. 1.7e38): float32 scores
+    past float32's exponent range run in float64 and match the exact plan (they used to be
+    refused, or rounded to 0.2 everywhere on torch; torch and Triton were 1e-2 off from 1e5)."""
+    info = torch.finfo(dtype)
+    # float64 up to 1e300: past about 1e305 the exponent range at eps = 0.05 leaves float64.
+    low, high = math.log10(info.tiny), math.log10(info.max / 2) if dtype != torch.float64 else 300.0
+    s = _scores(seed, dtype, 10 ** (low + position * (high - low)), tie=tie, constant=constant)
+    got = mmot.sinkhorn(s, backend=backend)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), _exact_sinkhorn(s, 0.05, 3), atol=_tolerance(dtype), rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.float64]), exponent=st.floats(-37.0, 10.0))
+@example(seed=1, dtype=torch.float32, exponent=10.0)
+def test_multi_sinkhorn_matches_exact_until_float64_resolution(backend, seed, dtype, exponent):
+    """Up to the float64 limit of Multi-SK's exponent range (2^41; scores of 1e10 at eps = 0.07):
+    float32 scores past 2^12 run in float64 (they were up to 0.9 off at 1e10, 2e-3 at 1e3)."""
+    s = _scores(seed, dtype, 10.0**exponent)
+    got = mmot.multi_sinkhorn(s, 2, 0.07, 8, normalize="none", backend=backend)
+    exact = _exact_multi_sinkhorn(s, 0.07, 8, [0.25, 0.25, 1.0, 1.0], 2)
+    # Within 2^12 units of float32 at R = 2^12 (float32), 2^-12 at R = 2^41 (float64).
+    torch.testing.assert_close(got.double(), exact, atol=1e-3 if dtype == torch.float32 else 1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, scale, eps", [(torch.float32, 1e38, 0.07), (torch.float64, 1e20, 0.07), (torch.float32, 1.0, 1e-37)])
+def test_multi_sinkhorn_past_float64_resolution_is_refused(backend, dtype, scale, eps):
+    """Multi-SK's potentials are as large as its exponent range R and its plan is set by their
+    O(1) differences: past R = 2^41 even float64 decides it by rounding (0.35 off the exact plan
+    at 1e36, 0.05 at 1e20, on every backend), so such eps is refused."""
+    s = _scores(9, dtype, scale)
+    with pytest.raises(ValueError, match=r"mmot\.multi_sinkhorn: argument 'eps' is too small for these scores: .* float64 resolves"):
+        mmot.multi_sinkhorn(s, 2, eps, 3, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sinkhorn_refuses_only_past_the_float64_range(backend):
+    """Float32 scores past float32's exponent range run in float64 (they used to be refused);
+    past finfo(float64).max/8 a centred logit would hit the floor, so float64 refuses there."""
+    s = _scores(3, torch.float32, 1e38)
+    torch.testing.assert_close(mmot.sinkhorn(s, 0.01, 3, backend=backend).double(), _exact_sinkhorn(s, 0.01, 3), atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"mmot\.sinkhorn: argument 'eps' is too small for these scores: the exponent range"):
+        mmot.sinkhorn(_scores(3, torch.float64, 1e306), 0.01, 3, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.float64]), position=st.floats(0.0, 1.0))
+def test_sinkhorn_eps_near_its_limit_matches_exact(backend, seed, dtype, position):
+    """eps just above 1/finfo(float32).max (float32: 3e-39 .. 3e-36) or at 1e-300 (float64):
+    a near-hard plan whose fractions (1/2, 7/9, ...) come from ties in the max-plus limit. The
+    backends used to disagree there (rust 7/9 where torch gave 11/15) as rounding of potentials
+    of the size of the logits decided them."""
+    if dtype == torch.float32:
+        eps = 2.94e-39 * 10 ** (0.5 + 2.5 * position)
+    else:
+        eps = 1e-300 * 10 ** (3 * position)
+    s = _scores(seed, dtype, 1.0)
+    got = mmot.sinkhorn(s, eps, 3, backend=backend)
+    torch.testing.assert_close(got.double(), _exact_sinkhorn(s, eps, 3), atol=_tolerance(dtype), rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["sinkhorn", "multi_sinkhorn"])
+@pytest.mark.parametrize("dtype, eps", [(torch.float32, 1e-45), (torch.float16, 1e-39), (torch.bfloat16, 2e-39), (torch.float64, 1e-320)])
+def test_eps_whose_reciprocal_overflows_is_refused(backend, op, dtype, eps):
+    """1/eps past the accumulation dtype's range (float32 for float16/bfloat16) used to give a
+    uniform 0.25 plan (rust, torch) or 0/1 garbage (Multi-SK)."""
+    s = _scores(4, dtype, 1.0)
+    limit = 1 / torch.finfo(reference.compute_dtype(dtype)).max
+    with pytest.raises(ValueError, match=rf"mmot\.{op}: argument 'eps' must be at least {limit:.4g} for {dtype}"):
+        getattr(mmot, op)(s, eps=eps, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op, scale, eps", [("sinkhorn", 1e38, 0.05), ("multi_sinkhorn", 1e3, 0.07)])
+def test_widened_float32_gradients_match_float64(backend, op, scale, eps):
+    """The backward of a float32 call that runs in float64 runs in float64 too."""
+    s = _scores(5, torch.float32, scale).requires_grad_(True)
+    wide = s.detach().double().requires_grad_(True)
+    weights = torch.randn(6, 4, generator=torch.Generator().manual_seed(6)).double()  # exact in float32
+    kwargs = dict(eps=eps, n_iters=4, backend=backend) | ({"normalize": "none"} if op == "multi_sinkhorn" else {})
+    (grad,) = torch.autograd.grad((getattr(mmot, op)(s, **kwargs) * weights.float()).sum(), s)
+    (expected,) = torch.autograd.grad((getattr(mmot, op)(wide, **kwargs) * weights).sum(), wide)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad.double(), expected, atol=1e-6 * float(expected.abs().max()) + 1e-30, rtol=1e-4)

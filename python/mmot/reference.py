@@ -60,24 +60,55 @@ def exponent_range(scores: torch.Tensor, eps: float, max_weight: float, columns=
     scores = scores.detach()
     col_max = columns.max(scores.amax(-2)).double()
     col_min = -columns.max(-scores.amin(-2)).double()
-    return float((col_max - col_min).amax()) * max_weight / eps
+    # Halved, so that the spread of float64 scores near finfo.max is measured, not infinite;
+    # x − x is NaN exactly for an infinite x.
+    spread = (0.5 * col_max - 0.5 * col_min) + (col_max - col_max) + (col_min - col_min)
+    return float(spread.amax()) * max_weight / eps * 2.0
+
+
+# Largest exponent range R each Sinkhorn op computes in a given accumulation dtype
+# (docs/numerics.md, "Extreme scores"). sinkhorn keeps its potentials within a few log-masses of
+# 0, so its results are accurate wherever the centred logits are representable (finfo.max/8).
+# Multi-SK's potentials are of the size of R itself and its plan is decided by their O(1)
+# differences, so past R·2^-12 units of the dtype (about 1e-3 off in its plan entries) the
+# result would be decided by rounding. Float32 (float16, bfloat16) scores past their float32
+# limit are computed in float64; past the float64 limit the op refuses.
+MAX_EXPONENT_RANGE = {
+    "mmot.sinkhorn": {torch.float32: torch.finfo(torch.float32).max / 8, torch.float64: torch.finfo(torch.float64).max / 8},
+    "mmot.multi_sinkhorn": {torch.float32: 2.0**12, torch.float64: 2.0**41},
+}
+
+
+def working_dtype(scores: torch.Tensor, eps: float, max_weight: float, op: str = "mmot.sinkhorn", columns=LOCAL) -> torch.dtype:
+    """The accumulation dtype of a Sinkhorn call: :func:`compute_dtype`, or float64 for narrower
+    scores whose exponent range is past the op's float32 limit (``MAX_EXPONENT_RANGE``). Reads
+    the scores (a host sync on CUDA). Non-finite scores stay in their compute dtype."""
+    dtype = compute_dtype(scores.dtype)
+    if dtype == torch.float64 or scores.numel() == 0:
+        return dtype
+    wide = exponent_range(scores, eps, max_weight, columns) > MAX_EXPONENT_RANGE[op][torch.float32]
+    return torch.float64 if wide else dtype
 
 
 def check_log_range(scores: torch.Tensor, eps: float, max_weight: float, op: str, columns=LOCAL) -> None:
-    """ValueError where the exponent range is beyond what the log domain represents.
+    """ValueError where the exponent range is past the op's float64 limit (``MAX_EXPONENT_RANGE``).
 
-    Centred logits are floored at :func:`logit_floor`; past it a row's order would be lost and
-    the result wrong, so such eps (for such scores) is refused. The same limit as the kernels'.
+    Narrower scores are computed in float64 past their own limit (:func:`working_dtype`), so the
+    float64 limit is the only one a caller meets.
     """
-    if scores.numel() == 0:
+    limit = MAX_EXPONENT_RANGE[op][torch.float64]
+    # The widest range narrower scores can have (spread 2·max, eps ≥ 1/max of float32) may fit:
+    # then the scores need not be read.
+    widest = 2 * torch.finfo(scores.dtype).max * max_weight * torch.finfo(compute_dtype(scores.dtype)).max
+    if scores.numel() == 0 or widest <= limit:
         return
     spread = exponent_range(scores, eps, max_weight, columns)
-    limit = -logit_floor(scores.dtype if scores.dtype == torch.float64 else torch.float32)
     if spread > limit:
+        what = "represents" if op == "mmot.sinkhorn" else "resolves (the plan would be decided by rounding)"
         raise ValueError(
             f"{op}: argument 'eps' is too small for these scores: the exponent range (max - min of a score column) "
-            f"* weight / eps is {spread:.4e} here (eps = {eps:g}), beyond the {limit:.4e} this dtype can represent; "
-            f"scale the scores down, raise eps or pass float64"
+            f"* weight / eps is {spread:.4e} here (eps = {eps:g}), beyond the {limit:.4e} that float64 {what}; "
+            f"scale the scores down or raise eps"
         )
 
 
@@ -91,7 +122,8 @@ def centered_logits(s: torch.Tensor, eps: float, columns=LOCAL, weight: float = 
     and their sums stay within a few floors, inside the range. The floor passes NaN through.
     """
     shift = columns.max(s.detach().amax(-2, keepdim=True))
-    return (weight * ((s - shift) / eps)).clamp(min=logit_floor(s.dtype))
+    # Halved, so that a difference of two finite scores cannot overflow; doubling is exact.
+    return (weight * (2.0 * ((0.5 * s - 0.5 * shift) / eps))).clamp(min=logit_floor(s.dtype))
 
 
 def logit_floor(dtype: torch.dtype) -> float:
@@ -140,18 +172,22 @@ def sinkhorn(
     P ∝ exp(scores/eps); n_iters times: scale columns to ``col_mass`` (..., K), then rows to
     ``row_mass`` (..., N). Returns P with the input's dtype.
     """
-    s = scores.to(compute_dtype(scores.dtype))
+    s = scores.to(working_dtype(scores, eps, 1.0, columns=columns))
     r = row_mass.to(s.dtype).unsqueeze(-1)
     c = col_mass.to(s.dtype).unsqueeze(-2)
     logits = centered_logits(s, eps, columns)
     if uses_log_domain(s, eps, 1.0, log_domain, columns):
-        log_r, log_c = torch.log(r), torch.log(c)
-        a = torch.zeros_like(r)
-        for _ in range(n_iters):
-            b = log_c - _column_logsumexp(logits + a, columns)
-            centered, log_norm, row_max = _row_log_normalizer(logits + b)
-            a = log_r - row_max - log_norm
-        plan = torch.exp(centered - log_norm + log_r)
+        # The column potentials b stay within a few log-masses of 0: b_1 from the centred
+        # logits, then b_{t+1} = b_t + log c − log Σ_n P_t from the row-normalised plan P_t,
+        # whose column sums are at least c·min(r)/Σr. Row potentials, of the size of the
+        # logits, are never formed, so rounding at |logits| ~ 1e20 cannot move the plan.
+        log_c = torch.log(c)
+        b = log_c - _column_logsumexp(logits, columns)
+        for t in range(n_iters):
+            centered, log_norm, _ = _row_log_normalizer(logits + b)
+            plan = torch.exp(centered - log_norm) * r
+            if t + 1 < n_iters:
+                b = b + log_c - torch.log(columns.sum(plan.sum(-2, keepdim=True)))
     else:
         e = torch.exp(logits)
         u = torch.ones_like(r)
@@ -199,10 +235,10 @@ def multi_sinkhorn(
         g[n,a] = 1 / Σ_G c_G E_G f_G h_G
         h_G[n] = 1 / Σ_a E_G g f_G
     """
-    s = scores.to(compute_dtype(scores.dtype))
-    r = anchor_mass.to(s.dtype).unsqueeze(-2)
     groups = slot_groups(slot_weights, k)
     max_weight = max(weight for weight, _, _ in groups)
+    s = scores.to(working_dtype(scores, eps, max_weight, "mmot.multi_sinkhorn", columns))
+    r = anchor_mass.to(s.dtype).unsqueeze(-2)
 
     logits = [centered_logits(s, eps, columns, weight) for weight, _, _ in groups]
     if uses_log_domain(s, eps, max_weight, log_domain, columns, "mmot.multi_sinkhorn"):

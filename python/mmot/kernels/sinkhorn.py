@@ -1,16 +1,21 @@
 """Triton kernels of ``mmot::sinkhorn``: the forward and the exact VJP of the unrolled iteration.
 
 Formulation (the same for every ``log_domain``; no host sync decides anything). With
-L = scores / eps and log-potentials a (rows) and b (columns)::
+L = (scores − column max) / eps and log-potentials a (rows) and b (columns)::
 
     b_1     = log c - LSE_n L                      (pass 0: an online column log-sum-exp)
     a_t     = log r - LSE_a (L + b_t)              (row pass t: row max, one exp per entry)
     P_t     = exp(L + a_t + b_t)                   (rows sum to r, entries <= r)
     b_{t+1} = b_t + log c - log Σ_n P_t            (column sums of P_t, bounded below)
 
-This is the reference's log domain, but the column log-sum-exp of iteration t+1 is taken from
+This is the reference's log domain: the column log-sum-exp of iteration t+1 is taken from
 the column sums of the already row-normalised plan P_t: those entries never overflow, and a
-column sum of P_t is at least c_a · min(r) / Σr, so it never underflows either. The plain and
+column sum of P_t is at least c_a · min(r) / Σr, so it never underflows either. With L centred
+(each column's maximum exactly 0), b stays within a few log-masses of 0, so the rounding of
+logits of any size never moves the plan (subtracting anything else, b would be as large as L
+and its rounding would: 0.5 off at scores of 1e8 in float32). a_t, as large as L, is saved in
+two parts, the row maximum of L + b_t and log r − log Σ, and the backward forms
+exp((L + b_t − row max) + the rest), exact at each row's maximum. The plain and
 log domains of ``mmot.reference`` compute the same function, so ``log_domain`` only matters
 to the reference: the kernels are always stable, with one exp per entry per iteration.
 
@@ -35,14 +40,27 @@ from mmot.kernels._common import NEG_INF, NOT_SPECIALIZED, scalar
 
 
 @triton.jit
-def _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC: tl.constexpr):
-    ptrs = S + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k
-    x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-    return x * inv_eps
+def _load_logits(S, CMAX, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC: tl.constexpr):
+    """(scores − column max) / eps for a tile: every entry ≤ 0, each column's maximum exactly 0.
+
+    The shift is absorbed exactly by the first column scaling and keeps the column potentials
+    near 0 (module doc). Halved, so that a difference of two finite scores cannot overflow, then
+    doubled by a product, which no add can contract differently in the forward and the backward
+    (they must round L + b alike). The floor at −finfo.max/8, the widest range the value checks
+    let run in this dtype, keeps the logits finite with the checks off.
+    """
+    shift = tl.load(CMAX + offs_k, mask=tl.max(mask.to(tl.int32), axis=0) > 0, other=0.0).to(ACC)
+    x = tl.load(S + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k, mask=mask, other=0.0).to(ACC)
+    half = (x * 0.5 - shift[None, :] * 0.5) * inv_eps
+    if ACC == tl.float64:
+        floor = tl.full([], -2.2471164185778946e307, tl.float64)
+    else:
+        floor = tl.full([], -4.253529586511731e37, tl.float32)
+    return tl.maximum(2.0 * half, floor)
 
 
 @triton.jit
-def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, inv_eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _column_lse(S, CMAX, stride_n, stride_k, row_lo, row_hi, K, inv_eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     """Online (max, Σ exp(x - max)) over rows [row_lo, row_hi) of every column of L."""
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < K
@@ -51,7 +69,7 @@ def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, inv_eps, BLOCK_N: tl.c
     for n0 in range(row_lo, row_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask = (offs_n < row_hi)[:, None] & kmask[None, :]
-        x = tl.where(mask, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC), NEG_INF)
+        x = tl.where(mask, _load_logits(S, CMAX, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC), NEG_INF)
         new_m = tl.maximum(m, tl.max(x, axis=0))
         safe = tl.where(new_m == NEG_INF, 0.0, new_m)
         acc = acc * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[None, :]), axis=0)
@@ -62,6 +80,7 @@ def _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, inv_eps, BLOCK_N: tl.c
 @triton.jit
 def _row_pass(
     S,
+    CMAX,
     stride_n,
     stride_k,
     OUT,
@@ -86,14 +105,17 @@ def _row_pass(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < row_hi
         mask = nmask[:, None] & kmask[None, :]
-        x = tl.where(mask, _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC) + b[None, :], NEG_INF)
+        x = tl.where(mask, _load_logits(S, CMAX, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC) + b[None, :], NEG_INF)
         row_max = tl.where(nmask, tl.max(x, axis=1), 0.0)
         p = tl.exp(x - row_max[:, None])
         row_sum = tl.where(nmask, tl.sum(p, axis=1), 1.0)
         r = tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC)
         plan = p * (r / row_sum)[:, None]
         if SAVE:
-            tl.store(APOT + offs_n, tl.log(r) - row_max - tl.log(row_sum), mask=nmask)
+            # a_t = log r − row max − log Σ, kept in two parts: the backward recomputes the
+            # plan as exp((x − row max) + the rest), exact at each row's maximum (module doc).
+            tl.store(APOT + 2 * offs_n, row_max, mask=nmask)
+            tl.store(APOT + 2 * offs_n + 1, tl.log(r) - tl.log(row_sum), mask=nmask)
         if WRITE_OUT:
             tl.store(OUT + offs_n[:, None] * K + offs_k[None, :], plan.to(OUT.dtype.element_ty), mask=mask)
         col += tl.sum(plan, axis=0)
@@ -103,6 +125,7 @@ def _row_pass(
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _sinkhorn_fwd_kernel(
     S,
+    CMAX,
     OUT,
     RMASS,
     CMASS,
@@ -130,6 +153,7 @@ def _sinkhorn_fwd_kernel(
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
     S += pid.to(tl.int64) * stride_b
+    CMAX += pid * K
     OUT += pid.to(tl.int64) * N * K
     RMASS += pid * N
     offs_k = tl.arange(0, BLOCK_K)
@@ -137,22 +161,24 @@ def _sinkhorn_fwd_kernel(
     log_c = tl.log(tl.load(CMASS + pid * K + offs_k, mask=kmask, other=1.0).to(ACC))
     row_lo = pid_r * rows_per_program
     row_hi = tl.minimum(row_lo + rows_per_program, N)
-    APOT += pid.to(tl.int64) * (n_iters + 1) * N
+    APOT += pid.to(tl.int64) * (n_iters + 1) * 2 * N
     BPOT += pid * (n_iters + 1) * K
     if SINGLE:
-        m, acc = _column_lse(S, stride_n, stride_k, 0, N, K, inv_eps, BLOCK_N, BLOCK_K, ACC)
+        m, acc = _column_lse(S, CMAX, stride_n, stride_k, 0, N, K, inv_eps, BLOCK_N, BLOCK_K, ACC)
         b = tl.where(kmask, log_c - m - tl.log(tl.where(kmask, acc, 1.0)), 0.0)
         if SAVE:
             tl.store(BPOT + K + offs_k, b, mask=kmask)
         for t in range(1, n_iters):
-            col = _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, 0, N, K, inv_eps, SAVE, False, BLOCK_N, BLOCK_K, ACC)
+            col = _row_pass(
+                S, CMAX, stride_n, stride_k, OUT, RMASS, APOT + t * 2 * N, b, 0, N, K, inv_eps, SAVE, False, BLOCK_N, BLOCK_K, ACC
+            )
             b = tl.where(kmask, b + log_c - tl.log(tl.where(kmask, col, 1.0)), 0.0)
             if SAVE:
                 tl.store(BPOT + (t + 1) * K + offs_k, b, mask=kmask)
-        _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + n_iters * N, b, 0, N, K, inv_eps, SAVE, True, BLOCK_N, BLOCK_K, ACC)
+        _row_pass(S, CMAX, stride_n, stride_k, OUT, RMASS, APOT + n_iters * 2 * N, b, 0, N, K, inv_eps, SAVE, True, BLOCK_N, BLOCK_K, ACC)
     else:
         if pass_index == 0:
-            m, acc = _column_lse(S, stride_n, stride_k, row_lo, row_hi, K, inv_eps, BLOCK_N, BLOCK_K, ACC)
+            m, acc = _column_lse(S, CMAX, stride_n, stride_k, row_lo, row_hi, K, inv_eps, BLOCK_N, BLOCK_K, ACC)
             part = PART + (pid * R + pid_r) * 2 * K
             tl.store(part + offs_k, m, mask=kmask)
             tl.store(part + K + offs_k, acc, mask=kmask)
@@ -168,11 +194,45 @@ def _sinkhorn_fwd_kernel(
                     tl.store(BPOT + t * K + offs_k, b, mask=kmask)
             if t < n_iters:
                 col = _row_pass(
-                    S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, row_lo, row_hi, K, inv_eps, SAVE, False, BLOCK_N, BLOCK_K, ACC
+                    S,
+                    CMAX,
+                    stride_n,
+                    stride_k,
+                    OUT,
+                    RMASS,
+                    APOT + t * 2 * N,
+                    b,
+                    row_lo,
+                    row_hi,
+                    K,
+                    inv_eps,
+                    SAVE,
+                    False,
+                    BLOCK_N,
+                    BLOCK_K,
+                    ACC,
                 )
                 tl.atomic_add(COLSUM + (pid * (n_iters + 1) + t) * K + offs_k, col, mask=kmask)
             else:
-                _row_pass(S, stride_n, stride_k, OUT, RMASS, APOT + t * N, b, row_lo, row_hi, K, inv_eps, SAVE, True, BLOCK_N, BLOCK_K, ACC)
+                _row_pass(
+                    S,
+                    CMAX,
+                    stride_n,
+                    stride_k,
+                    OUT,
+                    RMASS,
+                    APOT + t * 2 * N,
+                    b,
+                    row_lo,
+                    row_hi,
+                    K,
+                    inv_eps,
+                    SAVE,
+                    True,
+                    BLOCK_N,
+                    BLOCK_K,
+                    ACC,
+                )
 
 
 @triton.jit
@@ -196,13 +256,17 @@ def _combine_lse_kernel(PART, CMASS, BPOT, K, R, n_iters, BLOCK_K: tl.constexpr,
 
 
 @triton.jit
-def _plan(x, a, b, mask):
-    return tl.exp(tl.where(mask, x + a[:, None] + b[None, :], NEG_INF))
+def _plan(x, b, APOT, offs_n, nmask, mask):
+    """exp(L + a_t + b) from a_t's two saved parts (see ``_row_pass``)."""
+    row_max = tl.load(APOT + 2 * offs_n, mask=nmask, other=0.0)
+    rest = tl.load(APOT + 2 * offs_n + 1, mask=nmask, other=0.0)
+    return tl.exp(tl.where(mask, (x + b[None, :]) - row_max[:, None] + rest[:, None], NEG_INF))
 
 
 @triton.jit
 def _reverse_pass(
     S,
+    CMAX,
     stride_n,
     stride_k,
     G,
@@ -228,29 +292,28 @@ def _reverse_pass(
     """One reverse pass; returns this program's column sums for b̄ of the next (earlier) pass."""
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < K
-    c = tl.load(CMASS + offs_k, mask=kmask, other=1.0).to(ACC)
     col = tl.zeros([BLOCK_K], ACC)
     if FIRST:
         b_t = tl.load(BPOT + t * K + offs_k, mask=kmask, other=0.0)
-        bbar = tl.zeros([BLOCK_K], ACC)
-        b_prev = b_t
     else:
-        bbar = BBAR_IN
         b_next = tl.load(BPOT + (t + 1) * K + offs_k, mask=kmask, other=0.0)
         if FINAL:
             b_prev = b_next
         else:
             b_prev = tl.load(BPOT + t * K + offs_k, mask=kmask, other=0.0)
+        # −b̄_{t+1} Q_{t+1} / c with Q_{t+1} = P_t · e^{b_{t+1} − b_t} (Q_1 = e^{L + b_1}): one
+        # column vector, so that the widest tiles keep the column shift in registers too.
+        c = tl.load(CMASS + offs_k, mask=kmask, other=1.0).to(ACC)
+        scale = BBAR_IN / c * tl.exp(b_next - b_prev)
     for n0 in range(row_lo, row_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < row_hi
         mask = nmask[:, None] & kmask[None, :]
-        x = _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC)
+        x = _load_logits(S, CMAX, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC)
         tile = offs_n[:, None] * K + offs_k[None, :]
         r = tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC)
         if FIRST:
-            a_t = tl.load(APOT + t * N + offs_n, mask=nmask, other=0.0)
-            p = _plan(x, a_t, b_t, mask)
+            p = _plan(x, b_t, APOT + t * 2 * N, offs_n, nmask, mask)
             grad = tl.load(G + tile, mask=mask, other=0.0).to(ACC)
             xg = grad * p
             abar = tl.sum(xg, axis=1)
@@ -259,15 +322,14 @@ def _reverse_pass(
             dl = contrib
         else:
             if FINAL:
-                a_t = tl.zeros([BLOCK_N], ACC)
+                y = -scale[None, :] * tl.exp(tl.where(mask, x + b_prev[None, :], NEG_INF))  # a_0 = 0
             else:
-                a_t = tl.load(APOT + t * N + offs_n, mask=nmask, other=0.0)
-            q = _plan(x, a_t, b_next, mask)
-            y = -(bbar / c)[None, :] * q
+                y = -scale[None, :] * _plan(x, b_prev, APOT + t * 2 * N, offs_n, nmask, mask)
             dl = tl.load(D + tile, mask=mask, other=0.0) + y
             if not FINAL:
                 abar = tl.sum(y, axis=1)
-                p = _plan(x, a_t, b_prev, mask)
+                # Recomputed rather than kept from y: the widest tiles have no registers for both.
+                p = _plan(x, b_prev, APOT + t * 2 * N, offs_n, nmask, mask)
                 z = -(abar / r)[:, None] * p
                 col += tl.sum(z, axis=0)
                 dl += z
@@ -281,6 +343,7 @@ def _reverse_pass(
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _sinkhorn_bwd_kernel(
     S,
+    CMAX,
     G,
     D,
     DS,
@@ -308,12 +371,13 @@ def _sinkhorn_bwd_kernel(
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
     S += pid.to(tl.int64) * stride_b
+    CMAX += pid * K
     G += pid.to(tl.int64) * N * K
     D += pid.to(tl.int64) * N * K
     DS += pid.to(tl.int64) * N * K
     RMASS += pid * N
     CMASS += pid * K
-    APOT += pid.to(tl.int64) * (n_iters + 1) * N
+    APOT += pid.to(tl.int64) * (n_iters + 1) * 2 * N
     BPOT += pid * (n_iters + 1) * K
     BBAR += pid * (n_iters + 1) * K
     offs_k = tl.arange(0, BLOCK_K)
@@ -323,6 +387,7 @@ def _sinkhorn_bwd_kernel(
     if SINGLE:
         bbar = _reverse_pass(
             S,
+            CMAX,
             stride_n,
             stride_k,
             G,
@@ -349,17 +414,62 @@ def _sinkhorn_bwd_kernel(
             tl.debug_barrier()
             t = n_iters - i
             bbar = _reverse_pass(
-                S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS, 0, N, N, K, inv_eps, t, False, False, BLOCK_N, BLOCK_K, ACC
+                S,
+                CMAX,
+                stride_n,
+                stride_k,
+                G,
+                D,
+                RMASS,
+                CMASS,
+                APOT,
+                BPOT,
+                bbar,
+                DS,
+                0,
+                N,
+                N,
+                K,
+                inv_eps,
+                t,
+                False,
+                False,
+                BLOCK_N,
+                BLOCK_K,
+                ACC,
             )
         tl.debug_barrier()
         _reverse_pass(
-            S, stride_n, stride_k, G, D, RMASS, CMASS, APOT, BPOT, bbar, DS, 0, N, N, K, inv_eps, 0, False, True, BLOCK_N, BLOCK_K, ACC
+            S,
+            CMAX,
+            stride_n,
+            stride_k,
+            G,
+            D,
+            RMASS,
+            CMASS,
+            APOT,
+            BPOT,
+            bbar,
+            DS,
+            0,
+            N,
+            N,
+            K,
+            inv_eps,
+            0,
+            False,
+            True,
+            BLOCK_N,
+            BLOCK_K,
+            ACC,
         )
     else:
         t = pass_index
         if t == n_iters:
             col = _reverse_pass(
                 S,
+                CMAX,
                 stride_n,
                 stride_k,
                 G,
@@ -388,6 +498,7 @@ def _sinkhorn_bwd_kernel(
             if t > 0:
                 col = _reverse_pass(
                     S,
+                    CMAX,
                     stride_n,
                     stride_k,
                     G,
@@ -414,6 +525,7 @@ def _sinkhorn_bwd_kernel(
             else:
                 _reverse_pass(
                     S,
+                    CMAX,
                     stride_n,
                     stride_k,
                     G,
@@ -472,15 +584,18 @@ def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
     rows = row_mass.reshape(B, N).to(plan.acc).contiguous()
     cols = col_mass.reshape(B, K).to(plan.acc).contiguous()
     keep = save or not plan.single
-    apot = torch.empty((B, n_iters + 1, N) if save else (1,), dtype=plan.acc, device=dev)
+    apot = torch.empty((B, n_iters + 1, N, 2) if save else (1,), dtype=plan.acc, device=dev)
     bpot = torch.empty((B, n_iters + 1, K) if keep else (1,), dtype=plan.acc, device=dev)
     colsum = torch.zeros((B, n_iters + 1, K) if not plan.single else (1,), dtype=plan.acc, device=dev)
     part = torch.empty((B, plan.R, 2, K) if not plan.single else (1,), dtype=plan.acc, device=dev)
     acc_tl = _common.tl_dtype(plan.acc)
 
+    cmax = s.amax(-2).contiguous()  # the column shifts of the logits (_load_logits)
+
     def launch(pass_index):
         _sinkhorn_fwd_kernel[(B, plan.R)](
             s,
+            cmax,
             out,
             rows,
             cols,
@@ -513,7 +628,7 @@ def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
         _combine_lse_kernel[(B, triton.cdiv(K, block))](part, cols, bpot, K, plan.R, n_iters, BLOCK_K=block, ACC=acc_tl)
         for t in range(1, n_iters + 1):
             launch(t)
-    return out, rows, cols, apot, bpot
+    return out, rows, cols, apot, bpot, cmax
 
 
 def forward(scores, eps, n_iters, row_mass, col_mass, log_domain):
@@ -526,7 +641,7 @@ def forward(scores, eps, n_iters, row_mass, col_mass, log_domain):
 def backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
     """∂loss/∂scores for ∂loss/∂P = grad: recompute the potentials, then the reverse passes."""
     plan = _Plan(scores)
-    _, rows, cols, apot, bpot = _run_forward(plan, eps, n_iters, row_mass, col_mass, save=True)
+    _, rows, cols, apot, bpot, cmax = _run_forward(plan, eps, n_iters, row_mass, col_mass, save=True)
     B, N, K = plan.n_problems, plan.n_rows, plan.n_cols
     g = grad.reshape(B, N, K).contiguous()
     d = torch.empty((B, N, K), dtype=plan.acc, device=scores.device)
@@ -537,6 +652,7 @@ def backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
     def launch(pass_index):
         _sinkhorn_bwd_kernel[(B, plan.R)](
             plan.s,
+            cmax,
             g,
             d,
             ds,

@@ -58,7 +58,10 @@ def multi_sinkhorn(
         scores: (..., N, K) float tensor of sample-anchor similarities; leading dims are
             independent problems.
         k: assignments per sample, 1..K. Default K // 2 (at least 1), as SSPC.
-        eps: entropic temperature, > 0. SSPC pre-training uses 0.07.
+        eps: entropic temperature, > 0. SSPC pre-training uses 0.07. Scores whose exponent
+            range R = (max − min of a column) · max weight / eps passes 2^12 are computed in
+            float64; past R = 2^41 float64 no longer resolves the plan and eps is refused
+            (docs/numerics.md).
         n_iters: iterations, >= 1. SSPC uses 20.
         low_weight: weight of the first K−k slots, > 0 (ignored with ``slot_weights``).
         slot_weights: K positive weights, one per slot, instead of ``low_weight``.
@@ -145,12 +148,11 @@ def _anchor_mass(scores: Tensor, anchor_mass, total_rows: int) -> Tensor:
 
 
 def _check(backend, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
-    # The Rust kernel checks the values itself: the scores in the column-statistics pass it
-    # makes anyway, the masses in microseconds where torch ops would take a tenth of a ms.
+    # The Rust kernel checks finiteness itself, in the column-statistics pass it makes anyway.
     if backend != "rust":
         _checks.finite(OP, "scores", scores)
-        if _checks.value_checks_enabled():
-            reference.check_log_range(scores, eps, max(slot_weights), OP)
+    if _checks.value_checks_enabled():
+        reference.check_log_range(scores, eps, max(slot_weights), OP)
     if backend == "triton" and log_domain == "off" and _checks.value_checks_enabled():
         # Triton needs no domain, but forcing the plain domain is refused as on every backend.
         reference.uses_log_domain(scores, eps, max(slot_weights), log_domain, op=OP)
@@ -166,7 +168,7 @@ def _forward_rust(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize,
     (out,) = _rust.run(
         OP,
         "multi_sinkhorn",
-        reference.compute_dtype(scores.dtype),
+        reference.working_dtype(scores, eps, max(slot_weights), OP),
         [scores.reshape(b, n, m), anchor_mass.reshape(b, m)],
         [(b, n, m)],
         [eps, n_iters, list(slot_weights), k, normalize, log_domain],
@@ -181,7 +183,7 @@ def _backward_rust(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, nor
     (out,) = _rust.run(
         OP,
         "multi_sinkhorn_backward",
-        reference.compute_dtype(scores.dtype),
+        reference.working_dtype(scores, eps, max(slot_weights), OP),  # as the forward's
         [grad.reshape(b, n, m), scores.reshape(b, n, m), anchor_mass.reshape(b, m)],
         [(b, n, m)],
         [eps, n_iters, list(slot_weights), k, normalize, log_domain],
@@ -193,15 +195,35 @@ def _backward_rust(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, nor
 # With the value checks off, non-finite scores must give NaN problems (docs/numerics.md); the
 # kernels' shifts and guards would not ensure it. With them on, such scores never get here.
 def _forward_triton(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+    if _triton_widens(scores, eps, slot_weights):
+        if not _fits_triton(scores.double(), slot_weights, k, False):
+            return reference.multi_sinkhorn(scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+        wide = _forward_triton(scores.double(), eps, n_iters, slot_weights, k, anchor_mass.double(), normalize, log_domain)
+        return wide.to(scores.dtype)
     groups = reference.slot_groups(slot_weights, k)
     out = triton_kernels(KERNELS).forward(scores, eps, n_iters, groups, anchor_mass, normalize)
     return out if _checks.value_checks_enabled() else reference.poison_non_finite(out, scores)
 
 
 def _backward_triton(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain):
+    if _triton_widens(scores, eps, slot_weights):
+        if not _fits_triton(scores.double(), slot_weights, k, True):
+            return reverse.backward(grad, scores, eps, n_iters, slot_weights, k, anchor_mass, normalize, log_domain)
+        wide = _backward_triton(grad.double(), scores.double(), eps, n_iters, slot_weights, k, anchor_mass.double(), normalize, log_domain)
+        return wide.to(scores.dtype)
     groups = reference.slot_groups(slot_weights, k)
     out = triton_kernels(KERNELS).backward(grad, scores, eps, n_iters, groups, anchor_mass, normalize)
     return reference.poison_non_finite(out, scores)
+
+
+def _triton_widens(scores, eps, slot_weights) -> bool:
+    """Whether narrower scores run in float64 (``reference.working_dtype``), by Triton where its
+    float64 tile takes the row, else by torch. Measuring the range costs a host sync, so it is
+    made only with the value checks on (they sync anyway); unchecked, such scores run in float32
+    (docs/numerics.md)."""
+    if scores.dtype == torch.float64 or not _checks.value_checks_enabled():
+        return False
+    return reference.working_dtype(scores, eps, max(slot_weights), OP) == torch.float64
 
 
 _FORWARD = Kernels(

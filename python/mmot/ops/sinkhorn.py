@@ -37,7 +37,9 @@ def sinkhorn(
 
     Args:
         scores: (..., N, K) float tensor; leading dimensions are independent problems.
-        eps: entropic temperature, > 0.
+        eps: entropic temperature, > 0, with 1/eps finite in the accumulation dtype. Scores
+            whose exponent range (max − min of a column) / eps float32 cannot hold are computed
+            in float64; past float64's (finfo.max/8) eps is refused (docs/numerics.md).
         n_iters: number of (column, row) scaling rounds, >= 1.
         row_mass: positive (N,) or (..., N) target row sums. Default: total / N each.
         col_mass: positive (K,) or (..., K) target column sums. Default: total / K each.
@@ -109,9 +111,9 @@ def _check_values(scores: Tensor, rows: Tensor, cols: Tensor, columns=LOCAL, fin
 
 
 def _check(backend, scores, eps, n_iters, row_mass, col_mass, log_domain):
-    # The Rust kernel checks finiteness and the exponent range itself, in its column-statistics pass.
+    # The Rust kernel checks finiteness itself, in its column-statistics pass.
     _check_values(scores, row_mass, col_mass, finite=backend != "rust")
-    if backend != "rust" and _checks.value_checks_enabled():
+    if _checks.value_checks_enabled():
         reference.check_log_range(scores, eps, 1.0, OP)
     if backend == "triton" and log_domain == "off" and _checks.value_checks_enabled():
         # Triton needs no domain, but forcing the plain domain is refused as on every backend.
@@ -121,13 +123,33 @@ def _check(backend, scores, eps, n_iters, row_mass, col_mass, log_domain):
 # With the value checks off, non-finite scores must give NaN problems (docs/numerics.md); the
 # kernels' shifts and guards would not ensure it. With them on, such scores never get here.
 def _forward_triton(scores, eps, n_iters, row_mass, col_mass, log_domain):
+    if _triton_widens(scores, eps):
+        if not triton_kernels(KERNELS).fits(scores.shape[-1], torch.float64):
+            return reference.sinkhorn(scores, eps, n_iters, row_mass, col_mass, log_domain)
+        wide = _forward_triton(scores.double(), eps, n_iters, row_mass.double(), col_mass.double(), log_domain)
+        return wide.to(scores.dtype)
     out = triton_kernels(KERNELS).forward(scores, eps, n_iters, row_mass, col_mass, log_domain)
     return out if _checks.value_checks_enabled() else reference.poison_non_finite(out, scores)
 
 
 def _backward_triton(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
+    if _triton_widens(scores, eps):
+        if not triton_kernels(KERNELS).fits(scores.shape[-1], torch.float64):
+            return reverse.backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
+        wide = _backward_triton(grad.double(), scores.double(), eps, n_iters, row_mass.double(), col_mass.double(), log_domain)
+        return wide.to(scores.dtype)
     out = triton_kernels(KERNELS).backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain)
     return reference.poison_non_finite(out, scores)
+
+
+def _triton_widens(scores, eps) -> bool:
+    """Whether narrower scores run in float64 (``reference.working_dtype``), by Triton where its
+    float64 tile takes the row, else by torch. Measuring the range costs a host sync, so it is
+    made only with the value checks on (they sync anyway); unchecked, such scores run in float32
+    with floored logits (docs/numerics.md)."""
+    if scores.dtype == torch.float64 or not _checks.value_checks_enabled():
+        return False
+    return reference.working_dtype(scores, eps, 1.0) == torch.float64
 
 
 def _forward_rust(scores, eps, n_iters, row_mass, col_mass, log_domain):
@@ -135,7 +157,7 @@ def _forward_rust(scores, eps, n_iters, row_mass, col_mass, log_domain):
     (out,) = _rust.run(
         OP,
         "sinkhorn",
-        reference.compute_dtype(scores.dtype),
+        reference.working_dtype(scores, eps, 1.0),
         [scores.reshape(b, n, k), row_mass.reshape(b, n), col_mass.reshape(b, k)],
         [(b, n, k)],
         [eps, n_iters, log_domain],
@@ -150,7 +172,7 @@ def _backward_rust(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
     (out,) = _rust.run(
         OP,
         "sinkhorn_backward",
-        reference.compute_dtype(scores.dtype),
+        reference.working_dtype(scores, eps, 1.0),  # as the forward's
         [grad.reshape(b, n, k), scores.reshape(b, n, k), row_mass.reshape(b, n), col_mass.reshape(b, k)],
         [(b, n, k)],
         [eps, n_iters, log_domain],

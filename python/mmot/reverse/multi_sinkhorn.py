@@ -43,7 +43,7 @@ import math
 import torch
 from torch import Tensor
 
-from mmot.reference import centered_logits, compute_dtype, constant_rows, logit_floor, poison_non_finite, slot_groups
+from mmot.reference import centered_logits, constant_rows, logit_floor, poison_non_finite, slot_groups, working_dtype
 
 
 def backward(
@@ -60,8 +60,8 @@ def backward(
     """∂loss/∂scores (..., N, K) for ∂loss/∂T = grad; ``log_domain`` does not change the function."""
     if scores.numel() == 0:
         return torch.zeros_like(scores)
-    dtype = compute_dtype(scores.dtype)
     groups = slot_groups(slot_weights, k)
+    dtype = working_dtype(scores, eps, max(w for w, _, _ in groups), "mmot.multi_sinkhorn")  # as the forward's
     # Groups stack along a new leading dim: every group-indexed tensor is (G, ..., N or 1, K or 1).
     group_shape = (len(groups),) + (1,) * scores.dim()
 
