@@ -54,6 +54,10 @@ def similarity(x: Tensor, y: Tensor, *, normalize: bool = True, scale: float = 1
     if not isinstance(normalize, bool):
         raise TypeError(f"{OP}: argument 'normalize' must be a bool; got {type(normalize).__name__}")
     scale = _checks.real_number(OP, "scale", scale)
+    compute = reference.compute_dtype(x.dtype)
+    largest = torch.finfo(compute).max
+    if not -largest <= scale <= largest:  # a comparison, so a SymFloat under torch.compile stays in the graph
+        raise ValueError(f"{OP}: argument 'scale' must be within ±{largest:.4g} for {x.dtype} inputs (it overflows {compute}); got {scale}")
     backend = _backend.resolve_backend(OP, backend, x.device, KERNELS)
     return similarity_op(x, y, normalize, scale, backend)
 

@@ -21,13 +21,16 @@
 //!
 //! and the two sums are two row-streaming passes, the second with `a` and `b` swapped (G has
 //! the same form with lse_a and lse_b exchanged). Normalised copies are never written: the dot
-//! products are scaled by the inverse row norms. Extra memory is O(N) plus one tile per task.
+//! products are scaled by the inverse row norms, then by 1/τ (so the cosine, at most 1, is
+//! formed before it meets 1/τ, which may be near the dtype's largest value). Rows whose squared
+//! norm would over- or underflow are rescaled by a power of two in a copy first
+//! (`exec::row_norms`). Extra memory is O(N) plus one tile per task.
 //!
 //! Row chunks have a fixed size and every row's arithmetic is independent of the others, so
 //! results do not depend on the thread count.
 
 use crate::error::{check_len, not_finite, MmotError, Result};
-use crate::exec::row_norms::{inv_row_norms, NORM_EPS};
+use crate::exec::row_norms::{unit_rows, UnitRows, NORM_EPS};
 use crate::simd::gemm::{gemm, MatrixRef};
 use crate::simd::{dispatch, dot, sum, Real, LANES};
 use rayon::prelude::*;
@@ -80,8 +83,9 @@ fn check<T>(params: &InfoNceParams, input: &InfoNceInput<'_, T>) -> Result<()> {
     check_len("valid", input.valid.len(), [n])
 }
 
-/// The logits `s[i,j] = scale · ia_i · ib_j · a_i·b_j` (`ia`, `ib` the inverse row norms, or
-/// ones) and the pairs' validity: what the tiled passes of both directions share.
+/// The logits `s[i,j] = ((a_i·b_j · ia_i) · ib_j) · scale` (`a`, `b` the kernel's rows, `ia`,
+/// `ib` their normalising factors, or ones) and the pairs' validity: what the tiled passes of
+/// both directions share.
 #[derive(Clone, Copy)]
 struct Logits<'a, T> {
     a: &'a [T],
@@ -106,22 +110,22 @@ pub fn info_nce_forward<T: Real>(
 ) -> Result<()> {
     check(params, &input)?;
     let InfoNceInput {
-        a,
-        b,
         valid,
         rows: n,
         features: d,
+        ..
     } = input;
     for (name, v) in [("loss", &*loss), ("lse_a", &*lse_a), ("lse_b", &*lse_b)] {
         check_len(name, v.len(), [n])?;
     }
     let scale = T::from_f64(1.0 / params.temperature);
-    let (ia, ib) = checked_norms(&input, params)?;
+    let (ua, ub) = checked_norms(&input, params)?;
+    let (a, b, ia, ib) = (&*ua.rows, &*ub.rows, &ua.unit, &ub.unit);
     let logits = Logits {
         a,
         b,
-        ia: &ia,
-        ib: &ib,
+        ia,
+        ib,
         valid,
         d,
         scale,
@@ -140,7 +144,7 @@ pub fn info_nce_forward<T: Real>(
                 T::ZERO
             } else {
                 let diag =
-                    dot(&a[i * d..(i + 1) * d], &b[i * d..(i + 1) * d]) * (scale * ia[i] * ib[i]);
+                    dot(&a[i * d..(i + 1) * d], &b[i * d..(i + 1) * d]) * ia[i] * ib[i] * scale;
                 let mut l = la[i] - diag;
                 if params.symmetric {
                     l += lb[i] - diag;
@@ -166,11 +170,10 @@ pub fn info_nce_backward<T: Real>(
 ) -> Result<()> {
     check(params, &input)?;
     let InfoNceInput {
-        a,
-        b,
         valid,
         rows: n,
         features: d,
+        ..
     } = input;
     for (name, v) in [("grad", grad), ("lse_a", lse_a), ("lse_b", lse_b)] {
         check_len(name, v.len(), [n])?;
@@ -178,12 +181,13 @@ pub fn info_nce_backward<T: Real>(
     check_len("grad_a", grad_a.len(), [n, d])?;
     check_len("grad_b", grad_b.len(), [n, d])?;
     let scale = T::from_f64(1.0 / params.temperature);
-    let (ia, ib) = checked_norms(&input, params)?;
+    let (ua, ub) = checked_norms(&input, params)?;
+    let (a, b, ia, ib) = (&*ua.rows, &*ub.rows, &ua.unit, &ub.unit);
     let logits = Logits {
         a,
         b,
-        ia: &ia,
-        ib: &ib,
+        ia,
+        ib,
         valid,
         d,
         scale,
@@ -197,32 +201,32 @@ pub fn info_nce_backward<T: Real>(
         grad_a,
         grad_b,
     );
-    finish_rows(a, &ia, d, scale, params.normalize, grad_a);
-    finish_rows(b, &ib, d, scale, params.normalize, grad_b);
+    finish_rows(&ua, d, scale, params.normalize, grad_a);
+    finish_rows(&ub, d, scale, params.normalize, grad_b);
     Ok(())
 }
 
-/// The inverse row norms of `a` and `b` (ones without `normalize`), or the error for a
-/// non-finite input when `check_finite` asks.
-fn checked_norms<T: Real>(
-    input: &InfoNceInput<'_, T>,
+/// The (scale-safe) rows and inverse row norms of `a` and `b` (ones without `normalize`), or
+/// the error for a non-finite input when `check_finite` asks.
+fn checked_norms<'a, T: Real>(
+    input: &InfoNceInput<'a, T>,
     params: &InfoNceParams,
-) -> Result<(Vec<T>, Vec<T>)> {
+) -> Result<(UnitRows<'a, T>, UnitRows<'a, T>)> {
     let (n, d, check) = (input.rows, input.features, params.check_finite);
-    let (ia, finite_a) = inv_row_norms(input.a, n, d, params.normalize, check);
-    if !finite_a {
+    let ua = unit_rows(input.a, n, d, params.normalize, check);
+    if !ua.finite {
         return Err(not_finite("a"));
     }
-    let (ib, finite_b) = inv_row_norms(input.b, n, d, params.normalize, check);
-    if !finite_b {
+    let ub = unit_rows(input.b, n, d, params.normalize, check);
+    if !ub.finite {
         return Err(not_finite("b"));
     }
-    Ok((ia, ib))
+    Ok((ua, ub))
 }
 
 /// Both log-sum-exps from one GEMM per tile:
 /// `lse_x[i] = log Σ_j wy_j exp(s[i,j])` (online max per row) and, when `lse_y` is given,
-/// `lse_y[j] = log Σ_i wx_i exp(s[i,j])` with `s[i,j] = scale · ix_i · iy_j · x_i·y_j`.
+/// `lse_y[j] = log Σ_i wx_i exp(s[i,j])` with `s[i,j] = ((x_i·y_j · ix_i) · iy_j) · scale`.
 ///
 /// Each task owns a fixed block of rows (its size depends only on the problem size) and keeps,
 /// for every column, a running (max, sum) over its rows; the blocks' column partials are then
@@ -282,7 +286,7 @@ fn lse_fused<T: Real>(logits: &Logits<'_, T>, lse_x: &mut [T], lse_y: Option<&mu
                 let rows = TR.min(out.len() - r0);
                 for r in 0..rows {
                     mi[r] = neg(wx[i0 + r]);
-                    sx[r] = scale * ix[i0 + r];
+                    sx[r] = ix[i0 + r];
                 }
                 run_max[..rows].fill(T::NEG_INFINITY);
                 run_sum[..rows].fill(T::ZERO);
@@ -303,7 +307,7 @@ fn lse_fused<T: Real>(logits: &Logits<'_, T>, lse_x: &mut [T], lse_y: Option<&mu
                                 let f = sx[r];
                                 let mut rmax = T::NEG_INFINITY;
                                 for q in 0..cols {
-                                    let v = t[q] * f * sj[q];
+                                    let v = t[q] * f * sj[q] * scale;
                                     t[q] = v;
                                     rmax = rmax.fmax(v + mj[q]);
                                 }
@@ -485,12 +489,12 @@ fn backward_tiles<T: Real>(
                                 rb.fill(T::ZERO);
                                 continue;
                             }
-                            let (sx, gi, li, iai) = (scale * ia[i], g[i], lse_a[i], ia[i]);
+                            let (gi, li, iai) = (g[i], lse_a[i], ia[i]);
                             let gd = gi * diag_count;
                             let (wj, ibj) = (&w[j0..j0 + cols], &ib[j0..j0 + cols]);
                             let (gj, lj) = (&g[j0..j0 + cols], &lse_b[j0..j0 + cols]);
                             for q in 0..cols {
-                                let s = ra[q] * sx * ibj[q];
+                                let s = ra[q] * iai * ibj[q] * scale;
                                 let mut c = gi * (s - li).exp_fast();
                                 if sym {
                                     c += gj[q] * (s - lj[q]).exp_fast();
@@ -528,32 +532,41 @@ fn backward_tiles<T: Real>(
     }
 }
 
-/// From the raw gradient Σ_j C[i,j] y_j to the gradient of the input rows: times `scale`, then
-/// through the normalisation x̂ = x / ‖x‖ when `normalize`.
-fn finish_rows<T: Real>(x: &[T], ix: &[T], d: usize, scale: T, normalize: bool, out: &mut [T]) {
+/// From the raw gradient Σ_j C[i,j] y_j to the gradient of the input rows: through the
+/// normalisation x̂ = x / ‖x‖ when `normalize` (`rows` as the kernels read them, x̂ = unit ·
+/// row), then times `scale`, last, so that only a gradient beyond the dtype overflows.
+fn finish_rows<T: Real>(
+    rows: &UnitRows<'_, T>,
+    d: usize,
+    scale: T,
+    normalize: bool,
+    out: &mut [T],
+) {
     if d == 0 {
         return;
     }
     let tiny = T::from_f64(NORM_EPS);
+    let (x, unit, ix) = (&*rows.rows, &rows.unit, rows.inv());
     out.par_chunks_mut(RB * d).enumerate().for_each(|(c, acc)| {
         for (r, gr) in acc.chunks_exact_mut(d).enumerate() {
             let i = c * RB + r;
-            for v in gr.iter_mut() {
-                *v *= scale;
+            if !normalize {
+                for v in gr.iter_mut() {
+                    *v *= scale;
+                }
+                continue;
             }
-            if normalize {
-                let xr = &x[i * d..(i + 1) * d];
-                let inv = ix[i];
-                if T::ONE / inv >= tiny {
-                    // x̂ = x / ‖x‖: ∂x = (∂x̂ − x̂ (x̂·∂x̂)) / ‖x‖
-                    let proj = dot(xr, gr) * inv;
-                    for (v, xv) in gr.iter_mut().zip(xr) {
-                        *v = (*v - *xv * inv * proj) * inv;
-                    }
-                } else {
-                    for v in gr.iter_mut() {
-                        *v *= inv;
-                    }
+            let inv = ix[i];
+            if T::ONE / inv >= tiny {
+                // x̂ = x / ‖x‖: ∂x = (∂x̂ − x̂ (x̂·∂x̂)) / ‖x‖
+                let (xr, w) = (&x[i * d..(i + 1) * d], unit[i]);
+                let proj = dot(xr, gr) * w;
+                for (v, xv) in gr.iter_mut().zip(xr) {
+                    *v = (*v - *xv * w * proj) * inv * scale;
+                }
+            } else {
+                for v in gr.iter_mut() {
+                    *v = *v * inv * scale;
                 }
             }
         }

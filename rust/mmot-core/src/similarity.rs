@@ -1,14 +1,17 @@
 //! Batched (cosine) similarity `scale · x̂ ŷᵀ`.
 //!
 //! The forward writes no normalised copies of `x` and `y`: only the inverse row norms (`O(N+M)`
-//! values) are computed, and each dot product is scaled by `scale · 1/‖x_i‖ · 1/‖y_j‖`. The
+//! values) are computed, and each dot product is scaled by `1/‖x_i‖ · 1/‖y_j‖`, then by `scale`
+//! (in that order, so that the cosine is formed before a large scale meets small rows). Rows
+//! whose squared norm would over- or underflow are first rescaled by a power of two in a copy
+//! (`exec::row_norms`; no copy is made when no row needs it). The
 //! backward's products are GEMMs against normalised rows: a copy of `y` and blocks of `x`. The
 //! batch broadcast is resolved by the caller into index vectors, so one output problem may reuse
 //! the same `x` or `y` problem many times without copies.
 
 use crate::dims::Dims;
 use crate::error::{check_len, not_finite, MmotError, Result};
-use crate::exec::row_norms::inv_row_norms;
+use crate::exec::row_norms::{unit_rows, UnitRows};
 use crate::simd::gemm::{gemm, MatrixRef};
 use crate::simd::{dot, Real};
 use rayon::prelude::*;
@@ -75,20 +78,18 @@ pub fn similarity<T: Real>(
 ) -> Result<()> {
     check_input(&input, ("out", out.len()), dims)?;
     let SimilarityInput {
-        x,
-        y,
-        x_index,
-        y_index,
+        x_index, y_index, ..
     } = input;
     let (n, m, d) = (dims.x_rows, dims.y_rows, dims.features);
     let check_finite = params.check_finite;
     if out.is_empty() && !check_finite {
         return Ok(());
     }
-    let (ix, iy) = checked_norms(&input, dims, params)?;
+    let (ux, uy) = checked_norms(&input, dims, params)?;
     if out.is_empty() {
         return Ok(());
     }
+    let (x, y, ix, iy) = (&*ux.rows, &*uy.rows, &ux.unit, &uy.unit);
     let sc = T::from_f64(params.scale);
     out.par_chunks_mut(n * m).enumerate().for_each(|(o, op)| {
         let xb = x_index[o] as usize;
@@ -116,24 +117,24 @@ pub fn similarity<T: Real>(
     Ok(())
 }
 
-/// The inverse row norms of `x` and `y` (ones without `normalize`), or the error for a
-/// non-finite input when `check_finite` asks.
-fn checked_norms<T: Real>(
-    input: &SimilarityInput<'_, T>,
+/// The (scale-safe) rows and inverse row norms of `x` and `y` (ones without `normalize`), or
+/// the error for a non-finite input when `check_finite` asks.
+fn checked_norms<'a, T: Real>(
+    input: &SimilarityInput<'a, T>,
     dims: SimilarityDims,
     params: &SimilarityParams,
-) -> Result<(Vec<T>, Vec<T>)> {
+) -> Result<(UnitRows<'a, T>, UnitRows<'a, T>)> {
     let (normalize, check) = (params.normalize, params.check_finite);
     let d = dims.features;
-    let (ix, x_finite) = inv_row_norms(input.x, dims.x_problems * dims.x_rows, d, normalize, check);
-    let (iy, y_finite) = inv_row_norms(input.y, dims.y_problems * dims.y_rows, d, normalize, check);
-    if !x_finite {
+    let ux = unit_rows(input.x, dims.x_problems * dims.x_rows, d, normalize, check);
+    let uy = unit_rows(input.y, dims.y_problems * dims.y_rows, d, normalize, check);
+    if !ux.finite {
         return Err(not_finite("x"));
     }
-    if !y_finite {
+    if !uy.finite {
         return Err(not_finite("y"));
     }
-    Ok((ix, iy))
+    Ok((ux, uy))
 }
 
 /// Shapes shared by the forward and the backward: `x`, `y`, the output (or its adjoint) named
@@ -166,7 +167,9 @@ fn check_input<T>(
     Ok(())
 }
 
-/// One tile of output rows against all `m` columns: a GEMM, then the scale and inverse norms.
+/// One tile of output rows against all `m` columns: a GEMM, then the inverse norms and the
+/// scale. `(dot · ix) · iy` is bounded by the cosine, so only a result beyond the dtype
+/// overflows (an inf, never an inf · 0).
 fn tile_kernel<T: Real>(xs: &[T], ys: &[T], ix: &[T], iy: &[T], out: &mut [T], d: usize, sc: T) {
     let rows = ix.len();
     let m = iy.len();
@@ -187,9 +190,8 @@ fn tile_kernel<T: Real>(xs: &[T], ys: &[T], ix: &[T], iy: &[T], out: &mut [T], d
         )
     }
     for (row, &xi) in out.chunks_exact_mut(m).zip(ix) {
-        let s = sc * xi;
         for (o, &yj) in row.iter_mut().zip(iy) {
-            *o *= s * yj;
+            *o = *o * xi * yj * sc;
         }
     }
 }
@@ -214,16 +216,16 @@ pub fn similarity_backward<T: Real>(
     check_len("gx", gx.len(), dims.x())?;
     check_len("gy", gy.len(), dims.y())?;
     let SimilarityInput {
-        x,
-        y,
-        x_index,
-        y_index,
+        x_index, y_index, ..
     } = input;
     let (bx, by) = (dims.x_problems, dims.y_problems);
     let (n, m, d) = (dims.x_rows, dims.y_rows, dims.features);
     let normalize = params.normalize;
     let sc = T::from_f64(params.scale);
-    let (ix, iy) = checked_norms(&input, dims, params)?;
+    let (ux, uy) = checked_norms(&input, dims, params)?;
+    let (x, y) = (&*ux.rows, &*uy.rows);
+    let (ix, iy) = (&ux.unit, &uy.unit);
+    let (nx, ny) = (ux.inv(), uy.inv());
     // Output problems reading each input problem, in order.
     let users = |idx: &[i64], nb: usize| -> Vec<Vec<usize>> {
         let mut u = vec![Vec::new(); nb];
@@ -238,7 +240,7 @@ pub fn similarity_backward<T: Real>(
 
     // gx[xb, i] = scale Σ_o Σ_j G_o[i, j] ŷ[j]: per block of x rows, one GEMM per output
     // problem against the normalised y (a copy of y's size, which is the small side).
-    let y_hat = scaled_rows(y, &iy, d);
+    let y_hat = scaled_rows(y, iy, d);
     if n * d > 0 {
         gx.par_chunks_mut(n * d).enumerate().for_each(|(xb, gxp)| {
             gxp.par_chunks_mut(ROWS_PER_TASK * d)
@@ -262,9 +264,8 @@ pub fn similarity_backward<T: Real>(
                             )
                         };
                     }
-                    let xs = &x[(xb * n + i0) * d..];
-                    let ixs = &ix[xb * n + i0..];
-                    finish_rows(tile, xs, ixs, d, sc, normalize);
+                    let r0 = xb * n + i0;
+                    finish_rows(tile, &x[r0 * d..], &ix[r0..], &nx[r0..], d, sc, normalize);
                 });
         });
     }
@@ -301,9 +302,8 @@ pub fn similarity_backward<T: Real>(
                             };
                         }
                     }
-                    let ys = &y[(yb * m + j0) * d..];
-                    let iys = &iy[yb * m + j0..];
-                    finish_rows(tile, ys, iys, d, sc, normalize);
+                    let r0 = yb * m + j0;
+                    finish_rows(tile, &y[r0 * d..], &iy[r0..], &ny[r0..], d, sc, normalize);
                 });
         });
     }
@@ -331,8 +331,17 @@ fn scaled_rows<T: Real>(src: &[T], w: &[T], d: usize) -> Vec<T> {
     out
 }
 
-/// Scales the accumulated `u` rows by `scale` and applies the normalisation's adjoint.
-fn finish_rows<T: Real>(tile: &mut [T], xs: &[T], inv: &[T], d: usize, sc: T, normalize: bool) {
+/// Scales the accumulated `u` rows by `scale` and applies the normalisation's adjoint:
+/// `x̂ = xs · unit`, `inv = 1/max(‖x‖, 1e-12)`.
+fn finish_rows<T: Real>(
+    tile: &mut [T],
+    xs: &[T],
+    unit: &[T],
+    inv: &[T],
+    d: usize,
+    sc: T,
+    normalize: bool,
+) {
     let clamp = T::from_f64(0.999e12);
     for (r, u) in tile.chunks_exact_mut(d).enumerate() {
         let iv = inv[r];
@@ -345,14 +354,15 @@ fn finish_rows<T: Real>(tile: &mut [T], xs: &[T], inv: &[T], d: usize, sc: T, no
         if iv >= clamp {
             // ‖x‖ <= 1e-12: x̂ = x / 1e-12 is linear in x.
             for v in u.iter_mut() {
-                *v *= sc * iv;
+                *v = *v * iv * sc;
             }
             continue;
         }
         let xr = &xs[r * d..(r + 1) * d];
-        let proj = dot(xr, u) * iv * iv;
+        let f = unit[r];
+        let proj = dot(xr, u) * f;
         for p in 0..d {
-            u[p] = (u[p] - xr[p] * proj) * (sc * iv);
+            u[p] = (u[p] - xr[p] * f * proj) * iv * sc;
         }
     }
 }
