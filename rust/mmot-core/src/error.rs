@@ -12,12 +12,15 @@ pub enum MmotError {
     Shape(String),
     /// A scalar parameter is out of range (eps <= 0, k outside 1..=K, unknown mode string, ...).
     InvalidArgument(String),
+    /// The caller asked the call to stop ([`crate::interrupt`]); the outputs are unspecified.
+    Interrupted,
 }
 
 impl fmt::Display for MmotError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MmotError::Shape(m) | MmotError::InvalidArgument(m) => f.write_str(m),
+            MmotError::Interrupted => f.write_str("interrupted"),
         }
     }
 }

@@ -7,8 +7,8 @@
 //! one).
 //!
 //! Layers, each using only those above it:
-//! - [`dims`], [`domain`], [`error`]: the shapes, the plain/log domain choice and the errors the
-//!   kernels share;
+//! - [`dims`], [`domain`], [`error`], [`interrupt`]: the shapes, the plain/log domain choice, the
+//!   errors the kernels share and how a caller stops a long call;
 //! - [`simd`]: the element type [`Real`], vector registers, runtime dispatch, reductions, GEMM;
 //! - `exec`: row chunks and how passes over them run, workspaces kept between calls, problems
 //!   in SIMD lanes;
@@ -23,6 +23,7 @@ pub mod dims;
 pub mod domain;
 pub mod error;
 mod exec;
+pub mod interrupt;
 pub mod simd;
 
 pub mod anchor_consistency;

@@ -11,7 +11,7 @@ use numpy::{
     Element, PyArrayDescrMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 /// Float dtype of a call, taken from its first float array.
@@ -229,5 +229,8 @@ fn not_c_contiguous(name: &str) -> PyErr {
 }
 
 pub fn to_py(e: MmotError) -> PyErr {
-    PyValueError::new_err(e.to_string())
+    match e {
+        MmotError::Interrupted => PyKeyboardInterrupt::new_err(()),
+        e => PyValueError::new_err(e.to_string()),
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! The Python layer (`mmot.ops`) resolves defaults, checks values, makes inputs contiguous and
 //! allocates outputs with torch; this layer only borrows the numpy views, checks shapes and
-//! dtypes, releases the GIL and runs the kernel on the extension's own thread pool. Every
+//! dtypes, releases the GIL and runs the kernel on the extension's own thread pool, stopping it
+//! early on Ctrl-C. Every
 //! function takes its input arrays, then its output arrays, then its parameters, the thread
 //! count and (where the kernel checks values) the checks flag; `python/mmot/_core.pyi` states
 //! the signatures and `tests/stub_check.py` holds the two together.
@@ -10,6 +11,7 @@
 mod anchor_consistency;
 mod arrays;
 mod info_nce;
+mod interrupt;
 mod multi_sinkhorn;
 mod pool;
 mod similarity;
@@ -19,14 +21,15 @@ use arrays::to_py;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-/// Runs `kernel` on the extension's pool for `num_threads`, with the GIL released.
+/// Runs `kernel` on the extension's pool for `num_threads`, with the GIL released; Ctrl-C
+/// stops it (see `interrupt`).
 fn run<R: Send>(
     py: Python<'_>,
     num_threads: i64,
     kernel: impl FnOnce() -> mmot_core::Result<R> + Send,
 ) -> PyResult<R> {
     let pool = pool::get(num_threads)?;
-    py.detach(|| pool.install(kernel)).map_err(to_py)
+    interrupt::run(py, &pool, kernel)?.map_err(to_py)
 }
 
 fn check_iters(n_iters: i64) -> PyResult<usize> {

@@ -63,6 +63,9 @@ impl<T: Real> Problem<T> {
         } = bw;
         // The replay writes T into `out`, which the reverse passes then overwrite row by row.
         self.solve(input, out, forward, log, Some(&mut *history));
+        if self.interrupt.requested() {
+            return; // the replay stopped early
+        }
         let sweep = Sweep::new(self, input, log, false);
         let group_cols = sweep.group_cols();
         for buf in [&mut *col_adjoint, &mut *f_growth] {
@@ -93,6 +96,9 @@ impl<T: Real> Problem<T> {
         // adjoint of the result row, `[K]` each.
         let scratch_len = 3 * group_cols + 3 * self.anchors;
         for t in (0..=self.n_iters).rev() {
+            if self.interrupt.requested() {
+                return;
+            }
             let pass = ReversePass {
                 reverse,
                 t,

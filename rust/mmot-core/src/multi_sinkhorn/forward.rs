@@ -233,6 +233,9 @@ impl<T: Real> Problem<T> {
         }
         let last = self.n_iters - 1;
         for it in 0..=last {
+            if self.interrupt.requested() {
+                break;
+            }
             if let Some(history) = history.as_deref_mut() {
                 history.record_f(it, bufs.col_scalings);
             }

@@ -39,6 +39,7 @@ use crate::domain::{use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, not_finite, MmotError, Result};
 use crate::exec::column_stats::batch_col_stats;
 use crate::exec::spare::Spare;
+use crate::interrupt::Interrupt;
 use crate::simd::Real;
 use crate::sinkhorn::poison_non_finite;
 use backward::BackWorkspace;
@@ -111,6 +112,7 @@ pub fn multi_sinkhorn<T: Real>(
         problem.groups.max_weight,
     )?;
     let log = solve(&problem, scores, anchor_mass, out, dims, params)?;
+    problem.interrupt.check()?;
     if !params.check_values {
         poison_non_finite(scores, out, dims);
     }
@@ -204,6 +206,7 @@ pub fn multi_sinkhorn_backward<T: Real>(
                 problem.backward(grad, input, out, bw, log)
             },
         );
+    problem.interrupt.check()?;
     poison_non_finite(scores, out, dims);
     Ok(log)
 }
@@ -330,6 +333,7 @@ struct Problem<T> {
     n_iters: usize,
     normalize: Normalize,
     groups: Groups<T>,
+    interrupt: Interrupt,
 }
 
 impl<T: Real> Problem<T> {
@@ -341,6 +345,7 @@ impl<T: Real> Problem<T> {
             n_iters: params.n_iters,
             normalize: params.normalize,
             groups: Groups::new(&params.slot_weights, params.k),
+            interrupt: Interrupt::current(),
         }
     }
 

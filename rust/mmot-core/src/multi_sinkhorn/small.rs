@@ -209,6 +209,9 @@ fn solve_group<T: Real, const L: usize>(p: &Problem<T>, g: &mut Group<T, L>) {
     h1.fill([T::ONE; L]);
 
     for it in 0..p.n_iters {
+        if p.interrupt.requested() {
+            break;
+        }
         let last = it + 1 == p.n_iters;
         p0.fill([T::ZERO; L]);
         p1.fill([T::ZERO; L]);

@@ -56,6 +56,9 @@ impl<T: Real> Problem<T> {
             plain_cmax.resize(k, T::ZERO);
             self.solve_plain(input, plain_cmax, plan, fwd, Some(hist), false);
         }
+        if self.interrupt.requested() {
+            return; // the replay stopped early
+        }
         let chunk_rows = rows_per_chunk(k);
         let chunk_count = n_chunks(n, chunk_rows);
         let Workspace {
@@ -135,6 +138,9 @@ impl<T: Real> Problem<T> {
         bbc.clear();
         bbc.resize(k, T::ZERO);
         for t in (1..=iters).rev() {
+            if self.interrupt.requested() {
+                return;
+            }
             // acc holds β̄_t.
             for j in 0..k {
                 bbc[j] = acc[j] / c[j];

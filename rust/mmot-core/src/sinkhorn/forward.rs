@@ -120,6 +120,9 @@ impl<T: Real> Problem<T> {
             h.start(n, k, self.n_iters, T::ONE);
         }
         for it in 0..self.n_iters {
+            if self.interrupt.requested() {
+                break;
+            }
             let last = it + 1 == self.n_iters;
             if let Some(h) = hist.as_deref_mut() {
                 h.col[it * k..(it + 1) * k].copy_from_slice(v);
@@ -203,6 +206,9 @@ impl<T: Real> Problem<T> {
             h.start(n, k, self.n_iters, T::ZERO);
         }
         for it in 0..self.n_iters {
+            if self.interrupt.requested() {
+                break;
+            }
             let last = it + 1 == self.n_iters;
             if let Some(h) = hist.as_deref_mut() {
                 h.col[it * k..(it + 1) * k].copy_from_slice(bpot);

@@ -32,6 +32,7 @@ use crate::dims::Dims;
 use crate::domain::{check_forced_plain, check_log_range, use_log_domain, LogDomain};
 use crate::error::{check_eps_iters, check_len, not_finite, Result};
 use crate::exec::column_stats::batch_col_stats;
+use crate::interrupt::Interrupt;
 use crate::simd::Real;
 use backward::BackWorkspace;
 use forward::{max_range, Workspace};
@@ -152,6 +153,7 @@ fn solve<T: Real>(
                 p.solve_plain(input, cm, o, ws, None, auto)
             })
             .reduce(|| 0.0, max_range);
+        p.interrupt.check()?;
         if params.check_finite && range.is_nan() {
             return Err(not_finite("scores"));
         }
@@ -168,6 +170,7 @@ fn solve<T: Real>(
                 p.solve_log(input, cm, o, ws, None)
             });
     }
+    p.interrupt.check()?;
     Ok(log)
 }
 
@@ -210,6 +213,7 @@ pub fn sinkhorn_backward<T: Real>(
         .for_each_init(BackWorkspace::default, |bw, (((o, g), input), cm)| {
             p.backward(g, input, cm, o, bw, log)
         });
+    p.interrupt.check()?;
     poison_non_finite(scores, out, dims);
     Ok(log)
 }
@@ -262,6 +266,7 @@ struct Problem<T> {
     eps: f64,
     inv_eps: T,
     n_iters: usize,
+    interrupt: Interrupt,
 }
 
 impl<T: Real> Problem<T> {
@@ -272,6 +277,7 @@ impl<T: Real> Problem<T> {
             eps: params.eps,
             inv_eps: T::from_f64(1.0 / params.eps),
             n_iters: params.n_iters,
+            interrupt: Interrupt::current(),
         }
     }
 }

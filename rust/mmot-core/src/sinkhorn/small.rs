@@ -42,11 +42,13 @@ pub(super) fn sinkhorn<T: Real>(
     let (log_domain, check_finite) = (params.log_domain, params.check_finite);
     let io = (scores, row_mass, col_mass, out);
     // One 512-bit vector of lanes (two 256-bit ones without AVX-512).
-    if std::mem::size_of::<T>() == 4 {
+    let log = if std::mem::size_of::<T>() == 4 {
         p.solve_batch::<16>(io, log_domain, check_finite)
     } else {
         p.solve_batch::<8>(io, log_domain, check_finite)
-    }
+    }?;
+    p.interrupt.check()?;
+    Ok(log)
 }
 
 /// `(scores, row_mass, col_mass, out)` of a batch or of one task.
@@ -140,6 +142,9 @@ impl<T: Real> Problem<T> {
         exp_shifted(x, acc, self.inv_eps, v);
         ratio(c, v);
         for it in 0..self.n_iters {
+            if self.interrupt.requested() {
+                break;
+            }
             let last = it + 1 == self.n_iters;
             acc.fill([T::ZERO; L]);
             // Rows four at a time: their dot chains overlap and each column sum is loaded
@@ -171,6 +176,9 @@ impl<T: Real> Problem<T> {
         log_kernel(x, acc, self.inv_eps, bpot);
         log_ratio(c, bpot);
         for it in 0..self.n_iters {
+            if self.interrupt.requested() {
+                break;
+            }
             let last = it + 1 == self.n_iters;
             acc.fill([T::ZERO; L]);
             // Rows four at a time, as in the plain domain: their exponentials overlap.
