@@ -288,6 +288,13 @@ def minmax_rows(target: torch.Tensor) -> torch.Tensor:
     return torch.where(constant, 0.0, (target - low) / spread)
 
 
+def normal_exponents(dtype: torch.dtype) -> tuple[int, int]:
+    """(lo, hi) with 2^lo .. 2^hi the normal powers of two of ``dtype``: a step outside (2^128 in
+    float32 for rows past 2^127) would be inf or inexact."""
+    info = torch.finfo(dtype)
+    return math.frexp(info.tiny)[1] - 1, math.frexp(info.max)[1] - 1
+
+
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """x / max(‖x‖₂, 1e-12) row-wise (F.normalize's rule), scale-safe.
 
@@ -297,7 +304,7 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] == 0:
         return x
     _, exponent = torch.frexp(x.detach().abs().amax(-1, keepdim=True))
-    step = torch.ldexp(torch.ones_like(x[..., :1]), exponent)
+    step = torch.ldexp(torch.ones_like(x[..., :1]), exponent.clamp(*normal_exponents(x.dtype)))
     scaled = x / step
     return scaled / torch.maximum(torch.linalg.vector_norm(scaled, dim=-1, keepdim=True), 1e-12 / step)
 

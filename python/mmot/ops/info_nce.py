@@ -58,7 +58,13 @@ def info_nce(
         a: (N, D) float tensor, e.g. video embeddings.
         b: (N, D) float tensor of the same dtype and device, e.g. text embeddings; a[i] and
             b[i] are a positive pair.
-        temperature: τ > 0. everything_at_once and SSPC use 0.05.
+        temperature: τ > 0. everything_at_once and SSPC use 0.05. It must be at least
+            1/finfo(compute dtype).max (2.9e-39 for float32, float16 and bfloat16 inputs), so
+            that 1/τ is finite. Logits are cosines/τ; past |s| ≈ 2^24 (τ below ~6e-8 in float32)
+            the dtype resolves them only to about |s|·2^-24, so the loss is accurate to that
+            absolutely and the gradient's softmax weights e^{s − lse} are decided by rounding:
+            pass float64 inputs there. A loss or gradient whose exact value is past the dtype's
+            largest value is inf (e.g. near the limit with rows shorter than 1).
         symmetric: add the b→a direction to the a→b direction.
         normalize: L2-normalise the rows first (cosine similarities).
         reduction: "mean", "sum" or "none".
@@ -134,7 +140,7 @@ def _lse_torch(a, b, weights, temperature, normalize):
     dtype = reference.compute_dtype(a.dtype)
     x, y = a.to(dtype), b.to(dtype)
     if normalize:
-        x, y = torch.nn.functional.normalize(x, dim=-1, eps=1e-12), torch.nn.functional.normalize(y, dim=-1, eps=1e-12)
+        x, y = reference.unit_rows(x), reference.unit_rows(y)
     logits = (x @ y.T) / temperature
     return torch.logsumexp(logits.masked_fill(weights[None, :] == 0, float("-inf")), dim=1)
 

@@ -47,13 +47,15 @@ def backward(
     keep = weights != 0
     pair = keep[:, None] & keep[None, :]
     g = torch.where(keep, grad.to(dtype), 0.0)
-    # torch.where, not a product: a row without valid columns has lse = −inf.
-    coef = torch.where(pair, g[:, None] * torch.exp(logits - lse_a.to(dtype)[:, None]), 0.0)
+    # torch.where, not a product: a row without valid columns has lse = −inf. The exponents are
+    # at most 0 (s ≤ lse); capped there, since at logits near finfo.max a rounding of the
+    # log-sum-exp's own logits (a transposed product for lse_b) would be e^{1e31} = inf.
+    coef = torch.where(pair, g[:, None] * torch.exp((logits - lse_a.to(dtype)[:, None]).clamp(max=0.0)), 0.0)
     if symmetric:
-        coef = coef + torch.where(pair, g[None, :] * torch.exp(logits - lse_b.to(dtype)[None, :]), 0.0)
+        coef = coef + torch.where(pair, g[None, :] * torch.exp((logits - lse_b.to(dtype)[None, :]).clamp(max=0.0)), 0.0)
     coef.diagonal().sub_(g * (2.0 if symmetric else 1.0))
-    grad_x = (coef @ y) / temperature
-    grad_y = (coef.T @ x) / temperature
+    grad_x, grad_y = coef @ y, coef.T @ x
     if normalize:
         grad_x, grad_y = unit_rows_backward(grad_x, x, x_norm), unit_rows_backward(grad_y, y, y_norm)
-    return [grad_x.to(a.dtype), grad_y.to(b.dtype)]
+    # 1/τ last: it may be near the dtype's largest value, and only a gradient beyond it overflows.
+    return [(grad_x / temperature).to(a.dtype), (grad_y / temperature).to(b.dtype)]

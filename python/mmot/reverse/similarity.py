@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmot.reference import compute_dtype
+from mmot.reference import compute_dtype, normal_exponents
 
 NORM_FLOOR = 1e-12  # F.normalize's eps in the reference
 
@@ -28,7 +28,7 @@ def unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     if x.shape[-1] == 0:
         return x, x.new_zeros(x.shape[:-1] + (1,))
     _, exponent = torch.frexp(x.abs().amax(-1, keepdim=True))
-    step = torch.ldexp(torch.ones_like(x[..., :1]), exponent)
+    step = torch.ldexp(torch.ones_like(x[..., :1]), exponent.clamp(*normal_exponents(x.dtype)))
     scaled = x / step
     norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
     return scaled / torch.maximum(norm, NORM_FLOOR / step), norm * step
@@ -48,10 +48,11 @@ def backward(grad: Tensor, x: Tensor, y: Tensor, normalize: bool, scale: float) 
     xs, ys, g = x.to(dtype), y.to(dtype), grad.to(dtype)
     if normalize:
         (xs, x_norm), (ys, y_norm) = unit_rows(xs), unit_rows(ys)
-    grad_x = (scale * (g @ ys)).sum_to_size(x.shape)
-    grad_y = (scale * (g.transpose(-1, -2) @ xs)).sum_to_size(y.shape)
+    grad_x = (g @ ys).sum_to_size(x.shape)
+    grad_y = (g.transpose(-1, -2) @ xs).sum_to_size(y.shape)
     if normalize:
         # The normalisation is row-wise per x (not per output batch), so it follows the sum.
         grad_x = unit_rows_backward(grad_x, xs, x_norm)
         grad_y = unit_rows_backward(grad_y, ys, y_norm)
-    return [grad_x.to(x.dtype), grad_y.to(y.dtype)]
+    # scale last: a scale near the dtype's largest value overflows only a gradient beyond it.
+    return [(scale * grad_x).to(x.dtype), (scale * grad_y).to(y.dtype)]
