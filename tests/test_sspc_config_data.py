@@ -13,7 +13,7 @@ from mmot.sspc.config import ConfigError, DataConfig, PickleConfig, config_from_
 
 def test_shipped_configs_load():
     names = shipped_configs()
-    assert {"sspc_howto100m", "uci_quick", "uci_full", "synthetic_tiny"} <= set(names)
+    assert {"sspc_howto100m", "uci_quick", "uci_full", "synthetic_tiny", "concepts_quick", "concepts_full"} <= set(names)
     for name in names:
         load_config(name)
 
@@ -34,6 +34,9 @@ def test_shipped_configs_load():
         ({"loss": {"queue_batches": 0}}, r"loss\.queue_batches: expected a number > 0"),
         ({"loss": {"queue_size": 0}}, r"loss\.queue_size: expected an integer >= 1 or null"),
         ({"train": {"eval_ema": True}}, r"train\.eval_ema: expected false when train\.ema_decay is null"),
+        ({"data": {"pair_noise": 1.0}}, r"data\.pair_noise: expected a probability in \[0, 1\)"),
+        ({"data": {"concepts": {"train_super": 20}}}, r"data\.concepts\.train_super: expected an integer in 1\.\.19"),
+        ({"data": {"concepts": {"token_dim": {"video": 4}}}}, r"data\.concepts\.token_dim: expected sizes for video, text and audio"),
     ],
 )
 def test_bad_config_values(values, match):
@@ -69,10 +72,51 @@ def test_cli_rejects_bad_config_before_training(tmp_path, capsys):
 
 def test_embedded_uci():
     d = sdata.load_uci()
-    assert len(d) == 2000 and d.dims() == {"video": 16, "text": 18, "audio": 19}
-    assert d.features["video"].shape == (2000, 15, 16)
+    assert len(d) == 2000 and d.dims() == {"video": 240, "text": 216, "audio": 76}
+    assert d.features["video"].shape == (2000, 1, 240)  # each view whole: one token, no artificial split
     assert torch.equal(d.labels, torch.arange(10).repeat_interleave(200))  # class order
     assert d.features["video"].min() >= 0 and d.features["video"].max() <= 6  # pixel averages 0..6
+    raw = np.load(sdata.UCI_FILE)
+    assert np.array_equal(d.features["text"][:, 0].numpy(), raw["fac"].astype(np.float32))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_ood_folds_cover_every_class_once(seed):
+    classes = list(range(10))
+    folds = sdata.ood_folds(classes, 2, seed)
+    assert len(folds) == 5 and all(len(f) == 2 for f in folds)
+    assert sorted(c for f in folds for c in f) == classes  # every class held out in exactly one fold
+    assert sdata.ood_folds(classes, 2, seed) == folds  # a function of the seed
+    odd = sdata.ood_folds(list(range(7)), 3, seed)
+    assert [len(f) for f in odd] == [3, 3, 1] and sorted(c for f in odd for c in f) == list(range(7))
+
+
+def test_each_fold_holds_its_classes_out_of_training():
+    folds = sdata.ood_folds(list(range(10)), 2, 0)
+    seen_out = set()
+    for i, fold in enumerate(folds):
+        splits = sdata.make_splits(DataConfig(format="uci", ood_fold=i, standardize=False))
+        assert set(splits["ood"].labels.tolist()) == set(fold)
+        assert not set(fold) & (set(splits["train"].labels.tolist()) | set(splits["test"].labels.tolist()))
+        assert len(splits["ood"]) == 400 and len(splits["train"]) == 1280
+        seen_out |= set(fold)
+    assert seen_out == set(range(10))
+    with pytest.raises(sdata.DataError, match=r"data\.ood_fold: 5 is past the last fold \(5 folds of 2 classes\)"):
+        sdata.make_splits(DataConfig(format="uci", ood_fold=5))
+
+
+@pytest.mark.parametrize("q", [0.2, 0.4])
+def test_uci_pair_noise_rate(q):
+    clean = sdata.make_splits(DataConfig(format="uci", standardize=False))["train"]
+    noisy = sdata.make_splits(DataConfig(format="uci", standardize=False, pair_noise=q))["train"]
+    moved = ~(noisy.features["text"] == clean.features["text"]).all(dim=(1, 2))
+    n = len(clean)
+    assert abs(moved.double().mean().item() - q) < 4 * (q * (1 - q) / n) ** 0.5  # binomial, 4 sigma
+    for m in ("video", "audio"):  # only the text is misaligned
+        assert torch.equal(noisy.features[m], clean.features[m])
+    # a misaligned text is another sample's text, unchanged
+    rows = {tuple(r.flatten().tolist()) for r in clean.features["text"]}
+    assert all(tuple(noisy.features["text"][i].flatten().tolist()) in rows for i in torch.nonzero(moved).flatten()[:50])
 
 
 def test_splits_hold_out_classes():

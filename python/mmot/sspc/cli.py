@@ -2,7 +2,7 @@
 
     mmot-sspc train --config uci_quick [--resume | --overwrite] [--out DIR] [--set train.epochs=5 ...]
     mmot-sspc eval --checkpoint runs/uci_quick/last.pt [--split test] [--json FILE]
-    mmot-sspc reproduce [--quick] [--out DIR] [--seeds 3] [--overwrite]
+    mmot-sspc reproduce [--quick] [--testbed concepts|uci] [--variants contrastive,multi_sk] [--seeds 5] [--jobs 2] [--out DIR]
     mmot-sspc convert-features IN.pkl OUT.npz [--config CFG] [--set data.pickle.n_video_tokens=48 ...]
 
 ``--config`` takes a YAML path or the name of a shipped config (``mmot-sspc configs`` lists them).
@@ -63,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--split", action="append", help="only these splits (default: all but train)")
     p_eval.add_argument("--json", help="also write the results to this JSON file")
     p_eval.add_argument("--device", default="cpu")
-    p_rep = sub.add_parser("reproduce", help="contrastive vs + SSPC (Sinkhorn) vs + SSPC (Multi-SK) on the embedded data")
-    p_rep.add_argument("--quick", action="store_true", help="small config, well under 10 minutes on a 2-core CPU")
+    p_rep = sub.add_parser("reproduce", help="contrastive vs + SSPC (Sinkhorn) vs + SSPC (Multi-SK) on the concepts and UCI test beds")
+    p_rep.add_argument("--quick", action="store_true", help="small configs, about 5 minutes on a 2-core CPU")
     p_rep.add_argument("--out", default=None, help="output directory (default: sspc_reproduce[_quick])")
-    p_rep.add_argument("--seeds", type=int, default=3, help="number of seeds (>= 3 recommended)")
-    p_rep.add_argument("--config", default=None, help="base config (default: uci_quick or uci_full)")
+    p_rep.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5; the paired intervals need >= 2)")
+    p_rep.add_argument("--testbed", action="append", choices=["concepts", "uci"], help="only this test bed (repeatable; default both)")
+    p_rep.add_argument("--variants", default=None, help="comma-separated subset of contrastive,sinkhorn,multi_sk (default all)")
+    p_rep.add_argument("--q", default=None, help="comma-separated pair-noise levels (default: 0,0.2,0.4 concepts; 0,0.4 uci)")
+    p_rep.add_argument("--jobs", type=int, default=None, help="runs in parallel, one thread each (default: the CPUs, at most 8)")
+    p_rep.add_argument("--config", default=None, help="replace the test bed's config (with one --testbed)")
     p_rep.add_argument("--no-progress", action="store_true")
     p_rep.add_argument("--overwrite", action="store_true", help="start over where the output directory already holds runs")
     p_conv = sub.add_parser(
@@ -117,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                     json.dump(results, fh, indent=2)
             return 0
         if args.command == "reproduce":
-            from mmot.sspc.reproduce import reproduce
+            from mmot.sspc.reproduce import TESTBEDS, VARIANTS, reproduce
 
+            try:
+                q_levels = tuple(float(q) for q in args.q.split(",")) if args.q else None
+            except ValueError:
+                raise ConfigError(f"reproduce: --q expected comma-separated numbers, got {args.q!r}") from None
             reproduce(
                 quick=args.quick,
                 out_dir=args.out,
@@ -126,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                 config=args.config,
                 progress=not args.no_progress,
                 overwrite=args.overwrite,
+                testbeds=tuple(dict.fromkeys(args.testbed)) if args.testbed else TESTBEDS,
+                variants=tuple(v.strip() for v in args.variants.split(",")) if args.variants else VARIANTS,
+                q_levels=q_levels,
+                jobs=args.jobs,
             )
             return 0
         if args.command == "convert-features":

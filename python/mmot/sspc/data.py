@@ -1,26 +1,29 @@
-"""Data for SSPC runs: four sources, one in-memory form, and the in-domain / out-of-domain splits.
+"""Data for SSPC runs: five sources, one in-memory form, and the in-domain / out-of-domain splits.
 
 Every source becomes a :class:`MultiModalData`: per modality a float32 token tensor (N, T, D)
-and a bool mask (N, T) of the valid tokens, plus optional integer class labels (N,).
+and a bool mask (N, T) of the valid tokens, plus optional integer class labels (N,) and optional
+video ids (N,) (``groups``: the clips of one video, in order).
 
 Sources (``data.format`` in the config):
 
 ``uci`` (the default; no download)
     The UCI Multiple Features data set: 2000 handwritten digits ("0".."9", 200 of each, in class
     order), each described by six feature sets extracted from the same scanned image. Three are
-    used as three modalities, split into token sequences:
+    used as three modalities, each view whole, as one token of its full feature vector (a split
+    into artificial tokens cost the pixel view most of its class structure: 1-NN class accuracy
+    97.5% whole, 60.5% split into rows):
 
-    ========  =====================================  ==============  ===========
-    modality  UCI view                               tokens          stored as
-    ========  =====================================  ==============  ===========
-    video     ``mfeat-pix``: 240 pixel averages       15 × 16         uint8
-              in 2×3 windows (a 15×16 image)          (image rows)    (lossless)
-    text      ``mfeat-fac``: 216 profile              12 × 18         uint16
-              correlations                                            (lossless)
-    audio     ``mfeat-fou``: 76 Fourier coefficients  4 × 19          float16
-              of the character shape                                  (abs. error
-                                                                      < 2.5e-4)
-    ========  =====================================  ==============  ===========
+    ========  =====================================  ========  ===========
+    modality  UCI view                               size      stored as
+    ========  =====================================  ========  ===========
+    video     ``mfeat-pix``: 240 pixel averages       240       uint8
+              in 2×3 windows (a 15×16 image)                   (lossless)
+    text      ``mfeat-fac``: 216 profile              216       uint16
+              correlations                                     (lossless)
+    audio     ``mfeat-fou``: 76 Fourier coefficients  76        float16
+              of the character shape                           (abs. error
+                                                               < 2.5e-4)
+    ========  =====================================  ========  ===========
 
     Source: UCI Machine Learning Repository, "Multiple Features" data set, by Robert P.W. Duin
     (Delft University of Technology), https://archive.ics.uci.edu/dataset/72/multiple+features,
@@ -71,11 +74,18 @@ Sources (``data.format`` in the config):
 ``synthetic``
     :func:`synthetic_data`: planted shared (class) and modality-specific structure, for tests.
 
-Splits (:func:`make_splits`): with labels, the classes in ``data.ood_classes`` are held out
-entirely as the out-of-domain split ``ood``; the other classes are split per class into
-``train`` and ``test`` (in-domain) by ``data.test_fraction`` with ``data.split_seed``. Without
-labels, ``train``/``test`` is a random split and out-of-domain sets come from
-``data.eval_sets``. Features are standardised with statistics of the training split.
+``concepts``
+    The test bed for SSPC's claim (:mod:`mmot.sspc.concepts`): concepts in super-concepts, frozen
+    random encoders, videos of clips, unseen super-concepts out of domain. It makes its own
+    splits (``train``, ``test``, ``ood``, ``ood_shift``).
+
+Splits (:func:`make_splits`): with labels, the classes in ``data.ood_classes`` (or, with
+``data.ood_fold``, that fold of :func:`ood_folds`) are held out entirely as the out-of-domain
+split ``ood``; the other classes are split per class into ``train`` and ``test`` (in-domain) by
+``data.test_fraction`` with ``data.split_seed``. Without labels, ``train``/``test`` is a random
+split and out-of-domain sets come from ``data.eval_sets``. ``data.pair_noise`` then misaligns
+that share of the training pairs (:func:`misalign_pairs`), and features are standardised with
+statistics of the training split.
 """
 
 from __future__ import annotations
@@ -95,7 +105,7 @@ from torch import Tensor
 from mmot.sspc.config import DataConfig, PickleConfig, SyntheticConfig
 
 UCI_FILE = Path(__file__).parent / "data" / "uci_mfeat.npz"
-UCI_VIEWS = {"video": ("pix", 15, 16), "text": ("fac", 12, 18), "audio": ("fou", 4, 19)}
+UCI_VIEWS = {"video": "pix", "text": "fac", "audio": "fou"}
 UCI_CREDIT = (
     'UCI Machine Learning Repository, "Multiple Features" data set by Robert P.W. Duin, '
     "CC BY 4.0 (https://archive.ics.uci.edu/dataset/72/multiple+features)"
@@ -112,6 +122,7 @@ class MultiModalData:
     masks: dict[str, Tensor]
     labels: Tensor | None = None
     name: str = ""
+    groups: Tensor | None = None  # video id of each sample; a video's clips in order
 
     def __post_init__(self) -> None:
         sizes = {m: int(x.shape[0]) for m, x in self.features.items()}
@@ -125,6 +136,8 @@ class MultiModalData:
                 raise DataError(f"{self.name}: mask of '{m}' must be {tuple(x.shape[:2])}; got {tuple(mask.shape)}")
         if self.labels is not None and self.labels.shape != (len(self),):
             raise DataError(f"{self.name}: labels must be ({len(self)},); got {tuple(self.labels.shape)}")
+        if self.groups is not None and self.groups.shape != (len(self),):
+            raise DataError(f"{self.name}: groups must be ({len(self)},); got {tuple(self.groups.shape)}")
 
     @property
     def modalities(self) -> list[str]:
@@ -136,12 +149,21 @@ class MultiModalData:
     def dims(self) -> dict[str, int]:
         return {m: int(x.shape[-1]) for m, x in self.features.items()}
 
+    def only(self, modalities: list[str]) -> MultiModalData:
+        """The same samples with only ``modalities``, in that order."""
+        missing = [m for m in modalities if m not in self.features]
+        if missing:
+            raise DataError(f"data.modalities: {missing} not in the data (it has {self.modalities})")
+        pick = {m: self.features[m] for m in modalities}
+        return MultiModalData(pick, {m: self.masks[m] for m in modalities}, self.labels, self.name, self.groups)
+
     def subset(self, index: Tensor, name: str | None = None) -> MultiModalData:
         return MultiModalData(
             {m: x[index] for m, x in self.features.items()},
             {m: k[index] for m, k in self.masks.items()},
             None if self.labels is None else self.labels[index],
             name or self.name,
+            None if self.groups is None else self.groups[index],
         )
 
 
@@ -175,12 +197,13 @@ def derive_uci_npz(csv_dir: str | os.PathLike, out_path: str | os.PathLike) -> P
 
 
 def load_uci(path: str | os.PathLike | None = None) -> MultiModalData:
-    """The embedded UCI Multiple Features data as three token-sequence modalities (see above)."""
+    """The embedded UCI Multiple Features data as three modalities, each one token holding a
+    whole view (see above)."""
     path = Path(path) if path else UCI_FILE
     with np.load(path) as z:
         features, masks = {}, {}
-        for modality, (view, n_tokens, token_dim) in UCI_VIEWS.items():
-            x = torch.from_numpy(z[view].astype(np.float32)).reshape(-1, n_tokens, token_dim)
+        for modality, view in UCI_VIEWS.items():
+            x = torch.from_numpy(z[view].astype(np.float32))[:, None, :]
             features[modality] = x
             masks[modality] = torch.ones(x.shape[:2], dtype=torch.bool)
         labels = torch.from_numpy(z["labels"].astype(np.int64))
@@ -443,6 +466,54 @@ def synthetic_data(cfg: SyntheticConfig | None = None) -> MultiModalData:
 
 
 # ---------------------------------------------------------------------------------------------
+# Held-out class folds and pair noise
+
+
+def ood_folds(classes: list[int], per_fold: int, seed: int) -> list[list[int]]:
+    """The classes in a ``seed``-shuffled order, cut into folds of ``per_fold`` (the last fold may
+    be smaller): every class is held out in exactly one fold."""
+    order = torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed)).tolist()
+    shuffled = [classes[i] for i in order]
+    return [sorted(shuffled[i : i + per_fold]) for i in range(0, len(shuffled), per_fold)]
+
+
+def misalign_pairs(data: MultiModalData, q: float, modality: str, seed: int) -> tuple[MultiModalData, Tensor]:
+    """Misalign each sample's ``modality`` with probability ``q``: it is replaced by that of a
+    neighbouring clip of the same video (half the time, when the data has videos of two or more
+    clips) or of a random clip of another video (a random other sample without videos).
+    Returns the new data and, per sample, the index its ``modality`` now comes from."""
+    if modality not in data.features:
+        raise DataError(f"data.pair_noise_modality: '{modality}' is not a modality of the data ({data.modalities})")
+    g = torch.Generator().manual_seed(seed)
+    n = len(data)
+    source = torch.arange(n)
+    chosen = torch.nonzero(torch.rand(n, generator=g) < q).flatten().tolist()
+    groups = data.groups if data.groups is not None else torch.arange(n)
+    members = {}
+    for i, v in enumerate(groups.tolist()):
+        members.setdefault(v, []).append(i)
+    for i in chosen:
+        clips = members[groups[i].item()]
+        coin, pick = torch.rand(2, generator=g).tolist()
+        if data.groups is not None and len(clips) > 1 and coin < 0.5:
+            at = clips.index(i)
+            neighbours = [clips[j] for j in (at - 1, at + 1) if 0 <= j < len(clips)]
+            source[i] = neighbours[int(pick * len(neighbours))]
+        else:
+            others = n - len(clips)
+            if others == 0:
+                continue
+            j = int(pick * others)  # the j-th sample outside i's video
+            outside = torch.nonzero(groups != groups[i]).flatten()
+            source[i] = outside[j]
+    features = dict(data.features)
+    masks = dict(data.masks)
+    features[modality] = data.features[modality][source]
+    masks[modality] = data.masks[modality][source]
+    return MultiModalData(features, masks, data.labels, data.name, data.groups), source
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading and splitting
 
 
@@ -456,12 +527,7 @@ def load_data(cfg: DataConfig) -> MultiModalData:
     else:
         data = synthetic_data(cfg.synthetic)
     if cfg.modalities is not None and cfg.format != "npz":
-        missing = [m for m in cfg.modalities if m not in data.features]
-        if missing:
-            raise DataError(f"data.modalities: {missing} not in the data (it has {data.modalities})")
-        data = MultiModalData(
-            {m: data.features[m] for m in cfg.modalities}, {m: data.masks[m] for m in cfg.modalities}, data.labels, data.name
-        )
+        data = data.only(cfg.modalities)
     return data
 
 
@@ -472,17 +538,36 @@ def _standardize(splits: dict[str, MultiModalData], stats: dict[str, tuple[Tenso
             split.features[m] = (x - mean) / std * split.masks[m][..., None]
 
 
-def make_splits(cfg: DataConfig) -> dict[str, MultiModalData]:
-    """``train``, ``test`` (in-domain), ``ood`` (held-out classes) and any ``data.eval_sets``."""
-    data = load_data(cfg)
-    g = torch.Generator().manual_seed(cfg.split_seed)
-    splits: dict[str, MultiModalData] = {}
-    if data.labels is not None:
-        classes = sorted(set(data.labels.tolist()))
+def _held_out(cfg: DataConfig, classes: list[int]) -> list[int]:
+    if cfg.ood_fold is None:
         unknown = sorted(set(cfg.ood_classes) - set(classes))
         if unknown:
             raise DataError(f"data.ood_classes: classes {unknown} are not in the data (classes: {classes})")
-        in_domain = [c for c in classes if c not in cfg.ood_classes]
+        return list(cfg.ood_classes)
+    folds = ood_folds(classes, cfg.classes_per_fold, cfg.split_seed)
+    if cfg.ood_fold >= len(folds):
+        raise DataError(f"data.ood_fold: {cfg.ood_fold} is past the last fold ({len(folds)} folds of {cfg.classes_per_fold} classes)")
+    return folds[cfg.ood_fold]
+
+
+def make_splits(cfg: DataConfig) -> dict[str, MultiModalData]:
+    """``train``, ``test`` (in-domain), ``ood`` (held-out classes) and any ``data.eval_sets``;
+    the ``concepts`` test bed's own splits (with ``ood_shift``)."""
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    splits: dict[str, MultiModalData] = {}
+    data = None
+    if cfg.format == "concepts":
+        from mmot.sspc.concepts import concept_splits
+
+        splits = concept_splits(cfg.concepts)
+        modalities = cfg.modalities or list(splits["train"].modalities)
+        splits = {name: split.only(modalities) for name, split in splits.items()}
+    else:
+        data = load_data(cfg)
+    if data is not None and data.labels is not None:
+        classes = sorted(set(data.labels.tolist()))
+        held_out = _held_out(cfg, classes)
+        in_domain = [c for c in classes if c not in held_out]
         if not in_domain:
             raise DataError("data.ood_classes: every class is held out; nothing is left to train on")
         train_idx, test_idx = [], []
@@ -494,10 +579,10 @@ def make_splits(cfg: DataConfig) -> dict[str, MultiModalData]:
             train_idx.append(idx[n_test:])
         splits["train"] = data.subset(torch.cat(train_idx).sort().values, "train")
         splits["test"] = data.subset(torch.cat(test_idx).sort().values, "test")
-        ood = torch.nonzero(torch.isin(data.labels, torch.tensor(cfg.ood_classes, dtype=torch.long))).flatten()
+        ood = torch.nonzero(torch.isin(data.labels, torch.tensor(held_out, dtype=torch.long))).flatten()
         if len(ood):
             splits["ood"] = data.subset(ood, "ood")
-    else:
+    elif data is not None:
         perm = torch.randperm(len(data), generator=g)
         n_test = max(1, round(len(data) * cfg.test_fraction))
         splits["train"] = data.subset(perm[n_test:].sort().values, "train")
@@ -509,13 +594,15 @@ def make_splits(cfg: DataConfig) -> dict[str, MultiModalData]:
         else:
             extra = load_npz(es.path, cfg.modalities)
         extra.name = es.name
-        if set(extra.modalities) != set(data.modalities) or extra.dims() != data.dims():
-            raise DataError(
-                f"data.eval_sets '{es.name}': modalities/feature sizes {extra.dims()} differ from the training data {data.dims()}"
-            )
+        want = splits["train"].dims()
+        if set(extra.modalities) != set(want) or extra.dims() != want:
+            raise DataError(f"data.eval_sets '{es.name}': modalities/feature sizes {extra.dims()} differ from the training data {want}")
         splits[es.name] = extra
     if len(splits["train"]) < 2:
         raise DataError(f"the training split has {len(splits['train'])} samples; need at least 2")
+    if cfg.pair_noise > 0:
+        seed = cfg.split_seed * 1_000_003 + (cfg.concepts.seed if cfg.format == "concepts" else 0)
+        splits["train"] = misalign_pairs(splits["train"], cfg.pair_noise, cfg.pair_noise_modality, seed)[0]
     if cfg.standardize:
         train = splits["train"]
         stats = {}

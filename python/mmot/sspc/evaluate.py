@@ -9,6 +9,14 @@ tie never counts in the query's favour (everything_at_once's default, ``break_ti
 R@k is the percentage of queries with rank ≤ k; MedR and MeanR are the median (for an even N, the
 mean of the two middle ranks) and the mean rank.
 
+Class-level metrics, where the split has labels (the UCI digit, the concepts test bed's concept):
+every gallery item of the query's class counts as a hit. cR@k is the percentage of queries whose
+first same-class item has rank ≤ k, ties again averaged: with h items strictly above the best
+same-class score and a tied block of c items of which s are of the class, that rank is
+h + (c + 1)/(s + 1), the expected position of the block's first same-class item in a random order
+of the block. mAP is the mean over queries of the average precision of the full ranked gallery
+(exact ties, which float embeddings almost never produce, are broken by gallery order).
+
 Fused queries (three or more modalities): the fused embedding of b and c is the mean of their
 L2-normalised embeddings, as everything_at_once's ``b+c`` embeddings; "a->b+c" queries it with a
 and "b+c->a" is the reverse. The headline one is "text->video+audio".
@@ -30,6 +38,7 @@ from mmot.sspc.config import LossConfig
 
 RECALL_KS = (1, 5, 10, 50)
 METRICS = ("R@1", "R@5", "R@10", "R@50", "MedR", "MeanR")
+CLASS_METRICS = ("cR@1", "cR@5", "cR@10", "mAP")
 FUSED_QUERY = "text->video+audio"
 
 
@@ -50,8 +59,34 @@ def ranks(query: Tensor, gallery: Tensor, block: int = 1024) -> Tensor:
     return torch.cat([ranks_from_similarity(q[start : start + block] @ g.T, start) for start in range(0, q.shape[0], block)])
 
 
-def retrieval_metrics(query: Tensor, gallery: Tensor) -> dict[str, float]:
-    return metrics_from_ranks(ranks(query, gallery))
+def class_ranks_and_ap(query: Tensor, gallery: Tensor, labels: Tensor, block: int = 1024) -> tuple[Tensor, Tensor]:
+    """Per query (N,) float64: the ties-averaged rank of the first gallery item of its class, and
+    the average precision of the ranked gallery (same-class items relevant)."""
+    q = torch.nn.functional.normalize(query.float(), dim=-1)
+    g = torch.nn.functional.normalize(gallery.float(), dim=-1)
+    firsts, aps = [], []
+    position = torch.arange(1, g.shape[0] + 1, dtype=torch.float64)
+    for start in range(0, q.shape[0], block):
+        sims = q[start : start + block] @ g.T
+        relevant = labels[start : start + block, None] == labels[None, :]
+        best = sims.masked_fill(~relevant, float("-inf")).max(dim=1, keepdim=True).values
+        above = (sims > best).sum(dim=1).double()
+        tied = sims == best
+        firsts.append(above + (tied.sum(dim=1).double() + 1.0) / ((tied & relevant).sum(dim=1).double() + 1.0))
+        order = sims.argsort(dim=1, descending=True, stable=True)
+        hit = relevant.gather(1, order).double()
+        aps.append((hit * hit.cumsum(dim=1) / position).sum(dim=1) / hit.sum(dim=1))
+    return torch.cat(firsts), torch.cat(aps)
+
+
+def retrieval_metrics(query: Tensor, gallery: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+    """Instance metrics; with ``labels`` (N,) also the class-level ones."""
+    out = metrics_from_ranks(ranks(query, gallery))
+    if labels is not None:
+        first, ap = class_ranks_and_ap(query, gallery, labels)
+        out.update({f"cR@{k}": float((first <= k).double().mean() * 100.0) for k in (1, 5, 10)})
+        out["mAP"] = float(ap.mean() * 100.0)
+    return out
 
 
 def metrics_from_ranks(r: Tensor) -> dict[str, float]:
@@ -69,16 +104,17 @@ def fused(a: Tensor, b: Tensor) -> Tensor:
     return (normalize(a.float(), dim=-1) + normalize(b.float(), dim=-1)) / 2
 
 
-def all_pairs(embeddings: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+def all_pairs(embeddings: dict[str, Tensor], labels: Tensor | None = None) -> dict[str, dict[str, float]]:
     """Metrics for every ordered pair, keyed "a->b" (query a, gallery b), then with three or more
-    modalities every fused query "a->b+c" and "b+c->a" (b, c in the order of ``embeddings``)."""
-    out = {f"{a}->{b}": retrieval_metrics(embeddings[a], embeddings[b]) for a, b in itertools.permutations(embeddings, 2)}
+    modalities every fused query "a->b+c" and "b+c->a" (b, c in the order of ``embeddings``);
+    class-level metrics too where ``labels`` are given."""
+    out = {f"{a}->{b}": retrieval_metrics(embeddings[a], embeddings[b], labels) for a, b in itertools.permutations(embeddings, 2)}
     if len(embeddings) >= 3:
         for a in embeddings:
             for b, c in itertools.combinations([m for m in embeddings if m != a], 2):
                 bc = fused(embeddings[b], embeddings[c])
-                out[f"{a}->{b}+{c}"] = retrieval_metrics(embeddings[a], bc)
-                out[f"{b}+{c}->{a}"] = retrieval_metrics(bc, embeddings[a])
+                out[f"{a}->{b}+{c}"] = retrieval_metrics(embeddings[a], bc, labels)
+                out[f"{b}+{c}->{a}"] = retrieval_metrics(bc, embeddings[a], labels)
     return out
 
 
@@ -92,12 +128,13 @@ def mean_over_pairs(pairs: dict[str, dict[str, float]], weights: dict[str, float
     total = sum(weights.values())
     if total <= 0:
         raise ValueError(f"loss.pair_weights: the modality pairs {list(weights)} have weights summing to 0")
-    return {m: sum(w * pairs[key][m] for key, w in weights.items()) / total for m in METRICS}
+    metrics = pairs[next(iter(weights))]
+    return {m: sum(w * pairs[key][m] for key, w in weights.items()) / total for m in metrics}
 
 
-def summarise(embeddings: dict[str, Tensor], loss: LossConfig) -> dict:
+def summarise(embeddings: dict[str, Tensor], loss: LossConfig, labels: Tensor | None = None) -> dict:
     """``{"pairs": all_pairs(...), "mean": the training-weighted mean, "weights": the pair weights}``."""
-    pairs = all_pairs(embeddings)
+    pairs = all_pairs(embeddings, labels)
     weights = pair_weights(list(embeddings), loss)
     return {"pairs": pairs, "mean": mean_over_pairs(pairs, weights), "weights": weights}
 
@@ -112,5 +149,5 @@ def evaluate_checkpoint(path, splits: list[str] | None = None, device: str = "cp
     for name, split in data.items():
         if name == "train" or (splits and name not in splits):
             continue
-        results[name] = summarise(embed_split(model, split, cfg.train.batch_size, device), cfg.loss)
+        results[name] = summarise(embed_split(model, split, cfg.train.batch_size, device), cfg.loss, split.labels)
     return results

@@ -82,8 +82,53 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+class BatchPlan:
+    """The samples of each training step, a function of (seed, epoch, step in epoch) only, so that
+    a resumed run draws the same batches. Random batches of ``train.batch_size`` (at most the
+    split); or, with ``data.clips_per_video`` = k and a split with videos, HowTo100M's sampling:
+    batch_size // k videos per batch, k clips of each (all of a shorter video's clips, then
+    repeats), every video once per epoch."""
+
+    def __init__(self, cfg: Config, split: MultiModalData) -> None:
+        self.seed = cfg.train.seed
+        batch = min(cfg.train.batch_size, len(split))
+        k = cfg.data.clips_per_video
+        self.videos = None
+        if k and split.groups is not None:
+            members: dict[int, list[int]] = {}
+            for i, v in enumerate(split.groups.tolist()):
+                members.setdefault(v, []).append(i)
+            self.videos = [torch.tensor(rows) for rows in members.values()]
+            self.k = k
+            self.per_batch = min(len(self.videos), max(1, batch // k))
+            self.size = self.per_batch * k
+            self.steps_per_epoch = max(1, len(self.videos) // self.per_batch)
+        else:
+            self.n = len(split)
+            self.size = batch
+            self.steps_per_epoch = max(1, self.n // batch)
+
+    def indices(self, epoch: int, in_epoch: int) -> torch.Tensor:
+        if self.videos is None:
+            return _epoch_order(self.n, self.seed, epoch)[in_epoch * self.size : (in_epoch + 1) * self.size]
+        order = _epoch_order(len(self.videos), self.seed, epoch)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 65_537 + in_epoch)
+        rows = []
+        for v in order[in_epoch * self.per_batch : (in_epoch + 1) * self.per_batch].tolist():
+            clips = self.videos[v]
+            pick = torch.randperm(len(clips), generator=g)[: self.k]
+            if len(pick) < self.k:
+                pick = torch.cat([pick, torch.randint(len(clips), (self.k - len(pick),), generator=g)])
+            rows.append(clips[pick])
+        return torch.cat(rows)
+
+
 def evaluate_model(model, splits: dict[str, MultiModalData], batch_size: int, device, loss: LossConfig) -> dict:
-    return {name: summarise(embed_split(model, split, batch_size, device), loss) for name, split in splits.items() if name != "train"}
+    out = {}
+    for name, split in splits.items():
+        if name != "train":
+            out[name] = summarise(embed_split(model, split, batch_size, device), loss, split.labels)
+    return out
 
 
 class _Metrics:
@@ -146,15 +191,10 @@ def _refuse_existing_run(out: Path, overwrite: bool) -> None:
     (out / CHECKPOINT).unlink(missing_ok=True)
 
 
-def train_batch(cfg: Config, n_train: int) -> int:
-    """The training batch size: ``train.batch_size``, at most the training set."""
-    return min(cfg.train.batch_size, n_train)
-
-
 def build(cfg: Config, device: torch.device, splits: dict[str, MultiModalData]):
     train_split = splits["train"]
     model = SSPCModel(train_split.dims(), cfg.model, cfg.loss.input_space).to(device)
-    queue = cfg.loss.queue_rows(train_batch(cfg, len(train_split)))
+    queue = cfg.loss.queue_rows(BatchPlan(cfg, train_split).size)
     objective = SSPCObjective(model.input_dims, cfg.model.embed_dim, cfg.model.n_anchors, cfg.loss, queue).to(device)
     return model, objective
 
@@ -180,9 +220,8 @@ def train(
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     splits = splits if splits is not None else make_splits(cfg.data)
-    n_train = len(splits["train"])
-    batch = train_batch(cfg, n_train)
-    steps_per_epoch = max(1, n_train // batch)
+    plan = BatchPlan(cfg, splits["train"])
+    batch, steps_per_epoch = plan.size, plan.steps_per_epoch
     total_steps = steps_per_epoch * t.epochs
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
@@ -274,8 +313,7 @@ def train(
     try:
         while step < total_steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            order = _epoch_order(n_train, t.seed, epoch)
-            idx = order[in_epoch * batch : (in_epoch + 1) * batch]
+            idx = plan.indices(epoch, in_epoch)
             tokens = {m: train_split.features[m][idx].to(device, non_blocking=True) for m in model.modalities}
             masks = {m: train_split.masks[m][idx].to(device, non_blocking=True) for m in model.modalities}
             with autocast():
