@@ -1,5 +1,7 @@
 """mmot.sspc.evaluate: everything_at_once's retrieval metrics, ties averaged; fused queries; the
-training-weighted mean over pairs."""
+training-weighted mean over pairs; class-level cR@k (ties averaged) and mAP."""
+
+import itertools
 
 import numpy as np
 import pytest
@@ -8,8 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mmot.sspc.config import LossConfig
 from mmot.sspc.evaluate import (
+    CLASS_METRICS,
     METRICS,
     all_pairs,
+    class_ranks_and_ap,
+    first_hit_and_ap,
     mean_over_pairs,
     metrics_from_ranks,
     pair_weights,
@@ -146,3 +151,83 @@ def test_summarise_keeps_the_per_pair_table():
     res = summarise(emb, LossConfig())
     assert set(res) == {"pairs", "mean", "weights"} and len(res["pairs"]) == 12 and set(res["mean"]) == set(METRICS)
     assert res["mean"] == pytest.approx(mean_over_pairs(res["pairs"], res["weights"]))
+
+
+# ------------------------------------------------------------------------------------ class-level metrics
+
+
+def _first_hit_by_enumeration(row: np.ndarray, relevant: np.ndarray) -> float:
+    """The mean, over every order of each tied block, of the 1-based position of the first
+    relevant item: enumerated, not the closed form."""
+    best = row[relevant].max()
+    above = int((row > best).sum())
+    block = np.flatnonzero(row == best)
+    rel = [j for j, b in enumerate(block) if relevant[b]]
+    positions = [min(p[j] for j in rel) for p in itertools.permutations(range(len(block)))]
+    return above + 1 + float(np.mean(positions))
+
+
+def _average_precision(row: np.ndarray, relevant: np.ndarray) -> float:
+    order = sorted(range(len(row)), key=lambda j: (-row[j], j))  # ties by gallery order
+    hits, total = 0, 0.0
+    for pos, j in enumerate(order, start=1):
+        if relevant[j]:
+            hits += 1
+            total += hits / pos
+    return total / hits
+
+
+def test_class_metrics_on_a_hand_made_similarity_matrix():
+    sims = torch.tensor(
+        [
+            [0.9, 0.9, 0.1, 0.5],  # the best same-class item (col 0) tied with col 1 (other class): (2 + 1) / (1 + 1)
+            [0.2, 0.8, 0.8, 0.8],  # col 1 and 2 same class, tied with col 3: (3 + 1) / (2 + 1)
+            [0.3, 0.7, 0.1, 0.6],  # two items above its class's best: 2 + 1
+        ]
+    )
+    qlab, glab = torch.tensor([0, 1, 0]), torch.tensor([0, 1, 1, 2])
+    first, ap = first_hit_and_ap(sims, qlab, glab)
+    assert first.tolist() == pytest.approx([1.5, 1 + 1 / 3, 3.0])
+    # AP, ties by gallery order: row 0 ranks (0, 1, 3, 2): relevant {0} → 1; row 1 ranks (1, 2, 3, 0): {1, 2} → 1;
+    # row 2 ranks (1, 3, 0, 2): relevant {0} at 3 → 1/3
+    assert ap.tolist() == pytest.approx([1.0, 1.0, 1 / 3])
+    qlab2 = torch.tensor([2, 0, 1])  # row 0: class 2 at col 3, row 1: col 0, row 2: cols 1 (top) and 2 (last)
+    first, ap = first_hit_and_ap(sims, qlab2, glab)
+    assert first.tolist() == pytest.approx([3.0, 4.0, 1.0])
+    assert ap.tolist() == pytest.approx([1 / 3, 1 / 4, (1 / 1 + 2 / 4) / 2])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 6).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.integers(-2, 2), min_size=n * n, max_size=n * n), st.lists(st.integers(0, 2), min_size=n, max_size=n)
+        ).map(lambda v: (n, *v))
+    )
+)
+def test_class_metrics_match_enumerated_tie_orders(case):
+    n, values, labels = case
+    sims = np.array(values, dtype=np.float64).reshape(n, n) / 4  # many ties
+    lab = np.array(labels)
+    first, ap = first_hit_and_ap(torch.from_numpy(sims), torch.from_numpy(lab), torch.from_numpy(lab))
+    for i in range(n):
+        relevant = lab == lab[i]
+        assert first[i].item() == pytest.approx(_first_hit_by_enumeration(sims[i], relevant))
+        assert ap[i].item() == pytest.approx(_average_precision(sims[i], relevant))
+
+
+def test_class_metrics_in_the_summary_only_with_labels():
+    torch.manual_seed(0)
+    emb = {m: torch.randn(30, 4) for m in ("video", "text", "audio")}
+    labels = torch.arange(30) % 3
+    res = summarise(emb, LossConfig(), labels)
+    assert set(res["mean"]) == set(METRICS + CLASS_METRICS) and set(res["pairs"]["text->video+audio"]) == set(METRICS + CLASS_METRICS)
+    first, ap = class_ranks_and_ap(emb["text"], emb["video"], labels, block=7)  # blocks give the same answer
+    sims = torch.nn.functional.normalize(emb["text"], dim=-1) @ torch.nn.functional.normalize(emb["video"], dim=-1).T
+    want_first, want_ap = first_hit_and_ap(sims, labels, labels)
+    torch.testing.assert_close(first, want_first)
+    torch.testing.assert_close(ap, want_ap)
+    assert res["pairs"]["text->video"]["cR@1"] == pytest.approx(float((want_first <= 1).double().mean() * 100))
+    assert res["pairs"]["text->video"]["mAP"] == pytest.approx(float(want_ap.mean() * 100))
+    assert res["pairs"]["text->video"]["cR@1"] >= res["pairs"]["text->video"]["R@1"]  # the true match is of the class
+    assert set(summarise(emb, LossConfig())["mean"]) == set(METRICS)

@@ -59,24 +59,29 @@ def ranks(query: Tensor, gallery: Tensor, block: int = 1024) -> Tensor:
     return torch.cat([ranks_from_similarity(q[start : start + block] @ g.T, start) for start in range(0, q.shape[0], block)])
 
 
+def first_hit_and_ap(sims: Tensor, query_labels: Tensor, gallery_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """For a (rows, N) similarity block, per row (float64): the ties-averaged rank of the first
+    gallery item of the row's class, and the average precision of the ranked gallery."""
+    relevant = query_labels[:, None] == gallery_labels[None, :]
+    best = sims.masked_fill(~relevant, float("-inf")).max(dim=1, keepdim=True).values
+    above = (sims > best).sum(dim=1).double()
+    tied = sims == best
+    first = above + (tied.sum(dim=1).double() + 1.0) / ((tied & relevant).sum(dim=1).double() + 1.0)
+    order = sims.argsort(dim=1, descending=True, stable=True)
+    hit = relevant.gather(1, order).double()
+    position = torch.arange(1, sims.shape[1] + 1, dtype=torch.float64)
+    ap = (hit * hit.cumsum(dim=1) / position).sum(dim=1) / hit.sum(dim=1)
+    return first, ap
+
+
 def class_ranks_and_ap(query: Tensor, gallery: Tensor, labels: Tensor, block: int = 1024) -> tuple[Tensor, Tensor]:
-    """Per query (N,) float64: the ties-averaged rank of the first gallery item of its class, and
-    the average precision of the ranked gallery (same-class items relevant)."""
+    """:func:`first_hit_and_ap` of query i's cosine similarities, gallery i sharing label i; (N,) each."""
     q = torch.nn.functional.normalize(query.float(), dim=-1)
     g = torch.nn.functional.normalize(gallery.float(), dim=-1)
-    firsts, aps = [], []
-    position = torch.arange(1, g.shape[0] + 1, dtype=torch.float64)
-    for start in range(0, q.shape[0], block):
-        sims = q[start : start + block] @ g.T
-        relevant = labels[start : start + block, None] == labels[None, :]
-        best = sims.masked_fill(~relevant, float("-inf")).max(dim=1, keepdim=True).values
-        above = (sims > best).sum(dim=1).double()
-        tied = sims == best
-        firsts.append(above + (tied.sum(dim=1).double() + 1.0) / ((tied & relevant).sum(dim=1).double() + 1.0))
-        order = sims.argsort(dim=1, descending=True, stable=True)
-        hit = relevant.gather(1, order).double()
-        aps.append((hit * hit.cumsum(dim=1) / position).sum(dim=1) / hit.sum(dim=1))
-    return torch.cat(firsts), torch.cat(aps)
+    parts = [
+        first_hit_and_ap(q[start : start + block] @ g.T, labels[start : start + block], labels) for start in range(0, q.shape[0], block)
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def retrieval_metrics(query: Tensor, gallery: Tensor, labels: Tensor | None = None) -> dict[str, float]:

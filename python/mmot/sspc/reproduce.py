@@ -305,10 +305,11 @@ def reproduce(
     variants: tuple[str, ...] = VARIANTS,
     q_levels: tuple[float, ...] | None = None,
     jobs: int | None = None,
+    time_steps: bool = True,
 ) -> dict:
     """Train every (test bed, q, variant, seed) and summarise. ``config`` replaces the test bed's
-    shipped config (one test bed only); ``q_levels`` replaces :data:`Q_LEVELS`. Runs already in
-    ``out_dir`` are refused unless ``overwrite``."""
+    shipped config (one test bed only); ``q_levels`` replaces :data:`Q_LEVELS`; ``time_steps``
+    False skips the step-time comparison. Runs already in ``out_dir`` are refused unless ``overwrite``."""
     for name, chosen, known in (("testbed", testbeds, TESTBEDS), ("variants", variants, VARIANTS)):
         bad = [c for c in chosen if c not in known]
         if bad or not chosen:
@@ -377,7 +378,7 @@ def reproduce(
     first_testbed = testbeds[0]
     first_cfg = run_config(bases[first_testbed], first_testbed, 0.0, "multi_sk", 0, folds[first_testbed])
     first_splits = splits_for(first_cfg)
-    step_time = measure_step_time(first_cfg, first_splits)
+    step_time = measure_step_time(first_cfg, first_splits) if time_steps else None
     elapsed = time.perf_counter() - started
 
     sections = []
@@ -396,11 +397,13 @@ def reproduce(
                     full.append(f"q = {q:g}, {'weighted mean over pairs' if query == 'mean' else query}:\n\n{markdown_table(sel)}")
         sections.append(f"{header}\n\n{summary_tables(rows, paired, testbed)}\n\nAll metrics:\n\n" + "\n\n".join(full))
     batch = BatchPlan(first_cfg, first_splits["train"]).size
-    step_line = (
-        f"Training-step time ({first_testbed}, multi_sk, batch {batch}, queue {first_cfg.loss.queue_rows(batch)}, "
-        f"K {first_cfg.model.n_anchors}): mmot {step_time['mmot']:.1f} ms, official-dense {step_time['official_dense']:.1f} ms "
-        f"({step_time['official_dense'] / step_time['mmot']:.2f}x); total wall time {elapsed:.0f} s with {jobs} job(s)"
-    )
+    step_line = f"Total wall time {elapsed:.0f} s with {jobs} job(s)."
+    if step_time:
+        step_line += (
+            f" Training-step time ({first_testbed}, multi_sk, batch {batch}, queue {first_cfg.loss.queue_rows(batch)}, "
+            f"K {first_cfg.model.n_anchors}): mmot {step_time['mmot']:.1f} ms, official-dense {step_time['official_dense']:.1f} ms "
+            f"({step_time['official_dense'] / step_time['mmot']:.2f}x)."
+        )
     intro = (
         "SSPC ablation (mmot-sspc reproduce). Metrics: weighted mean over the ordered modality pairs (as the training "
         "weights), ties averaged; R@k, cR@k (same-class hits) and mAP in %, MedR and MeanR in ranks; mean ± std over seeds."
