@@ -12,11 +12,16 @@ With x̂, ŷ the (normalised) rows, s = x̂ ŷᵀ · scale (scale = 1/τ) and w 
 The loss's row direction uses (x, y) = (a, b), the column direction (b, a); the gradient for
 a is the pass over a's rows with OWN = 1, OTHER = symmetric, the one for b the pass over b's
 rows with OWN = symmetric, OTHER = 1. No N×N buffer exists: extra memory is O(N·D) (the
-normalised copies) plus O(N). Accumulation is float32, or float64 for float64 inputs; fp32
+normalised copies) plus O(N). The copies are normalised scale-safely (each row multiplied by the
+power of two at its largest magnitude first, as ``mmot.reference.unit_rows``), and the gradient
+meets 1/τ last, after the normalisation's adjoint, so that only a gradient beyond the dtype
+overflows. Accumulation is float32, or float64 for float64 inputs; fp32
 products use IEEE precision (not TF32), since logits are divided by τ as small as 0.05.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -87,7 +92,8 @@ def _grad_kernel(
     BLOCK_E: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """∂x̂ for BLOCK_M rows and BLOCK_E of the D output features (program axes 0 and 1)."""
+    """τ·∂x̂ for BLOCK_M rows and BLOCK_E of the D output features (program axes 0 and 1): the
+    caller multiplies by 1/τ last."""
     scale = scalar(scale, ACC)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -103,19 +109,21 @@ def _grad_kernel(
         w_col = tl.load(W + cols, mask=cmask, other=0.0).to(ACC)
         s = _logits(X, Y, rows, cols, rmask, cmask, D, scale, BLOCK_M, BLOCK_N, BLOCK_D, ACC)
         coef = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        # Exponents capped at 0 (s ≤ lse): at logits near finfo.max the log-sum-exps' rounding
+        # (lse_y from the transposed tiles) would otherwise give e^{1e31} = inf.
         if OWN:
-            coef += g_row[:, None] * tl.exp(s - lse_row[:, None])
+            coef += g_row[:, None] * tl.exp(tl.minimum(s - lse_row[:, None], 0.0))
         if OTHER:
             g_col = tl.load(G + cols, mask=cmask, other=0.0).to(ACC)
             lse_col = tl.load(LSE_Y + cols, mask=cmask, other=0.0).to(ACC)
-            coef += g_col[None, :] * tl.exp(s - lse_col[None, :])
+            coef += g_col[None, :] * tl.exp(tl.minimum(s - lse_col[None, :], 0.0))
         live = ((w_row != 0) & rmask)[:, None] & ((w_col != 0) & cmask)[None, :]
         diag = rows[:, None] == cols[None, :]
         coef = tl.where(live, coef, 0.0)
         coef = tl.where(live & diag, coef - (g_row * (OWN + OTHER))[:, None], coef)
         y = tl.load(Y + cols[:, None] * D + feats[None, :], mask=cmask[:, None] & fmask[None, :], other=0.0)
         acc += tl.dot(coef.to(ACC), y, input_precision="ieee").to(ACC)
-    tl.store(OUT + rows[:, None] * D + feats[None, :], acc * scale, mask=rmask[:, None] & fmask[None, :])
+    tl.store(OUT + rows[:, None] * D + feats[None, :], acc, mask=rmask[:, None] & fmask[None, :])
 
 
 class _Tiles:
@@ -138,13 +146,28 @@ class _Tiles:
         self.warps = 8
 
 
+def _unit_rows(x: torch.Tensor):
+    """(x̂, 1/max(‖x‖, 1e-12), whether ‖x‖ < 1e-12) row-wise, scale-safe: each row is first
+    multiplied by the power of two at its largest magnitude (exact), so that its sum of squares
+    neither overflows (rows past ~1.8e19 in float32) nor underflows."""
+    info = torch.finfo(x.dtype)
+    lo, hi = math.frexp(info.tiny)[1] - 1, math.frexp(info.max)[1] - 1  # the normal powers of two
+    _, exponent = torch.frexp(x.abs().amax(-1, keepdim=True))
+    step = torch.ldexp(torch.ones_like(x[:, :1]), (-exponent).clamp(lo, hi))
+    scaled = x * step
+    norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+    floor = NORM_EPS * step
+    bounded = torch.maximum(norm, floor)
+    return scaled / bounded, step / bounded, norm < floor
+
+
 def _prepare(a: torch.Tensor, b: torch.Tensor, normalize: bool):
     dtype = _common.acc_dtype(a.dtype)
     x, y = a.to(dtype).contiguous(), b.to(dtype).contiguous()
-    if normalize:
-        x = torch.nn.functional.normalize(x, dim=-1, eps=NORM_EPS)
-        y = torch.nn.functional.normalize(y, dim=-1, eps=NORM_EPS)
-    return x, y
+    if not normalize:
+        return (x, None), (y, None)
+    (x, *rx), (y, *ry) = _unit_rows(x), _unit_rows(y)
+    return (x.contiguous(), rx), (y.contiguous(), ry)
 
 
 def _lse(x, y, weights, scale):
@@ -173,7 +196,7 @@ def _lse(x, y, weights, scale):
 
 def forward(a, b, weights, temperature, symmetric, normalize):
     """(per-pair loss in a's dtype, lse_a, lse_b) as ``mmot::info_nce`` returns them."""
-    x, y = _prepare(a, b, normalize)
+    (x, _), (y, _) = _prepare(a, b, normalize)
     w = weights.to(x.dtype).contiguous()
     scale = 1.0 / temperature
     lse_a = _lse(x, y, w, scale)
@@ -214,25 +237,25 @@ def _grad(x, y, w, g, lse_x, lse_y, scale, own, other):
     return out
 
 
-def _through_normalize(raw: torch.Tensor, unit: torch.Tensor, grad_unit: torch.Tensor) -> torch.Tensor:
-    """∂raw from ∂unit for unit = raw / max(‖raw‖, eps) (as F.normalize's gradient)."""
-    norm = raw.norm(dim=-1, keepdim=True)
-    inv = 1.0 / norm.clamp_min(NORM_EPS)
-    projected = (grad_unit - unit * (unit * grad_unit).sum(-1, keepdim=True)) * inv
-    return torch.where(norm >= NORM_EPS, projected, grad_unit * inv)
+def _through_normalize(unit: torch.Tensor, recip: torch.Tensor, floored: torch.Tensor, grad_unit: torch.Tensor) -> torch.Tensor:
+    """∂raw from ∂unit for unit = raw / max(‖raw‖, eps) (as F.normalize's gradient), from the
+    unit rows and 1/max(‖raw‖, eps): no product sees the raw magnitude."""
+    projected = grad_unit - unit * (unit * grad_unit).sum(-1, keepdim=True)
+    return torch.where(floored, grad_unit, projected) * recip
 
 
 def backward(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize):
     """Gradients for a and b of Σ grad · loss, recomputing the logit tiles."""
-    x, y = _prepare(a, b, normalize)
+    (x, rx), (y, ry) = _prepare(a, b, normalize)
     dtype = x.dtype
     w = weights.to(dtype).contiguous()
     g = grad.to(dtype).contiguous()
     la, lb = lse_a.to(dtype).contiguous(), lse_b.to(dtype).contiguous()
     scale = 1.0 / temperature
+    # The kernels leave out 1/τ (multiplied last, below); the logits they recompute take it.
     grad_x = _grad(x, y, w, g, la, lb, scale, True, symmetric)
     grad_y = _grad(y, x, w, g, lb, la, scale, symmetric, True)
     if normalize:
-        grad_x = _through_normalize(a.to(dtype), x, grad_x)
-        grad_y = _through_normalize(b.to(dtype), y, grad_y)
-    return [grad_x.to(a.dtype), grad_y.to(b.dtype)]
+        grad_x = _through_normalize(x, *rx, grad_x)
+        grad_y = _through_normalize(y, *ry, grad_y)
+    return [(grad_x * scale).to(a.dtype), (grad_y * scale).to(b.dtype)]

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from mmot.kernels import _common
-from mmot.kernels._common import NEG_INF, NOT_SPECIALIZED, POS_INF, scalar
+from mmot.kernels._common import NEG_INF, NOT_SPECIALIZED, POS_INF, scalar, shifted_logits
 
 
 @triton.jit
@@ -59,9 +59,10 @@ def _group_vectors(
 
 @triton.jit
 def _load_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, w, ACC: tl.constexpr):
-    """lE_G = w_G · scores / eps for a tile, as (BLOCK_G, BLOCK_N, BLOCK_K)."""
-    x = tl.load(S + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k, mask=mask, other=0.0).to(ACC)
-    return w[:, None, None] * (x * inv_eps)[None, :, :]
+    """lE_G = w_G · (scores − first row) / eps for a tile, as (BLOCK_G, BLOCK_N, BLOCK_K)
+    (see ``shifted_logits``; the value checks bound w_G times its range, not only the range)."""
+    x = shifted_logits(S, stride_n, stride_k, offs_n, offs_k, mask, inv_eps, ACC)
+    return w[:, None, None] * x[None, :, :]
 
 
 @triton.jit

@@ -1,8 +1,14 @@
 """Triton kernels of ``mmot::similarity``: scale · x̂ ŷᵀ with broadcast batch dims, and its VJP.
 
 Forward: one program per (batch, N tile, M tile) computes the raw dot products x·yᵀ with
-``tl.dot`` while accumulating the squared row norms of the very tiles it loads, then scales
-the tile by scale / (max(‖x‖, 1e-12) · max(‖y‖, 1e-12)). No normalised copy is written.
+``tl.dot`` while accumulating the squared row norms (and largest magnitudes) of the very tiles
+it loads, then multiplies the tile by 1/max(‖x‖, 1e-12), 1/max(‖y‖, 1e-12) and scale, in that
+order (the cosine is formed before a large scale meets it). No normalised copy is written.
+Scale-safety: when a row of the tile has a squared norm past finfo.max/8 (its raw products may
+overflow) or below 1e-24 while not zero (squares and raw products underflow), the program
+recomputes its tile from rows multiplied by the power of two at their largest magnitude (exact,
+also in bf16), as ``mmot.reference.unit_rows`` does. Plain tiles pay only the magnitude
+tracking and one branch.
 
 Backward, with H = scale · Ḡ ⊙ (1/‖x‖)(1/‖y‖)ᵀ (per output batch b):
 
@@ -11,7 +17,9 @@ Backward, with H = scale · Ḡ ⊙ (1/‖x‖)(1/‖y‖)ᵀ (per output batch 
 
 and the same for y with Hᵀ. Each side is one kernel that loops over the output batches that
 broadcast onto it (so the reduction over broadcast dims happens in registers), plus a small
-row kernel for the projection. The inverse row norms are precomputed as O(N + M) vectors.
+row kernel for the projection. The inverse row norms are precomputed as O(N + M) vectors, with
+a power-of-two step per row (1 for plain rows) that the products and the projection apply to the
+rows first, so that no product sees a raw magnitude past the dtype's range.
 Accumulation is fp32 (fp64 for fp64 inputs); bf16/fp16 tiles feed ``tl.dot`` natively on a
 GPU and are cast to fp32 under the interpreter, which has no bf16 arithmetic.
 """
@@ -29,11 +37,30 @@ from mmot.kernels._common import scalar
 
 
 @triton.jit
-def _inv_norm(ss, NORMALIZE: tl.constexpr):
-    if NORMALIZE:
-        return 1.0 / tl.maximum(tl.sqrt(ss), 1e-12)
+def _pow2_step(peak, ACC: tl.constexpr):
+    """2^-e for peak = f·2^e (f in [0.5, 1)), e clamped so that the step is a normal power of
+    two: multiplying a row by it is exact and brings its largest magnitude near 1."""
+    if ACC == tl.float64:
+        e = ((peak.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1022
+        k = tl.minimum(tl.maximum(-e, -1022), 1023)
+        return ((k + 1023) << 52).to(tl.float64, bitcast=True)
     else:
-        return ss * 0.0 + 1.0
+        e = ((peak.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+        k = tl.minimum(tl.maximum(-e, -126), 127)
+        return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _needs_step(ss, peak, BIG: tl.constexpr):
+    """Rows whose plain sum of squares cannot be trusted: past BIG (finfo.max/8) or below 1e-24
+    (the 1e-12 floor) while not zero."""
+    return (ss > BIG) | ((ss < 1e-24) & (peak > 0))
+
+
+@triton.jit
+def _steps(ss, peak, BIG: tl.constexpr, ACC: tl.constexpr):
+    """The per-row power-of-two steps: 1 for plain rows."""
+    return tl.where(_needs_step(ss, peak, BIG), _pow2_step(peak, ACC), 1.0).to(ACC)
 
 
 @triton.jit
@@ -59,6 +86,7 @@ def _similarity_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BIG: tl.constexpr,
     ACC: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -71,6 +99,8 @@ def _similarity_fwd_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], ACC)
     ssx = tl.zeros([BLOCK_N], ACC)
     ssy = tl.zeros([BLOCK_M], ACC)
+    pkx = tl.zeros([BLOCK_N], ACC)
+    pky = tl.zeros([BLOCK_M], ACC)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
@@ -85,24 +115,67 @@ def _similarity_fwd_kernel(
             yf = yt.to(ACC)
             ssx += tl.sum(xf * xf, axis=1)
             ssy += tl.sum(yf * yf, axis=1)
-    acc = acc * scalar(scale, ACC)
-    out = acc * _inv_norm(ssx, NORMALIZE)[:, None] * _inv_norm(ssy, NORMALIZE)[None, :]
+            pkx = tl.maximum(pkx, tl.max(tl.abs(xf), axis=1))
+            pky = tl.maximum(pky, tl.max(tl.abs(yf), axis=1))
+    if NORMALIZE:
+        floor_x = tl.full([BLOCK_N], 1e-12, ACC)
+        floor_y = tl.full([BLOCK_M], 1e-12, ACC)
+        redo = tl.sum(_needs_step(ssx, pkx, BIG).to(tl.int32), axis=0) + tl.sum(_needs_step(ssy, pky, BIG).to(tl.int32), axis=0)
+        if redo > 0:
+            # The tile again from rows times their power-of-two steps (exact): x̂ = (x·step) / max(‖x·step‖, 1e-12·step).
+            stx = _steps(ssx, pkx, BIG, ACC)
+            sty = _steps(ssy, pky, BIG, ACC)
+            acc = tl.zeros([BLOCK_N, BLOCK_M], ACC)
+            ssx = tl.zeros([BLOCK_N], ACC)
+            ssy = tl.zeros([BLOCK_M], ACC)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                dmask = offs_d < D
+                xt = tl.load(X + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=nmask[:, None] & dmask[None, :], other=0.0)
+                yt = tl.load(Y + offs_m[:, None] * sym + offs_d[None, :] * syd, mask=mmask[:, None] & dmask[None, :], other=0.0)
+                xf = xt.to(ACC) * stx[:, None]
+                yf = yt.to(ACC) * sty[:, None]
+                if CAST:
+                    acc += tl.dot(xf, tl.trans(yf), input_precision=PRECISION, out_dtype=ACC)
+                else:
+                    acc += tl.dot(xf.to(xt.dtype), tl.trans(yf.to(yt.dtype)), input_precision=PRECISION, out_dtype=ACC)
+                ssx += tl.sum(xf * xf, axis=1)
+                ssy += tl.sum(yf * yf, axis=1)
+            floor_x = 1e-12 * stx
+            floor_y = 1e-12 * sty
+        acc = acc * (1.0 / tl.maximum(tl.sqrt(ssx), floor_x))[:, None]
+        acc = acc * (1.0 / tl.maximum(tl.sqrt(ssy), floor_y))[None, :]
+    out = acc * scalar(scale, ACC)
     ptrs = OUT + b.to(tl.int64) * N * M + offs_n[:, None] * M + offs_m[None, :]
     tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
 
 @triton.jit
-def _inv_norm_kernel(X, RN, rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """1 / max(‖row‖₂, 1e-12) for the rows of a contiguous (rows, D) tensor."""
+def _row_scale_kernel(X, RN, STEP, INV, rows, D, BIG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Per row of a contiguous (rows, D) tensor: the power-of-two step (1 for plain rows), the
+    inverse 1/max(‖x·step‖, 1e-12·step) of the stepped row, and their product 1/max(‖x‖, 1e-12)."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = offs_r < rows
     ss = tl.zeros([BLOCK_R], ACC)
+    peak = tl.zeros([BLOCK_R], ACC)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         v = tl.load(X + offs_r[:, None].to(tl.int64) * D + offs_d[None, :], mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
         v = v.to(ACC)
         ss += tl.sum(v * v, axis=1)
-    tl.store(RN + offs_r, 1.0 / tl.maximum(tl.sqrt(ss), 1e-12), mask=rmask)
+        peak = tl.maximum(peak, tl.max(tl.abs(v), axis=1))
+    step = _steps(ss, peak, BIG, ACC)
+    if tl.sum(_needs_step(ss, peak, BIG).to(tl.int32), axis=0) > 0:
+        ss = tl.zeros([BLOCK_R], ACC)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            v = tl.load(X + offs_r[:, None].to(tl.int64) * D + offs_d[None, :], mask=rmask[:, None] & (offs_d < D)[None, :], other=0.0)
+            v = v.to(ACC) * step[:, None]
+            ss += tl.sum(v * v, axis=1)
+    inv = 1.0 / tl.maximum(tl.sqrt(ss), 1e-12 * step)
+    tl.store(STEP + offs_r, step, mask=rmask)
+    tl.store(INV + offs_r, inv, mask=rmask)
+    tl.store(RN + offs_r, inv * step, mask=rmask)
 
 
 @triton.jit
@@ -111,6 +184,7 @@ def _similarity_grad_kernel(
     OTHER,
     RSELF,
     ROTHER,
+    SOTHER,
     V,
     BMAP,
     OTHER_INDEX,
@@ -133,7 +207,8 @@ def _similarity_grad_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """v[self, p, d] = Σ_{b → self} Σ_q H_b[p, q] other_b[q, d], H = scale·Ḡ·r_self·r_other."""
+    """v[self, p, d] = Σ_{b → self} Σ_q H_b[p, q] ô_b[q, d], H = scale·Ḡ·r_self, ô = (other·s_other)·r_other
+    (the other rows' steps s applied to the rows only where a step is not 1)."""
     pself = tl.program_id(0)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -155,6 +230,10 @@ def _similarity_grad_kernel(
                 ro = tl.load(ROTHER + o * Q + offs_q, mask=qmask, other=0.0)
                 h = h * rs[:, None] * ro[None, :]
             ot = tl.load(OTHER + o * sob + offs_q[:, None] * soq + offs_d[None, :] * sod, mask=qmask[:, None] & dmask[None, :], other=0.0)
+            if NORMALIZE:
+                so = tl.load(SOTHER + o * Q + offs_q, mask=qmask, other=1.0)
+                if tl.sum((so != 1.0).to(tl.int32), axis=0) > 0:
+                    ot = (ot.to(ACC) * so[:, None]).to(ot.dtype)
             if CAST:
                 ot = ot.to(ACC)
             else:
@@ -165,25 +244,27 @@ def _similarity_grad_kernel(
 
 
 @triton.jit
-def _project_kernel(X, V, OUT, rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """out = v - x̂ (x̂ · v) per row (no projection for rows with ‖x‖ ≤ 1e-12)."""
+def _project_kernel(X, STEP, V, OUT, rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """out = v - x̂ (x̂ · v) per row (no projection for rows with ‖x‖ ≤ 1e-12), from the rows times
+    their power-of-two steps (exact), so that no square overflows or underflows."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = offs_r < rows
     base = offs_r[:, None].to(tl.int64) * D
+    step = tl.load(STEP + offs_r, mask=rmask, other=1.0)
     ss = tl.zeros([BLOCK_R], ACC)
     xv = tl.zeros([BLOCK_R], ACC)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = rmask[:, None] & (offs_d < D)[None, :]
-        x = tl.load(X + base + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+        x = tl.load(X + base + offs_d[None, :], mask=mask, other=0.0).to(ACC) * step[:, None]
         v = tl.load(V + base + offs_d[None, :], mask=mask, other=0.0)
         ss += tl.sum(x * x, axis=1)
         xv += tl.sum(x * v, axis=1)
-    coef = tl.where(tl.sqrt(ss) > 1e-12, xv / tl.where(ss > 0, ss, 1.0), 0.0)
+    coef = tl.where(tl.sqrt(ss) > 1e-12 * step, xv / tl.where(ss > 0, ss, 1.0), 0.0)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = rmask[:, None] & (offs_d < D)[None, :]
-        x = tl.load(X + base + offs_d[None, :], mask=mask, other=0.0).to(ACC)
+        x = tl.load(X + base + offs_d[None, :], mask=mask, other=0.0).to(ACC) * step[:, None]
         v = tl.load(V + base + offs_d[None, :], mask=mask, other=0.0)
         tl.store(OUT + base + offs_d[None, :], (v - coef[:, None] * x).to(OUT.dtype.element_ty), mask=mask)
 
@@ -250,6 +331,7 @@ def forward(x: torch.Tensor, y: torch.Tensor, normalize: bool, scale: float) -> 
         BLOCK_N=bn,
         BLOCK_M=bm,
         BLOCK_D=bd,
+        BIG=_big(acc),
         ACC=_common.tl_dtype(acc),
         num_warps=warps,
         maxnreg=_common.MAX_REGISTERS,
@@ -257,12 +339,20 @@ def forward(x: torch.Tensor, y: torch.Tensor, normalize: bool, scale: float) -> 
     return out.view(tuple(ob) + (N, M))
 
 
-def _inv_norms(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def _big(acc: torch.dtype) -> float:
+    """The largest sum of squares taken plainly: raw products of two such rows stay below max/8."""
+    return torch.finfo(acc).max / 8
+
+
+def _row_scales(t: torch.Tensor, acc: torch.dtype):
+    """(1/max(‖row‖, 1e-12), power-of-two step, inverse of the stepped row) per row of t (P, R, D)."""
     rows, D = t.shape[0] * t.shape[1], t.shape[2]
-    rn = torch.empty(t.shape[:2], dtype=acc, device=t.device)
+    rn, step, inv = (torch.empty(t.shape[:2], dtype=acc, device=t.device) for _ in range(3))
     block_r = 16
-    _inv_norm_kernel[(triton.cdiv(rows, block_r),)](t, rn, rows, D, BLOCK_R=block_r, BLOCK_D=_tile(D, 128), ACC=_common.tl_dtype(acc))
-    return rn
+    _row_scale_kernel[(triton.cdiv(rows, block_r),)](
+        t, rn, step, inv, rows, D, BIG=_big(acc), BLOCK_R=block_r, BLOCK_D=_tile(D, 128), ACC=_common.tl_dtype(acc)
+    )
+    return rn, step, inv
 
 
 def backward(grad, x, y, normalize: bool, scale: float):
@@ -276,25 +366,29 @@ def backward(grad, x, y, normalize: bool, scale: float):
     acc = _common.acc_dtype(x.dtype)
     acc_tl = _common.tl_dtype(acc)
     cast, precision, warps, depth = _settings(x.dtype, x.device)
-    rx = _inv_norms(xs, acc) if normalize else xs.new_empty((1,), dtype=acc)
-    ry = _inv_norms(ys, acc) if normalize else ys.new_empty((1,), dtype=acc)
+    if normalize:
+        (rx, sx, ix), (ry, sy, iy) = _row_scales(xs, acc), _row_scales(ys, acc)
+    else:
+        rx = sx = ix = ry = sy = iy = xs.new_empty((1,), dtype=acc)
     grads = []
-    for self_t, other_t, self_index, other_index, P, Q, rs, ro, strides_g in (
-        (xs, ys, xi, yi, N, M, rx, ry, (N * M, M, 1)),
-        (ys, xs, yi, xi, M, N, ry, rx, (N * M, 1, M)),
+    for self_t, other_t, self_index, other_index, P, Q, rs, ss, io, so, strides_g in (
+        (xs, ys, xi, yi, N, M, rx, sx, iy, sy, (N * M, M, 1)),
+        (ys, xs, yi, xi, M, N, ry, sy, ix, sx, (N * M, 1, M)),
     ):
         n_self = self_t.shape[0]
         # Output problems grouped by the self problem they read: each appears B / n_self times.
         bmap = torch.argsort(self_index, stable=True).to(torch.int32).contiguous()
         n_rep = B // n_self
         v = torch.empty((n_self, P, D), dtype=acc, device=x.device)
-        bp, bq = _tile(P, 64), _tile(Q, 64)
+        # float64 tiles here also hold the other rows' steps: half as many of its rows per step keeps them in registers.
+        bp, bq = _tile(P, 64), _tile(Q, 32 if acc == torch.float64 else 64)
         bd = _tile(D, depth)
         _similarity_grad_kernel[(n_self, triton.cdiv(P, bp), triton.cdiv(D, bd))](
             g,
             other_t,
             rs,
-            ro,
+            io,
+            so,
             v,
             bmap,
             other_index,
@@ -318,7 +412,7 @@ def backward(grad, x, y, normalize: bool, scale: float):
         if normalize:
             out = torch.empty(self_t.shape, dtype=x.dtype, device=x.device)
             rows = n_self * P
-            _project_kernel[(triton.cdiv(rows, 16),)](self_t, v, out, rows, D, BLOCK_R=16, BLOCK_D=_tile(D, 128), ACC=acc_tl)
+            _project_kernel[(triton.cdiv(rows, 16),)](self_t, ss, v, out, rows, D, BLOCK_R=16, BLOCK_D=_tile(D, 128), ACC=acc_tl)
         else:
             out = v.to(x.dtype)
         grads.append(out)
