@@ -215,14 +215,17 @@ def check_refusal(op: str, error, must: set[str], may: set[str], context) -> boo
 def assert_matches(got: torch.Tensor, want: np.ndarray, tol, dtype: torch.dtype, what: str, context) -> None:
     """``got`` (of ``dtype``) equals the exact ``want`` within ``tol`` (the computation's error
     bound) plus the rounding of the result to ``dtype``. Where the exact value overflows the
-    dtype the result is the infinity of its sign; NaN is never right."""
+    dtype the result is the infinity of its sign (either sign where the bound passes the dtype's
+    range); NaN is never right."""
     info = torch.finfo(dtype)
     g = got.detach().double().cpu().numpy().astype(want.dtype)
     tol = np.broadcast_to(np.asarray(tol, dtype=want.dtype), want.shape)
     with np.errstate(invalid="ignore", over="ignore"):
         bound = tol + info.eps * np.abs(want) + info.tiny * info.eps
         close = np.isfinite(g) & (np.abs(g - want) <= bound)
-        overflow = np.isinf(g) & (np.sign(g) == np.sign(want)) & (np.abs(want) + bound >= info.max)
+        # An infinity of the exact value's sign where that value is within the bound of overflowing,
+        # of either sign where the bound itself passes the dtype's largest value.
+        overflow = np.isinf(g) & ((np.sign(g) == np.sign(want)) | (bound >= info.max)) & (np.abs(want) + bound >= info.max)
     bad = ~(close | overflow)
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])

@@ -27,13 +27,22 @@ import pytest
 import torch
 from backends import HAS_TRITON
 from fuzz_inputs import DTYPES, accumulation, exponent_bounds, magnitude, masses, pattern_tensor
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from mmot import reference
 
 BACKENDS = ["rust", "torch"] + (["triton"] if HAS_TRITON else [])
 NATIVE = ["rust", "torch"]
 C = 8.0  # slack on every first-order error bound
+
+
+def interpreted_exactly(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """Whether Triton's interpreter reads these inputs exactly: it converts bfloat16 subnormals
+    to float32 wrongly (2.8e-40 reads as 5.9e-39), which a GPU does not."""
+    if dtype != torch.bfloat16:
+        return True
+    tiny_bf16 = torch.finfo(torch.bfloat16).tiny
+    return not any(bool(((t.abs() < tiny_bf16) & (t != 0)).any()) for t in tensors)
 
 
 def fuzz(examples: int):
@@ -138,10 +147,10 @@ def out_of_norm_range(draw, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     """x rescaled so that its largest row passes the squared norm's range, above or below."""
     low, high = exponent_bounds(dtype)
     safe_low, safe_high = norm_range(dtype)
-    if draw(st.booleans()):
-        top = 10.0 ** draw(st.floats(math.log10(safe_high) + 2, high))
-    else:
-        top = 10.0 ** draw(st.floats(low, math.log10(safe_low) - 3))
+    # Decades past each end that the input dtype can hold (none for float16 under float32 sums).
+    sides = [(lo, hi) for lo, hi in ((math.log10(safe_high) + 2, high), (low, math.log10(safe_low) - 3)) if lo <= hi]
+    assume(sides)
+    top = 10.0 ** draw(st.floats(*draw(st.sampled_from(sides))))
     return (x / row_top(x).amax() * top).to(dtype).double()
 
 
@@ -209,6 +218,9 @@ def test_similarity(case):
     check_similarity(case, similarity_backends(case))
 
 
+@pytest.mark.xfail(
+    strict=True, reason="open: Triton similarity forms the raw dot product times scale before the inverse norms: subnormal intermediates"
+)
 @fuzz(8)
 @given(similarity_cases())
 def test_known_similarity_triton_small_products(case):
@@ -223,13 +235,16 @@ def test_known_similarity_triton_small_products(case):
 
 @fuzz(10)
 @given(similarity_cases(huge_rows=True))
-def test_known_similarity_normalized_rows_out_of_norm_range(case):
+def test_similarity_normalized_rows_out_of_norm_range(case):
     """normalize=True with a row whose squared norm over- or underflows the accumulation dtype
-    (float32 rows above ~1.8e19 or below ~1e-19): docs/numerics.md promises the right cosine
-    (scale-safe norms); Rust and Triton give NaN above, a relative error ~2e-5 below."""
+    (float32 rows above ~1.8e19 or below ~1e-19): the scale-safe norms give the right cosine
+    (Rust and Triton once gave NaN above, a relative error ~2e-5 below)."""
     check_similarity(case, BACKENDS)
 
 
+@pytest.mark.xfail(
+    strict=True, reason="open: normalize=False: a dot product whose partial products overflow gives inf/NaN where the exact value is finite"
+)
 def test_known_similarity_unnormalized_products_overflow():
     """normalize=False where single products pass float32 but the exact dot product is 0:
     [1e20, 1e20]·[1e20, −1e20]. Rust gives inf, torch NaN; the exact value is 0."""
@@ -269,6 +284,7 @@ def triton_backward_scale_out_of_range(x, y, normalize, scale, dtype) -> bool:
     return abs(scale) / (float(row_top(x).amax()) * float(row_top(y).amax())) < tiny(accumulation(dtype)) * 2.0**24
 
 
+@pytest.mark.xfail(strict=True, reason="open: Triton similarity backward: small scale times tiny products loses the result to subnormals")
 def test_known_similarity_triton_backward_small_scale():
     """Triton backward, float64, rows of 2e152 at scale 4.2e-44: the exact gradient is about
     -9.5e-212, Triton gives 6.6e-196 (scale/(‖x‖‖y‖) = 1e-348 underflows before it is used)."""
@@ -334,7 +350,7 @@ def info_nce_cases(draw, max_n=5, dtypes=DTYPES, huge_rows=False):
         )
     )
     if not normalize and temperature >= smallest:
-        # Logits |a|·|b|/τ must fit the accumulation dtype (test_known_info_nce_* covers the rest).
+        # Logits |a|·|b|/τ must fit the accumulation dtype (test_info_nce_normalized_rows_out_of_norm_range covers the rest).
         largest = float((a.abs() @ b.abs().T).amax())
         temperature = max(temperature, largest * 64 * (d + 1) / torch.finfo(acc).max)
     valid = draw(st.one_of(st.none(), st.lists(st.booleans(), min_size=n, max_size=n).map(torch.tensor)))
@@ -386,7 +402,7 @@ def check_info_nce(case, backends):
 
 
 def rust_clamped_rows_overflow(case) -> bool:
-    """A row under the 1e-12 norm clamp whose 1e12/τ passes float32 (test_known_info_nce_rust_clamped_row_tiny_temperature)."""
+    """A row under the 1e-12 norm clamp whose 1e12/τ passes float32 (test_info_nce_rust_clamped_row_tiny_temperature)."""
     dtype, a, b, temperature, normalize, *_ = case
     if not normalize or dtype == torch.float64:
         return False
@@ -400,9 +416,9 @@ def test_info_nce(case):
     check_info_nce(case, [b for b in BACKENDS if b != "rust" or not rust_clamped_rows_overflow(case)])
 
 
-def test_known_info_nce_rust_clamped_row_tiny_temperature():
-    """Rust, normalize=True: a row below the 1e-12 norm clamp at τ = 8.8e-28 gives NaN (float64:
-    8.0e26; torch and Triton agree with it). Alone, the row gives NaN where the exact loss is 0."""
+def test_info_nce_rust_clamped_row_tiny_temperature():
+    """Rust, normalize=True: a row below the 1e-12 norm clamp at τ = 8.8e-28 once gave NaN
+    (float64: 8.0e26; torch and Triton agree with it)."""
     a = torch.tensor([[1.9724e08, 1.3976e08, -8.6937e07], [6.9389e-18, 4.6739e-18, 4.0044e-18]])
     b = torch.tensor([[1.5, 1.5, 0.5], [-0.5, 0.5, -1.5]])
     case = (torch.float32, a.double(), b.double(), 8.785301923798995e-28, True, True, "none", None)
@@ -411,9 +427,9 @@ def test_known_info_nce_rust_clamped_row_tiny_temperature():
 
 @fuzz(10)
 @given(info_nce_cases(huge_rows=True))
-def test_known_info_nce_normalized_rows_out_of_norm_range(case):
+def test_info_nce_normalized_rows_out_of_norm_range(case):
     """normalize=True with rows past the squared norm's range (float32 above ~1.8e19 or below
-    ~1e-19): Rust and Triton give NaN above."""
+    ~1e-19): Rust and Triton once gave NaN above."""
     check_info_nce(case, BACKENDS)
 
 
@@ -513,6 +529,8 @@ def test_anchor_consistency_loss(case):
     for backend in BACKENDS:
         if backend == "torch" and overflow:
             continue  # test_known_anchor_consistency_torch_logit_overflow
+        if backend == "triton" and not interpreted_exactly(dtype, sim):
+            continue
         got = expect_refusal(
             "mmot.anchor_consistency_loss",
             lambda be=backend: mmot.anchor_consistency_loss(sim.to(dtype), target.to(dtype), temperature, backend=be),
@@ -544,11 +562,14 @@ def test_anchor_consistency_gradients(case):
     for backend in BACKENDS:
         if backend == "torch" and overflow:
             continue  # test_known_anchor_consistency_gradient_torch_logit_overflow
+        if backend == "triton" and not interpreted_exactly(dtype, sim):
+            continue
         s = sim.to(dtype).requires_grad_(True)
         (got,) = torch.autograd.grad(mmot.anchor_consistency_loss(s, target.to(dtype), temperature, backend=backend), s)
         assert_agrees(got, want, tol, f"anchor_consistency_loss grad[{backend}, τ={temperature:.3g}]")
 
 
+@pytest.mark.xfail(strict=True, reason="open: anchor loss gradient: e^{sim/τ} underflows to 0 where the exact gradient is a normal number")
 def test_known_anchor_consistency_gradient_exp_underflow():
     """Every backend, float32, τ = 8.48e-29, sim/τ = −120: e^{sim/τ} underflows float32 but the
     exact gradient e^{sim/τ}·((1 − t) − σ(−e^{sim/τ}))/τ/n = 9.0e-26 does not; all give 0."""
@@ -563,6 +584,7 @@ def test_known_anchor_consistency_gradient_exp_underflow():
         assert_agrees(got, want, 1e-4 * want.abs(), f"anchor_consistency_loss grad[{backend}]")
 
 
+@pytest.mark.xfail(strict=True, reason="open: anchor loss on torch: sim/τ overflowing the dtype gives NaN")
 def test_known_anchor_consistency_torch_logit_overflow():
     """torch backend, float64, τ = 5.56e-309 and sim = 2.5: sim/τ passes float64, the exact loss
     is +inf; torch gives NaN."""
@@ -574,6 +596,7 @@ def test_known_anchor_consistency_torch_logit_overflow():
     )
 
 
+@pytest.mark.xfail(strict=True, reason="open: anchor loss gradient on torch: sim/τ overflowing the dtype gives NaN")
 def test_known_anchor_consistency_gradient_torch_logit_overflow():
     """torch backend, float16 sim = 1.0723 at τ = 2.94e-39: sim/τ passes float32, the exact
     gradient is 0 for t = 1 and +inf for t = 0; torch gives NaN for both."""
