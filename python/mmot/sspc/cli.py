@@ -38,12 +38,13 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def _table(results: dict) -> str:
-    from mmot.sspc.evaluate import METRICS
+    from mmot.sspc.evaluate import CLASS_METRICS, METRICS
 
-    lines = ["| split | pair | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]
+    shown = [m for m in METRICS + CLASS_METRICS if any(m in res["mean"] for res in results.values())]
+    lines = ["| split | pair | " + " | ".join(shown) + " |", "|---|---|" + "---:|" * len(shown)]
     for split, res in results.items():
         for pair, vals in list(res["pairs"].items()) + [("mean", res["mean"])]:
-            lines.append(f"| {split} | {pair} | " + " | ".join(f"{vals[m]:.1f}" for m in METRICS) + " |")
+            lines.append(f"| {split} | {pair} | " + " | ".join(f"{vals[m]:.1f}" if m in vals else "" for m in shown) + " |")
     return "\n".join(lines)
 
 

@@ -378,6 +378,8 @@ def reproduce(
     first_testbed = testbeds[0]
     first_cfg = run_config(bases[first_testbed], first_testbed, 0.0, "multi_sk", 0, folds[first_testbed])
     first_splits = splits_for(first_cfg)
+    if first_cfg.train.num_threads:
+        torch.set_num_threads(first_cfg.train.num_threads)  # as the runs had
     step_time = measure_step_time(first_cfg, first_splits) if time_steps else None
     elapsed = time.perf_counter() - started
 
