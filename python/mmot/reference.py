@@ -374,13 +374,17 @@ def anchor_consistency_loss(sim: torch.Tensor, target: torch.Tensor, temperature
     dtype = compute_dtype(sim.dtype)
     s, t = sim.to(dtype), target.detach().to(dtype)
     one_minus = 1.0 - t
-    log_linear = s / temperature + torch.log(one_minus.abs())
-    # Shifted only when e^64 would be exceeded, so ordinary inputs keep every entry's gradient.
-    shift = (log_linear.detach().amax() - 64.0).clamp_min(0.0)
+    x = s / temperature
+    # t = 1 has no linear part even where x overflowed to +inf (inf + log 0 would be NaN).
+    log_linear = torch.where(one_minus == 0, float("-inf"), x + torch.log(one_minus.abs()))
+    # Shifted only when e^64 would be exceeded, so ordinary inputs keep every entry's gradient;
+    # not when the largest exponent is +inf (x past the dtype): that term is ±inf as it is exactly.
+    top = log_linear.detach().amax()
+    shift = torch.where(torch.isinf(top), 0.0, (top - 64.0).clamp_min(0.0))
     linear = torch.exp(shift) * (torch.sign(one_minus) * torch.exp(log_linear - shift)).mean()
     # log(1 + e^{−z}) is exactly 0 in every dtype once x > 64 (z > 6e27): clamping there keeps
     # e^x finite and its gradient 0 instead of 0·inf.
-    softplus = F.softplus(-torch.exp((s / temperature).clamp(max=64.0))).mean()
+    softplus = F.softplus(-torch.exp(x.clamp(max=64.0))).mean()
     # 0 for finite inputs, NaN otherwise (e^{−inf} alone would hide a −inf).
     probe = (s - s).sum() + (t - t).sum()
     return (linear + softplus + probe).to(sim.dtype)

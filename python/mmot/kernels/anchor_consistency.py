@@ -10,13 +10,16 @@ terms are finite wherever the exact ones are. The loss is the mean over all entr
 
     ∂loss/∂sim = grad / count · ((1 − t)·z − z·σ(−z)) / τ,        σ(z) = 1 / (1 + e^{−z}),
 
-takes the same route (z·σ(−z) is 0 where z overflows). NaN or ±inf in sim or target gives NaN
-(x − x is added: e^{−inf} = 0 alone would hide a −inf).
+is formed as that product where it and its factors are normal numbers, and otherwise as
+±e^{x + log|c| + log|b|} (c = grad/(count·τ), b = (1 − t) − σ(−z), log|b| = −softplus(z) for
+t = 1), so it is lost neither where e^x underflows nor where e^x overflows. NaN or ±inf in sim
+or target gives NaN (x − x is added: e^{−inf} = 0 alone would hide a −inf).
 
 forward   one program per BLOCK entries writes its partial sum of term/count; the partials are added by torch
           in a fixed order (deterministic, no atomics, no host synchronisation).
-backward  one program per BLOCK entries; the upstream gradient, already divided by count·τ,
-          is read from device memory (it is a device tensor: no host synchronisation).
+backward  one program per BLOCK entries; the upstream gradient divided by count·τ, its log
+          magnitude and its sign are read from device memory (a device tensor: no host
+          synchronisation).
 
 1/τ reaches the kernels as a ``tl.float64`` parameter (the convention of ``_common``).
 
@@ -24,6 +27,8 @@ Accumulation is float32, or float64 for float64 inputs; bf16/fp16 are loaded and
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -73,21 +78,35 @@ def _forward_kernel(SIM, TARGET, PARTIAL, COUNT, inv_tau: tl.float64, BLOCK: tl.
 
 
 @triton.jit
-def _backward_kernel(GRAD, SIM, TARGET, OUT, COUNT, inv_tau: tl.float64, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _backward_kernel(GRAD, SIM, TARGET, OUT, COUNT, inv_tau: tl.float64, tiny: tl.float64, BLOCK: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
     inv_tau = scalar(inv_tau, ACC)
+    tiny = scalar(tiny, ACC)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < COUNT
-    g = tl.load(GRAD).to(ACC)
+    # c = grad/(count·τ), log|c| from its parts and the sign of grad (c may under- or overflow).
+    c = tl.load(GRAD).to(ACC)
+    log_c = tl.load(GRAD + 1).to(ACC)
+    sign_c = tl.load(GRAD + 2).to(ACC)
     s = tl.load(SIM + offs, mask=mask, other=0.0).to(ACC)
     t = tl.load(TARGET + offs, mask=mask, other=0.0).to(ACC)
     x = s * inv_tau
     z = tl.exp(x)
     e = tl.exp(-z)
-    # z·σ(−z) is 0 where z overflowed (e = 0), not inf·0.
-    damp = tl.where(e == 0.0, 0.0, z * e / (1.0 + e))
-    v = _linear(x, z, 1.0 - t, tl.abs(g), tl.log(tl.abs(g))) * tl.where(g < 0.0, -1.0, 1.0) - g * damp
-    v = tl.where(g == 0.0, 0.0, v) + (s - s) + (t - t)
+    one_minus = 1.0 - t
+    b = one_minus - e / (1.0 + e)
+    direct = c * (z * b)
+    # The product where it and its factors are normal numbers, else ±e^{x + log|c| + log|b|}
+    # with log|b| = −softplus(z) for t = 1 (b = −σ(−z) underflows there first).
+    size = tl.abs(direct)
+    normal = (size >= tiny) & (size < float("inf")) & (z >= tiny) & ((one_minus != 0.0) | (e >= tiny))
+    log_b = tl.where(one_minus == 0.0, -(z + tl.log(1.0 + e)), tl.log(tl.abs(b)))
+    sign_b = tl.where((one_minus == 0.0) | (b < 0.0), -1.0, 1.0)
+    far = sign_c * sign_b * tl.exp(x + log_c + log_b)
+    # No gradient where b = 0 (or t = 1 with z = inf): e^{x − inf} would be NaN at x = +inf.
+    far = tl.where(log_b == float("-inf"), 0.0, far)
+    v = tl.where(normal, direct, far)
+    v = tl.where(sign_c == 0.0, 0.0, v) + (s - s) + (t - t)
     tl.store(OUT + offs, v.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -124,9 +143,15 @@ def backward(grad: torch.Tensor, sim: torch.Tensor, target: torch.Tensor, temper
         return torch.zeros_like(sim)
     dtype = _common.acc_dtype(sim.dtype)
     s, t = _flat(sim), _flat(target.to(sim.dtype))
-    # grad / count / τ, formed on the device (no host synchronisation).
-    g = (grad.reshape(1).to(dtype) * (1.0 / temperature) / count).contiguous()
+    # grad/(count·τ), its log magnitude from the parts and its sign, formed on the device (no
+    # host synchronisation).
+    g = grad.reshape(1).to(dtype)
+    log_c = torch.log(g.abs()) - (math.log(count) + math.log(temperature))
+    g = torch.cat([g * (1.0 / temperature) / count, log_c, torch.sign(g)]).contiguous()
     out = _common.new_output((count,), sim.dtype, sim.device)
-    block = _block(count)
-    _backward_kernel[(triton.cdiv(count, block),)](g, s, t, out, count, 1.0 / temperature, BLOCK=block, ACC=_common.tl_dtype(dtype))
+    # float64 at 2048 entries a program spills registers on sm_80/sm_90 (python -m mmot.aot).
+    block = min(_block(count), 1024) if dtype == torch.float64 else _block(count)
+    _backward_kernel[(triton.cdiv(count, block),)](
+        g, s, t, out, count, 1.0 / temperature, torch.finfo(dtype).tiny, BLOCK=block, ACC=_common.tl_dtype(dtype)
+    )
     return out.view(sim.shape)

@@ -5,7 +5,9 @@
 //! The term is evaluated as (1 − t)·z + ln(1 + e^{−z}); where (1 − t)·z overflows the input
 //! type it is recomputed in f64 as ±e^{x + ln|1 − t|}, x = sim/τ, so the loss and gradient are
 //! finite wherever the exact values are (0 at t = 1 however large z is) and ±inf only where the
-//! exact value overflows. With the finiteness check off, NaN or ±inf in `sim` or `target`
+//! exact value overflows. The gradient falls back to an f64 form (`gradient_term`) wherever its
+//! product in T would lose it to underflow (e^x below T's normal range with a tiny τ still gives
+//! a normal gradient). With the finiteness check off, NaN or ±inf in `sim` or `target`
 //! gives a NaN loss and NaN gradient entries there.
 
 use crate::error::{check_len, not_finite, MmotError, Result};
@@ -60,7 +62,7 @@ pub fn anchor_consistency_forward<T: Real>(
                 let lin = if lin.to_f64().is_finite() {
                     lin.to_f64()
                 } else {
-                    linear_term(sv.to_f64() * inv64, tv.to_f64(), 0.0)
+                    linear_term(sv.to_f64() * inv64, tv.to_f64())
                 };
                 acc += lin + softplus_neg(z).to_f64();
                 sim_probe += *sv * T::ZERO;
@@ -81,14 +83,40 @@ pub fn anchor_consistency_forward<T: Real>(
     Ok(total / sim.len() as f64)
 }
 
-/// `(1 − t)·e^{x + log_c}` without forming e^x, so it is finite wherever the product is
-/// (0 for t = 1 exactly, ±inf only where the product overflows f64). `x` must be finite.
-fn linear_term(x: f64, t: f64, log_c: f64) -> f64 {
+/// `(1 − t)·e^x` without forming e^x, so it is finite wherever the product is (0 for t = 1
+/// exactly, ±inf only where the product overflows f64).
+fn linear_term(x: f64, t: f64) -> f64 {
     let one_minus = 1.0 - t;
     if one_minus == 0.0 {
         return 0.0;
     }
-    (x + one_minus.abs().ln() + log_c).exp().copysign(one_minus)
+    (x + one_minus.abs().ln()).exp().copysign(one_minus)
+}
+
+/// grad/count · e^x·((1 − t) − σ(−e^x))/τ in f64 (`log_c` = ln|grad/(count·τ)|), formed so that
+/// it under- or overflows only where the result does: the product where its factors are
+/// normal, else ±e^{x + log_c + ln|b|}, b = (1 − t) − σ(−z), ln|b| = −softplus(z) for t = 1.
+fn gradient_term(x: f64, t: f64, grad: f64, log_c: f64) -> f64 {
+    if grad == 0.0 {
+        return 0.0;
+    }
+    let z = x.exp();
+    let e = (-z).exp();
+    let b = (1.0 - t) - e / (1.0 + e);
+    let direct = log_c.exp().copysign(grad) * (z * b);
+    let normal = |v: f64| v.abs() >= f64::MIN_POSITIVE && v.is_finite();
+    if normal(direct) && normal(z) && (t != 1.0 || normal(e)) {
+        return direct;
+    }
+    let (log_b, sign_b) = if t == 1.0 {
+        (-(z + e.ln_1p()), -1.0)
+    } else {
+        (b.abs().ln(), b.signum())
+    };
+    if log_b == f64::NEG_INFINITY {
+        return 0.0; // b = 0, or t = 1 where z overflowed: e^{x − z} = 0
+    }
+    (x + log_c + log_b).exp().copysign(sign_b * grad)
 }
 
 /// `ln(1 + e^{−z})` for z ≥ 0, accurate where e^{−z} is tiny (the `t = 1` loss lives there).
@@ -119,21 +147,25 @@ pub fn anchor_consistency_backward<T: Real>(
     let inv64 = 1.0 / params.temperature;
     let c = grad / sim.len() as f64 * inv64;
     let g = T::from_f64(c);
-    // (σ(z) − t)·z = (1 − t)·z − z·σ(−z): the second part vanishes where z is large, the first
-    // is recomputed without forming z where the product overflows (see `linear_term`).
+    // log|c| from its parts: c itself may over- or underflow where the gradient does not.
+    let log_c = grad.abs().ln() - (sim.len() as f64).ln() - params.temperature.ln();
+    // (σ(z) − t)·z = (1 − t)·z − z·σ(−z), formed in T where every factor is a normal number
+    // (exp_fast gives 0 or a normal), and by `gradient_term` in f64 everywhere else: where z or
+    // (for t = 1) e^{−z} underflowed, the product is below T::TINY, or it overflowed.
     out.par_chunks_mut(TASK_LEN)
         .zip(sim.par_chunks(TASK_LEN).zip(target.par_chunks(TASK_LEN)))
         .for_each(|(o, (s, t))| {
             for ((ov, sv), tv) in o.iter_mut().zip(s).zip(t) {
                 let z = (*sv * inv).exp_fast();
                 let e = (-z).exp_fast();
-                let v = g * ((T::ONE - *tv) * z - z * e / (T::ONE + e));
-                let v = if v.to_f64().is_finite() {
+                let one_minus = T::ONE - *tv;
+                let v = g * (one_minus * z - z * e / (T::ONE + e));
+                let magnitude = v.to_f64().abs();
+                let in_range = magnitude >= T::TINY.to_f64() && magnitude < f64::INFINITY;
+                let v = if in_range && z != T::ZERO && (one_minus != T::ZERO || e != T::ZERO) {
                     v
                 } else {
-                    let x = sv.to_f64() * inv64;
-                    let lin = linear_term(x, tv.to_f64(), c.abs().ln()) * c.signum();
-                    T::from_f64(if c == 0.0 { 0.0 } else { lin })
+                    T::from_f64(gradient_term(sv.to_f64() * inv64, tv.to_f64(), grad, log_c))
                 };
                 // NaN where sim or target is not finite (exp_fast maps NaN to a finite value).
                 *ov = v + (*sv + *tv) * T::ZERO;
@@ -262,6 +294,54 @@ mod tests {
         assert_eq!(g1[0], f32::INFINITY);
         anchor_consistency_backward(1.0, &[1000.0f32], &[1.0], &mut g1, &params).unwrap();
         assert_eq!(g1[0], 0.0);
+    }
+
+    #[test]
+    fn anchor_consistency_gradient_survives_exp_underflow() {
+        // Normal gradients whose e^x (x = -120 in f32, -800 in f64) or, for t = 1, e^{-z}
+        // (x = 5, z = 148) underflows T: the exact value in f64 / by logarithms.
+        let exact = |x: f64, t: f64, tau: f64, n: f64| {
+            let z = x.exp();
+            let sigma = if t == 1.0 {
+                -(-(z + (-z).exp().ln_1p())).exp()
+            } else {
+                (1.0 - t) - 1.0 / (1.0 + z.exp())
+            };
+            (x.exp() * sigma) / tau / n
+        };
+        let tau = 8.48e-29;
+        let sim = [
+            (-120.0 * tau) as f32,
+            (5.0 * tau) as f32,
+            (0.5 * tau) as f32,
+        ];
+        let target = [0.3f32, 1.0, 0.6];
+        let params = AnchorConsistencyParams {
+            temperature: tau,
+            check_finite: true,
+        };
+        let mut g = [0.0f32; 3];
+        anchor_consistency_backward(1.0, &sim, &target, &mut g, &params).unwrap();
+        for k in 0..3 {
+            let want = exact(sim[k] as f64 / tau, target[k] as f64, tau, 3.0);
+            assert!(want.abs() > 1e-36, "{want}");
+            assert!(
+                (g[k] as f64 - want).abs() <= 1e-4 * want.abs(),
+                "{k}: {} vs {want}",
+                g[k]
+            );
+        }
+        let tau = 1e-300;
+        let params = AnchorConsistencyParams {
+            temperature: tau,
+            ..params
+        };
+        let (sim, target) = ([-800.0 * tau], [0.25]);
+        let mut g = [0.0f64];
+        anchor_consistency_backward(1.0, &sim, &target, &mut g, &params).unwrap();
+        // e^{-800}·(0.75 − 0.5)/τ = 0.25·e^{-800 + 300 ln 10}
+        let want = 0.25 * (-800.0 + 300.0 * 10f64.ln()).exp();
+        assert!((g[0] - want).abs() <= 1e-10 * want, "{} vs {want}", g[0]);
     }
 
     #[test]
