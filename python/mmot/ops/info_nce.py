@@ -106,10 +106,12 @@ def info_nce(
         return loss
     # Accumulated in float32 (float64 for float64) and cast back: an fp16 sum of ~2048 losses of
     # ~log N each passes 65504 although the mean does not.
-    total = loss.sum(dtype=reference.compute_dtype(a.dtype))
+    dtype = reference.compute_dtype(a.dtype)
     if reduction == "sum":
-        return total.to(a.dtype)
-    return (total / weights.sum().clamp_min(1.0).to(total.dtype)).to(a.dtype)
+        return loss.sum(dtype=dtype).to(a.dtype)
+    # The mean sums loss/count: the losses are ≥ 0, so no partial sum passes the mean, which
+    # fits wherever the largest loss does (a float32 sum of losses near 1.8e38 would not).
+    return (loss.to(dtype) / weights.sum().clamp_min(1.0).to(dtype)).sum().to(a.dtype)
 
 
 def _valid_weights(valid, a: Tensor) -> Tensor:
