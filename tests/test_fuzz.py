@@ -184,20 +184,6 @@ def similarity_tolerance(x, y, normalize, scale, dtype, want):
     return C * (d + 4) * unit(accumulation(dtype)) * bound + C * unit(dtype) * want.abs() + tiny(dtype)
 
 
-def triton_small_products(x, y, normalize, scale, dtype) -> bool:
-    """Rows whose |x|·|y|·|scale| falls within 2^24 of the accumulation dtype's smallest normal:
-    the Triton kernels scale the raw dot products before the inverse norms, so these lose
-    precision there (test_known_similarity_triton_small_products)."""
-    if not normalize:
-        return False
-    smallest = float(row_top(x).amin()) * float(row_top(y).amin()) * abs(scale)
-    return smallest < tiny(accumulation(dtype)) * 2.0**24
-
-
-def similarity_backends(case):
-    return [b for b in BACKENDS if b != "triton" or not triton_small_products(*case[1:], case[0])]
-
-
 def check_similarity(case, backends):
     dtype, x, y, normalize, scale = case
     want = reference.similarity(x, y, normalize, scale)
@@ -215,22 +201,22 @@ def check_similarity(case, backends):
 @fuzz(25)
 @given(similarity_cases())
 def test_similarity(case):
-    check_similarity(case, similarity_backends(case))
+    check_similarity(case, BACKENDS)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open: Triton similarity forms the raw dot product times scale before the inverse norms: subnormal intermediates"
-)
 @fuzz(8)
 @given(similarity_cases())
-def test_known_similarity_triton_small_products(case):
-    """Triton, normalize=True, rows whose |x|·|y|·|scale| is near or below the accumulation
-    dtype's smallest normal: [[1e-10, 2e-10]]·[[3e-10, 1e-10]] at scale 1e-25 gives 7.93e-26
-    for 7.07e-26 (the dot product times scale is formed first, as a subnormal)."""
+def test_similarity_small_products(case):
+    """normalize=True, rows whose |x|·|y|·|scale| is near or below the accumulation dtype's
+    smallest normal: Triton once formed the dot product times scale before the inverse norms,
+    as a subnormal ([[1e-10, 2e-10]]·[[3e-10, 1e-10]] at scale 1e-25 gave 7.93e-26 for 7.07e-26).
+    The rows are rescaled by powers of two, so that they stay exact in the dtype."""
     dtype, x, y, normalize, scale = case
-    if HAS_TRITON:
-        low = math.sqrt(tiny(accumulation(dtype))) * 2.0**6
-        check_similarity((dtype, x / row_top(x).amax() * low, y / row_top(y).amax() * low, True, scale), ["triton"])
+    low = math.sqrt(tiny(accumulation(dtype))) * 2.0**6
+    x = x * 2.0 ** math.floor(math.log2(low / float(row_top(x).amax())))
+    y = y * 2.0 ** math.floor(math.log2(low / float(row_top(y).amax())))
+    assume(interpreted_exactly(dtype, x, y) and bool(torch.equal(x.to(dtype).double(), x)) and bool(torch.equal(y.to(dtype).double(), y)))
+    check_similarity((dtype, x, y, True, scale), BACKENDS)
 
 
 @fuzz(10)
@@ -263,9 +249,7 @@ def test_similarity_gradients(case):
     want = reference.similarity(x64, y64, normalize, scale)
     cot = pattern_tensor_like(want, dtype)
     gx64, gy64 = torch.autograd.grad((want * cot).sum(), (x64, y64))
-    for backend in similarity_backends(case):
-        if backend == "triton" and triton_backward_scale_out_of_range(x, y, normalize, scale, dtype):
-            continue
+    for backend in BACKENDS:
         xs, ys = x.to(dtype).requires_grad_(True), y.to(dtype).requires_grad_(True)
         out = mmot.similarity(xs, ys, normalize=normalize, scale=scale, backend=backend)
         gx, gy = torch.autograd.grad((out * cot.to(dtype)).sum(), (xs, ys))
@@ -276,30 +260,24 @@ def test_similarity_gradients(case):
             assert_agrees(got, ref, grad_tolerance(ref, inp, terms, normalize, dtype), f"similarity grad[{backend}, normalize={normalize}]")
 
 
-def triton_backward_scale_out_of_range(x, y, normalize, scale, dtype) -> bool:
-    """|scale|/(‖x‖·‖y‖) within 2^24 of the accumulation dtype's smallest normal: Triton's
-    backward forms scale·Ḡ/(‖x‖‖y‖) first (test_known_similarity_triton_backward_small_scale)."""
-    if not normalize:
-        return False
-    return abs(scale) / (float(row_top(x).amax()) * float(row_top(y).amax())) < tiny(accumulation(dtype)) * 2.0**24
-
-
-@pytest.mark.xfail(strict=True, reason="open: Triton similarity backward: small scale times tiny products loses the result to subnormals")
-def test_known_similarity_triton_backward_small_scale():
-    """Triton backward, float64, rows of 2e152 at scale 4.2e-44: the exact gradient is about
-    -9.5e-212, Triton gives 6.6e-196 (scale/(‖x‖‖y‖) = 1e-348 underflows before it is used)."""
+def test_similarity_triton_backward_small_scale():
+    """Triton backward, float64, rows of about 2e152 at scale 4.2e-44: the exact gradient is about
+    3e-197; Triton once gave numbers of the same size but wrong, or 6.6e-196 for rows of one
+    feature where the exact gradient is 0 (its projection's coefficient, 1e-349 with scale
+    applied first, underflowed)."""
     if not HAS_TRITON:
         return
-    x = torch.full((2, 1), 2.095e152, dtype=torch.float64)
-    x[1] = -x[1]
-    y = torch.full((2, 1), -2.095e152, dtype=torch.float64)
+    x = torch.tensor([[2.095e152, 1.0e152], [-1.5e152, 3.0e152]], dtype=torch.float64)
+    y = torch.tensor([[-2.095e152, 5.0e151], [1.0e152, 1.25e152]], dtype=torch.float64)
     x64, y64 = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
     cot = torch.tensor([[0.5, -1.5], [1.25, 0.75]], dtype=torch.float64)
     gx64, gy64 = torch.autograd.grad((reference.similarity(x64, y64, True, 4.24e-44) * cot).sum(), (x64, y64))
     xs, ys = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
     gx, gy = torch.autograd.grad((mmot.similarity(xs, ys, scale=4.24e-44, backend="triton") * cot).sum(), (xs, ys))
     for got, want in ((gx, gx64), (gy, gy64)):
-        assert_agrees(got, want, 1e-6 * want.abs().amax() + tiny(torch.float64), "similarity grad[triton]")
+        assert_agrees(got, want, 1e-12 * want.abs().amax() + tiny(torch.float64), "similarity grad[triton]")
+    one = torch.autograd.grad((mmot.similarity(xs[:, :1], ys[:, :1], scale=4.24e-44, backend="triton") * cot).sum(), xs)[0]
+    assert float(one.abs().amax()) < 1e-200, f"rows of one feature: the exact gradient is 0; got {one}"
 
 
 def pattern_tensor_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,16 +10,20 @@ recomputes its tile from rows multiplied by the power of two at their largest ma
 also in bf16), as ``mmot.reference.unit_rows`` does. Plain tiles pay only the magnitude
 tracking and one branch.
 
-Backward, with H = scale · Ḡ ⊙ (1/‖x‖)(1/‖y‖)ᵀ (per output batch b):
+Backward (per output batch b):
 
-    v = Σ_{b using this x} H_b y_b,     ∂x = v - x̂ (x̂ · v)   (row-wise; no projection when
-                                                                ‖x‖ ≤ 1e-12 or normalize=False)
+    v = Σ_{b using this x} Ḡ_b ŷ_b,     ∂x = scale · (v - x̂ (x̂ · v)) / ‖x‖   (row-wise; no
+                                              projection when ‖x‖ ≤ 1e-12; ∂x = scale · Σ Ḡ_b y_b
+                                              when normalize=False)
 
-and the same for y with Hᵀ. Each side is one kernel that loops over the output batches that
+and the same for y with Ḡᵀ. Each side is one kernel that loops over the output batches that
 broadcast onto it (so the reduction over broadcast dims happens in registers), plus a small
-row kernel for the projection. The inverse row norms are precomputed as O(N + M) vectors, with
-a power-of-two step per row (1 for plain rows) that the products and the projection apply to the
-rows first, so that no product sees a raw magnitude past the dtype's range.
+row kernel for the projection, which applies 1/‖x‖ and then scale last: v and x̂ are of the
+size of Ḡ and 1, so neither the projection nor scale/(‖x‖‖y‖) under- or overflows before the
+result does (rows of 2e152 at scale 4.2e-44 once lost the projection to a coefficient of
+1e-349). The inverse row norms are precomputed as O(N + M) vectors, with a power-of-two step
+per row (1 for plain rows) that the products and the projection apply to the rows first, so
+that no product sees a raw magnitude past the dtype's range.
 Accumulation is fp32 (fp64 for fp64 inputs); bf16/fp16 tiles feed ``tl.dot`` natively on a
 GPU and are cast to fp32 under the interpreter, which has no bf16 arithmetic.
 """
@@ -182,7 +186,6 @@ def _row_scale_kernel(X, RN, STEP, INV, rows, D, BIG: tl.constexpr, BLOCK_R: tl.
 def _similarity_grad_kernel(
     G,
     OTHER,
-    RSELF,
     ROTHER,
     SOTHER,
     V,
@@ -207,15 +210,14 @@ def _similarity_grad_kernel(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """v[self, p, d] = Σ_{b → self} Σ_q H_b[p, q] ô_b[q, d], H = scale·Ḡ·r_self, ô = (other·s_other)·r_other
-    (the other rows' steps s applied to the rows only where a step is not 1)."""
+    """v[self, p, d] = Σ_{b → self} Σ_q Ḡ_b[p, q] ô_b[q, d], ô = (other·s_other)·r_other (the other
+    rows' steps s applied to the rows only where a step is not 1); times scale only without
+    normalisation (the projection kernel applies 1/‖self‖ and scale otherwise)."""
     pself = tl.program_id(0)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     pmask = offs_p < P
     dmask = offs_d < D
-    if NORMALIZE:
-        rs = tl.load(RSELF + pself.to(tl.int64) * P + offs_p, mask=pmask, other=0.0)
     acc = tl.zeros([BLOCK_P, BLOCK_D], ACC)
     for j in range(0, n_rep):
         b = tl.load(BMAP + pself * n_rep + j)
@@ -228,7 +230,7 @@ def _similarity_grad_kernel(
             ).to(ACC)
             if NORMALIZE:
                 ro = tl.load(ROTHER + o * Q + offs_q, mask=qmask, other=0.0)
-                h = h * rs[:, None] * ro[None, :]
+                h = h * ro[None, :]
             ot = tl.load(OTHER + o * sob + offs_q[:, None] * soq + offs_d[None, :] * sod, mask=qmask[:, None] & dmask[None, :], other=0.0)
             if NORMALIZE:
                 so = tl.load(SOTHER + o * Q + offs_q, mask=qmask, other=1.0)
@@ -239,18 +241,22 @@ def _similarity_grad_kernel(
             else:
                 h = h.to(ot.dtype)
             acc += tl.dot(h, ot, input_precision=PRECISION, out_dtype=ACC)
-    acc = acc * scalar(scale, ACC)
+    if not NORMALIZE:
+        acc = acc * scalar(scale, ACC)
     tl.store(V + pself.to(tl.int64) * P * D + offs_p[:, None] * D + offs_d[None, :], acc, mask=pmask[:, None] & dmask[None, :])
 
 
 @triton.jit
-def _project_kernel(X, STEP, V, OUT, rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """out = v - x̂ (x̂ · v) per row (no projection for rows with ‖x‖ ≤ 1e-12), from the rows times
-    their power-of-two steps (exact), so that no square overflows or underflows."""
+def _project_kernel(X, STEP, INV, RN, V, OUT, rows, D, scale: tl.float64, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """out = scale · (v - x̂ (x̂ · v)) / max(‖x‖, 1e-12) per row (no projection for rows with
+    ‖x‖ ≤ 1e-12), x̂ = (x·step)·inv from the rows times their power-of-two steps (exact), so that
+    no square overflows or underflows; 1/‖x‖ (RN) and then scale are applied last."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = offs_r < rows
     base = offs_r[:, None].to(tl.int64) * D
     step = tl.load(STEP + offs_r, mask=rmask, other=1.0)
+    inv = tl.load(INV + offs_r, mask=rmask, other=0.0)
+    rn = tl.load(RN + offs_r, mask=rmask, other=0.0)
     ss = tl.zeros([BLOCK_R], ACC)
     xv = tl.zeros([BLOCK_R], ACC)
     for d0 in range(0, D, BLOCK_D):
@@ -259,14 +265,15 @@ def _project_kernel(X, STEP, V, OUT, rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl
         x = tl.load(X + base + offs_d[None, :], mask=mask, other=0.0).to(ACC) * step[:, None]
         v = tl.load(V + base + offs_d[None, :], mask=mask, other=0.0)
         ss += tl.sum(x * x, axis=1)
-        xv += tl.sum(x * v, axis=1)
-    coef = tl.where(tl.sqrt(ss) > 1e-12 * step, xv / tl.where(ss > 0, ss, 1.0), 0.0)
+        xv += tl.sum((x * inv[:, None]) * v, axis=1)
+    coef = tl.where(tl.sqrt(ss) > 1e-12 * step, xv, 0.0)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask = rmask[:, None] & (offs_d < D)[None, :]
         x = tl.load(X + base + offs_d[None, :], mask=mask, other=0.0).to(ACC) * step[:, None]
         v = tl.load(V + base + offs_d[None, :], mask=mask, other=0.0)
-        tl.store(OUT + base + offs_d[None, :], (v - coef[:, None] * x).to(OUT.dtype.element_ty), mask=mask)
+        out = ((v - coef[:, None] * (x * inv[:, None])) * rn[:, None]) * scalar(scale, ACC)
+        tl.store(OUT + base + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _settings(dtype: torch.dtype, device: torch.device):
@@ -371,9 +378,9 @@ def backward(grad, x, y, normalize: bool, scale: float):
     else:
         rx = sx = ix = ry = sy = iy = xs.new_empty((1,), dtype=acc)
     grads = []
-    for self_t, other_t, self_index, other_index, P, Q, rs, ss, io, so, strides_g in (
-        (xs, ys, xi, yi, N, M, rx, sx, iy, sy, (N * M, M, 1)),
-        (ys, xs, yi, xi, M, N, ry, sy, ix, sx, (N * M, 1, M)),
+    for self_t, other_t, self_index, other_index, P, Q, rs, ss, si, io, so, strides_g in (
+        (xs, ys, xi, yi, N, M, rx, sx, ix, iy, sy, (N * M, M, 1)),
+        (ys, xs, yi, xi, M, N, ry, sy, iy, ix, sx, (N * M, 1, M)),
     ):
         n_self = self_t.shape[0]
         # Output problems grouped by the self problem they read: each appears B / n_self times.
@@ -386,7 +393,6 @@ def backward(grad, x, y, normalize: bool, scale: float):
         _similarity_grad_kernel[(n_self, triton.cdiv(P, bp), triton.cdiv(D, bd))](
             g,
             other_t,
-            rs,
             io,
             so,
             v,
@@ -412,7 +418,9 @@ def backward(grad, x, y, normalize: bool, scale: float):
         if normalize:
             out = torch.empty(self_t.shape, dtype=x.dtype, device=x.device)
             rows = n_self * P
-            _project_kernel[(triton.cdiv(rows, 16),)](self_t, ss, v, out, rows, D, BLOCK_R=16, BLOCK_D=_tile(D, 128), ACC=acc_tl)
+            _project_kernel[(triton.cdiv(rows, 16),)](
+                self_t, ss, si, rs, v, out, rows, D, scale, BLOCK_R=16, BLOCK_D=_tile(D, 128), ACC=acc_tl
+            )
         else:
             out = v.to(x.dtype)
         grads.append(out)
