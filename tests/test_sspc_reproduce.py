@@ -105,3 +105,27 @@ def test_tiny_reproduce_on_both_test_beds(tmp_path):
     assert run["data"]["ood_fold"] == 1 and run["train"]["seed"] == 1
     with pytest.raises(Exception, match="one test bed"):
         reproduce(out_dir=str(out_u), config=str(tmp_path / "u.yaml"), **common)
+
+
+def test_resume_finishes_an_interrupted_reproduce(tmp_path):
+    from mmot.sspc.config import ConfigError
+    from mmot.sspc.reproduce import reproduce
+
+    (tmp_path / "u.yaml").write_text(TINY_UCI)
+    common = {
+        "config": str(tmp_path / "u.yaml"),
+        "testbeds": ("uci",),
+        "q_levels": (0.0,),
+        "variants": ("contrastive", "multi_sk"),
+        "progress": False,
+        "jobs": 1,
+        "time_steps": False,
+    }
+    whole = reproduce(out_dir=str(tmp_path / "whole"), n_seeds=2, **common)
+    reproduce(out_dir=str(tmp_path / "cut"), n_seeds=1, **common)  # an interrupted run: seed 1 missing
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        reproduce(out_dir=str(tmp_path / "cut"), n_seeds=2, **common)
+    resumed = reproduce(out_dir=str(tmp_path / "cut"), n_seeds=2, resume=True, **common)
+    assert [r["values"] for r in resumed["rows"]] == [r["values"] for r in whole["rows"]]
+    with pytest.raises(ConfigError, match="exclude each other"):
+        reproduce(out_dir=str(tmp_path / "cut"), n_seeds=2, resume=True, overwrite=True, **common)

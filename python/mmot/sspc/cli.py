@@ -3,6 +3,7 @@
     mmot-sspc train --config uci_quick [--resume | --overwrite] [--out DIR] [--set train.epochs=5 ...]
     mmot-sspc eval --checkpoint runs/uci_quick/last.pt [--split test] [--json FILE]
     mmot-sspc reproduce [--quick] [--testbed concepts|uci] [--variants contrastive,multi_sk] [--seeds 5] [--jobs 2] [--out DIR]
+                        [--resume | --overwrite]
     mmot-sspc convert-features IN.pkl OUT.npz [--config CFG] [--set data.pickle.n_video_tokens=48 ...]
 
 ``--config`` takes a YAML path or the name of a shipped config (``mmot-sspc configs`` lists them).
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p_rep.add_argument("--jobs", type=int, default=None, help="runs in parallel, one thread each (default: the CPUs, at most 8)")
     p_rep.add_argument("--config", default=None, help="replace the test bed's config (with one --testbed)")
     p_rep.add_argument("--no-progress", action="store_true")
-    p_rep.add_argument("--overwrite", action="store_true", help="start over where the output directory already holds runs")
+    rep_mode = p_rep.add_mutually_exclusive_group()
+    rep_mode.add_argument("--overwrite", action="store_true", help="start over where the output directory already holds runs")
+    rep_mode.add_argument("--resume", action="store_true", help="continue an interrupted reproduce (finished runs are evaluated)")
     p_conv = sub.add_parser(
         "convert-features",
         help="convert a trusted everything_at_once feature pickle into an .npz (read with data.format: npz, no unpickling)",
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 config=args.config,
                 progress=not args.no_progress,
                 overwrite=args.overwrite,
+                resume=args.resume,
                 testbeds=tuple(dict.fromkeys(args.testbed)) if args.testbed else TESTBEDS,
                 variants=tuple(v.strip() for v in args.variants.split(",")) if args.variants else VARIANTS,
                 q_levels=q_levels,

@@ -54,7 +54,7 @@ from mmot.sspc.config import Config, ConfigError, DataConfig, config_from_dict, 
 from mmot.sspc.data import load_data, make_splits, ood_folds
 from mmot.sspc.evaluate import CLASS_METRICS, FUSED_QUERY, METRICS
 from mmot.sspc.stats import mean_std, paired_difference
-from mmot.sspc.train import BatchPlan, build, train
+from mmot.sspc.train import CHECKPOINT, BatchPlan, build, train
 
 VARIANTS = ("contrastive", "sinkhorn", "multi_sk")
 LABELS = {"contrastive": "contrastive only", "sinkhorn": "+ SSPC (Sinkhorn)", "multi_sk": "+ SSPC (Multi-SK)"}
@@ -128,10 +128,14 @@ def splits_for(cfg: Config):
     return _splits(json.dumps(cfg.to_dict()["data"], sort_keys=True))
 
 
-def _train_one(task: tuple[dict, str, bool]) -> dict:
-    cfg_dict, out_dir, overwrite = task
+def _train_one(task: tuple[dict, str, bool, bool]) -> dict:
+    """Train one run, or with ``resume`` continue the run its directory holds (a finished one is
+    only evaluated again; train's resume checks that its config is this one)."""
+    cfg_dict, out_dir, overwrite, resume = task
     cfg = config_from_dict(cfg_dict)
     torch.set_num_threads(cfg.train.num_threads or 1)
+    if resume and (Path(out_dir) / CHECKPOINT).is_file():
+        return train(cfg, resume=True, out_dir=out_dir, splits=splits_for(cfg))
     return train(cfg, overwrite=overwrite, out_dir=out_dir, splits=splits_for(cfg))
 
 
@@ -301,6 +305,7 @@ def reproduce(
     config: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
     testbeds: tuple[str, ...] = TESTBEDS,
     variants: tuple[str, ...] = VARIANTS,
     q_levels: tuple[float, ...] | None = None,
@@ -309,7 +314,11 @@ def reproduce(
 ) -> dict:
     """Train every (test bed, q, variant, seed) and summarise. ``config`` replaces the test bed's
     shipped config (one test bed only); ``q_levels`` replaces :data:`Q_LEVELS`; ``time_steps``
-    False skips the step-time comparison. Runs already in ``out_dir`` are refused unless ``overwrite``."""
+    False skips the step-time comparison. Runs already in ``out_dir`` are refused unless
+    ``overwrite`` (start them over) or ``resume`` (continue them; finished ones are evaluated
+    again, so an interrupted reproduce ends with the results of an uninterrupted one)."""
+    if overwrite and resume:
+        raise ConfigError("reproduce: --overwrite and --resume exclude each other")
     for name, chosen, known in (("testbed", testbeds, TESTBEDS), ("variants", variants, VARIANTS)):
         bad = [c for c in chosen if c not in known]
         if bad or not chosen:
@@ -336,7 +345,7 @@ def reproduce(
                 for variant in variants:
                     cfg = run_config(base, testbed, q, variant, seed, n_folds)
                     run_dir = out / "runs" / testbed / f"q{_q_key(q)}" / f"{variant}_seed{seed}"
-                    tasks.append((cfg.to_dict(), str(run_dir), overwrite))
+                    tasks.append((cfg.to_dict(), str(run_dir), overwrite, resume))
                     keys.append((testbed, q, variant, seed))
 
     from tqdm.auto import tqdm
