@@ -49,22 +49,12 @@ PLAIN_LIMIT = reference.PLAIN_DOMAIN_MAX_SPREAD
 BAND = 1e-6  # relative band around a limit inside which either outcome is right
 
 
-def _eps_beyond_float32(case) -> bool:
-    return compute_dtype(case.scores.dtype) == torch.float32 and case.eps > torch.finfo(torch.float32).max
-
-
-def _spread_beyond_float32(case) -> bool:
-    return compute_dtype(case.scores.dtype) == torch.float32 and column_spread(case.scores) > torch.finfo(torch.float32).max
-
-
 def _weight_over_eps_beyond_dtype(case) -> bool:
     return max(getattr(case, "weights", [1.0])) / case.eps > torch.finfo(compute_dtype(case.scores.dtype)).max
 
 
 # Open failure classes (fuzz_support.known_failure); reproducers in test_known_failures_sinkhorn.
 KNOWN = {
-    "eps beyond float32's range, torch": ({"torch"}, _eps_beyond_float32),
-    "column spread beyond float32's range, rust": ({"rust"}, _spread_beyond_float32),
     "weight/eps beyond the dtype's range, rust backward": ({"rust"}, _weight_over_eps_beyond_dtype),
 }
 
@@ -491,22 +481,35 @@ def _sinkhorn_case(scores, eps, n_iters=2, **recipe):
     return Case(dict(eps=eps, n_iters=n_iters, log_domain="auto", **recipe), dict(scores=scores, row_mass=None, col_mass=None))
 
 
+def _multi_case(scores, eps, n_iters=2, k=1, weights=(0.25, 1.0)):
+    options = dict(low_weight=weights[0])
+    recipe = dict(eps=eps, n_iters=n_iters, k=k, weights=list(weights), options=options, normalize="none", log_domain="auto")
+    return Case(recipe, dict(scores=scores))
+
+
+ALL = NATIVE + (["triton"] if HAS_TRITON else [])
+
+
+def test_eps_beyond_float32():
+    """float32 scores, eps = 1e39: exact exponent range 3; torch's plan was once off by 0.05 (eps
+    rounded to inf in float32, every logit 0). Such an eps now runs in float64 on every backend."""
+    scores = torch.tensor([[1.0, 2.0, -1.0], [0.5, -2.0, 1.0]]) * 1e38
+    check_sinkhorn(_sinkhorn_case(scores, 1e39), ALL)
+    check_multi_sinkhorn(_multi_case(scores, 1e39, k=2, weights=(0.25, 1.0, 1.0)), ALL)
+
+
+def test_column_spread_beyond_float32():
+    """A column from -2.4e38 to 1.7e38 (spread 4e38 > float32's max) at eps = 1e38 and 3e38:
+    exact exponent ranges 4 and 1.3. Rust once refused it ("range inf"; its differences from
+    the column maximum are -inf in float32) and Triton's Multi-SK gave [0, 1] rows for it.
+    Such scores now run in float64 on every backend."""
+    scores = torch.tensor([[1.6772055900391182e38, -3.193652497323549e37], [-2.371373695437345e38, 6.186752021425951e37]])
+    for eps in (1e38, 3e38):
+        check_sinkhorn(_sinkhorn_case(scores, eps, 1), ALL)
+        check_multi_sinkhorn(_multi_case(scores, eps), ALL)
+
+
 KNOWN_REPRODUCERS = {
-    # float32 scores, eps = 1e39: exact exponent range 3, plan off by 0.05 (eps rounds to inf in float32).
-    "eps beyond float32's range, torch": (
-        "sinkhorn",
-        "torch",
-        _sinkhorn_case(torch.tensor([[1.0, 2.0, -1.0], [0.5, -2.0, 1.0]]) * 1e38, 1e39),
-    ),
-    # a column from -2.4e38 to 1.7e38 (spread 4e38 > float32's max) at eps = 4e38: exact exponent
-    # range 1, refused as "inf".
-    "column spread beyond float32's range, rust": (
-        "sinkhorn",
-        "rust",
-        _sinkhorn_case(
-            torch.tensor([[1.6772055900391182e38, -3.193652497323549e37], [-2.371373695437345e38, 6.186752021425951e37]]), 4.05e38, 1
-        ),
-    ),
     # float16, one row, eps 4.6e-39 (accepted: 1/eps fits float32) with slot weight 2.34: weight/eps
     # overflows float32; the exact gradient is 0 (one row), Rust's backward is NaN.
     "weight/eps beyond the dtype's range, rust backward": (

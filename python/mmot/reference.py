@@ -81,12 +81,18 @@ MAX_EXPONENT_RANGE = {
 
 def working_dtype(scores: torch.Tensor, eps: float, max_weight: float, op: str = "mmot.sinkhorn", columns=LOCAL) -> torch.dtype:
     """The accumulation dtype of a Sinkhorn call: :func:`compute_dtype`, or float64 for narrower
-    scores whose exponent range is past the op's float32 limit (``MAX_EXPONENT_RANGE``). Reads
-    the scores (a host sync on CUDA). Non-finite scores stay in their compute dtype."""
+    scores whose exponent range is past the op's float32 limit (``MAX_EXPONENT_RANGE``), whose
+    column spread is past float32's largest value (the kernels' differences from the column
+    maximum would be −inf) or whose eps is (it would round to inf: every logit 0). Reads the
+    scores (a host sync on CUDA). Non-finite scores stay in their compute dtype."""
     dtype = compute_dtype(scores.dtype)
     if dtype == torch.float64 or scores.numel() == 0:
         return dtype
-    wide = exponent_range(scores, eps, max_weight, columns) > MAX_EXPONENT_RANGE[op][torch.float32]
+    top = torch.finfo(dtype).max
+    if eps > top:
+        return torch.float64
+    spread = exponent_range(scores, 1.0, 1.0, columns)
+    wide = spread > top or spread * max_weight / eps > MAX_EXPONENT_RANGE[op][torch.float32]
     return torch.float64 if wide else dtype
 
 
