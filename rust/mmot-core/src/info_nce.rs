@@ -31,6 +31,7 @@
 
 use crate::error::{check_len, not_finite, MmotError, Result};
 use crate::exec::row_norms::{unit_rows, UnitRows, NORM_EPS};
+use crate::interrupt::Interrupt;
 use crate::simd::gemm::{gemm, MatrixRef};
 use crate::simd::{dispatch, dot, sum, Real, LANES};
 use rayon::prelude::*;
@@ -95,6 +96,8 @@ struct Logits<'a, T> {
     valid: &'a [T],
     d: usize,
     scale: T,
+    /// Read once per row block (forward) or wavefront step (backward): Ctrl-C.
+    stop: &'a Interrupt,
 }
 
 /// Per-pair losses and the two log-sum-exps (`loss`, `lse_a`, `lse_b`: `[rows]` each).
@@ -121,6 +124,7 @@ pub fn info_nce_forward<T: Real>(
     let scale = T::from_f64(1.0 / params.temperature);
     let (ua, ub) = checked_norms(&input, params)?;
     let (a, b, ia, ib) = (&*ua.rows, &*ub.rows, &ua.unit, &ub.unit);
+    let stop = Interrupt::current();
     let logits = Logits {
         a,
         b,
@@ -129,6 +133,7 @@ pub fn info_nce_forward<T: Real>(
         valid,
         d,
         scale,
+        stop: &stop,
     };
     if params.symmetric {
         lse_fused(&logits, lse_a, Some(&mut *lse_b));
@@ -136,6 +141,7 @@ pub fn info_nce_forward<T: Real>(
         lse_fused(&logits, lse_a, None);
         lse_b.fill(T::ZERO);
     }
+    stop.check()?;
     let (la, lb) = (&*lse_a, &*lse_b);
     loss.par_chunks_mut(RB).enumerate().for_each(|(c, out)| {
         for (r, o) in out.iter_mut().enumerate() {
@@ -183,6 +189,7 @@ pub fn info_nce_backward<T: Real>(
     let scale = T::from_f64(1.0 / params.temperature);
     let (ua, ub) = checked_norms(&input, params)?;
     let (a, b, ia, ib) = (&*ua.rows, &*ub.rows, &ua.unit, &ub.unit);
+    let stop = Interrupt::current();
     let logits = Logits {
         a,
         b,
@@ -191,6 +198,7 @@ pub fn info_nce_backward<T: Real>(
         valid,
         d,
         scale,
+        stop: &stop,
     };
     backward_tiles(
         &logits,
@@ -201,6 +209,7 @@ pub fn info_nce_backward<T: Real>(
         grad_a,
         grad_b,
     );
+    stop.check()?;
     finish_rows(&ua, d, scale, params.normalize, grad_a);
     finish_rows(&ub, d, scale, params.normalize, grad_b);
     Ok(())
@@ -240,6 +249,7 @@ fn lse_fused<T: Real>(logits: &Logits<'_, T>, lse_x: &mut [T], lse_y: Option<&mu
         valid: wx,
         d,
         scale,
+        stop,
     } = *logits;
     let wy = wx;
     let n = ix.len();
@@ -282,6 +292,9 @@ fn lse_fused<T: Real>(logits: &Logits<'_, T>, lse_x: &mut [T], lse_y: Option<&mu
             let mut run_max = [T::NEG_INFINITY; TR];
             let mut run_sum = [T::ZERO; TR];
             for r0 in (0..out.len()).step_by(TR) {
+                if stop.requested() {
+                    return;
+                }
                 let i0 = c * block + r0;
                 let rows = TR.min(out.len() - r0);
                 for r in 0..rows {
@@ -447,6 +460,7 @@ fn backward_tiles<T: Real>(
         valid: w,
         d,
         scale,
+        stop,
     } = *logits;
     let n = ia.len();
     const { assert!(TR == TC) };
@@ -466,6 +480,9 @@ fn backward_tiles<T: Real>(
         SharedMut(grad_b.as_mut_ptr()),
     );
     for k in 0..nb {
+        if stop.requested() {
+            return;
+        }
         (0..nb).into_par_iter().for_each_init(
             || (vec![T::ZERO; TR * TC], vec![T::ZERO; TR * TC]),
             |(ta, tb), bi| {

@@ -1,8 +1,9 @@
 //! Stopping a long call early (Ctrl-C in Python).
 //!
 //! A caller that may want to stop a call runs it inside [`watch`] with a flag that another
-//! thread can set. The iterative kernels read the flag once per iteration (one relaxed atomic
-//! load), stop once it is set and return [`MmotError::Interrupted`]; their outputs are then
+//! thread can set. The Sinkhorn kernels read the flag once per iteration, `similarity` and
+//! `info_nce` once per block of rows (one relaxed atomic load each); they stop once it is set
+//! and return [`MmotError::Interrupted`]; their outputs are then
 //! unspecified, and nothing else is left behind (workspaces are re-sized and re-filled by every
 //! call). The flag reaches the kernels through the calling thread rather than the parameters,
 //! so the public signatures and parameter structs stay as they are. A kernel takes it once, at

@@ -12,6 +12,7 @@
 use crate::dims::Dims;
 use crate::error::{check_len, not_finite, MmotError, Result};
 use crate::exec::row_norms::{unit_rows, UnitRows};
+use crate::interrupt::Interrupt;
 use crate::simd::gemm::{gemm, MatrixRef};
 use crate::simd::{dot, Real};
 use rayon::prelude::*;
@@ -91,6 +92,8 @@ pub fn similarity<T: Real>(
     }
     let (x, y, ix, iy) = (&*ux.rows, &*uy.rows, &ux.unit, &uy.unit);
     let sc = T::from_f64(params.scale);
+    // Ctrl-C: each task of rows reads it first.
+    let stop = Interrupt::current();
     out.par_chunks_mut(n * m).enumerate().for_each(|(o, op)| {
         let xb = x_index[o] as usize;
         let yb = y_index[o] as usize;
@@ -101,6 +104,9 @@ pub fn similarity<T: Real>(
         op.par_chunks_mut(ROWS_PER_TASK * m)
             .enumerate()
             .for_each(|(t, tile)| {
+                if stop.requested() {
+                    return;
+                }
                 let i0 = t * ROWS_PER_TASK;
                 let rows = tile.len() / m;
                 tile_kernel(
@@ -114,7 +120,7 @@ pub fn similarity<T: Real>(
                 );
             });
     });
-    Ok(())
+    stop.check()
 }
 
 /// The (scale-safe) rows and inverse row norms of `x` and `y` (ones without `normalize`), or
@@ -241,11 +247,16 @@ pub fn similarity_backward<T: Real>(
     // gx[xb, i] = scale Σ_o Σ_j G_o[i, j] ŷ[j]: per block of x rows, one GEMM per output
     // problem against the normalised y (a copy of y's size, which is the small side).
     let y_hat = scaled_rows(y, iy, d);
+    // Ctrl-C: each task reads it first, and before each block of x rows on the y side.
+    let stop = Interrupt::current();
     if n * d > 0 {
         gx.par_chunks_mut(n * d).enumerate().for_each(|(xb, gxp)| {
             gxp.par_chunks_mut(ROWS_PER_TASK * d)
                 .enumerate()
                 .for_each(|(t, tile)| {
+                    if stop.requested() {
+                        return;
+                    }
                     tile.fill(T::ZERO);
                     let (i0, rows) = (t * ROWS_PER_TASK, tile.len() / d);
                     for &o in &xu[xb] {
@@ -282,6 +293,9 @@ pub fn similarity_backward<T: Real>(
                     for &o in &yu[yb] {
                         let xb = x_index[o] as usize;
                         for i0 in (0..n).step_by(X_BLOCK) {
+                            if stop.requested() {
+                                return;
+                            }
                             let len = X_BLOCK.min(n - i0);
                             let xs = &x[(xb * n + i0) * d..(xb * n + i0 + len) * d];
                             let xh = &mut x_block[..len * d];
@@ -307,7 +321,7 @@ pub fn similarity_backward<T: Real>(
                 });
         });
     }
-    Ok(())
+    stop.check()
 }
 
 /// `out[r] = w[r] · src[r]` for rows of `d` values.
