@@ -18,7 +18,6 @@ the log of every plan entry (ERROR_BOUND below).
 from __future__ import annotations
 
 import math
-import sys
 
 import mmot
 import numpy as np
@@ -49,14 +48,9 @@ PLAIN_LIMIT = reference.PLAIN_DOMAIN_MAX_SPREAD
 BAND = 1e-6  # relative band around a limit inside which either outcome is right
 
 
-def _weight_over_eps_beyond_dtype(case) -> bool:
-    return max(getattr(case, "weights", [1.0])) / case.eps > torch.finfo(compute_dtype(case.scores.dtype)).max
-
-
-# Open failure classes (fuzz_support.known_failure); reproducers in test_known_failures_sinkhorn.
-KNOWN = {
-    "weight/eps beyond the dtype's range, rust backward": ({"rust"}, _weight_over_eps_beyond_dtype),
-}
+# Open failure classes (fuzz_support.known_failure): none at present. A class found later gets its
+# entry here and a strict-xfail reproducer (as in test_fuzz_losses.py) until it is fixed.
+KNOWN: dict = {}
 
 
 def error_bound(exponent_range: float, log_terms: float, half_steps: int, arithmetic: torch.dtype) -> float:
@@ -474,7 +468,7 @@ def test_multi_sinkhorn_gradients(case, triton):
     check_gradient("multi_sinkhorn", case, backends, run, spec, exact_multi_sinkhorn, 3 * case.n_iters, max(case.weights))
 
 
-# ---------------------------------------------------------------- open failure classes
+# ---------------------------------------------------------------- fixed failure classes
 
 
 def _sinkhorn_case(scores, eps, n_iters=2, **recipe):
@@ -509,39 +503,21 @@ def test_column_spread_beyond_float32():
         check_multi_sinkhorn(_multi_case(scores, eps), ALL)
 
 
-KNOWN_REPRODUCERS = {
-    # float16, one row, eps 4.6e-39 (accepted: 1/eps fits float32) with slot weight 2.34: weight/eps
-    # overflows float32; the exact gradient is 0 (one row), Rust's backward is NaN.
-    "weight/eps beyond the dtype's range, rust backward": (
-        "multi_sinkhorn_gradient",
-        "rust",
-        Case(
-            dict(eps=4.6408062715939895e-39, n_iters=2, k=2, weights=[2.3351272229192648] * 2 + [1.0] * 2, seed=7497, log_domain="auto"),
-            dict(scores=torch.tensor([[-0.00012612342834472656, -0.0, -0.0, -3.516674041748047e-06]], dtype=torch.float16)),
-        ),
-    ),
-}
+def test_weight_over_eps_beyond_dtype():
+    """float16, eps 4.6e-39 (accepted: 1/eps fits float32) with slot weight 2.34: weight/eps
+    overflows float32. The exact gradient is 0 for one row, where Rust's backward once gave NaN
+    (it formed weight/eps first: inf · 0); two rows give a gradient that is not 0."""
+    weights = [2.3351272229192648] * 2 + [1.0] * 2
+    rows = torch.tensor([[-0.00012612342834472656, -0.0, -0.0, -3.516674041748047e-06], [0.25, -0.5, 0.125, 0.0]], dtype=torch.float16)
+    for scores in (rows[:1], rows):
+        case = Case(dict(eps=4.6408062715939895e-39, n_iters=2, k=2, weights=weights, seed=7497, log_domain="auto"), dict(scores=scores))
+        n, n_anchors = scores.shape
 
+        def run(s, b, case=case):
+            return mmot.multi_sinkhorn(s, case.k, case.eps, case.n_iters, normalize="none", low_weight=case.weights[0], backend=b)
 
-# Strict: a class that gets fixed turns its reproducer into a failure until its entry goes.
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=f"open: {n}")) for n in sorted(KNOWN_REPRODUCERS)]
-)
-def test_known_failures_sinkhorn(name, monkeypatch):
-    """One reproducer per open failure class (KNOWN), checked without the exemption: fails
-    until that class is fixed."""
-    what, backend, case = KNOWN_REPRODUCERS[name]
-    monkeypatch.setattr(sys.modules[__name__], "KNOWN", {})
-    if what == "sinkhorn":
-        check_sinkhorn(case, [backend])
-        return
-    n, n_anchors = case.scores.shape
+        def spec(s, case=case, n=n, n_anchors=n_anchors):
+            mass = torch.full((n_anchors,), n / n_anchors, dtype=torch.float64)
+            return reference.multi_sinkhorn(s, case.eps, case.n_iters, case.weights, case.k, mass, "none")
 
-    def run(s, b):
-        return mmot.multi_sinkhorn(s, case.k, case.eps, case.n_iters, normalize="none", low_weight=case.weights[0], backend=b)
-
-    def spec(s):
-        mass = torch.full((n_anchors,), n / n_anchors, dtype=torch.float64)
-        return reference.multi_sinkhorn(s, case.eps, case.n_iters, case.weights, case.k, mass, "none")
-
-    check_gradient("multi_sinkhorn", case, [backend], run, spec, exact_multi_sinkhorn, 3 * case.n_iters, max(case.weights))
+        check_gradient("multi_sinkhorn", case, ALL, run, spec, exact_multi_sinkhorn, 3 * case.n_iters, max(case.weights))

@@ -72,17 +72,11 @@ impl<T: Real> Problem<T> {
             buf.clear();
             buf.resize(group_cols, T::ZERO);
         }
-        let scaled_weights: Vec<T> = self
-            .groups
-            .weights
-            .iter()
-            .map(|&w| w * self.inv_eps)
-            .collect();
         let reverse = Reverse {
             sweep,
             grad,
             history,
-            scaled_weights: &scaled_weights,
+            weights: &self.groups.weights,
         };
         let Workspace {
             state,
@@ -131,8 +125,9 @@ struct Reverse<'a, T> {
     /// The result's adjoint, `[N, K]`.
     grad: &'a [T],
     history: &'a History<T>,
-    /// `w_G / eps`: the derivative of `L_G` by the scores.
-    scaled_weights: &'a [T],
+    /// `w_G`: the derivative of `L_G` by the scores is `w_G / eps`; the rows apply `1/eps`
+    /// once, last (`first_f_step`), so that `w_G / eps` past T's range is no NaN (`inf · 0`).
+    weights: &'a [T],
 }
 
 impl<T: Real> Reverse<'_, T> {
@@ -250,7 +245,7 @@ impl<T: Real> ReversePass<'_, T> {
             }
             self.h_and_g_steps(row_state, &mut scratch, col_parts);
             for (g, adjoint) in scratch.adjoint.chunks_exact(k).enumerate() {
-                let w = self.reverse.scaled_weights[g];
+                let w = self.reverse.weights[g];
                 for j in 0..k {
                     out_row[j] += w * adjoint[j];
                 }
@@ -275,8 +270,12 @@ impl<T: Real> ReversePass<'_, T> {
                 } else {
                     row_state[g * k + j] * f1[g * k + j]
                 };
-                out_row[j] -= self.reverse.scaled_weights[g] * self.col_adjoint[g * k + j] * a;
+                out_row[j] -= self.reverse.weights[g] * self.col_adjoint[g * k + j] * a;
             }
+        }
+        // The last pass: the row's sum of w_G · (adjoint of L_G), times 1/eps (which fits T).
+        for v in out_row.iter_mut() {
+            *v *= problem.inv_eps;
         }
     }
 
