@@ -171,7 +171,8 @@ def similarity_cases(draw, huge_rows: bool | None = False, tiny_shapes: bool = T
     elif normalize:
         x, y = clip_rows(x, low, high, dtype), clip_rows(y, low, high, dtype)
     else:
-        # Unnormalized: |x|·|y| stays inside the accumulation dtype (test_known_similarity_products_overflow).
+        # Unnormalized: |x|·|y| stays inside the accumulation dtype (the gradients' products too);
+        # test_similarity_unnormalized_rows_past_the_products_range covers larger rows.
         x, y = clip_rows(x, 0.0, high, dtype), clip_rows(y, 0.0, high, dtype)
     sign = draw(st.sampled_from([1.0, -1.0]))
     scale = draw(st.sampled_from([1.0, sign * magnitude(draw, dtype, 0.5)]))
@@ -228,17 +229,29 @@ def test_similarity_normalized_rows_out_of_norm_range(case):
     check_similarity(case, BACKENDS)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open: normalize=False: a dot product whose partial products overflow gives inf/NaN where the exact value is finite"
-)
-def test_known_similarity_unnormalized_products_overflow():
+def test_similarity_unnormalized_products_overflow():
     """normalize=False where single products pass float32 but the exact dot product is 0:
-    [1e20, 1e20]·[1e20, −1e20]. Rust gives inf, torch NaN; the exact value is 0."""
+    [1e20, 1e20]·[1e20, −1e20]. Rust once gave inf, torch NaN; the exact value is 0."""
     x = torch.tensor([[1e20, 1e20]])
     y = torch.tensor([[1e20, -1e20]])
     for backend in BACKENDS:
         got = mmot.similarity(x, y, normalize=False, backend=backend)
         assert_agrees(got, torch.zeros(1, 1, dtype=torch.float64), torch.tensor(tiny(torch.float32)), f"similarity[{backend}]")
+
+
+@fuzz(10)
+@given(similarity_cases(), st.floats(0.5, 1.0))
+def test_similarity_unnormalized_rows_past_the_products_range(case, fraction):
+    """normalize=False with rows up to the dtype's largest values, whose products and partial
+    sums may overflow the accumulation dtype although the dot product does not: ±inf only where
+    the exact value (within its error bound) passes the dtype (the kernels recompute such
+    entries from rows scaled down by powers of two)."""
+    dtype, x, y, _, scale = case
+    top = torch.finfo(dtype).max * fraction / 4
+    x = (x / row_top(x).amax() * top).to(dtype).double()
+    y = (y / row_top(y).amax() * top).to(dtype).double()
+    assume(interpreted_exactly(dtype, x, y))
+    check_similarity((dtype, x, y, False, scale), BACKENDS)
 
 
 @fuzz(8)

@@ -319,12 +319,53 @@ def similarity(x: torch.Tensor, y: torch.Tensor, normalize: bool = True, scale: 
     """scale · x̂ ŷᵀ for x (..., N, D) and y (..., M, D) with broadcast batch dims.
 
     x̂ and ŷ are the rows divided by max(‖row‖₂, 1e-12) when ``normalize``, else x and y.
+    Without normalisation, entries that come out ±inf or NaN from finite rows (a product or a
+    partial sum overflowed: [1e20, 1e20]·[1e20, −1e20] in float32) are recomputed from the rows
+    scaled down by powers of two (:func:`product_steps`), so they are ±inf only where the exact
+    value overflows.
     """
     dtype = compute_dtype(x.dtype)
     xs, ys = x.to(dtype), y.to(dtype)
     if normalize:
         xs, ys = unit_rows(xs), unit_rows(ys)
-    return (scale * (xs @ ys.transpose(-1, -2))).to(x.dtype)
+    out = xs @ ys.transpose(-1, -2)
+    if not normalize and out.numel() and xs.shape[-1] and _products_may_overflow(xs, ys) and not bool(torch.isfinite(out).all()):
+        return torch.where(torch.isfinite(out), scale * out, _stepped_similarity(xs, ys, scale)).to(x.dtype)
+    return (scale * out).to(x.dtype)
+
+
+def _products_may_overflow(xs: torch.Tensor, ys: torch.Tensor) -> bool:
+    """Whether D products of the largest magnitudes of xs and ys could pass the dtype: a host
+    read on CUDA, made only without normalisation (unit rows cannot overflow a product)."""
+    top = xs.detach().abs().amax().double() * ys.detach().abs().amax().double() * xs.shape[-1]
+    return bool(top >= torch.finfo(xs.dtype).max / 2)
+
+
+def product_steps(x: torch.Tensor) -> torch.Tensor:
+    """Per row of x (..., R, D): the exponent s ≥ 0 such that x·2^-s has no entry past 2^h,
+    h = (emax − ⌈log2 D⌉ − 2)/2, so that a dot product of two such rows sums D products below
+    2^(emax−2): none of them, and no partial sum, overflows. 0 for rows already below 2^h."""
+    emax = normal_exponents(x.dtype)[1]
+    h = (emax - math.ceil(math.log2(max(x.shape[-1], 1))) - 2) // 2
+    _, exponent = torch.frexp(x.detach().abs().amax(-1, keepdim=True))
+    return (exponent - h).clamp(min=0)
+
+
+def _ldexp(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """x·2^e in two exact halves (2^e alone may pass the dtype's range where x·2^e does not)."""
+    half = e // 2
+    return torch.ldexp(torch.ldexp(x, half), e - half)
+
+
+def _stepped_similarity(xs: torch.Tensor, ys: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · xs ysᵀ from rows scaled down by :func:`product_steps` and the products scaled
+    back, scale applied where it cannot overflow (or underflow) the partial result first."""
+    sx, sy = product_steps(xs), product_steps(ys)
+    products = _ldexp(xs, -sx) @ _ldexp(ys, -sy).transpose(-1, -2)
+    shift = sx + sy.transpose(-1, -2)
+    if abs(scale) >= 1.0:
+        return scale * _ldexp(products, shift)
+    return _ldexp(scale * products, shift)
 
 
 def info_nce(

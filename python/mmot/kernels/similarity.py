@@ -68,6 +68,74 @@ def _steps(ss, peak, BIG: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _down_steps(peak, half, ACC: tl.constexpr):
+    """Per row, 2^-s with s = max(0, e - half) for peak = f·2^e (f in [0.5, 1)): the row times
+    it has no entry past 2^half (a normal power of two: exact)."""
+    if ACC == tl.float64:
+        e = ((peak.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1022
+        s = tl.maximum(e - half, 0)
+        return ((1023 - s) << 52).to(tl.float64, bitcast=True)
+    else:
+        e = ((peak.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+        s = tl.maximum(e - half, 0)
+        return ((127 - s) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _stepped_tile(
+    X,
+    Y,
+    offs_n,
+    offs_m,
+    nmask,
+    mmask,
+    D,
+    sxn,
+    sxd,
+    sym,
+    syd,
+    sc,
+    half,
+    CAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """sc · x yᵀ of one tile without normalisation, from rows times their down-steps (no
+    product or partial sum of D terms below 2^half each can overflow), scaled back row by row
+    and column by column, with sc first where it is below 1 (so the partial result neither
+    overflows nor underflows where the result does not)."""
+    pkx = tl.zeros([BLOCK_N], ACC)
+    pky = tl.zeros([BLOCK_M], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        xt = tl.load(X + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=nmask[:, None] & dmask[None, :], other=0.0)
+        yt = tl.load(Y + offs_m[:, None] * sym + offs_d[None, :] * syd, mask=mmask[:, None] & dmask[None, :], other=0.0)
+        pkx = tl.maximum(pkx, tl.max(tl.abs(xt.to(ACC)), axis=1))
+        pky = tl.maximum(pky, tl.max(tl.abs(yt.to(ACC)), axis=1))
+    stx = _down_steps(pkx, half, ACC)
+    sty = _down_steps(pky, half, ACC)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        xt = tl.load(X + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=nmask[:, None] & dmask[None, :], other=0.0)
+        yt = tl.load(Y + offs_m[:, None] * sym + offs_d[None, :] * syd, mask=mmask[:, None] & dmask[None, :], other=0.0)
+        xf = xt.to(ACC) * stx[:, None]
+        yf = yt.to(ACC) * sty[:, None]
+        if CAST:
+            acc += tl.dot(xf, tl.trans(yf), input_precision=PRECISION, out_dtype=ACC)
+        else:
+            acc += tl.dot(xf.to(xt.dtype), tl.trans(yf.to(yt.dtype)), input_precision=PRECISION, out_dtype=ACC)
+    acc = tl.where(tl.abs(sc) < 1.0, acc * sc, acc)
+    acc = (acc * (1.0 / stx)[:, None]) * (1.0 / sty)[None, :]
+    return tl.where(tl.abs(sc) < 1.0, acc, acc * sc)
+
+
+@triton.jit
 def _similarity_fwd_kernel(
     X,
     Y,
@@ -78,6 +146,7 @@ def _similarity_fwd_kernel(
     M,
     D,
     scale: tl.float64,
+    half,
     sxb,
     sxn,
     sxd,
@@ -149,7 +218,17 @@ def _similarity_fwd_kernel(
             floor_y = 1e-12 * sty
         acc = acc * (1.0 / tl.maximum(tl.sqrt(ssx), floor_x))[:, None]
         acc = acc * (1.0 / tl.maximum(tl.sqrt(ssy), floor_y))[None, :]
-    out = acc * scalar(scale, ACC)
+        out = acc * scalar(scale, ACC)
+    else:
+        out = acc * scalar(scale, ACC)
+        bad = (tl.abs(acc) == float("inf")).to(tl.int32) + (acc != acc).to(tl.int32)
+        if tl.sum(tl.sum(bad, axis=1), axis=0) > 0:
+            # A product or partial sum overflowed: the tile again from rows scaled down by
+            # powers of two (exact) so that none can, the result scaled back and scale last.
+            sc = scalar(scale, ACC)
+            out = _stepped_tile(
+                X, Y, offs_n, offs_m, nmask, mmask, D, sxn, sxd, sym, syd, sc, half, CAST, PRECISION, BLOCK_N, BLOCK_M, BLOCK_D, ACC
+            )
     ptrs = OUT + b.to(tl.int64) * N * M + offs_n[:, None] * M + offs_m[None, :]
     tl.store(ptrs, out.to(OUT.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
@@ -330,6 +409,7 @@ def forward(x: torch.Tensor, y: torch.Tensor, normalize: bool, scale: float) -> 
         M,
         D,
         scale,
+        _half_exponent(acc, D),
         *xs.stride(),
         *ys.stride(),
         NORMALIZE=normalize,
@@ -344,6 +424,13 @@ def forward(x: torch.Tensor, y: torch.Tensor, normalize: bool, scale: float) -> 
         maxnreg=_common.MAX_REGISTERS,
     )
     return out.view(tuple(ob) + (N, M))
+
+
+def _half_exponent(acc: torch.dtype, d: int) -> int:
+    """h = (emax − ⌈log2 D⌉ − 2) // 2: rows with no entry past 2^h have dot products of D terms
+    whose products and partial sums stay below 2^(emax − 2) (``reference.product_steps``)."""
+    emax = math.frexp(torch.finfo(acc).max)[1] - 1
+    return (emax - math.ceil(math.log2(max(d, 1))) - 2) // 2
 
 
 def _big(acc: torch.dtype) -> float:

@@ -118,9 +118,76 @@ pub fn similarity<T: Real>(
                     d,
                     sc,
                 );
+                if !params.normalize {
+                    redo_overflowed(&xs[i0 * d..(i0 + rows) * d], ys, tile, d, params.scale);
+                }
             });
     });
     stop.check()
+}
+
+/// Without normalisation, the entries of a tile that came out ±inf or NaN (a product or a
+/// partial sum overflowed: `[1e20, 1e20]·[1e20, −1e20]` in f32) are recomputed by
+/// [`stepped_dot`], so they are ±inf only where the exact value overflows. Unit rows cannot
+/// overflow a product, so the normalised path needs no such pass.
+fn redo_overflowed<T: Real>(xs: &[T], ys: &[T], tile: &mut [T], d: usize, scale: f64) {
+    if d == 0 || all_finite(tile) {
+        return;
+    }
+    let m = ys.len() / d;
+    for (x, row) in xs.chunks_exact(d).zip(tile.chunks_exact_mut(m)) {
+        for (y, v) in ys.chunks_exact(d).zip(row.iter_mut()) {
+            if !v.to_f64().is_finite() {
+                *v = T::from_f64(stepped_dot(x, y, scale));
+            }
+        }
+    }
+}
+
+/// Whether every value is finite: `v · 0` is 0 for finite `v` and NaN otherwise, summed in
+/// independent lanes so that the scan vectorises (a small fraction of the GEMM's time).
+#[allow(clippy::needless_range_loop)]
+fn all_finite<T: Real>(values: &[T]) -> bool {
+    const LANES: usize = 16;
+    let mut probe = [T::ZERO; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            probe[l] += c[l] * T::ZERO;
+        }
+    }
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(T::ZERO, |a, v| a + *v * T::ZERO);
+    probe.iter().fold(rest, |a, v| a + *v) == T::ZERO
+}
+
+/// `scale · x·y` in f64 from the rows scaled down by powers of two (exact) so that no entry
+/// passes 2^h, h = (1021 − ⌈log2 D⌉)/2: no product of two entries nor any partial sum of D of
+/// them overflows. f32 rows never need a step (their products fit f64). The sum is scaled back
+/// with `scale` first where it is below 1, so the partial result overflows only where the
+/// result does.
+fn stepped_dot<T: Real>(x: &[T], y: &[T], scale: f64) -> f64 {
+    let h = ((1021.0 - (x.len() as f64).log2().ceil()) / 2.0).floor();
+    // A row of zeros or a NaN gives no step (f64::max ignores NaN); inf gives an inf step, NaN out.
+    let step = |r: &[T]| {
+        let top = r.iter().fold(0.0f64, |a, v| a.max(v.to_f64().abs()));
+        (top.log2().floor() + 1.0 - h).max(0.0) as i32
+    };
+    let (sx, sy) = (step(x), step(y));
+    let (fx, fy) = (2f64.powi(-sx), 2f64.powi(-sy));
+    let sum: f64 = x
+        .iter()
+        .zip(y)
+        .map(|(a, b)| (a.to_f64() * fx) * (b.to_f64() * fy))
+        .sum();
+    let back = |v: f64| v * 2f64.powi(sx) * 2f64.powi(sy);
+    if scale.abs() < 1.0 {
+        back(sum * scale)
+    } else {
+        back(sum) * scale
+    }
 }
 
 /// The (scale-safe) rows and inverse row norms of `x` and `y` (ones without `normalize`), or
@@ -378,5 +445,62 @@ fn finish_rows<T: Real>(
         for p in 0..d {
             u[p] = (u[p] - xr[p] * f * proj) * iv * sc;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `scale · x yᵀ` without normalisation for one problem of each.
+    fn raw<T: Real>(x: &[T], y: &[T], d: usize, scale: f64) -> Vec<T> {
+        let (n, m) = (x.len() / d, y.len() / d);
+        let mut out = vec![T::ZERO; n * m];
+        let input = SimilarityInput {
+            x,
+            y,
+            x_index: &[0],
+            y_index: &[0],
+        };
+        let dims = SimilarityDims {
+            x_problems: 1,
+            x_rows: n,
+            y_problems: 1,
+            y_rows: m,
+            features: d,
+        };
+        let params = SimilarityParams {
+            normalize: false,
+            scale,
+            check_finite: true,
+        };
+        similarity(input, &mut out, dims, &params).unwrap();
+        out
+    }
+
+    #[test]
+    fn unnormalized_products_past_the_range_are_recomputed() {
+        // [1e20, 1e20]·[1e20, −1e20] = 0 exactly, although each product overflows f32; the
+        // second row's exact value 6e40 overflows f32 and stays inf.
+        let x = [1e20f32, 1e20, 3e20, 1e20];
+        let y = [1e20f32, -1e20];
+        assert_eq!(raw(&x, &y, 2, 1.0), vec![0.0, 2e40f64 as f32]);
+        // (3e40 − 6e20)·1e-10 = 3e30 fits f32 although its first product does not.
+        let got = raw(&[3e20f32, 2.0], &[1e20f32, -3e20], 2, 1e-10);
+        let want = (3e20f32 as f64 * 1e20f32 as f64 - 6e20) * 1e-10;
+        assert!(
+            (got[0] as f64 - want).abs() <= 1e-7 * want,
+            "{} vs {want}",
+            got[0]
+        );
+        // f64 rows of 1e200: stepped, then scaled back (scale below 1 first).
+        let x = [1e200f64, 1e200, 1.5e200, -1e200];
+        let y = [1e200f64, -0.5e200];
+        let got = raw(&x, &y, 2, 1e-300);
+        let want = [0.5e100, 2e100];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-15 * w, "{g} vs {w}");
+        }
+        assert_eq!(raw(&x, &y, 2, 1.0), vec![f64::INFINITY, f64::INFINITY]);
     }
 }
