@@ -86,3 +86,13 @@ def softplus_anchor_consistency(sim, target, temperature):
     """BCE-with-logits of z = exp(sim / temperature) written out: softplus(z) - t z, averaged over every entry."""
     z = torch.exp(sim / temperature)
     return (torch.log1p(torch.exp(-z)) + z - target * z).mean()
+
+
+def materialized_brownian_bridge(a, b, mid, t, sigma=1.0, normalize=True):
+    """Per-row losses from the literal (N, N, D) bridge points: no expansion of the squared distance."""
+    if normalize:
+        a, b, mid = F.normalize(a, dim=-1), F.normalize(b, dim=-1), F.normalize(mid, dim=-1)
+    t = torch.as_tensor(t, dtype=a.dtype).expand(a.shape[0])
+    points = (1 - t)[:, None, None] * a[None, :, :] + t[:, None, None] * b[None, :, :]  # [i, j] = bridge j at t_i
+    logits = -((mid[:, None, :] - points) ** 2).sum(-1) / (2 * sigma**2 * t * (1 - t))[:, None]
+    return F.cross_entropy(logits, torch.arange(a.shape[0]), reduction="none")

@@ -8,6 +8,7 @@ fallback.
 from mmot import nn
 from mmot._checks import set_checks
 from mmot.ops.anchor_consistency import anchor_consistency_loss
+from mmot.ops.brownian_bridge import brownian_bridge_loss
 from mmot.ops.info_nce import info_nce
 from mmot.ops.multi_sinkhorn import multi_sinkhorn
 from mmot.ops.similarity import similarity
@@ -23,6 +24,7 @@ except Exception:  # running from a source tree without installed metadata
 __all__ = [
     "__version__",
     "anchor_consistency_loss",
+    "brownian_bridge_loss",
     "info_nce",
     "multi_sinkhorn",
     "nn",
