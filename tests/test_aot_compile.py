@@ -23,7 +23,7 @@ pytestmark = needs_triton
 
 KERNEL_MODULES = ("sinkhorn", "multi_sinkhorn", "similarity", "info_nce", "anchor_consistency")
 # Float scalars each kernel takes, which must reach it as fp64 (docs/architecture.md, scalars).
-SCALARS = {"inv_eps", "scale", "inv_tau"}
+SCALARS = {"inv_eps", "scale", "inv_tau", "tiny"}
 
 
 def compiler_env() -> dict:

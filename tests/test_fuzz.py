@@ -231,12 +231,18 @@ def test_similarity_normalized_rows_out_of_norm_range(case):
 
 def test_similarity_unnormalized_products_overflow():
     """normalize=False where single products pass float32 but the exact dot product is 0:
-    [1e20, 1e20]·[1e20, −1e20]. Rust once gave inf, torch NaN; the exact value is 0."""
+    [1e20, 1e20]·[1e20, −1e20]. Rust once gave inf, torch NaN; the exact value is 0. The answer
+    must be finite and within a float32 dot product's error bound D·eps·Σ|x_i·y_i| (a fused
+    multiply-add, as numpy's matmul under the Triton interpreter and GPU tensor cores use,
+    leaves the rounding error of one product instead of 0)."""
     x = torch.tensor([[1e20, 1e20]])
     y = torch.tensor([[1e20, -1e20]])
+    bound = x.shape[-1] * torch.finfo(torch.float32).eps * (x.double().abs() @ y.double().abs().T)
+    assert bound.item() < 1e-4 * torch.finfo(torch.float32).max  # the exact answer is far inside the range
     for backend in BACKENDS:
         got = mmot.similarity(x, y, normalize=False, backend=backend)
-        assert_agrees(got, torch.zeros(1, 1, dtype=torch.float64), torch.tensor(tiny(torch.float32)), f"similarity[{backend}]")
+        assert torch.isfinite(got).all(), f"similarity[{backend}]: {got}"
+        assert_agrees(got, torch.zeros(1, 1, dtype=torch.float64), bound, f"similarity[{backend}]")
 
 
 @fuzz(10)
