@@ -47,6 +47,11 @@ SAMPLE_ARGS: dict[str, Callable[[], tuple]] = {
     ),
     "anchor_consistency_forward": lambda: (_f64(3), _f64(3), 0.1, 1),
     "anchor_consistency_backward": lambda: (1.0, _f64(3), _f64(3), _f64(3), 0.1, 1),
+    "brownian_bridge_forward": lambda: (_f64(2, 3), _f64(2, 3), _f64(2, 3), _f64(2), _f64(2), _f64(2), _f64(2), True, 1),
+    "brownian_bridge_backward": lambda: (
+        *(_f64(2), _f64(2, 3), _f64(2, 3), _f64(2, 3), _f64(2), _f64(2), _f64(2), _f64(2, 3), _f64(2, 3), _f64(2, 3)),
+        *(True, 1),
+    ),
 }
 
 RETURN_TYPES = {"bool": bool, "float": float, "int": int, "str": str, "None": type(None)}

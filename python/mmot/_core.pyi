@@ -23,6 +23,8 @@ __all__ = [
     "info_nce_backward",
     "anchor_consistency_forward",
     "anchor_consistency_backward",
+    "brownian_bridge_forward",
+    "brownian_bridge_backward",
 ]
 
 __version__: str
@@ -162,3 +164,33 @@ def anchor_consistency_backward(
     num_threads: int,
 ) -> None:
     """The gradient of ``grad * anchor_consistency_forward`` w.r.t. ``sim`` into ``out``."""
+
+def brownian_bridge_forward(
+    a: npt.NDArray[np.floating],
+    b: npt.NDArray[np.floating],
+    mid: npt.NDArray[np.floating],
+    t: npt.NDArray[np.floating],
+    scale: npt.NDArray[np.floating],
+    loss: npt.NDArray[np.floating],
+    lse: npt.NDArray[np.floating],
+    normalize: bool,
+    num_threads: int,
+    check_finite: bool = False,
+) -> None:
+    """Per-row Brownian-bridge losses of ``mid`` against ``a``→``b`` [N, D] into ``loss``, and the log-sum-exps [N]."""
+
+def brownian_bridge_backward(
+    grad: npt.NDArray[np.floating],
+    a: npt.NDArray[np.floating],
+    b: npt.NDArray[np.floating],
+    mid: npt.NDArray[np.floating],
+    t: npt.NDArray[np.floating],
+    scale: npt.NDArray[np.floating],
+    lse: npt.NDArray[np.floating],
+    grad_a: npt.NDArray[np.floating],
+    grad_b: npt.NDArray[np.floating],
+    grad_mid: npt.NDArray[np.floating],
+    normalize: bool,
+    num_threads: int,
+) -> None:
+    """The gradients of ``sum(grad * loss)`` w.r.t. ``a``, ``b`` and ``mid`` into ``grad_a``, ``grad_b``, ``grad_mid``."""

@@ -14,11 +14,12 @@ What gets compiled is whatever those launchers then ask Triton for.
 * ``multi_sinkhorn``: the same, for 1, 2 and 3 slot groups, with and without min-max;
 * ``similarity``: every combination of row, column and feature tile sizes, normalised or not;
 * ``info_nce``: feature sizes up to 4096, symmetric or not;
+* ``brownian_bridge_loss``: feature sizes up to 1024;
 * ``anchor_consistency_loss``: both block sizes;
 * every op at the sizes of the benchmark workloads.
 
-**Sample** (the default, what CI compiles on every run): all of ``similarity``, ``info_nce`` and
-``anchor_consistency_loss`` (about 560 builds per architecture, a few minutes), and of the two
+**Sample** (the default, what CI compiles on every run): all of ``similarity``, ``info_nce``,
+``brownian_bridge_loss`` and ``anchor_consistency_loss`` (about 560 builds per architecture, a few minutes), and of the two
 Sinkhorn ops (about 2800): for float32 and float64 the full tiles at the narrowest and widest
 ``BLOCK_K`` in both launch structures with every flag, and every dtype at the benchmark sizes.
 The Sinkhorn kernels' warp count follows the tile's elements (``_common.num_warps``), so a
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from mmot import reference
-from mmot.kernels import _common, anchor_consistency, info_nce, multi_sinkhorn, similarity, sinkhorn
+from mmot.kernels import _common, anchor_consistency, brownian_bridge, info_nce, multi_sinkhorn, similarity, sinkhorn
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 WIDE = (torch.float32, torch.float64)
@@ -117,6 +118,16 @@ def _info_nce(dtype: torch.dtype, n: int, d: int, symmetric: bool) -> Callable[[
     return run
 
 
+def _brownian_bridge(dtype: torch.dtype, n: int, d: int) -> Callable[[], None]:
+    def run() -> None:
+        a = _empty(n, d, dtype=dtype)
+        t = _empty(n, dtype=_common.acc_dtype(dtype))
+        loss, lse = brownian_bridge.forward(a, a, a, t, t, True)
+        brownian_bridge.backward(torch.empty_like(loss), a, a, a, t, t, lse, True)
+
+    return run
+
+
 def _anchor_consistency(dtype: torch.dtype, n: int, k: int) -> Callable[[], None]:
     def run() -> None:
         sim = _empty(n, k, dtype=dtype)
@@ -184,6 +195,14 @@ def _info_nce_calls() -> Iterator[Call]:
             yield Call("info_nce", f"{_name(dtype)} bench N={n} D={d}", _info_nce(dtype, n, d, True), True)
 
 
+def _brownian_bridge_calls() -> Iterator[Call]:
+    for dtype in DTYPES:
+        # Feature sizes whose 2D concatenated features fill one backward feature tile or several.
+        for d in (3, 64, 128, 256, 1024):
+            yield Call("brownian_bridge", f"{_name(dtype)} N=1000 D={d}", _brownian_bridge(dtype, 1000, d), True)
+        yield Call("brownian_bridge", f"{_name(dtype)} bench N=4096 D=256", _brownian_bridge(dtype, 4096, 256), True)
+
+
 def _anchor_consistency_calls() -> Iterator[Call]:
     for dtype in DTYPES:
         for n, k in ((100, 64), (7660, 1024)):  # block sizes 1024 and 2048
@@ -196,5 +215,6 @@ def every_call() -> list[Call]:
         *_multi_sinkhorn_calls(),
         *_similarity_calls(),
         *_info_nce_calls(),
+        *_brownian_bridge_calls(),
         *_anchor_consistency_calls(),
     ]

@@ -40,6 +40,7 @@ Either way no host synchronisation happens inside an op: every decision is made 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -183,3 +184,29 @@ def programs_per_problem(n_problems: int, n_rows: int, block_n: int, work: int, 
     if n_problems >= sms:
         return 1
     return max(1, min(tiles, (2 * sms) // n_problems))
+
+
+# Rows below this norm are divided by it instead (as F.normalize's eps).
+NORM_EPS = 1e-12
+
+
+def unit_rows(x: torch.Tensor):
+    """(x̂, 1/max(‖x‖, 1e-12), whether ‖x‖ < 1e-12) row-wise, scale-safe: each row is first
+    multiplied by the power of two at its largest magnitude (exact), so that its sum of squares
+    neither overflows (rows past ~1.8e19 in float32) nor underflows."""
+    info = torch.finfo(x.dtype)
+    lo, hi = math.frexp(info.tiny)[1] - 1, math.frexp(info.max)[1] - 1  # the normal powers of two
+    _, exponent = torch.frexp(x.abs().amax(-1, keepdim=True))
+    step = torch.ldexp(torch.ones_like(x[:, :1]), (-exponent).clamp(lo, hi))
+    scaled = x * step
+    norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+    floor = NORM_EPS * step
+    bounded = torch.maximum(norm, floor)
+    return scaled / bounded, step / bounded, norm < floor
+
+
+def through_normalize(unit: torch.Tensor, recip: torch.Tensor, floored: torch.Tensor, grad_unit: torch.Tensor) -> torch.Tensor:
+    """∂raw from ∂unit for unit = raw / max(‖raw‖, eps) (as F.normalize's gradient), from the
+    unit rows and 1/max(‖raw‖, eps): no product sees the raw magnitude."""
+    projected = grad_unit - unit * (unit * grad_unit).sum(-1, keepdim=True)
+    return torch.where(floored, grad_unit, projected) * recip

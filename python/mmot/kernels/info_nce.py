@@ -21,16 +21,12 @@ products use IEEE precision (not TF32), since logits are divided by τ as small 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from mmot.kernels import _common
 from mmot.kernels._common import NEG_INF, scalar
-
-NORM_EPS = 1e-12
 
 
 @triton.jit
@@ -146,27 +142,12 @@ class _Tiles:
         self.warps = 8
 
 
-def _unit_rows(x: torch.Tensor):
-    """(x̂, 1/max(‖x‖, 1e-12), whether ‖x‖ < 1e-12) row-wise, scale-safe: each row is first
-    multiplied by the power of two at its largest magnitude (exact), so that its sum of squares
-    neither overflows (rows past ~1.8e19 in float32) nor underflows."""
-    info = torch.finfo(x.dtype)
-    lo, hi = math.frexp(info.tiny)[1] - 1, math.frexp(info.max)[1] - 1  # the normal powers of two
-    _, exponent = torch.frexp(x.abs().amax(-1, keepdim=True))
-    step = torch.ldexp(torch.ones_like(x[:, :1]), (-exponent).clamp(lo, hi))
-    scaled = x * step
-    norm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
-    floor = NORM_EPS * step
-    bounded = torch.maximum(norm, floor)
-    return scaled / bounded, step / bounded, norm < floor
-
-
 def _prepare(a: torch.Tensor, b: torch.Tensor, normalize: bool):
     dtype = _common.acc_dtype(a.dtype)
     x, y = a.to(dtype).contiguous(), b.to(dtype).contiguous()
     if not normalize:
         return (x, None), (y, None)
-    (x, *rx), (y, *ry) = _unit_rows(x), _unit_rows(y)
+    (x, *rx), (y, *ry) = _common.unit_rows(x), _common.unit_rows(y)
     return (x.contiguous(), rx), (y.contiguous(), ry)
 
 
@@ -237,13 +218,6 @@ def _grad(x, y, w, g, lse_x, lse_y, scale, own, other):
     return out
 
 
-def _through_normalize(unit: torch.Tensor, recip: torch.Tensor, floored: torch.Tensor, grad_unit: torch.Tensor) -> torch.Tensor:
-    """∂raw from ∂unit for unit = raw / max(‖raw‖, eps) (as F.normalize's gradient), from the
-    unit rows and 1/max(‖raw‖, eps): no product sees the raw magnitude."""
-    projected = grad_unit - unit * (unit * grad_unit).sum(-1, keepdim=True)
-    return torch.where(floored, grad_unit, projected) * recip
-
-
 def backward(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize):
     """Gradients for a and b of Σ grad · loss, recomputing the logit tiles."""
     (x, rx), (y, ry) = _prepare(a, b, normalize)
@@ -256,6 +230,6 @@ def backward(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normaliz
     grad_x = _grad(x, y, w, g, la, lb, scale, True, symmetric)
     grad_y = _grad(y, x, w, g, lb, la, scale, symmetric, True)
     if normalize:
-        grad_x = _through_normalize(x, *rx, grad_x)
-        grad_y = _through_normalize(y, *ry, grad_y)
+        grad_x = _common.through_normalize(x, *rx, grad_x)
+        grad_y = _common.through_normalize(y, *ry, grad_y)
     return [(grad_x * scale).to(a.dtype), (grad_y * scale).to(b.dtype)]

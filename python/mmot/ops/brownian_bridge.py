@@ -14,7 +14,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from mmot import _backend, _checks, reference
+from mmot import _backend, _checks, _rust, reference
 from mmot.ops._kernels import Kernels, triton_entry
 from mmot.reverse import brownian_bridge as reverse
 
@@ -186,16 +186,42 @@ def _forward_torch(a, b, mid, t, scale, normalize):
     return (lse - torch.diagonal(logits)).to(a.dtype), lse
 
 
+def _forward_rust(a, b, mid, t, scale, normalize):
+    n, dtype = a.shape[0], reference.compute_dtype(a.dtype)
+    loss, lse = _rust.run(
+        OP,
+        "brownian_bridge_forward",
+        dtype,
+        [a, b, mid, t, scale],
+        [(n,), (n,)],
+        [normalize],
+        checks=_checks.value_checks_enabled(),
+    )
+    return loss.to(a.dtype), lse
+
+
+def _backward_rust(grad, a, b, mid, t, scale, lse, normalize):
+    grad_a, grad_b, grad_mid = _rust.run(
+        OP,
+        "brownian_bridge_backward",
+        reference.compute_dtype(a.dtype),
+        [grad, a, b, mid, t, scale, lse],
+        [a.shape, b.shape, mid.shape],
+        [normalize],
+    )
+    return [grad_a.to(a.dtype), grad_b.to(b.dtype), grad_mid.to(mid.dtype)]
+
+
 _FORWARD = Kernels(
     torch=_forward_torch,
-    rust=_forward_torch,
+    rust=_forward_rust,
     triton=triton_entry(KERNELS, "forward"),
     empty=lambda a, *_: a.numel() == 0,
     check=_check,
 )
 _BACKWARD = Kernels(
     torch=reverse.backward,
-    rust=reverse.backward,
+    rust=_backward_rust,
     triton=triton_entry(KERNELS, "backward"),
     empty=lambda grad, a, *_: a.numel() == 0,
 )

@@ -30,7 +30,7 @@
 //! results do not depend on the thread count.
 
 use crate::error::{check_len, not_finite, MmotError, Result};
-use crate::exec::row_norms::{unit_rows, UnitRows, NORM_EPS};
+use crate::exec::row_norms::{unit_rows, UnitRows};
 use crate::interrupt::Interrupt;
 use crate::simd::gemm::{gemm, MatrixRef};
 use crate::simd::{dispatch, dot, sum, Real, LANES};
@@ -210,8 +210,8 @@ pub fn info_nce_backward<T: Real>(
         grad_b,
     );
     stop.check()?;
-    finish_rows(&ua, d, scale, params.normalize, grad_a);
-    finish_rows(&ub, d, scale, params.normalize, grad_b);
+    ua.finish_gradient(d, scale, params.normalize, grad_a);
+    ub.finish_gradient(d, scale, params.normalize, grad_b);
     Ok(())
 }
 
@@ -547,47 +547,6 @@ fn backward_tiles<T: Real>(
             },
         );
     }
-}
-
-/// From the raw gradient Σ_j C[i,j] y_j to the gradient of the input rows: through the
-/// normalisation x̂ = x / ‖x‖ when `normalize` (`rows` as the kernels read them, x̂ = unit ·
-/// row), then times `scale`, last, so that only a gradient beyond the dtype overflows.
-fn finish_rows<T: Real>(
-    rows: &UnitRows<'_, T>,
-    d: usize,
-    scale: T,
-    normalize: bool,
-    out: &mut [T],
-) {
-    if d == 0 {
-        return;
-    }
-    let tiny = T::from_f64(NORM_EPS);
-    let (x, unit, ix) = (&*rows.rows, &rows.unit, rows.inv());
-    out.par_chunks_mut(RB * d).enumerate().for_each(|(c, acc)| {
-        for (r, gr) in acc.chunks_exact_mut(d).enumerate() {
-            let i = c * RB + r;
-            if !normalize {
-                for v in gr.iter_mut() {
-                    *v *= scale;
-                }
-                continue;
-            }
-            let inv = ix[i];
-            if T::ONE / inv >= tiny {
-                // x̂ = x / ‖x‖: ∂x = (∂x̂ − x̂ (x̂·∂x̂)) / ‖x‖
-                let (xr, w) = (&x[i * d..(i + 1) * d], unit[i]);
-                let proj = dot(xr, gr) * w;
-                for (v, xv) in gr.iter_mut().zip(xr) {
-                    *v = (*v - *xv * w * proj) * inv * scale;
-                }
-            } else {
-                for v in gr.iter_mut() {
-                    *v = *v * inv * scale;
-                }
-            }
-        }
-    });
 }
 
 /// `tile[r*TC + q] = x_r · y_q` for `rows` rows of `xs` and `cols` rows of `ys` (both `[·, d]`):

@@ -14,7 +14,7 @@
 //!   in SIMD lanes;
 //! - the kernels, one module each: [`sinkhorn`](mod@sinkhorn),
 //!   [`multi_sinkhorn`](mod@multi_sinkhorn), [`similarity`](mod@similarity), [`info_nce`],
-//!   [`anchor_consistency`].
+//!   [`anchor_consistency`], [`brownian_bridge`].
 //!
 //! `cargo bench -p mmot-core --bench kernels` times them at the sizes that matter (see
 //! `benches/kernels.rs`).
@@ -27,6 +27,7 @@ pub mod interrupt;
 pub mod simd;
 
 pub mod anchor_consistency;
+pub mod brownian_bridge;
 pub mod info_nce;
 pub mod multi_sinkhorn;
 pub mod similarity;
@@ -34,6 +35,9 @@ pub mod sinkhorn;
 
 pub use anchor_consistency::{
     anchor_consistency_backward, anchor_consistency_forward, AnchorConsistencyParams,
+};
+pub use brownian_bridge::{
+    brownian_bridge_backward, brownian_bridge_forward, BrownianBridgeInput, BrownianBridgeParams,
 };
 pub use dims::Dims;
 pub use domain::LogDomain;

@@ -10,6 +10,7 @@
 
 mod anchor_consistency;
 mod arrays;
+mod brownian_bridge;
 mod info_nce;
 mod interrupt;
 mod multi_sinkhorn;
@@ -49,5 +50,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     similarity::register(m)?;
     info_nce::register(m)?;
     anchor_consistency::register(m)?;
+    brownian_bridge::register(m)?;
     Ok(())
 }

@@ -35,6 +35,44 @@ impl<T: Real> UnitRows<'_, T> {
     pub(crate) fn inv(&self) -> &[T] {
         &self.recip
     }
+
+    /// From the raw gradient with respect to the unit rows (Σ_j C[i,j] y_j) to the gradient of
+    /// the input rows: through the normalisation x̂ = x / ‖x‖ when `normalize` (x̂ = unit · row,
+    /// the rows as the kernels read them), then times `scale`, last, so that only a gradient
+    /// beyond the dtype overflows.
+    pub(crate) fn finish_gradient(&self, d: usize, scale: T, normalize: bool, out: &mut [T]) {
+        if d == 0 {
+            return;
+        }
+        let tiny = T::from_f64(NORM_EPS);
+        let (x, unit, ix) = (&*self.rows, &self.unit, self.inv());
+        out.par_chunks_mut(TASK_ROWS * d)
+            .enumerate()
+            .for_each(|(c, acc)| {
+                for (r, gr) in acc.chunks_exact_mut(d).enumerate() {
+                    let i = c * TASK_ROWS + r;
+                    if !normalize {
+                        for v in gr.iter_mut() {
+                            *v *= scale;
+                        }
+                        continue;
+                    }
+                    let inv = ix[i];
+                    if T::ONE / inv >= tiny {
+                        // x̂ = x / ‖x‖: ∂x = (∂x̂ − x̂ (x̂·∂x̂)) / ‖x‖
+                        let (xr, w) = (&x[i * d..(i + 1) * d], unit[i]);
+                        let proj = dot(xr, gr) * w;
+                        for (v, xv) in gr.iter_mut().zip(xr) {
+                            *v = (*v - *xv * w * proj) * inv * scale;
+                        }
+                    } else {
+                        for v in gr.iter_mut() {
+                            *v = *v * inv * scale;
+                        }
+                    }
+                }
+            });
+    }
 }
 
 /// [`UnitRows`] of the `rows` rows of `d` values in `a` (the rows as they are, factors 1,
