@@ -176,8 +176,10 @@ def test_opcheck(native_backend):
     a, b, mid = triples(6, 5, 9)
     t = times(6, 9)
     scale = reference.bridge_scale(t, 0.7, torch.float64)
-    torch.library.opcheck(brownian_bridge_op, (a, b, mid, t, scale, True, native_backend))
-    torch.library.opcheck(brownian_bridge_op, (a, b, mid, t, scale, False, native_backend))
+    torch.library.opcheck(brownian_bridge_op, (a, b, mid, t, scale, True, False, native_backend))
+    one = torch.full_like(t, 0.4)
+    scale_one = reference.bridge_scale(one, 0.7, torch.float64)
+    torch.library.opcheck(brownian_bridge_op, (a, b, mid, one, scale_one, False, True, native_backend))
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -204,11 +206,13 @@ def test_compile_fullgraph_with_changing_sizes(native_backend, dynamic):
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_rust_several_tiles_float64(normalize):
+@pytest.mark.parametrize("uniform", [True, False])
+def test_rust_several_tiles_float64(normalize, uniform):
     """N = 530 spans three 256-row tiles (a ragged last one): the forward's column tiles and the
-    wavefront backward's blocks and column sums."""
+    wavefront backward's blocks and column sums, with one time for every row (the bridge points
+    formed once) or a time per row."""
     a, b, mid = triples(530, 9, 16)
-    t = times(530, 16)
+    t = torch.full((530,), 0.35, dtype=torch.float64) if uniform else times(530, 16)
     want = reference.brownian_bridge_loss(a, b, mid, t, 0.6, normalize)
     got = mmot.brownian_bridge_loss(a, b, mid, t, sigma=0.6, normalize=normalize, reduction="none", backend="rust")
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -240,11 +244,13 @@ def test_rust_is_deterministic_across_thread_counts(tmp_path):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_triton_forward_and_backward(dtype, normalize):
+@pytest.mark.parametrize("uniform", [True, False])
+def test_triton_forward_and_backward(dtype, normalize, uniform):
     """21 rows and 37 features: two row tiles, and three feature chunks in the products and the
-    backward's output split (16 each under the interpreter)."""
+    backward's output split (16 each under the interpreter); one time for every row (the bridge
+    points formed once, products D wide) or a time per row (products 2D wide)."""
     a, b, mid = triples(21, 37, 14, dtype)
-    t = times(21, 14, dtype)
+    t = 0.35 if uniform else times(21, 14, dtype)
     sigma = 1.0 if normalize else 6.0  # raw rows of 37 features: logits of a similar size
     got = mmot.brownian_bridge_loss(a, b, mid, t, sigma=sigma, normalize=normalize, reduction="none", backend="triton")
     want = mmot.brownian_bridge_loss(a, b, mid, t, sigma=sigma, normalize=normalize, reduction="none", backend="torch")

@@ -118,12 +118,12 @@ def _info_nce(dtype: torch.dtype, n: int, d: int, symmetric: bool) -> Callable[[
     return run
 
 
-def _brownian_bridge(dtype: torch.dtype, n: int, d: int) -> Callable[[], None]:
+def _brownian_bridge(dtype: torch.dtype, n: int, d: int, uniform: bool) -> Callable[[], None]:
     def run() -> None:
         a = _empty(n, d, dtype=dtype)
         t = _empty(n, dtype=_common.acc_dtype(dtype))
-        loss, lse = brownian_bridge.forward(a, a, a, t, t, True)
-        brownian_bridge.backward(torch.empty_like(loss), a, a, a, t, t, lse, True)
+        loss, lse = brownian_bridge.forward(a, a, a, t, t, True, uniform)
+        brownian_bridge.backward(torch.empty_like(loss), a, a, a, t, t, lse, True, uniform)
 
     return run
 
@@ -199,8 +199,10 @@ def _brownian_bridge_calls() -> Iterator[Call]:
     for dtype in DTYPES:
         # Feature sizes whose 2D concatenated features fill one backward feature tile or several.
         for d in (3, 64, 128, 256, 1024):
-            yield Call("brownian_bridge", f"{_name(dtype)} N=1000 D={d}", _brownian_bridge(dtype, 1000, d), True)
-        yield Call("brownian_bridge", f"{_name(dtype)} bench N=4096 D=256", _brownian_bridge(dtype, 4096, 256), True)
+            for uniform in (True, False):
+                label = f"{_name(dtype)} N=1000 D={d} uniform={uniform}"
+                yield Call("brownian_bridge", label, _brownian_bridge(dtype, 1000, d, uniform), True)
+        yield Call("brownian_bridge", f"{_name(dtype)} bench N=4096 D=256", _brownian_bridge(dtype, 4096, 256, True), True)
 
 
 def _anchor_consistency_calls() -> Iterator[Call]:

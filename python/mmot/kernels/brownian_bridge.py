@@ -17,6 +17,10 @@ per tile, plus per-column terms. With G[i, j] = c_i ḡ_i (e^{s[i,j] − lse[i]}
                                                         BLOCK_E features; x̂̄ = 2((GᵀL)[:D] − x̂Σu² − ŷΣut),
                                                         ŷ̄ = 2((GᵀL)[D:] − ŷΣt² − x̂Σut)
 
+With one time t for every row, L = m̂ and R = P = u·x̂ + t·ŷ (the bridge points, formed once): the
+products are D wide instead of 2D, and the same kernels run with u = 1, t = 0 and ‖P‖² as the
+column term (``_Operands``). D2 below is the products' width, 2D or D.
+
 No N×N buffer exists: extra memory is O(N·D). Accumulation is float32, or float64 for float64
 inputs; fp32 products use IEEE precision (not TF32), since the logits are multiplied by c, which
 grows as σ²t(1 − t) shrinks.
@@ -217,15 +221,21 @@ class _Tiles:
         self.m_col = 32
         self.d = 16
         self.e = min(128 if wide else 256, max(16, triton.next_power_of_2(d2)))
-        self.e_col = min(128, self.e)
+        # 64 fp32 features spill 4 bytes on sm_90 where 128 do not (a ptxas allocation quirk).
+        self.e_col = 128 if 32 < d2 <= 128 else min(128, self.e)
         self.warps = 8
 
 
 class _Operands:
-    """The unit (or raw) rows in the accumulation dtype, with the kernels' operands: L, R (N, 2D),
-    the per-column ‖x̂‖², ‖ŷ‖², x̂·ŷ, and per row u, t, c."""
+    """The unit (or raw) rows in the accumulation dtype, with the kernels' operands: L, R, the
+    per-column ‖x̂‖², ‖ŷ‖², x̂·ŷ, and per row u, t, c.
 
-    def __init__(self, a, b, mid, t, scale, normalize):
+    With one time t for every row (``uniform``) the bridge points P_j = u·x̂_j + t·ŷ_j are
+    formed once: L = m̂ and R = P (D features, one product per tile instead of two), ‖P‖² in
+    the first column term and the others 0, and the kernels read u = 1, t = 0; the backward
+    turns their ∂P into ∂x̂ = u·∂P and ∂ŷ = t·∂P."""
+
+    def __init__(self, a, b, mid, t, scale, normalize, uniform):
         dtype = _common.acc_dtype(a.dtype)
         x, y, m = (v.to(dtype).contiguous() for v in (a, b, mid))
         self.norms = None
@@ -236,19 +246,40 @@ class _Operands:
         self.t = t.to(dtype).contiguous()
         self.u = (1.0 - self.t).contiguous()
         self.c = scale.to(dtype).contiguous()
-        self.left = torch.cat((self.u[:, None] * m, self.t[:, None] * m), dim=1).contiguous()
-        self.right = torch.cat((x, y), dim=1).contiguous()
-        self.xx, self.yy, self.xy = (x * x).sum(-1), (y * y).sum(-1), (x * y).sum(-1)
+        self.uniform = uniform
+        if uniform:
+            points = (self.u[:, None] * x + self.t[:, None] * y).contiguous()
+            self.left, self.right = m, points
+            zero = torch.zeros_like(self.t)
+            self.terms = ((points * points).sum(-1), zero, zero)
+            self.row_u, self.row_t = torch.ones_like(self.t), zero
+        else:
+            self.left = torch.cat((self.u[:, None] * m, self.t[:, None] * m), dim=1).contiguous()
+            self.right = torch.cat((x, y), dim=1).contiguous()
+            self.terms = ((x * x).sum(-1), (y * y).sum(-1), (x * y).sum(-1))
+            self.row_u, self.row_t = self.u, self.t
         self.tiles = _Tiles(self.right.shape[1], dtype)
         self.acc = _common.tl_dtype(dtype)
 
     def args(self):
-        return (self.left, self.right, self.xx, self.yy, self.xy, self.u, self.t, self.c)
+        return (self.left, self.right, *self.terms, self.row_u, self.row_t, self.c)
+
+    def gradients(self, by_row, by_col, sums):
+        """(∂x̂, ∂ŷ, ∂m̂) from (G R), (Gᵀ L) and the column sums Σ_i G[i,j]·(u_i², t_i², u_i t_i)."""
+        su, st, sut = sums[0, :, None], sums[1, :, None], sums[2, :, None]
+        if self.uniform:
+            grad_p = 2.0 * (by_col - self.right * su)
+            return self.u[:, None] * grad_p, self.t[:, None] * grad_p, 2.0 * by_row
+        d = self.x.shape[1]
+        grad_m = 2.0 * (self.u[:, None] * by_row[:, :d] + self.t[:, None] * by_row[:, d:])
+        grad_x = 2.0 * (by_col[:, :d] - self.x * su - self.y * sut)
+        grad_y = 2.0 * (by_col[:, d:] - self.y * st - self.x * sut)
+        return grad_x, grad_y, grad_m
 
 
-def forward(a, b, mid, t, scale, normalize):
+def forward(a, b, mid, t, scale, normalize, uniform):
     """(per-row loss in a's dtype, lse) as ``mmot::brownian_bridge_loss`` returns them."""
-    ops = _Operands(a, b, mid, t, scale, normalize)
+    ops = _Operands(a, b, mid, t, scale, normalize, uniform)
     n, d2 = ops.right.shape
     tiles = ops.tiles
     lse = _common.new_output((n,), ops.x.dtype, a.device)
@@ -269,11 +300,10 @@ def forward(a, b, mid, t, scale, normalize):
     return (lse - diag).to(a.dtype), lse
 
 
-def backward(grad, a, b, mid, t, scale, lse, normalize):
+def backward(grad, a, b, mid, t, scale, lse, normalize, uniform):
     """Gradients for a, b and mid of Σ grad · loss, recomputing the logit tiles."""
-    ops = _Operands(a, b, mid, t, scale, normalize)
+    ops = _Operands(a, b, mid, t, scale, normalize, uniform)
     n, d2 = ops.right.shape
-    d = d2 // 2
     tiles = ops.tiles
     dtype = ops.x.dtype
     g = grad.to(dtype).contiguous()
@@ -294,10 +324,7 @@ def backward(grad, a, b, mid, t, scale, lse, normalize):
     _column_grad_kernel[(triton.cdiv(n, tiles.n), triton.cdiv(d2, tiles.e_col))](
         *ops.args(), lse, g, by_col, sums, n, d2, BLOCK_M=tiles.m_col, BLOCK_E=tiles.e_col, **common
     )
-    su, st, sut = sums[0, :, None], sums[1, :, None], sums[2, :, None]
-    grad_m = 2.0 * (ops.u[:, None] * by_row[:, :d] + ops.t[:, None] * by_row[:, d:])
-    grad_x = 2.0 * (by_col[:, :d] - ops.x * su - ops.y * sut)
-    grad_y = 2.0 * (by_col[:, d:] - ops.y * st - ops.x * sut)
+    grad_x, grad_y, grad_m = ops.gradients(by_row, by_col, sums)
     if normalize:
         (rx, ry, rm) = ops.norms
         grad_x = _common.through_normalize(ops.x, *rx, grad_x)

@@ -23,6 +23,11 @@
 //! as in `info_nce` (each output block receives its contributions in a fixed order). Normalised
 //! copies are never written (`exec::row_norms`); extra memory is O(N) plus a few tiles per task.
 //! Results do not depend on the thread count.
+//!
+//! With one time t for every row (the common case), the bridge points P_j = (1 − t)x̂_j + tŷ_j
+//! do not depend on i: they are formed once (O(N·D) memory), a tile is the one product m̂·P
+//! (s = c(2m̂·P − ‖P‖²)), and the backward makes two products per tile instead of four
+//! (∂m̂ = 2GP, ∂P_j = 2Σ_i G[i,j] m̂_i − 2P_j Σ_i G[i,j], ∂x̂ = (1 − t)∂P, ∂ŷ = t∂P).
 
 use crate::error::{check_len, not_finite, Result};
 use crate::exec::row_norms::{unit_rows, UnitRows};
@@ -79,6 +84,9 @@ struct Prepared<'a, T: Real> {
     xx: Vec<T>,
     yy: Vec<T>,
     xy: Vec<T>,
+    /// With one time for every row: the bridge points P_j = (1 − t)·x̂_j + t·ŷ_j (`[rows, d]`)
+    /// and ‖P_j‖², so that a tile takes one product (m̂·P) instead of two.
+    points: Option<(Vec<T>, Vec<T>)>,
     t: &'a [T],
     scale: &'a [T],
     d: usize,
@@ -120,6 +128,7 @@ fn prepare<'a, T: Real>(
                 xy[r] = dot(xr, yr) * fx * fy;
             }
         });
+    let points = uniform(input.t, input.scale).then(|| bridge_points(&x, &y, input.t[0], n, d));
     Ok(Prepared {
         x,
         y,
@@ -127,11 +136,49 @@ fn prepare<'a, T: Real>(
         xx,
         yy,
         xy,
+        points,
         t: input.t,
         scale: input.scale,
         d,
         stop: Interrupt::current(),
     })
+}
+
+/// Whether every row has the same time (and so the same scale); NaN never is.
+fn uniform<T: Real>(t: &[T], scale: &[T]) -> bool {
+    !t.is_empty() && t.iter().all(|&v| v == t[0]) && scale.iter().all(|&v| v == scale[0])
+}
+
+/// P_j = (1 − t)·x̂_j + t·ŷ_j for every column, and ‖P_j‖².
+fn bridge_points<T: Real>(
+    x: &UnitRows<'_, T>,
+    y: &UnitRows<'_, T>,
+    t: T,
+    n: usize,
+    d: usize,
+) -> (Vec<T>, Vec<T>) {
+    let mut points = vec![T::ZERO; n * d];
+    let mut norms = vec![T::ZERO; n];
+    if d == 0 {
+        return (points, norms);
+    }
+    let u = T::ONE - t;
+    points
+        .par_chunks_mut(TILE * d)
+        .zip(norms.par_chunks_mut(TILE))
+        .enumerate()
+        .for_each(|(c, (pts, nn))| {
+            for (r, (pr, out)) in pts.chunks_exact_mut(d).zip(nn.iter_mut()).enumerate() {
+                let j = c * TILE + r;
+                let (xr, yr) = (&x.rows[j * d..(j + 1) * d], &y.rows[j * d..(j + 1) * d]);
+                let (kx, ky) = (u * x.unit[j], t * y.unit[j]);
+                for q in 0..d {
+                    pr[q] = kx * xr[q] + ky * yr[q];
+                }
+                *out = dot(pr, pr);
+            }
+        });
+    (points, norms)
 }
 
 impl<T: Real> Prepared<'_, T> {
@@ -140,6 +187,25 @@ impl<T: Real> Prepared<'_, T> {
     fn logits(&self, i0: usize, rows: usize, j0: usize, cols: usize, mx: &mut [T], my: &mut [T]) {
         let d = self.d;
         let ms = &self.m.rows[i0 * d..(i0 + rows) * d];
+        if let Some((points, norms)) = &self.points {
+            // One time t: s = c (2 m̂·P − ‖P‖²).
+            dot_tile(ms, &points[j0 * d..(j0 + cols) * d], d, rows, cols, mx);
+            let pp = &norms[j0..j0 + cols];
+            let two = T::from_f64(2.0);
+            dispatch(
+                #[inline(always)]
+                || {
+                    for r in 0..rows {
+                        let i = i0 + r;
+                        let (c, k) = (self.scale[i], two * self.m.unit[i]);
+                        for (v, &n2) in mx[r * TILE..r * TILE + cols].iter_mut().zip(pp) {
+                            *v = c * (k * *v - n2);
+                        }
+                    }
+                },
+            );
+            return;
+        }
         dot_tile(ms, &self.x.rows[j0 * d..(j0 + cols) * d], d, rows, cols, mx);
         dot_tile(ms, &self.y.rows[j0 * d..(j0 + cols) * d], d, rows, cols, my);
         let (fx, fy) = (&self.x.unit[j0..j0 + cols], &self.y.unit[j0..j0 + cols]);
@@ -274,7 +340,10 @@ pub fn brownian_bridge_backward<T: Real>(
         );
     }
     p.stop.check()?;
-    finish_columns(&p, &sums, grad_a, grad_b);
+    match &p.points {
+        Some((points, _)) => finish_points(&p, points, &sums[0], grad_a, grad_b),
+        None => finish_columns(&p, &sums, grad_a, grad_b),
+    }
     let one = T::ONE;
     p.x.finish_gradient(d, one, params.normalize, grad_a);
     p.y.finish_gradient(d, one, params.normalize, grad_b);
@@ -348,6 +417,45 @@ unsafe fn backward_tile<T: Real>(
         },
     );
     let ms = &p.m.rows[i0 * d..(i0 + rows) * d];
+    if let Some((points, _)) = &p.points {
+        // ∂m̂_i += Σ_j 2G[i,j] P_j; ∂P_j += Σ_i 2fm_i G[i,j] m_i (into the ∂x̂ block) and Σ_i G[i,j].
+        for r in 0..rows {
+            let (src, dst) = (&g[r * TILE..r * TILE + cols], &mut scratch[r * TILE..]);
+            for q in 0..cols {
+                dst[q] = two * src[q];
+            }
+        }
+        gemm(
+            [rows, cols, d],
+            MatrixRef::row_major(scratch.as_ptr(), TILE),
+            MatrixRef::row_major(points[j0 * d..].as_ptr(), d),
+            T::ONE,
+            outs.m.at(i0 * d),
+            d,
+        );
+        for r in 0..rows {
+            let k = two * p.m.unit[i0 + r];
+            let (src, dst) = (&g[r * TILE..r * TILE + cols], &mut scratch[r * TILE..]);
+            for q in 0..cols {
+                dst[q] = k * src[q];
+            }
+        }
+        gemm(
+            [cols, rows, d],
+            MatrixRef::transpose_of(scratch.as_ptr(), TILE),
+            MatrixRef::row_major(ms.as_ptr(), d),
+            T::ONE,
+            outs.x.at(j0 * d),
+            d,
+        );
+        let total = outs.sums[0].at(j0);
+        for r in 0..rows {
+            for (q, &v) in g[r * TILE..r * TILE + cols].iter().enumerate() {
+                *total.add(q) += v;
+            }
+        }
+        return;
+    }
     let (xs, ys) = (
         &p.x.rows[j0 * d..(j0 + cols) * d],
         &p.y.rows[j0 * d..(j0 + cols) * d],
@@ -428,6 +536,38 @@ fn finish_columns<T: Real>(p: &Prepared<'_, T>, sums: &[Vec<T>; 3], gx: &mut [T]
                 for q in 0..d {
                     ox[q] = ox[q] - axx * xr[q] - axy * yr[q];
                     oy[q] = oy[q] - ayy * yr[q] - ayx * xr[q];
+                }
+            }
+        });
+}
+
+/// With one time t: ∂P_j = (accumulated Σ_i 2G[i,j] m̂_i, in `gx`) − 2P_j Σ_i G[i,j], then
+/// ∂x̂_j = (1 − t)·∂P_j and ∂ŷ_j = t·∂P_j.
+fn finish_points<T: Real>(
+    p: &Prepared<'_, T>,
+    points: &[T],
+    total: &[T],
+    gx: &mut [T],
+    gy: &mut [T],
+) {
+    let d = p.d;
+    let (t, two) = (p.t[0], T::from_f64(2.0));
+    let u = T::ONE - t;
+    gx.par_chunks_mut(TILE * d)
+        .zip(gy.par_chunks_mut(TILE * d))
+        .enumerate()
+        .for_each(|(c, (gx, gy))| {
+            for (r, (ox, oy)) in gx
+                .chunks_exact_mut(d)
+                .zip(gy.chunks_exact_mut(d))
+                .enumerate()
+            {
+                let j = c * TILE + r;
+                let (pr, k) = (&points[j * d..(j + 1) * d], two * total[j]);
+                for q in 0..d {
+                    let dp = ox[q] - k * pr[q];
+                    ox[q] = u * dp;
+                    oy[q] = t * dp;
                 }
             }
         });
