@@ -7,6 +7,7 @@ fallback.
 
 from mmot import nn
 from mmot._checks import set_checks
+from mmot.c3 import collapse, corrupt, modality_gap
 from mmot.ops.anchor_consistency import anchor_consistency_loss
 from mmot.ops.brownian_bridge import brownian_bridge_loss
 from mmot.ops.info_nce import info_nce
@@ -25,7 +26,10 @@ __all__ = [
     "__version__",
     "anchor_consistency_loss",
     "brownian_bridge_loss",
+    "collapse",
+    "corrupt",
     "info_nce",
+    "modality_gap",
     "multi_sinkhorn",
     "nn",
     "set_checks",

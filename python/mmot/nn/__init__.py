@@ -5,19 +5,23 @@
 - :class:`FeatureQueue`: a FIFO of past embeddings, without gradient;
 - :class:`NormSoftmaxLoss` and :class:`CombinatorialContrastiveLoss`: the fused InfoNCE loss
   for one pair and for every pair of modalities, with pair weights and missing modalities;
-- :class:`SSPCLoss`: SSPC's intra- and cross-modal anchor loss with its queue warm-up.
+- :class:`SSPCLoss`: SSPC's intra- and cross-modal anchor loss with its queue warm-up;
+- :class:`ModalityMean` and :class:`C3`: C3's streaming modality mean and its collapse/corrupt transform.
 """
 
 from mmot.nn.anchors import Anchors
 from mmot.nn.assignment import MultiSinkhorn, Sinkhorn
+from mmot.nn.c3 import C3, ModalityMean
 from mmot.nn.contrastive import CombinatorialContrastiveLoss, NormSoftmaxLoss
 from mmot.nn.queue import FeatureQueue
 from mmot.nn.sspc import SSPCLoss
 
 __all__ = [
     "Anchors",
+    "C3",
     "CombinatorialContrastiveLoss",
     "FeatureQueue",
+    "ModalityMean",
     "MultiSinkhorn",
     "NormSoftmaxLoss",
     "SSPCLoss",
