@@ -1,22 +1,33 @@
 """C3's collapse and corrupt, and the modality gap (Zhang et al., "Connect, Collapse, Corrupt:
 Learning Cross-Modal Tasks with Uni-Modal Data", ICLR 2024, arXiv 2401.08567).
 
-A contrastively trained space has a modality gap: each modality's L2-normalised embeddings sit
-around their own mean, so one modality's embedding is a poor stand-in for another's. C3 closes
-it in two steps, as the authors' code does (``image_captioning/src/datasets/dataset_coco.py``
-and ``src/parse_data/compute_embed_means.py`` in github.com/yuhui-zh15/C3):
+In a contrastively trained space, each modality's L2-normalised embeddings cluster around
+their own mean, so an embedding from one modality is a poor stand-in for another's. C3 fixes
+this in two steps. The behaviour below was checked against the authors' code
+(github.com/yuhui-zh15/C3):
 
-- **collapse**: subtract the modality's mean of L2-normalised embeddings, taken over the whole
-  training set (the code sums x/‖x‖ over every caption and every image and divides by the
-  count), then re-normalise;
-- **corrupt**: add isotropic Gaussian noise of standard deviation σ, then re-normalise. The
-  code's default noise level is √0.016 ≈ 0.126 (0.016 is the variance) and is added to the
-  collapsed embedding before its one re-normalisation; :class:`mmot.nn.C3` follows that order.
+- **the mean**: the average of the *normalised* embeddings over the whole training split. Each
+  embedding is divided by its norm, the results are summed and then divided by the count, once
+  per modality (``image_captioning/src/parse_data/compute_embed_means.py``,
+  ``image_generation/compute_embed_mean.py``).
+- **collapse**: normalise, subtract that modality's mean, and normalise again. This is what the
+  captioning test path does to image embeddings (``get_item_per_image`` in
+  ``image_captioning/src/datasets/dataset_coco.py``).
+- **corrupt**: add isotropic Gaussian noise and normalise. The default noise level is
+  ``math.sqrt(0.016)`` ≈ 0.126, which is a *standard deviation*: it multiplies ``torch.randn``,
+  so 0.016 is the variance (``--noise_level`` in ``image_captioning/run.py``; ``noise_level``
+  in ``image_generation/train.py``).
+- **order in training**: normalise, subtract the mean, add the noise, then normalise *once*.
+  There is no re-normalisation between collapsing and corrupting (``__getitem__`` in
+  ``dataset_coco.py``). The image-generation code has an optional extra normalisation
+  (``norm_after_remove_mean``, default off, not set by ``scripts/train_c3.sh``).
+  :class:`mmot.nn.C3` follows the default.
 
-These are a few elementwise operations and one mean, not a hot spot: plain torch with autograd.
-The normalisation is mmot's scale-safe one (:func:`mmot.reference.unit_rows`), computed in
-float32 for low-precision inputs (float64 for float64). Non-finite values are a ValueError naming
-the argument (with the value checks on, outside a compiled graph, where NaN in gives NaN out).
+These are a few elementwise passes and one mean, so they are not a hot spot. They are written in
+plain torch with autograd. Normalisation uses mmot's scale-safe rule
+(:func:`mmot.reference.unit_rows`) and runs in float32 for low-precision inputs (float64 for
+float64). With the value checks on and outside a compiled graph, a non-finite input raises a
+ValueError that names the argument. Inside a compiled graph, NaN in gives NaN out.
 """
 
 from __future__ import annotations
@@ -26,11 +37,11 @@ from torch import Tensor
 
 from mmot import _checks, reference
 
-DEFAULT_SIGMA = 0.016**0.5
+DEFAULT_SIGMA = 0.016**0.5  # the authors' default standard deviation (0.016 is the variance)
 
 
 def _checking() -> bool:
-    """Value checks read the data: skipped inside a compiled graph (where NaN in gives NaN out)."""
+    """Value checks read the data: skipped inside a compiled graph."""
     return _checks.value_checks_enabled() and not torch.compiler.is_compiling()
 
 
@@ -57,16 +68,50 @@ def _mean_vector(op: str, mean: object, x: Tensor) -> Tensor:
     return mean
 
 
+def _sigma(op: str, sigma: object) -> float:
+    sigma = _checks.real_number(op, "sigma", sigma)
+    if not sigma >= 0.0:
+        raise ValueError(f"{op}: argument 'sigma' must be a finite number >= 0; got {sigma}")
+    return sigma
+
+
+def _generator(op: str, generator: object, x: Tensor) -> torch.Generator | None:
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: argument 'generator' must be a torch.Generator or None; got {type(generator).__name__}")
+    # torch.randn would fail with a message that names neither the op nor the argument.
+    where = generator.device
+    index = where.index if where.index is not None or where.type != "cuda" else torch.cuda.current_device()
+    if where.type != x.device.type or (where.type == "cuda" and index != x.device.index):
+        raise ValueError(f"{op}: argument 'generator' must be on x's device ({x.device}); got a generator on {generator.device}")
+    return generator
+
+
+def _collapsed(op: str, x: Tensor, mean: object) -> Tensor:
+    """normalize(x) − mean in the compute dtype, before the final normalisation."""
+    mean = _mean_vector(op, mean, x)
+    unit = _unit(x)
+    return unit - mean.to(unit.dtype)
+
+
+def _noisy_unit(x: Tensor, sigma: float, generator: torch.Generator | None) -> Tensor:
+    # Noise is drawn in the compute dtype (float32 for bf16/fp16) so that a seed gives the same
+    # ε whatever the input's precision, and the sum is not rounded to 8 bits before normalising.
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return reference.unit_rows(x + sigma * noise)
+
+
 def collapse(x: Tensor, mean: Tensor) -> Tensor:
     """C3's collapse: normalize(normalize(x) − mean), removing the modality's constant offset.
 
     Args:
-        x: (..., D) float tensor, one modality's embeddings (any scale: they are normalised first).
-        mean: (D,) the modality's mean of L2-normalised embeddings over the training set
-            (:class:`mmot.nn.ModalityMean` accumulates it).
+        x: (..., D) float tensor of one modality's embeddings, at any scale (rows are normalised first).
+        mean: (D,) that modality's mean of L2-normalised embeddings over the training set
+            (:class:`mmot.nn.ModalityMean` accumulates it), on x's device, in any float dtype.
 
     Returns:
-        Unit rows of x's shape and dtype. A row equal to the mean becomes 0 (the 1e-12 floor).
+        Unit rows with x's shape and dtype. A row equal to the mean becomes 0 (the 1e-12 floor).
 
     Example:
         >>> image = mmot.collapse(image_embeddings, image_mean)
@@ -74,42 +119,49 @@ def collapse(x: Tensor, mean: Tensor) -> Tensor:
     """
     op = "mmot.collapse"
     x = _rows(op, "x", x)
-    mean = _mean_vector(op, mean, x)
-    unit = _unit(x)
-    return reference.unit_rows(unit - mean.to(unit.dtype)).to(x.dtype)
+    return reference.unit_rows(_collapsed(op, x, mean)).to(x.dtype)
 
 
 def corrupt(x: Tensor, sigma: float = DEFAULT_SIGMA, *, generator: torch.Generator | None = None) -> Tensor:
-    """C3's corrupt: normalize(x + σ·ε), ε ~ N(0, I) drawn with ``generator`` on x's device.
+    """C3's corrupt: normalize(x + σ·ε), where ε ~ N(0, I) has x's shape.
 
     Args:
         x: (..., D) float tensor.
-        sigma: the noise's standard deviation, ≥ 0 (C3's default √0.016 ≈ 0.126; 0 only normalises).
-        generator: a torch.Generator on x's device for reproducible noise (default: torch's global one).
+        sigma: the noise's standard deviation, >= 0. The default √0.016 ≈ 0.126 is the authors'.
+            With 0, corrupt only normalises.
+        generator: a torch.Generator on x's device, for reproducible noise (default: torch's
+            global generator). ε is drawn in float32 for bf16/fp16 inputs (float64 for
+            float64), so one seed gives the same noise at every precision.
 
     Returns:
-        Unit rows of x's shape and dtype; gradients flow to x.
+        Unit rows with x's shape and dtype. Gradients flow to x (the noise is a constant).
+
+    Note:
+        :class:`mmot.nn.C3` applies the authors' training transform in one call:
+        normalize(normalize(x) − mean + σ·ε). That equals ``corrupt(normalize(x) − mean)`` and is
+        *not* ``corrupt(collapse(x, mean))``, which would re-normalise twice.
     """
     op = "mmot.corrupt"
     x = _rows(op, "x", x)
-    sigma = _checks.real_number(op, "sigma", sigma)
-    if not 0.0 <= sigma < float("inf"):
-        raise ValueError(f"{op}: argument 'sigma' must be a finite number >= 0; got {sigma}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{op}: argument 'generator' must be a torch.Generator or None; got {type(generator).__name__}")
-    dtype = reference.compute_dtype(x.dtype)
-    noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)
-    return reference.unit_rows(x.to(dtype) + sigma * noise).to(x.dtype)
+    sigma = _sigma(op, sigma)
+    generator = _generator(op, generator, x)
+    return _noisy_unit(x.to(reference.compute_dtype(x.dtype)), sigma, generator).to(x.dtype)
 
 
 def modality_gap(a: Tensor, b: Tensor) -> Tensor:
-    """The modality gap ‖mean(â) − mean(b̂)‖ of two sets of embeddings (â, b̂ the L2-normalised rows).
+    """The modality gap ‖mean(â) − mean(b̂)‖ between two sets of embeddings (â, b̂: the L2-normalised rows).
+
+    This is the distance between the two modalities' centroids on the unit sphere, the quantity
+    that collapse drives towards 0. For paired rows it equals the norm of the mean paired
+    difference mean(â − b̂). The authors' notebook (``geometry_analysis/analyze_gap.ipynb``)
+    histograms that difference over groups of 100 pairs.
 
     Args:
-        a: (N, D) one modality's embeddings; b: (M, D) another's (N and M may differ).
+        a: (N, D) one modality's embeddings. b: (M, D) another's. N and M may differ; both are >= 1.
 
     Returns:
-        A 0-dim tensor in a's dtype, accumulated in float32 (float64 for float64).
+        A 0-dim tensor in the promoted dtype of a and b. It is accumulated in float32, or in
+        float64 when either input is float64.
     """
     op = "mmot.modality_gap"
     a, b = _rows(op, "a", a), _rows(op, "b", b)
@@ -121,4 +173,4 @@ def modality_gap(a: Tensor, b: Tensor) -> Tensor:
     _checks.same_device(op, "b", b, a, "a")
     dtype = torch.promote_types(reference.compute_dtype(a.dtype), reference.compute_dtype(b.dtype))
     gap = _unit(a.to(dtype)).mean(0) - _unit(b.to(dtype)).mean(0)
-    return torch.linalg.vector_norm(gap).to(a.dtype)
+    return torch.linalg.vector_norm(gap).to(torch.promote_types(a.dtype, b.dtype))
