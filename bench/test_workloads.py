@@ -12,7 +12,8 @@ import os
 
 import pytest
 import torch
-from mmot.bench.workloads import Provider, backward_of, forward, select
+from mmot.bench.workload import Provider, backward_of, forward
+from mmot.bench.workloads import select
 
 DEVICE = torch.device(os.environ.get("MMOT_BENCH_DEVICE", "cpu"))
 SIZE = os.environ.get("MMOT_BENCH_SIZE", "full")

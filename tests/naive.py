@@ -96,3 +96,20 @@ def materialized_brownian_bridge(a, b, mid, t, sigma=1.0, normalize=True):
     points = (1 - t)[:, None, None] * a[None, :, :] + t[:, None, None] * b[None, :, :]  # [i, j] = bridge j at t_i
     logits = -((mid[:, None, :] - points) ** 2).sum(-1) / (2 * sigma**2 * t * (1 - t))[:, None]
     return F.cross_entropy(logits, torch.arange(a.shape[0]), reduction="none")
+
+
+def materialized_geometric_consistency(a, b, normalize=True):
+    """[mean (S − Sᵀ)², mean (P − Q)²] from the literal N×N matrices S = âb̂ᵀ, P = ââᵀ, Q = b̂b̂ᵀ."""
+    if normalize:
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    s, p, q = a @ b.T, a @ a.T, b @ b.T
+    return torch.stack((((s - s.T) ** 2).mean(), ((p - q) ** 2).mean()))
+
+
+def materialized_feature_separation(shared, specific, normalize=True):
+    """mean over i, j of (ŝ_i·ŝ_j)(ĥ_i·ĥ_j), from the two literal N×N Grams: ‖ŜᵀĤ‖²_F / N² written as ⟨ŜŜᵀ, ĤĤᵀ⟩ / N²."""
+    if normalize:
+        shared, specific = F.normalize(shared, dim=-1), F.normalize(specific, dim=-1)
+    if shared.shape[0] == 0:
+        return (shared.sum() + specific.sum()) * 0.0
+    return ((shared @ shared.T) * (specific @ specific.T)).mean()

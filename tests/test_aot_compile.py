@@ -21,7 +21,16 @@ from backends import needs_triton
 
 pytestmark = needs_triton
 
-KERNEL_MODULES = ("sinkhorn", "multi_sinkhorn", "similarity", "info_nce", "brownian_bridge", "anchor_consistency")
+KERNEL_MODULES = (
+    "sinkhorn",
+    "multi_sinkhorn",
+    "similarity",
+    "info_nce",
+    "brownian_bridge",
+    "anchor_consistency",
+    "geometric_consistency",
+    "feature_separation",
+)
 # Float scalars each kernel takes, which must reach it as fp64 (docs/architecture.md, scalars).
 SCALARS = {"inv_eps", "scale", "inv_tau", "tiny"}
 

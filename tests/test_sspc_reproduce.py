@@ -129,3 +129,31 @@ def test_resume_finishes_an_interrupted_reproduce(tmp_path):
     assert [r["values"] for r in resumed["rows"]] == [r["values"] for r in whole["rows"]]
     with pytest.raises(ConfigError, match="exclude each other"):
         reproduce(out_dir=str(tmp_path / "cut"), n_seeds=2, resume=True, overwrite=True, **common)
+
+
+def test_structure_methods_in_one_table(tmp_path):
+    """Every structure variant runs in reproduce on the same data as SSPC, and lands in the same
+    tables and paired rows, with the modality gap and ucR@1 as columns."""
+    from mmot.sspc.reproduce import reproduce
+
+    (tmp_path / "c.yaml").write_text(TINY_CONCEPTS)
+    variants = ("contrastive", "multi_sk", "gc", "bridge", "separation", "c3", "multi_sk+gc")
+    res = reproduce(
+        out_dir=str(tmp_path / "s"),
+        config=str(tmp_path / "c.yaml"),
+        testbeds=("concepts",),
+        q_levels=(0.0,),
+        variants=variants,
+        n_seeds=1,
+        progress=False,
+        jobs=1,
+        time_steps=False,
+    )
+    assert {r["variant"] for r in res["rows"]} == set(variants)
+    assert {"gap", "ucR@1"} <= {r["metric"] for r in res["rows"] if r["split"] == "test"}
+    assert {p["variant"] for p in res["paired"]} == set(variants) - {"contrastive"}
+    md = (tmp_path / "s" / "results.md").read_text()
+    for label in ("+ geometric consistency", "+ Brownian bridge", "+ feature separation", "C3 collapse", "+ SSPC (Multi-SK) + geometric"):
+        assert label in md
+    with pytest.raises(Exception, match="variants"):
+        reproduce(out_dir=str(tmp_path / "x"), config=str(tmp_path / "c.yaml"), testbeds=("concepts",), variants=("mixup",), n_seeds=1)

@@ -10,6 +10,8 @@ from mmot._checks import set_checks
 from mmot.c3 import collapse, corrupt, modality_gap
 from mmot.ops.anchor_consistency import anchor_consistency_loss
 from mmot.ops.brownian_bridge import brownian_bridge_loss
+from mmot.ops.feature_separation import feature_separation_loss
+from mmot.ops.geometric_consistency import geometric_consistency
 from mmot.ops.info_nce import info_nce
 from mmot.ops.multi_sinkhorn import multi_sinkhorn
 from mmot.ops.similarity import similarity
@@ -28,6 +30,8 @@ __all__ = [
     "brownian_bridge_loss",
     "collapse",
     "corrupt",
+    "feature_separation_loss",
+    "geometric_consistency",
     "info_nce",
     "modality_gap",
     "multi_sinkhorn",

@@ -25,6 +25,10 @@ __all__ = [
     "anchor_consistency_backward",
     "brownian_bridge_forward",
     "brownian_bridge_backward",
+    "feature_separation_forward",
+    "feature_separation_backward",
+    "geometric_consistency_forward",
+    "geometric_consistency_backward",
 ]
 
 __version__: str
@@ -194,3 +198,49 @@ def brownian_bridge_backward(
     num_threads: int,
 ) -> None:
     """The gradients of ``sum(grad * loss)`` w.r.t. ``a``, ``b`` and ``mid`` into ``grad_a``, ``grad_b``, ``grad_mid``."""
+
+def feature_separation_forward(
+    shared: npt.NDArray[np.floating],
+    specific: npt.NDArray[np.floating],
+    loss: npt.NDArray[np.floating],
+    gram: npt.NDArray[np.floating],
+    normalize: bool,
+    num_threads: int,
+    check_finite: bool = False,
+) -> None:
+    """The loss ‖ŜᵀĤ‖²/N² of ``shared`` [N, D_s] and ``specific`` [N, D_h] into ``loss`` [1], and the Gram [D_s, D_h] into ``gram``."""
+
+def feature_separation_backward(
+    grad: npt.NDArray[np.floating],
+    shared: npt.NDArray[np.floating],
+    specific: npt.NDArray[np.floating],
+    gram: npt.NDArray[np.floating],
+    grad_shared: npt.NDArray[np.floating],
+    grad_specific: npt.NDArray[np.floating],
+    normalize: bool,
+    num_threads: int,
+) -> None:
+    """The gradients of ``grad[0] * loss`` w.r.t. ``shared`` and ``specific`` from ``gram`` into ``grad_shared``, ``grad_specific``."""
+
+def geometric_consistency_forward(
+    a: npt.NDArray[np.floating],
+    b: npt.NDArray[np.floating],
+    terms: npt.NDArray[np.floating],
+    grams: npt.NDArray[np.floating],
+    normalize: bool,
+    num_threads: int,
+    check_finite: bool = False,
+) -> None:
+    """The sums [Σ(S − Sᵀ)², Σ(P − Q)²] of ``a``, ``b`` [N, D] into ``terms`` [2], and the Grams [3, D, D] into ``grams``."""
+
+def geometric_consistency_backward(
+    grad: npt.NDArray[np.floating],
+    a: npt.NDArray[np.floating],
+    b: npt.NDArray[np.floating],
+    grams: npt.NDArray[np.floating],
+    grad_a: npt.NDArray[np.floating],
+    grad_b: npt.NDArray[np.floating],
+    normalize: bool,
+    num_threads: int,
+) -> None:
+    """The gradients of ``grad[0]·T1 + grad[1]·T2`` w.r.t. ``a`` and ``b`` from ``grams`` into ``grad_a``, ``grad_b``."""

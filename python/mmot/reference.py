@@ -472,3 +472,57 @@ def anchor_consistency_loss(sim: torch.Tensor, target: torch.Tensor, temperature
     # 0 for finite inputs, NaN otherwise (e^{−inf} alone would hide a −inf).
     probe = (s - s).sum() + (t - t).sum()
     return (linear + softplus + probe).to(sim.dtype)
+
+
+def geometric_consistency(a: torch.Tensor, b: torch.Tensor, normalize: bool = True, reduction: str = "mean") -> torch.Tensor:
+    """Geometric consistency of the pairs (a[i], b[i]) for a, b (N, D), as ``mmot.geometric_consistency``.
+
+    With x̂, ŷ the rows (divided by max(‖row‖, 1e-12) when ``normalize``), S = x̂ŷᵀ, P = x̂x̂ᵀ and
+    Q = ŷŷᵀ (all N×N), the two sums
+
+        T1 = Σ_ij (S_ij − S_ji)²      (cross-modal similarity is symmetric)
+        T2 = Σ_ij (P_ij − Q_ij)²      (intra-modal structures agree)
+
+    are computed through D×D Grams of x̂ and the difference ê = ŷ − x̂ (A = x̂ᵀx̂, F = x̂ᵀê,
+    G = êᵀê): T1 = 2⟨A, G⟩ − 2 tr(F²), T2 = 2⟨A, G⟩ + 2 tr(F²) + ‖G‖² + 4⟨F, G⟩
+    (:func:`consistency_terms`), never N×N. ``reduction``: "mean" is (T1 + T2)/N², "sum" is
+    T1 + T2, "none" the (2,) tensor [T1/N², T2/N²]; 0 for N = 0. In a's dtype, accumulated in
+    :func:`compute_dtype`.
+    """
+    dtype = compute_dtype(a.dtype)
+    x, y = a.to(dtype), b.to(dtype)
+    if normalize:
+        x, y = unit_rows(x), unit_rows(y)
+    e = y - x
+    terms = consistency_terms(torch.stack((x.T @ x, x.T @ e, e.T @ e)))
+    if reduction == "sum":
+        return terms.sum().to(a.dtype)
+    means = terms / max(a.shape[0] ** 2, 1)
+    return (means if reduction == "none" else means.sum()).to(a.dtype)
+
+
+def consistency_terms(grams: torch.Tensor) -> torch.Tensor:
+    """[T1, T2] from the (3, D, D) Grams [A, F, G] of :func:`geometric_consistency`.
+
+    Each is a sum of squares, so each is clamped at 0 (rounding may leave it a little below);
+    a NaN passes. Written in ê rather than ŷ, every product is of the size of the loss itself:
+    the plain form 2⟨x̂ᵀx̂, ŷᵀŷ⟩ − 2tr((x̂ᵀŷ)²) subtracts O(N²) values whose difference vanishes as
+    a → b, which float32 cannot resolve.
+    """
+    a, f, g = grams.unbind(0)
+    ag, ff, gg, fg = (a * g).sum(), (f * f.T).sum(), (g * g).sum(), (f * g).sum()
+    return torch.stack((2.0 * ag - 2.0 * ff, 2.0 * ag + 2.0 * ff + gg + 4.0 * fg)).clamp(min=0.0)
+
+
+def feature_separation_loss(shared: torch.Tensor, specific: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """‖ŜᵀĤ‖²_F / N² for shared (N, D_s) and specific (N, D_h); 0 for N = 0. Returns a 0-dim tensor.
+
+    Ŝ, Ĥ are the rows divided by max(‖row‖, 1e-12) when ``normalize``. C = ŜᵀĤ is D_s×D_h,
+    so nothing N×N is formed; each entry is divided by N before it is squared, so that only a
+    loss beyond the dtype overflows.
+    """
+    dtype = compute_dtype(shared.dtype)
+    x, y = shared.to(dtype), specific.to(dtype)
+    if normalize:
+        x, y = unit_rows(x), unit_rows(y)
+    return ((x.T @ y) / max(shared.shape[0], 1)).square().sum().to(shared.dtype)

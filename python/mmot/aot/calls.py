@@ -15,11 +15,14 @@ What gets compiled is whatever those launchers then ask Triton for.
 * ``similarity``: every combination of row, column and feature tile sizes, normalised or not;
 * ``info_nce``: feature sizes up to 4096, symmetric or not;
 * ``brownian_bridge_loss``: feature sizes up to 1024;
+* ``geometric_consistency``: odd feature sizes up to 1024, one row split of the Grams or several;
+* ``feature_separation_loss``: odd and unequal feature sizes up to 1024, one row split or several;
 * ``anchor_consistency_loss``: both block sizes;
 * every op at the sizes of the benchmark workloads.
 
 **Sample** (the default, what CI compiles on every run): all of ``similarity``, ``info_nce``,
-``brownian_bridge_loss`` and ``anchor_consistency_loss`` (about 560 builds per architecture, a few minutes), and of the two
+``brownian_bridge_loss``, ``geometric_consistency``, ``feature_separation_loss`` and ``anchor_consistency_loss`` (about 560
+builds per architecture, a few minutes), and of the two
 Sinkhorn ops (about 2800): for float32 and float64 the full tiles at the narrowest and widest
 ``BLOCK_K`` in both launch structures with every flag, and every dtype at the benchmark sizes.
 The Sinkhorn kernels' warp count follows the tile's elements (``_common.num_warps``), so a
@@ -35,7 +38,17 @@ from dataclasses import dataclass
 import torch
 
 from mmot import reference
-from mmot.kernels import _common, anchor_consistency, brownian_bridge, info_nce, multi_sinkhorn, similarity, sinkhorn
+from mmot.kernels import (
+    _common,
+    anchor_consistency,
+    brownian_bridge,
+    feature_separation,
+    geometric_consistency,
+    info_nce,
+    multi_sinkhorn,
+    similarity,
+    sinkhorn,
+)
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 WIDE = (torch.float32, torch.float64)
@@ -128,6 +141,24 @@ def _brownian_bridge(dtype: torch.dtype, n: int, d: int, uniform: bool) -> Calla
     return run
 
 
+def _geometric_consistency(dtype: torch.dtype, n: int, d: int) -> Callable[[], None]:
+    def run() -> None:
+        a = _empty(n, d, dtype=dtype)
+        terms, grams = geometric_consistency.forward(a, a, True)
+        geometric_consistency.backward(torch.empty_like(terms), a, a, grams, True)
+
+    return run
+
+
+def _feature_separation(dtype: torch.dtype, n: int, ds: int, dh: int) -> Callable[[], None]:
+    def run() -> None:
+        shared, specific = _empty(n, ds, dtype=dtype), _empty(n, dh, dtype=dtype)
+        loss, gram = feature_separation.forward(shared, specific, True)
+        feature_separation.backward(torch.empty_like(loss), shared, specific, gram, True)
+
+    return run
+
+
 def _anchor_consistency(dtype: torch.dtype, n: int, k: int) -> Callable[[], None]:
     def run() -> None:
         sim = _empty(n, k, dtype=dtype)
@@ -205,6 +236,23 @@ def _brownian_bridge_calls() -> Iterator[Call]:
         yield Call("brownian_bridge", f"{_name(dtype)} bench N=4096 D=256", _brownian_bridge(dtype, 4096, 256, True), True)
 
 
+def _geometric_consistency_calls() -> Iterator[Call]:
+    for dtype in DTYPES:
+        # Odd feature sizes (ragged Gram and backward tiles), and one row split or several.
+        for n, d in ((1000, 3), (1000, 65), (1000, 255), (20000, 513), (1000, 1024)):
+            yield Call("geometric_consistency", f"{_name(dtype)} N={n} D={d}", _geometric_consistency(dtype, n, d), True)
+        yield Call("geometric_consistency", f"{_name(dtype)} bench N=8192 D=256", _geometric_consistency(dtype, 8192, 256), True)
+
+
+def _feature_separation_calls() -> Iterator[Call]:
+    for dtype in DTYPES:
+        # Odd and unequal feature sizes (ragged Gram and backward tiles), one row split or several.
+        for n, ds, dh in ((1000, 3, 5), (1000, 65, 17), (1000, 255, 64), (20000, 128, 513), (1000, 1024, 256)):
+            label = f"{_name(dtype)} N={n} D_s={ds} D_h={dh}"
+            yield Call("feature_separation", label, _feature_separation(dtype, n, ds, dh), True)
+        yield Call("feature_separation", f"{_name(dtype)} bench N=16384 D_s=D_h=256", _feature_separation(dtype, 16384, 256, 256), True)
+
+
 def _anchor_consistency_calls() -> Iterator[Call]:
     for dtype in DTYPES:
         for n, k in ((100, 64), (7660, 1024)):  # block sizes 1024 and 2048
@@ -218,5 +266,7 @@ def every_call() -> list[Call]:
         *_similarity_calls(),
         *_info_nce_calls(),
         *_brownian_bridge_calls(),
+        *_geometric_consistency_calls(),
+        *_feature_separation_calls(),
         *_anchor_consistency_calls(),
     ]

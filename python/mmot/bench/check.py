@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mmot.bench.workloads import Provider, Workload, backward_of, forward
+from mmot.bench.workload import Provider, Workload, backward_of, forward
 
 
 def relative_error(got, want) -> float:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import mmot
 from mmot.bench import check, floors, memory, report, timing, validate, workloads
-from mmot.bench.workloads import Provider, backward_of, forward
+from mmot.bench.workload import Provider, backward_of, forward
 
 MODES = ("forward", "forward+backward")
 # --gpu-validate: seconds after which no further workload starts (the command must end within
@@ -48,7 +48,17 @@ GPU_REPEATS = 5
 # SSPC-size Multi-SK, the SwAV-size Sinkhorn and the similarity.
 GPU_COMPILED = ("multi_sinkhorn · N=7660 K=64 ", "sinkhorn · B=4096", "similarity · ")
 # --gpu-validate's order, the targets first, so that the budget cuts what matters least.
-GPU_ORDER = ("sinkhorn", "info_nce", "multi_sinkhorn", "similarity", "anchor_consistency", "batched")
+GPU_ORDER = (
+    "sinkhorn",
+    "info_nce",
+    "multi_sinkhorn",
+    "similarity",
+    "anchor_consistency",
+    "batched",
+    "brownian_bridge",
+    "geometric_consistency",
+    "feature_separation",
+)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from mmot.bench.workloads import Provider, Workload, backward_of, forward, select
+from mmot.bench.workload import Provider, Workload, backward_of, forward
+from mmot.bench.workloads import select
 
 
 def _call(workload: Workload, provider: str, mode: str):

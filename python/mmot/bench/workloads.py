@@ -16,72 +16,26 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 import mmot
 from mmot import reference
-from mmot.bench import baselines
+from mmot.bench import baselines, structure_workloads
 from mmot.bench.floors import Work
+from mmot.bench.workload import (
+    BENCH_EXTRA,
+    DENSE_MAX_ELEMENTS,
+    F32,
+    Provider,
+    Target,
+    Workload,
+    compiled,
+    gradient_io,
+    mmot_provider,
+)
 from mmot.dense_multi_sinkhorn import dense_multi_sinkhorn
-
-SIZES = ("tiny", "quick", "full")
-BENCH_EXTRA = 'pip install "mmot[bench]"'
-# official-dense holds a (K, N, K) tensor and several temporaries of that size; beyond this many
-# elements it would not fit the machine's memory, so it is reported, not run.
-DENSE_MAX_ELEMENTS = {"cpu": 256 * 7660 * 128, "cuda": 1 << 31}
-F32 = 4
-
-
-@dataclass
-class Provider:
-    """One way to compute a workload.
-
-    Attributes:
-        run: the forward call on the workload's inputs.
-        differentiable: also timed as forward + backward under ``--backward``.
-        comparable: returns the op's result in mmot's layout, so ``--check`` can compare it.
-    """
-
-    run: Callable[[dict], torch.Tensor]
-    differentiable: bool = False
-    comparable: bool = True
-
-
-@dataclass(frozen=True)
-class Target:
-    """mmot's goal on a workload: ``speedup``× ``against`` or better and, where ``floor_factor`` is given,
-    within ``floor_factor``× its memory floor (``floor_text`` says which passes it counts)."""
-
-    against: str
-    speedup: float
-    floor_factor: float | None = None
-    floor_text: str = ""
-
-
-@dataclass
-class Workload:
-    op: str
-    shape: str
-    # make_inputs(device, small): the inputs, or with small=True the same op a few rows large
-    # (a warm-up that loads code and starts thread pools without large allocations).
-    make_inputs: Callable[[torch.device, bool], dict]
-    work: Work
-    backward_work: Work  # what a backward adds to the forward's work
-    expected: Callable[[dict], torch.Tensor]  # mmot.reference on float64 copies of the inputs
-    grad_inputs: tuple[str, ...]
-    providers: dict[str, Provider | str] = field(default_factory=dict)
-    tolerance: float = 1e-3  # of the largest |reference| entry, for results and gradients
-    target: Target | None = None
-    # Device memory the float64 reference of ``--check`` needs (forward and backward), where it is
-    # large enough to matter: on CUDA the check is skipped, with the figure, when it is not free.
-    reference_bytes: int = 0
-
-    @property
-    def label(self) -> str:
-        return f"{self.op} · {self.shape}"
 
 
 def cosine_scores(n: int, k: int, device="cpu", seed: int = 0, batch: tuple[int, ...] = (), dim: int = 64) -> torch.Tensor:
@@ -90,56 +44,6 @@ def cosine_scores(n: int, k: int, device="cpu", seed: int = 0, batch: tuple[int,
     x = F.normalize(torch.randn(*batch, n, dim, generator=generator), dim=-1)
     a = F.normalize(torch.randn(*batch, k, dim, generator=generator), dim=-1)
     return (x @ a.transpose(-1, -2)).to(device)
-
-
-def forward(fn: Callable[[dict], torch.Tensor]) -> Callable[[dict], torch.Tensor]:
-    """``fn`` without autograd recording: how the forward rows are timed."""
-
-    def run(inputs: dict) -> torch.Tensor:
-        with torch.no_grad():
-            return fn(inputs)
-
-    return run
-
-
-def backward_of(fn: Callable[[dict], torch.Tensor], names: tuple[str, ...]) -> Callable[[dict], tuple[torch.Tensor, ...]]:
-    """``fn``'s forward and backward: the gradients of the ``names`` inputs under a fixed upstream gradient."""
-    upstream: dict[tuple, torch.Tensor] = {}
-
-    def run(inputs: dict) -> tuple[torch.Tensor, ...]:
-        with torch.enable_grad():
-            leaves = dict(inputs)
-            for name in names:
-                leaves[name] = inputs[name].detach().requires_grad_(True)
-            out = fn(leaves)
-            key = (tuple(out.shape), out.dtype, out.device)
-            if key not in upstream:
-                upstream[key] = upstream_like(out)
-            return torch.autograd.grad(out, [leaves[name] for name in names], upstream[key])
-
-    return run
-
-
-def upstream_like(out: torch.Tensor) -> torch.Tensor:
-    """Seeded random upstream gradient, the same values for every provider and dtype."""
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(out.shape, generator=generator).to(out.device, out.dtype)
-
-
-def _mmot(device: torch.device) -> str:
-    return "mmot-rust" if device.type == "cpu" else "mmot-triton"
-
-
-def _compiled(fn: Callable[[dict], torch.Tensor]) -> Callable[[dict], torch.Tensor]:
-    """torch.compile of a reference formulation, compiled on its first call (the warm-up)."""
-    holder: list[Callable] = []
-
-    def run(inputs: dict) -> torch.Tensor:
-        if not holder:
-            holder.append(torch.compile(fn, dynamic=False))
-        return holder[0](inputs)
-
-    return run
 
 
 def _sinkhorn_work(problems: int, n: int, k: int, iters: int, groups: int) -> Work:
@@ -151,12 +55,6 @@ def _sinkhorn_work(problems: int, n: int, k: int, iters: int, groups: int) -> Wo
         flops=4 * groups * problems * n * k * iters,  # per slot group: a column and a row contraction
         exps=problems * n * k,
     )
-
-
-def _gradient_io(*shapes: tuple[int, ...]) -> Work:
-    """A backward's least extra memory work: read the upstream gradient, write the input gradients."""
-    size = sum(torch.Size(shape).numel() for shape in shapes) * F32
-    return Work(footprint=size, traffic=size)
 
 
 def multi_sinkhorn_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
@@ -174,12 +72,12 @@ def _multi_sinkhorn(device: torch.device, n: int, n_anchors: int, compile_: bool
         return reference.multi_sinkhorn(s, eps, iters, weights, k, mass, "minmax", log_domain)
 
     providers: dict[str, Provider | str] = {
-        _mmot(device): Provider(lambda x: mmot.multi_sinkhorn(x["scores"], k, eps, iters), differentiable=True),
+        mmot_provider(device): Provider(lambda x: mmot.multi_sinkhorn(x["scores"], k, eps, iters), differentiable=True),
         "reference-eager": Provider(ref, differentiable=True),
         "grouped-torch-eager": Provider(lambda x: baselines.grouped_torch_eager_multi_sinkhorn(x["scores"], k, eps, iters)),
     }
     if compile_:
-        providers["reference-compiled"] = Provider(_compiled(lambda x: ref(x, log_domain="off")))
+        providers["reference-compiled"] = Provider(compiled(lambda x: ref(x, log_domain="off")))
     if n_anchors * n * n_anchors > DENSE_MAX_ELEMENTS[device.type]:
         providers["official-dense"] = f"needs {n_anchors * n * n_anchors * F32 / 2**30:.0f} GiB per (K,N,K) tensor"
     else:
@@ -189,7 +87,7 @@ def _multi_sinkhorn(device: torch.device, n: int, n_anchors: int, compile_: bool
         f"N={n} K={n_anchors} k={k} iters={iters}",
         lambda dev, small: {"scores": cosine_scores(64 if small else n, n_anchors, dev)},
         _sinkhorn_work(1, n, n_anchors, iters, groups=2),
-        _gradient_io((n, n_anchors), (n, n_anchors)),
+        gradient_io((n, n_anchors), (n, n_anchors)),
         lambda x: ref({"scores": x["scores"].double()}),
         ("scores",),
         providers,
@@ -206,12 +104,12 @@ def sinkhorn_workloads(device: torch.device, size: str, compile_: bool) -> list[
         return reference.sinkhorn(s, eps, iters, rows, cols, log_domain)
 
     providers: dict[str, Provider | str] = {
-        _mmot(device): Provider(lambda x: mmot.sinkhorn(x["scores"], eps, iters), differentiable=True),
+        mmot_provider(device): Provider(lambda x: mmot.sinkhorn(x["scores"], eps, iters), differentiable=True),
         "reference-eager": Provider(ref, differentiable=True),
         "swav-eager": Provider(lambda x: baselines.swav_eager_sinkhorn(x["scores"], eps, iters)),
     }
     if compile_:
-        providers["reference-compiled"] = Provider(_compiled(lambda x: ref(x, log_domain="off")))
+        providers["reference-compiled"] = Provider(compiled(lambda x: ref(x, log_domain="off")))
     pot_missing = f"POT is not installed: {BENCH_EXTRA}" if importlib.util.find_spec("ot") is None else None
     if device.type == "cpu":
         providers["pot-numpy"] = pot_missing or Provider(lambda x: baselines.pot_sinkhorn(x["scores"], eps, iters, backend="numpy"))
@@ -233,7 +131,7 @@ def sinkhorn_workloads(device: torch.device, size: str, compile_: bool) -> list[
             f"B={b} K={k} iters={iters}",
             inputs,
             _sinkhorn_work(1, b, k, iters, groups=1),
-            _gradient_io((b, k), (b, k)),
+            gradient_io((b, k), (b, k)),
             lambda x: ref({"scores": x["scores"].double()}),
             ("scores",),
             providers,
@@ -272,19 +170,19 @@ def _sinkhorn_batched(device: torch.device, problems: int, side: int, compile_: 
         return reference.sinkhorn(s, eps, iters, ones, ones, log_domain)
 
     providers: dict[str, Provider | str] = {
-        _mmot(device): Provider(lambda x: mmot.sinkhorn(x["scores"], eps, iters), differentiable=True),
+        mmot_provider(device): Provider(lambda x: mmot.sinkhorn(x["scores"], eps, iters), differentiable=True),
         "reference-eager": Provider(ref, differentiable=True),
         "batched-torch-eager": Provider(lambda x: baselines.batched_torch_eager_sinkhorn(x["scores"], eps, iters)),
     }
     if compile_:
-        providers["reference-compiled"] = Provider(_compiled(lambda x: ref(x, log_domain="off")))
+        providers["reference-compiled"] = Provider(compiled(lambda x: ref(x, log_domain="off")))
     shape = (problems, side, side)
     return Workload(
         "sinkhorn_batched",
         f"{problems}x({side}x{side}) iters={iters}",
         _batched_inputs(problems, side),
         _sinkhorn_work(problems, side, side, iters, groups=1),
-        _gradient_io(shape, shape),
+        gradient_io(shape, shape),
         lambda x: ref({"scores": x["scores"].double()}),
         ("scores",),
         providers,
@@ -301,18 +199,18 @@ def _multi_sinkhorn_batched(device: torch.device, problems: int, side: int, comp
         return reference.multi_sinkhorn(s, eps, iters, weights, k, mass, "minmax", log_domain)
 
     providers: dict[str, Provider | str] = {
-        _mmot(device): Provider(lambda x: mmot.multi_sinkhorn(x["scores"], k, eps, iters), differentiable=True),
+        mmot_provider(device): Provider(lambda x: mmot.multi_sinkhorn(x["scores"], k, eps, iters), differentiable=True),
         "reference-eager": Provider(ref, differentiable=True),
     }
     if compile_:
-        providers["reference-compiled"] = Provider(_compiled(lambda x: ref(x, log_domain="off")))
+        providers["reference-compiled"] = Provider(compiled(lambda x: ref(x, log_domain="off")))
     shape = (problems, side, side)
     return Workload(
         "multi_sinkhorn_batched",
         f"{problems}x({side}x{side}) k={k} iters={iters}",
         _batched_inputs(problems, side),
         _sinkhorn_work(problems, side, side, iters, groups=2),
-        _gradient_io(shape, shape),
+        gradient_io(shape, shape),
         lambda x: ref({"scores": x["scores"].double()}),
         ("scores",),
         providers,
@@ -333,11 +231,11 @@ def similarity_workloads(device: torch.device, size: str, compile_: bool) -> lis
         return reference.similarity(x["x"], x["y"])
 
     providers: dict[str, Provider | str] = {
-        _mmot(device): Provider(lambda x: mmot.similarity(x["x"], x["y"]), differentiable=True),
+        mmot_provider(device): Provider(lambda x: mmot.similarity(x["x"], x["y"]), differentiable=True),
         "reference-eager": Provider(ref, differentiable=True),
     }
     if compile_:
-        providers["reference-compiled"] = Provider(_compiled(ref))
+        providers["reference-compiled"] = Provider(compiled(ref))
     x_shape, y_shape, out_shape = (mods, n, d), (sets, k, d), (mods, sets, n, k)
     flops = 2 * mods * sets * n * k * d
     io = sum(torch.Size(s).numel() for s in (x_shape, y_shape, out_shape)) * F32
@@ -347,7 +245,7 @@ def similarity_workloads(device: torch.device, size: str, compile_: bool) -> lis
             f"({mods},1,{n},{d})x(1,{sets},{k},{d})",
             inputs,
             Work(footprint=io, traffic=io, flops=flops),
-            _gradient_io(out_shape, x_shape, y_shape) + Work(0, 0, flops=2 * flops),  # gx = G ŷ and gy = Gᵀ x̂
+            gradient_io(out_shape, x_shape, y_shape) + Work(0, 0, flops=2 * flops),  # gx = G ŷ and gy = Gᵀ x̂
             lambda x: ref({"x": x["x"].double(), "y": x["y"].double()}),
             ("x", "y"),
             providers,
@@ -411,7 +309,7 @@ def _info_nce(device: torch.device, n: int, d: int) -> Workload:
         return reference.info_nce(a, b, torch.ones(a.shape[0], dtype=torch.bool, device=a.device), temperature).mean()
 
     providers: dict[str, Provider | str] = {
-        _mmot(device): Provider(lambda x: mmot.info_nce(x["a"], x["b"], temperature), differentiable=True),
+        mmot_provider(device): Provider(lambda x: mmot.info_nce(x["a"], x["b"], temperature), differentiable=True),
         "materialized": Provider(_materialized_guarded(temperature), differentiable=True),
     }
     if device.type == "cuda":
@@ -464,18 +362,18 @@ def _anchor_consistency(device: torch.device, shape: tuple[int, ...], compile_: 
         return reference.anchor_consistency_loss(x["sim"], x["target"], temperature)
 
     providers: dict[str, Provider | str] = {
-        _mmot(device): Provider(lambda x: mmot.anchor_consistency_loss(x["sim"], x["target"], temperature), differentiable=True),
+        mmot_provider(device): Provider(lambda x: mmot.anchor_consistency_loss(x["sim"], x["target"], temperature), differentiable=True),
         "reference-eager": Provider(ref, differentiable=True),
     }
     if compile_:
-        providers["reference-compiled"] = Provider(_compiled(ref))
+        providers["reference-compiled"] = Provider(compiled(ref))
     size = torch.Size(shape).numel() * F32
     return Workload(
         "anchor_consistency",
         "x".join(map(str, shape)),
         inputs,
         Work(footprint=2 * size, traffic=2 * size, exps=torch.Size(shape).numel()),  # read sim and target
-        _gradient_io(shape),  # write the gradient of sim (a fused pass needs no second read)
+        gradient_io(shape),  # write the gradient of sim (a fused pass needs no second read)
         lambda x: ref({"sim": x["sim"].double(), "target": x["target"].double()}),
         ("sim",),
         providers,
@@ -489,6 +387,9 @@ OPS: dict[str, Callable[[torch.device, str, bool], list[Workload]]] = {
     "batched": batched_workloads,
     "similarity": similarity_workloads,
     "info_nce": info_nce_workloads,
+    "geometric_consistency": structure_workloads.geometric_consistency_workloads,
+    "feature_separation": structure_workloads.feature_separation_workloads,
+    "brownian_bridge": structure_workloads.brownian_bridge_workloads,
 }
 
 

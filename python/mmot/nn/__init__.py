@@ -6,7 +6,8 @@
 - :class:`NormSoftmaxLoss` and :class:`CombinatorialContrastiveLoss`: the fused InfoNCE loss
   for one pair and for every pair of modalities, with pair weights and missing modalities;
 - :class:`SSPCLoss`: SSPC's intra- and cross-modal anchor loss with its queue warm-up;
-- :class:`ModalityMean` and :class:`C3`: C3's streaming modality mean and its collapse/corrupt transform.
+- :class:`ModalityMean` and :class:`C3`: C3's streaming modality mean and its collapse/corrupt transform;
+- :class:`FeatureSeparation`: a modality-specific head and its orthogonality loss against the shared embedding.
 """
 
 from mmot.nn.anchors import Anchors
@@ -14,6 +15,7 @@ from mmot.nn.assignment import MultiSinkhorn, Sinkhorn
 from mmot.nn.c3 import C3, ModalityMean
 from mmot.nn.contrastive import CombinatorialContrastiveLoss, NormSoftmaxLoss
 from mmot.nn.queue import FeatureQueue
+from mmot.nn.separation import FeatureSeparation
 from mmot.nn.sspc import SSPCLoss
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "C3",
     "CombinatorialContrastiveLoss",
     "FeatureQueue",
+    "FeatureSeparation",
     "ModalityMean",
     "MultiSinkhorn",
     "NormSoftmaxLoss",

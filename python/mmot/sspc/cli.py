@@ -70,7 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     p_rep.add_argument("--out", default=None, help="output directory (default: sspc_reproduce[_quick])")
     p_rep.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5; the paired intervals need >= 2)")
     p_rep.add_argument("--testbed", action="append", choices=["concepts", "uci"], help="only this test bed (repeatable; default both)")
-    p_rep.add_argument("--variants", default=None, help="comma-separated subset of contrastive,sinkhorn,multi_sk (default all)")
+    p_rep.add_argument(
+        "--variants",
+        default=None,
+        help=(
+            "comma-separated variants (default contrastive,sinkhorn,multi_sk); also gc, bridge, separation, c3, "
+            "multi_sk+gc, multi_sk+bridge, multi_sk+separation"
+        ),
+    )
     p_rep.add_argument("--q", default=None, help="comma-separated pair-noise levels (default: 0,0.2,0.4 concepts; 0,0.4 uci)")
     p_rep.add_argument("--jobs", type=int, default=None, help="runs in parallel, one thread each (default: the CPUs, at most 8)")
     p_rep.add_argument("--config", default=None, help="replace the test bed's config (with one --testbed)")

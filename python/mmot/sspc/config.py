@@ -21,10 +21,34 @@ from mmot._extras import require
 
 yaml = require("yaml", "sspc", "mmot.sspc")
 
-VARIANTS = ("contrastive", "sinkhorn", "multi_sk")
+BASE_VARIANTS = ("contrastive", "sinkhorn", "multi_sk")
+STRUCTURE_TERMS = ("gc", "bridge", "separation")
+VARIANTS = (*BASE_VARIANTS, *STRUCTURE_TERMS, "c3", *(f"multi_sk+{term}" for term in STRUCTURE_TERMS))
 """Loss variants: NormSoftmax only; + SSPC anchor terms with single-assignment Sinkhorn targets
 (:func:`mmot.sinkhorn`, rows min-max rescaled as Multi-SK's are); + SSPC anchor terms with
-Multi-SK targets (:func:`mmot.multi_sinkhorn`)."""
+Multi-SK targets (:func:`mmot.multi_sinkhorn`). The structure methods add one term to the
+contrastive loss (``gc``, ``bridge``, ``separation``) or to SSPC (``multi_sk+gc`` ...):
+:func:`mmot.geometric_consistency`, :func:`mmot.brownian_bridge_loss` against an augmented view,
+:func:`mmot.feature_separation_loss` against modality-specific heads (:mod:`mmot.sspc.structure`).
+``c3`` trains as ``contrastive`` and is evaluated on collapsed embeddings (C3's collapse with the
+training split's modality means)."""
+AUGMENTATIONS = ("jitter", "dropout")
+"""The Brownian-bridge term's augmented view: Gaussian jitter of every token (relative to the
+token's RMS) or token dropout (each valid token dropped with the strength as probability, one
+always kept)."""
+
+
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """(the base variant, its structure term or None): "gc" → ("contrastive", "gc"),
+    "multi_sk+gc" → ("multi_sk", "gc"), "c3" → ("contrastive", None)."""
+    base, _, term = variant.rpartition("+")
+    if not base:
+        base, term = (variant, "") if variant not in STRUCTURE_TERMS else ("contrastive", variant)
+    if base == "c3":
+        base = "contrastive"
+    return base, term or None
+
+
 DATA_FORMATS = ("uci", "npz", "pickle", "synthetic", "concepts")
 ASSIGNMENT_IMPLS = ("mmot", "official_dense")
 INPUT_SPACES = ("projected", "raw")
@@ -173,6 +197,23 @@ class LossConfig:
     sk_eps: float = 0.07
     sk_iters: int = 20
     assignment_impl: str = "mmot"
+    # Structure terms (the gc, bridge and separation variants): their weights and settings.
+    gc_weight: float = 1.0
+    bridge_weight: float = 0.1
+    bridge_t: float = 0.5
+    bridge_sigma: float = 0.5
+    bridge_augment: str = "jitter"
+    bridge_strength: float = 0.3
+    separation_weight: float = 1.0
+    separation_dim: int = 16
+
+    @property
+    def base_variant(self) -> str:
+        return split_variant(self.variant)[0]
+
+    @property
+    def structure(self) -> str | None:
+        return split_variant(self.variant)[1]
 
     def pair_weight(self, a: str, b: str) -> float:
         """The contrastive weight of the modality pair {a, b} (either key order), else the default."""
@@ -456,6 +497,13 @@ def validate(cfg: Config) -> None:
     if loss.queue_size is not None:
         _check(loss.queue_size >= 1, "loss.queue_size", "an integer >= 1 or null (null: loss.queue_batches)", loss.queue_size)
     _check(loss.anchor_loss_weight >= 0, "loss.anchor_loss_weight", "a number >= 0", loss.anchor_loss_weight)
+    for key in ("gc_weight", "bridge_weight", "separation_weight"):
+        _check(getattr(loss, key) >= 0, f"loss.{key}", "a number >= 0", getattr(loss, key))
+    _check(0.0 < loss.bridge_t < 1.0, "loss.bridge_t", "a number in (0, 1) (the bridge has variance 0 at its ends)", loss.bridge_t)
+    _check(loss.bridge_sigma > 0, "loss.bridge_sigma", "a number > 0", loss.bridge_sigma)
+    _check(loss.bridge_augment in AUGMENTATIONS, "loss.bridge_augment", f"one of {AUGMENTATIONS}", loss.bridge_augment)
+    _check(0.0 < loss.bridge_strength < 1.0, "loss.bridge_strength", "a number in (0, 1)", loss.bridge_strength)
+    _check(loss.separation_dim >= 1, "loss.separation_dim", "an integer >= 1", loss.separation_dim)
     if loss.mk_k is not None:
         _check(1 <= loss.mk_k <= m.n_anchors, "loss.mk_k", f"an integer in 1..model.n_anchors ({m.n_anchors}) or null", loss.mk_k)
     for key, weight in loss.pair_weights.items():

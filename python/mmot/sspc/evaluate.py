@@ -21,6 +21,13 @@ Fused queries (three or more modalities): the fused embedding of b and c is the 
 L2-normalised embeddings, as everything_at_once's ``b+c`` embeddings; "a->b+c" queries it with a
 and "b+c->a" is the reverse. The headline one is "text->video+audio".
 
+Structure metrics, in the summary: ``gap``, the modality gap ‖mean(â) − mean(b̂)‖ (C3's
+measure, :func:`mmot.modality_gap`), weighted over the pairs as the retrieval metrics; and
+``ucR@1``, retrieval with one modality's embeddings standing in for another's (C3's uni-modal
+setting): queries of every other modality against a gallery of the *training* split's text
+embeddings with their labels, a hit when the nearest gallery item shares the query's class
+(where the split's classes all occur in training).
+
 The summary over pairs is a weighted mean of the single-modality pairs, each ordered pair a->b
 weighted as the contrastive loss weights {a, b} in training (``loss.pair_weights``), so text-video
 counts 10× the audio pairs under SSPC's weights. Fused queries are reported, not averaged in: mmot
@@ -34,11 +41,13 @@ import itertools
 import torch
 from torch import Tensor
 
+import mmot
 from mmot.sspc.config import LossConfig
 
 RECALL_KS = (1, 5, 10, 50)
 METRICS = ("R@1", "R@5", "R@10", "R@50", "MedR", "MeanR")
 CLASS_METRICS = ("cR@1", "cR@5", "cR@10", "mAP")
+STRUCTURE_METRICS = ("gap", "ucR@1")
 FUSED_QUERY = "text->video+audio"
 
 
@@ -144,15 +153,41 @@ def summarise(embeddings: dict[str, Tensor], loss: LossConfig, labels: Tensor | 
     return {"pairs": pairs, "mean": mean_over_pairs(pairs, weights), "weights": weights}
 
 
+def modality_gap(embeddings: dict[str, Tensor], weights: dict[str, float]) -> float:
+    """The modality gap of every single-modality pair, averaged with the pairs' ``weights``."""
+    total = sum(weights.values())
+    gaps = {key: float(mmot.modality_gap(*(embeddings[m].float() for m in key.split("->")))) for key in weights}
+    return sum(w * gaps[key] for key, w in weights.items()) / total
+
+
+def gallery_modality(modalities: list[str]) -> str:
+    """The modality whose training embeddings form the uni-modal gallery: text where there is text."""
+    return "text" if "text" in modalities else modalities[0]
+
+
+def unimodal_recall(
+    embeddings: dict[str, Tensor], labels: Tensor, gallery: Tensor, gallery_labels: Tensor, gallery_name: str, loss: LossConfig
+) -> float:
+    """ucR@1 (%): for every modality but ``gallery_name``, the share of queries whose nearest
+    ``gallery`` item (cosine) has the query's label, averaged with the pair weights."""
+    g = torch.nn.functional.normalize(gallery.float(), dim=-1)
+    total, value = 0.0, 0.0
+    for m, x in embeddings.items():
+        if m == gallery_name:
+            continue
+        q = torch.nn.functional.normalize(x.float(), dim=-1)
+        nearest = torch.cat([(q[s : s + 1024] @ g.T).argmax(dim=1) for s in range(0, q.shape[0], 1024)])
+        w = loss.pair_weight(m, gallery_name)
+        value += w * float((gallery_labels[nearest] == labels).double().mean() * 100.0)
+        total += w
+    return value / total
+
+
 def evaluate_checkpoint(path, splits: list[str] | None = None, device: str = "cpu") -> dict:
-    """Load a checkpoint written by :func:`mmot.sspc.train.train` and evaluate it on its data."""
-    from mmot.sspc.model import embed_split
-    from mmot.sspc.train import load_for_eval
+    """Load a checkpoint written by :func:`mmot.sspc.train.train` and evaluate it on its data, as
+    training's final evaluation does (the structure metrics and, for ``c3``, the collapse included)."""
+    from mmot.sspc.train import evaluate_model, load_for_eval
 
     model, data, cfg = load_for_eval(path, device=device)
-    results = {}
-    for name, split in data.items():
-        if name == "train" or (splits and name not in splits):
-            continue
-        results[name] = summarise(embed_split(model, split, cfg.train.batch_size, device), cfg.loss, split.labels)
-    return results
+    chosen = {name: split for name, split in data.items() if name == "train" or not splits or name in splits}
+    return evaluate_model(model, chosen, cfg.train.batch_size, device, cfg.loss)

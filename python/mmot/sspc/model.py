@@ -42,6 +42,7 @@ import mmot
 from mmot.dense_multi_sinkhorn import dense_multi_sinkhorn
 from mmot.sspc.config import INPUT_SPACES, LossConfig, ModelConfig
 from mmot.sspc.data import MultiModalData
+from mmot.sspc.structure import StructureTerm
 
 
 class GatedProjection(nn.Module):
@@ -78,12 +79,13 @@ class ModalityEncoder(nn.Module):
         )
         self.joint_proj = GatedProjection(cfg.d_model, cfg.embed_dim)
 
-    def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(L2-normalised masked mean of the projected tokens, joint embedding)."""
+    def forward(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(L2-normalised masked mean of the projected tokens, joint embedding, the pooled
+        transformer output the joint projection reads)."""
         h = self.norm(self.token_proj(tokens))
         pooled = nn.functional.normalize(masked_mean(h, mask), dim=-1)
-        h = self.block(h, src_key_padding_mask=~mask)
-        return pooled, self.joint_proj(masked_mean(h, mask))
+        hidden = masked_mean(self.block(h, src_key_padding_mask=~mask), mask)
+        return pooled, self.joint_proj(hidden), hidden
 
 
 class SSPCModel(nn.Module):
@@ -99,14 +101,15 @@ class SSPCModel(nn.Module):
         self.input_dims = dict(dims) if input_space == "raw" else {m: cfg.d_model for m in dims}
         self.encoders = nn.ModuleDict({m: ModalityEncoder(d, cfg) for m, d in dims.items()})
 
-    def forward(self, tokens: dict[str, Tensor], masks: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Returns (input-space features x_m, joint embeddings x̂_m), each keyed by modality."""
-        inputs, joint = {}, {}
+    def forward(self, tokens: dict[str, Tensor], masks: dict[str, Tensor], hidden: bool = False):
+        """Returns (input-space features x_m, joint embeddings x̂_m), each keyed by modality; with
+        ``hidden`` also the pooled transformer outputs (what the separation heads read)."""
+        inputs, joint, pooled = {}, {}, {}
         for m in self.modalities:
-            inputs[m], joint[m] = self.encoders[m](tokens[m], masks[m])
+            inputs[m], joint[m], pooled[m] = self.encoders[m](tokens[m], masks[m])
             if self.input_space == "raw":
                 inputs[m] = masked_mean(tokens[m], masks[m])
-        return inputs, joint
+        return (inputs, joint, pooled) if hidden else (inputs, joint)
 
 
 @torch.no_grad()
@@ -144,9 +147,11 @@ class SSPCObjective(nn.Module):
     the SSPC variants, the anchor loss (:class:`mmot.nn.SSPCLoss`, which owns the input- and
     joint-space anchors and the queues; its parameters are trained with the model's).
     ``dims`` are the input-space sizes (:attr:`SSPCModel.input_dims`), ``queue_size`` the queue
-    length in rows (:meth:`LossConfig.queue_rows`)."""
+    length in rows (:meth:`LossConfig.queue_rows`), ``hidden_dim`` the width of the pooled
+    transformer outputs (``model.d_model``). A structure variant adds its term
+    (:class:`mmot.sspc.structure.StructureTerm`) at its weight."""
 
-    def __init__(self, dims: dict[str, int], embed_dim: int, n_anchors: int, cfg: LossConfig, queue_size: int) -> None:
+    def __init__(self, dims: dict[str, int], embed_dim: int, n_anchors: int, cfg: LossConfig, queue_size: int, hidden_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
         mods = list(dims)
@@ -154,11 +159,12 @@ class SSPCObjective(nn.Module):
         if sum(pairs.values()) <= 0:
             raise ValueError(f"loss.pair_weights: the weights of the modality pairs {list(pairs)} sum to 0")
         self.contrastive = mmot.nn.CombinatorialContrastiveLoss({p: w for p, w in pairs.items() if w > 0}, cfg.temperature)
+        self.structure = StructureTerm(cfg, pairs, hidden_dim) if cfg.structure else None
         self.sspc = None
-        if cfg.variant != "contrastive":
+        if cfg.base_variant != "contrastive":
             w = {m: float(cfg.anchor_weights.get(m, cfg.default_anchor_weight)) for m in mods}
             c = {(m, n): min(w[m], w[n]) for m in mods for n in mods}
-            single = cfg.variant == "sinkhorn"
+            single = cfg.base_variant == "sinkhorn"
             cls = DenseSSPCLoss if (cfg.assignment_impl == "official_dense" and not single) else mmot.nn.SSPCLoss
             self.sspc = cls(
                 dims,
@@ -177,10 +183,27 @@ class SSPCObjective(nn.Module):
     def queue_full(self) -> bool:
         return self.sspc is not None and self.sspc.warmed_up
 
-    def forward(self, inputs: dict[str, Tensor], joint: dict[str, Tensor]) -> dict[str, Tensor]:
+    @property
+    def needs_augmented(self) -> bool:
+        return self.structure is not None and self.structure.kind == "bridge"
+
+    def forward(
+        self,
+        inputs: dict[str, Tensor],
+        joint: dict[str, Tensor],
+        hidden: dict[str, Tensor] | None = None,
+        augmented: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """The loss and its parts; ``hidden`` (the model's pooled outputs) and ``augmented`` (joint
+        embeddings of augmented views) feed the structure term, where the variant has one."""
         joint = {m: v.float() for m, v in joint.items()}
         contrastive = self.contrastive(joint)
         anchor = contrastive.new_zeros(())
         if self.sspc is not None:
             anchor = self.sspc({m: v.float() for m, v in inputs.items()}, joint)
-        return {"loss": contrastive + self.cfg.anchor_loss_weight * anchor, "contrastive": contrastive.detach(), "anchor": anchor.detach()}
+        structure = contrastive.new_zeros(())
+        loss = contrastive + self.cfg.anchor_loss_weight * anchor
+        if self.structure is not None:
+            structure = self.structure(joint, hidden or {}, augmented)
+            loss = loss + self.structure.weight * structure
+        return {"loss": loss, "contrastive": contrastive.detach(), "anchor": anchor.detach(), "structure": structure.detach()}

@@ -50,19 +50,32 @@ from pathlib import Path
 import torch
 
 from mmot._extras import MissingExtra, require
-from mmot.sspc.config import Config, ConfigError, DataConfig, config_from_dict, load_config
+from mmot.sspc.config import BASE_VARIANTS, Config, ConfigError, DataConfig, config_from_dict, load_config
+from mmot.sspc.config import VARIANTS as ALL_VARIANTS
 from mmot.sspc.data import load_data, make_splits, ood_folds
-from mmot.sspc.evaluate import CLASS_METRICS, FUSED_QUERY, METRICS
+from mmot.sspc.evaluate import CLASS_METRICS, FUSED_QUERY, METRICS, STRUCTURE_METRICS
 from mmot.sspc.stats import mean_std, paired_difference
 from mmot.sspc.train import CHECKPOINT, BatchPlan, build, train
 
-VARIANTS = ("contrastive", "sinkhorn", "multi_sk")
-LABELS = {"contrastive": "contrastive only", "sinkhorn": "+ SSPC (Sinkhorn)", "multi_sk": "+ SSPC (Multi-SK)"}
+VARIANTS = BASE_VARIANTS
+"""The default selection; ``variants`` may name any of :data:`mmot.sspc.config.VARIANTS`."""
+LABELS = {
+    "contrastive": "contrastive only",
+    "sinkhorn": "+ SSPC (Sinkhorn)",
+    "multi_sk": "+ SSPC (Multi-SK)",
+    "gc": "+ geometric consistency",
+    "bridge": "+ Brownian bridge",
+    "separation": "+ feature separation",
+    "c3": "contrastive, C3 collapse at evaluation",
+    "multi_sk+gc": "+ SSPC (Multi-SK) + geometric consistency",
+    "multi_sk+bridge": "+ SSPC (Multi-SK) + Brownian bridge",
+    "multi_sk+separation": "+ SSPC (Multi-SK) + feature separation",
+}
 TESTBEDS = ("concepts", "uci")
 CONFIGS = {"concepts": ("concepts_quick", "concepts_full"), "uci": ("uci_quick", "uci_full")}
 Q_LEVELS = {"concepts": (0.0, 0.2, 0.4), "uci": (0.0, 0.4)}
 # The columns of the summary tables: (split, metric), those the runs have.
-HEADLINE = (("test", "R@1"), ("ood", "R@1"), ("ood_shift", "R@1"), ("ood", "cR@1"), ("ood", "mAP"))
+HEADLINE = (("test", "R@1"), ("ood", "R@1"), ("ood_shift", "R@1"), ("ood", "cR@1"), ("ood", "mAP"), ("test", "gap"), ("test", "ucR@1"))
 
 
 def measure_step_time(cfg: Config, splits, n_steps: int = 10, warmup: int = 3) -> dict[str, float]:
@@ -157,7 +170,7 @@ def _summarise(per_run: dict, query: str = "mean") -> list[dict]:
     for variant, by_seed in per_run.items():
         seeds = sorted(by_seed)
         for split, first in by_seed[seeds[0]].items():
-            for metric in [m for m in METRICS + CLASS_METRICS if m in _pick(first, query)]:
+            for metric in [m for m in METRICS + CLASS_METRICS + STRUCTURE_METRICS if m in _pick(first, query)]:
                 values = [_pick(by_seed[s][split], query)[metric] for s in seeds]
                 mean, std = mean_std(values)
                 rows.append(
@@ -187,7 +200,7 @@ def paired_rows(per_run: dict, baseline: str = "contrastive", query: str = "mean
         if not seeds:
             continue
         for split, first in by_seed[seeds[0]].items():
-            for metric in [m for m in METRICS + CLASS_METRICS if m in _pick(first, query)]:
+            for metric in [m for m in METRICS + CLASS_METRICS + STRUCTURE_METRICS if m in _pick(first, query)]:
                 base = [_pick(per_run[baseline][s][split], query)[metric] for s in seeds]
                 other = [_pick(by_seed[s][split], query)[metric] for s in seeds]
                 diff = paired_difference(base, other)
@@ -202,17 +215,26 @@ def markdown_table(rows: list[dict]) -> str:
     splits = list(dict.fromkeys(r["split"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     cell = {(r["variant"], r["split"], r["metric"]): r for r in rows}
-    columns = [(s, m) for s in splits for m in METRICS + CLASS_METRICS if any((v, s, m) in cell for v in variants)]
+    columns = [(s, m) for s in splits for m in METRICS + CLASS_METRICS + STRUCTURE_METRICS if any((v, s, m) in cell for v in variants)]
     head = "| variant | " + " | ".join(f"{s} {m}" for s, m in columns) + " |"
     lines = [head, "|---|" + "---:|" * len(columns)]
     for v in variants:
-        vals = [f"{cell[(v, s, m)]['mean']:.1f} ± {cell[(v, s, m)]['std']:.1f}" if (v, s, m) in cell else "" for s, m in columns]
+        vals = [_mean_std(cell[(v, s, m)], m) if (v, s, m) in cell else "" for s, m in columns]
         lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
-def _signed(x: float) -> str:
-    return f"{x:+.1f}".replace("-", "−")
+# Decimals per metric: percentages and ranks to 0.1; the modality gap (a distance in [0, 2]) to 0.001.
+DECIMALS = {"gap": 3}
+
+
+def _mean_std(row: dict, metric: str) -> str:
+    k = DECIMALS.get(metric, 1)
+    return f"{row['mean']:.{k}f} ± {row['std']:.{k}f}"
+
+
+def _signed(x: float, metric: str = "") -> str:
+    return f"{x:+.{DECIMALS.get(metric, 1)}f}".replace("-", "−")
 
 
 def summary_tables(rows: list[dict], paired: list[dict], testbed: str) -> str:
@@ -227,9 +249,7 @@ def summary_tables(rows: list[dict], paired: list[dict], testbed: str) -> str:
     lines = [head, "|---|---|" + "---:|" * len(columns)]
     for q in qs:
         for v in variants:
-            vals = [
-                f"{cell[(q, v, s, m)]['mean']:.1f} ± {cell[(q, v, s, m)]['std']:.1f}" if (q, v, s, m) in cell else "" for s, m in columns
-            ]
+            vals = [_mean_std(cell[(q, v, s, m)], m) if (q, v, s, m) in cell else "" for s, m in columns]
             lines.append(f"| {q:g} | {LABELS.get(v, v)} | " + " | ".join(vals) + " |")
     diffs = {(r["q"], r["variant"], r["split"], r["metric"]): r for r in paired if r["testbed"] == testbed and r["query"] == "mean"}
     if not diffs:
@@ -244,9 +264,9 @@ def summary_tables(rows: list[dict], paired: list[dict], testbed: str) -> str:
                 if d is None:
                     vals.append("")
                 elif d["lo"] is None:
-                    vals.append(_signed(d["mean"]))
+                    vals.append(_signed(d["mean"], m))
                 else:
-                    vals.append(f"{_signed(d['mean'])} [{_signed(d['lo'])}, {_signed(d['hi'])}]")
+                    vals.append(f"{_signed(d['mean'], m)} [{_signed(d['lo'], m)}, {_signed(d['hi'], m)}]")
             if any(vals):
                 lines.append(f"| {q:g} | {LABELS.get(v, v)} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
@@ -319,7 +339,7 @@ def reproduce(
     again, so an interrupted reproduce ends with the results of an uninterrupted one)."""
     if overwrite and resume:
         raise ConfigError("reproduce: --overwrite and --resume exclude each other")
-    for name, chosen, known in (("testbed", testbeds, TESTBEDS), ("variants", variants, VARIANTS)):
+    for name, chosen, known in (("testbed", testbeds, TESTBEDS), ("variants", variants, ALL_VARIANTS)):
         bad = [c for c in chosen if c not in known]
         if bad or not chosen:
             raise ConfigError(f"reproduce: {name} {list(chosen)}: expected a non-empty selection of {known}")

@@ -6,7 +6,7 @@ evaluated; ``train.grad_clip`` adds clipping, ``train.ema_decay`` keeps an EMA o
 Output directory (``train.out_dir``):
 
 - ``metrics.jsonl``: one JSON record a line: ``{"type": "train", "step", "epoch", "loss",
-  "contrastive", "anchor", "lr", "queue_full"}`` every ``train.log_every`` steps and
+  "contrastive", "anchor", "structure", "lr", "queue_full"}`` every ``train.log_every`` steps and
   ``{"type": "eval", "step", "epoch", "split", "mean": {...}, "pairs": {"a->b": {...}},
   "weights": {"a->b": w}}`` after evaluations (:func:`mmot.sspc.evaluate.summarise`);
 - ``last.pt``: the latest checkpoint, written to a temporary file and moved into place with
@@ -38,8 +38,9 @@ from mmot.sspc import checkpoint as ckpt
 from mmot.sspc.checkpoint import CheckpointError
 from mmot.sspc.config import Config, ConfigError, LossConfig, config_from_dict, yaml
 from mmot.sspc.data import MultiModalData, make_splits
-from mmot.sspc.evaluate import summarise
+from mmot.sspc.evaluate import gallery_modality, modality_gap, summarise, unimodal_recall
 from mmot.sspc.model import SSPCModel, SSPCObjective, embed_split
+from mmot.sspc.structure import augment_tokens, collapsed, modality_means
 
 CHECKPOINT = "last.pt"
 METRICS = "metrics.jsonl"
@@ -124,10 +125,28 @@ class BatchPlan:
 
 
 def evaluate_model(model, splits: dict[str, MultiModalData], batch_size: int, device, loss: LossConfig) -> dict:
+    """:func:`summarise` of every split but train, with the structure metrics (the modality gap;
+    ucR@1 against the training split's text gallery where the split's classes occur in training).
+    The ``c3`` variant is evaluated on embeddings collapsed with the training split's modality means."""
+    train_split = splits["train"]
+    reference = embed_split(model, train_split, batch_size, device)
+    means = modality_means(reference) if loss.variant == "c3" else None
+    if means is not None:
+        reference = collapsed(reference, means)
+    gallery = gallery_modality(list(reference))
     out = {}
     for name, split in splits.items():
-        if name != "train":
-            out[name] = summarise(embed_split(model, split, batch_size, device), loss, split.labels)
+        if name == "train":
+            continue
+        embedded = embed_split(model, split, batch_size, device)
+        if means is not None:
+            embedded = collapsed(embedded, means)
+        result = summarise(embedded, loss, split.labels)
+        result["mean"]["gap"] = modality_gap(embedded, result["weights"])
+        labels, known = split.labels, train_split.labels
+        if labels is not None and known is not None and bool(torch.isin(labels, known).all()) and len(embedded) > 1:
+            result["mean"]["ucR@1"] = unimodal_recall(embedded, labels, reference[gallery], known, gallery, loss)
+        out[name] = result
     return out
 
 
@@ -195,7 +214,7 @@ def build(cfg: Config, device: torch.device, splits: dict[str, MultiModalData]):
     train_split = splits["train"]
     model = SSPCModel(train_split.dims(), cfg.model, cfg.loss.input_space).to(device)
     queue = cfg.loss.queue_rows(BatchPlan(cfg, train_split).size)
-    objective = SSPCObjective(model.input_dims, cfg.model.embed_dim, cfg.model.n_anchors, cfg.loss, queue).to(device)
+    objective = SSPCObjective(model.input_dims, cfg.model.embed_dim, cfg.model.n_anchors, cfg.loss, queue, cfg.model.d_model).to(device)
     return model, objective
 
 
@@ -317,8 +336,12 @@ def train(
             tokens = {m: train_split.features[m][idx].to(device, non_blocking=True) for m in model.modalities}
             masks = {m: train_split.masks[m][idx].to(device, non_blocking=True) for m in model.modalities}
             with autocast():
-                inputs, joint = model(tokens, masks)
-            losses = objective(inputs, joint)
+                inputs, joint, hidden = model(tokens, masks, hidden=True)
+                augmented = None
+                if objective.needs_augmented:
+                    views = {m: augment_tokens(tokens[m], masks[m], cfg.loss.bridge_augment, cfg.loss.bridge_strength) for m in tokens}
+                    _, augmented = model({m: v[0] for m, v in views.items()}, {m: v[1] for m, v in views.items()})
+            losses = objective(inputs, joint, hidden, augmented)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"]).backward()
             if t.grad_clip:
@@ -341,6 +364,7 @@ def train(
                     "loss": float(losses["loss"].detach()),
                     "contrastive": float(losses["contrastive"]),
                     "anchor": float(losses["anchor"]),
+                    "structure": float(losses["structure"]),
                     "lr": optimizer.param_groups[0]["lr"],
                     "queue_full": objective.queue_full,
                 }

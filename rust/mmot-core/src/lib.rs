@@ -14,7 +14,8 @@
 //!   in SIMD lanes;
 //! - the kernels, one module each: [`sinkhorn`](mod@sinkhorn),
 //!   [`multi_sinkhorn`](mod@multi_sinkhorn), [`similarity`](mod@similarity), [`info_nce`],
-//!   [`anchor_consistency`], [`brownian_bridge`].
+//!   [`anchor_consistency`], [`brownian_bridge`], [`geometric_consistency`],
+//!   [`feature_separation`].
 //!
 //! `cargo bench -p mmot-core --bench kernels` times them at the sizes that matter (see
 //! `benches/kernels.rs`).
@@ -28,6 +29,8 @@ pub mod simd;
 
 pub mod anchor_consistency;
 pub mod brownian_bridge;
+pub mod feature_separation;
+pub mod geometric_consistency;
 pub mod info_nce;
 pub mod multi_sinkhorn;
 pub mod similarity;
@@ -42,6 +45,14 @@ pub use brownian_bridge::{
 pub use dims::Dims;
 pub use domain::LogDomain;
 pub use error::{MmotError, Result};
+pub use feature_separation::{
+    feature_separation_backward, feature_separation_forward, FeatureSeparationInput,
+    FeatureSeparationParams,
+};
+pub use geometric_consistency::{
+    geometric_consistency_backward, geometric_consistency_forward, GeometricConsistencyInput,
+    GeometricConsistencyParams,
+};
 pub use info_nce::{info_nce_backward, info_nce_forward, InfoNceInput, InfoNceParams};
 pub use multi_sinkhorn::{multi_sinkhorn, multi_sinkhorn_backward, MultiSinkhornParams, Normalize};
 pub use simd::Real;

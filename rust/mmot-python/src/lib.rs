@@ -11,6 +11,8 @@
 mod anchor_consistency;
 mod arrays;
 mod brownian_bridge;
+mod feature_separation;
+mod geometric_consistency;
 mod info_nce;
 mod interrupt;
 mod multi_sinkhorn;
@@ -51,5 +53,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     info_nce::register(m)?;
     anchor_consistency::register(m)?;
     brownian_bridge::register(m)?;
+    feature_separation::register(m)?;
+    geometric_consistency::register(m)?;
     Ok(())
 }
