@@ -228,8 +228,9 @@ def test_compile_fullgraph_with_changing_sizes(native_backend, dynamic):
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_rust_several_chunks_parts_and_column_blocks_float64(normalize):
-    """N = 4097 rows are 17 chunks of 256 in 9 parts of two chunks (the partial-Gram budget allows
-    15 parts at D = 300), with a ragged last chunk; D = 300 is three column blocks of 128."""
+    """N = 4097 rows are 17 chunks of 256 in several parts of whole chunks (as many as the
+    partial-Gram budget allows at D = 300), with a ragged last chunk; D = 300 is three column
+    blocks of 128."""
     a, b = positive_pairs(4097, 300, 16)
     want = reference.geometric_consistency(a, b, normalize, reduction="sum")
     got = mmot.geometric_consistency(a, b, normalize=normalize, reduction="sum", backend="rust")
