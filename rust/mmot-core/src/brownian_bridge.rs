@@ -33,7 +33,7 @@ use crate::error::{check_len, not_finite, Result};
 use crate::exec::row_norms::{unit_rows, UnitRows};
 use crate::interrupt::Interrupt;
 use crate::simd::gemm::{gemm, MatrixRef};
-use crate::simd::{dispatch, dot, sum, Real, LANES};
+use crate::simd::{dispatch, dot, max, sum, Real, LANES};
 use rayon::prelude::*;
 
 /// Rows (of `mid`) and columns (pairs of `a`, `b`) per tile; equal, so that the backward's
@@ -271,7 +271,7 @@ pub fn brownian_bridge_forward<T: Real>(
                             if (j0..j0 + cols).contains(&i) {
                                 loss[r] = s[i - j0]; // the diagonal logit, until the end
                             }
-                            let top = s.iter().fold(T::NEG_INFINITY, |acc, &v| acc.fmax(v));
+                            let top = max(s); // in vector lanes: a scalar fold is one long dependency chain
                             if top > run_max[r] {
                                 run_sum[r] *= (run_max[r] - top).exp_fast();
                                 run_max[r] = top;
