@@ -113,3 +113,26 @@ def materialized_feature_separation(shared, specific, normalize=True):
     if shared.shape[0] == 0:
         return (shared.sum() + specific.sum()) * 0.0
     return ((shared @ shared.T) * (specific @ specific.T)).mean()
+
+
+def materialized_multi_info_nce(x, present, pair_weights, temperature, symmetric=True, normalize=True):
+    """PCMC by its definition: per pair, the rows both modalities have, their logits and
+    F.cross_entropy each way; (the (M, M) pair losses, the weighted mean over non-empty pairs)."""
+    m = x.shape[0]
+    losses = torch.zeros(m, m, dtype=torch.float64)
+    total, weight = torch.zeros((), dtype=torch.float64), 0.0
+    for i in range(m):
+        for j in range(i + 1, m):
+            keep = present[i] & present[j]
+            if not bool(keep.any()):
+                continue
+            a, b = x[i][keep].double(), x[j][keep].double()
+            if normalize:
+                a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+            logits = a @ b.T / temperature
+            target = torch.arange(a.shape[0])
+            loss = F.cross_entropy(logits, target) + (F.cross_entropy(logits.T, target) if symmetric else 0.0)
+            losses[i, j] = loss
+            total = total + float(pair_weights[i, j]) * loss
+            weight += float(pair_weights[i, j])
+    return losses, total / weight if weight > 0 else total

@@ -13,6 +13,7 @@ from mmot.ops.brownian_bridge import brownian_bridge_loss
 from mmot.ops.feature_separation import feature_separation_loss
 from mmot.ops.geometric_consistency import geometric_consistency
 from mmot.ops.info_nce import info_nce
+from mmot.ops.multi_info_nce import multi_info_nce
 from mmot.ops.multi_sinkhorn import multi_sinkhorn
 from mmot.ops.similarity import similarity
 from mmot.ops.sinkhorn import sinkhorn
@@ -34,6 +35,7 @@ __all__ = [
     "geometric_consistency",
     "info_nce",
     "modality_gap",
+    "multi_info_nce",
     "multi_sinkhorn",
     "nn",
     "set_checks",

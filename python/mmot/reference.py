@@ -526,3 +526,34 @@ def feature_separation_loss(shared: torch.Tensor, specific: torch.Tensor, normal
     if normalize:
         x, y = unit_rows(x), unit_rows(y)
     return ((x.T @ y) / max(shared.shape[0], 1)).square().sum().to(shared.dtype)
+
+
+def multi_info_nce(
+    embeddings: torch.Tensor,
+    present: torch.Tensor,
+    pair_weights: torch.Tensor,
+    temperature: float,
+    symmetric: bool = True,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCMC for embeddings (M, N, D), present (M, N) bool and pair weights (M, M):
+    (the (M, M) matrix of pair losses, upper triangle; the pair-weighted mean over pairs with a
+    common sample, 0 if none).
+
+    Pair m < m′ is :func:`info_nce` over the samples present in both, its mean over them (0 for
+    a pair with no common sample)."""
+    m = embeddings.shape[0]
+    dtype = compute_dtype(embeddings.dtype)
+    losses = torch.zeros(m, m, dtype=dtype, device=embeddings.device)
+    total = weight = torch.zeros((), dtype=dtype, device=embeddings.device)
+    for i in range(m):
+        for j in range(i + 1, m):
+            valid = present[i] & present[j]
+            count = int(valid.sum())
+            per_sample = info_nce(embeddings[i], embeddings[j], valid, temperature, symmetric, normalize).to(dtype)
+            losses[i, j] = per_sample.sum() / max(count, 1)
+            if count:
+                total = total + pair_weights[i, j].to(dtype) * losses[i, j]
+                weight = weight + pair_weights[i, j].to(dtype)
+    mean = total / weight if weight > 0 else total
+    return losses.to(embeddings.dtype), mean.to(embeddings.dtype)

@@ -180,14 +180,14 @@ def _backward_rust(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, no
     return [grad_a.to(a.dtype), grad_b.to(b.dtype)]
 
 
-_FORWARD = Kernels(
+FORWARD = Kernels(
     torch=_forward_torch,
     rust=_forward_rust,
     triton=triton_entry(KERNELS, "forward"),
     empty=lambda a, *_: a.numel() == 0,
     check=_check,
 )
-_BACKWARD = Kernels(
+BACKWARD = Kernels(
     torch=reverse.backward,
     rust=_backward_rust,
     triton=triton_entry(KERNELS, "backward"),
@@ -200,12 +200,12 @@ def info_nce_op(
     a: Tensor, b: Tensor, weights: Tensor, temperature: float, symmetric: bool, normalize: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-pair losses (N,) and the row/column log-sum-exps; devices without a kernel run the reference."""
-    return _FORWARD("torch", a, b, weights, temperature, symmetric, normalize)
+    return FORWARD("torch", a, b, weights, temperature, symmetric, normalize)
 
 
 @info_nce_op.register_kernel(("cpu", "cuda"))
 def _info_nce_kernel(a, b, weights, temperature, symmetric, normalize, backend):
-    return _FORWARD(backend, a, b, weights, temperature, symmetric, normalize)
+    return FORWARD(backend, a, b, weights, temperature, symmetric, normalize)
 
 
 @info_nce_op.register_fake
@@ -229,12 +229,12 @@ def info_nce_backward_op(
     backend: str,
 ) -> list[Tensor]:
     """Gradients for a and b from the saved log-sum-exps; other devices run the torch backend."""
-    return _BACKWARD("torch", grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize)
+    return BACKWARD("torch", grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize)
 
 
 @info_nce_backward_op.register_kernel(("cpu", "cuda"))
 def _info_nce_backward_kernel(grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize, backend):
-    return _BACKWARD(backend, grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize)
+    return BACKWARD(backend, grad, a, b, weights, lse_a, lse_b, temperature, symmetric, normalize)
 
 
 @info_nce_backward_op.register_fake
