@@ -1,9 +1,11 @@
 """``mmot.multi_info_nce``: PCMC's InfoNCE over every pair of modalities, with missing modalities.
 
 The op normalises each modality once, then runs the fused InfoNCE kernels of
-:mod:`mmot.ops.info_nce` (Rust, Triton or torch) on each pair of normalised modalities with the
-pair's mask, so no N×N block outlives a tile; the backward runs their reverse passes, adds each
-modality's gradient over its M − 1 pairs and applies the normalisation's adjoint once.
+:mod:`mmot.ops.info_nce` (Rust, Triton or torch) on each pair of normalised modalities, so no
+N×N block outlives a tile; the backward runs their reverse passes, adds each modality's gradient
+over its M − 1 pairs and applies the normalisation's adjoint once. The Rust and torch kernels see
+only the samples both modalities of a pair have (gathered: a missing sample costs nothing); the
+Triton kernels take the pair's mask instead, which needs no host sync.
 """
 
 from __future__ import annotations
@@ -175,28 +177,48 @@ def _units(x: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
     return unit_rows(xs) if normalize else (xs, None)
 
 
+def _pairs(backend: str, x: Tensor, weights: Tensor):
+    """Per pair (p, i, j, rows): the indices of the samples both modalities have, so that the
+    kernels skip the others' work; None for Triton (its kernels mask them: no host sync)."""
+    first, second = pair_index(x.shape[0], x.device)
+    for p, (i, j) in enumerate(zip(first.tolist(), second.tolist())):
+        rows = None if backend == "triton" else torch.nonzero(weights[i] * weights[j]).flatten()
+        yield p, i, j, rows
+
+
 def _forward(backend, x, weights, temperature, symmetric, normalize):
     _checks.finite(OP, "embeddings", x)  # once here, so the pair kernels' own check never names info_nce
     units, _ = _units(x, normalize)
-    first, second = pair_index(x.shape[0], x.device)
-    outs = [
-        pair.FORWARD(backend, units[i], units[j], weights[i] * weights[j], temperature, symmetric, False)
-        for i, j in zip(first.tolist(), second.tolist())
-    ]
-    loss, lse_a, lse_b = (torch.stack(parts) for parts in zip(*outs))
+    dtype = units.dtype
+    n_pairs, n = x.shape[0] * (x.shape[0] - 1) // 2, x.shape[1]
+    loss, lse_a, lse_b = (units.new_zeros((n_pairs, n)) for _ in range(3))
+    for p, i, j, rows in _pairs(backend, x, weights):
+        if rows is None:
+            loss[p], lse_a[p], lse_b[p] = pair.FORWARD(backend, units[i], units[j], weights[i] * weights[j], temperature, symmetric, False)
+            continue
+        a, b, ones = units[i][rows], units[j][rows], torch.ones(len(rows), dtype=dtype, device=x.device)
+        parts = pair.FORWARD(backend, a, b, ones, temperature, symmetric, False)
+        for out, part in zip((loss[p], lse_a[p], lse_b[p]), parts):
+            out[rows] = part.to(dtype)
     return loss.to(x.dtype), lse_a, lse_b
 
 
 def _backward(backend, grad, x, weights, lse_a, lse_b, temperature, symmetric, normalize):
     units, norms = _units(x, normalize)
     total = torch.zeros_like(units)
-    first, second = pair_index(x.shape[0], x.device)
-    for p, (i, j) in enumerate(zip(first.tolist(), second.tolist())):
+    for p, i, j, rows in _pairs(backend, x, weights):
         g = grad[p].to(units.dtype)
-        both = weights[i] * weights[j]
-        grad_i, grad_j = pair.BACKWARD(backend, g, units[i], units[j], both, lse_a[p], lse_b[p], temperature, symmetric, False)
-        total[i] += grad_i
-        total[j] += grad_j
+        if rows is None:
+            both = weights[i] * weights[j]
+            grad_i, grad_j = pair.BACKWARD(backend, g, units[i], units[j], both, lse_a[p], lse_b[p], temperature, symmetric, False)
+            total[i] += grad_i
+            total[j] += grad_j
+            continue
+        ones = torch.ones(len(rows), dtype=units.dtype, device=x.device)
+        a, b = units[i][rows], units[j][rows]
+        grad_i, grad_j = pair.BACKWARD(backend, g[rows], a, b, ones, lse_a[p][rows], lse_b[p][rows], temperature, symmetric, False)
+        total[i].index_add_(0, rows, grad_i)
+        total[j].index_add_(0, rows, grad_j)
     if normalize:
         total = unit_rows_backward(total, units, norms)
     return total.to(x.dtype)
