@@ -38,12 +38,14 @@ class Provider:
 @dataclass(frozen=True)
 class Target:
     """mmot's goal on a workload: ``speedup``× ``against`` or better and, where ``floor_factor`` is given,
-    within ``floor_factor``× its memory floor (``floor_text`` says which passes it counts)."""
+    within ``floor_factor``× its memory floor (``floor_text`` says which passes it counts), in the
+    ``mode`` pass ("forward", or "forward+backward", which needs ``--backward``)."""
 
     against: str
     speedup: float
     floor_factor: float | None = None
     floor_text: str = ""
+    mode: str = "forward"
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import mmot
 from mmot import reference
-from mmot.bench import baselines, structure_workloads
+from mmot.bench import baselines, contrastive_workloads, structure_workloads
 from mmot.bench.floors import Work
 from mmot.bench.workload import (
     BENCH_EXTRA,
@@ -390,6 +390,7 @@ OPS: dict[str, Callable[[torch.device, str, bool], list[Workload]]] = {
     "geometric_consistency": structure_workloads.geometric_consistency_workloads,
     "feature_separation": structure_workloads.feature_separation_workloads,
     "brownian_bridge": structure_workloads.brownian_bridge_workloads,
+    "multi_info_nce": contrastive_workloads.multi_info_nce_workloads,
 }
 
 

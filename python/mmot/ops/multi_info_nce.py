@@ -219,8 +219,9 @@ def _backward(backend, grad, x, weights, lse_a, lse_b, temperature, symmetric, n
         grad_i, grad_j = pair.BACKWARD(backend, g[rows], a, b, ones, lse_a[p][rows], lse_b[p][rows], temperature, symmetric, False)
         total[i].index_add_(0, rows, grad_i)
         total[j].index_add_(0, rows, grad_j)
-    if normalize:
-        total = unit_rows_backward(total, units, norms)
+    if normalize:  # one modality at a time: the adjoint's temporaries stay N×D
+        for i in range(x.shape[0]):
+            total[i] = unit_rows_backward(total[i], units[i], norms[i])
     return total.to(x.dtype)
 
 

@@ -79,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     p_rep.add_argument("--q", default=None, help="comma-separated pair-noise levels (default: 0,0.2,0.4 concepts; 0,0.4 uci)")
+    p_rep.add_argument(
+        "--modality-dropout",
+        type=float,
+        default=None,
+        help="probability that a training sample misses a modality (data.modality_dropout; default: the config's, 0)",
+    )
     p_rep.add_argument("--jobs", type=int, default=None, help="runs in parallel, one thread each (default: the CPUs, at most 8)")
     p_rep.add_argument("--config", default=None, help="replace the test bed's config (with one --testbed)")
     p_rep.add_argument("--no-progress", action="store_true")
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 variants=tuple(v.strip() for v in args.variants.split(",")) if args.variants else VARIANTS,
                 q_levels=q_levels,
                 jobs=args.jobs,
+                modality_dropout=args.modality_dropout,
             )
             return 0
         if args.command == "convert-features":

@@ -23,7 +23,8 @@ yaml = require("yaml", "sspc", "mmot.sspc")
 
 BASE_VARIANTS = ("contrastive", "sinkhorn", "multi_sk")
 STRUCTURE_TERMS = ("gc", "bridge", "separation")
-VARIANTS = (*BASE_VARIANTS, *STRUCTURE_TERMS, "c3", *(f"multi_sk+{term}" for term in STRUCTURE_TERMS))
+OBJECTIVES = ("pcmc",)
+VARIANTS = (*BASE_VARIANTS, *STRUCTURE_TERMS, "c3", *(f"multi_sk+{term}" for term in STRUCTURE_TERMS), *OBJECTIVES)
 """Loss variants: NormSoftmax only; + SSPC anchor terms with single-assignment Sinkhorn targets
 (:func:`mmot.sinkhorn`, rows min-max rescaled as Multi-SK's are); + SSPC anchor terms with
 Multi-SK targets (:func:`mmot.multi_sinkhorn`). The structure methods add one term to the
@@ -31,7 +32,8 @@ contrastive loss (``gc``, ``bridge``, ``separation``) or to SSPC (``multi_sk+gc`
 :func:`mmot.geometric_consistency`, :func:`mmot.brownian_bridge_loss` against an augmented view,
 :func:`mmot.feature_separation_loss` against modality-specific heads (:mod:`mmot.sspc.structure`).
 ``c3`` trains as ``contrastive`` and is evaluated on collapsed embeddings (C3's collapse with the
-training split's modality means)."""
+training split's modality means). ``pcmc`` replaces the pairwise NormSoftmax loss with
+:func:`mmot.multi_info_nce` over every modality pair, missing modalities masked."""
 AUGMENTATIONS = ("jitter", "dropout")
 """The Brownian-bridge term's augmented view: Gaussian jitter of every token (relative to the
 token's RMS) or token dropout (each valid token dropped with the strength as probability, one
@@ -46,12 +48,24 @@ def split_variant(variant: str) -> tuple[str, str | None]:
         base, term = (variant, "") if variant not in STRUCTURE_TERMS else ("contrastive", variant)
     if base == "c3":
         base = "contrastive"
+    if base in OBJECTIVES:
+        return base, None
     return base, term or None
+
+
+def fusion_encoder(model: ModelConfig, variant: str) -> bool:
+    """Whether the run's model is the fusion encoder (``model.encoder``; ``auto`` is separate)."""
+    return model.encoder == "fusion"
 
 
 DATA_FORMATS = ("uci", "npz", "pickle", "synthetic", "concepts")
 ASSIGNMENT_IMPLS = ("mmot", "official_dense")
 INPUT_SPACES = ("projected", "raw")
+ENCODERS = ("auto", "separate", "fusion")
+"""``separate``: one transformer per modality (SSPC's model). ``fusion``: one transformer over the
+tokens of every modality, with modality masks (CoMM's model): a modality's embedding is the
+fusion of its tokens alone, the multimodal embedding that of every present modality's.
+``auto``: separate."""
 """What the input-space anchors score: the L2-normalised masked mean of the projected tokens
 (after the gated token projection and LayerNorm, with gradient; the SSPC code's default), or the
 masked mean of the raw input tokens (no gradient; the SSPC code's ``anchor_raw_feat_sim``)."""
@@ -151,6 +165,10 @@ class DataConfig:
     # videos, from a random other clip (mmot.sspc.data.misalign_pairs).
     pair_noise: float = 0.0
     pair_noise_modality: str = "text"
+    # Probability that a training sample misses a modality (drawn once per sample and modality,
+    # every sample keeping at least one): the losses see it through their masks
+    # (mmot.sspc.data.drop_modalities). Evaluation splits keep every modality.
+    modality_dropout: float = 0.0
     # Training batches take this many clips from each of their videos (HowTo100M: 10); null, or
     # data without videos: batches of random samples.
     clips_per_video: int | None = None
@@ -172,6 +190,7 @@ class ModelConfig:
     mlp_ratio: float = 2.0
     dropout: float = 0.0  # the SSPC code's transformer has no dropout
     n_anchors: int = 32
+    encoder: str = "auto"  # see ENCODERS
 
 
 @dataclass
@@ -214,6 +233,11 @@ class LossConfig:
     @property
     def structure(self) -> str | None:
         return split_variant(self.variant)[1]
+
+    @property
+    def uses_anchors(self) -> bool:
+        """Whether the variant trains SSPC's anchor terms."""
+        return self.base_variant in ("sinkhorn", "multi_sk")
 
     def pair_weight(self, a: str, b: str) -> float:
         """The contrastive weight of the modality pair {a, b} (either key order), else the default."""
@@ -459,6 +483,7 @@ def validate(cfg: Config) -> None:
     )
     _check(s.noise >= 0, "data.synthetic.noise", "a number >= 0", s.noise)
     _check(0.0 <= d.pair_noise < 1.0, "data.pair_noise", "a probability in [0, 1)", d.pair_noise)
+    _check(0.0 <= d.modality_dropout < 1.0, "data.modality_dropout", "a probability in [0, 1)", d.modality_dropout)
     if d.clips_per_video is not None:
         _check(d.clips_per_video >= 1, "data.clips_per_video", "an integer >= 1 or null", d.clips_per_video)
     if d.ood_fold is not None:
@@ -485,6 +510,7 @@ def validate(cfg: Config) -> None:
     _check(m.d_model % m.n_heads == 0, "model.n_heads", f"a divisor of model.d_model ({m.d_model})", m.n_heads)
     _check(m.mlp_ratio > 0, "model.mlp_ratio", "a number > 0", m.mlp_ratio)
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "a number in [0, 1)", m.dropout)
+    _check(m.encoder in ENCODERS, "model.encoder", f"one of {ENCODERS}", m.encoder)
 
     _check(loss.variant in VARIANTS, "loss.variant", f"one of {VARIANTS}", loss.variant)
     _check(loss.input_space in INPUT_SPACES, "loss.input_space", f"one of {INPUT_SPACES}", loss.input_space)
@@ -504,6 +530,7 @@ def validate(cfg: Config) -> None:
     _check(loss.bridge_augment in AUGMENTATIONS, "loss.bridge_augment", f"one of {AUGMENTATIONS}", loss.bridge_augment)
     _check(0.0 < loss.bridge_strength < 1.0, "loss.bridge_strength", "a number in (0, 1)", loss.bridge_strength)
     _check(loss.separation_dim >= 1, "loss.separation_dim", "an integer >= 1", loss.separation_dim)
+
     if loss.mk_k is not None:
         _check(1 <= loss.mk_k <= m.n_anchors, "loss.mk_k", f"an integer in 1..model.n_anchors ({m.n_anchors}) or null", loss.mk_k)
     for key, weight in loss.pair_weights.items():

@@ -123,6 +123,7 @@ class MultiModalData:
     labels: Tensor | None = None
     name: str = ""
     groups: Tensor | None = None  # video id of each sample; a video's clips in order
+    present: dict[str, Tensor] | None = None  # (N,) bool per modality: which samples have it; None: all
 
     def __post_init__(self) -> None:
         sizes = {m: int(x.shape[0]) for m, x in self.features.items()}
@@ -138,6 +139,9 @@ class MultiModalData:
             raise DataError(f"{self.name}: labels must be ({len(self)},); got {tuple(self.labels.shape)}")
         if self.groups is not None and self.groups.shape != (len(self),):
             raise DataError(f"{self.name}: groups must be ({len(self)},); got {tuple(self.groups.shape)}")
+        for m, flags in (self.present or {}).items():
+            if m not in self.features or flags.dtype != torch.bool or flags.shape != (len(self),):
+                raise DataError(f"{self.name}: present['{m}'] must be a ({len(self)},) bool tensor of a modality of the data")
 
     @property
     def modalities(self) -> list[str]:
@@ -155,7 +159,8 @@ class MultiModalData:
         if missing:
             raise DataError(f"data.modalities: {missing} not in the data (it has {self.modalities})")
         pick = {m: self.features[m] for m in modalities}
-        return MultiModalData(pick, {m: self.masks[m] for m in modalities}, self.labels, self.name, self.groups)
+        present = None if self.present is None else {m: self.present[m] for m in modalities}
+        return MultiModalData(pick, {m: self.masks[m] for m in modalities}, self.labels, self.name, self.groups, present)
 
     def subset(self, index: Tensor, name: str | None = None) -> MultiModalData:
         return MultiModalData(
@@ -164,7 +169,24 @@ class MultiModalData:
             None if self.labels is None else self.labels[index],
             name or self.name,
             None if self.groups is None else self.groups[index],
+            None if self.present is None else {m: p[index] for m, p in self.present.items()},
         )
+
+    def present_in(self, index: Tensor) -> dict[str, Tensor] | None:
+        """Which of the samples ``index`` have each modality (None: every sample has every one)."""
+        return None if self.present is None else {m: p[index] for m, p in self.present.items()}
+
+
+def drop_modalities(data: MultiModalData, rate: float, seed: int) -> MultiModalData:
+    """The same samples, each missing each modality with probability ``rate`` (drawn once, from
+    ``seed``); a sample that would miss all of them keeps one at random. Only the ``present``
+    flags change: the tokens stay, and the losses leave missing modalities out through their masks."""
+    g = torch.Generator().manual_seed(seed)
+    n, mods = len(data), data.modalities
+    present = torch.rand(len(mods), n, generator=g) >= rate
+    keep = torch.randint(len(mods), (n,), generator=g)
+    present[keep, torch.arange(n)] |= ~present.any(0)
+    return dataclasses.replace(data, present={m: present[i] for i, m in enumerate(mods)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,6 +625,9 @@ def make_splits(cfg: DataConfig) -> dict[str, MultiModalData]:
     if cfg.pair_noise > 0:
         seed = cfg.split_seed * 1_000_003 + (cfg.concepts.seed if cfg.format == "concepts" else 0)
         splits["train"] = misalign_pairs(splits["train"], cfg.pair_noise, cfg.pair_noise_modality, seed)[0]
+    if cfg.modality_dropout > 0:
+        seed = cfg.split_seed * 1_000_033 + (cfg.concepts.seed if cfg.format == "concepts" else 0) + 1
+        splits["train"] = drop_modalities(splits["train"], cfg.modality_dropout, seed)
     if cfg.standardize:
         train = splits["train"]
         stats = {}

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 import mmot
 from mmot.dense_multi_sinkhorn import dense_multi_sinkhorn
-from mmot.sspc.config import INPUT_SPACES, LossConfig, ModelConfig
+from mmot.sspc.config import INPUT_SPACES, OBJECTIVES, LossConfig, ModelConfig
 from mmot.sspc.data import MultiModalData
 from mmot.sspc.structure import StructureTerm
 
@@ -149,7 +149,11 @@ class SSPCObjective(nn.Module):
     ``dims`` are the input-space sizes (:attr:`SSPCModel.input_dims`), ``queue_size`` the queue
     length in rows (:meth:`LossConfig.queue_rows`), ``hidden_dim`` the width of the pooled
     transformer outputs (``model.d_model``). A structure variant adds its term
-    (:class:`mmot.sspc.structure.StructureTerm`) at its weight."""
+    (:class:`mmot.sspc.structure.StructureTerm`) at its weight.
+
+    ``pcmc`` replaces the NormSoftmax loss by :func:`mmot.multi_info_nce` (τ ``loss.temperature``,
+    the same pair weights). With ``data.modality_dropout``, missing modalities leave the
+    alignment loss through its masks; the anchor and structure terms see every row."""
 
     def __init__(self, dims: dict[str, int], embed_dim: int, n_anchors: int, cfg: LossConfig, queue_size: int, hidden_dim: int) -> None:
         super().__init__()
@@ -158,10 +162,16 @@ class SSPCObjective(nn.Module):
         pairs = {(a, b): cfg.pair_weight(a, b) for a, b in itertools.combinations(mods, 2)}
         if sum(pairs.values()) <= 0:
             raise ValueError(f"loss.pair_weights: the weights of the modality pairs {list(pairs)} sum to 0")
+        self.modalities = mods
+        self.kind = cfg.base_variant if cfg.base_variant in OBJECTIVES else "contrastive"
         self.contrastive = mmot.nn.CombinatorialContrastiveLoss({p: w for p, w in pairs.items() if w > 0}, cfg.temperature)
+        weights = torch.zeros(len(mods), len(mods))
+        for (a, b), w in pairs.items():
+            weights[mods.index(a), mods.index(b)] = w
+        self.register_buffer("pair_weights", weights, persistent=False)
         self.structure = StructureTerm(cfg, pairs, hidden_dim) if cfg.structure else None
         self.sspc = None
-        if cfg.base_variant != "contrastive":
+        if cfg.uses_anchors:
             w = {m: float(cfg.anchor_weights.get(m, cfg.default_anchor_weight)) for m in mods}
             c = {(m, n): min(w[m], w[n]) for m in mods for n in mods}
             single = cfg.base_variant == "sinkhorn"
@@ -187,17 +197,28 @@ class SSPCObjective(nn.Module):
     def needs_augmented(self) -> bool:
         return self.structure is not None and self.structure.kind == "bridge"
 
+    def _main(self, joint: dict[str, Tensor], present: dict[str, Tensor] | None) -> Tensor:
+        """The alignment loss of the variant: the pairwise NormSoftmax loss, or PCMC."""
+        if self.kind == "contrastive":
+            return self.contrastive(joint, present)
+        stacked = torch.stack([joint[m] for m in self.modalities])
+        flags = None if present is None else torch.stack([present[m] for m in self.modalities])
+        return mmot.multi_info_nce(stacked, self.cfg.temperature, present=flags, pair_weights=self.pair_weights)
+
     def forward(
         self,
         inputs: dict[str, Tensor],
         joint: dict[str, Tensor],
         hidden: dict[str, Tensor] | None = None,
         augmented: dict[str, Tensor] | None = None,
+        present: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """The loss and its parts; ``hidden`` (the model's pooled outputs) and ``augmented`` (joint
-        embeddings of augmented views) feed the structure term, where the variant has one."""
+        embeddings of augmented views) feed the structure term, where the variant has one.
+        ``present`` flags the samples that have each modality (missing ones leave the alignment
+        loss)."""
         joint = {m: v.float() for m, v in joint.items()}
-        contrastive = self.contrastive(joint)
+        contrastive = self._main(joint, present)
         anchor = contrastive.new_zeros(())
         if self.sspc is not None:
             anchor = self.sspc({m: v.float() for m, v in inputs.items()}, joint)

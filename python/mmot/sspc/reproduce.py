@@ -70,6 +70,7 @@ LABELS = {
     "multi_sk+gc": "+ SSPC (Multi-SK) + geometric consistency",
     "multi_sk+bridge": "+ SSPC (Multi-SK) + Brownian bridge",
     "multi_sk+separation": "+ SSPC (Multi-SK) + feature separation",
+    "pcmc": "PCMC (all-pairs InfoNCE, masked)",
 }
 TESTBEDS = ("concepts", "uci")
 CONFIGS = {"concepts": ("concepts_quick", "concepts_full"), "uci": ("uci_quick", "uci_full")}
@@ -113,10 +114,15 @@ def measure_step_time(cfg: Config, splits, n_steps: int = 10, warmup: int = 3) -
 # Runs
 
 
-def run_config(base: Config, testbed: str, q: float, variant: str, seed: int, n_folds: int = 1) -> Config:
+def run_config(
+    base: Config, testbed: str, q: float, variant: str, seed: int, n_folds: int = 1, modality_dropout: float | None = None
+) -> Config:
     """The config of one run: ``base`` with the variant, the seed (model init and batch order; the
-    world on ``concepts``, the held-out fold on ``uci``) and the pair noise ``q``."""
+    world on ``concepts``, the held-out fold on ``uci``), the pair noise ``q`` and, when given,
+    the rate at which training samples miss a modality."""
     data: dict = {"pair_noise": q}
+    if modality_dropout is not None:
+        data["modality_dropout"] = modality_dropout
     if testbed == "concepts":
         data["concepts"] = {"seed": seed}
     else:
@@ -331,10 +337,12 @@ def reproduce(
     q_levels: tuple[float, ...] | None = None,
     jobs: int | None = None,
     time_steps: bool = True,
+    modality_dropout: float | None = None,
 ) -> dict:
     """Train every (test bed, q, variant, seed) and summarise. ``config`` replaces the test bed's
     shipped config (one test bed only); ``q_levels`` replaces :data:`Q_LEVELS`; ``time_steps``
-    False skips the step-time comparison. Runs already in ``out_dir`` are refused unless
+    False skips the step-time comparison; ``modality_dropout`` replaces the config's
+    ``data.modality_dropout`` in every run. Runs already in ``out_dir`` are refused unless
     ``overwrite`` (start them over) or ``resume`` (continue them; finished ones are evaluated
     again, so an interrupted reproduce ends with the results of an uninterrupted one)."""
     if overwrite and resume:
@@ -363,7 +371,7 @@ def reproduce(
         for q in q_levels if q_levels is not None else Q_LEVELS[testbed]:
             for seed in seeds:
                 for variant in variants:
-                    cfg = run_config(base, testbed, q, variant, seed, n_folds)
+                    cfg = run_config(base, testbed, q, variant, seed, n_folds, modality_dropout)
                     run_dir = out / "runs" / testbed / f"q{_q_key(q)}" / f"{variant}_seed{seed}"
                     tasks.append((cfg.to_dict(), str(run_dir), overwrite, resume))
                     keys.append((testbed, q, variant, seed))

@@ -46,6 +46,12 @@ def augment_tokens(tokens: Tensor, mask: Tensor, kind: str, strength: float) -> 
     return tokens, keep
 
 
+def augmented_batch(tokens: dict[str, Tensor], masks: dict[str, Tensor], kind: str, strength: float) -> tuple[dict, dict]:
+    """(tokens, masks) of an augmented view of every modality (:func:`augment_tokens`)."""
+    views = {m: augment_tokens(tokens[m], masks[m], kind, strength) for m in tokens}
+    return {m: v[0] for m, v in views.items()}, {m: v[1] for m, v in views.items()}
+
+
 class StructureTerm(nn.Module):
     """The structure term of ``cfg.structure`` over the weighted modality pairs; modules it
     needs (the separation heads) are its parameters, trained with the model's."""

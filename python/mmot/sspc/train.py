@@ -36,11 +36,12 @@ import torch
 
 from mmot.sspc import checkpoint as ckpt
 from mmot.sspc.checkpoint import CheckpointError
-from mmot.sspc.config import Config, ConfigError, LossConfig, config_from_dict, yaml
+from mmot.sspc.config import Config, ConfigError, LossConfig, config_from_dict, fusion_encoder, yaml
 from mmot.sspc.data import MultiModalData, make_splits
 from mmot.sspc.evaluate import gallery_modality, modality_gap, summarise, unimodal_recall
+from mmot.sspc.fusion import FusionModel
 from mmot.sspc.model import SSPCModel, SSPCObjective, embed_split
-from mmot.sspc.structure import augment_tokens, collapsed, modality_means
+from mmot.sspc.structure import augmented_batch, collapsed, modality_means
 
 CHECKPOINT = "last.pt"
 METRICS = "metrics.jsonl"
@@ -210,9 +211,15 @@ def _refuse_existing_run(out: Path, overwrite: bool) -> None:
     (out / CHECKPOINT).unlink(missing_ok=True)
 
 
+def make_model(cfg: Config, dims: dict[str, int]) -> torch.nn.Module:
+    """The run's encoder: one per modality, or the fusion encoder (``model.encoder``)."""
+    cls = FusionModel if fusion_encoder(cfg.model, cfg.loss.variant) else SSPCModel
+    return cls(dims, cfg.model, cfg.loss.input_space)
+
+
 def build(cfg: Config, device: torch.device, splits: dict[str, MultiModalData]):
     train_split = splits["train"]
-    model = SSPCModel(train_split.dims(), cfg.model, cfg.loss.input_space).to(device)
+    model = make_model(cfg, train_split.dims()).to(device)
     queue = cfg.loss.queue_rows(BatchPlan(cfg, train_split).size)
     objective = SSPCObjective(model.input_dims, cfg.model.embed_dim, cfg.model.n_anchors, cfg.loss, queue, cfg.model.d_model).to(device)
     return model, objective
@@ -308,7 +315,7 @@ def train(
     def eval_model():
         if ema is None or not t.eval_ema:
             return model
-        shadow = SSPCModel(splits["train"].dims(), cfg.model, cfg.loss.input_space).to(device)
+        shadow = make_model(cfg, splits["train"].dims()).to(device)
         shadow.load_state_dict(ema.state)
         return shadow
 
@@ -335,13 +342,15 @@ def train(
             idx = plan.indices(epoch, in_epoch)
             tokens = {m: train_split.features[m][idx].to(device, non_blocking=True) for m in model.modalities}
             masks = {m: train_split.masks[m][idx].to(device, non_blocking=True) for m in model.modalities}
+            present = train_split.present_in(idx)
+            if present is not None:
+                present = {m: p.to(device, non_blocking=True) for m, p in present.items()}
             with autocast():
                 inputs, joint, hidden = model(tokens, masks, hidden=True)
                 augmented = None
                 if objective.needs_augmented:
-                    views = {m: augment_tokens(tokens[m], masks[m], cfg.loss.bridge_augment, cfg.loss.bridge_strength) for m in tokens}
-                    _, augmented = model({m: v[0] for m, v in views.items()}, {m: v[1] for m, v in views.items()})
-            losses = objective(inputs, joint, hidden, augmented)
+                    _, augmented = model(*augmented_batch(tokens, masks, cfg.loss.bridge_augment, cfg.loss.bridge_strength))
+            losses = objective(inputs, joint, hidden, augmented, present)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"]).backward()
             if t.grad_clip:
@@ -403,7 +412,7 @@ def load_for_eval(path, device: str = "cpu"):
     state = ckpt.load(path)
     cfg = _checkpoint_config(state, path)
     splits = make_splits(cfg.data)
-    model = SSPCModel(splits["train"].dims(), cfg.model, cfg.loss.input_space)
+    model = make_model(cfg, splits["train"].dims())
     key = "ema" if cfg.train.eval_ema else "model"
     if not isinstance(state.get(key), dict):
         raise CheckpointError(f"checkpoint '{path}': no '{key}' weights to evaluate")

@@ -1,0 +1,100 @@
+"""Workloads of the many-modality contrastive losses: PCMC (``mmot.multi_info_nce``).
+
+Each is timed against the materialised torch form that the papers' reference implementations use
+(every N×N logit matrix built, once per modality pair), forward and forward + backward; with
+``torch.compile`` enabled also against that form compiled.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+import mmot
+from mmot import reference
+from mmot.bench.floors import Work
+from mmot.bench.workload import F32, Provider, Target, Workload, compiled, mmot_provider
+
+PCMC_TAU = 0.05
+MISSING = 0.1  # the share of samples without a given modality, so that the masks do work
+# Above this many N×N float32 elements per matrix the materialised forms (several such matrices
+# alive at once with autograd) would not fit a 24 GiB machine: reported, not run.
+MATERIALIZED_MAX = 16384 * 16384
+
+
+def _modalities(m: int, n: int, d: int, missing: bool):
+    """M correlated modalities of the same N items, and which items have which modality."""
+
+    def inputs(dev: torch.device, small: bool) -> dict:
+        generator = torch.Generator().manual_seed(0)
+        rows = 64 if small else n
+        items = torch.randn(rows, d, generator=generator)
+        x = torch.stack([0.6 * items + 0.8 * torch.randn(rows, d, generator=generator) for _ in range(m)])
+        out = {"x": x.to(dev)}
+        if missing:
+            out["present"] = (torch.rand(m, rows, generator=generator) >= MISSING).to(dev)
+        return out
+
+    return inputs
+
+
+def _too_big(n: int) -> str | None:
+    if n * n > MATERIALIZED_MAX:
+        return f"not run: its N×N float32 matrices at N = {n} need {4 * n * n * F32 / 2**30:.0f} GiB"
+    return None
+
+
+def _with_compiled(providers: dict, name: str, fn, device: torch.device, compile_: bool, n: int) -> None:
+    """The materialised form, and on request the same under torch.compile."""
+    providers[name] = _too_big(n) or Provider(fn, differentiable=True)
+    if compile_:
+        providers[f"{name}-compiled"] = _too_big(n) or Provider(compiled(fn), differentiable=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# PCMC: multi_info_nce
+
+
+def multi_info_nce_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
+    shapes = {"tiny": [(3, 128, 32)], "quick": [(3, 4096, 256)], "full": [(3, 4096, 256), (4, 32768, 128)]}[size]
+    return [_multi_info_nce(device, *shape, compile_) for shape in shapes]
+
+
+def _materialized_pcmc(x: dict) -> torch.Tensor:
+    """Per pair, the rows present in both, their N×N logits and a cross-entropy each way."""
+    emb, present = x["x"], x["present"]
+    total = emb.new_zeros(())
+    pairs = list(itertools.combinations(range(emb.shape[0]), 2))
+    for i, j in pairs:
+        keep = present[i] & present[j]
+        a, b = F.normalize(emb[i][keep], dim=-1), F.normalize(emb[j][keep], dim=-1)
+        logits = a @ b.T / PCMC_TAU
+        target = torch.arange(a.shape[0], device=a.device)
+        total = total + F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+    return total / len(pairs)
+
+
+def _multi_info_nce(device: torch.device, m: int, n: int, d: int, compile_: bool) -> Workload:
+    providers: dict[str, Provider | str] = {
+        mmot_provider(device): Provider(lambda x: mmot.multi_info_nce(x["x"], PCMC_TAU, present=x["present"]), differentiable=True),
+    }
+    _with_compiled(providers, "materialized", _materialized_pcmc, device, compile_, n)
+    pairs = m * (m - 1) // 2
+    io = m * n * d * F32
+    both = round(n * (1 - MISSING) ** 2)  # the samples a pair has in both modalities, on average
+    gemm = 2 * both * both * d
+    return Workload(
+        "multi_info_nce",
+        f"M={m} N={n} D={d}",
+        _modalities(m, n, d, missing=True),
+        # Per pair, both directions' log-sum-exps: two N×N×D products and 2N² exponentials.
+        Work(footprint=io, traffic=io, flops=pairs * 2 * gemm, exps=pairs * 2 * both * both),
+        # The backward recomputes the tiles (two products) and forms the two gradients (two more).
+        Work(footprint=io, traffic=2 * io, flops=pairs * 4 * gemm, exps=pairs * 2 * both * both),
+        lambda x: reference.multi_info_nce(x["x"].double(), x["present"], x["x"].new_ones((m, m), dtype=torch.float64), PCMC_TAU)[1],
+        ("x",),
+        providers,
+        target=Target("materialized", 2.0, mode="forward+backward") if (m, n, d) == (3, 4096, 256) else None,
+    )
