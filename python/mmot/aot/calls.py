@@ -121,12 +121,12 @@ def _similarity(dtype: torch.dtype, x_shape: tuple, y_shape: tuple, normalize: b
     return run
 
 
-def _info_nce(dtype: torch.dtype, n: int, d: int, symmetric: bool) -> Callable[[], None]:
+def _info_nce(dtype: torch.dtype, n: int, d: int, symmetric: bool, normalize: bool = True) -> Callable[[], None]:
     def run() -> None:
         a, b = _empty(n, d, dtype=dtype), _empty(n, d, dtype=dtype)
         weights = _empty(n, dtype=_common.acc_dtype(dtype))
-        loss, lse_a, lse_b = info_nce.forward(a, b, weights, 0.05, symmetric, True)
-        info_nce.backward(torch.empty_like(loss), a, b, weights, lse_a, lse_b, 0.05, symmetric, True)
+        loss, lse_a, lse_b = info_nce.forward(a, b, weights, 0.05, symmetric, normalize)
+        info_nce.backward(torch.empty_like(loss), a, b, weights, lse_a, lse_b, 0.05, symmetric, normalize)
 
     return run
 
@@ -226,6 +226,14 @@ def _info_nce_calls() -> Iterator[Call]:
             yield Call("info_nce", f"{_name(dtype)} bench N={n} D={d}", _info_nce(dtype, n, d, True), True)
 
 
+def _multi_info_nce_calls() -> Iterator[Call]:
+    # multi_info_nce runs info_nce's kernels on rows it normalised itself, in the accumulation dtype.
+    for dtype in WIDE:
+        for n, d in ((1000, 3), (4096, 256), (32768, 128)):
+            label = f"{_name(dtype)} N={n} D={d} pre-normalised"
+            yield Call("multi_info_nce", label, _info_nce(dtype, n, d, True, normalize=False), True)
+
+
 def _brownian_bridge_calls() -> Iterator[Call]:
     for dtype in DTYPES:
         # Feature sizes whose 2D concatenated features fill one backward feature tile or several.
@@ -265,6 +273,7 @@ def every_call() -> list[Call]:
         *_multi_sinkhorn_calls(),
         *_similarity_calls(),
         *_info_nce_calls(),
+        *_multi_info_nce_calls(),
         *_brownian_bridge_calls(),
         *_geometric_consistency_calls(),
         *_feature_separation_calls(),
