@@ -318,12 +318,10 @@ fn lse_fused<T: Real>(logits: &Logits<'_, T>, lse_x: &mut [T], lse_y: Option<&mu
                             for r in 0..rows {
                                 let t = &mut tile[r * TC..r * TC + cols];
                                 let f = sx[r];
-                                let mut rmax = T::NEG_INFINITY;
                                 for q in 0..cols {
-                                    let v = t[q] * f * sj[q] * scale;
-                                    t[q] = v;
-                                    rmax = rmax.fmax(v + mj[q]);
+                                    t[q] = t[q] * f * sj[q] * scale;
                                 }
+                                let rmax = masked_max(t, &mj[..cols]);
                                 if want_cols {
                                     let mr = mi[r];
                                     for q in 0..cols {
@@ -397,6 +395,25 @@ fn lse_fused<T: Real>(logits: &Logits<'_, T>, lse_x: &mut [T], lse_y: Option<&mu
 fn block_rows(n: usize) -> usize {
     let tiles = n.div_ceil(TR).max(1);
     tiles.div_ceil(MAX_BLOCKS) * TR
+}
+
+/// `max_q (t[q] + mask[q])` in 8 lanes: a scalar fold would be one long dependency chain.
+#[inline(always)]
+fn masked_max<T: Real>(t: &[T], mask: &[T]) -> T {
+    let mut acc = [T::NEG_INFINITY; LANES];
+    let mut it = t.chunks_exact(LANES);
+    let mut im = mask.chunks_exact(LANES);
+    for (ch, mk) in (&mut it).zip(&mut im) {
+        for l in 0..LANES {
+            acc[l] = acc[l].fmax(ch[l] + mk[l]);
+        }
+    }
+    let tail = it
+        .remainder()
+        .iter()
+        .zip(im.remainder())
+        .fold(T::NEG_INFINITY, |m, (v, mk)| m.fmax(*v + *mk));
+    acc.iter().fold(tail, |m, &v| m.fmax(v))
 }
 
 /// `Σ_q exp(t[q] + mask[q] − shift)` with a fixed 8-lane summation order.
