@@ -59,6 +59,7 @@ GPU_ORDER = (
     "geometric_consistency",
     "feature_separation",
     "multi_info_nce",
+    "nt_xent",
 )
 
 

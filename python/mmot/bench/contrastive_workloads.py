@@ -1,4 +1,4 @@
-"""Workloads of the many-modality contrastive losses: PCMC (``mmot.multi_info_nce``).
+"""Workloads of the many-modality contrastive losses: PCMC (``mmot.multi_info_nce``) and SimCLR's / CoMM's NT-Xent (``mmot.nt_xent``).
 
 Each is timed against the materialised torch form that the papers' reference implementations use
 (every N×N logit matrix built, once per modality pair), forward and forward + backward; with
@@ -17,7 +17,7 @@ from mmot import reference
 from mmot.bench.floors import Work
 from mmot.bench.workload import F32, Provider, Target, Workload, compiled, mmot_provider
 
-PCMC_TAU = 0.05
+PCMC_TAU, NT_XENT_TAU = 0.05, 0.1
 MISSING = 0.1  # the share of samples without a given modality, so that the masks do work
 # Above this many N×N float32 elements per matrix the materialised forms (several such matrices
 # alive at once with autograd) would not fit a 24 GiB machine: reported, not run.
@@ -97,4 +97,48 @@ def _multi_info_nce(device: torch.device, m: int, n: int, d: int, compile_: bool
         ("x",),
         providers,
         target=Target("materialized", 2.0, mode="forward+backward") if (m, n, d) == (3, 4096, 256) else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# NT-Xent
+
+
+def nt_xent_workloads(device: torch.device, size: str, compile_: bool) -> list[Workload]:
+    shapes = {"tiny": [(128, 32)], "quick": [(4096, 256)], "full": [(4096, 256), (16384, 256)]}[size]
+    return [_nt_xent(device, n, d, compile_) for n, d in shapes]
+
+
+def _materialized_nce(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SimCLR's 2N-way loss as CoMM's code writes it: the 2N×2N cosine logits of [x; y], the
+    self-similarities masked out, a cross-entropy to each row's partner."""
+    z = F.normalize(torch.cat([x, y]), dim=-1)
+    n = x.shape[0]
+    logits = (z @ z.T / NT_XENT_TAU).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, target)
+
+
+def _nt_xent(device: torch.device, n: int, d: int, compile_: bool) -> Workload:
+    def make(dev: torch.device, small: bool) -> dict:
+        x = _modalities(2, n, d, missing=False)(dev, small)["x"]
+        return {"x": x[0], "y": x[1]}
+
+    providers: dict[str, Provider | str] = {
+        mmot_provider(device): Provider(lambda x: mmot.nt_xent(x["x"], x["y"], NT_XENT_TAU), differentiable=True),
+    }
+    _with_compiled(providers, "materialized", lambda x: _materialized_nce(x["x"], x["y"]), device, compile_, 2 * n)
+    io = 2 * n * d * F32
+    gemm = 2 * (2 * n) ** 2 * d
+    return Workload(
+        "nt_xent",
+        f"N={n} D={d}",
+        make,
+        # The 2N×2N logits once in the forward; recomputed, and two gradient products, in the backward.
+        Work(footprint=io, traffic=io, flops=gemm, exps=(2 * n) ** 2),
+        Work(footprint=io, traffic=2 * io, flops=3 * gemm, exps=2 * (2 * n) ** 2),
+        lambda x: reference.nt_xent(x["x"].double(), x["y"].double(), NT_XENT_TAU).mean(),
+        ("x", "y"),
+        providers,
+        target=Target("materialized", 2.0, mode="forward+backward") if (n, d) == (4096, 256) else None,
     )

@@ -391,6 +391,7 @@ OPS: dict[str, Callable[[torch.device, str, bool], list[Workload]]] = {
     "feature_separation": structure_workloads.feature_separation_workloads,
     "brownian_bridge": structure_workloads.brownian_bridge_workloads,
     "multi_info_nce": contrastive_workloads.multi_info_nce_workloads,
+    "nt_xent": contrastive_workloads.nt_xent_workloads,
 }
 
 
