@@ -46,7 +46,7 @@ def _too_big(n: int) -> str | None:
     return None
 
 
-def _with_compiled(providers: dict, name: str, fn, device: torch.device, compile_: bool, n: int) -> None:
+def _with_compiled(providers: dict, name: str, fn, compile_: bool, n: int) -> None:
     """The materialised form, and on request the same under torch.compile."""
     providers[name] = _too_big(n) or Provider(fn, differentiable=True)
     if compile_:
@@ -80,7 +80,7 @@ def _multi_info_nce(device: torch.device, m: int, n: int, d: int, compile_: bool
     providers: dict[str, Provider | str] = {
         mmot_provider(device): Provider(lambda x: mmot.multi_info_nce(x["x"], PCMC_TAU, present=x["present"]), differentiable=True),
     }
-    _with_compiled(providers, "materialized", _materialized_pcmc, device, compile_, n)
+    _with_compiled(providers, "materialized", _materialized_pcmc, compile_, n)
     pairs = m * (m - 1) // 2
     io = m * n * d * F32
     both = round(n * (1 - MISSING) ** 2)  # the samples a pair has in both modalities, on average
@@ -127,7 +127,7 @@ def _nt_xent(device: torch.device, n: int, d: int, compile_: bool) -> Workload:
     providers: dict[str, Provider | str] = {
         mmot_provider(device): Provider(lambda x: mmot.nt_xent(x["x"], x["y"], NT_XENT_TAU), differentiable=True),
     }
-    _with_compiled(providers, "materialized", lambda x: _materialized_nce(x["x"], x["y"]), device, compile_, 2 * n)
+    _with_compiled(providers, "materialized", lambda x: _materialized_nce(x["x"], x["y"]), compile_, 2 * n)
     io = 2 * n * d * F32
     gemm = 2 * (2 * n) ** 2 * d
     return Workload(
