@@ -18,6 +18,7 @@ mod interrupt;
 mod multi_sinkhorn;
 mod pool;
 mod similarity;
+mod similarity_regression;
 mod sinkhorn;
 
 use arrays::to_py;
@@ -55,5 +56,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     brownian_bridge::register(m)?;
     feature_separation::register(m)?;
     geometric_consistency::register(m)?;
+    similarity_regression::register(m)?;
     Ok(())
 }
