@@ -15,7 +15,7 @@ import sys
 import mmot
 import pytest
 import torch
-from backends import NATIVE
+from backends import NATIVE, needs_triton
 from bad_input import bad_input_test
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -308,6 +308,49 @@ def test_rust_is_deterministic_across_thread_counts(tmp_path):
         results.append(torch.load(path))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- Triton interpreter, tiny shapes
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("margin", [None, 0.05])
+@pytest.mark.parametrize("kind", ["all", "lonely"])
+def test_triton_forward_and_backward(dtype, margin, kind, monkeypatch):
+    """21 rows and 37 features: two row tiles, three Gram tiles per side (16 each under the
+    interpreter), two similarity column tiles; the Grams' rows in three splits of 8."""
+    from mmot.kernels import similarity_regression as kernels
+
+    monkeypatch.setattr(kernels, "SPLIT_ROWS", 8)
+    x = embeddings(3, 21, 37, 21, dtype)
+    mask = random_mask(3, 21, 22, kind)
+    kwargs = dict(present=mask, margin=margin, match_target=0.8, nonmatch_target=0.1, reduction="none")
+    got = mmot.pairwise_similarity_regression(x, backend="triton", **kwargs)
+    want = mmot.pairwise_similarity_regression(x, backend="torch", **kwargs)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, **tol)
+    upstream = torch.randn(3, 3, generator=torch.Generator().manual_seed(23), dtype=dtype)
+    (g,) = torch.autograd.grad(got, x, upstream)
+    (w,) = torch.autograd.grad(want, x, upstream)
+    torch.testing.assert_close(g, w, **tol)
+    if dtype == torch.float64:
+        naive = materialized_similarity_regression(x.detach(), mask, 0.8, 0.1, margin)
+        torch.testing.assert_close(got, naive, **tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("margin", [None, 0.05])
+def test_triton_gradcheck(margin):
+    x = embeddings(2, 5, 3, 24)
+    mask = random_mask(2, 5, 25, "lonely")
+    for present in (None, mask):
+        assert torch.autograd.gradcheck(
+            lambda z, present=present: mmot.pairwise_similarity_regression(
+                z, present=present, margin=margin, match_target=0.7, nonmatch_target=0.1, reduction="none", backend="triton"
+            ),
+            (x,),
+        )
 
 
 # ---------------------------------------------------------------- bad input
