@@ -10,7 +10,7 @@ With x̂ the (normalised) rows of a modality (N × D), r the 0/1 weights of the 
     hinge sum  Σ max(0, s_ij − shift)²   one program per (row tile, column tile) of the pair's
                                           similarities, masked on the diagonal and outside R;
                                           the tiles' sums added in a fixed order afterwards
-    hinge grad H b̂, H_ij = c·max(0, s_ij − shift)   one program per (row tile, output column
+    hinge grad H b̂, H_ij = max(0, s_ij − shift)   one program per (row tile, output column
                                           tile), looping over the column tiles and recomputing s
 
 The O(N·D) and O(D²) rest (the matched similarities, ⟨G_a, G_b⟩, the row sums, the per-row terms
@@ -94,7 +94,9 @@ def _hinge(A, B, R, rows, cols, N, D, shift, BLOCK_M: tl.constexpr, BLOCK_J: tl.
 
 
 @triton.jit
-def _hinge_sum_kernel(A, B, R, OUT, N, D, shift, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _hinge_sum_kernel(
+    A, B, R, OUT, N, D, shift: tl.float64, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr
+):
     """Σ of the squared hinge over one (row tile, column tile) into OUT[tile]."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -110,15 +112,14 @@ def _hinge_grad_kernel(
     OUT,
     N,
     D,
-    shift,
-    coef,
+    shift: tl.float64,
     BLOCK_M: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """OUT[rows, ecols] = Σ_j coef·hinge_ij b_j[ecols], recomputing each similarity tile."""
+    """OUT[rows, ecols] = Σ_j hinge_ij b_j[ecols], recomputing each similarity tile (the pair's coefficient is applied outside)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ecols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     emask = ecols < D
@@ -129,21 +130,27 @@ def _hinge_grad_kernel(
         h = _hinge(A, B, R, rows, cols, N, D, shift_acc, BLOCK_M, BLOCK_J, BLOCK_K, ACC)
         bt = tl.load(B + cols[:, None] * D + ecols[None, :], mask=(cols < N)[:, None] & emask[None, :], other=0.0)
         acc += tl.dot(h, bt, input_precision="ieee").to(ACC)
-    acc = acc * _common.scalar(coef, ACC)
     tl.store(OUT + rows[:, None] * D + ecols[None, :], acc, mask=(rows < N)[:, None] & emask[None, :])
 
 
 class _Tiles:
     def __init__(self, dtype: torch.dtype):
         if _common.interpreting():  # the smallest tiles tl.dot takes: tests span several of each
-            self.gram = self.rows = self.m = self.e = self.k = self.j = 16
-            self.warps = 4
+            self.gram = self.rows = self.m = self.e = self.k = self.j = self.grad_j = self.grad_m = 16
+            self.grad_warps = 4
+            self.warps = self.hinge_warps = 4
             return
         wide = dtype == torch.float64
         self.gram = 32 if wide else 64
         self.rows = 32
         self.m, self.e, self.k, self.j = (32, 32, 32, 32) if wide else (64, 64, 32, 64)
         self.warps = 4
+        # The fp32 hinge tiles spill a few bytes at 4 warps: 8 leave headroom.
+        self.hinge_warps = 4 if wide else 8
+        # The backward's hinge holds a similarity tile and an output tile: 32×32 similarity tiles
+        # at 8 warps are the first that build without spills on sm_90 (python -m mmot.aot).
+        self.grad_j = self.grad_m = 32
+        self.grad_warps = 8
 
 
 class _Operands:
@@ -230,17 +237,17 @@ def hinge_sum(ops: _Operands, a: torch.Tensor, b: torch.Tensor, weights: torch.T
         BLOCK_J=tiles.j,
         BLOCK_K=tiles.k,
         ACC=ops.acc,
-        num_warps=tiles.warps,
+        num_warps=tiles.hinge_warps,
         maxnreg=_common.MAX_REGISTERS,
     )
     return partial.sum()
 
 
-def hinge_grad(ops: _Operands, a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, shift: float, coef: float) -> torch.Tensor:
+def hinge_grad(ops: _Operands, a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, shift: float) -> torch.Tensor:
     n, d = a.shape
     tiles = ops.tiles
     out = _common.new_output((n, d), a.dtype, a.device)
-    _hinge_grad_kernel[(triton.cdiv(n, tiles.m), triton.cdiv(d, tiles.e))](
+    _hinge_grad_kernel[(triton.cdiv(n, tiles.grad_m), triton.cdiv(d, tiles.e))](
         a,
         b,
         weights,
@@ -248,13 +255,12 @@ def hinge_grad(ops: _Operands, a: torch.Tensor, b: torch.Tensor, weights: torch.
         n,
         d,
         shift,
-        coef,
-        BLOCK_M=tiles.m,
-        BLOCK_J=tiles.j,
+        BLOCK_M=tiles.grad_m,
+        BLOCK_J=tiles.grad_j,
         BLOCK_K=tiles.k,
         BLOCK_E=tiles.e,
         ACC=ops.acc,
-        num_warps=tiles.warps,
+        num_warps=tiles.grad_warps,
         maxnreg=_common.MAX_REGISTERS,
     )
     return out
@@ -327,11 +333,9 @@ def backward(c, x, present, t, u, margin, normalize):
         grad[p] += g[:, None] * b
         grad[q] += g[:, None] * a
         if margin is not None:
-            # The coefficient goes in as a float: a host read of one number per pair.
-            coef = float(scale)
-            if coef != 0.0:
-                grad[p] += hinge_grad(ops, a, b, r, u + margin, coef)
-                grad[q] += hinge_grad(ops, b, a, r, u + margin, coef)
+            # The pair's coefficient stays on the device (no host read).
+            grad[p] += scale * hinge_grad(ops, a, b, r, u + margin)
+            grad[q] += scale * hinge_grad(ops, b, a, r, u + margin)
             continue
         if mixed is not None:
             for idx, rows in ((p, a), (q, b)):
