@@ -212,10 +212,13 @@ def test_gradcheck(native_backend, margin, normalize):
 
 
 def test_empty_inputs(native_backend):
-    for shape in ((3, 0, 4), (2, 5, 0)):
+    """N = 0: every pair is empty, the loss is 0. D = 0: the rows are zero, s = 0, so each pair's
+    match mean is t² = 1 and the non-match mean 0."""
+    for shape, want in (((3, 0, 4), 0.0), ((2, 5, 0), 1.0)):
         x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
         loss = mmot.pairwise_similarity_regression(x, backend=native_backend)
-        assert float(loss) == 0.0 or shape[2] == 0
+        assert loss.item() == want
+        assert materialized_similarity_regression(x.detach()).triu(1).sum() == want * (shape[0] - 1)
         (grad,) = torch.autograd.grad(loss, x)
         assert grad.shape == x.shape
 
