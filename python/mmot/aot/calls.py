@@ -18,10 +18,13 @@ What gets compiled is whatever those launchers then ask Triton for.
 * ``geometric_consistency``: odd feature sizes up to 1024, one row split of the Grams or several;
 * ``feature_separation_loss``: odd and unequal feature sizes up to 1024, one row split or several;
 * ``anchor_consistency_loss``: both block sizes;
+* ``pairwise_similarity_regression``: odd feature sizes up to 1024, one row split or several,
+  with and without a presence mask and a margin;
 * every op at the sizes of the benchmark workloads.
 
 **Sample** (the default, what CI compiles on every run): all of ``similarity``, ``info_nce``,
-``brownian_bridge_loss``, ``geometric_consistency``, ``feature_separation_loss`` and ``anchor_consistency_loss`` (about 560
+``brownian_bridge_loss``, ``geometric_consistency``, ``feature_separation_loss``, ``anchor_consistency_loss`` and
+``pairwise_similarity_regression`` (about 580
 builds per architecture, a few minutes), and of the two
 Sinkhorn ops (about 2800): for float32 and float64 the full tiles at the narrowest and widest
 ``BLOCK_K`` in both launch structures with every flag, and every dtype at the benchmark sizes.
