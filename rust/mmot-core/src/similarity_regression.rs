@@ -571,3 +571,103 @@ pub fn similarity_regression_backward<T: Real>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+
+    /// The per-pair [match, non-match] means straight from the similarities, row pair by row pair.
+    fn dense(
+        x: &[f64],
+        present: &[u8],
+        m: usize,
+        n: usize,
+        d: usize,
+        p: &SimilarityRegressionParams,
+    ) -> Vec<f64> {
+        let unit = |k: usize, i: usize| -> Vec<f64> {
+            let row = &x[(k * n + i) * d..(k * n + i + 1) * d];
+            let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+            row.iter()
+                .map(|v| if p.normalize { v / norm } else { *v })
+                .collect()
+        };
+        let mut out = vec![0.0; 2 * m * m];
+        for a in 0..m {
+            for b in a + 1..m {
+                let rows: Vec<usize> = (0..n)
+                    .filter(|&i| present[a * n + i] != 0 && present[b * n + i] != 0)
+                    .collect();
+                let k = rows.len() as f64;
+                let (mut matched, mut other) = (0.0, 0.0);
+                for &i in &rows {
+                    for &j in &rows {
+                        let s: f64 = unit(a, i).iter().zip(unit(b, j)).map(|(u, v)| u * v).sum();
+                        if i == j {
+                            matched += (s - p.match_target).powi(2);
+                        } else {
+                            let mut v = s - p.nonmatch_target;
+                            if let Some(mu) = p.margin {
+                                v = (v - mu).max(0.0);
+                            }
+                            other += v * v;
+                        }
+                    }
+                }
+                if k > 0.0 {
+                    out[a * m + b] = matched / k;
+                }
+                if k > 1.0 {
+                    out[m * m + a * m + b] = other / (k * (k - 1.0));
+                }
+            }
+        }
+        out
+    }
+
+    /// 300 rows: two 256-row chunks; a mask and a margin; the Gram form and the tiles against the
+    /// literal sums.
+    #[test]
+    fn matches_the_dense_sums_over_several_chunks() {
+        let (m, n, d) = (3, 300, 7);
+        let mut seed = 5;
+        let x: Vec<f64> = (0..m * n * d).map(|_| lcg(&mut seed)).collect();
+        let all = vec![1u8; m * n];
+        let masked: Vec<u8> = (0..m * n)
+            .map(|_| u8::from(lcg(&mut seed) > -0.5))
+            .collect();
+        for present in [&all, &masked] {
+            for margin in [None, Some(0.1)] {
+                let params = SimilarityRegressionParams {
+                    match_target: 0.8,
+                    nonmatch_target: 0.05,
+                    margin,
+                    normalize: true,
+                    check_finite: true,
+                };
+                let input = SimilarityRegressionInput {
+                    x: &x,
+                    present,
+                    modalities: m,
+                    rows: n,
+                    features: d,
+                };
+                let mut terms = vec![f64::NAN; 2 * m * m];
+                similarity_regression_forward(input, &mut terms, &params).unwrap();
+                for (got, want) in terms.iter().zip(dense(&x, present, m, n, d, &params)) {
+                    assert!(
+                        (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+                        "{got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
