@@ -163,3 +163,34 @@ def materialized_comm_loss(z1, z2, temperature, weights=None):
     )
     w = torch.ones(last + 1, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     return (w * terms).sum() / w.sum(), terms
+
+
+def materialized_similarity_regression(x, present=None, t=1.0, u=0.0, margin=None, normalize=True):
+    """(M, M) per-pair losses of PCMR's regression from the literal N×N similarities of each pair, in float64.
+
+    Entry (p, q), p < q: rows present in both, S their similarity matrix; mean over the diagonal of
+    (S_ii − t)² plus the mean over the off-diagonal entries of (S_ij − u)² (hinged at the margin).
+    """
+    x = x.double()
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    m, n = x.shape[0], x.shape[1]
+    if present is None:
+        present = torch.ones(m, n, dtype=torch.bool)
+    out = torch.zeros(m, m, dtype=torch.float64) + 0.0 * x.sum()  # connected to x even when every pair is empty
+    for p in range(m):
+        for q in range(p + 1, m):
+            keep = present[p] & present[q]
+            s = x[p][keep] @ x[q][keep].T
+            k = s.shape[0]
+            eye = torch.eye(k, dtype=torch.bool)
+            total = s.new_zeros(())
+            if k > 0:
+                total = total + ((s[eye] - t) ** 2).mean()
+            if k > 1:
+                off = s[~eye] - u
+                if margin is not None:
+                    off = torch.relu(off - margin)
+                total = total + (off**2).mean()
+            out[p, q] = total
+    return out

@@ -57,6 +57,18 @@ SAMPLE_ARGS: dict[str, Callable[[], tuple]] = {
     "geometric_consistency_forward": lambda: (_f64(2, 3), _f64(2, 3), _f64(2), _f64(3, 3, 3), True, 1),
     "geometric_consistency_backward": lambda: (_f64(2), _f64(2, 3), _f64(2, 3), _f64(3, 3, 3), _f64(2, 3), _f64(2, 3), True, 1),
     "feature_separation_forward": lambda: (_f64(2, 3), _f64(2, 4), _f64(1), _f64(3, 4), True, 1),
+    "similarity_regression_forward": lambda: (_f64(2, 3, 4), np.ones((2, 3), dtype=np.uint8), _f64(2, 2, 2), 1.0, 0.0, -1.0, True, 1),
+    "similarity_regression_backward": lambda: (
+        _f64(2, 2, 2),
+        _f64(2, 3, 4),
+        np.ones((2, 3), dtype=np.uint8),
+        _f64(2, 3, 4),
+        1.0,
+        0.0,
+        -1.0,
+        True,
+        1,
+    ),
     "feature_separation_backward": lambda: (_f64(1), _f64(2, 3), _f64(2, 4), _f64(3, 4), _f64(2, 3), _f64(2, 4), True, 1),
 }
 

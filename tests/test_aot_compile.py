@@ -30,9 +30,10 @@ KERNEL_MODULES = (
     "anchor_consistency",
     "geometric_consistency",
     "feature_separation",
+    "similarity_regression",
 )
 # Float scalars each kernel takes, which must reach it as fp64 (docs/architecture.md, scalars).
-SCALARS = {"inv_eps", "scale", "inv_tau", "tiny"}
+SCALARS = {"inv_eps", "scale", "inv_tau", "tiny", "shift"}
 
 
 def compiler_env() -> dict:

@@ -12,6 +12,7 @@ from mmot.ops.anchor_consistency import anchor_consistency_loss
 from mmot.ops.brownian_bridge import brownian_bridge_loss
 from mmot.ops.feature_separation import feature_separation_loss
 from mmot.ops.geometric_consistency import geometric_consistency
+from mmot.ops.similarity_regression import pairwise_similarity_regression
 from mmot.ops.info_nce import info_nce
 from mmot.ops.multi_info_nce import multi_info_nce
 from mmot.ops.multi_sinkhorn import multi_sinkhorn
@@ -34,6 +35,7 @@ __all__ = [
     "corrupt",
     "feature_separation_loss",
     "geometric_consistency",
+    "pairwise_similarity_regression",
     "info_nce",
     "modality_gap",
     "multi_info_nce",

@@ -31,6 +31,8 @@ __all__ = [
     "feature_separation_backward",
     "geometric_consistency_forward",
     "geometric_consistency_backward",
+    "similarity_regression_forward",
+    "similarity_regression_backward",
 ]
 
 __version__: str
@@ -268,3 +270,29 @@ def geometric_consistency_backward(
     num_threads: int,
 ) -> None:
     """The gradients of ``grad[0]·T1 + grad[1]·T2`` w.r.t. ``a`` and ``b`` from ``grams`` into ``grad_a``, ``grad_b``."""
+
+def similarity_regression_forward(
+    x: npt.NDArray[np.floating],
+    present: npt.NDArray[np.uint8],
+    terms: npt.NDArray[np.floating],
+    match_target: float,
+    nonmatch_target: float,
+    margin: float,
+    normalize: bool,
+    num_threads: int,
+    check_finite: bool = False,
+) -> None:
+    """The [match, non-match] means [2, M, M] of every pair of modalities of ``x`` [M, N, D] with the mask ``present`` [M, N] into ``terms``; a negative ``margin`` means none."""
+
+def similarity_regression_backward(
+    grad: npt.NDArray[np.floating],
+    x: npt.NDArray[np.floating],
+    present: npt.NDArray[np.uint8],
+    grad_x: npt.NDArray[np.floating],
+    match_target: float,
+    nonmatch_target: float,
+    margin: float,
+    normalize: bool,
+    num_threads: int,
+) -> None:
+    """The gradient of Σ grad ⊙ terms (``grad`` [2, M, M]) with respect to ``x`` into ``grad_x`` [M, N, D]."""

@@ -575,3 +575,74 @@ def nt_xent(x: torch.Tensor, y: torch.Tensor, temperature: float, normalize: boo
     rows = torch.arange(n, device=z.device)
     lse = torch.logsumexp(logits.masked_fill(rows[:, None] == rows[None, :], float("-inf")), dim=1)
     return (lse - logits[rows, (rows + n // 2) % n]).to(x.dtype)
+
+
+# --- mmot.pairwise_similarity_regression (PCMR) ---
+
+
+def pairwise_similarity_regression_losses(
+    x: torch.Tensor,
+    present: torch.Tensor | None,
+    match_target: float = 1.0,
+    nonmatch_target: float = 0.0,
+    margin: float | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """(M, M) per-pair losses L_p (upper triangle; 0 elsewhere) of x (M, N, D), in the accumulation dtype.
+
+    For m < m' with R the rows present in both and s_ij = â_i·b̂_j:
+    L_p = mean_{i∈R} (s_ii − t)² + mean_{i≠j∈R} f(s_ij − u)², f the identity, or max(0, · − margin)
+    with a margin; an empty mean is 0. Written plainly over per-pair similarity tiles of R×R.
+    """
+    dtype = compute_dtype(x.dtype)
+    rows = x.to(dtype)
+    if normalize:
+        rows = unit_rows(rows)
+    m, n = rows.shape[0], rows.shape[1]
+    mask = torch.ones(m, n, dtype=torch.bool, device=x.device) if present is None else present.to(torch.bool)
+    out = torch.zeros(m, m, dtype=dtype, device=x.device)
+    for p in range(m):
+        for q in range(p + 1, m):
+            r = mask[p] & mask[q]
+            a, b = rows[p][r], rows[q][r]
+            k = a.shape[0]
+            if k == 0:
+                continue
+            s = a @ b.T
+            diag = torch.diagonal(s)
+            match = (diag - match_target).square().mean()
+            off = s - nonmatch_target
+            if margin is not None:
+                off = (off - margin).clamp_min(0.0)
+            off = off.square()
+            nonmatch = (off.sum() - torch.diagonal(off).sum()) / (k * (k - 1)) if k > 1 else off.new_zeros(())
+            out[p, q] = match + nonmatch
+    return out
+
+
+def pairwise_similarity_regression(
+    embeddings: torch.Tensor,
+    present: torch.Tensor | None = None,
+    match_target: float = 1.0,
+    nonmatch_target: float = 0.0,
+    margin: float | None = None,
+    pair_weights: torch.Tensor | None = None,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """PCMR's pairwise similarity regression of embeddings (M, N, D); see mmot.pairwise_similarity_regression."""
+    losses = pairwise_similarity_regression_losses(embeddings, present, match_target, nonmatch_target, margin, normalize)
+    m = embeddings.shape[0]
+    if reduction == "none":
+        return losses.to(embeddings.dtype)
+    upper = torch.ones(m, m, dtype=torch.bool, device=embeddings.device).triu(1)
+    w = torch.ones_like(losses) if pair_weights is None else pair_weights.to(losses.dtype)
+    w = torch.where(upper, w, torch.zeros_like(w))
+    total = (w * losses).sum()
+    if reduction == "sum":
+        return total.to(embeddings.dtype)
+    mask = torch.ones(m, embeddings.shape[1], dtype=torch.bool, device=embeddings.device) if present is None else present.to(torch.bool)
+    counts = mask.to(losses.dtype) @ mask.to(losses.dtype).T
+    w = torch.where(counts > 0, w, torch.zeros_like(w))
+    denominator = w.sum()
+    return torch.where(denominator > 0, total / torch.where(denominator > 0, denominator, 1.0), 0.0 * total).to(embeddings.dtype)

@@ -18,10 +18,13 @@ What gets compiled is whatever those launchers then ask Triton for.
 * ``geometric_consistency``: odd feature sizes up to 1024, one row split of the Grams or several;
 * ``feature_separation_loss``: odd and unequal feature sizes up to 1024, one row split or several;
 * ``anchor_consistency_loss``: both block sizes;
+* ``pairwise_similarity_regression``: odd feature sizes up to 1024, one row split or several,
+  with and without a presence mask and a margin;
 * every op at the sizes of the benchmark workloads.
 
 **Sample** (the default, what CI compiles on every run): all of ``similarity``, ``info_nce``,
-``brownian_bridge_loss``, ``geometric_consistency``, ``feature_separation_loss`` and ``anchor_consistency_loss`` (about 560
+``brownian_bridge_loss``, ``geometric_consistency``, ``feature_separation_loss``, ``anchor_consistency_loss`` and
+``pairwise_similarity_regression`` (about 580
 builds per architecture, a few minutes), and of the two
 Sinkhorn ops (about 2800): for float32 and float64 the full tiles at the narrowest and widest
 ``BLOCK_K`` in both launch structures with every flag, and every dtype at the benchmark sizes.
@@ -48,6 +51,7 @@ from mmot.kernels import (
     multi_sinkhorn,
     nt_xent,
     similarity,
+    similarity_regression,
     sinkhorn,
 )
 
@@ -156,6 +160,16 @@ def _geometric_consistency(dtype: torch.dtype, n: int, d: int) -> Callable[[], N
         a = _empty(n, d, dtype=dtype)
         terms, grams = geometric_consistency.forward(a, a, True)
         geometric_consistency.backward(torch.empty_like(terms), a, a, grams, True)
+
+    return run
+
+
+def _similarity_regression(dtype: torch.dtype, n: int, d: int, masked: bool, margin: float | None) -> Callable[[], None]:
+    def run() -> None:
+        x = _empty(3, n, d, dtype=dtype)
+        present = torch.empty(3, n, dtype=torch.bool, device=META) if masked else None
+        terms = similarity_regression.forward(x, present, 1.0, 0.0, margin, True)
+        similarity_regression.backward(torch.empty_like(terms), x, present, 1.0, 0.0, margin, True)
 
     return run
 
@@ -277,6 +291,22 @@ def _feature_separation_calls() -> Iterator[Call]:
         yield Call("feature_separation", f"{_name(dtype)} bench N=16384 D_s=D_h=256", _feature_separation(dtype, 16384, 256, 256), True)
 
 
+def _similarity_regression_calls() -> Iterator[Call]:
+    for dtype in DTYPES:
+        # Odd feature sizes (ragged Gram, product and hinge tiles), one row split or several,
+        # with and without a mask and a margin.
+        for n, d in ((1000, 3), (1000, 65), (20000, 255), (1000, 1024)):
+            for masked, margin in ((False, None), (True, None), (True, 0.1)):
+                label = f"{_name(dtype)} N={n} D={d}{' masked' if masked else ''}{' margin' if margin is not None else ''}"
+                yield Call("pairwise_similarity_regression", label, _similarity_regression(dtype, n, d, masked, margin), True)
+        yield Call(
+            "pairwise_similarity_regression",
+            f"{_name(dtype)} bench N=16384 D=256",
+            _similarity_regression(dtype, 16384, 256, False, None),
+            True,
+        )
+
+
 def _anchor_consistency_calls() -> Iterator[Call]:
     for dtype in DTYPES:
         for n, k in ((100, 64), (7660, 1024)):  # block sizes 1024 and 2048
@@ -294,5 +324,6 @@ def every_call() -> list[Call]:
         *_brownian_bridge_calls(),
         *_geometric_consistency_calls(),
         *_feature_separation_calls(),
+        *_similarity_regression_calls(),
         *_anchor_consistency_calls(),
     ]

@@ -34,6 +34,7 @@ pub mod geometric_consistency;
 pub mod info_nce;
 pub mod multi_sinkhorn;
 pub mod similarity;
+pub mod similarity_regression;
 pub mod sinkhorn;
 
 pub use anchor_consistency::{
@@ -61,5 +62,9 @@ pub use multi_sinkhorn::{multi_sinkhorn, multi_sinkhorn_backward, MultiSinkhornP
 pub use simd::Real;
 pub use similarity::{
     similarity, similarity_backward, SimilarityDims, SimilarityInput, SimilarityParams,
+};
+pub use similarity_regression::{
+    similarity_regression_backward, similarity_regression_forward, SimilarityRegressionInput,
+    SimilarityRegressionParams,
 };
 pub use sinkhorn::{sinkhorn, sinkhorn_backward, SinkhornParams};

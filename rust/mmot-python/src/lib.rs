@@ -19,6 +19,7 @@ mod multi_sinkhorn;
 mod nt_xent;
 mod pool;
 mod similarity;
+mod similarity_regression;
 mod sinkhorn;
 
 use arrays::to_py;
@@ -57,5 +58,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     brownian_bridge::register(m)?;
     feature_separation::register(m)?;
     geometric_consistency::register(m)?;
+    similarity_regression::register(m)?;
     Ok(())
 }
