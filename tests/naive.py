@@ -138,31 +138,6 @@ def materialized_multi_info_nce(x, present, pair_weights, temperature, symmetric
     return losses, total / weight if weight > 0 else total
 
 
-def materialized_nt_xent(x, y, temperature, normalize=True):
-    """SimCLR's NT-Xent as written out: the 2N×2N logits of [x; y], the self-similarities cut out
-    of each row (so 2N − 1 logits remain), F.cross_entropy to the partner; per row, (2N,)."""
-    z = torch.cat([x, y]).double()
-    if normalize:
-        z = F.normalize(z, dim=-1)
-    n2 = z.shape[0]
-    logits = (z @ z.T / temperature)[~torch.eye(n2, dtype=torch.bool)].reshape(n2, n2 - 1)
-    rows = torch.arange(n2)
-    partner = (rows + n2 // 2) % n2
-    target = partner - (partner > rows).long()  # its index once the row's own column is gone
-    return F.cross_entropy(logits, target, reduction="none")
-
-
-def materialized_comm_loss(z1, z2, temperature, weights=None):
-    """CoMM's loss by its formula on the literal NT-Xent: (loss, (M+1,) per-term losses)."""
-    last = z1.shape[0] - 1
-    terms = torch.stack(
-        [
-            0.5 * (materialized_nt_xent(z1[i], z2[last], temperature).mean() + materialized_nt_xent(z2[i], z1[last], temperature).mean())
-            for i in range(last + 1)
-        ]
-    )
-    w = torch.ones(last + 1, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-    return (w * terms).sum() / w.sum(), terms
 
 
 def materialized_similarity_regression(x, present=None, t=1.0, u=0.0, margin=None, normalize=True):

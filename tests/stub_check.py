@@ -45,8 +45,6 @@ SAMPLE_ARGS: dict[str, Callable[[], tuple]] = {
         *(_f64(2), _f64(2, 3), _f64(2, 3), _f64(2), _f64(2), _f64(2), _f64(2, 3), _f64(2, 3)),
         *(0.1, True, True, 1),
     ),
-    "nt_xent_forward": lambda: (_f64(2, 3), _f64(2), _f64(2), 0.1, True, 1),
-    "nt_xent_backward": lambda: (_f64(2), _f64(2, 3), _f64(2), _f64(2, 3), 0.1, True, 1),
     "anchor_consistency_forward": lambda: (_f64(3), _f64(3), 0.1, 1),
     "anchor_consistency_backward": lambda: (1.0, _f64(3), _f64(3), _f64(3), 0.1, 1),
     "brownian_bridge_forward": lambda: (_f64(2, 3), _f64(2, 3), _f64(2, 3), _f64(2), _f64(2), _f64(2), _f64(2), True, 1),

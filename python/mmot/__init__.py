@@ -16,7 +16,6 @@ from mmot.ops.similarity_regression import pairwise_similarity_regression
 from mmot.ops.info_nce import info_nce
 from mmot.ops.multi_info_nce import multi_info_nce
 from mmot.ops.multi_sinkhorn import multi_sinkhorn
-from mmot.ops.nt_xent import nt_xent
 from mmot.ops.similarity import similarity
 from mmot.ops.sinkhorn import sinkhorn
 
@@ -41,7 +40,6 @@ __all__ = [
     "multi_info_nce",
     "multi_sinkhorn",
     "nn",
-    "nt_xent",
     "set_checks",
     "similarity",
     "sinkhorn",

@@ -21,8 +21,6 @@ __all__ = [
     "similarity_backward",
     "info_nce_forward",
     "info_nce_backward",
-    "nt_xent_forward",
-    "nt_xent_backward",
     "anchor_consistency_forward",
     "anchor_consistency_backward",
     "brownian_bridge_forward",
@@ -150,28 +148,6 @@ def info_nce_backward(
     num_threads: int,
 ) -> None:
     """The gradients of ``sum(grad * loss)`` w.r.t. ``a`` and ``b`` into ``grad_a``, ``grad_b``."""
-
-def nt_xent_forward(
-    z: npt.NDArray[np.floating],
-    loss: npt.NDArray[np.floating],
-    lse: npt.NDArray[np.floating],
-    temperature: float,
-    normalize: bool,
-    num_threads: int,
-    check_finite: bool = False,
-) -> None:
-    """Per-row NT-Xent losses of ``z`` = [x; y] [2N, D] into ``loss``, and the log-sum-exps [2N]."""
-
-def nt_xent_backward(
-    grad: npt.NDArray[np.floating],
-    z: npt.NDArray[np.floating],
-    lse: npt.NDArray[np.floating],
-    grad_z: npt.NDArray[np.floating],
-    temperature: float,
-    normalize: bool,
-    num_threads: int,
-) -> None:
-    """The gradient of ``sum(grad * loss)`` w.r.t. ``z`` into ``grad_z``."""
 
 def anchor_consistency_forward(
     sim: npt.NDArray[np.floating],

@@ -559,23 +559,6 @@ def multi_info_nce(
     return losses.to(embeddings.dtype), mean.to(embeddings.dtype)
 
 
-def nt_xent(x: torch.Tensor, y: torch.Tensor, temperature: float, normalize: bool = True) -> torch.Tensor:
-    """SimCLR's 2N-way NT-Xent per row of z = [x; y], x rows first; returns (2N,).
-
-    With ẑ the rows of z (L2-normalised when ``normalize``) and s = ẑẑᵀ/τ, row r's loss is
-    logsumexp_{c≠r} s[r, c] − s[r, r ± N]: its own column is no logit, its partner (x[i] and
-    y[i]) the positive. Materialises the 2N×2N logits: the readable spec, not the kernels.
-    """
-    dtype = compute_dtype(x.dtype)
-    z = torch.cat([x, y]).to(dtype)
-    if normalize:
-        z = unit_rows(z)
-    n = z.shape[0]
-    logits = (z @ z.T) / temperature
-    rows = torch.arange(n, device=z.device)
-    lse = torch.logsumexp(logits.masked_fill(rows[:, None] == rows[None, :], float("-inf")), dim=1)
-    return (lse - logits[rows, (rows + n // 2) % n]).to(x.dtype)
-
 
 # --- mmot.pairwise_similarity_regression (PCMR) ---
 

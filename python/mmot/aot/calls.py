@@ -49,7 +49,6 @@ from mmot.kernels import (
     geometric_consistency,
     info_nce,
     multi_sinkhorn,
-    nt_xent,
     similarity,
     similarity_regression,
     sinkhorn,
@@ -132,15 +131,6 @@ def _info_nce(dtype: torch.dtype, n: int, d: int, symmetric: bool, normalize: bo
         weights = _empty(n, dtype=_common.acc_dtype(dtype))
         loss, lse_a, lse_b = info_nce.forward(a, b, weights, 0.05, symmetric, normalize)
         info_nce.backward(torch.empty_like(loss), a, b, weights, lse_a, lse_b, 0.05, symmetric, normalize)
-
-    return run
-
-
-def _nt_xent(dtype: torch.dtype, n: int, d: int) -> Callable[[], None]:
-    def run() -> None:
-        z = _empty(2 * n, d, dtype=dtype)
-        loss, lse = nt_xent.forward(z, 0.1, True)
-        nt_xent.backward(torch.empty_like(loss), z, lse, 0.1, True)
 
     return run
 
@@ -258,12 +248,6 @@ def _multi_info_nce_calls() -> Iterator[Call]:
             yield Call("multi_info_nce", label, _info_nce(dtype, n, d, True, normalize=False), True)
 
 
-def _nt_xent_calls() -> Iterator[Call]:
-    for dtype in DTYPES:
-        for n, d in ((1000, 3), (1000, 128), (4096, 256), (16384, 1024)):
-            yield Call("nt_xent", f"{_name(dtype)} N={n} D={d}", _nt_xent(dtype, n, d), True)
-
-
 def _brownian_bridge_calls() -> Iterator[Call]:
     for dtype in DTYPES:
         # Feature sizes whose 2D concatenated features fill one backward feature tile or several.
@@ -320,7 +304,6 @@ def every_call() -> list[Call]:
         *_similarity_calls(),
         *_info_nce_calls(),
         *_multi_info_nce_calls(),
-        *_nt_xent_calls(),
         *_brownian_bridge_calls(),
         *_geometric_consistency_calls(),
         *_feature_separation_calls(),

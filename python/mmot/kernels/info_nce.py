@@ -47,18 +47,7 @@ def _logits(
 
 @triton.jit
 def _lse_kernel(
-    X,
-    Y,
-    W,
-    LSE,
-    N,
-    D,
-    scale: tl.float64,
-    HALF: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
+    X, Y, W, LSE, N, D, scale: tl.float64, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr
 ):
     scale = scalar(scale, ACC)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -71,8 +60,6 @@ def _lse_kernel(
         w = tl.load(W + cols, mask=cmask, other=0.0)
         s = _logits(X, Y, rows, cols, rmask, cmask, D, scale, BLOCK_M, BLOCK_N, BLOCK_D, ACC)
         s = tl.where((cmask & (w != 0))[None, :], s, NEG_INF)
-        if HALF:  # NT-Xent: a row's own column is no logit
-            s = tl.where(rows[:, None] == cols[None, :], NEG_INF, s)
         new_m = tl.maximum(m, tl.max(s, axis=1))
         safe = tl.where(new_m == NEG_INF, 0.0, new_m)
         acc = acc * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
@@ -95,7 +82,6 @@ def _grad_kernel(
     scale: tl.float64,
     OWN: tl.constexpr,
     OTHER: tl.constexpr,
-    HALF: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -130,17 +116,7 @@ def _grad_kernel(
         live = ((w_row != 0) & rmask)[:, None] & ((w_col != 0) & cmask)[None, :]
         diag = rows[:, None] == cols[None, :]
         coef = tl.where(live, coef, 0.0)
-        if HALF:
-            # NT-Xent (one of OWN, OTHER per pass): row i's positive is column (i + N/2) mod N,
-            # weighted by the gradient of the row whose positive it is; no self column.
-            half = N // 2
-            if OWN:
-                coef = tl.where(live & (cols[None, :] == (rows[:, None] + half) % N), coef - g_row[:, None], coef)
-            if OTHER:
-                coef = tl.where(live & (rows[:, None] == (cols[None, :] + half) % N), coef - g_col[None, :], coef)
-            coef = tl.where(diag, 0.0, coef)
-        else:
-            coef = tl.where(live & diag, coef - (g_row * (OWN + OTHER))[:, None], coef)
+        coef = tl.where(live & diag, coef - (g_row * (OWN + OTHER))[:, None], coef)
         y = tl.load(Y + cols[:, None] * D + feats[None, :], mask=cmask[:, None] & fmask[None, :], other=0.0)
         acc += tl.dot(coef.to(ACC), y, input_precision="ieee").to(ACC)
     tl.store(OUT + rows[:, None] * D + feats[None, :], acc, mask=rmask[:, None] & fmask[None, :])
@@ -175,7 +151,7 @@ def _prepare(a: torch.Tensor, b: torch.Tensor, normalize: bool):
     return (x.contiguous(), rx), (y.contiguous(), ry)
 
 
-def _lse(x, y, weights, scale, half=False):
+def _lse(x, y, weights, scale):
     n, d = x.shape
     tiles = _Tiles(d, x.dtype)
     out = _common.new_output((n,), x.dtype, x.device)
@@ -189,7 +165,6 @@ def _lse(x, y, weights, scale, half=False):
         n,
         d,
         scale,
-        HALF=half,
         BLOCK_M=tiles.m,
         BLOCK_N=tiles.n,
         BLOCK_D=tiles.d,
@@ -215,7 +190,7 @@ def forward(a, b, weights, temperature, symmetric, normalize):
     return loss.to(a.dtype), lse_a, lse_b
 
 
-def _grad(x, y, w, g, lse_x, lse_y, scale, own, other, half=False):
+def _grad(x, y, w, g, lse_x, lse_y, scale, own, other):
     n, d = x.shape
     tiles = _Tiles(d, x.dtype)
     out = _common.new_output((n, d), x.dtype, x.device)
@@ -232,7 +207,6 @@ def _grad(x, y, w, g, lse_x, lse_y, scale, own, other, half=False):
         scale,
         OWN=own,
         OTHER=other,
-        HALF=half,
         BLOCK_M=tiles.m,
         BLOCK_N=tiles.n,
         BLOCK_D=tiles.d,

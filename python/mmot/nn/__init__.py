@@ -7,14 +7,12 @@
   for one pair and for every pair of modalities, with pair weights and missing modalities;
 - :class:`SSPCLoss`: SSPC's intra- and cross-modal anchor loss with its queue warm-up;
 - :class:`ModalityMean` and :class:`C3`: C3's streaming modality mean and its collapse/corrupt transform;
-- :class:`FeatureSeparation`: a modality-specific head and its orthogonality loss against the shared embedding;
-- :class:`CoMMLoss`: CoMM's NT-Xent objective over the unimodal and multimodal embeddings of two views.
+- :class:`FeatureSeparation`: a modality-specific head and its orthogonality loss against the shared embedding.
 """
 
 from mmot.nn.anchors import Anchors
 from mmot.nn.assignment import MultiSinkhorn, Sinkhorn
 from mmot.nn.c3 import C3, ModalityMean
-from mmot.nn.comm import CoMMLoss
 from mmot.nn.contrastive import CombinatorialContrastiveLoss, NormSoftmaxLoss
 from mmot.nn.queue import FeatureQueue
 from mmot.nn.separation import FeatureSeparation
@@ -23,7 +21,6 @@ from mmot.nn.sspc import SSPCLoss
 __all__ = [
     "Anchors",
     "C3",
-    "CoMMLoss",
     "CombinatorialContrastiveLoss",
     "FeatureQueue",
     "FeatureSeparation",

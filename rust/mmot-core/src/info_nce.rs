@@ -96,30 +96,8 @@ struct Logits<'a, T> {
     valid: &'a [T],
     d: usize,
     scale: T,
-    pairing: Pairing,
     /// Read once per row block (forward) or wavefront step (backward): Ctrl-C.
     stop: &'a Interrupt,
-}
-
-/// Which column is each row's positive, and whether a row's own column is a logit at all.
-#[derive(Clone, Copy, Debug)]
-struct Pairing {
-    /// Row i's positive is column (i + offset) mod n: 0 for InfoNCE's pairs (a[i], b[i]), N for
-    /// NT-Xent's [x; y] against itself (x[i]'s partner is y[i], N rows on).
-    offset: usize,
-    /// Leave column i out of row i's softmax (NT-Xent: a row's similarity with itself).
-    exclude_self: bool,
-}
-
-impl Pairing {
-    const DIAGONAL: Pairing = Pairing {
-        offset: 0,
-        exclude_self: false,
-    };
-
-    fn positive(self, i: usize, n: usize) -> usize {
-        (i + self.offset) % n
-    }
 }
 
 /// Per-pair losses and the two log-sum-exps (`loss`, `lse_a`, `lse_b`: `[rows]` each).
@@ -132,17 +110,6 @@ pub fn info_nce_forward<T: Real>(
     lse_a: &mut [T],
     lse_b: &mut [T],
     params: &InfoNceParams,
-) -> Result<()> {
-    forward(input, loss, lse_a, lse_b, params, Pairing::DIAGONAL)
-}
-
-fn forward<T: Real>(
-    input: InfoNceInput<'_, T>,
-    loss: &mut [T],
-    lse_a: &mut [T],
-    lse_b: &mut [T],
-    params: &InfoNceParams,
-    pairing: Pairing,
 ) -> Result<()> {
     check(params, &input)?;
     let InfoNceInput {
@@ -166,7 +133,6 @@ fn forward<T: Real>(
         valid,
         d,
         scale,
-        pairing,
         stop: &stop,
     };
     if params.symmetric {
@@ -180,15 +146,14 @@ fn forward<T: Real>(
     loss.par_chunks_mut(RB).enumerate().for_each(|(c, out)| {
         for (r, o) in out.iter_mut().enumerate() {
             let i = c * RB + r;
-            let p = pairing.positive(i, n);
             *o = if valid[i] == T::ZERO {
                 T::ZERO
             } else {
                 let diag =
-                    dot(&a[i * d..(i + 1) * d], &b[p * d..(p + 1) * d]) * ia[i] * ib[p] * scale;
+                    dot(&a[i * d..(i + 1) * d], &b[i * d..(i + 1) * d]) * ia[i] * ib[i] * scale;
                 let mut l = la[i] - diag;
                 if params.symmetric {
-                    l += lb[p] - diag;
+                    l += lb[i] - diag;
                 }
                 l
             };
@@ -208,29 +173,6 @@ pub fn info_nce_backward<T: Real>(
     grad_a: &mut [T],
     grad_b: &mut [T],
     params: &InfoNceParams,
-) -> Result<()> {
-    backward(
-        grad,
-        input,
-        lse_a,
-        lse_b,
-        grad_a,
-        grad_b,
-        params,
-        Pairing::DIAGONAL,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn backward<T: Real>(
-    grad: &[T],
-    input: InfoNceInput<'_, T>,
-    lse_a: &[T],
-    lse_b: &[T],
-    grad_a: &mut [T],
-    grad_b: &mut [T],
-    params: &InfoNceParams,
-    pairing: Pairing,
 ) -> Result<()> {
     check(params, &input)?;
     let InfoNceInput {
@@ -256,7 +198,6 @@ fn backward<T: Real>(
         valid,
         d,
         scale,
-        pairing,
         stop: &stop,
     };
     backward_tiles(
@@ -272,96 +213,6 @@ fn backward<T: Real>(
     ua.finish_gradient(d, scale, params.normalize, grad_a);
     ub.finish_gradient(d, scale, params.normalize, grad_b);
     Ok(())
-}
-
-/// NT-Xent (SimCLR's 2N-way loss) of `z = [x; y]` (`[2N, features]`): per row r, `lse[r]` is the
-/// log-sum-exp of row r of ẑẑᵀ/τ without its own column, and `loss[r] = lse[r] − s[r, r ± N]`
-/// (the partner N rows on or back). The same tiles as InfoNCE's, with the self-column left out.
-pub fn nt_xent_forward<T: Real>(
-    z: &[T],
-    rows: usize,
-    features: usize,
-    loss: &mut [T],
-    lse: &mut [T],
-    params: &NtXentParams,
-) -> Result<()> {
-    let ones = vec![T::ONE; rows];
-    let (input, info, pairing) = nt_xent_setup(z, &ones, rows, features, params)?;
-    let mut unused = vec![T::ZERO; rows];
-    forward(input, loss, lse, &mut unused, &info, pairing)
-}
-
-/// The gradient of `Σ_r grad[r]·loss[r]` with respect to `z` (`grad_z`: `[2N, features]`) from
-/// the forward's `lse`.
-pub fn nt_xent_backward<T: Real>(
-    grad: &[T],
-    z: &[T],
-    rows: usize,
-    features: usize,
-    lse: &[T],
-    grad_z: &mut [T],
-    params: &NtXentParams,
-) -> Result<()> {
-    let ones = vec![T::ONE; rows];
-    let (input, info, pairing) = nt_xent_setup(z, &ones, rows, features, params)?;
-    check_len("grad_z", grad_z.len(), [rows, features])?;
-    // z is both sides of the logits: its gradient is the row side's plus the column side's.
-    let mut column_side = vec![T::ZERO; rows * features];
-    backward(
-        grad,
-        input,
-        lse,
-        lse,
-        grad_z,
-        &mut column_side,
-        &info,
-        pairing,
-    )?;
-    grad_z
-        .par_chunks_mut(RB * features.max(1))
-        .zip(column_side.par_chunks(RB * features.max(1)))
-        .for_each(|(g, c)| g.iter_mut().zip(c).for_each(|(g, &c)| *g += c));
-    Ok(())
-}
-
-/// NT-Xent's parameters.
-#[derive(Clone, Copy, Debug)]
-pub struct NtXentParams {
-    pub temperature: f64,
-    pub normalize: bool,
-    pub check_finite: bool,
-}
-
-fn nt_xent_setup<'a, T: Real>(
-    z: &'a [T],
-    ones: &'a [T],
-    rows: usize,
-    features: usize,
-    params: &NtXentParams,
-) -> Result<(InfoNceInput<'a, T>, InfoNceParams, Pairing)> {
-    if !rows.is_multiple_of(2) {
-        return Err(MmotError::InvalidArgument(format!(
-            "nt_xent needs [x; y], an even number of rows; got {rows}"
-        )));
-    }
-    let input = InfoNceInput {
-        a: z,
-        b: z,
-        valid: ones,
-        rows,
-        features,
-    };
-    let info = InfoNceParams {
-        temperature: params.temperature,
-        symmetric: false, // the pairing's column-side weights assume the row direction only
-        normalize: params.normalize,
-        check_finite: params.check_finite,
-    };
-    let pairing = Pairing {
-        offset: rows / 2,
-        exclude_self: true,
-    };
-    Ok((input, info, pairing))
 }
 
 /// The (scale-safe) rows and inverse row norms of `a` and `b` (ones without `normalize`), or
@@ -398,7 +249,6 @@ fn lse_fused<T: Real>(logits: &Logits<'_, T>, lse_x: &mut [T], lse_y: Option<&mu
         valid: wx,
         d,
         scale,
-        pairing,
         stop,
     } = *logits;
     let wy = wx;
@@ -470,10 +320,6 @@ fn lse_fused<T: Real>(logits: &Logits<'_, T>, lse_x: &mut [T], lse_y: Option<&mu
                                 let f = sx[r];
                                 for q in 0..cols {
                                     t[q] = t[q] * f * sj[q] * scale;
-                                }
-                                let i = i0 + r;
-                                if pairing.exclude_self && (j0..j0 + cols).contains(&i) {
-                                    t[i - j0] = T::NEG_INFINITY;
                                 }
                                 let rmax = masked_max(t, &mj[..cols]);
                                 if want_cols {
@@ -631,7 +477,6 @@ fn backward_tiles<T: Real>(
         valid: w,
         d,
         scale,
-        pairing,
         stop,
     } = *logits;
     let n = ia.len();
@@ -680,7 +525,6 @@ fn backward_tiles<T: Real>(
                             }
                             let (gi, li, iai) = (g[i], lse_a[i], ia[i]);
                             let gd = gi * diag_count;
-                            let positive = pairing.positive(i, n);
                             let (wj, ibj) = (&w[j0..j0 + cols], &ib[j0..j0 + cols]);
                             let (gj, lj) = (&g[j0..j0 + cols], &lse_b[j0..j0 + cols]);
                             for q in 0..cols {
@@ -689,12 +533,7 @@ fn backward_tiles<T: Real>(
                                 if sym {
                                     c += gj[q] * (s - lj[q]).exp_fast();
                                 }
-                                let c = if pairing.exclude_self && j0 + q == i {
-                                    T::ZERO
-                                } else {
-                                    c
-                                };
-                                let c = if j0 + q == positive { c - gd } else { c };
+                                let c = if j0 + q == i { c - gd } else { c };
                                 let c = if wj[q] == T::ZERO { T::ZERO } else { c };
                                 ra[q] = c * ibj[q];
                                 rb[q] = c * iai;

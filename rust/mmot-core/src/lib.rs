@@ -54,10 +54,7 @@ pub use geometric_consistency::{
     geometric_consistency_backward, geometric_consistency_forward, GeometricConsistencyInput,
     GeometricConsistencyParams,
 };
-pub use info_nce::{
-    info_nce_backward, info_nce_forward, nt_xent_backward, nt_xent_forward, InfoNceInput,
-    InfoNceParams, NtXentParams,
-};
+pub use info_nce::{info_nce_backward, info_nce_forward, InfoNceInput, InfoNceParams};
 pub use multi_sinkhorn::{multi_sinkhorn, multi_sinkhorn_backward, MultiSinkhornParams, Normalize};
 pub use simd::Real;
 pub use similarity::{

@@ -16,7 +16,6 @@ mod geometric_consistency;
 mod info_nce;
 mod interrupt;
 mod multi_sinkhorn;
-mod nt_xent;
 mod pool;
 mod similarity;
 mod similarity_regression;
@@ -53,7 +52,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     multi_sinkhorn::register(m)?;
     similarity::register(m)?;
     info_nce::register(m)?;
-    nt_xent::register(m)?;
     anchor_consistency::register(m)?;
     brownian_bridge::register(m)?;
     feature_separation::register(m)?;
