@@ -14,6 +14,7 @@ from mmot.ops.feature_separation import feature_separation_loss
 from mmot.ops.geometric_consistency import geometric_consistency
 from mmot.ops.info_nce import info_nce
 from mmot.ops.multi_sinkhorn import multi_sinkhorn
+from mmot.ops.nt_xent import nt_xent
 from mmot.ops.similarity import similarity
 from mmot.ops.sinkhorn import sinkhorn
 
@@ -36,6 +37,7 @@ __all__ = [
     "modality_gap",
     "multi_sinkhorn",
     "nn",
+    "nt_xent",
     "set_checks",
     "similarity",
     "sinkhorn",

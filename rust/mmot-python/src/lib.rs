@@ -12,6 +12,7 @@ mod anchor_consistency;
 mod arrays;
 mod brownian_bridge;
 mod feature_separation;
+mod nt_xent;
 mod geometric_consistency;
 mod info_nce;
 mod interrupt;
@@ -55,5 +56,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     brownian_bridge::register(m)?;
     feature_separation::register(m)?;
     geometric_consistency::register(m)?;
+    nt_xent::register(m)?;
     Ok(())
 }
