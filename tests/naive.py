@@ -133,7 +133,10 @@ def materialized_nt_xent(x, y, temperature=0.1, normalize=True):
 def materialized_comm_loss(z1, z2, temperature=0.1, weights=None):
     """(loss, terms) of CoMM from materialized_nt_xent: term i = ½[NCE(z1[i], z2[-1]) + NCE(z2[i], z1[-1])]."""
     terms = torch.stack(
-        [0.5 * (materialized_nt_xent(z1[i], z2[-1], temperature).mean() + materialized_nt_xent(z2[i], z1[-1], temperature).mean()) for i in range(z1.shape[0])]
+        [
+            0.5 * (materialized_nt_xent(z1[i], z2[-1], temperature).mean() + materialized_nt_xent(z2[i], z1[-1], temperature).mean())
+            for i in range(z1.shape[0])
+        ]
     )
     w = torch.ones(z1.shape[0], dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     return (terms * w).sum() / w.sum(), terms

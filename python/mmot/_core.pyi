@@ -29,6 +29,10 @@ __all__ = [
     "feature_separation_backward",
     "geometric_consistency_forward",
     "geometric_consistency_backward",
+    "nt_xent_self_lse",
+    "nt_xent_cross_lse",
+    "nt_xent_self_grad",
+    "nt_xent_cross_grad",
 ]
 
 __version__: str
@@ -244,3 +248,40 @@ def geometric_consistency_backward(
     num_threads: int,
 ) -> None:
     """The gradients of ``grad[0]·T1 + grad[1]·T2`` w.r.t. ``a`` and ``b`` from ``grams`` into ``grad_a``, ``grad_b``."""
+
+def nt_xent_self_lse(z: npt.NDArray[np.floating], out: npt.NDArray[np.floating], temperature: float, num_threads: int) -> None:
+    """Row log-sum-exps of z zᵀ/τ without the diagonal into out (N,)."""
+
+def nt_xent_cross_lse(
+    x: npt.NDArray[np.floating],
+    y: npt.NDArray[np.floating],
+    rows: npt.NDArray[np.floating],
+    cols: npt.NDArray[np.floating],
+    temperature: float,
+    num_threads: int,
+) -> None:
+    """Row and column log-sum-exps of x yᵀ/τ into rows and cols (N,)."""
+
+def nt_xent_self_grad(
+    z: npt.NDArray[np.floating],
+    c: npt.NDArray[np.floating],
+    l: npt.NDArray[np.floating],
+    dz: npt.NDArray[np.floating],
+    temperature: float,
+    num_threads: int,
+) -> None:
+    """A self block's gradient (1/τ) Σ_{j≠i} (c_i e^{S_ij − l_i} + c_j e^{S_ij − l_j}) z_j into dz."""
+
+def nt_xent_cross_grad(
+    x: npt.NDArray[np.floating],
+    y: npt.NDArray[np.floating],
+    p: npt.NDArray[np.floating],
+    lp: npt.NDArray[np.floating],
+    q: npt.NDArray[np.floating],
+    lq: npt.NDArray[np.floating],
+    dx: npt.NDArray[np.floating],
+    dy: npt.NDArray[np.floating],
+    temperature: float,
+    num_threads: int,
+) -> None:
+    """A cross block's gradients, G_ij = p_i e^{C_ij − lp_i} + q_j e^{C_ij − lq_j}, into dx and dy."""

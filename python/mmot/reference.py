@@ -553,7 +553,9 @@ def nt_xent(x: torch.Tensor, y: torch.Tensor, temperature: float = 0.1, normaliz
     return torch.cat((lse_a - positive, lse_b - positive)).to(x.dtype)
 
 
-def comm_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def comm_loss(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CoMM's loss and its (M+1,) terms for z1, z2 (M+1, N, D); the last entry is the all-modality fusion.
 
     term_i = ½[NCE(z1[i], z2[M]) + NCE(z2[i], z1[M])] with NCE the mean of :func:`nt_xent`;

@@ -124,8 +124,8 @@ class _RustBlocks:
         return tuple(_rust.run(OP, "nt_xent_cross_lse", x.dtype, [x, y], [(x.shape[0],), (y.shape[0],)], [temperature]))
 
     @staticmethod
-    def self_grad(z, c, l, temperature):
-        return _rust.run(OP, "nt_xent_self_grad", z.dtype, [z, c, l], [z.shape], [temperature])[0]
+    def self_grad(z, c, shift, temperature):
+        return _rust.run(OP, "nt_xent_self_grad", z.dtype, [z, c, shift], [z.shape], [temperature])[0]
 
     @staticmethod
     def cross_grad(x, y, p, lp, q, lq, temperature):
@@ -142,8 +142,8 @@ class _TritonBlocks:
         return triton_kernels(KERNELS).cross_lse(x, y, temperature)
 
     @staticmethod
-    def self_grad(z, c, l, temperature):
-        return triton_kernels(KERNELS).self_grad(z, c, l, temperature)
+    def self_grad(z, c, shift, temperature):
+        return triton_kernels(KERNELS).self_grad(z, c, shift, temperature)
 
     @staticmethod
     def cross_grad(x, y, p, lp, q, lq, temperature):
@@ -213,10 +213,10 @@ def forward(backend: str, z1: Tensor, z2: Tensor, temperature: float, normalize:
 
 
 def _combine(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """(ĉ, l) with Σ_t g_t e^{−L_t} = ĉ e^{−l}: l = min_t L_t, so every e^{S − l} ≤ 1."""
-    l = torch.stack([lse for _, lse in pairs]).amin(0)
-    c = sum(g * torch.exp(l - lse) for g, lse in pairs)
-    return c, l
+    """(ĉ, shift) with Σ_t g_t e^{−L_t} = ĉ e^{−shift}: shift = min_t L_t, so every e^{S − shift} ≤ 1."""
+    shift = torch.stack([lse for _, lse in pairs]).amin(0)
+    c = sum(g * torch.exp(shift - lse) for g, lse in pairs)
+    return c, shift
 
 
 def backward(backend: str, grad: Tensor, z1: Tensor, z2: Tensor, lse: Tensor, temperature: float, normalize: bool) -> list[Tensor]:
@@ -254,8 +254,8 @@ def backward(backend: str, grad: Tensor, z1: Tensor, z2: Tensor, lse: Tensor, te
             else:
                 dst_x += blocks.self_grad(x, gx, lx, temperature)
     for k in (0, 1):
-        c, l = _combine(anchor_terms[k])
-        anchor_d[k].add_(blocks.self_grad(anchors[k], c, l, temperature))
+        c, shift = _combine(anchor_terms[k])
+        anchor_d[k].add_(blocks.self_grad(anchors[k], c, shift, temperature))
     d1, d2 = d
     if normalize:
         d1, d2 = unit_rows_backward(d1, u1, norm1), unit_rows_backward(d2, u2, norm2)
@@ -355,7 +355,9 @@ def _comm_fake(z1, z2, temperature, normalize, backend):
 
 
 @torch.library.custom_op("mmot::comm_loss_backward", mutates_args=())
-def comm_loss_backward_op(grad: Tensor, z1: Tensor, z2: Tensor, lse: Tensor, temperature: float, normalize: bool, backend: str) -> list[Tensor]:
+def comm_loss_backward_op(
+    grad: Tensor, z1: Tensor, z2: Tensor, lse: Tensor, temperature: float, normalize: bool, backend: str
+) -> list[Tensor]:
     """Gradients for z1 and z2 from the saved log-sum-exps; other devices run the torch backend."""
     return backward("torch", grad, z1, z2, lse, temperature, normalize)
 

@@ -9,7 +9,7 @@ needs
     cross:  ∂x̂_i = (1/τ) Σ_j G_ij ŷ_j,  ∂ŷ_j = (1/τ) Σ_i G_ij x̂_i,
             G_ij = p_i e^{C_ij − lp_i} + q_j e^{C_ij − lq_j}
 
-(``docs/comm_loss.md``). Each exponent is at most 0 because every l is at least the
+(``docs/comm_loss.md``). Each exponent is at most 0 because every shift is at least the
 log-sum-exp of the block it is applied to; they are capped at 0 against rounding. The rows are
 walked in chunks of ``CHUNK`` so that no N×N tensor is formed (O(CHUNK·N) memory).
 """
@@ -56,12 +56,14 @@ def cross_lse(x: Tensor, y: Tensor, temperature: float) -> tuple[Tensor, Tensor]
     return rows, cols
 
 
-def self_grad(z: Tensor, c: Tensor, l: Tensor, temperature: float) -> Tensor:
+def self_grad(z: Tensor, c: Tensor, shift: Tensor, temperature: float) -> Tensor:
     """(1/τ) Σ_{j≠i} (c_i e^{S_ij − l_i} + c_j e^{S_ij − l_j}) ẑ_j for every i."""
     out = torch.empty_like(z)
     for i0, i1 in _chunks(z.shape[0]):
         s = (z[i0:i1] @ z.T) / temperature
-        g = c[i0:i1, None] * torch.exp((s - l[i0:i1, None]).clamp(max=0.0)) + c[None, :] * torch.exp((s - l[None, :]).clamp(max=0.0))
+        g = c[i0:i1, None] * torch.exp((s - shift[i0:i1, None]).clamp(max=0.0)) + c[None, :] * torch.exp(
+            (s - shift[None, :]).clamp(max=0.0)
+        )
         out[i0:i1] = _off_diagonal(g, i0, 0.0) @ z
     return out / temperature
 

@@ -39,7 +39,15 @@ fn check_temperature(temperature: f64) -> Result<()> {
 }
 
 /// `tile[r * TR + q] = (x_r · y_q) · scale` for the rows of `xs` (rows × d) and `ys` (cols × d).
-fn logit_tile<T: Real>(xs: &[T], ys: &[T], d: usize, rows: usize, cols: usize, scale: T, tile: &mut [T]) {
+fn logit_tile<T: Real>(
+    xs: &[T],
+    ys: &[T],
+    d: usize,
+    rows: usize,
+    cols: usize,
+    scale: T,
+    tile: &mut [T],
+) {
     assert!(xs.len() >= rows * d && ys.len() >= cols * d && tile.len() >= TR * TR);
     // SAFETY: the bounds above cover every element the strides reach; tile overlaps neither.
     unsafe {
@@ -105,7 +113,13 @@ fn finish<T: Real>(run_max: T, run_sum: T) -> T {
 }
 
 /// Row log-sum-exps of `z zᵀ / τ` without the diagonal (`out`: `[n]`; −∞ for n = 1).
-pub fn self_lse<T: Real>(z: &[T], n: usize, d: usize, temperature: f64, out: &mut [T]) -> Result<()> {
+pub fn self_lse<T: Real>(
+    z: &[T],
+    n: usize,
+    d: usize,
+    temperature: f64,
+    out: &mut [T],
+) -> Result<()> {
     check_temperature(temperature)?;
     check_len("z", z.len(), [n, d])?;
     check_len("out", out.len(), [n])?;
@@ -132,7 +146,11 @@ pub fn self_lse<T: Real>(z: &[T], n: usize, d: usize, temperature: f64, out: &mu
                 #[inline(always)]
                 || {
                     for r in 0..rows {
-                        online(&tile[r * TR..r * TR + cols], &mut run_max[r], &mut run_sum[r]);
+                        online(
+                            &tile[r * TR..r * TR + cols],
+                            &mut run_max[r],
+                            &mut run_sum[r],
+                        );
                     }
                 },
             );
@@ -244,19 +262,36 @@ pub fn cross_lse<T: Real>(
 
 /// `g[r * TR + q] = a_r e^{min(t − la_r, 0)} + b_q e^{min(t − lb_q, 0)}` over a tile, in place.
 #[inline(always)]
-fn coefficients<T: Real>(tile: &mut [T], rows: usize, cols: usize, a: &[T], la: &[T], b: &[T], lb: &[T]) {
+fn coefficients<T: Real>(
+    tile: &mut [T],
+    rows: usize,
+    cols: usize,
+    a: &[T],
+    la: &[T],
+    b: &[T],
+    lb: &[T],
+) {
     for r in 0..rows {
         let (ar, lr) = (a[r], la[r]);
         for (q, v) in tile[r * TR..r * TR + cols].iter_mut().enumerate() {
             let s = *v;
-            *v = ar * (s - lr).fmin(T::ZERO).exp_fast() + b[q] * (s - lb[q]).fmin(T::ZERO).exp_fast();
+            *v = ar * (s - lr).fmin(T::ZERO).exp_fast()
+                + b[q] * (s - lb[q]).fmin(T::ZERO).exp_fast();
         }
     }
 }
 
 /// `out[rows, d] += G[rows, cols] · m[cols, d]` (G row-major with rows TR apart, or its
 /// transpose when `transpose`).
-fn accumulate<T: Real>(g: &[T], transpose: bool, m: &[T], rows: usize, cols: usize, d: usize, out: *mut T) {
+fn accumulate<T: Real>(
+    g: &[T],
+    transpose: bool,
+    m: &[T],
+    rows: usize,
+    cols: usize,
+    d: usize,
+    out: *mut T,
+) {
     assert!(g.len() >= TR * TR && m.len() >= cols * d);
     let a = if transpose {
         MatrixRef::transpose_of(g.as_ptr(), TR)
@@ -264,7 +299,16 @@ fn accumulate<T: Real>(g: &[T], transpose: bool, m: &[T], rows: usize, cols: usi
         MatrixRef::row_major(g.as_ptr(), TR)
     };
     // SAFETY: the caller owns out's rows × d block; g and m are read within their bounds.
-    unsafe { gemm([rows, cols, d], a, MatrixRef::row_major(m.as_ptr(), d), T::ONE, out, d) }
+    unsafe {
+        gemm(
+            [rows, cols, d],
+            a,
+            MatrixRef::row_major(m.as_ptr(), d),
+            T::ONE,
+            out,
+            d,
+        )
+    }
 }
 
 /// `dz_i = (1/τ) Σ_{j≠i} (c_i e^{S_ij − l_i} + c_j e^{S_ij − l_j}) z_j` (`dz`: `[n, d]`).
@@ -300,7 +344,17 @@ pub fn self_grad<T: Real>(
             logit_tile(&z[i0 * d..], &z[j0 * d..], d, rows, cols, scale, &mut tile);
             dispatch(
                 #[inline(always)]
-                || coefficients(&mut tile, rows, cols, &c[i0..], &l[i0..], &c[j0..], &l[j0..]),
+                || {
+                    coefficients(
+                        &mut tile,
+                        rows,
+                        cols,
+                        &c[i0..],
+                        &l[i0..],
+                        &c[j0..],
+                        &l[j0..],
+                    )
+                },
             );
             if j0 == i0 {
                 for r in 0..rows {
@@ -352,7 +406,17 @@ pub fn cross_grad<T: Real>(
         logit_tile(&x[i0 * d..], &y[j0 * d..], d, rows, cols, scale, &mut tile);
         dispatch(
             #[inline(always)]
-            || coefficients(&mut tile, rows, cols, &p[i0..], &lp[i0..], &q[j0..], &lq[j0..]),
+            || {
+                coefficients(
+                    &mut tile,
+                    rows,
+                    cols,
+                    &p[i0..],
+                    &lp[i0..],
+                    &q[j0..],
+                    &lq[j0..],
+                )
+            },
         );
         // Row block bi of dx and bj of dy belong to this task during the step.
         accumulate(&tile, false, &y[j0 * d..], rows, cols, d, px.at(i0 * d));
@@ -402,11 +466,16 @@ mod tests {
         let mut cols = vec![0.0; n];
         cross_lse(&x, &y, n, d, tau, &mut rows, &mut cols).unwrap();
         for i in 0..n {
-            let want = lse((0..n).filter(|&j| j != i).map(|j| logit(&x, &x, i, j, d, tau)));
+            let want = lse((0..n)
+                .filter(|&j| j != i)
+                .map(|j| logit(&x, &x, i, j, d, tau)));
             assert!((out[i] - want).abs() < 1e-10, "self {i}");
             let r = lse((0..n).map(|j| logit(&x, &y, i, j, d, tau)));
             let c = lse((0..n).map(|j| logit(&x, &y, j, i, d, tau)));
-            assert!((rows[i] - r).abs() < 1e-10 && (cols[i] - c).abs() < 1e-10, "cross {i}");
+            assert!(
+                (rows[i] - r).abs() < 1e-10 && (cols[i] - c).abs() < 1e-10,
+                "cross {i}"
+            );
         }
         // Shifts at least the LSEs, as the caller passes them.
         let (la, lb): (Vec<f64>, Vec<f64>) = (rows.iter().map(|v| v + 1.0).collect(), cols.clone());
@@ -425,7 +494,8 @@ mod tests {
                     gy += (p[j] * (t - la[j]).exp() + q[i] * (t - lb[i]).exp()) * x[j * d + k];
                     if j != i {
                         let u = logit(&x, &x, i, j, d, tau);
-                        gz += (p[i] * (u - out[i]).exp() + p[j] * (u - out[j]).exp()) * x[j * d + k];
+                        gz +=
+                            (p[i] * (u - out[i]).exp() + p[j] * (u - out[j]).exp()) * x[j * d + k];
                     }
                 }
                 assert!((dx[i * d + k] - gx / tau).abs() < 1e-9, "dx {i} {k}");
