@@ -9,7 +9,7 @@ from __future__ import annotations
 import mmot
 import pytest
 import torch
-from backends import NATIVE
+from backends import NATIVE, needs_triton
 from bad_input import bad_input_test
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -140,6 +140,15 @@ def test_compile_fullgraph(native_backend, dynamic):
         got = compiled(z1, z2)
         torch.testing.assert_close(got, materialized_comm_loss(z1, z2, 0.2)[0])
         assert torch.isfinite(torch.autograd.grad(got, (z1,))[0]).all()
+
+
+@needs_triton
+def test_triton_gradcheck_and_values():
+    z1, z2 = views(1, 4, 3, 8)
+    f = lambda a, b: mmot.nn.CoMMLoss(0.4, backend="triton")(a, b, True)[1]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (z1, z2))
+    z1, z2 = views(2, 17, 5, 9)
+    torch.testing.assert_close(f(z1, z2), materialized_comm_loss(z1, z2, 0.4)[1], rtol=1e-10, atol=1e-12)
 
 
 test_bad_input_is_named = bad_input_test(

@@ -14,7 +14,7 @@ import sys
 import mmot
 import pytest
 import torch
-from backends import NATIVE
+from backends import NATIVE, needs_triton
 from bad_input import bad_input_test
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -160,6 +160,30 @@ def test_rust_independent_of_thread_count():
         env = dict(os.environ, MMOT_NUM_THREADS=threads)
         outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
     assert outs[0] == outs[1] == outs[2], outs
+
+
+# ---------------------------------------------------------------- Triton (interpreter, tiny)
+
+
+@needs_triton
+@pytest.mark.parametrize("n, d", [(1, 3), (5, 3), (20, 17)])
+def test_triton_against_naive(n, d):
+    x, y = pairs(n, d, n + d)
+    want = materialized_nt_xent(x, y, 0.2)
+    got = mmot.nt_xent(x, y, 0.2, reduction="none", backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
+    upstream = torch.linspace(-1, 2, 2 * n, dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(got, (x, y), upstream), torch.autograd.grad(want, (x, y), upstream)):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+@needs_triton
+def test_triton_gradcheck_and_float32():
+    x, y = pairs(4, 3, 1)
+    assert torch.autograd.gradcheck(lambda a, b: mmot.nt_xent(a, b, 0.3, reduction="none", backend="triton"), (x, y))
+    x, y = pairs(18, 5, 2, dtype=torch.float32)
+    got = mmot.nt_xent(x, y, backend="triton")
+    torch.testing.assert_close(got, mmot.nt_xent(x, y, backend="rust"), rtol=1e-5, atol=1e-5)
 
 
 test_bad_input_is_named = bad_input_test(
