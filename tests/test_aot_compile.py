@@ -30,6 +30,7 @@ KERNEL_MODULES = (
     "anchor_consistency",
     "geometric_consistency",
     "feature_separation",
+    "nt_xent",
 )
 # Float scalars each kernel takes, which must reach it as fp64 (docs/architecture.md, scalars).
 SCALARS = {"inv_eps", "scale", "inv_tau", "tiny"}
