@@ -126,6 +126,14 @@ def test_low_precision(native_backend):
     torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=1e-2)
 
 
+def test_non_finite_input_is_named(native_backend):
+    z1, z2 = views(2, 4, 3, 0)
+    bad = z1.detach().clone()
+    bad[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"mmot\.nn\.CoMMLoss.*'z1'"):
+        mmot.nn.CoMMLoss(backend=native_backend)(bad, z2)
+
+
 def test_opcheck(native_backend):
     z1, z2 = views(2, 5, 3, 1)
     torch.library.opcheck(ops.comm_loss_op, (z1, z2, 0.2, True, native_backend))

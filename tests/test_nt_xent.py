@@ -138,12 +138,16 @@ def test_compile_fullgraph(native_backend, dynamic):
         assert torch.isfinite(g).all()
 
 
-def test_non_finite_input_is_named(native_backend):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_non_finite_input_is_named(native_backend, value, normalize):
     x, y = pairs(4, 3, 0)
     bad = y.detach().clone()
-    bad[1, 2] = float("nan")
+    bad[1, 2] = value
     with pytest.raises(ValueError, match=r"mmot\.nt_xent.*'y'"):
-        mmot.nt_xent(x, bad, backend=native_backend)
+        mmot.nt_xent(x, bad, normalize=normalize, backend=native_backend)
+    with pytest.raises(ValueError, match=r"mmot\.nt_xent.*'x'"):
+        mmot.nt_xent(bad, x, normalize=normalize, backend=native_backend)
 
 
 def test_rust_independent_of_thread_count():

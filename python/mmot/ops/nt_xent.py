@@ -177,8 +177,10 @@ def _normalised(z: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
     return u, norm
 
 
-def _check_finite(op: str, z1: Tensor, z2: Tensor, names: tuple[str, str]) -> None:
-    if _checks.value_checks_enabled():
+def _check_finite(op: str, z1: Tensor, z2: Tensor, names: tuple[str, str], lse: Tensor) -> None:
+    """The value check, after the forward: a NaN or Inf input makes some row's log-sum-exp
+    non-finite, so the inputs are scanned (to name the argument) only when one is."""
+    if _checks.value_checks_enabled() and not bool(torch.isfinite(lse).all()):
         for name, z in zip(names, (z1, z2)):
             _checks.finite(op, name, z)
 
@@ -272,8 +274,8 @@ def nt_xent_op(x: Tensor, y: Tensor, temperature: float, normalize: bool, backen
 
 
 def _nt_xent_forward(backend, x, y, temperature, normalize):
-    _check_finite(OP, x, y, ("x", "y"))
     loss, lse = forward(backend, x[None], y[None], temperature, normalize)
+    _check_finite(OP, x, y, ("x", "y"), lse)
     return loss[0, 0].to(x.dtype), lse[0, 0]
 
 
@@ -338,8 +340,9 @@ def comm_loss_op(z1: Tensor, z2: Tensor, temperature: float, normalize: bool, ba
 
 
 def _comm_forward(backend, z1, z2, temperature, normalize):
-    _check_finite(OP_COMM, z1, z2, ("z1", "z2"))
-    return forward(backend, z1, z2, temperature, normalize)
+    loss, lse = forward(backend, z1, z2, temperature, normalize)
+    _check_finite(OP_COMM, z1, z2, ("z1", "z2"), lse)
+    return loss, lse
 
 
 @comm_loss_op.register_kernel(("cpu", "cuda"))
