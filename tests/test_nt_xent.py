@@ -82,7 +82,7 @@ def test_empty(native_backend):
     assert mmot.nt_xent(x, x, reduction="none", backend=native_backend).shape == (0,)
 
 
-@pytest.mark.parametrize("n", [257, 600])
+@pytest.mark.parametrize("n", [257, 600, 1000])
 def test_several_tiles_against_naive(native_backend, n):
     x, y = pairs(n, 7, n, noise=0.5)
     want = materialized_nt_xent(x, y, 0.1)

@@ -112,56 +112,6 @@ fn finish<T: Real>(run_max: T, run_sum: T) -> T {
     }
 }
 
-/// Row log-sum-exps of `z zᵀ / τ` without the diagonal (`out`: `[n]`; −∞ for n = 1).
-pub fn self_lse<T: Real>(
-    z: &[T],
-    n: usize,
-    d: usize,
-    temperature: f64,
-    out: &mut [T],
-) -> Result<()> {
-    check_temperature(temperature)?;
-    check_len("z", z.len(), [n, d])?;
-    check_len("out", out.len(), [n])?;
-    let scale = T::from_f64(1.0 / temperature);
-    let stop = Interrupt::current();
-    out.par_chunks_mut(TR).enumerate().for_each(|(bi, out)| {
-        if stop.requested() {
-            return;
-        }
-        let i0 = bi * TR;
-        let rows = out.len();
-        let mut tile = vec![T::ZERO; TR * TR];
-        let mut run_max = [T::NEG_INFINITY; TR];
-        let mut run_sum = [T::ZERO; TR];
-        for j0 in (0..n).step_by(TR) {
-            let cols = TR.min(n - j0);
-            logit_tile(&z[i0 * d..], &z[j0 * d..], d, rows, cols, scale, &mut tile);
-            if j0 == i0 {
-                for r in 0..rows {
-                    tile[r * TR + r] = T::NEG_INFINITY;
-                }
-            }
-            dispatch(
-                #[inline(always)]
-                || {
-                    for r in 0..rows {
-                        online(
-                            &tile[r * TR..r * TR + cols],
-                            &mut run_max[r],
-                            &mut run_sum[r],
-                        );
-                    }
-                },
-            );
-        }
-        for r in 0..rows {
-            out[r] = finish(run_max[r], run_sum[r]);
-        }
-    });
-    stop.check()
-}
-
 /// A raw pointer shared by the wavefront tasks; within a step each task writes rows no other
 /// task of that step touches, and steps are separated by joins.
 #[derive(Clone, Copy)]
@@ -184,6 +134,135 @@ fn wavefront(nb: usize, stop: &Interrupt, f: impl Fn(usize, usize) + Sync) {
         }
         (0..nb).into_par_iter().for_each(|bi| f(bi, (bi + k) % nb));
     }
+}
+
+/// The unordered tile pairs {I, (I + k) mod nb} of a symmetric block in steps k = 0..=nb/2:
+/// `f(k, count)` runs step k, whose tasks are I < count (at k = nb/2 for even nb, only half of
+/// them: the other half are the same pairs).
+fn symmetric_steps(nb: usize, stop: &Interrupt, mut f: impl FnMut(usize, usize)) {
+    for k in 0..=nb / 2 {
+        if stop.requested() {
+            return;
+        }
+        let count = if k > 0 && 2 * k == nb { nb / 2 } else { nb };
+        f(k, count);
+    }
+}
+
+/// Merges a partial (max, sum) into a running one.
+#[inline(always)]
+fn merge<T: Real>(run_max: &mut T, run_sum: &mut T, m: T, s: T) {
+    if m == T::NEG_INFINITY {
+        return;
+    }
+    if m > *run_max {
+        *run_sum = *run_sum * (*run_max - m).exp_fast() + s;
+        *run_max = m;
+    } else {
+        *run_sum += s * (m - *run_max).exp_fast();
+    }
+}
+
+/// Row log-sum-exps of `z zᵀ / τ` without the diagonal (`out`: `[n]`; −∞ for n = 1).
+///
+/// The block is symmetric, so each unordered tile pair {I, J} is computed once: in step k
+/// (`symmetric_steps`) task I folds the rows of tile (I, J) into block I's running sums and
+/// keeps the tile's column partials, which a second phase (after a join) folds into block J's.
+pub fn self_lse<T: Real>(
+    z: &[T],
+    n: usize,
+    d: usize,
+    temperature: f64,
+    out: &mut [T],
+) -> Result<()> {
+    check_temperature(temperature)?;
+    check_len("z", z.len(), [n, d])?;
+    check_len("out", out.len(), [n])?;
+    let scale = T::from_f64(1.0 / temperature);
+    let stop = Interrupt::current();
+    let nb = n.div_ceil(TR);
+    let mut state = vec![T::NEG_INFINITY; n];
+    let mut sums = vec![T::ZERO; n];
+    let mut partial = vec![T::ZERO; nb * 2 * TR];
+    let (pm, ps, pp) = (
+        SharedMut(state.as_mut_ptr()),
+        SharedMut(sums.as_mut_ptr()),
+        SharedMut(partial.as_mut_ptr()),
+    );
+    symmetric_steps(nb, &stop, |k, count| {
+        (0..count).into_par_iter().for_each(|bi| {
+            let bj = (bi + k) % nb;
+            let (i0, j0) = (bi * TR, bj * TR);
+            let (rows, cols) = (TR.min(n - i0), TR.min(n - j0));
+            let mut tile = vec![T::ZERO; TR * TR];
+            logit_tile(&z[i0 * d..], &z[j0 * d..], d, rows, cols, scale, &mut tile);
+            if k == 0 {
+                for r in 0..rows {
+                    tile[r * TR + r] = T::NEG_INFINITY;
+                }
+            }
+            // SAFETY: row block bi and partial slot bi belong to this task during the phase.
+            let (rmax, rsum, part) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(pm.at(i0), rows),
+                    std::slice::from_raw_parts_mut(ps.at(i0), rows),
+                    std::slice::from_raw_parts_mut(pp.at(bi * 2 * TR), 2 * TR),
+                )
+            };
+            dispatch(
+                #[inline(always)]
+                || {
+                    for r in 0..rows {
+                        online(&tile[r * TR..r * TR + cols], &mut rmax[r], &mut rsum[r]);
+                    }
+                    if k == 0 {
+                        return;
+                    }
+                    let (cmax, csum) = part.split_at_mut(TR);
+                    cmax[..cols].fill(T::NEG_INFINITY);
+                    csum[..cols].fill(T::ZERO);
+                    for r in 0..rows {
+                        for (m, v) in cmax[..cols].iter_mut().zip(&tile[r * TR..r * TR + cols]) {
+                            *m = m.fmax(*v);
+                        }
+                    }
+                    for r in 0..rows {
+                        for ((s, v), m) in csum[..cols]
+                            .iter_mut()
+                            .zip(&tile[r * TR..r * TR + cols])
+                            .zip(&cmax[..cols])
+                        {
+                            *s += (*v - *m).exp_fast();
+                        }
+                    }
+                },
+            );
+        });
+        if k == 0 {
+            return;
+        }
+        (0..count).into_par_iter().for_each(|bi| {
+            let bj = (bi + k) % nb;
+            let j0 = bj * TR;
+            let cols = TR.min(n - j0);
+            // SAFETY: within this phase, block bj of the running sums belongs to task bi only.
+            let (rmax, rsum, part) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(pm.at(j0), cols),
+                    std::slice::from_raw_parts_mut(ps.at(j0), cols),
+                    std::slice::from_raw_parts(pp.at(bi * 2 * TR) as *const T, 2 * TR),
+                )
+            };
+            for q in 0..cols {
+                merge(&mut rmax[q], &mut rsum[q], part[q], part[TR + q]);
+            }
+        });
+    });
+    stop.check()?;
+    for i in 0..n {
+        out[i] = finish(state[i], sums[i]);
+    }
+    Ok(())
 }
 
 /// Row and column log-sum-exps of `x yᵀ / τ` (`rows`, `cols`: `[n]`; x and y `[n, d]`).
@@ -312,6 +391,10 @@ fn accumulate<T: Real>(
 }
 
 /// `dz_i = (1/τ) Σ_{j≠i} (c_i e^{S_ij − l_i} + c_j e^{S_ij − l_j}) z_j` (`dz`: `[n, d]`).
+///
+/// G is symmetric, so each unordered tile pair {I, J} is computed once: in step k task I adds
+/// G_IJ z_J to block I and keeps G_IJ; after a join, it adds G_IJᵀ z_I to block J. Extra memory:
+/// one tile per row block (N·TR values).
 pub fn self_grad<T: Real>(
     z: &[T],
     c: &[T],
@@ -326,48 +409,52 @@ pub fn self_grad<T: Real>(
     check_len("c", c.len(), [n])?;
     check_len("l", l.len(), [n])?;
     check_len("dz", dz.len(), [n, d])?;
-    let scale = T::from_f64(1.0 / temperature);
-    let stop = Interrupt::current();
+    dz.fill(T::ZERO);
     if d == 0 {
         return Ok(());
     }
-    dz.par_chunks_mut(TR * d).enumerate().for_each(|(bi, out)| {
-        out.fill(T::ZERO);
-        if stop.requested() {
-            return;
-        }
-        let i0 = bi * TR;
-        let rows = out.len() / d;
-        let mut tile = vec![T::ZERO; TR * TR];
-        for j0 in (0..n).step_by(TR) {
-            let cols = TR.min(n - j0);
-            logit_tile(&z[i0 * d..], &z[j0 * d..], d, rows, cols, scale, &mut tile);
+    let scale = T::from_f64(1.0 / temperature);
+    let stop = Interrupt::current();
+    let nb = n.div_ceil(TR);
+    let mut tiles = vec![T::ZERO; nb * TR * TR];
+    let (pd, pt) = (SharedMut(dz.as_mut_ptr()), SharedMut(tiles.as_mut_ptr()));
+    symmetric_steps(nb, &stop, |k, count| {
+        (0..count).into_par_iter().for_each(|bi| {
+            let bj = (bi + k) % nb;
+            let (i0, j0) = (bi * TR, bj * TR);
+            let (rows, cols) = (TR.min(n - i0), TR.min(n - j0));
+            // SAFETY: tile slot bi and row block bi of dz belong to this task during the phase.
+            let tile = unsafe { std::slice::from_raw_parts_mut(pt.at(bi * TR * TR), TR * TR) };
+            logit_tile(&z[i0 * d..], &z[j0 * d..], d, rows, cols, scale, tile);
             dispatch(
                 #[inline(always)]
-                || {
-                    coefficients(
-                        &mut tile,
-                        rows,
-                        cols,
-                        &c[i0..],
-                        &l[i0..],
-                        &c[j0..],
-                        &l[j0..],
-                    )
-                },
+                || coefficients(tile, rows, cols, &c[i0..], &l[i0..], &c[j0..], &l[j0..]),
             );
-            if j0 == i0 {
+            if k == 0 {
                 for r in 0..rows {
                     tile[r * TR + r] = T::ZERO;
                 }
             }
-            accumulate(&tile, false, &z[j0 * d..], rows, cols, d, out.as_mut_ptr());
+            accumulate(tile, false, &z[j0 * d..], rows, cols, d, pd.at(i0 * d));
+        });
+        if k == 0 {
+            return;
         }
-        for v in out.iter_mut() {
-            *v *= scale;
-        }
+        (0..count).into_par_iter().for_each(|bi| {
+            let bj = (bi + k) % nb;
+            let (i0, j0) = (bi * TR, bj * TR);
+            let (rows, cols) = (TR.min(n - i0), TR.min(n - j0));
+            // SAFETY: within this phase, row block bj of dz belongs to task bi only.
+            let tile =
+                unsafe { std::slice::from_raw_parts(pt.at(bi * TR * TR) as *const T, TR * TR) };
+            accumulate(tile, true, &z[i0 * d..], cols, rows, d, pd.at(j0 * d));
+        });
     });
-    stop.check()
+    stop.check()?;
+    for v in dz.iter_mut() {
+        *v *= scale;
+    }
+    Ok(())
 }
 
 /// `dx_i = (1/τ) Σ_j G_ij y_j`, `dy_j = (1/τ) Σ_i G_ij x_i` with
@@ -456,7 +543,13 @@ mod tests {
     /// Several tiles (n > TR, a partial last one): every primitive against the dense sums.
     #[test]
     fn primitives_match_dense_sums() {
-        let (n, d, tau) = (TR + 37, 5, 0.3);
+        for n in [1, 2, TR + 37, 3 * TR + 5] {
+            check_dense(n);
+        }
+    }
+
+    fn check_dense(n: usize) {
+        let (d, tau) = (5, 0.3);
         let mut seed = 7;
         let mut gen = |k: usize| (0..k).map(|_| lcg(&mut seed)).collect::<Vec<f64>>();
         let (x, y, p, q) = (gen(n * d), gen(n * d), gen(n), gen(n));
@@ -469,7 +562,7 @@ mod tests {
             let want = lse((0..n)
                 .filter(|&j| j != i)
                 .map(|j| logit(&x, &x, i, j, d, tau)));
-            assert!((out[i] - want).abs() < 1e-10, "self {i}");
+            assert!(out[i] == want || (out[i] - want).abs() < 1e-10, "self {i} of {n}");
             let r = lse((0..n).map(|j| logit(&x, &y, i, j, d, tau)));
             let c = lse((0..n).map(|j| logit(&x, &y, j, i, d, tau)));
             assert!(
