@@ -138,8 +138,6 @@ def materialized_multi_info_nce(x, present, pair_weights, temperature, symmetric
     return losses, total / weight if weight > 0 else total
 
 
-
-
 def materialized_similarity_regression(x, present=None, t=1.0, u=0.0, margin=None, normalize=True):
     """(M, M) per-pair losses of PCMR's regression from the literal N×N similarities of each pair, in float64.
 
@@ -169,3 +167,30 @@ def materialized_similarity_regression(x, present=None, t=1.0, u=0.0, margin=Non
                 total = total + (off**2).mean()
             out[p, q] = total
     return out
+
+
+def materialized_nt_xent(x, y, temperature=0.1, normalize=True):
+    """Per-row NT-Xent (2N,) from the literal 2N×2N logits: the diagonal removed by boolean indexing, then cross-entropy."""
+    x, y = x.double(), y.double()
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    n = x.shape[0]
+    z = torch.cat([x, y])
+    logits = z @ z.T / temperature
+    keep = ~torch.eye(2 * n, dtype=torch.bool)
+    logits = logits[keep].reshape(2 * n, 2 * n - 1)  # row r without column r
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    target = partner - (partner > torch.arange(2 * n)).long()  # column index after the removal
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def materialized_comm_loss(z1, z2, temperature=0.1, weights=None):
+    """(loss, terms) of CoMM from materialized_nt_xent: term i = ½[NCE(z1[i], z2[-1]) + NCE(z2[i], z1[-1])]."""
+    terms = torch.stack(
+        [
+            0.5 * (materialized_nt_xent(z1[i], z2[-1], temperature).mean() + materialized_nt_xent(z2[i], z1[-1], temperature).mean())
+            for i in range(z1.shape[0])
+        ]
+    )
+    w = torch.ones(z1.shape[0], dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    return (terms * w).sum() / len(terms), terms

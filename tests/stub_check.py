@@ -68,6 +68,10 @@ SAMPLE_ARGS: dict[str, Callable[[], tuple]] = {
         1,
     ),
     "feature_separation_backward": lambda: (_f64(1), _f64(2, 3), _f64(2, 4), _f64(3, 4), _f64(2, 3), _f64(2, 4), True, 1),
+    "nt_xent_self_lse": lambda: (_f64(2, 3), _f64(2), 0.1, 1),
+    "nt_xent_cross_lse": lambda: (_f64(2, 3), _f64(2, 3), _f64(2), _f64(2), 0.1, 1),
+    "nt_xent_self_grad": lambda: (_f64(2, 3), _f64(2), _f64(2), _f64(2, 3), 0.1, 1),
+    "nt_xent_cross_grad": lambda: (_f64(2, 3), _f64(2, 3), _f64(2), _f64(2), _f64(2), _f64(2), _f64(2, 3), _f64(2, 3), 0.1, 1),
 }
 
 RETURN_TYPES = {"bool": bool, "float": float, "int": int, "str": str, "None": type(None)}

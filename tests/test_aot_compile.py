@@ -31,6 +31,7 @@ KERNEL_MODULES = (
     "geometric_consistency",
     "feature_separation",
     "similarity_regression",
+    "nt_xent",
 )
 # Float scalars each kernel takes, which must reach it as fp64 (docs/architecture.md, scalars).
 SCALARS = {"inv_eps", "scale", "inv_tau", "tiny", "shift"}

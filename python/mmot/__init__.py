@@ -12,11 +12,12 @@ from mmot.ops.anchor_consistency import anchor_consistency_loss
 from mmot.ops.brownian_bridge import brownian_bridge_loss
 from mmot.ops.feature_separation import feature_separation_loss
 from mmot.ops.geometric_consistency import geometric_consistency
-from mmot.ops.similarity_regression import pairwise_similarity_regression
 from mmot.ops.info_nce import info_nce
 from mmot.ops.multi_info_nce import multi_info_nce
 from mmot.ops.multi_sinkhorn import multi_sinkhorn
+from mmot.ops.nt_xent import nt_xent
 from mmot.ops.similarity import similarity
+from mmot.ops.similarity_regression import pairwise_similarity_regression
 from mmot.ops.sinkhorn import sinkhorn
 
 try:
@@ -40,6 +41,7 @@ __all__ = [
     "multi_info_nce",
     "multi_sinkhorn",
     "nn",
+    "nt_xent",
     "set_checks",
     "similarity",
     "sinkhorn",

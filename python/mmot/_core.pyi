@@ -31,6 +31,10 @@ __all__ = [
     "geometric_consistency_backward",
     "similarity_regression_forward",
     "similarity_regression_backward",
+    "nt_xent_self_lse",
+    "nt_xent_cross_lse",
+    "nt_xent_self_grad",
+    "nt_xent_cross_grad",
 ]
 
 __version__: str
@@ -258,7 +262,8 @@ def similarity_regression_forward(
     num_threads: int,
     check_finite: bool = False,
 ) -> None:
-    """The [match, non-match] means [2, M, M] of every pair of modalities of ``x`` [M, N, D] with the mask ``present`` [M, N] into ``terms``; a negative ``margin`` means none."""
+    """The [match, non-match] means [2, M, M] of every pair of modalities of ``x`` [M, N, D]
+    with the mask ``present`` [M, N] into ``terms``; a negative ``margin`` means none."""
 
 def similarity_regression_backward(
     grad: npt.NDArray[np.floating],
@@ -272,3 +277,40 @@ def similarity_regression_backward(
     num_threads: int,
 ) -> None:
     """The gradient of Σ grad ⊙ terms (``grad`` [2, M, M]) with respect to ``x`` into ``grad_x`` [M, N, D]."""
+
+def nt_xent_self_lse(z: npt.NDArray[np.floating], out: npt.NDArray[np.floating], temperature: float, num_threads: int) -> None:
+    """Row log-sum-exps of z zᵀ/τ without the diagonal into out (N,)."""
+
+def nt_xent_cross_lse(
+    x: npt.NDArray[np.floating],
+    y: npt.NDArray[np.floating],
+    rows: npt.NDArray[np.floating],
+    cols: npt.NDArray[np.floating],
+    temperature: float,
+    num_threads: int,
+) -> None:
+    """Row and column log-sum-exps of x yᵀ/τ into rows and cols (N,)."""
+
+def nt_xent_self_grad(
+    z: npt.NDArray[np.floating],
+    c: npt.NDArray[np.floating],
+    l: npt.NDArray[np.floating],
+    dz: npt.NDArray[np.floating],
+    temperature: float,
+    num_threads: int,
+) -> None:
+    """A self block's gradient (1/τ) Σ_{j≠i} (c_i e^{S_ij − l_i} + c_j e^{S_ij − l_j}) z_j into dz."""
+
+def nt_xent_cross_grad(
+    x: npt.NDArray[np.floating],
+    y: npt.NDArray[np.floating],
+    p: npt.NDArray[np.floating],
+    lp: npt.NDArray[np.floating],
+    q: npt.NDArray[np.floating],
+    lq: npt.NDArray[np.floating],
+    dx: npt.NDArray[np.floating],
+    dy: npt.NDArray[np.floating],
+    temperature: float,
+    num_threads: int,
+) -> None:
+    """A cross block's gradients, G_ij = p_i e^{C_ij − lp_i} + q_j e^{C_ij − lq_j}, into dx and dy."""

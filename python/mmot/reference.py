@@ -559,7 +559,6 @@ def multi_info_nce(
     return losses.to(embeddings.dtype), mean.to(embeddings.dtype)
 
 
-
 # --- mmot.pairwise_similarity_regression (PCMR) ---
 
 
@@ -629,3 +628,45 @@ def pairwise_similarity_regression(
     w = torch.where(counts > 0, w, torch.zeros_like(w))
     denominator = w.sum()
     return torch.where(denominator > 0, total / torch.where(denominator > 0, denominator, 1.0), 0.0 * total).to(embeddings.dtype)
+
+
+# ---- mmot.nt_xent and mmot.nn.CoMMLoss ----------------------------------------------------
+
+
+def nt_xent(x: torch.Tensor, y: torch.Tensor, temperature: float = 0.1, normalize: bool = True) -> torch.Tensor:
+    """SimCLR's 2N-way NT-Xent per row, (2N,) with the rows of x first, written block by block.
+
+    With Z = [x̂; ŷ] and S = ZZᵀ/τ, row r's loss is logsumexp_{c≠r} S[r, c] − S[r, partner(r)].
+    The four N×N blocks of S are kept apart: a row of x sees its cross block (x̂ŷᵀ) whole and its
+    self block (x̂x̂ᵀ) without the diagonal; a row of y sees ŷŷᵀ without the diagonal and ŷx̂ᵀ.
+    """
+    dtype = compute_dtype(x.dtype)
+    a, b = x.to(dtype), y.to(dtype)
+    if normalize:
+        a, b = unit_rows(a), unit_rows(b)
+    n = a.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=a.device)
+    cross = (a @ b.T) / temperature
+    self_a = ((a @ a.T) / temperature).masked_fill(~off, -math.inf)
+    self_b = ((b @ b.T) / temperature).masked_fill(~off, -math.inf)
+    lse_a = torch.logaddexp(torch.logsumexp(cross, 1), torch.logsumexp(self_a, 1))
+    lse_b = torch.logaddexp(torch.logsumexp(self_b, 1), torch.logsumexp(cross, 0))
+    positive = torch.diagonal(cross)
+    return torch.cat((lse_a - positive, lse_b - positive)).to(x.dtype)
+
+
+def comm_loss(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CoMM's loss and its (M+1,) terms for z1, z2 (M+1, N, D); the last entry is the all-modality fusion.
+
+    term_i = ½[NCE(z1[i], z2[M]) + NCE(z2[i], z1[M])] with NCE the mean of :func:`nt_xent`;
+    the loss is 1/(M+1) · Σ w_i term_i (w all ones by default: the mean of the terms).
+    """
+    m = z1.shape[0] - 1
+    terms = torch.stack(
+        [0.5 * (nt_xent(z1[i], z2[m], temperature).mean() + nt_xent(z2[i], z1[m], temperature).mean()) for i in range(m + 1)]
+    )
+    dtype = compute_dtype(z1.dtype)
+    w = torch.ones(m + 1, dtype=dtype, device=z1.device) if weights is None else weights.to(dtype)
+    return ((terms.to(dtype) * w).sum() / (m + 1)).to(z1.dtype), terms

@@ -14,6 +14,7 @@ What gets compiled is whatever those launchers then ask Triton for.
 * ``multi_sinkhorn``: the same, for 1, 2 and 3 slot groups, with and without min-max;
 * ``similarity``: every combination of row, column and feature tile sizes, normalised or not;
 * ``info_nce``: feature sizes up to 4096, symmetric or not;
+* ``nt_xent`` (and CoMM's loss): the four block primitives, float32 and float64, feature sizes up to 1024;
 * ``brownian_bridge_loss``: feature sizes up to 1024;
 * ``geometric_consistency``: odd feature sizes up to 1024, one row split of the Grams or several;
 * ``feature_separation_loss``: odd and unequal feature sizes up to 1024, one row split or several;
@@ -49,6 +50,7 @@ from mmot.kernels import (
     geometric_consistency,
     info_nce,
     multi_sinkhorn,
+    nt_xent,
     similarity,
     similarity_regression,
     sinkhorn,
@@ -248,6 +250,26 @@ def _multi_info_nce_calls() -> Iterator[Call]:
             yield Call("multi_info_nce", label, _info_nce(dtype, n, d, True, normalize=False), True)
 
 
+def _nt_xent(dtype: torch.dtype, n: int, d: int) -> Callable[[], None]:
+    """The four block primitives (their inputs are normalised rows in the accumulation dtype)."""
+
+    def run() -> None:
+        x, y, v = _empty(n, d, dtype=dtype), _empty(n, d, dtype=dtype), _empty(n, dtype=dtype)
+        nt_xent.self_lse(x, 0.1)
+        nt_xent.cross_lse(x, y, 0.1)
+        nt_xent.self_grad(x, v, v, 0.1)
+        nt_xent.cross_grad(x, y, v, v, v, v, 0.1)
+
+    return run
+
+
+def _nt_xent_calls() -> Iterator[Call]:
+    for dtype in WIDE:
+        for d in (3, 16, 64, 128, 256, 512, 1024):
+            yield Call("nt_xent", f"{_name(dtype)} N=1000 D={d}", _nt_xent(dtype, 1000, d), True)
+        yield Call("nt_xent", f"{_name(dtype)} bench N=4096 D=256", _nt_xent(dtype, 4096, 256), True)
+
+
 def _brownian_bridge_calls() -> Iterator[Call]:
     for dtype in DTYPES:
         # Feature sizes whose 2D concatenated features fill one backward feature tile or several.
@@ -304,6 +326,7 @@ def every_call() -> list[Call]:
         *_similarity_calls(),
         *_info_nce_calls(),
         *_multi_info_nce_calls(),
+        *_nt_xent_calls(),
         *_brownian_bridge_calls(),
         *_geometric_consistency_calls(),
         *_feature_separation_calls(),

@@ -33,6 +33,7 @@ pub mod feature_separation;
 pub mod geometric_consistency;
 pub mod info_nce;
 pub mod multi_sinkhorn;
+pub mod nt_xent;
 pub mod similarity;
 pub mod similarity_regression;
 pub mod sinkhorn;

@@ -16,6 +16,7 @@ mod geometric_consistency;
 mod info_nce;
 mod interrupt;
 mod multi_sinkhorn;
+mod nt_xent;
 mod pool;
 mod similarity;
 mod similarity_regression;
@@ -57,5 +58,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     feature_separation::register(m)?;
     geometric_consistency::register(m)?;
     similarity_regression::register(m)?;
+    nt_xent::register(m)?;
     Ok(())
 }
