@@ -1,8 +1,9 @@
-"""mmot.sspc's PCMC variant, the fusion encoder and modality dropout."""
+"""mmot.sspc's many-modality variants (PCMC, PCMR, CoMM), the fusion encoder and modality dropout."""
 
 import json
 from pathlib import Path
 
+import mmot
 import pytest
 import torch
 from mmot.sspc.config import ConfigError, fusion_encoder, load_config
@@ -24,11 +25,20 @@ def _tiny(tmp_path, variant, **sections):
         ("data", "modality_dropout", 1.0),
         ("data", "modality_dropout", -0.1),
         ("model", "encoder", "shared"),
+        ("loss", "pcmr_margin", -0.1),
+        ("loss", "comm_temperature", 0.0),
+        ("loss", "comm_augment", "crop"),
+        ("loss", "comm_strength", 1.0),
     ],
 )
 def test_bad_settings_name_the_key(section, key, value):
     with pytest.raises(ConfigError, match=f"{section}.{key}"):
         load_config("synthetic_tiny").replace(**{section: {key: value}})
+
+
+def test_comm_refuses_separate_encoders():
+    with pytest.raises(ConfigError, match="model.encoder"):
+        load_config("synthetic_tiny").replace(loss={"variant": "comm"}, model={"encoder": "separate"})
 
 
 def test_the_encoder_is_chosen_by_config():
@@ -37,6 +47,8 @@ def test_the_encoder_is_chosen_by_config():
     assert isinstance(make_model(cfg, {"a": 3, "b": 4}), SSPCModel)
     fused = cfg.replace(model={"encoder": "fusion"})
     assert fusion_encoder(fused.model, "pcmc") and isinstance(make_model(fused, {"a": 3, "b": 4}), FusionModel)
+    comm = cfg.replace(loss={"variant": "comm"})
+    assert fusion_encoder(comm.model, "comm") and isinstance(make_model(comm, {"a": 3, "b": 4}), FusionModel)
 
 
 def test_drop_modalities_keeps_one_per_sample_and_is_seeded():
@@ -90,7 +102,7 @@ def test_fusion_encoder_keeps_modalities_apart_where_asked():
     assert not torch.allclose(again[3, 0], views[3, 0], atol=1e-3)  # present elsewhere: it counts
 
 
-@pytest.mark.parametrize("variant", ["pcmc", "contrastive"])
+@pytest.mark.parametrize("variant", ["pcmc", "pcmr", "contrastive"])
 def test_missing_rows_leave_the_loss(variant):
     """A missing modality's embedding of a sample has no effect on the alignment loss."""
     torch.manual_seed(0)
@@ -110,7 +122,31 @@ def test_missing_rows_leave_the_loss(variant):
 FUSION = {"encoder": "fusion"}
 
 
-@pytest.mark.parametrize(("variant", "model"), [("pcmc", {}), ("contrastive", {}), ("pcmc", FUSION), ("multi_sk", FUSION)])
+def test_pcmr_and_comm_are_the_ops():
+    """The objective's alignment term is the op on the stacked embeddings / the two views."""
+    torch.manual_seed(1)
+    mods = ["video", "text", "audio"]
+    joint = {m: torch.randn(10, 8) for m in mods}
+    cfg = load_config("synthetic_tiny").replace(loss={"variant": "pcmr", "pcmr_margin": 0.1, "pcmr_nonmatch_target": 0.2})
+    objective = SSPCObjective({m: 4 for m in mods}, 8, 4, cfg.loss, 16, 8)
+    got = objective({}, joint)["contrastive"]
+    stacked = torch.stack([joint[m] for m in mods])
+    weights = objective.pair_weights
+    assert bool((weights.triu(1) > 0).any()) and not bool((weights.triu(1) == 1).all())  # the config's pair weights
+    want = mmot.pairwise_similarity_regression(stacked, match_target=1.0, nonmatch_target=0.2, margin=0.1, pair_weights=weights)
+    assert torch.allclose(got, want, atol=1e-6)
+    cfg = load_config("synthetic_tiny").replace(loss={"variant": "comm", "comm_temperature": 0.2})
+    objective = SSPCObjective({m: 4 for m in mods}, 8, 4, cfg.loss, 16, 8)
+    views = (torch.randn(4, 10, 8), torch.randn(4, 10, 8))
+    assert torch.allclose(objective({}, {}, views=views)["contrastive"], mmot.nn.CoMMLoss(0.2)(*views), atol=1e-6)
+    with pytest.raises(ValueError, match="views"):
+        objective({}, {})
+
+
+@pytest.mark.parametrize(
+    ("variant", "model"),
+    [("pcmc", {}), ("contrastive", {}), ("pcmc", FUSION), ("multi_sk", FUSION), ("pcmr", {}), ("comm", {})],
+)
 def test_objectives_train_with_missing_modalities(tmp_path, variant, model):
     cfg = _tiny(tmp_path, variant, data={"modality_dropout": 0.3}, model=model)
     results = train(cfg)

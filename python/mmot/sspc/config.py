@@ -23,7 +23,7 @@ yaml = require("yaml", "sspc", "mmot.sspc")
 
 BASE_VARIANTS = ("contrastive", "sinkhorn", "multi_sk")
 STRUCTURE_TERMS = ("gc", "bridge", "separation")
-OBJECTIVES = ("pcmc",)
+OBJECTIVES = ("pcmc", "pcmr", "comm")
 VARIANTS = (*BASE_VARIANTS, *STRUCTURE_TERMS, "c3", *(f"multi_sk+{term}" for term in STRUCTURE_TERMS), *OBJECTIVES)
 """Loss variants: NormSoftmax only; + SSPC anchor terms with single-assignment Sinkhorn targets
 (:func:`mmot.sinkhorn`, rows min-max rescaled as Multi-SK's are); + SSPC anchor terms with
@@ -32,8 +32,11 @@ contrastive loss (``gc``, ``bridge``, ``separation``) or to SSPC (``multi_sk+gc`
 :func:`mmot.geometric_consistency`, :func:`mmot.brownian_bridge_loss` against an augmented view,
 :func:`mmot.feature_separation_loss` against modality-specific heads (:mod:`mmot.sspc.structure`).
 ``c3`` trains as ``contrastive`` and is evaluated on collapsed embeddings (C3's collapse with the
-training split's modality means). ``pcmc`` replaces the pairwise NormSoftmax loss with
-:func:`mmot.multi_info_nce` over every modality pair, missing modalities masked."""
+training split's modality means). The many-modality objectives replace the pairwise
+NormSoftmax loss: ``pcmc`` with :func:`mmot.multi_info_nce`, ``pcmr`` with
+:func:`mmot.pairwise_similarity_regression` (both over every modality pair, missing modalities
+masked), ``comm`` with :class:`mmot.nn.CoMMLoss` on the fusion encoder's embeddings of two
+augmented views (``model.encoder``)."""
 AUGMENTATIONS = ("jitter", "dropout")
 """The Brownian-bridge term's augmented view: Gaussian jitter of every token (relative to the
 token's RMS) or token dropout (each valid token dropped with the strength as probability, one
@@ -54,8 +57,8 @@ def split_variant(variant: str) -> tuple[str, str | None]:
 
 
 def fusion_encoder(model: ModelConfig, variant: str) -> bool:
-    """Whether the run's model is the fusion encoder (``model.encoder``; ``auto`` is separate)."""
-    return model.encoder == "fusion"
+    """Whether the run's model is the fusion encoder (``model.encoder``; ``auto``: comm only)."""
+    return model.encoder == "fusion" or (model.encoder == "auto" and variant == "comm")
 
 
 DATA_FORMATS = ("uci", "npz", "pickle", "synthetic", "concepts")
@@ -65,7 +68,7 @@ ENCODERS = ("auto", "separate", "fusion")
 """``separate``: one transformer per modality (SSPC's model). ``fusion``: one transformer over the
 tokens of every modality, with modality masks (CoMM's model): a modality's embedding is the
 fusion of its tokens alone, the multimodal embedding that of every present modality's.
-``auto``: separate."""
+``auto``: fusion for the ``comm`` variant, separate otherwise."""
 """What the input-space anchors score: the L2-normalised masked mean of the projected tokens
 (after the gated token projection and LayerNorm, with gradient; the SSPC code's default), or the
 masked mean of the raw input tokens (no gradient; the SSPC code's ``anchor_raw_feat_sim``)."""
@@ -225,6 +228,13 @@ class LossConfig:
     bridge_strength: float = 0.3
     separation_weight: float = 1.0
     separation_dim: int = 16
+    # The many-modality objectives; pcmc uses `temperature` and the pair weights, as does pcmr.
+    pcmr_match_target: float = 1.0
+    pcmr_nonmatch_target: float = 0.0
+    pcmr_margin: float | None = None
+    comm_temperature: float = 0.1  # CoMM's
+    comm_augment: str = "dropout"  # how the two views of each sample differ: one of AUGMENTATIONS
+    comm_strength: float = 0.3
 
     @property
     def base_variant(self) -> str:
@@ -511,6 +521,8 @@ def validate(cfg: Config) -> None:
     _check(m.mlp_ratio > 0, "model.mlp_ratio", "a number > 0", m.mlp_ratio)
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "a number in [0, 1)", m.dropout)
     _check(m.encoder in ENCODERS, "model.encoder", f"one of {ENCODERS}", m.encoder)
+    if cfg.loss.variant == "comm":
+        _check(m.encoder != "separate", "model.encoder", "'auto' or 'fusion' for the comm variant (CoMM fuses the modalities)", m.encoder)
 
     _check(loss.variant in VARIANTS, "loss.variant", f"one of {VARIANTS}", loss.variant)
     _check(loss.input_space in INPUT_SPACES, "loss.input_space", f"one of {INPUT_SPACES}", loss.input_space)
@@ -530,6 +542,11 @@ def validate(cfg: Config) -> None:
     _check(loss.bridge_augment in AUGMENTATIONS, "loss.bridge_augment", f"one of {AUGMENTATIONS}", loss.bridge_augment)
     _check(0.0 < loss.bridge_strength < 1.0, "loss.bridge_strength", "a number in (0, 1)", loss.bridge_strength)
     _check(loss.separation_dim >= 1, "loss.separation_dim", "an integer >= 1", loss.separation_dim)
+    if loss.pcmr_margin is not None:
+        _check(loss.pcmr_margin >= 0, "loss.pcmr_margin", "a number >= 0 or null", loss.pcmr_margin)
+    _check(loss.comm_temperature > 0, "loss.comm_temperature", "a number > 0", loss.comm_temperature)
+    _check(loss.comm_augment in AUGMENTATIONS, "loss.comm_augment", f"one of {AUGMENTATIONS}", loss.comm_augment)
+    _check(0.0 < loss.comm_strength < 1.0, "loss.comm_strength", "a number in (0, 1)", loss.comm_strength)
 
     if loss.mk_k is not None:
         _check(1 <= loss.mk_k <= m.n_anchors, "loss.mk_k", f"an integer in 1..model.n_anchors ({m.n_anchors}) or null", loss.mk_k)

@@ -151,9 +151,13 @@ class SSPCObjective(nn.Module):
     transformer outputs (``model.d_model``). A structure variant adds its term
     (:class:`mmot.sspc.structure.StructureTerm`) at its weight.
 
-    ``pcmc`` replaces the NormSoftmax loss by :func:`mmot.multi_info_nce` (τ ``loss.temperature``,
-    the same pair weights). With ``data.modality_dropout``, missing modalities leave the
-    alignment loss through its masks; the anchor and structure terms see every row."""
+    The many-modality variants replace the NormSoftmax loss, with the same pair weights:
+    ``pcmc`` by :func:`mmot.multi_info_nce` (τ ``loss.temperature``), ``pcmr`` by
+    :func:`mmot.pairwise_similarity_regression` (``loss.pcmr_*``), ``comm`` by
+    :class:`mmot.nn.CoMMLoss` (τ ``loss.comm_temperature``) on two augmented views. With
+    ``data.modality_dropout``, missing modalities leave the alignment loss through its masks
+    (CoMM's through the fusion encoder's modality masks); the anchor and structure terms see
+    every row."""
 
     def __init__(self, dims: dict[str, int], embed_dim: int, n_anchors: int, cfg: LossConfig, queue_size: int, hidden_dim: int) -> None:
         super().__init__()
@@ -169,6 +173,7 @@ class SSPCObjective(nn.Module):
         for (a, b), w in pairs.items():
             weights[mods.index(a), mods.index(b)] = w
         self.register_buffer("pair_weights", weights, persistent=False)
+        self.comm = mmot.nn.CoMMLoss(cfg.comm_temperature) if self.kind == "comm" else None
         self.structure = StructureTerm(cfg, pairs, hidden_dim) if cfg.structure else None
         self.sspc = None
         if cfg.uses_anchors:
@@ -197,13 +202,27 @@ class SSPCObjective(nn.Module):
     def needs_augmented(self) -> bool:
         return self.structure is not None and self.structure.kind == "bridge"
 
-    def _main(self, joint: dict[str, Tensor], present: dict[str, Tensor] | None) -> Tensor:
-        """The alignment loss of the variant: the pairwise NormSoftmax loss, or PCMC."""
+    def _main(self, joint: dict[str, Tensor], present: dict[str, Tensor] | None, views: tuple[Tensor, Tensor] | None) -> Tensor:
+        """The alignment loss of the variant: the pairwise NormSoftmax loss, PCMC, PCMR or CoMM."""
+        if self.kind == "comm":
+            if views is None:
+                raise ValueError("SSPCObjective: the comm variant needs 'views', the fusion encoder's (M+1, B, E) embeddings of two views")
+            return self.comm(views[0].float(), views[1].float())
         if self.kind == "contrastive":
             return self.contrastive(joint, present)
         stacked = torch.stack([joint[m] for m in self.modalities])
         flags = None if present is None else torch.stack([present[m] for m in self.modalities])
-        return mmot.multi_info_nce(stacked, self.cfg.temperature, present=flags, pair_weights=self.pair_weights)
+        if self.kind == "pcmc":
+            return mmot.multi_info_nce(stacked, self.cfg.temperature, present=flags, pair_weights=self.pair_weights)
+        cfg = self.cfg
+        return mmot.pairwise_similarity_regression(
+            stacked,
+            present=flags,
+            match_target=cfg.pcmr_match_target,
+            nonmatch_target=cfg.pcmr_nonmatch_target,
+            margin=cfg.pcmr_margin,
+            pair_weights=self.pair_weights,
+        )
 
     def forward(
         self,
@@ -212,13 +231,15 @@ class SSPCObjective(nn.Module):
         hidden: dict[str, Tensor] | None = None,
         augmented: dict[str, Tensor] | None = None,
         present: dict[str, Tensor] | None = None,
+        views: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """The loss and its parts; ``hidden`` (the model's pooled outputs) and ``augmented`` (joint
         embeddings of augmented views) feed the structure term, where the variant has one.
         ``present`` flags the samples that have each modality (missing ones leave the alignment
-        loss)."""
+        loss); ``views`` are the fusion encoder's (M+1, B, E) embeddings of two augmented views,
+        which the comm variant aligns (``inputs`` and ``joint`` are then unused)."""
         joint = {m: v.float() for m, v in joint.items()}
-        contrastive = self._main(joint, present)
+        contrastive = self._main(joint, present, views)
         anchor = contrastive.new_zeros(())
         if self.sspc is not None:
             anchor = self.sspc({m: v.float() for m, v in inputs.items()}, joint)

@@ -71,6 +71,8 @@ LABELS = {
     "multi_sk+bridge": "+ SSPC (Multi-SK) + Brownian bridge",
     "multi_sk+separation": "+ SSPC (Multi-SK) + feature separation",
     "pcmc": "PCMC (all-pairs InfoNCE, masked)",
+    "pcmr": "PCMR (similarity regression)",
+    "comm": "CoMM (fusion encoder)",
 }
 TESTBEDS = ("concepts", "uci")
 CONFIGS = {"concepts": ("concepts_quick", "concepts_full"), "uci": ("uci_quick", "uci_full")}

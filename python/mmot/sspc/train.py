@@ -346,11 +346,15 @@ def train(
             if present is not None:
                 present = {m: p.to(device, non_blocking=True) for m, p in present.items()}
             with autocast():
-                inputs, joint, hidden = model(tokens, masks, hidden=True)
-                augmented = None
+                inputs, joint, hidden, augmented, views = {}, {}, {}, None, None
+                if objective.kind == "comm":
+                    aug = (cfg.loss.comm_augment, cfg.loss.comm_strength)
+                    views = tuple(model.views(*augmented_batch(tokens, masks, *aug), present) for _ in range(2))
+                else:
+                    inputs, joint, hidden = model(tokens, masks, hidden=True)
                 if objective.needs_augmented:
                     _, augmented = model(*augmented_batch(tokens, masks, cfg.loss.bridge_augment, cfg.loss.bridge_strength))
-            losses = objective(inputs, joint, hidden, augmented, present)
+            losses = objective(inputs, joint, hidden, augmented, present, views)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"]).backward()
             if t.grad_clip:
