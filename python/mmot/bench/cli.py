@@ -60,6 +60,8 @@ GPU_ORDER = (
     "feature_separation",
     "multi_info_nce",
     "nt_xent",
+    "pairwise_similarity_regression",
+    "comm_loss",
 )
 
 

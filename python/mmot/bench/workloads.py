@@ -392,6 +392,8 @@ OPS: dict[str, Callable[[torch.device, str, bool], list[Workload]]] = {
     "brownian_bridge": structure_workloads.brownian_bridge_workloads,
     "multi_info_nce": contrastive_workloads.multi_info_nce_workloads,
     "nt_xent": contrastive_workloads.nt_xent_workloads,
+    "pairwise_similarity_regression": contrastive_workloads.similarity_regression_workloads,
+    "comm_loss": contrastive_workloads.comm_workloads,
 }
 
 
