@@ -24,10 +24,10 @@ What gets compiled is whatever those launchers then ask Triton for.
 * every op at the sizes of the benchmark workloads.
 
 **Sample** (the default, what CI compiles on every run): all of ``similarity``, ``info_nce``,
-``brownian_bridge_loss``, ``geometric_consistency``, ``feature_separation_loss``, ``anchor_consistency_loss`` and
-``pairwise_similarity_regression`` (about 580
-builds per architecture, a few minutes), and of the two
-Sinkhorn ops (about 2800): for float32 and float64 the full tiles at the narrowest and widest
+``brownian_bridge_loss``, ``geometric_consistency``, ``feature_separation_loss``, ``anchor_consistency_loss``,
+``multi_info_nce``, ``nt_xent`` and ``pairwise_similarity_regression``, and a sample of the two
+Sinkhorn ops (about 710 builds per architecture in all on 2026-12-04, a few minutes cold; the
+full sweep of the Sinkhorn ops alone is about 2800): for float32 and float64 the full tiles at the narrowest and widest
 ``BLOCK_K`` in both launch structures with every flag, and every dtype at the benchmark sizes.
 The Sinkhorn kernels' warp count follows the tile's elements (``_common.num_warps``), so a
 tile smaller than the launcher's target holds no more per thread than a full one; the full
