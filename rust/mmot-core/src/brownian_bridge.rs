@@ -31,6 +31,7 @@
 
 use crate::error::{check_len, not_finite, Result};
 use crate::exec::row_norms::{unit_rows, UnitRows};
+use crate::exec::shared_mut::SharedMut;
 use crate::interrupt::Interrupt;
 use crate::simd::gemm::{gemm, MatrixRef};
 use crate::simd::{dispatch, dot, max, sum, Real, LANES};
@@ -349,21 +350,6 @@ pub fn brownian_bridge_backward<T: Real>(
     p.y.finish_gradient(d, one, params.normalize, grad_b);
     p.m.finish_gradient(d, one, params.normalize, grad_mid);
     Ok(())
-}
-
-/// A raw pointer the wavefront tasks share; each task writes only blocks no other task of the
-/// same step touches.
-#[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
-// SAFETY: used only as described on the type (disjoint blocks per step, steps separated by joins).
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
-
-impl<T> SharedMut<T> {
-    /// A method, so that closures capture the whole wrapper and not the bare pointer field.
-    fn at(self, offset: usize) -> *mut T {
-        self.0.wrapping_add(offset)
-    }
 }
 
 /// The backward's outputs: the raw gradients with respect to x̂, ŷ (through the raw rows and

@@ -31,6 +31,7 @@
 
 use crate::error::{check_len, not_finite, MmotError, Result};
 use crate::exec::row_norms::{unit_rows, UnitRows};
+use crate::exec::shared_mut::SharedMut;
 use crate::interrupt::Interrupt;
 use crate::simd::gemm::{gemm, MatrixRef};
 use crate::simd::{dispatch, dot, sum, Real, LANES};
@@ -432,21 +433,6 @@ fn exp_sum<T: Real>(t: &[T], mask: &[T], shift: T) -> T {
         tail += (*v + *mk - shift).exp_fast();
     }
     sum(&acc) + tail
-}
-
-/// A raw pointer the wavefront tasks share; each task writes only rows no other task of the
-/// same step touches.
-#[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
-// SAFETY: used only as described on the type (disjoint rows per step, steps separated by joins).
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
-
-impl<T> SharedMut<T> {
-    /// A method, so that closures capture the whole wrapper and not the bare pointer field.
-    fn at(self, offset: usize) -> *mut T {
-        self.0.wrapping_add(offset)
-    }
 }
 
 /// Raw gradients (before the 1/τ scale and the normalisation) of both sides, each logit tile

@@ -21,6 +21,7 @@
 //! the thread count. Extra memory: one tile per task, O(N) for the running maxima and sums.
 
 use crate::error::{check_len, MmotError, Result};
+use crate::exec::shared_mut::SharedMut;
 use crate::interrupt::Interrupt;
 use crate::simd::gemm::{gemm, MatrixRef};
 use crate::simd::{dispatch, max, sum, Real, LANES};
@@ -109,20 +110,6 @@ fn finish<T: Real>(run_max: T, run_sum: T) -> T {
         T::NEG_INFINITY
     } else {
         run_max + run_sum.ln()
-    }
-}
-
-/// A raw pointer shared by the wavefront tasks; within a step each task writes rows no other
-/// task of that step touches, and steps are separated by joins.
-#[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
-// SAFETY: used only as described on the type.
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
-
-impl<T> SharedMut<T> {
-    fn at(self, offset: usize) -> *mut T {
-        self.0.wrapping_add(offset)
     }
 }
 
@@ -562,7 +549,10 @@ mod tests {
             let want = lse((0..n)
                 .filter(|&j| j != i)
                 .map(|j| logit(&x, &x, i, j, d, tau)));
-            assert!(out[i] == want || (out[i] - want).abs() < 1e-10, "self {i} of {n}");
+            assert!(
+                out[i] == want || (out[i] - want).abs() < 1e-10,
+                "self {i} of {n}"
+            );
             let r = lse((0..n).map(|j| logit(&x, &y, i, j, d, tau)));
             let c = lse((0..n).map(|j| logit(&x, &y, j, i, d, tau)));
             assert!(
