@@ -92,8 +92,10 @@ def test_two_processes_match_one(runs):
     sa = torch.load(single / "last.pt", weights_only=True)
     sb = torch.load(ddp / "last.pt", weights_only=True)
     assert (sa["world_size"], sb["world_size"], len(sb["ranks"])) == (1, 2, 2)
+    # atol: the attention's key bias has a zero gradient up to rounding (softmax ignores it), and
+    # Adam turns rounding noise g into steps of lr·g/eps, about 1e-11 here.
     for key in sa["model"]:
-        torch.testing.assert_close(sb["model"][key], sa["model"][key], rtol=1e-9, atol=1e-11, msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(sb["model"][key], sa["model"][key], rtol=1e-9, atol=1e-9, msg=lambda m, key=key: f"{key}: {m}")
     # Each rank's queue holds its own shards of the last 3 global batches; together, the
     # single process's queue (8 rows of each batch per rank, rank 0's first).
     ranks = [r["objective"] for r in sb["ranks"]]
