@@ -215,3 +215,123 @@ def test_shard_and_rank_seed():
     assert torch.equal(torch.cat(parts), rows) and all(len(p) == 4 for p in parts)
     assert torch.equal(World().shard(rows), rows)
     assert rank_seed(0, 0) != rank_seed(0, 1) and rank_seed(0, 1) == rank_seed(0, 1) != rank_seed(1, 1)
+
+
+# ------------------------------------------------------------------------------------ every variant's objective
+
+WORLD, B, E = 2, 6, 8  # global batch 6: 3 rows per rank
+OBJECTIVE_VARIANTS = ["contrastive", "multi_sk", "sinkhorn", "pcmc", "pcmr", "comm", "gc", "bridge", "separation", "multi_sk+gc"]
+MODS = ("video", "text", "audio")
+
+
+def _objective(variant, group=None, world=1):
+    from mmot.sspc.config import load_config
+    from mmot.sspc.model import SSPCObjective
+
+    cfg = load_config("synthetic_tiny").replace(loss={"variant": variant, "mk_iters": 4, "sk_iters": 4}).loss
+    torch.manual_seed(0)
+    # A queue of 2 global batches: the anchor terms are on at the third call.
+    return SSPCObjective({m: E for m in MODS}, E, 4, cfg, 2 * B // world, E, process_group=group).double()
+
+
+def _objective_batches():
+    """Three global batches of every input the objective reads, float64; a modality missing in some rows."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(3):
+
+        def rows(*shape):
+            return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+        present = {m: torch.ones(B, dtype=torch.bool) for m in MODS}
+        present["audio"][[1, 4]] = False
+        out.append(
+            {
+                "inputs": {m: rows(B, E) for m in MODS},
+                "joint": {m: rows(B, E) for m in MODS},
+                "hidden": {m: rows(B, E) for m in MODS},
+                "augmented": {m: rows(B, E) for m in MODS},
+                "present": present,
+                "views": (rows(len(MODS) + 1, B, E), rows(len(MODS) + 1, B, E)),
+            }
+        )
+    return out
+
+
+def _slice(batch, rank, world):
+    """This rank's rows of a global batch (all of it in one process), leaves with gradient."""
+    n = B // world
+    part = slice(rank * n, (rank + 1) * n)
+    grad = {
+        key: {m: v[part].clone().requires_grad_(True) for m, v in batch[key].items()} for key in ("inputs", "joint", "hidden", "augmented")
+    }
+    views = tuple(v[:, part].clone().requires_grad_(True) for v in batch["views"])
+    return {**grad, "present": {m: v[part] for m, v in batch["present"].items()}, "views": views}
+
+
+def _objective_step(objective, batches, rank, world):
+    """Two warm-up calls, then the loss and the gradients of the last call's rows and of the parameters."""
+    for batch in batches[:2]:
+        x = _slice(batch, rank, world)
+        objective(x["inputs"], x["joint"], x["hidden"], x["augmented"], x["present"], x["views"])
+    x = _slice(batches[2], rank, world)
+    out = objective(x["inputs"], x["joint"], x["hidden"], x["augmented"], x["present"], x["views"])
+    out["loss"].backward()
+    rows = {f"{key}.{m}": v.grad for key in ("inputs", "joint", "hidden", "augmented") for m, v in x[key].items()}
+    rows.update({f"views.{i}": v.grad for i, v in enumerate(x["views"])})
+    params = {name: p.grad for name, p in objective.named_parameters()}
+    return out["loss"].detach(), rows, params
+
+
+def _objective_worker(rank, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    batches = _objective_batches()
+    for variant in OBJECTIVE_VARIANTS:
+        objective = _objective(variant, dist.group.WORLD, WORLD)
+        torch.save(_objective_step(objective, batches, rank, WORLD), os.path.join(out_dir, f"{variant}-{rank}.pt"))
+    dist.barrier()
+    os._exit(0)  # gloo's teardown aborts now and then (test_distributed.py); the results are on disk
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_every_variant_sharded_equals_single_process(tmp_path):
+    """The objective on 2 ranks' shards, with DDP's averaging of the parameter gradients and the
+    rows' gradients divided by W (what DDP's averaging does to them), equals one process on the
+    global batch: the loss (averaged over the ranks), every row's gradient and every parameter's
+    (the anchors, the separation heads)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_objective_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    batches = _objective_batches()
+    for variant in OBJECTIVE_VARIANTS:
+        loss, rows, params = _objective_step(_objective(variant), batches, 0, 1)
+        ranks = [torch.load(tmp_path / f"{variant}-{rank}.pt") for rank in range(WORLD)]
+
+        def close(got, want, what, variant=variant):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"{variant}: {what}: {m}")
+
+        close(sum(r[0] for r in ranks) / WORLD, loss, "loss")
+        for key, want in rows.items():
+            if want is None:
+                assert all(r[1][key] is None for r in ranks), f"{variant}: {key}"
+                continue
+            close(torch.cat([r[1][key] for r in ranks], dim=1 if key.startswith("views") else 0) / WORLD, want, key)
+        for name, want in params.items():
+            if want is None:
+                assert all(r[2][name] is None for r in ranks), f"{variant}: {name}"
+                continue
+            close(sum(r[2][name] for r in ranks) / WORLD, want, name)
+        if "multi_sk" in variant or variant == "sinkhorn":
+            assert loss > 0 and params["sspc.input_anchors.text.weight"] is not None  # the anchor terms were on

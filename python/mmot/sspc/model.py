@@ -43,7 +43,7 @@ from mmot.dense_multi_sinkhorn import dense_multi_sinkhorn
 from mmot.sspc.config import INPUT_SPACES, OBJECTIVES, LossConfig, ModelConfig
 from mmot.sspc.data import MultiModalData
 from mmot.sspc.distributed import gather_flags, gather_rows
-from mmot.sspc.structure import StructureTerm
+from mmot.sspc.structure import StructureTerm, wide
 
 
 class GatedProjection(nn.Module):
@@ -231,7 +231,7 @@ class SSPCObjective(nn.Module):
         if self.kind == "comm":
             if views is None:
                 raise ValueError("SSPCObjective: the comm variant needs 'views', the fusion encoder's (M+1, B, E) embeddings of two views")
-            return self.comm(_wide(views[0]), _wide(views[1]))
+            return self.comm(wide(views[0]), wide(views[1]))
         if self.kind == "contrastive":
             return self.contrastive(joint, present)
         stacked = torch.stack([joint[m] for m in self.modalities])
@@ -262,7 +262,7 @@ class SSPCObjective(nn.Module):
         ``present`` flags the samples that have each modality (missing ones leave the alignment
         loss); ``views`` are the fusion encoder's (M+1, B, E) embeddings of two augmented views,
         which the comm variant aligns (``inputs`` and ``joint`` are then unused)."""
-        joint = {m: _wide(v) for m, v in joint.items()}
+        joint = {m: wide(v) for m, v in joint.items()}
         # The global batch for the alignment and structure terms (local rows in one process).
         every, every_present, every_views, every_hidden, every_augmented = joint, present, views, hidden, augmented
         group = self.process_group
@@ -277,15 +277,10 @@ class SSPCObjective(nn.Module):
         contrastive = self._main(every, every_present, every_views)
         anchor = contrastive.new_zeros(())
         if self.sspc is not None:
-            anchor = self.sspc({m: _wide(v) for m, v in inputs.items()}, joint)
+            anchor = self.sspc({m: wide(v) for m, v in inputs.items()}, joint)
         structure = contrastive.new_zeros(())
         loss = contrastive + self.cfg.anchor_loss_weight * anchor
         if self.structure is not None:
             structure = self.structure(every, every_hidden or {}, every_augmented)
             loss = loss + self.structure.weight * structure
         return {"loss": loss, "contrastive": contrastive.detach(), "anchor": anchor.detach(), "structure": structure.detach()}
-
-
-def _wide(x: Tensor) -> Tensor:
-    """The losses' input dtype: float64 stays (``train.dtype: float64``), the rest is float32 (AMP's halves)."""
-    return x if x.dtype == torch.float64 else x.float()
