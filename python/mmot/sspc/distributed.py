@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# How long the other ranks wait at a barrier for rank 0's evaluation and checkpoint.
+WAIT_TIMEOUT = timedelta(hours=6)
 # Whether init_world started the default process group (then finish() may end the process).
 _OWNED = False
+_WAIT_GROUP = None
 
 
 @dataclass
@@ -46,6 +50,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     group: Any = None
+    wait_group: Any = None
     device: torch.device | None = None
 
     @property
@@ -65,11 +70,10 @@ class World:
         return rows[self.rank * n : (self.rank + 1) * n]
 
     def barrier(self) -> None:
+        """Wait for every rank, however long rank 0 evaluates (a gloo group with a long timeout:
+        NCCL's default timeout is minutes)."""
         if self.distributed:
-            if self.device is not None and self.device.type == "cuda":
-                dist.barrier(group=self.group, device_ids=[self.device.index])
-            else:
-                dist.barrier(group=self.group)
+            dist.barrier(group=self.wait_group)
 
     def mean(self, values: Tensor) -> Tensor:
         """The average over ranks of ``values`` (a copy)."""
@@ -175,7 +179,9 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     group = dist.new_group(backend=dist.get_backend())
-    return World(rank=rank, size=size, local_rank=local_rank, group=group, device=device), device
+    global _WAIT_GROUP
+    wait_group = _WAIT_GROUP = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return World(rank=rank, size=size, local_rank=local_rank, group=group, wait_group=wait_group, device=device), device
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -228,7 +234,7 @@ def finish(code: int, wait: bool = True) -> int:
     sys.stderr.flush()
     if wait:
         try:
-            dist.barrier()
+            dist.barrier(group=_WAIT_GROUP)
         except Exception:  # a peer is gone; leave anyway
             pass
     os._exit(code)

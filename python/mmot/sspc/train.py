@@ -36,6 +36,7 @@ or ``overwrite`` (start over, deleting its checkpoint first) is given.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import random
@@ -306,6 +307,8 @@ def train(
                 f"train.batch_size: the global batch of {plan.size} rows does not split evenly over {world.size} processes; "
                 f"give a multiple of {world.size}"
             )
+        if world.distributed and cfg.loss.assignment_impl == "official_dense" and cfg.loss.base_variant == "multi_sk":
+            raise ConfigError("loss.assignment_impl: 'official_dense' (the timing baseline) runs in one process only; use 'mmot'")
         state = None
         if resume:
             if not ckpt_path.is_file():
@@ -354,14 +357,14 @@ def train(
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else contextlib.nullcontext
     runner = TrainStep(model, objective, cfg, autocast)
     if world.distributed:
-        # Buffers are not broadcast: each rank's queues hold its own rows. Unused parameters: the
+        # Buffers are not synchronised before each forward: each rank's queues hold its own rows
+        # (the start-up copy of rank 0's is undone by the restore below). Unused parameters: the
         # anchors until the queues are full.
-        runner = torch.nn.parallel.DistributedDataParallel(
-            runner,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-            find_unused_parameters=True,
+        ddp = torch.nn.parallel.DistributedDataParallel
+        no_sync = (
+            {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters else {"broadcast_buffers": False}
         )
+        runner = ddp(runner, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True, **no_sync)
     step = 0
     if state is not None:  # after the DDP wrap, whose start broadcasts rank 0's buffers
         own = state["ranks"][world.rank] if world.distributed else state
