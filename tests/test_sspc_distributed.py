@@ -117,18 +117,26 @@ def test_two_processes_match_one(runs):
 
 @pytest.mark.slow
 def test_resume_on_two_processes_matches_uninterrupted(runs):
-    out = runs["root"] / "resumed"
-    first = _torchrun(2, *_train_args(out, "--set", "train.max_steps=6"))
+    """Stopped after 3 steps and resumed, a 2-process run ends as the uninterrupted one, with
+    per-rank random draws in play (the bridge term's augmented views and dropout)."""
+    root = runs["root"]
+    extra = ["--set", "loss.variant=multi_sk+bridge", "--set", "model.dropout=0.1", "--set", "train.epochs=2"]
+    whole = _torchrun(2, *_train_args(root / "whole", *extra))
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    out = root / "resumed"
+    first = _sspc(*_train_args(out, *extra, "--set", "train.max_steps=3", "--nproc", "2"))
     assert first.returncode == 0, first.stderr[-4000:]
     state = torch.load(out / "last.pt", weights_only=True)
-    assert (state["step"], state["world_size"], state["finished"]) == (6, 2, True)
-    second = _sspc(*_train_args(out, "--resume", "--set", "train.max_steps=null", "--nproc", "2"))
+    assert (state["step"], state["world_size"], state["finished"]) == (3, 2, True)
+    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])  # a stream per rank
+    second = _sspc(*_train_args(out, *extra, "--resume", "--set", "train.max_steps=null", "--nproc", "2"))
     assert second.returncode == 0, second.stderr[-4000:]
-    whole, resumed = _records(runs["ddp"]), _records(out)
-    assert [r["step"] for r in resumed] == list(range(1, 17))
-    for ra, rb in zip(whole, resumed):
+    a, b = _records(root / "whole"), _records(out)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    assert a[-1]["anchor"] > 0 and a[-1]["structure"] > 0
+    for ra, rb in zip(a, b):
         assert {k: rb[k] for k in PARTS} == pytest.approx({k: ra[k] for k in PARTS}, rel=1e-12, abs=1e-15)
-    sa = torch.load(runs["ddp"] / "last.pt", weights_only=True)
+    sa = torch.load(root / "whole" / "last.pt", weights_only=True)
     sb = torch.load(out / "last.pt", weights_only=True)
     for key in sa["model"]:
         torch.testing.assert_close(sb["model"][key], sa["model"][key], rtol=1e-12, atol=1e-14)
@@ -335,3 +343,9 @@ def test_every_variant_sharded_equals_single_process(tmp_path):
             close(sum(r[2][name] for r in ranks) / WORLD, want, name)
         if "multi_sk" in variant or variant == "sinkhorn":
             assert loss > 0 and params["sspc.input_anchors.text.weight"] is not None  # the anchor terms were on
+
+
+def test_sspc_loss_process_group_checked():
+    with pytest.raises(TypeError, match="process_group"):
+        mmot.nn.SSPCLoss({"video": 4, "text": 4}, 4, 2, 4, process_group=object())
+    assert mmot.nn.SSPCLoss({"video": 4, "text": 4}, 4, 2, 4).process_group is None
