@@ -349,3 +349,11 @@ def test_sspc_loss_process_group_checked():
     with pytest.raises(TypeError, match="process_group"):
         mmot.nn.SSPCLoss({"video": 4, "text": 4}, 4, 2, 4, process_group=object())
     assert mmot.nn.SSPCLoss({"video": 4, "text": 4}, 4, 2, 4).process_group is None
+
+
+def test_reproduce_inside_torchrun_is_refused(monkeypatch, capsys):
+    from mmot.sspc.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["reproduce", "--quick"]) == 2
+    assert "without torchrun" in capsys.readouterr().err

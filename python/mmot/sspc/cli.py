@@ -210,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                     json.dump(results, fh, indent=2)
             return 0
         if args.command == "reproduce":
+            from mmot.sspc.distributed import env_world_size
             from mmot.sspc.reproduce import TESTBEDS, VARIANTS, reproduce
+
+            if env_world_size() > 1:
+                raise ConfigError("reproduce runs its trainings in separate single processes (--jobs); start it without torchrun")
 
             try:
                 q_levels = tuple(float(q) for q in args.q.split(",")) if args.q else None

@@ -290,6 +290,11 @@ def train(
     Everything that can be checked is checked before the first step: the config, the data
     (loaded and split here unless ``splits`` is given), the device, the checkpoint. Without
     ``resume``, a directory that already holds a run is refused unless ``overwrite``.
+
+    Under torchrun (``WORLD_SIZE`` > 1, or a process group the caller started) the run is
+    data-parallel (see the module docstring); every rank calls ``train`` and gets rank 0's
+    evaluation. The process group stays up afterwards: the CLI leaves through
+    :func:`mmot.sspc.distributed.finish`.
     """
     t = cfg.train
     out = Path(out_dir or t.out_dir)
