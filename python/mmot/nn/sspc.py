@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mmot import _checks
 from mmot.nn import _args
 from mmot.nn.anchors import Anchors
 from mmot.nn.queue import FeatureQueue
@@ -63,6 +64,15 @@ class SSPCLoss(nn.Module):
       k = 1 was not used: its other K − 1 down-weighted slots still share each sample's mass,
       so it is not SwAV's assignment.
 
+    - ``process_group``: data-parallel training. Each rank passes its shard of the batch and
+      keeps its own queues (``queue_size`` rows of its own past batches); the targets are the
+      assignment of the union of every rank's [queue; batch] rows, from the sharded
+      :func:`mmot.multi_sinkhorn` / :func:`mmot.sinkhorn` (column sums all-reduced every
+      iteration), so they equal a single process's targets on the concatenated rows. The loss
+      is the mean over this rank's rows: the average over ranks (what DDP's gradient averaging
+      computes) is the loss of the global batch when the shards are of equal size. Every rank
+      must call the module at every step (the op's collectives).
+
     After a call, ``last_terms`` holds the detached "specific" and "cross" parts.
 
     Example: add SSPC to an existing multi-modal model::
@@ -90,6 +100,7 @@ class SSPCLoss(nn.Module):
         temperature: float = 0.1,
         assignment: str = "multi",
         pair_weights: Mapping[tuple[str, str], float] | None = None,
+        process_group=None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -110,6 +121,9 @@ class SSPCLoss(nn.Module):
         self.temperature = _args.positive_float(_WHERE, "temperature", temperature)
         self.assignment = _args.choice(_WHERE, "assignment", assignment, ASSIGNMENTS)
         self.backend = _args.backend(_WHERE, backend)
+        if process_group is not None:
+            _checks.process_group(_WHERE, process_group)
+        self.process_group = process_group
         self.modalities = list(input_dims)
         self.input_dims, self.joint_dim = dict(input_dims), joint_dim
         self.input_anchors = nn.ModuleDict({m: Anchors(d, n_anchors, backend=backend) for m, d in input_dims.items()})
@@ -160,8 +174,8 @@ class SSPCLoss(nn.Module):
 
     def _assign(self, scores: Tensor) -> Tensor:
         if self.assignment == "single":
-            return minmax_rows(sinkhorn(scores, self.eps, self.n_iters, backend=self.backend))
-        return multi_sinkhorn(scores, self.k, self.eps, self.n_iters, backend=self.backend)
+            return minmax_rows(sinkhorn(scores, self.eps, self.n_iters, process_group=self.process_group, backend=self.backend))
+        return multi_sinkhorn(scores, self.k, self.eps, self.n_iters, process_group=self.process_group, backend=self.backend)
 
     def forward(self, inputs: Mapping[str, Tensor], joints: Mapping[str, Tensor]) -> Tensor:
         batch = self._check_batch(inputs, joints)

@@ -6,7 +6,8 @@ one transformer block, masked mean pooling, gated joint projection, per modality
 the NormSoftmax combinatorial contrastive loss plus SSPC's anchor-consistency terms, whose
 targets come from :func:`mmot.multi_sinkhorn` on [queue; batch] anchor scores.
 
-Entry points: the ``mmot-sspc`` CLI (:mod:`mmot.sspc.cli`), :func:`mmot.sspc.train.train`,
+Entry points: the ``mmot-sspc`` CLI (:mod:`mmot.sspc.cli`; also ``python -m mmot.sspc``, which
+``torchrun`` starts for data-parallel training, :mod:`mmot.sspc.distributed`), :func:`mmot.sspc.train.train`,
 :func:`mmot.sspc.evaluate.evaluate_checkpoint` and :func:`mmot.sspc.reproduce.reproduce`.
 """
 

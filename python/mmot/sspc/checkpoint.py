@@ -10,6 +10,12 @@ pickled object from another program) is refused with a :class:`CheckpointError` 
 Format versions: 2 is written. 1 (before the SSPC code's defaults: raw input space, queue in
 rows, EMA evaluated when kept) is read for evaluation, its config completed with the values that
 reproduce what it was trained with (:func:`upgrade_config`); ``train --resume`` refuses it.
+
+A multi-process run (:mod:`mmot.sspc.distributed`) is written by rank 0 with ``world_size``
+(its number of processes; 1, or absent in older files, for a single process) and ``ranks``, one
+``{"objective", "rng"}`` entry per rank: every rank's queues and random state, which differ
+between ranks. The top-level ``objective`` and ``rng`` are rank 0's; the model, optimizer,
+scheduler, scaler and EMA are the same on every rank.
 """
 
 from __future__ import annotations
@@ -71,6 +77,16 @@ def load(path: Path) -> dict:
     for key, kind in REQUIRED.items():
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"checkpoint '{path}': '{key}' must be a {kind.__name__}; got {type(state.get(key)).__name__}")
+    world = state.setdefault("world_size", 1)
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise CheckpointError(f"checkpoint '{path}': 'world_size' must be an int >= 1; got {world!r}")
+    ranks = state.get("ranks")
+    if world > 1 and not (
+        isinstance(ranks, list)
+        and len(ranks) == world
+        and all(isinstance(r, dict) and isinstance(r.get("objective"), dict) and isinstance(r.get("rng"), dict) for r in ranks)
+    ):
+        raise CheckpointError(f"checkpoint '{path}': 'ranks' must hold one {{'objective', 'rng'}} entry for each of its {world} processes")
     if state.get("ema") is not None and not isinstance(state["ema"], dict):
         raise CheckpointError(f"checkpoint '{path}': 'ema' must be a dict or None; got {type(state['ema']).__name__}")
     if state["version"] == 1:

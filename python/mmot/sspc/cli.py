@@ -1,12 +1,16 @@
 """``mmot-sspc``: train, evaluate and reproduce SSPC.
 
-    mmot-sspc train --config uci_quick [--resume | --overwrite] [--out DIR] [--set train.epochs=5 ...]
+    mmot-sspc train --config uci_quick [--resume | --overwrite] [--out DIR] [--set train.epochs=5 ...] [--nproc N]
     mmot-sspc eval --checkpoint runs/uci_quick/last.pt [--split test] [--json FILE]
     mmot-sspc reproduce [--quick] [--testbed concepts|uci] [--variants contrastive,multi_sk] [--seeds 5] [--jobs 2] [--out DIR]
                         [--resume | --overwrite]
     mmot-sspc convert-features IN.pkl OUT.npz [--config CFG] [--set data.pickle.n_video_tokens=48 ...]
 
 ``--config`` takes a YAML path or the name of a shipped config (``mmot-sspc configs`` lists them).
+``python -m mmot.sspc`` is the same program, so that ``torchrun --nproc_per_node 2 -m mmot.sspc train
+--config ...`` trains data-parallel on 2 processes (gloo on CPU, NCCL on CUDA, one GPU each);
+``train --nproc N`` starts that torchrun itself on this machine. ``train.batch_size`` is the
+global batch; ``--resume`` needs the number of processes the run was started with.
 Checkpoints are read without unpickling code (tensors and plain containers only). Feature
 pickles (``data.format: pickle``) are unpickled: only read pickles you trust, or convert them
 once with ``convert-features`` and train on the ``.npz`` (``data.format: npz``).
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 
 from mmot._extras import MissingExtra
@@ -49,6 +55,73 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _launch(args) -> int:
+    """``train --nproc N``: this command without ``--nproc`` under torchrun, N processes on this machine."""
+    from mmot.sspc.distributed import env_world_size
+
+    if env_world_size() > 1:
+        print(f"mmot-sspc: error: --nproc: already one of {env_world_size()} torchrun processes; drop --nproc", file=sys.stderr)
+        return 2
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(args.nproc)]
+    command += ["-m", "mmot.sspc", "train", "--config", args.config]
+    if args.resume:
+        command.append("--resume")
+    if args.overwrite:
+        command.append("--overwrite")
+    if args.out:
+        command += ["--out", args.out]
+    for item in args.set:
+        command += ["--set", item]
+    if args.no_progress:
+        command.append("--no-progress")
+    env = dict(os.environ)
+    # torchrun would set 1 thread and warn; share the cores instead (train.num_threads overrides).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    return subprocess.call(command, env=env)
+
+
+def _train(args) -> int:
+    """The train command in this process (one rank of a torchrun run, or the whole run)."""
+    from mmot.sspc import distributed
+    from mmot.sspc.checkpoint import CheckpointError
+    from mmot.sspc.config import ConfigError, load_config
+    from mmot.sspc.data import DataError
+    from mmot.sspc.train import train
+
+    try:
+        cfg = load_config(args.config)
+        overrides = _parse_set(args.set)
+        if args.no_progress:
+            overrides.setdefault("train", {})["progress"] = False
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        results = train(cfg, resume=args.resume, overwrite=args.overwrite, out_dir=args.out)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+        agreed = getattr(exc, "mmot_agreed", False)  # raised on every rank alike
+        if not agreed or _rank() == 0:
+            print(f"mmot-sspc: error: {exc}", file=sys.stderr)
+        return distributed.finish(2, wait=agreed)
+    if _rank() == 0:
+        print(_table(results))
+    return distributed.finish(0)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmot-sspc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--out", help="output directory (default: train.out_dir)")
     p_train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     p_train.add_argument("--no-progress", action="store_true")
+    p_train.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train data-parallel on N local processes: runs torchrun (torch.distributed.run) with this command",
+    )
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint: retrieval for every modality pair")
     p_eval.add_argument("--checkpoint", required=True, help="a last.pt file or a run directory")
     p_eval.add_argument("--split", action="append", help="only these splits (default: all but train)")
@@ -117,17 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(shipped_configs()))
             return 0
         if args.command == "train":
-            from mmot.sspc.train import train
-
-            cfg = load_config(args.config)
-            overrides = _parse_set(args.set)
-            if args.no_progress:
-                overrides.setdefault("train", {})["progress"] = False
-            if overrides:
-                cfg = cfg.replace(**overrides)
-            results = train(cfg, resume=args.resume, overwrite=args.overwrite, out_dir=args.out)
-            print(_table(results))
-            return 0
+            if args.nproc is not None and args.nproc > 1:
+                return _launch(args)
+            return _train(args)
         if args.command == "eval":
             from mmot.sspc.evaluate import evaluate_checkpoint
 
@@ -138,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                     json.dump(results, fh, indent=2)
             return 0
         if args.command == "reproduce":
+            from mmot.sspc.distributed import env_world_size
             from mmot.sspc.reproduce import TESTBEDS, VARIANTS, reproduce
+
+            if env_world_size() > 1:
+                raise ConfigError("reproduce runs its trainings in separate single processes (--jobs); start it without torchrun")
 
             try:
                 q_levels = tuple(float(q) for q in args.q.split(",")) if args.q else None

@@ -65,6 +65,7 @@ DATA_FORMATS = ("uci", "npz", "pickle", "synthetic", "concepts")
 ASSIGNMENT_IMPLS = ("mmot", "official_dense")
 INPUT_SPACES = ("projected", "raw")
 ENCODERS = ("auto", "separate", "fusion")
+DTYPES = ("float32", "float64")
 """``separate``: one transformer per modality (SSPC's model). ``fusion``: one transformer over the
 tokens of every modality, with modality masks (CoMM's model): a modality's embedding is the
 fusion of its tokens alone, the multimodal embedding that of every present modality's.
@@ -272,6 +273,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = None  # the SSPC code does not clip
     amp: bool | None = None
+    # The parameters', queues' and losses' dtype: float32, or float64 (no AMP) for exact
+    # comparisons, e.g. of a multi-process run with a single-process one.
+    dtype: str = "float32"
     ema_decay: float | None = None
     # Evaluate the EMA weights instead of the trained ones (the SSPC code keeps an EMA but evaluates the raw model).
     eval_ema: bool = False
@@ -565,6 +569,8 @@ def validate(cfg: Config) -> None:
         _check(t.grad_clip > 0, "train.grad_clip", "a number > 0 or null", t.grad_clip)
     if t.ema_decay is not None:
         _check(0 < t.ema_decay < 1, "train.ema_decay", "a number in (0, 1) or null", t.ema_decay)
+    _check(t.dtype in DTYPES, "train.dtype", f"one of {DTYPES}", t.dtype)
+    _check(not (t.amp and t.dtype == "float64"), "train.amp", "false or null with train.dtype float64 (AMP computes in float16)", t.amp)
     no_ema = "false when train.ema_decay is null (no EMA to evaluate)"
     _check(not t.eval_ema or t.ema_decay is not None, "train.eval_ema", no_ema, t.eval_ema)
     _check(t.device in ("auto", "cpu") or t.device.startswith("cuda"), "train.device", "'auto', 'cpu' or 'cuda[:i]'", t.device)

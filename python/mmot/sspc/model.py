@@ -42,7 +42,8 @@ import mmot
 from mmot.dense_multi_sinkhorn import dense_multi_sinkhorn
 from mmot.sspc.config import INPUT_SPACES, OBJECTIVES, LossConfig, ModelConfig
 from mmot.sspc.data import MultiModalData
-from mmot.sspc.structure import StructureTerm
+from mmot.sspc.distributed import gather_flags, gather_rows
+from mmot.sspc.structure import StructureTerm, wide
 
 
 class GatedProjection(nn.Module):
@@ -116,10 +117,11 @@ class SSPCModel(nn.Module):
 def embed_split(model: SSPCModel, split: MultiModalData, batch_size: int = 512, device="cpu") -> dict[str, Tensor]:
     was_training = model.training
     model.eval()
+    dtype = next(model.parameters()).dtype  # train.dtype
     out: dict[str, list[Tensor]] = {m: [] for m in model.modalities}
     for start in range(0, len(split), batch_size):
         sl = slice(start, start + batch_size)
-        tokens = {m: split.features[m][sl].to(device) for m in model.modalities}
+        tokens = {m: split.features[m][sl].to(device, dtype) for m in model.modalities}
         masks = {m: split.masks[m][sl].to(device) for m in model.modalities}
         _, joint = model(tokens, masks)
         for m in model.modalities:
@@ -157,11 +159,30 @@ class SSPCObjective(nn.Module):
     :class:`mmot.nn.CoMMLoss` (τ ``loss.comm_temperature``) on two augmented views. With
     ``data.modality_dropout``, missing modalities leave the alignment loss through its masks
     (CoMM's through the fusion encoder's modality masks); the anchor and structure terms see
-    every row."""
+    every row.
 
-    def __init__(self, dims: dict[str, int], embed_dim: int, n_anchors: int, cfg: LossConfig, queue_size: int, hidden_dim: int) -> None:
+    ``process_group`` (data-parallel training, :mod:`mmot.sspc.distributed`): every rank passes
+    its shard of the global batch. The alignment loss and the structure term are computed over
+    the global batch, every rank's rows all-gathered with gradient (the same value on every
+    rank); the anchor loss is :class:`mmot.nn.SSPCLoss` with the same group (each rank's queue
+    holds its own past rows, the targets come from the sharded assignment over every rank's
+    [queue; batch]), averaged over this rank's rows. With DDP averaging the gradients over the
+    ranks, a step is the single-process step on the global batch (the augmentations of the
+    bridge and comm variants are drawn per rank)."""
+
+    def __init__(
+        self,
+        dims: dict[str, int],
+        embed_dim: int,
+        n_anchors: int,
+        cfg: LossConfig,
+        queue_size: int,
+        hidden_dim: int,
+        process_group=None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.process_group = process_group
         mods = list(dims)
         pairs = {(a, b): cfg.pair_weight(a, b) for a, b in itertools.combinations(mods, 2)}
         if sum(pairs.values()) <= 0:
@@ -181,6 +202,8 @@ class SSPCObjective(nn.Module):
             c = {(m, n): min(w[m], w[n]) for m in mods for n in mods}
             single = cfg.base_variant == "sinkhorn"
             cls = DenseSSPCLoss if (cfg.assignment_impl == "official_dense" and not single) else mmot.nn.SSPCLoss
+            if cls is DenseSSPCLoss and process_group is not None:
+                raise ValueError("loss.assignment_impl: 'official_dense' (the timing baseline) runs in one process only; use 'mmot'")
             self.sspc = cls(
                 dims,
                 embed_dim,
@@ -192,6 +215,7 @@ class SSPCObjective(nn.Module):
                 temperature=cfg.anchor_temperature,
                 assignment="single" if single else "multi",
                 pair_weights=c,
+                process_group=process_group,
             )
 
     @property
@@ -207,7 +231,7 @@ class SSPCObjective(nn.Module):
         if self.kind == "comm":
             if views is None:
                 raise ValueError("SSPCObjective: the comm variant needs 'views', the fusion encoder's (M+1, B, E) embeddings of two views")
-            return self.comm(views[0].float(), views[1].float())
+            return self.comm(wide(views[0]), wide(views[1]))
         if self.kind == "contrastive":
             return self.contrastive(joint, present)
         stacked = torch.stack([joint[m] for m in self.modalities])
@@ -238,14 +262,25 @@ class SSPCObjective(nn.Module):
         ``present`` flags the samples that have each modality (missing ones leave the alignment
         loss); ``views`` are the fusion encoder's (M+1, B, E) embeddings of two augmented views,
         which the comm variant aligns (``inputs`` and ``joint`` are then unused)."""
-        joint = {m: v.float() for m, v in joint.items()}
-        contrastive = self._main(joint, present, views)
+        joint = {m: wide(v) for m, v in joint.items()}
+        # The global batch for the alignment and structure terms (local rows in one process).
+        every, every_present, every_views, every_hidden, every_augmented = joint, present, views, hidden, augmented
+        group = self.process_group
+        if group is not None:
+            every = {m: gather_rows(v, group) for m, v in joint.items()}
+            every_present = None if present is None else {m: gather_flags(p, group) for m, p in present.items()}
+            every_views = None if views is None else tuple(gather_rows(v, group, dim=1) for v in views)
+            if self.structure is not None and self.structure.kind == "separation" and hidden:
+                every_hidden = {m: gather_rows(v, group) for m, v in hidden.items()}
+            if self.structure is not None:
+                every_augmented = None if augmented is None else {m: gather_rows(v, group) for m, v in augmented.items()}
+        contrastive = self._main(every, every_present, every_views)
         anchor = contrastive.new_zeros(())
         if self.sspc is not None:
-            anchor = self.sspc({m: v.float() for m, v in inputs.items()}, joint)
+            anchor = self.sspc({m: wide(v) for m, v in inputs.items()}, joint)
         structure = contrastive.new_zeros(())
         loss = contrastive + self.cfg.anchor_loss_weight * anchor
         if self.structure is not None:
-            structure = self.structure(joint, hidden or {}, augmented)
+            structure = self.structure(every, every_hidden or {}, every_augmented)
             loss = loss + self.structure.weight * structure
         return {"loss": loss, "contrastive": contrastive.detach(), "anchor": anchor.detach(), "structure": structure.detach()}

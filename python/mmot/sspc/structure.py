@@ -30,6 +30,11 @@ import mmot
 from mmot.sspc.config import LossConfig
 
 
+def wide(x: Tensor) -> Tensor:
+    """The losses' input dtype: float64 stays (``train.dtype: float64``), the rest becomes float32 (AMP's halves)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def augment_tokens(tokens: Tensor, mask: Tensor, kind: str, strength: float) -> tuple[Tensor, Tensor]:
     """An augmented view of a batch of token sequences (B, T, D) with their validity mask (B, T),
     drawn from torch's global generator (saved in checkpoints, so a resumed run draws the same).
@@ -75,19 +80,19 @@ class StructureTerm(nn.Module):
         """The unweighted term. ``joint``: the joint embeddings; ``hidden``: the pooled transformer
         outputs the joint projection reads; ``augmented``: joint embeddings of augmented views
         (the bridge term only)."""
-        total = next(iter(joint.values())).new_zeros((), dtype=torch.float32)
+        total = wide(next(iter(joint.values())).new_zeros(()))
         if self.kind == "separation":
             for m, head in self.heads.items():
-                total = total + head.loss(joint[m].float(), head(hidden[m].float()))
+                total = total + head.loss(wide(joint[m]), head(wide(hidden[m])))
             return total / len(self.heads)
         for (a, b), w in self.pairs.items():
-            x, y = joint[a].float(), joint[b].float()
+            x, y = wide(joint[a]), wide(joint[b])
             if self.kind == "gc":
                 term = mmot.geometric_consistency(x, y)
             else:
                 t, sigma = self.cfg.bridge_t, self.cfg.bridge_sigma
-                to_b = mmot.brownian_bridge_loss(x, y, augmented[a].float(), t, sigma=sigma)
-                to_a = mmot.brownian_bridge_loss(y, x, augmented[b].float(), t, sigma=sigma)
+                to_b = mmot.brownian_bridge_loss(x, y, wide(augmented[a]), t, sigma=sigma)
+                to_a = mmot.brownian_bridge_loss(y, x, wide(augmented[b]), t, sigma=sigma)
                 term = 0.5 * (to_b + to_a)
             total = total + w * term
         return total
