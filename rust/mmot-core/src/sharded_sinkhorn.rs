@@ -1,0 +1,1192 @@
+//! Sinkhorn and Multi-SK with the rows (samples) sharded over processes (`docs/distributed.md`).
+//!
+//! Each process holds some rows of every problem and runs the same iteration as the
+//! single-process kernels on them. Everything a step needs from other rows is a sum over rows
+//! of one column (anchor) vector, so the kernels here hand those partial sums to a
+//! [`Collective`] once per iteration, forward and backward, and carry on with the totals. The
+//! caller (the PyO3 layer) implements it with `torch.distributed.all_reduce`.
+//!
+//! Formulation. The logits are centred by `shift`, the column maximum over *all* ranks (the
+//! caller all-reduces it): L = (S − shift)/eps, floored at −(dtype max)/8 as in
+//! `mmot.reference.centered_logits`. The column shift is absorbed by the first column scaling.
+//!
+//! - Plain domain (`log = false`, chosen by the caller exactly as the single-process op would,
+//!   from the all-reduced exponent range): `E = exp(L)` is cached once and every iteration is
+//!   products and sums, the reference's plain iteration.
+//! - Log domain: the stable formulation of the Triton kernels (column log-potentials corrected
+//!   multiplicatively from the column sums of the row-normalised plan; one `exp` per entry and
+//!   iteration).
+//!
+//! The backward always replays the forward in the log form (the same function; the exact
+//! gradient of the unrolled iteration) recording the potentials, then runs one reverse pass per
+//! iteration whose column sums are all-reduced (`docs/distributed.md` has the recurrences).
+//!
+//! Rows are processed in fixed chunks and the chunks' partial sums are added in chunk order, so
+//! results do not depend on the thread count.
+
+use crate::dims::Dims;
+use crate::error::{check_eps_iters, check_len, MmotError, Result};
+use crate::simd::Real;
+use rayon::prelude::*;
+
+/// Sums over all processes of a group: `buf` is replaced, element by element, by the sum of
+/// every process's `buf`. Every process calls it the same number of times with equal lengths.
+pub trait Collective<T> {
+    fn sum(&mut self, buf: &mut [T]) -> Result<()>;
+}
+
+/// A [`Collective`] over a single process: the sums are the local ones (tests, one rank).
+pub struct Alone;
+
+impl<T> Collective<T> for Alone {
+    fn sum(&mut self, _buf: &mut [T]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Rows per chunk of a pass (fixed, so that sums do not depend on the thread count).
+const CHUNK: usize = 32;
+
+/// Runs `f(first_row, a_rows, b_rows, c_rows, partial)` on every chunk of [`CHUNK`] rows of the
+/// three row-major buffers (row widths `wa`, `wb`, `wc`; all hold the same number of rows) and
+/// returns the chunks' `plen`-long partials, summed in chunk order.
+#[allow(clippy::too_many_arguments)]
+fn pass<T: Real, F>(
+    a: &mut [T],
+    wa: usize,
+    b: &mut [T],
+    wb: usize,
+    c: &mut [T],
+    wc: usize,
+    plen: usize,
+    f: F,
+) -> Vec<T>
+where
+    F: Fn(usize, &mut [T], &mut [T], &mut [T], &mut [T]) + Sync + Send,
+{
+    let mut total = vec![T::ZERO; plen];
+    if a.is_empty() {
+        return total;
+    }
+    let parts: Vec<Vec<T>> = a
+        .par_chunks_mut(CHUNK * wa)
+        .zip(b.par_chunks_mut(CHUNK * wb))
+        .zip(c.par_chunks_mut(CHUNK * wc))
+        .enumerate()
+        .map(|(index, ((ra, rb), rc))| {
+            let mut part = vec![T::ZERO; plen];
+            f(index * CHUNK, ra, rb, rc, &mut part);
+            part
+        })
+        .collect();
+    for part in parts {
+        for (t, p) in total.iter_mut().zip(part) {
+            *t += p;
+        }
+    }
+    total
+}
+
+/// The unfloored centred logit 2·((s/2 − shift/2)/eps): halved so that a difference of two
+/// finite scores cannot overflow, as in `mmot.reference.centered_logits`.
+#[inline(always)]
+fn half_logit<T: Real>(s: T, shift: T, inv_eps: T) -> T {
+    let half = T::from_f64(0.5);
+    T::from_f64(2.0) * ((half * s - half * shift) * inv_eps)
+}
+
+#[inline(always)]
+fn floor<T: Real>() -> T {
+    T::from_f64(-T::LOG_RANGE_LIMIT)
+}
+
+fn check_common<T>(
+    scores: &[T],
+    shift: &[T],
+    out: &[T],
+    dims: Dims,
+    eps: f64,
+    n_iters: usize,
+) -> Result<()> {
+    check_len("scores", scores.len(), dims)?;
+    check_len("out", out.len(), dims)?;
+    check_len("shift", shift.len(), [dims.problems, dims.cols])?;
+    check_eps_iters(eps, n_iters)
+}
+
+// ------------------------------------------------------------------------------------------
+// Sinkhorn
+// ------------------------------------------------------------------------------------------
+
+/// This process's rows of the SwAV-style Sinkhorn of `mmot.sinkhorn` (`process_group=`).
+///
+/// `scores`, `out`: `[problems, rows, cols]` (this process's rows); `shift`: `[problems, cols]`
+/// the column maxima over all processes; `row_mass`: `[problems, rows]` (this process's rows);
+/// `col_mass`: `[problems, cols]`. `log` picks the domain (the caller decides it from the
+/// all-reduced exponent range). Column sums are summed by `comm` once per iteration.
+#[allow(clippy::too_many_arguments)]
+pub fn sharded_sinkhorn<T: Real>(
+    scores: &[T],
+    shift: &[T],
+    row_mass: &[T],
+    col_mass: &[T],
+    out: &mut [T],
+    dims: Dims,
+    eps: f64,
+    n_iters: usize,
+    log: bool,
+    comm: &mut dyn Collective<T>,
+) -> Result<()> {
+    check_common(scores, shift, out, dims, eps, n_iters)?;
+    check_len("row_mass", row_mass.len(), [dims.problems, dims.rows])?;
+    check_len("col_mass", col_mass.len(), [dims.problems, dims.cols])?;
+    if log {
+        sinkhorn_log(
+            scores, shift, row_mass, col_mass, out, None, dims, eps, n_iters, comm,
+        )
+    } else {
+        sinkhorn_plain(
+            scores, shift, row_mass, col_mass, out, dims, eps, n_iters, comm,
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sinkhorn_plain<T: Real>(
+    scores: &[T],
+    shift: &[T],
+    row_mass: &[T],
+    col_mass: &[T],
+    out: &mut [T],
+    dims: Dims,
+    eps: f64,
+    n_iters: usize,
+    comm: &mut dyn Collective<T>,
+) -> Result<()> {
+    let Dims {
+        problems: nb,
+        rows: n,
+        cols: k,
+    } = dims;
+    let inv_eps = T::from_f64(1.0 / eps);
+    let mut u = vec![T::ONE; nb * n];
+    let mut dummy = vec![T::ZERO; nb * n];
+    let mut col = vec![T::ZERO; nb * k];
+    // Pass 0: E = exp(L), cached in `out`, and its column sums.
+    for b in 0..nb {
+        let s = &scores[b * n * k..(b + 1) * n * k];
+        let sh = &shift[b * k..(b + 1) * k];
+        let part = pass(
+            &mut out[b * n * k..(b + 1) * n * k],
+            k,
+            &mut u[b * n..(b + 1) * n],
+            1,
+            &mut dummy[b * n..(b + 1) * n],
+            1,
+            k,
+            |row0, o, _, _, part| {
+                for (i, orow) in o.chunks_mut(k).enumerate() {
+                    let srow = &s[(row0 + i) * k..(row0 + i + 1) * k];
+                    for a in 0..k {
+                        let e = half_logit(srow[a], sh[a], inv_eps).fmax(floor()).exp_fast();
+                        orow[a] = e;
+                        part[a] += e;
+                    }
+                }
+            },
+        );
+        col[b * k..(b + 1) * k].copy_from_slice(&part);
+    }
+    comm.sum(&mut col)?;
+    let mut v: Vec<T> = col.iter().zip(col_mass).map(|(&s, &c)| c / s).collect();
+    for t in 1..=n_iters {
+        let last = t == n_iters;
+        for b in 0..nb {
+            let vb = &v[b * k..(b + 1) * k];
+            let r = &row_mass[b * n..(b + 1) * n];
+            let part = pass(
+                &mut out[b * n * k..(b + 1) * n * k],
+                k,
+                &mut u[b * n..(b + 1) * n],
+                1,
+                &mut dummy[b * n..(b + 1) * n],
+                1,
+                k,
+                |row0, o, ur, _, part| {
+                    for (i, orow) in o.chunks_mut(k).enumerate() {
+                        let mut sum = T::ZERO;
+                        for a in 0..k {
+                            sum += orow[a] * vb[a];
+                        }
+                        let ui = r[row0 + i] / sum;
+                        ur[i] = ui;
+                        if last {
+                            for a in 0..k {
+                                orow[a] = orow[a] * ui * vb[a];
+                            }
+                        } else {
+                            for a in 0..k {
+                                part[a] += orow[a] * ui;
+                            }
+                        }
+                    }
+                },
+            );
+            col[b * k..(b + 1) * k].copy_from_slice(&part);
+        }
+        if !last {
+            comm.sum(&mut col)?;
+            for ((vv, &s), &c) in v.iter_mut().zip(&col).zip(col_mass) {
+                *vv = c / s;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The potentials of the log-form replay: per row `2·T` values (a_t's row max and rest,
+/// t = 1..T), per problem `(T + 1)·K` column potentials b_t (t = 1..T at offsets t·K).
+struct SinkhornHistory<T> {
+    rows: Vec<T>,
+    cols: Vec<T>,
+}
+
+/// The log form; with `hist`, `out` keeps the logits L (not the plan) and the potentials are
+/// recorded for the backward.
+#[allow(clippy::too_many_arguments)]
+fn sinkhorn_log<T: Real>(
+    scores: &[T],
+    shift: &[T],
+    row_mass: &[T],
+    col_mass: &[T],
+    out: &mut [T],
+    hist: Option<&mut SinkhornHistory<T>>,
+    dims: Dims,
+    eps: f64,
+    n_iters: usize,
+    comm: &mut dyn Collective<T>,
+) -> Result<()> {
+    let Dims {
+        problems: nb,
+        rows: n,
+        cols: k,
+    } = dims;
+    let inv_eps = T::from_f64(1.0 / eps);
+    let record = hist.is_some();
+    let hw = if record { 2 * n_iters } else { 1 };
+    let mut own = SinkhornHistory {
+        rows: Vec::new(),
+        cols: Vec::new(),
+    };
+    let h = hist.unwrap_or(&mut own);
+    h.rows.clear();
+    h.rows.resize(nb * n * hw, T::ZERO);
+    h.cols.clear();
+    h.cols
+        .resize(if record { nb * (n_iters + 1) * k } else { 0 }, T::ZERO);
+    let SinkhornHistory {
+        rows: hist_rows,
+        cols: hist_cols,
+    } = h;
+    let save_cols = |hist_cols: &mut Vec<T>, t: usize, pot: &[T]| {
+        if record {
+            for b in 0..nb {
+                let at = (b * (n_iters + 1) + t) * k;
+                hist_cols[at..at + k].copy_from_slice(&pot[b * k..(b + 1) * k]);
+            }
+        }
+    };
+    let mut dummy = vec![T::ZERO; nb * n];
+    let mut col = vec![T::ZERO; nb * k];
+    // Pass 0: L cached in `out`; Σ_n exp(L), which is >= 1 over all ranks (L's column max is 0).
+    for b in 0..nb {
+        let s = &scores[b * n * k..(b + 1) * n * k];
+        let sh = &shift[b * k..(b + 1) * k];
+        let part = pass(
+            &mut out[b * n * k..(b + 1) * n * k],
+            k,
+            &mut hist_rows[b * n * hw..(b + 1) * n * hw],
+            hw,
+            &mut dummy[b * n..(b + 1) * n],
+            1,
+            k,
+            |row0, o, _, _, part| {
+                for (i, orow) in o.chunks_mut(k).enumerate() {
+                    let srow = &s[(row0 + i) * k..(row0 + i + 1) * k];
+                    for a in 0..k {
+                        let l = half_logit(srow[a], sh[a], inv_eps).fmax(floor());
+                        orow[a] = l;
+                        part[a] += l.exp_fast();
+                    }
+                }
+            },
+        );
+        col[b * k..(b + 1) * k].copy_from_slice(&part);
+    }
+    comm.sum(&mut col)?;
+    let log_c: Vec<T> = col_mass.iter().map(|c| c.ln()).collect();
+    let mut pot: Vec<T> = col
+        .iter()
+        .zip(&log_c)
+        .map(|(&s, &lc)| lc - s.ln())
+        .collect();
+    save_cols(hist_cols, 1, &pot);
+    for t in 1..=n_iters {
+        let last = t == n_iters;
+        let write = last && !record;
+        for b in 0..nb {
+            let pb = &pot[b * k..(b + 1) * k];
+            let r = &row_mass[b * n..(b + 1) * n];
+            let part = pass(
+                &mut out[b * n * k..(b + 1) * n * k],
+                k,
+                &mut hist_rows[b * n * hw..(b + 1) * n * hw],
+                hw,
+                &mut dummy[b * n..(b + 1) * n],
+                1,
+                k,
+                |row0, o, hr, _, part| {
+                    let mut p = vec![T::ZERO; k];
+                    for (i, orow) in o.chunks_mut(k).enumerate() {
+                        let mut m = T::NEG_INFINITY;
+                        for a in 0..k {
+                            m = m.fmax(orow[a] + pb[a]);
+                        }
+                        let mut sum = T::ZERO;
+                        for a in 0..k {
+                            p[a] = (orow[a] + pb[a] - m).exp_fast();
+                            sum += p[a];
+                        }
+                        let ri = r[row0 + i];
+                        let scale = ri / sum;
+                        if record {
+                            hr[i * hw + 2 * (t - 1)] = m;
+                            hr[i * hw + 2 * (t - 1) + 1] = ri.ln() - sum.ln();
+                        }
+                        if write {
+                            for a in 0..k {
+                                orow[a] = p[a] * scale;
+                            }
+                        } else if !last {
+                            for a in 0..k {
+                                part[a] += p[a] * scale;
+                            }
+                        }
+                    }
+                },
+            );
+            col[b * k..(b + 1) * k].copy_from_slice(&part);
+        }
+        if !last {
+            comm.sum(&mut col)?;
+            for j in 0..nb * k {
+                pot[j] = pot[j] + log_c[j] - col[j].ln();
+            }
+            save_cols(hist_cols, t + 1, &pot);
+        }
+    }
+    Ok(())
+}
+
+/// The exact vector-Jacobian product of [`sharded_sinkhorn`] for this process's rows: `out` =
+/// the gradient of this process's `scores`, given `grad` = ∂loss/∂P of its rows. Every process
+/// calls it together (the reverse passes sum column vectors through `comm`).
+#[allow(clippy::too_many_arguments)]
+pub fn sharded_sinkhorn_backward<T: Real>(
+    grad: &[T],
+    scores: &[T],
+    shift: &[T],
+    row_mass: &[T],
+    col_mass: &[T],
+    out: &mut [T],
+    dims: Dims,
+    eps: f64,
+    n_iters: usize,
+    comm: &mut dyn Collective<T>,
+) -> Result<()> {
+    check_common(scores, shift, out, dims, eps, n_iters)?;
+    check_len("grad", grad.len(), dims)?;
+    check_len("row_mass", row_mass.len(), [dims.problems, dims.rows])?;
+    check_len("col_mass", col_mass.len(), [dims.problems, dims.cols])?;
+    let Dims {
+        problems: nb,
+        rows: n,
+        cols: k,
+    } = dims;
+    let mut logits = vec![T::ZERO; dims.len()];
+    let mut hist = SinkhornHistory {
+        rows: Vec::new(),
+        cols: Vec::new(),
+    };
+    sinkhorn_log(
+        scores,
+        shift,
+        row_mass,
+        col_mass,
+        &mut logits,
+        Some(&mut hist),
+        dims,
+        eps,
+        n_iters,
+        comm,
+    )?;
+    let inv_eps = T::from_f64(1.0 / eps);
+    let hw = 2 * n_iters;
+    let big_t = n_iters;
+    let mut bbar = vec![T::ZERO; nb * k];
+    // Reverse passes t = T, ..., 1, then 0; `out` accumulates L̄.
+    for t in (0..=big_t).rev() {
+        for b in 0..nb {
+            let g = &grad[b * n * k..(b + 1) * n * k];
+            let r = &row_mass[b * n..(b + 1) * n];
+            let c = &col_mass[b * k..(b + 1) * k];
+            let cols = &hist.cols[b * (n_iters + 1) * k..(b + 1) * (n_iters + 1) * k];
+            // −b̄_{t+1} e^{b_{t+1} − b_t} / c: the column factor of Y (t < T).
+            let scale: Vec<T> = if t < big_t {
+                let (bn, bp) = (
+                    &cols[(t + 1) * k..(t + 2) * k],
+                    &cols[t.max(1) * k..(t.max(1) + 1) * k],
+                );
+                (0..k)
+                    .map(|a| -bbar[b * k + a] / c[a] * (bn[a] - bp[a]).exp_fast())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let bt = &cols[t.max(1) * k..(t.max(1) + 1) * k];
+            let part = pass(
+                &mut out[b * n * k..(b + 1) * n * k],
+                k,
+                &mut logits[b * n * k..(b + 1) * n * k],
+                k,
+                &mut hist.rows[b * n * hw..(b + 1) * n * hw],
+                hw,
+                k,
+                |row0, d, lg, hr, part| {
+                    let mut p = vec![T::ZERO; k];
+                    for i in 0..lg.len() / k {
+                        let l = &lg[i * k..(i + 1) * k];
+                        let drow = &mut d[i * k..(i + 1) * k];
+                        let ri = r[row0 + i];
+                        if t == 0 {
+                            // L̄ += −b̄_1 Q_1 / c with Q_1 = exp(L + b_1); ∂scores = L̄ / eps.
+                            for a in 0..k {
+                                let y = scale[a] * (l[a] + bt[a]).exp_fast();
+                                drow[a] = (drow[a] + y) * inv_eps;
+                            }
+                            continue;
+                        }
+                        let (m, rest) = (hr[i * hw + 2 * (t - 1)], hr[i * hw + 2 * (t - 1) + 1]);
+                        for a in 0..k {
+                            p[a] = ((l[a] + bt[a]) - m + rest).exp_fast();
+                        }
+                        if t == big_t {
+                            let gr = &g[(row0 + i) * k..(row0 + i + 1) * k];
+                            let mut abar = T::ZERO;
+                            for a in 0..k {
+                                abar += gr[a] * p[a];
+                            }
+                            let f = abar / ri;
+                            for a in 0..k {
+                                let x = gr[a] * p[a] - f * p[a];
+                                drow[a] = x;
+                                part[a] += x;
+                            }
+                        } else {
+                            let mut abar = T::ZERO;
+                            for a in 0..k {
+                                abar += scale[a] * p[a];
+                            }
+                            let f = abar / ri;
+                            for a in 0..k {
+                                let z = -f * p[a];
+                                drow[a] += scale[a] * p[a] + z;
+                                part[a] += z;
+                            }
+                        }
+                    }
+                },
+            );
+            bbar[b * k..(b + 1) * k].copy_from_slice(&part);
+        }
+        if t > 0 {
+            comm.sum(&mut bbar)?;
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Multi-SK
+// ------------------------------------------------------------------------------------------
+
+/// One weight group of Multi-SK's slots (`mmot.reference.slot_groups`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SlotGroup {
+    pub weight: f64,
+    /// Slots in the group (>= 1).
+    pub count: usize,
+    /// Of those, slots among the last k (summed into the result).
+    pub top: usize,
+}
+
+/// The parameters of a sharded Multi-SK call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardedMultiParams {
+    pub eps: f64,
+    pub n_iters: usize,
+    pub groups: Vec<SlotGroup>,
+    pub minmax: bool,
+}
+
+struct Groups<T> {
+    w: Vec<T>,
+    lc: Vec<T>,
+    c: Vec<T>,
+    top: Vec<T>,
+}
+
+impl<T: Real> Groups<T> {
+    fn new(groups: &[SlotGroup]) -> Self {
+        Groups {
+            w: groups.iter().map(|g| T::from_f64(g.weight)).collect(),
+            lc: groups
+                .iter()
+                .map(|g| T::from_f64((g.count as f64).ln()))
+                .collect(),
+            c: groups.iter().map(|g| T::from_f64(g.count as f64)).collect(),
+            top: groups.iter().map(|g| T::from_f64(g.top as f64)).collect(),
+        }
+    }
+    fn len(&self) -> usize {
+        self.w.len()
+    }
+}
+
+fn check_multi(params: &ShardedMultiParams) -> Result<()> {
+    if params.groups.is_empty()
+        || params
+            .groups
+            .iter()
+            .any(|g| g.count == 0 || g.top > g.count || !(g.weight > 0.0 && g.weight.is_finite()))
+    {
+        return Err(MmotError::InvalidArgument(
+            "groups must be non-empty (weight > 0, count >= 1, top <= count)".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn machine_eps<T: Real>() -> f64 {
+    if std::mem::size_of::<T>() == 4 {
+        f32::EPSILON as f64
+    } else {
+        f64::EPSILON
+    }
+}
+
+/// Min-max rescaling of a row in place (`mmot.reference.minmax_rows`).
+fn minmax_row<T: Real>(row: &mut [T]) {
+    let (lo, hi) = row_extremes(row);
+    if constant_row(lo, hi) {
+        row.fill(T::ZERO);
+    } else {
+        let spread = hi - lo;
+        for x in row.iter_mut() {
+            *x = (*x - lo) / spread;
+        }
+    }
+}
+
+fn row_extremes<T: Real>(row: &[T]) -> (T, T) {
+    let mut lo = T::INFINITY;
+    let mut hi = T::NEG_INFINITY;
+    for &x in row {
+        lo = lo.fmin(x);
+        hi = hi.fmax(x);
+    }
+    (lo, hi)
+}
+
+fn constant_row<T: Real>(lo: T, hi: T) -> bool {
+    let scale = lo.to_f64().abs().max(hi.to_f64().abs());
+    (hi - lo).to_f64() <= 1024.0 * machine_eps::<T>() * scale
+}
+
+/// This process's rows of Multi-SK (`mmot.multi_sinkhorn` with `process_group=`), in the grouped
+/// form. `scores`, `out`: `[problems, rows, cols]`; `shift`: `[problems, cols]` the column maxima
+/// over all processes; `anchor_mass`: `[problems, cols]` (N/K, N the rows of all processes).
+#[allow(clippy::too_many_arguments)]
+pub fn sharded_multi_sinkhorn<T: Real>(
+    scores: &[T],
+    shift: &[T],
+    anchor_mass: &[T],
+    out: &mut [T],
+    dims: Dims,
+    params: &ShardedMultiParams,
+    log: bool,
+    comm: &mut dyn Collective<T>,
+) -> Result<()> {
+    check_common(scores, shift, out, dims, params.eps, params.n_iters)?;
+    check_len("anchor_mass", anchor_mass.len(), [dims.problems, dims.cols])?;
+    check_multi(params)?;
+    if log {
+        multi_log(scores, shift, anchor_mass, out, None, dims, params, comm)
+    } else {
+        multi_plain(scores, shift, anchor_mass, out, dims, params, comm)
+    }
+}
+
+/// Writes the row's result Σ_top top_G C_G (min-max rescaled if asked) into `orow`.
+fn write_target<T: Real>(orow: &mut [T], plan: &[T], gr: &Groups<T>, k: usize, minmax: bool) {
+    orow.fill(T::ZERO);
+    for g in 0..gr.len() {
+        if gr.top[g] > T::ZERO {
+            for a in 0..k {
+                orow[a] += gr.top[g] * plan[g * k + a];
+            }
+        }
+    }
+    if minmax {
+        minmax_row(orow);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn multi_plain<T: Real>(
+    scores: &[T],
+    shift: &[T],
+    anchor_mass: &[T],
+    out: &mut [T],
+    dims: Dims,
+    params: &ShardedMultiParams,
+    comm: &mut dyn Collective<T>,
+) -> Result<()> {
+    let Dims {
+        problems: nb,
+        rows: n,
+        cols: k,
+    } = dims;
+    let gr = Groups::<T>::new(&params.groups);
+    let ng = gr.len();
+    let gk = ng * k;
+    let inv_eps = T::from_f64(1.0 / params.eps);
+    // Per row: E_G (G·K), then g (K) and h_G (G).
+    let mut e = vec![T::ZERO; nb * n * gk];
+    let mut state = vec![T::ONE; nb * n * (k + ng)];
+    let mut col = vec![T::ZERO; nb * gk];
+    let sw = k + ng;
+    for b in 0..nb {
+        let s = &scores[b * n * k..(b + 1) * n * k];
+        let sh = &shift[b * k..(b + 1) * k];
+        let part = pass(
+            &mut e[b * n * gk..(b + 1) * n * gk],
+            gk,
+            &mut state[b * n * sw..(b + 1) * n * sw],
+            sw,
+            &mut out[b * n * k..(b + 1) * n * k],
+            k,
+            gk,
+            |row0, er, _, _, part| {
+                for i in 0..er.len() / gk {
+                    let srow = &s[(row0 + i) * k..(row0 + i + 1) * k];
+                    for a in 0..k {
+                        let l = half_logit(srow[a], sh[a], inv_eps);
+                        for g in 0..ng {
+                            let x = (gr.w[g] * l).fmax(floor()).exp_fast();
+                            er[i * gk + g * k + a] = x;
+                            part[g * k + a] += x;
+                        }
+                    }
+                }
+            },
+        );
+        col[b * gk..(b + 1) * gk].copy_from_slice(&part);
+    }
+    comm.sum(&mut col)?;
+    let mut f = vec![T::ZERO; nb * gk];
+    let update_f = |f: &mut [T], col: &[T]| {
+        for b in 0..nb {
+            for g in 0..ng {
+                for a in 0..k {
+                    let j = b * gk + g * k + a;
+                    f[j] = anchor_mass[b * k + a] / col[j];
+                }
+            }
+        }
+    };
+    update_f(&mut f, &col);
+    for t in 1..=params.n_iters {
+        let last = t == params.n_iters;
+        for b in 0..nb {
+            let fb = &f[b * gk..(b + 1) * gk];
+            let part = pass(
+                &mut e[b * n * gk..(b + 1) * n * gk],
+                gk,
+                &mut state[b * n * sw..(b + 1) * n * sw],
+                sw,
+                &mut out[b * n * k..(b + 1) * n * k],
+                k,
+                gk,
+                |_, er, st, o, part| {
+                    let mut plan = vec![T::ZERO; if last { gk } else { 0 }];
+                    for i in 0..er.len() / gk {
+                        let ei = &er[i * gk..(i + 1) * gk];
+                        let (gv, h) = st[i * sw..(i + 1) * sw].split_at_mut(k);
+                        // g = 1 / Σ_G c_G E_G f_G h_G
+                        for a in 0..k {
+                            let mut sum = T::ZERO;
+                            for g in 0..ng {
+                                sum += gr.c[g] * ei[g * k + a] * fb[g * k + a] * h[g];
+                            }
+                            gv[a] = T::ONE / sum;
+                        }
+                        // h_G = 1 / Σ_a E_G g f_G
+                        for g in 0..ng {
+                            let mut sum = T::ZERO;
+                            for a in 0..k {
+                                sum += ei[g * k + a] * gv[a] * fb[g * k + a];
+                            }
+                            h[g] = T::ONE / sum;
+                        }
+                        if last {
+                            for g in 0..ng {
+                                for a in 0..k {
+                                    plan[g * k + a] = ei[g * k + a] * fb[g * k + a] * gv[a] * h[g];
+                                }
+                            }
+                            write_target(&mut o[i * k..(i + 1) * k], &plan, &gr, k, params.minmax);
+                        } else {
+                            // The next column sums Σ_n E_G g h_G.
+                            for g in 0..ng {
+                                for a in 0..k {
+                                    part[g * k + a] += ei[g * k + a] * gv[a] * h[g];
+                                }
+                            }
+                        }
+                    }
+                },
+            );
+            col[b * gk..(b + 1) * gk].copy_from_slice(&part);
+        }
+        if !last {
+            comm.sum(&mut col)?;
+            update_f(&mut f, &col);
+        }
+    }
+    Ok(())
+}
+
+/// γ (K) and, per group, ψ_G and C_G (G·K) of one row in the log form, given φ_t (G·K),
+/// ψ_{t−1} of the row (G) and the row's unfloored logits.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn multi_row<T: Real>(
+    l: &[T],
+    phi: &[T],
+    psi_prev: &[T],
+    gr: &Groups<T>,
+    le: &mut [T],
+    gamma: &mut [T],
+    psi: &mut [T],
+    plan: &mut [T],
+) {
+    let k = l.len();
+    let ng = gr.len();
+    for g in 0..ng {
+        for a in 0..k {
+            le[g * k + a] = (gr.w[g] * l[a]).fmax(floor());
+        }
+    }
+    // γ = −LSE_G(log c_G + lE_G + φ_G + ψ_{G,t−1})
+    for a in 0..k {
+        let mut m = T::NEG_INFINITY;
+        for g in 0..ng {
+            m = m.fmax(gr.lc[g] + le[g * k + a] + phi[g * k + a] + psi_prev[g]);
+        }
+        let mut sum = T::ZERO;
+        for g in 0..ng {
+            sum += (gr.lc[g] + le[g * k + a] + phi[g * k + a] + psi_prev[g] - m).exp_fast();
+        }
+        gamma[a] = -(m + sum.ln());
+    }
+    // ψ_G = −LSE_a(lE_G + γ + φ_G), C_G = exp(lE_G + γ + φ_G + ψ_G)
+    for g in 0..ng {
+        let z = &mut plan[g * k..(g + 1) * k];
+        let mut m = T::NEG_INFINITY;
+        for a in 0..k {
+            z[a] = le[g * k + a] + gamma[a] + phi[g * k + a];
+            m = m.fmax(z[a]);
+        }
+        let mut sum = T::ZERO;
+        for za in z.iter_mut() {
+            *za = (*za - m).exp_fast();
+            sum += *za;
+        }
+        psi[g] = -(m + sum.ln());
+        let inv = T::ONE / sum;
+        for za in z.iter_mut() {
+            *za *= inv;
+        }
+    }
+}
+
+/// The log-form potentials: φ per problem `(T + 1)·G·K` (φ_t at t·G·K, t = 1..T); per row
+/// ψ_t for t = 0..T (`(T + 1)·G` values) in `state`.
+#[allow(clippy::too_many_arguments)]
+fn multi_log<T: Real>(
+    scores: &[T],
+    shift: &[T],
+    anchor_mass: &[T],
+    out: &mut [T],
+    mut phi_hist: Option<(&mut Vec<T>, &mut Vec<T>)>,
+    dims: Dims,
+    params: &ShardedMultiParams,
+    comm: &mut dyn Collective<T>,
+) -> Result<()> {
+    let Dims {
+        problems: nb,
+        rows: n,
+        cols: k,
+    } = dims;
+    let gr = Groups::<T>::new(&params.groups);
+    let ng = gr.len();
+    let gk = ng * k;
+    let n_iters = params.n_iters;
+    let inv_eps = T::from_f64(1.0 / params.eps);
+    let record = phi_hist.is_some();
+    // Per row: ψ_0..ψ_T when recording (else ψ_prev only).
+    let sw = if record { (n_iters + 1) * ng } else { ng };
+    let mut own = (Vec::new(), Vec::new());
+    let (phis, state) = match phi_hist.as_mut() {
+        Some((p, s)) => (&mut **p, &mut **s),
+        None => (&mut own.0, &mut own.1),
+    };
+    phis.clear();
+    phis.resize(nb * (n_iters + 1) * gk, T::ZERO);
+    state.clear();
+    state.resize(nb * n * sw, T::ZERO);
+    // Logits (unfloored, unweighted) cached in `out` until the last pass writes the result.
+    let mut dummy = vec![T::ZERO; nb * n];
+    let mut col = vec![T::ZERO; nb * gk];
+    for b in 0..nb {
+        let s = &scores[b * n * k..(b + 1) * n * k];
+        let sh = &shift[b * k..(b + 1) * k];
+        let part = pass(
+            &mut out[b * n * k..(b + 1) * n * k],
+            k,
+            &mut state[b * n * sw..(b + 1) * n * sw],
+            sw,
+            &mut dummy[b * n..(b + 1) * n],
+            1,
+            gk,
+            |row0, o, _, _, part| {
+                for (i, orow) in o.chunks_mut(k).enumerate() {
+                    let srow = &s[(row0 + i) * k..(row0 + i + 1) * k];
+                    for a in 0..k {
+                        let l = half_logit(srow[a], sh[a], inv_eps);
+                        orow[a] = l;
+                        for g in 0..ng {
+                            part[g * k + a] += (gr.w[g] * l).fmax(floor()).exp_fast();
+                        }
+                    }
+                }
+            },
+        );
+        col[b * gk..(b + 1) * gk].copy_from_slice(&part);
+    }
+    comm.sum(&mut col)?;
+    let log_r: Vec<T> = anchor_mass.iter().map(|r| r.ln()).collect();
+    for b in 0..nb {
+        for g in 0..ng {
+            for a in 0..k {
+                let j = b * gk + g * k + a;
+                phis[b * (n_iters + 1) * gk + gk + g * k + a] = log_r[b * k + a] - col[j].ln();
+            }
+        }
+    }
+    for t in 1..=n_iters {
+        let last = t == n_iters;
+        let write = last && !record;
+        for b in 0..nb {
+            let base = b * (n_iters + 1) * gk;
+            let phi = &phis[base + t * gk..base + (t + 1) * gk];
+            let part = pass(
+                &mut out[b * n * k..(b + 1) * n * k],
+                k,
+                &mut state[b * n * sw..(b + 1) * n * sw],
+                sw,
+                &mut dummy[b * n..(b + 1) * n],
+                1,
+                gk,
+                |_, o, st, _, part| {
+                    let mut le = vec![T::ZERO; gk];
+                    let mut gamma = vec![T::ZERO; k];
+                    let mut psi = vec![T::ZERO; ng];
+                    let mut plan = vec![T::ZERO; gk];
+                    for (i, orow) in o.chunks_mut(k).enumerate() {
+                        let row_state = &mut st[i * sw..(i + 1) * sw];
+                        let (prev_at, next_at) = if record {
+                            ((t - 1) * ng, t * ng)
+                        } else {
+                            (0, 0)
+                        };
+                        multi_row(
+                            orow,
+                            phi,
+                            &row_state[prev_at..prev_at + ng],
+                            &gr,
+                            &mut le,
+                            &mut gamma,
+                            &mut psi,
+                            &mut plan,
+                        );
+                        row_state[next_at..next_at + ng].copy_from_slice(&psi);
+                        if write {
+                            write_target(orow, &plan, &gr, k, params.minmax);
+                        } else if !last {
+                            for j in 0..gk {
+                                part[j] += plan[j];
+                            }
+                        }
+                    }
+                },
+            );
+            col[b * gk..(b + 1) * gk].copy_from_slice(&part);
+        }
+        if !last {
+            comm.sum(&mut col)?;
+            for b in 0..nb {
+                let base = b * (n_iters + 1) * gk;
+                for g in 0..ng {
+                    for a in 0..k {
+                        let j = g * k + a;
+                        phis[base + (t + 1) * gk + j] =
+                            phis[base + t * gk + j] + log_r[b * k + a] - col[b * gk + j].ln();
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The exact vector-Jacobian product of [`sharded_multi_sinkhorn`] for this process's rows
+/// (through the min-max step when `params.minmax`). Every process calls it together.
+#[allow(clippy::too_many_arguments)]
+pub fn sharded_multi_sinkhorn_backward<T: Real>(
+    grad: &[T],
+    scores: &[T],
+    shift: &[T],
+    anchor_mass: &[T],
+    out: &mut [T],
+    dims: Dims,
+    params: &ShardedMultiParams,
+    comm: &mut dyn Collective<T>,
+) -> Result<()> {
+    check_common(scores, shift, out, dims, params.eps, params.n_iters)?;
+    check_len("grad", grad.len(), dims)?;
+    check_len("anchor_mass", anchor_mass.len(), [dims.problems, dims.cols])?;
+    check_multi(params)?;
+    let Dims {
+        problems: nb,
+        rows: n,
+        cols: k,
+    } = dims;
+    let gr = Groups::<T>::new(&params.groups);
+    let ng = gr.len();
+    let gk = ng * k;
+    let n_iters = params.n_iters;
+    let inv_eps = T::from_f64(1.0 / params.eps);
+    let mut logits = vec![T::ZERO; dims.len()];
+    let (mut phis, mut psis) = (Vec::new(), Vec::new());
+    multi_log(
+        scores,
+        shift,
+        anchor_mass,
+        &mut logits,
+        Some((&mut phis, &mut psis)),
+        dims,
+        params,
+        comm,
+    )?;
+    let psw = (n_iters + 1) * ng;
+    // Per row: ψ_0..ψ_T, then the carried Σ_a Z_G of the later iteration (G).
+    let sw = psw + ng;
+    let mut state = vec![T::ZERO; nb * n * sw];
+    for (dst, src) in state.chunks_mut(sw).zip(psis.chunks(psw)) {
+        dst[..psw].copy_from_slice(src);
+    }
+    drop(psis);
+    let mut phibar = vec![T::ZERO; nb * gk];
+    for t in (0..=n_iters).rev() {
+        for b in 0..nb {
+            let base = b * (n_iters + 1) * gk;
+            let g_in = &grad[b * n * k..(b + 1) * n * k];
+            let r = &anchor_mass[b * k..(b + 1) * k];
+            let phi_t = &phis[base + t.max(1) * gk..base + (t.max(1) + 1) * gk];
+            let phi_next = if t < n_iters {
+                &phis[base + (t + 1) * gk..base + (t + 2) * gk]
+            } else {
+                phi_t
+            };
+            // −φ̄_{G,t+1} / r: the column factor of W.
+            let wscale: Vec<T> = (0..gk).map(|j| -phibar[b * gk + j] / r[j % k]).collect();
+            let part = pass(
+                &mut out[b * n * k..(b + 1) * n * k],
+                k,
+                &mut logits[b * n * k..(b + 1) * n * k],
+                k,
+                &mut state[b * n * sw..(b + 1) * n * sw],
+                sw,
+                gk,
+                |row0, d, lg, st, part| {
+                    let mut le = vec![T::ZERO; gk];
+                    let mut gamma = vec![T::ZERO; k];
+                    let mut psi = vec![T::ZERO; ng];
+                    let mut cplan = vec![T::ZERO; gk];
+                    let mut w = vec![T::ZERO; gk];
+                    let mut y = vec![T::ZERO; gk];
+                    let mut tbar = vec![T::ZERO; k];
+                    let mut gbar = vec![T::ZERO; k];
+                    for i in 0..lg.len() / k {
+                        let l = &lg[i * k..(i + 1) * k];
+                        let drow = &mut d[i * k..(i + 1) * k];
+                        let row_state = &mut st[i * sw..(i + 1) * sw];
+                        if t == 0 {
+                            // W = −φ̄_1/r · A_1, A_1 = exp(lE + φ_1); ∂scores = L̄ / eps.
+                            for a in 0..k {
+                                let mut acc = drow[a];
+                                for g in 0..ng {
+                                    let lev = (gr.w[g] * l[a]).fmax(floor());
+                                    acc += gr.w[g]
+                                        * wscale[g * k + a]
+                                        * (lev + phi_t[g * k + a]).exp_fast();
+                                }
+                                drow[a] = acc * inv_eps;
+                            }
+                            continue;
+                        }
+                        let psi_prev = &row_state[(t - 1) * ng..t * ng];
+                        multi_row(
+                            l, phi_t, psi_prev, &gr, &mut le, &mut gamma, &mut psi, &mut cplan,
+                        );
+                        // ψ_t as recorded (the replay computed it exactly so).
+                        let psi_t: Vec<T> = row_state[t * ng..(t + 1) * ng].to_vec();
+                        let psi_prev: Vec<T> = psi_prev.to_vec();
+                        let carry: Vec<T> = row_state[psw..psw + ng].to_vec();
+                        // ψ̄_{G,t} and the X / W terms.
+                        let mut psibar = vec![T::ZERO; ng];
+                        if t == n_iters {
+                            let gr_row = &g_in[(row0 + i) * k..(row0 + i + 1) * k];
+                            target_vjp(gr_row, &cplan, &gr, k, params.minmax, &mut tbar);
+                            for g in 0..ng {
+                                for a in 0..k {
+                                    let x = gr.top[g] * tbar[a] * cplan[g * k + a];
+                                    w[g * k + a] = x;
+                                    psibar[g] += x;
+                                }
+                            }
+                        } else {
+                            for g in 0..ng {
+                                let mut s = carry[g];
+                                for a in 0..k {
+                                    let av =
+                                        (le[g * k + a] + gamma[a] + psi_t[g] + phi_next[g * k + a])
+                                            .exp_fast();
+                                    let x = wscale[g * k + a] * av;
+                                    w[g * k + a] = x;
+                                    s += x;
+                                }
+                                psibar[g] = s;
+                            }
+                        }
+                        // Y = −ψ̄ C; γ̄ = Σ_G (W + Y)
+                        gbar.fill(T::ZERO);
+                        for g in 0..ng {
+                            for a in 0..k {
+                                let yv = -psibar[g] * cplan[g * k + a];
+                                y[g * k + a] = yv;
+                                gbar[a] += w[g * k + a] + yv;
+                            }
+                        }
+                        // Z = −γ̄ c_G B_G; L̄ += Σ_G w_G (W + Y + Z); φ̄ += Σ_n (Y + Z) (+X at T).
+                        let mut new_carry = vec![T::ZERO; ng];
+                        for a in 0..k {
+                            let mut acc = if t == n_iters { T::ZERO } else { drow[a] };
+                            for g in 0..ng {
+                                let cb = (gr.lc[g]
+                                    + le[g * k + a]
+                                    + phi_t[g * k + a]
+                                    + psi_prev[g]
+                                    + gamma[a])
+                                    .exp_fast();
+                                let z = -gbar[a] * cb;
+                                let j = g * k + a;
+                                acc += gr.w[g] * (w[j] + y[j] + z);
+                                let own = if t == n_iters {
+                                    w[j] + y[j] + z
+                                } else {
+                                    y[j] + z
+                                };
+                                part[j] += own;
+                                new_carry[g] += z;
+                            }
+                            drow[a] = acc;
+                        }
+                        row_state[psw..psw + ng].copy_from_slice(&new_carry);
+                    }
+                },
+            );
+            phibar[b * gk..(b + 1) * gk].copy_from_slice(&part);
+        }
+        if t > 0 {
+            comm.sum(&mut phibar)?;
+        }
+    }
+    Ok(())
+}
+
+/// ∂loss/∂T_raw of a row from ∂loss/∂(result) = `grad`: the min-max VJP (constant rows get
+/// none; ties of the extremes share their gradient evenly, as torch.amin/amax do) or `grad`.
+fn target_vjp<T: Real>(
+    grad: &[T],
+    plan: &[T],
+    gr: &Groups<T>,
+    k: usize,
+    minmax: bool,
+    tbar: &mut [T],
+) {
+    if !minmax {
+        tbar.copy_from_slice(grad);
+        return;
+    }
+    let mut target = vec![T::ZERO; k];
+    write_target(&mut target, plan, gr, k, false);
+    let (lo, hi) = row_extremes(&target);
+    if constant_row(lo, hi) {
+        tbar.fill(T::ZERO);
+        return;
+    }
+    let spread = hi - lo;
+    let (mut lobar, mut hibar) = (T::ZERO, T::ZERO);
+    let (mut n_lo, mut n_hi) = (0usize, 0usize);
+    for a in 0..k {
+        tbar[a] = grad[a] / spread;
+        lobar += grad[a] * (target[a] - hi);
+        hibar -= grad[a] * (target[a] - lo);
+        n_lo += usize::from(target[a] == lo);
+        n_hi += usize::from(target[a] == hi);
+    }
+    let s2 = spread * spread;
+    lobar = lobar / s2 / T::from_f64(n_lo.max(1) as f64);
+    hibar = hibar / s2 / T::from_f64(n_hi.max(1) as f64);
+    for a in 0..k {
+        if target[a] == lo {
+            tbar[a] += lobar;
+        }
+        if target[a] == hi {
+            tbar[a] += hibar;
+        }
+    }
+}
