@@ -169,13 +169,13 @@ class _MultiSinkhorn(torch.autograd.Function):
         else:
             out = triton_kernels("multi_sinkhorn").forward(s, eps, n_iters, groups, mass, normalize, shift=shift, reduce=_tensor_sum(group))
         ctx.save_for_backward(s, shift, mass)
-        ctx.params = (eps, n_iters, groups, normalize, backend, group, scores.dtype)
+        ctx.params = (eps, n_iters, groups, normalize, log, backend, group, scores.dtype)
         return out.to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         s, shift, mass = ctx.saved_tensors
-        eps, n_iters, groups, normalize, backend, group, dtype = ctx.params
+        eps, n_iters, groups, normalize, log, backend, group, dtype = ctx.params
         g = grad.to(s.dtype).contiguous()
         if backend == "rust":
             b, n, k = _rust.problem_shape(s)
@@ -185,7 +185,7 @@ class _MultiSinkhorn(torch.autograd.Function):
                 s.dtype,
                 [g.reshape(b, n, k), s.reshape(b, n, k), shift.reshape(b, k), mass.reshape(b, k)],
                 [(b, n, k)],
-                [eps, n_iters, *_group_lists(groups), normalize == "minmax", _numpy_sum(group)],
+                [eps, n_iters, *_group_lists(groups), normalize == "minmax", log, _numpy_sum(group)],
             )
             out = out.view(s.shape)
         else:

@@ -26,7 +26,7 @@
 
 use crate::dims::Dims;
 use crate::error::{check_eps_iters, check_len, MmotError, Result};
-use crate::simd::Real;
+use crate::simd::{dispatch, dot, sum, Real};
 use rayon::prelude::*;
 
 /// Sums over all processes of a group: `buf` is replaced, element by element, by the sum of
@@ -75,7 +75,11 @@ where
         .enumerate()
         .map(|(index, ((ra, rb), rc))| {
             let mut part = vec![T::ZERO; plen];
-            f(index * CHUNK, ra, rb, rc, &mut part);
+            // Compiled for the widest instruction set here (the bodies are inlined).
+            dispatch(
+                #[inline(always)]
+                || f(index * CHUNK, ra, rb, rc, &mut part),
+            );
             part
         })
         .collect();
@@ -184,6 +188,7 @@ fn sinkhorn_plain<T: Real>(
             &mut dummy[b * n..(b + 1) * n],
             1,
             k,
+            #[inline(always)]
             |row0, o, _, _, part| {
                 for (i, orow) in o.chunks_mut(k).enumerate() {
                     let srow = &s[(row0 + i) * k..(row0 + i + 1) * k];
@@ -212,6 +217,7 @@ fn sinkhorn_plain<T: Real>(
                 &mut dummy[b * n..(b + 1) * n],
                 1,
                 k,
+                #[inline(always)]
                 |row0, o, ur, _, part| {
                     for (i, orow) in o.chunks_mut(k).enumerate() {
                         let mut sum = T::ZERO;
@@ -310,6 +316,7 @@ fn sinkhorn_log<T: Real>(
             &mut dummy[b * n..(b + 1) * n],
             1,
             k,
+            #[inline(always)]
             |row0, o, _, _, part| {
                 for (i, orow) in o.chunks_mut(k).enumerate() {
                     let srow = &s[(row0 + i) * k..(row0 + i + 1) * k];
@@ -345,6 +352,7 @@ fn sinkhorn_log<T: Real>(
                 &mut dummy[b * n..(b + 1) * n],
                 1,
                 k,
+                #[inline(always)]
                 |row0, o, hr, _, part| {
                     let mut p = vec![T::ZERO; k];
                     for (i, orow) in o.chunks_mut(k).enumerate() {
@@ -462,6 +470,7 @@ pub fn sharded_sinkhorn_backward<T: Real>(
                 &mut hist.rows[b * n * hw..(b + 1) * n * hw],
                 hw,
                 k,
+                #[inline(always)]
                 |row0, d, lg, hr, part| {
                     let mut p = vec![T::ZERO; k];
                     for i in 0..lg.len() / k {
@@ -586,6 +595,7 @@ fn machine_eps<T: Real>() -> f64 {
 }
 
 /// Min-max rescaling of a row in place (`mmot.reference.minmax_rows`).
+#[inline(always)]
 fn minmax_row<T: Real>(row: &mut [T]) {
     let (lo, hi) = row_extremes(row);
     if constant_row(lo, hi) {
@@ -598,6 +608,7 @@ fn minmax_row<T: Real>(row: &mut [T]) {
     }
 }
 
+#[inline(always)]
 fn row_extremes<T: Real>(row: &[T]) -> (T, T) {
     let mut lo = T::INFINITY;
     let mut hi = T::NEG_INFINITY;
@@ -608,6 +619,7 @@ fn row_extremes<T: Real>(row: &[T]) -> (T, T) {
     (lo, hi)
 }
 
+#[inline(always)]
 fn constant_row<T: Real>(lo: T, hi: T) -> bool {
     let scale = lo.to_f64().abs().max(hi.to_f64().abs());
     (hi - lo).to_f64() <= 1024.0 * machine_eps::<T>() * scale
@@ -633,11 +645,12 @@ pub fn sharded_multi_sinkhorn<T: Real>(
     if log {
         multi_log(scores, shift, anchor_mass, out, None, dims, params, comm)
     } else {
-        multi_plain(scores, shift, anchor_mass, out, dims, params, comm)
+        multi_plain(scores, shift, anchor_mass, out, None, dims, params, comm)
     }
 }
 
 /// Writes the row's result Σ_top top_G C_G (min-max rescaled if asked) into `orow`.
+#[inline(always)]
 fn write_target<T: Real>(orow: &mut [T], plan: &[T], gr: &Groups<T>, k: usize, minmax: bool) {
     orow.fill(T::ZERO);
     for g in 0..gr.len() {
@@ -652,12 +665,21 @@ fn write_target<T: Real>(orow: &mut [T], plan: &[T], gr: &Groups<T>, k: usize, m
     }
 }
 
+/// What the plain-domain replay of the backward records: E_G per row (`G·K`), f_t per problem
+/// (`(T + 1)·G·K`, f_t at `t·G·K`) and h_t per row (`(T + 1)·G`, h_0 = 1).
+struct PlainHistory<T> {
+    e: Vec<T>,
+    f: Vec<T>,
+    h: Vec<T>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn multi_plain<T: Real>(
     scores: &[T],
     shift: &[T],
     anchor_mass: &[T],
     out: &mut [T],
+    hist: Option<&mut PlainHistory<T>>,
     dims: Dims,
     params: &ShardedMultiParams,
     comm: &mut dyn Collective<T>,
@@ -670,12 +692,24 @@ fn multi_plain<T: Real>(
     let gr = Groups::<T>::new(&params.groups);
     let ng = gr.len();
     let gk = ng * k;
+    let n_iters = params.n_iters;
     let inv_eps = T::from_f64(1.0 / params.eps);
-    // Per row: E_G (G·K), then g (K) and h_G (G).
-    let mut e = vec![T::ZERO; nb * n * gk];
-    let mut state = vec![T::ONE; nb * n * (k + ng)];
+    let record = hist.is_some();
+    let mut own = PlainHistory {
+        e: Vec::new(),
+        f: Vec::new(),
+        h: Vec::new(),
+    };
+    let PlainHistory { e, f: fh, h: hh } = hist.unwrap_or(&mut own);
+    // Per row: E_G (G·K); g (K) then h (G, or h_0..h_T when recording).
+    let hw = if record { (n_iters + 1) * ng } else { ng };
+    let sw = k + hw;
+    e.clear();
+    e.resize(nb * n * gk, T::ZERO);
+    let mut state = vec![T::ONE; nb * n * sw];
+    fh.clear();
+    fh.resize(if record { nb * (n_iters + 1) * gk } else { 0 }, T::ZERO);
     let mut col = vec![T::ZERO; nb * gk];
-    let sw = k + ng;
     for b in 0..nb {
         let s = &scores[b * n * k..(b + 1) * n * k];
         let sh = &shift[b * k..(b + 1) * k];
@@ -687,15 +721,19 @@ fn multi_plain<T: Real>(
             &mut out[b * n * k..(b + 1) * n * k],
             k,
             gk,
+            #[inline(always)]
             |row0, er, _, _, part| {
-                for i in 0..er.len() / gk {
+                let mut l = vec![T::ZERO; k];
+                for (i, ei) in er.chunks_exact_mut(gk).enumerate() {
                     let srow = &s[(row0 + i) * k..(row0 + i + 1) * k];
-                    for a in 0..k {
-                        let l = half_logit(srow[a], sh[a], inv_eps);
-                        for g in 0..ng {
-                            let x = (gr.w[g] * l).fmax(floor()).exp_fast();
-                            er[i * gk + g * k + a] = x;
-                            part[g * k + a] += x;
+                    for ((x, &sv), &shv) in l.iter_mut().zip(srow).zip(sh) {
+                        *x = half_logit(sv, shv, inv_eps);
+                    }
+                    for ((g, eg), pg) in ei.chunks_exact_mut(k).enumerate().zip(part.chunks_exact_mut(k)) {
+                        let w = gr.w[g];
+                        for ((e, &lv), p) in eg.iter_mut().zip(&l).zip(pg.iter_mut()) {
+                            *e = (w * lv).fmax(floor()).exp_fast();
+                            *p += *e;
                         }
                     }
                 }
@@ -715,9 +753,20 @@ fn multi_plain<T: Real>(
             }
         }
     };
+    let save_f = |fh: &mut Vec<T>, t: usize, f: &[T]| {
+        if record {
+            for b in 0..nb {
+                let at = (b * (n_iters + 1) + t) * gk;
+                fh[at..at + gk].copy_from_slice(&f[b * gk..(b + 1) * gk]);
+            }
+        }
+    };
     update_f(&mut f, &col);
-    for t in 1..=params.n_iters {
-        let last = t == params.n_iters;
+    save_f(fh, 1, &f);
+    for t in 1..=n_iters {
+        let last = t == n_iters;
+        let write = last && !record;
+        let (prev_at, next_at) = if record { (k + (t - 1) * ng, k + t * ng) } else { (k, k) };
         for b in 0..nb {
             let fb = &f[b * gk..(b + 1) * gk];
             let part = pass(
@@ -728,39 +777,46 @@ fn multi_plain<T: Real>(
                 &mut out[b * n * k..(b + 1) * n * k],
                 k,
                 gk,
+                #[inline(always)]
                 |_, er, st, o, part| {
-                    let mut plan = vec![T::ZERO; if last { gk } else { 0 }];
+                    let mut ef = vec![T::ZERO; gk];
+                    let mut plan = vec![T::ZERO; if write { gk } else { 0 }];
                     for i in 0..er.len() / gk {
                         let ei = &er[i * gk..(i + 1) * gk];
-                        let (gv, h) = st[i * sw..(i + 1) * sw].split_at_mut(k);
-                        // g = 1 / Σ_G c_G E_G f_G h_G
-                        for a in 0..k {
-                            let mut sum = T::ZERO;
-                            for g in 0..ng {
-                                sum += gr.c[g] * ei[g * k + a] * fb[g * k + a] * h[g];
-                            }
-                            gv[a] = T::ONE / sum;
+                        let row = &mut st[i * sw..(i + 1) * sw];
+                        for (x, (&e, &f)) in ef.iter_mut().zip(ei.iter().zip(fb)) {
+                            *x = e * f;
                         }
-                        // h_G = 1 / Σ_a E_G g f_G
-                        for g in 0..ng {
-                            let mut sum = T::ZERO;
-                            for a in 0..k {
-                                sum += ei[g * k + a] * gv[a] * fb[g * k + a];
+                        // g = 1 / Σ_G c_G E_G f_G h_{G,t−1}
+                        let (gv, h) = row.split_at_mut(k);
+                        gv.fill(T::ZERO);
+                        for (g, efg) in ef.chunks_exact(k).enumerate() {
+                            let ch = gr.c[g] * h[prev_at - k + g];
+                            for (x, &y) in gv.iter_mut().zip(efg) {
+                                *x += ch * y;
                             }
-                            h[g] = T::ONE / sum;
                         }
-                        if last {
-                            for g in 0..ng {
-                                for a in 0..k {
-                                    plan[g * k + a] = ei[g * k + a] * fb[g * k + a] * gv[a] * h[g];
+                        for x in gv.iter_mut() {
+                            *x = T::ONE / *x;
+                        }
+                        // h_{G,t} = 1 / Σ_a E_G g f_G
+                        for (g, efg) in ef.chunks_exact(k).enumerate() {
+                            h[next_at - k + g] = T::ONE / dot(efg, gv);
+                        }
+                        if write {
+                            for (g, (pg, efg)) in plan.chunks_exact_mut(k).zip(ef.chunks_exact(k)).enumerate() {
+                                let hg = h[next_at - k + g];
+                                for ((p, &y), &gg) in pg.iter_mut().zip(efg).zip(gv.iter()) {
+                                    *p = y * gg * hg;
                                 }
                             }
                             write_target(&mut o[i * k..(i + 1) * k], &plan, &gr, k, params.minmax);
-                        } else {
+                        } else if !last {
                             // The next column sums Σ_n E_G g h_G.
-                            for g in 0..ng {
-                                for a in 0..k {
-                                    part[g * k + a] += ei[g * k + a] * gv[a] * h[g];
+                            for (g, (pg, eg)) in part.chunks_exact_mut(k).zip(ei.chunks_exact(k)).enumerate() {
+                                let hg = h[next_at - k + g];
+                                for ((p, &y), &gg) in pg.iter_mut().zip(eg).zip(gv.iter()) {
+                                    *p += y * gg * hg;
                                 }
                             }
                         }
@@ -772,6 +828,14 @@ fn multi_plain<T: Real>(
         if !last {
             comm.sum(&mut col)?;
             update_f(&mut f, &col);
+            save_f(fh, t + 1, &f);
+        }
+    }
+    if record {
+        hh.clear();
+        hh.reserve(nb * n * hw);
+        for row in state.chunks(sw) {
+            hh.extend_from_slice(&row[k..]);
         }
     }
     Ok(())
@@ -880,6 +944,7 @@ fn multi_log<T: Real>(
             &mut dummy[b * n..(b + 1) * n],
             1,
             gk,
+            #[inline(always)]
             |row0, o, _, _, part| {
                 for (i, orow) in o.chunks_mut(k).enumerate() {
                     let srow = &s[(row0 + i) * k..(row0 + i + 1) * k];
@@ -919,6 +984,7 @@ fn multi_log<T: Real>(
                 &mut dummy[b * n..(b + 1) * n],
                 1,
                 gk,
+                #[inline(always)]
                 |_, o, st, _, part| {
                     let mut le = vec![T::ZERO; gk];
                     let mut gamma = vec![T::ZERO; k];
@@ -972,7 +1038,8 @@ fn multi_log<T: Real>(
 }
 
 /// The exact vector-Jacobian product of [`sharded_multi_sinkhorn`] for this process's rows
-/// (through the min-max step when `params.minmax`). Every process calls it together.
+/// (through the min-max step when `params.minmax`), replaying the forward in the domain `log`
+/// (the forward's). Every process calls it together.
 #[allow(clippy::too_many_arguments)]
 pub fn sharded_multi_sinkhorn_backward<T: Real>(
     grad: &[T],
@@ -982,6 +1049,7 @@ pub fn sharded_multi_sinkhorn_backward<T: Real>(
     out: &mut [T],
     dims: Dims,
     params: &ShardedMultiParams,
+    log: bool,
     comm: &mut dyn Collective<T>,
 ) -> Result<()> {
     check_common(scores, shift, out, dims, params.eps, params.n_iters)?;
@@ -998,143 +1066,120 @@ pub fn sharded_multi_sinkhorn_backward<T: Real>(
     let gk = ng * k;
     let n_iters = params.n_iters;
     let inv_eps = T::from_f64(1.0 / params.eps);
-    let mut logits = vec![T::ZERO; dims.len()];
-    let (mut phis, mut psis) = (Vec::new(), Vec::new());
-    multi_log(
-        scores,
-        shift,
-        anchor_mass,
-        &mut logits,
-        Some((&mut phis, &mut psis)),
-        dims,
-        params,
-        comm,
-    )?;
+    // The replay. Log: logits per row (K), φ_t per problem, ψ_t per row. Plain: E_G per row
+    // (G·K), f_t per problem, h_t per row. Either way a problem's column potentials are
+    // `(T + 1)·G·K` long (index t) and a row's `(T + 1)·G` (index t).
+    let (rows_cache, cache_w, col_pots, row_pots) = if log {
+        let mut logits = vec![T::ZERO; dims.len()];
+        let (mut phis, mut psis) = (Vec::new(), Vec::new());
+        multi_log(
+            scores,
+            shift,
+            anchor_mass,
+            &mut logits,
+            Some((&mut phis, &mut psis)),
+            dims,
+            params,
+            comm,
+        )?;
+        (logits, k, phis, psis)
+    } else {
+        let mut hist = PlainHistory {
+            e: Vec::new(),
+            f: Vec::new(),
+            h: Vec::new(),
+        };
+        let mut scratch = vec![T::ZERO; dims.len()];
+        multi_plain(scores, shift, anchor_mass, &mut scratch, Some(&mut hist), dims, params, comm)?;
+        (hist.e, gk, hist.f, hist.h)
+    };
+    let mut rows_cache = rows_cache;
     let psw = (n_iters + 1) * ng;
-    // Per row: ψ_0..ψ_T, then the carried Σ_a Z_G of the later iteration (G).
+    // Per row: the recorded row potentials, then the carried Σ_a Z_G of the later iteration.
     let sw = psw + ng;
     let mut state = vec![T::ZERO; nb * n * sw];
-    for (dst, src) in state.chunks_mut(sw).zip(psis.chunks(psw)) {
+    for (dst, src) in state.chunks_mut(sw).zip(row_pots.chunks(psw)) {
         dst[..psw].copy_from_slice(src);
     }
-    drop(psis);
+    drop(row_pots);
     let mut phibar = vec![T::ZERO; nb * gk];
     for t in (0..=n_iters).rev() {
         for b in 0..nb {
             let base = b * (n_iters + 1) * gk;
             let g_in = &grad[b * n * k..(b + 1) * n * k];
             let r = &anchor_mass[b * k..(b + 1) * k];
-            let phi_t = &phis[base + t.max(1) * gk..base + (t.max(1) + 1) * gk];
-            let phi_next = if t < n_iters {
-                &phis[base + (t + 1) * gk..base + (t + 2) * gk]
+            let pot_t = &col_pots[base + t.max(1) * gk..base + (t.max(1) + 1) * gk];
+            let pot_next = if t < n_iters {
+                &col_pots[base + (t + 1) * gk..base + (t + 2) * gk]
             } else {
-                phi_t
+                pot_t
             };
             // −φ̄_{G,t+1} / r: the column factor of W.
             let wscale: Vec<T> = (0..gk).map(|j| -phibar[b * gk + j] / r[j % k]).collect();
             let part = pass(
                 &mut out[b * n * k..(b + 1) * n * k],
                 k,
-                &mut logits[b * n * k..(b + 1) * n * k],
-                k,
+                &mut rows_cache[b * n * cache_w..(b + 1) * n * cache_w],
+                cache_w,
                 &mut state[b * n * sw..(b + 1) * n * sw],
                 sw,
                 gk,
-                |row0, d, lg, st, part| {
-                    let mut le = vec![T::ZERO; gk];
-                    let mut gamma = vec![T::ZERO; k];
-                    let mut psi = vec![T::ZERO; ng];
-                    let mut cplan = vec![T::ZERO; gk];
-                    let mut w = vec![T::ZERO; gk];
-                    let mut y = vec![T::ZERO; gk];
-                    let mut tbar = vec![T::ZERO; k];
-                    let mut gbar = vec![T::ZERO; k];
-                    for i in 0..lg.len() / k {
-                        let l = &lg[i * k..(i + 1) * k];
+                #[inline(always)]
+                |row0, d, cache, st, part| {
+                    let mut rw = ReverseRow::new(ng, k);
+                    for i in 0..cache.len() / cache_w {
+                        let c_row = &cache[i * cache_w..(i + 1) * cache_w];
                         let drow = &mut d[i * k..(i + 1) * k];
                         let row_state = &mut st[i * sw..(i + 1) * sw];
                         if t == 0 {
-                            // W = −φ̄_1/r · A_1, A_1 = exp(lE + φ_1); ∂scores = L̄ / eps.
+                            // W = −φ̄_1/r · A_1, A_1 = exp(lE + φ_1) = E f_1; ∂scores = L̄ / eps.
+                            for g in 0..ng {
+                                for a in 0..k {
+                                    rw.w[g * k + a] = if log {
+                                        (gr.w[g] * c_row[a]).fmax(floor()) + pot_t[g * k + a]
+                                    } else {
+                                        c_row[g * k + a] * pot_t[g * k + a]
+                                    };
+                                }
+                            }
+                            if log {
+                                for x in rw.w.iter_mut() {
+                                    *x = x.exp_fast();
+                                }
+                            }
                             for a in 0..k {
                                 let mut acc = drow[a];
                                 for g in 0..ng {
-                                    let lev = (gr.w[g] * l[a]).fmax(floor());
-                                    acc += gr.w[g]
-                                        * wscale[g * k + a]
-                                        * (lev + phi_t[g * k + a]).exp_fast();
+                                    acc += gr.w[g] * wscale[g * k + a] * rw.w[g * k + a];
                                 }
                                 drow[a] = acc * inv_eps;
                             }
                             continue;
                         }
-                        let psi_prev = &row_state[(t - 1) * ng..t * ng];
-                        multi_row(
-                            l, phi_t, psi_prev, &gr, &mut le, &mut gamma, &mut psi, &mut cplan,
-                        );
-                        // ψ_t as recorded (the replay computed it exactly so).
-                        let psi_t: Vec<T> = row_state[t * ng..(t + 1) * ng].to_vec();
-                        let psi_prev: Vec<T> = psi_prev.to_vec();
-                        let carry: Vec<T> = row_state[psw..psw + ng].to_vec();
-                        // ψ̄_{G,t} and the X / W terms.
-                        let mut psibar = vec![T::ZERO; ng];
-                        if t == n_iters {
-                            let gr_row = &g_in[(row0 + i) * k..(row0 + i + 1) * k];
-                            target_vjp(gr_row, &cplan, &gr, k, params.minmax, &mut tbar);
-                            for g in 0..ng {
-                                for a in 0..k {
-                                    let x = gr.top[g] * tbar[a] * cplan[g * k + a];
-                                    w[g * k + a] = x;
-                                    psibar[g] += x;
-                                }
-                            }
+                        let (prev, now) = (&row_state[(t - 1) * ng..t * ng], &row_state[t * ng..(t + 1) * ng]);
+                        // C_t, c_G B_t and, before the last iteration, A_{t+1}, into rw.
+                        if log {
+                            rw.fill_log(c_row, pot_t, pot_next, prev, now, &gr, t < n_iters);
                         } else {
+                            rw.fill_plain(c_row, pot_t, pot_next, prev, now, &gr, t < n_iters);
+                        }
+                        if t == n_iters {
+                            let grad_row = &g_in[(row0 + i) * k..(row0 + i + 1) * k];
+                            target_vjp(grad_row, &rw.c, &gr, k, params.minmax, &mut rw.tbar);
                             for g in 0..ng {
-                                let mut s = carry[g];
                                 for a in 0..k {
-                                    let av =
-                                        (le[g * k + a] + gamma[a] + psi_t[g] + phi_next[g * k + a])
-                                            .exp_fast();
-                                    let x = wscale[g * k + a] * av;
-                                    w[g * k + a] = x;
-                                    s += x;
+                                    rw.w[g * k + a] = gr.top[g] * rw.tbar[a] * rw.c[g * k + a];
                                 }
-                                psibar[g] = s;
                             }
-                        }
-                        // Y = −ψ̄ C; γ̄ = Σ_G (W + Y)
-                        gbar.fill(T::ZERO);
-                        for g in 0..ng {
-                            for a in 0..k {
-                                let yv = -psibar[g] * cplan[g * k + a];
-                                y[g * k + a] = yv;
-                                gbar[a] += w[g * k + a] + yv;
+                            rw.psibar.fill(T::ZERO);
+                        } else {
+                            for j in 0..gk {
+                                rw.w[j] = wscale[j] * rw.a[j];
                             }
+                            rw.psibar.copy_from_slice(&row_state[psw..psw + ng]);
                         }
-                        // Z = −γ̄ c_G B_G; L̄ += Σ_G w_G (W + Y + Z); φ̄ += Σ_n (Y + Z) (+X at T).
-                        let mut new_carry = vec![T::ZERO; ng];
-                        for a in 0..k {
-                            let mut acc = if t == n_iters { T::ZERO } else { drow[a] };
-                            for g in 0..ng {
-                                let cb = (gr.lc[g]
-                                    + le[g * k + a]
-                                    + phi_t[g * k + a]
-                                    + psi_prev[g]
-                                    + gamma[a])
-                                    .exp_fast();
-                                let z = -gbar[a] * cb;
-                                let j = g * k + a;
-                                acc += gr.w[g] * (w[j] + y[j] + z);
-                                let own = if t == n_iters {
-                                    w[j] + y[j] + z
-                                } else {
-                                    y[j] + z
-                                };
-                                part[j] += own;
-                                new_carry[g] += z;
-                            }
-                            drow[a] = acc;
-                        }
-                        row_state[psw..psw + ng].copy_from_slice(&new_carry);
+                        rw.reverse(&gr, drow, part, t == n_iters);
+                        row_state[psw..psw + ng].copy_from_slice(&rw.carry);
                     }
                 },
             );
@@ -1147,8 +1192,165 @@ pub fn sharded_multi_sinkhorn_backward<T: Real>(
     Ok(())
 }
 
+/// One row's plan entries of a reverse pass and the adjoint arithmetic they share in both
+/// domains: C_{G,t}, c_G B_{G,t}, A_{G,t+1} (each `G·K`) and the row's adjoints.
+struct ReverseRow<T> {
+    k: usize,
+    c: Vec<T>,
+    cb: Vec<T>,
+    a: Vec<T>,
+    /// W (or X on the last iteration).
+    w: Vec<T>,
+    gamma: Vec<T>,
+    gbar: Vec<T>,
+    tbar: Vec<T>,
+    le: Vec<T>,
+    psi: Vec<T>,
+    psibar: Vec<T>,
+    carry: Vec<T>,
+}
+
+impl<T: Real> ReverseRow<T> {
+    fn new(ng: usize, k: usize) -> Self {
+        let v = |len| vec![T::ZERO; len];
+        ReverseRow {
+            k,
+            c: v(ng * k),
+            cb: v(ng * k),
+            a: v(ng * k),
+            w: v(ng * k),
+            gamma: v(k),
+            gbar: v(k),
+            tbar: v(k),
+            le: v(ng * k),
+            psi: v(ng),
+            psibar: v(ng),
+            carry: v(ng),
+        }
+    }
+
+    /// Log domain: from the row's logits, φ_t, φ_{t+1}, ψ_{t−1} and ψ_t.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn fill_log(&mut self, l: &[T], phi: &[T], phi_next: &[T], prev: &[T], now: &[T], gr: &Groups<T>, with_a: bool) {
+        let k = self.k;
+        multi_row(l, phi, prev, gr, &mut self.le, &mut self.gamma, &mut self.psi, &mut self.c);
+        for g in 0..gr.len() {
+            for a in 0..k {
+                let j = g * k + a;
+                self.cb[j] = gr.lc[g] + self.le[j] + phi[j] + prev[g] + self.gamma[a];
+                if with_a {
+                    self.a[j] = self.le[j] + self.gamma[a] + now[g] + phi_next[j];
+                }
+            }
+        }
+        for x in self.cb.iter_mut() {
+            *x = x.exp_fast();
+        }
+        if with_a {
+            for x in self.a.iter_mut() {
+                *x = x.exp_fast();
+            }
+        }
+    }
+
+    /// Plain domain: from the row's E_G, f_t, f_{t+1}, h_{t−1} and h_t (g_t recomputed).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn fill_plain(&mut self, e: &[T], f: &[T], f_next: &[T], prev: &[T], now: &[T], gr: &Groups<T>, with_a: bool) {
+        let k = self.k;
+        let gv = &mut self.gamma; // g_t, in the plain domain
+        gv.fill(T::ZERO);
+        for (g, (eg, fg)) in e.chunks_exact(k).zip(f.chunks_exact(k)).enumerate() {
+            let ch = gr.c[g] * prev[g];
+            for ((x, &ev), &fv) in gv.iter_mut().zip(eg).zip(fg) {
+                *x += ch * ev * fv;
+            }
+        }
+        for x in gv.iter_mut() {
+            *x = T::ONE / *x;
+        }
+        let gv = &self.gamma;
+        for (g, (((eg, fg), cg), cbg)) in e
+            .chunks_exact(k)
+            .zip(f.chunks_exact(k))
+            .zip(self.c.chunks_exact_mut(k))
+            .zip(self.cb.chunks_exact_mut(k))
+            .enumerate()
+        {
+            let (ch, hn) = (gr.c[g] * prev[g], now[g]);
+            for ((((c, cb), &ev), &fv), &gg) in cg.iter_mut().zip(cbg.iter_mut()).zip(eg).zip(fg).zip(gv) {
+                let egf = ev * gg * fv;
+                *c = egf * hn;
+                *cb = ch * egf;
+            }
+        }
+        if with_a {
+            for (g, ((eg, fng), ag)) in e
+                .chunks_exact(k)
+                .zip(f_next.chunks_exact(k))
+                .zip(self.a.chunks_exact_mut(k))
+                .enumerate()
+            {
+                let hn = now[g];
+                for (((av, &ev), &fv), &gg) in ag.iter_mut().zip(eg).zip(fng).zip(gv) {
+                    *av = ev * gg * hn * fv;
+                }
+            }
+        }
+    }
+
+    /// Given W (or X) in `w` and the carried part of ψ̄ in `psibar`: Y = −ψ̄ C, γ̄ = Σ_G (W + Y),
+    /// Z = −γ̄ c_G B; L̄ += Σ_G w_G (W + Y + Z) (set on the last iteration), the column sums of
+    /// Y + Z (and X on the last iteration) into `part`, Σ_a Z into `carry`. Overwrites C and c_G B.
+    #[inline(always)]
+    fn reverse(&mut self, gr: &Groups<T>, drow: &mut [T], part: &mut [T], last: bool) {
+        let k = self.k;
+        let ReverseRow {
+            c,
+            cb,
+            w,
+            gbar,
+            psibar,
+            carry,
+            ..
+        } = self;
+        for (pb, wg) in psibar.iter_mut().zip(w.chunks_exact(k)) {
+            *pb += sum(wg);
+        }
+        gbar.fill(T::ZERO);
+        for ((cg, wg), &pb) in c.chunks_exact_mut(k).zip(w.chunks_exact(k)).zip(psibar.iter()) {
+            for ((cv, &wv), gb) in cg.iter_mut().zip(wg).zip(gbar.iter_mut()) {
+                let y = -pb * *cv;
+                *cv = y; // C is not needed any more: Y takes its place
+                *gb += wv + y;
+            }
+        }
+        if last {
+            drow.fill(T::ZERO);
+        }
+        for (g, (((cbg, yg), wg), pg)) in cb
+            .chunks_exact_mut(k)
+            .zip(c.chunks_exact(k))
+            .zip(w.chunks_exact(k))
+            .zip(part.chunks_exact_mut(k))
+            .enumerate()
+        {
+            let weight = gr.w[g];
+            for (((((cbv, &y), &wv), p), d), &gb) in cbg.iter_mut().zip(yg).zip(wg).zip(pg.iter_mut()).zip(drow.iter_mut()).zip(gbar.iter()) {
+                let z = -gb * *cbv;
+                *cbv = z; // Z takes the place of c_G B
+                *d += weight * (wv + y + z);
+                *p += if last { wv + y + z } else { y + z };
+            }
+            carry[g] = sum(cbg);
+        }
+    }
+}
+
 /// ∂loss/∂T_raw of a row from ∂loss/∂(result) = `grad`: the min-max VJP (constant rows get
 /// none; ties of the extremes share their gradient evenly, as torch.amin/amax do) or `grad`.
+#[inline(always)]
 fn target_vjp<T: Real>(
     grad: &[T],
     plan: &[T],

@@ -198,9 +198,10 @@ fn sharded_multi_sinkhorn(
     })
 }
 
-/// The VJP of `sharded_multi_sinkhorn` for this process's rows (through the min-max step).
+/// The VJP of `sharded_multi_sinkhorn` for this process's rows (through the min-max step),
+/// replaying the forward in the domain `log`.
 #[pyfunction]
-#[pyo3(signature = (grad, scores, shift, anchor_mass, out, eps, n_iters, weights, counts, tops, minmax, reduce, num_threads))]
+#[pyo3(signature = (grad, scores, shift, anchor_mass, out, eps, n_iters, weights, counts, tops, minmax, log, reduce, num_threads))]
 #[allow(clippy::too_many_arguments)]
 fn sharded_multi_sinkhorn_backward(
     grad: &Bound<'_, PyAny>,
@@ -214,6 +215,7 @@ fn sharded_multi_sinkhorn_backward(
     counts: Vec<usize>,
     tops: Vec<usize>,
     minmax: bool,
+    log: bool,
     reduce: Py<PyAny>,
     num_threads: i64,
 ) -> PyResult<()> {
@@ -236,7 +238,7 @@ fn sharded_multi_sinkhorn_backward(
         let comm_ref = &mut comm;
         let params = &params;
         let result = run(py, num_threads, move || {
-            mmot_core::sharded_multi_sinkhorn_backward(g, s, sh, r, o, Dims::new(b, n, k), params, comm_ref)
+            mmot_core::sharded_multi_sinkhorn_backward(g, s, sh, r, o, Dims::new(b, n, k), params, log, comm_ref)
         });
         finish(result, &mut comm)
     })
