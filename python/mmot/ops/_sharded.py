@@ -4,9 +4,10 @@ own rows, and the per-column sums are all-reduced once per iteration, forward an
 
 The ops' public functions resolve the masses and check the values, then call :func:`sinkhorn` or
 :func:`multi_sinkhorn` here for ``backend`` "rust" or "triton" ("torch" keeps the reference with
-:class:`mmot._columns.ShardedColumns`). Every decision that shapes the iteration (the working
-dtype, the domain, the column shift) is taken from all-reduced statistics, so every rank makes the
-same one and calls the same collectives in the same order. Every rank must call the op (and its
+:class:`mmot._columns.ShardedColumns`). Every decision that shapes the iteration (the range check,
+the working dtype, the domain, the column shift) is taken from the column maxima and minima
+all-reduced once per call, so every rank makes the same one and calls the same collectives in the
+same order. Every rank must call the op (and its
 backward) together, as with any collective.
 """
 
@@ -42,9 +43,45 @@ def _tensor_sum(group):
     return reduce
 
 
-def _column_shift(s: Tensor, columns) -> Tensor:
-    """The column maxima over every rank's rows, (..., K): the common centre of the logits."""
-    return columns.max(s.amax(-2)).contiguous()
+class _KnownColumns:
+    """The column statistics over every rank, all-reduced once per call, served to the reference's
+    range helpers in place of :class:`mmot._columns.ShardedColumns` (no collective of their own).
+
+    ``reference.exponent_range`` (behind the range check, the working dtype and the domain) asks
+    for the maximum over ranks of the column maxima, then of the negated column minima; the
+    answers alternate in that order, and each request is checked against this rank's own
+    statistics (a local comparison, so a mismatch raises on its own instead of desynchronising
+    the collectives).
+    """
+
+    def __init__(self, scores: Tensor, columns) -> None:
+        s = scores.detach()
+        self.local = torch.stack([s.amax(-2), -s.amin(-2)]).double()
+        self.reduced = columns.max(self.local)
+        self.calls = 0
+
+    def max(self, partial: Tensor) -> Tensor:
+        which = self.calls % 2
+        self.calls += 1
+        if not torch.equal(partial.detach().double(), self.local[which]):
+            raise AssertionError("mmot: the sharded range helpers asked for an unexpected column statistic")
+        return self.reduced[which].to(partial.dtype)
+
+    def column_max(self, dtype: torch.dtype) -> Tensor:
+        """The column maxima over every rank's rows, (..., K): the common centre of the logits
+        (exact in ``dtype``: the maxima of values of that dtype, or of a narrower one)."""
+        return self.reduced[0].to(dtype).contiguous()
+
+
+def _prepare(scores: Tensor, eps: float, max_weight: float, log_domain: str, columns, op: str, backend: str):
+    """(working-dtype scores, log domain?, column shift) of a sharded call, from one all-reduce."""
+    known = _KnownColumns(scores, columns)
+    if _checks.value_checks_enabled():
+        reference.check_log_range(scores, eps, max_weight, op, known)
+    work = _working(scores, eps, max_weight, op, known, backend)
+    s = scores.detach().to(work).contiguous()
+    log = _log_domain(s, eps, max_weight, log_domain, known, op, backend)
+    return s, log, known.column_max(work)
 
 
 def _working(scores: Tensor, eps: float, max_weight: float, op: str, columns, backend: str) -> torch.dtype:
@@ -76,13 +113,10 @@ def _check_fits(op: str, fits: bool, scores: Tensor) -> None:
 
 def sinkhorn(scores: Tensor, eps: float, n_iters: int, rows: Tensor, cols: Tensor, log_domain: str, columns, backend: str) -> Tensor:
     """``mmot.sinkhorn`` on this rank's rows; ``rows``, ``cols`` the resolved masses."""
-    work = _working(scores, eps, 1.0, SINKHORN, columns, backend)
-    s = scores.detach().to(work).contiguous()
-    log = _log_domain(s, eps, 1.0, log_domain, columns, SINKHORN, backend)
+    s, log, shift = _prepare(scores, eps, 1.0, log_domain, columns, SINKHORN, backend)
     if backend == "triton":
         _check_fits(SINKHORN, triton_kernels("sinkhorn").fits(s.shape[-1], s.dtype), scores)
-    shift = _column_shift(s, columns)
-    masses = rows.to(work).contiguous(), cols.to(work).contiguous()
+    masses = rows.to(s.dtype).contiguous(), cols.to(s.dtype).contiguous()
     return _Sinkhorn.apply(scores, s, shift, *masses, eps, n_iters, log, backend, columns.group)
 
 
@@ -140,15 +174,11 @@ def multi_sinkhorn(
     backend: str,
 ) -> Tensor:
     """``mmot.multi_sinkhorn`` on this rank's rows; ``anchor_mass`` the resolved N/K masses."""
-    max_weight = max(slot_weights)
-    work = _working(scores, eps, max_weight, MULTI, columns, backend)
-    s = scores.detach().to(work).contiguous()
-    log = _log_domain(s, eps, max_weight, log_domain, columns, MULTI, backend)
+    s, log, shift = _prepare(scores, eps, max(slot_weights), log_domain, columns, MULTI, backend)
     groups = reference.slot_groups(slot_weights, k)
     if backend == "triton":
         _check_fits(MULTI, triton_kernels("multi_sinkhorn").fits(s.shape[-1], len(groups), s.dtype, True), scores)
-    shift = _column_shift(s, columns)
-    mass = anchor_mass.to(work).contiguous()
+    mass = anchor_mass.to(s.dtype).contiguous()
     return _MultiSinkhorn.apply(scores, s, shift, mass, eps, n_iters, groups, normalize, log, backend, columns.group)
 
 

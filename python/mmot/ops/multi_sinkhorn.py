@@ -106,9 +106,9 @@ def multi_sinkhorn(
 
     if distributed:
         _checks.finite(OP, "scores", scores)
-        if _checks.value_checks_enabled():
-            reference.check_log_range(scores, eps, max(weights), OP, columns)
         if backend == "torch":
+            if _checks.value_checks_enabled():
+                reference.check_log_range(scores, eps, max(weights), OP, columns)
             return reference.multi_sinkhorn(scores, eps, n_iters, weights, k, mass, normalize, flag, columns)
         return _sharded.multi_sinkhorn(scores, eps, n_iters, weights, k, mass, normalize, flag, columns, backend)
     if scores.numel() == 0:
