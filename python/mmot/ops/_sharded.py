@@ -219,7 +219,9 @@ class _MultiSinkhorn(torch.autograd.Function):
             )
             out = out.view(s.shape)
         else:
-            out = triton_kernels("multi_sinkhorn").backward(g, s, eps, n_iters, groups, mass, normalize, shift=shift, reduce=_tensor_sum(group))
+            out = triton_kernels("multi_sinkhorn").backward(
+                g, s, eps, n_iters, groups, mass, normalize, shift=shift, reduce=_tensor_sum(group)
+            )
         return (out.to(dtype),) + (None,) * 10
 
 

@@ -24,6 +24,9 @@
 //! Rows are processed in fixed chunks and the chunks' partial sums are added in chunk order, so
 //! results do not depend on the thread count.
 
+// Several equally long per-column and per-row arrays are walked together by index.
+#![allow(clippy::needless_range_loop)]
+
 use crate::dims::Dims;
 use crate::error::{check_eps_iters, check_len, MmotError, Result};
 use crate::simd::{dispatch, dot, sum, Real};
@@ -729,7 +732,11 @@ fn multi_plain<T: Real>(
                     for ((x, &sv), &shv) in l.iter_mut().zip(srow).zip(sh) {
                         *x = half_logit(sv, shv, inv_eps);
                     }
-                    for ((g, eg), pg) in ei.chunks_exact_mut(k).enumerate().zip(part.chunks_exact_mut(k)) {
+                    for ((g, eg), pg) in ei
+                        .chunks_exact_mut(k)
+                        .enumerate()
+                        .zip(part.chunks_exact_mut(k))
+                    {
                         let w = gr.w[g];
                         for ((e, &lv), p) in eg.iter_mut().zip(&l).zip(pg.iter_mut()) {
                             *e = (w * lv).fmax(floor()).exp_fast();
@@ -766,7 +773,11 @@ fn multi_plain<T: Real>(
     for t in 1..=n_iters {
         let last = t == n_iters;
         let write = last && !record;
-        let (prev_at, next_at) = if record { (k + (t - 1) * ng, k + t * ng) } else { (k, k) };
+        let (prev_at, next_at) = if record {
+            (k + (t - 1) * ng, k + t * ng)
+        } else {
+            (k, k)
+        };
         for b in 0..nb {
             let fb = &f[b * gk..(b + 1) * gk];
             let part = pass(
@@ -804,7 +815,9 @@ fn multi_plain<T: Real>(
                             h[next_at - k + g] = T::ONE / dot(efg, gv);
                         }
                         if write {
-                            for (g, (pg, efg)) in plan.chunks_exact_mut(k).zip(ef.chunks_exact(k)).enumerate() {
+                            for (g, (pg, efg)) in
+                                plan.chunks_exact_mut(k).zip(ef.chunks_exact(k)).enumerate()
+                            {
                                 let hg = h[next_at - k + g];
                                 for ((p, &y), &gg) in pg.iter_mut().zip(efg).zip(gv.iter()) {
                                     *p = y * gg * hg;
@@ -813,7 +826,9 @@ fn multi_plain<T: Real>(
                             write_target(&mut o[i * k..(i + 1) * k], &plan, &gr, k, params.minmax);
                         } else if !last {
                             // The next column sums Σ_n E_G g h_G.
-                            for (g, (pg, eg)) in part.chunks_exact_mut(k).zip(ei.chunks_exact(k)).enumerate() {
+                            for (g, (pg, eg)) in
+                                part.chunks_exact_mut(k).zip(ei.chunks_exact(k)).enumerate()
+                            {
                                 let hg = h[next_at - k + g];
                                 for ((p, &y), &gg) in pg.iter_mut().zip(eg).zip(gv.iter()) {
                                     *p += y * gg * hg;
@@ -1090,7 +1105,16 @@ pub fn sharded_multi_sinkhorn_backward<T: Real>(
             h: Vec::new(),
         };
         let mut scratch = vec![T::ZERO; dims.len()];
-        multi_plain(scores, shift, anchor_mass, &mut scratch, Some(&mut hist), dims, params, comm)?;
+        multi_plain(
+            scores,
+            shift,
+            anchor_mass,
+            &mut scratch,
+            Some(&mut hist),
+            dims,
+            params,
+            comm,
+        )?;
         (hist.e, gk, hist.f, hist.h)
     };
     let mut rows_cache = rows_cache;
@@ -1156,7 +1180,10 @@ pub fn sharded_multi_sinkhorn_backward<T: Real>(
                             }
                             continue;
                         }
-                        let (prev, now) = (&row_state[(t - 1) * ng..t * ng], &row_state[t * ng..(t + 1) * ng]);
+                        let (prev, now) = (
+                            &row_state[(t - 1) * ng..t * ng],
+                            &row_state[t * ng..(t + 1) * ng],
+                        );
                         // C_t, c_G B_t and, before the last iteration, A_{t+1}, into rw.
                         if log {
                             rw.fill_log(c_row, pot_t, pot_next, prev, now, &gr, t < n_iters);
@@ -1232,9 +1259,27 @@ impl<T: Real> ReverseRow<T> {
     /// Log domain: from the row's logits, φ_t, φ_{t+1}, ψ_{t−1} and ψ_t.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn fill_log(&mut self, l: &[T], phi: &[T], phi_next: &[T], prev: &[T], now: &[T], gr: &Groups<T>, with_a: bool) {
+    fn fill_log(
+        &mut self,
+        l: &[T],
+        phi: &[T],
+        phi_next: &[T],
+        prev: &[T],
+        now: &[T],
+        gr: &Groups<T>,
+        with_a: bool,
+    ) {
         let k = self.k;
-        multi_row(l, phi, prev, gr, &mut self.le, &mut self.gamma, &mut self.psi, &mut self.c);
+        multi_row(
+            l,
+            phi,
+            prev,
+            gr,
+            &mut self.le,
+            &mut self.gamma,
+            &mut self.psi,
+            &mut self.c,
+        );
         for g in 0..gr.len() {
             for a in 0..k {
                 let j = g * k + a;
@@ -1257,7 +1302,16 @@ impl<T: Real> ReverseRow<T> {
     /// Plain domain: from the row's E_G, f_t, f_{t+1}, h_{t−1} and h_t (g_t recomputed).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn fill_plain(&mut self, e: &[T], f: &[T], f_next: &[T], prev: &[T], now: &[T], gr: &Groups<T>, with_a: bool) {
+    fn fill_plain(
+        &mut self,
+        e: &[T],
+        f: &[T],
+        f_next: &[T],
+        prev: &[T],
+        now: &[T],
+        gr: &Groups<T>,
+        with_a: bool,
+    ) {
         let k = self.k;
         let gv = &mut self.gamma; // g_t, in the plain domain
         gv.fill(T::ZERO);
@@ -1279,7 +1333,9 @@ impl<T: Real> ReverseRow<T> {
             .enumerate()
         {
             let (ch, hn) = (gr.c[g] * prev[g], now[g]);
-            for ((((c, cb), &ev), &fv), &gg) in cg.iter_mut().zip(cbg.iter_mut()).zip(eg).zip(fg).zip(gv) {
+            for ((((c, cb), &ev), &fv), &gg) in
+                cg.iter_mut().zip(cbg.iter_mut()).zip(eg).zip(fg).zip(gv)
+            {
                 let egf = ev * gg * fv;
                 *c = egf * hn;
                 *cb = ch * egf;
@@ -1319,7 +1375,11 @@ impl<T: Real> ReverseRow<T> {
             *pb += sum(wg);
         }
         gbar.fill(T::ZERO);
-        for ((cg, wg), &pb) in c.chunks_exact_mut(k).zip(w.chunks_exact(k)).zip(psibar.iter()) {
+        for ((cg, wg), &pb) in c
+            .chunks_exact_mut(k)
+            .zip(w.chunks_exact(k))
+            .zip(psibar.iter())
+        {
             for ((cv, &wv), gb) in cg.iter_mut().zip(wg).zip(gbar.iter_mut()) {
                 let y = -pb * *cv;
                 *cv = y; // C is not needed any more: Y takes its place
@@ -1337,7 +1397,14 @@ impl<T: Real> ReverseRow<T> {
             .enumerate()
         {
             let weight = gr.w[g];
-            for (((((cbv, &y), &wv), p), d), &gb) in cbg.iter_mut().zip(yg).zip(wg).zip(pg.iter_mut()).zip(drow.iter_mut()).zip(gbar.iter()) {
+            for (((((cbv, &y), &wv), p), d), &gb) in cbg
+                .iter_mut()
+                .zip(yg)
+                .zip(wg)
+                .zip(pg.iter_mut())
+                .zip(drow.iter_mut())
+                .zip(gbar.iter())
+            {
                 let z = -gb * *cbv;
                 *cbv = z; // Z takes the place of c_G B
                 *d += weight * (wv + y + z);
@@ -1390,5 +1457,212 @@ fn target_vjp<T: Real>(
         if target[a] == hi {
             tbar[a] += hibar;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{multi_sinkhorn, multi_sinkhorn_backward, sinkhorn, sinkhorn_backward};
+    use crate::{LogDomain, MultiSinkhornParams, Normalize, SinkhornParams};
+
+    /// Deterministic scores in [-1, 1] (never zero everywhere).
+    fn scores(len: usize, seed: u64) -> Vec<f64> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn column_max(s: &[f64], dims: Dims) -> Vec<f64> {
+        let (n, k) = (dims.rows, dims.cols);
+        let mut out = vec![f64::NEG_INFINITY; dims.problems * k];
+        for b in 0..dims.problems {
+            for i in 0..n {
+                for a in 0..k {
+                    out[b * k + a] = out[b * k + a].max(s[(b * n + i) * k + a]);
+                }
+            }
+        }
+        out
+    }
+
+    fn close(got: &[f64], want: &[f64], tol: f64) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn one_process_equals_the_sinkhorn_kernel_in_both_domains() {
+        let dims = Dims::new(2, 70, 5); // several row chunks
+        let s = scores(dims.len(), 1);
+        let g = scores(dims.len(), 2);
+        let rows = vec![1.0; 2 * 70];
+        let cols = vec![14.0; 2 * 5];
+        let shift = column_max(&s, dims);
+        let mut want = vec![0.0; dims.len()];
+        sinkhorn(
+            &s,
+            &rows,
+            &cols,
+            &mut want,
+            dims,
+            &SinkhornParams::new(0.3, 4, LogDomain::Auto),
+        )
+        .unwrap();
+        let mut want_grad = vec![0.0; dims.len()];
+        let params = SinkhornParams::new(0.3, 4, LogDomain::Auto);
+        sinkhorn_backward(&g, &s, &rows, &cols, &mut want_grad, dims, &params).unwrap();
+        for log in [false, true] {
+            let mut out = vec![f64::NAN; dims.len()];
+            sharded_sinkhorn(
+                &s, &shift, &rows, &cols, &mut out, dims, 0.3, 4, log, &mut Alone,
+            )
+            .unwrap();
+            close(&out, &want, 1e-12);
+        }
+        let mut grad = vec![f64::NAN; dims.len()];
+        sharded_sinkhorn_backward(
+            &g, &s, &shift, &rows, &cols, &mut grad, dims, 0.3, 4, &mut Alone,
+        )
+        .unwrap();
+        close(&grad, &want_grad, 1e-11);
+    }
+
+    #[test]
+    fn one_process_equals_the_multi_sinkhorn_kernel_in_both_domains() {
+        let dims = Dims::new(1, 75, 6);
+        let s = scores(dims.len(), 3);
+        let g = scores(dims.len(), 4);
+        let mass = vec![75.0 / 6.0; 6];
+        let shift = column_max(&s, dims);
+        let weights = vec![0.25, 0.25, 0.25, 1.0, 1.0, 1.0];
+        let reference = MultiSinkhornParams {
+            eps: 0.2,
+            n_iters: 5,
+            slot_weights: weights,
+            k: 3,
+            normalize: Normalize::MinMax,
+            log_domain: LogDomain::Auto,
+            check_values: false,
+        };
+        let mut want = vec![0.0; dims.len()];
+        multi_sinkhorn(&s, &mass, &mut want, dims, &reference).unwrap();
+        let mut want_grad = vec![0.0; dims.len()];
+        multi_sinkhorn_backward(&g, &s, &mass, &mut want_grad, dims, &reference).unwrap();
+        let params = ShardedMultiParams {
+            eps: 0.2,
+            n_iters: 5,
+            groups: vec![
+                SlotGroup {
+                    weight: 0.25,
+                    count: 3,
+                    top: 0,
+                },
+                SlotGroup {
+                    weight: 1.0,
+                    count: 3,
+                    top: 3,
+                },
+            ],
+            minmax: true,
+        };
+        for log in [false, true] {
+            let mut out = vec![f64::NAN; dims.len()];
+            sharded_multi_sinkhorn(&s, &shift, &mass, &mut out, dims, &params, log, &mut Alone)
+                .unwrap();
+            close(&out, &want, 1e-10);
+            let mut grad = vec![f64::NAN; dims.len()];
+            sharded_multi_sinkhorn_backward(
+                &g, &s, &shift, &mass, &mut grad, dims, &params, log, &mut Alone,
+            )
+            .unwrap();
+            close(&grad, &want_grad, 1e-9);
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let dims = Dims::new(1, 200, 7);
+        let s = scores(dims.len(), 5);
+        let g = scores(dims.len(), 6);
+        let mass = vec![200.0 / 7.0; 7];
+        let shift = column_max(&s, dims);
+        let params = ShardedMultiParams {
+            eps: 0.1,
+            n_iters: 6,
+            groups: vec![
+                SlotGroup {
+                    weight: 0.5,
+                    count: 4,
+                    top: 1,
+                },
+                SlotGroup {
+                    weight: 1.0,
+                    count: 3,
+                    top: 3,
+                },
+            ],
+            minmax: true,
+        };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut out = vec![0.0; dims.len()];
+                let mut grad = vec![0.0; dims.len()];
+                sharded_multi_sinkhorn(
+                    &s, &shift, &mass, &mut out, dims, &params, false, &mut Alone,
+                )
+                .unwrap();
+                sharded_multi_sinkhorn_backward(
+                    &g, &s, &shift, &mass, &mut grad, dims, &params, true, &mut Alone,
+                )
+                .unwrap();
+                (out, grad)
+            })
+        };
+        assert_eq!(run(1), run(3));
+    }
+
+    /// Counts the collectives, as a group of one process.
+    struct Counting(usize);
+
+    impl<T> Collective<T> for Counting {
+        fn sum(&mut self, _buf: &mut [T]) -> Result<()> {
+            self.0 += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn one_collective_per_iteration() {
+        let dims = Dims::new(1, 40, 4);
+        let s = scores(dims.len(), 7);
+        let shift = column_max(&s, dims);
+        let (rows, cols) = (vec![1.0; 40], vec![10.0; 4]);
+        let mut out = vec![0.0; dims.len()];
+        let mut count = Counting(0);
+        sharded_sinkhorn(
+            &s, &shift, &rows, &cols, &mut out, dims, 0.5, 6, false, &mut count,
+        )
+        .unwrap();
+        assert_eq!(count.0, 6); // pass 0 and iterations 1..T-1
+        let mut count = Counting(0);
+        sharded_sinkhorn_backward(
+            &s, &s, &shift, &rows, &cols, &mut out, dims, 0.5, 6, &mut count,
+        )
+        .unwrap();
+        assert_eq!(count.0, 12); // the replay, then reverse passes T..1
     }
 }
