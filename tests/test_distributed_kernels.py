@@ -6,6 +6,7 @@ Each test spawns its processes once and runs every case in them. Workers save th
 before a barrier and leave by ``os._exit`` (gloo's teardown aborted a worker now and then).
 """
 
+import json
 import os
 import socket
 
@@ -173,3 +174,15 @@ def test_two_processes_equal_the_single_process_kernels(tmp_path):
 @pytest.mark.slow
 def test_three_processes_equal_the_single_process_kernels(tmp_path):
     _run(3, tmp_path)
+
+
+@pytest.mark.slow
+def test_bench_distributed_reports_the_three_providers(tmp_path, capsys):
+    from mmot.bench import cli
+
+    out = tmp_path / "dist.json"
+    cli.main(["distributed", "--tiny", "--no-backward", "--json", str(out)])
+    records = json.loads(out.read_text())["records"]
+    assert {(r["provider"], r["world"]) for r in records} == {("sharded-kernel", 2), ("sharded-reference", 2), ("single-kernel", 1)}
+    assert all(r["median_s"] > 0 and r["mode"] == "forward" for r in records)
+    assert "sharded-kernel is" in capsys.readouterr().out
