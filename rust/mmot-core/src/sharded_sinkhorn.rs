@@ -29,7 +29,7 @@
 
 use crate::dims::Dims;
 use crate::error::{check_eps_iters, check_len, MmotError, Result};
-use crate::simd::{dispatch, dot, sum, Real};
+use crate::simd::{dispatch, dot, max, sum, Real};
 use rayon::prelude::*;
 
 /// Sums over all processes of a group: `buf` is replaced, element by element, by the sum of
@@ -871,41 +871,62 @@ fn multi_row<T: Real>(
     plan: &mut [T],
 ) {
     let k = l.len();
-    let ng = gr.len();
-    for g in 0..ng {
-        for a in 0..k {
-            le[g * k + a] = (gr.w[g] * l[a]).fmax(floor());
+    for (g, leg) in le.chunks_exact_mut(k).enumerate() {
+        let w = gr.w[g];
+        for (x, &lv) in leg.iter_mut().zip(l) {
+            *x = (w * lv).fmax(floor());
         }
     }
-    // γ = −LSE_G(log c_G + lE_G + φ_G + ψ_{G,t−1})
-    for a in 0..k {
-        let mut m = T::NEG_INFINITY;
-        for g in 0..ng {
-            m = m.fmax(gr.lc[g] + le[g * k + a] + phi[g * k + a] + psi_prev[g]);
+    // γ = −LSE_G(log c_G + lE_G + φ_G + ψ_{G,t−1}): the terms in `plan`, their maximum over
+    // the groups in `gamma`, the sum of their exponentials in plan's first group.
+    for (g, ((ug, leg), phig)) in plan
+        .chunks_exact_mut(k)
+        .zip(le.chunks_exact(k))
+        .zip(phi.chunks_exact(k))
+        .enumerate()
+    {
+        let c = gr.lc[g] + psi_prev[g];
+        for ((u, &lev), &ph) in ug.iter_mut().zip(leg).zip(phig) {
+            *u = c + lev + ph;
         }
-        let mut sum = T::ZERO;
-        for g in 0..ng {
-            sum += (gr.lc[g] + le[g * k + a] + phi[g * k + a] + psi_prev[g] - m).exp_fast();
+    }
+    let (first, rest) = plan.split_at_mut(k);
+    gamma.copy_from_slice(first);
+    for ug in rest.chunks_exact(k) {
+        for (m, &u) in gamma.iter_mut().zip(ug) {
+            *m = m.fmax(u);
         }
-        gamma[a] = -(m + sum.ln());
+    }
+    for (u, &m) in first.iter_mut().zip(gamma.iter()) {
+        *u = (*u - m).exp_fast();
+    }
+    for ug in rest.chunks_exact(k) {
+        for ((acc, &u), &m) in first.iter_mut().zip(ug).zip(gamma.iter()) {
+            *acc += (u - m).exp_fast();
+        }
+    }
+    for (m, &acc) in gamma.iter_mut().zip(first.iter()) {
+        *m = -(*m + acc.ln());
     }
     // ψ_G = −LSE_a(lE_G + γ + φ_G), C_G = exp(lE_G + γ + φ_G + ψ_G)
-    for g in 0..ng {
-        let z = &mut plan[g * k..(g + 1) * k];
-        let mut m = T::NEG_INFINITY;
-        for a in 0..k {
-            z[a] = le[g * k + a] + gamma[a] + phi[g * k + a];
-            m = m.fmax(z[a]);
+    for (g, ((z, leg), phig)) in plan
+        .chunks_exact_mut(k)
+        .zip(le.chunks_exact(k))
+        .zip(phi.chunks_exact(k))
+        .enumerate()
+    {
+        for (((zv, &lev), &gv), &ph) in z.iter_mut().zip(leg).zip(gamma.iter()).zip(phig) {
+            *zv = lev + gv + ph;
         }
-        let mut sum = T::ZERO;
-        for za in z.iter_mut() {
-            *za = (*za - m).exp_fast();
-            sum += *za;
+        let m = max(z);
+        for zv in z.iter_mut() {
+            *zv = (*zv - m).exp_fast();
         }
-        psi[g] = -(m + sum.ln());
-        let inv = T::ONE / sum;
-        for za in z.iter_mut() {
-            *za *= inv;
+        let total = sum(z);
+        psi[g] = -(m + total.ln());
+        let inv = T::ONE / total;
+        for zv in z.iter_mut() {
+            *zv *= inv;
         }
     }
 }
