@@ -223,19 +223,15 @@ fn sinkhorn_plain<T: Real>(
                 #[inline(always)]
                 |row0, o, ur, _, part| {
                     for (i, orow) in o.chunks_mut(k).enumerate() {
-                        let mut sum = T::ZERO;
-                        for a in 0..k {
-                            sum += orow[a] * vb[a];
-                        }
-                        let ui = r[row0 + i] / sum;
+                        let ui = r[row0 + i] / dot(orow, vb);
                         ur[i] = ui;
                         if last {
-                            for a in 0..k {
-                                orow[a] = orow[a] * ui * vb[a];
+                            for (x, &v) in orow.iter_mut().zip(vb) {
+                                *x = *x * ui * v;
                             }
                         } else {
-                            for a in 0..k {
-                                part[a] += orow[a] * ui;
+                            for (p, &x) in part.iter_mut().zip(orow.iter()) {
+                                *p += x * ui;
                             }
                         }
                     }
@@ -323,10 +319,12 @@ fn sinkhorn_log<T: Real>(
             |row0, o, _, _, part| {
                 for (i, orow) in o.chunks_mut(k).enumerate() {
                     let srow = &s[(row0 + i) * k..(row0 + i + 1) * k];
-                    for a in 0..k {
-                        let l = half_logit(srow[a], sh[a], inv_eps).fmax(floor());
-                        orow[a] = l;
-                        part[a] += l.exp_fast();
+                    for (((x, acc), &sv), &shv) in
+                        orow.iter_mut().zip(part.iter_mut()).zip(srow).zip(sh)
+                    {
+                        let l = half_logit(sv, shv, inv_eps).fmax(floor());
+                        *x = l;
+                        *acc += l.exp_fast();
                     }
                 }
             },
@@ -359,15 +357,14 @@ fn sinkhorn_log<T: Real>(
                 |row0, o, hr, _, part| {
                     let mut p = vec![T::ZERO; k];
                     for (i, orow) in o.chunks_mut(k).enumerate() {
-                        let mut m = T::NEG_INFINITY;
-                        for a in 0..k {
-                            m = m.fmax(orow[a] + pb[a]);
+                        for ((x, &l), &bv) in p.iter_mut().zip(orow.iter()).zip(pb) {
+                            *x = l + bv;
                         }
-                        let mut sum = T::ZERO;
-                        for a in 0..k {
-                            p[a] = (orow[a] + pb[a] - m).exp_fast();
-                            sum += p[a];
+                        let m = max(&p);
+                        for x in p.iter_mut() {
+                            *x = (*x - m).exp_fast();
                         }
+                        let sum = sum(&p);
                         let ri = r[row0 + i];
                         let scale = ri / sum;
                         if record {
@@ -375,12 +372,12 @@ fn sinkhorn_log<T: Real>(
                             hr[i * hw + 2 * (t - 1) + 1] = ri.ln() - sum.ln();
                         }
                         if write {
-                            for a in 0..k {
-                                orow[a] = p[a] * scale;
+                            for (x, &pv) in orow.iter_mut().zip(p.iter()) {
+                                *x = pv * scale;
                             }
                         } else if !last {
-                            for a in 0..k {
-                                part[a] += p[a] * scale;
+                            for (acc, &pv) in part.iter_mut().zip(p.iter()) {
+                                *acc += pv * scale;
                             }
                         }
                     }
@@ -482,38 +479,38 @@ pub fn sharded_sinkhorn_backward<T: Real>(
                         let ri = r[row0 + i];
                         if t == 0 {
                             // L̄ += −b̄_1 Q_1 / c with Q_1 = exp(L + b_1); ∂scores = L̄ / eps.
-                            for a in 0..k {
-                                let y = scale[a] * (l[a] + bt[a]).exp_fast();
-                                drow[a] = (drow[a] + y) * inv_eps;
+                            for (((d, &sv), &lv), &bv) in
+                                drow.iter_mut().zip(scale.iter()).zip(l).zip(bt)
+                            {
+                                *d = (*d + sv * (lv + bv).exp_fast()) * inv_eps;
                             }
                             continue;
                         }
                         let (m, rest) = (hr[i * hw + 2 * (t - 1)], hr[i * hw + 2 * (t - 1) + 1]);
-                        for a in 0..k {
-                            p[a] = ((l[a] + bt[a]) - m + rest).exp_fast();
+                        for ((x, &lv), &bv) in p.iter_mut().zip(l).zip(bt) {
+                            *x = ((lv + bv) - m + rest).exp_fast();
                         }
                         if t == big_t {
                             let gr = &g[(row0 + i) * k..(row0 + i + 1) * k];
-                            let mut abar = T::ZERO;
-                            for a in 0..k {
-                                abar += gr[a] * p[a];
-                            }
-                            let f = abar / ri;
-                            for a in 0..k {
-                                let x = gr[a] * p[a] - f * p[a];
-                                drow[a] = x;
-                                part[a] += x;
+                            let f = dot(gr, &p) / ri;
+                            for (((d, acc), &gv), &pv) in
+                                drow.iter_mut().zip(part.iter_mut()).zip(gr).zip(p.iter())
+                            {
+                                let x = gv * pv - f * pv;
+                                *d = x;
+                                *acc += x;
                             }
                         } else {
-                            let mut abar = T::ZERO;
-                            for a in 0..k {
-                                abar += scale[a] * p[a];
-                            }
-                            let f = abar / ri;
-                            for a in 0..k {
-                                let z = -f * p[a];
-                                drow[a] += scale[a] * p[a] + z;
-                                part[a] += z;
+                            let f = dot(&scale, &p) / ri;
+                            for (((d, acc), &sv), &pv) in drow
+                                .iter_mut()
+                                .zip(part.iter_mut())
+                                .zip(scale.iter())
+                                .zip(p.iter())
+                            {
+                                let z = -f * pv;
+                                *d += sv * pv + z;
+                                *acc += z;
                             }
                         }
                     }
