@@ -22,6 +22,10 @@ def _f64(*shape: int) -> np.ndarray:
     return np.full(shape, 0.5)
 
 
+def _no_reduce(array: np.ndarray) -> None:
+    """The collective of a group of one process: the sums are the local ones."""
+
+
 def _index() -> np.ndarray:
     return np.zeros(1, dtype=np.int64)
 
@@ -34,6 +38,19 @@ SAMPLE_ARGS: dict[str, Callable[[], tuple]] = {
     "multi_sinkhorn_backward": lambda: (
         *(_f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2), _f64(1, 2, 2)),
         *(0.1, 1, [1.0, 1.0], 1, "minmax", "auto", 1),
+    ),
+    "sharded_sinkhorn": lambda: (_f64(1, 2, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2, 2), 0.1, 1, False, _no_reduce, 1),
+    "sharded_sinkhorn_backward": lambda: (
+        *(_f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2, 2)),
+        *(0.1, 1, _no_reduce, 1),
+    ),
+    "sharded_multi_sinkhorn": lambda: (
+        *(_f64(1, 2, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2, 2)),
+        *(0.1, 1, [1.0], [2], [1], True, False, _no_reduce, 1),
+    ),
+    "sharded_multi_sinkhorn_backward": lambda: (
+        *(_f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2, 2)),
+        *(0.1, 1, [1.0], [2], [1], True, False, _no_reduce, 1),
     ),
     "similarity": lambda: (_f64(1, 2, 3), _f64(1, 2, 3), _index(), _index(), _f64(1, 2, 2), True, 1.0, 1),
     "similarity_backward": lambda: (

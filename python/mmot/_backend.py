@@ -29,15 +29,18 @@ def _interpreting() -> bool:
 def resolve_backend(public: str, backend: object, device: torch.device, kernels: str, *, distributed: bool = False) -> str:
     """The concrete backend ("rust", "triton" or "torch") for a call to ``public`` ("mmot.<op>"), or raise.
 
-    ``kernels`` names the op's Triton module under ``mmot.kernels``.
+    ``kernels`` names the op's Triton module under ``mmot.kernels``. With ``distributed`` (rows
+    sharded over a process group) the same choices hold: the Rust and Triton kernels run each
+    rank's rows with the column sums all-reduced between iterations (``docs/distributed.md``).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{public}: argument 'backend' must be one of {BACKENDS}; got {backend!r}")
-    if distributed:
-        # Column sums are all-reduced between iterations, which the torch formulation does natively.
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"{public}: argument 'backend' must be 'auto' or 'torch' when process_group is given; got {backend!r}")
-        return "torch"
+    if distributed and backend == "auto" and device.type == "cuda" and not triton_available(kernels):
+        # With rows sharded there is no silent fallback to the reference: say what is missing.
+        raise ValueError(
+            f"{public}: process_group on CUDA tensors runs the Triton kernel, which is not available (needs the triton "
+            "package); pass backend='torch' for the reference-based sharded path"
+        )
     if backend == "auto":
         if device.type == "cpu":
             return "rust"

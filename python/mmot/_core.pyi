@@ -6,7 +6,7 @@ flag. Arrays are C-contiguous numpy views sharing one float dtype (float32 or fl
 arrays are int64. ``tests/stub_check.py`` checks these signatures against the compiled module.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +17,10 @@ __all__ = [
     "sinkhorn_backward",
     "multi_sinkhorn",
     "multi_sinkhorn_backward",
+    "sharded_sinkhorn",
+    "sharded_sinkhorn_backward",
+    "sharded_multi_sinkhorn",
+    "sharded_multi_sinkhorn_backward",
     "similarity",
     "similarity_backward",
     "info_nce_forward",
@@ -94,6 +98,73 @@ def multi_sinkhorn_backward(
     num_threads: int,
 ) -> bool:
     """The gradient of ``multi_sinkhorn`` w.r.t. ``scores`` into ``out``; returns the domain used."""
+
+# The sharded forms (``process_group=``): this process's rows; ``shift`` [B, K] holds the column
+# maxima over the group and ``reduce(array)`` replaces a 1-D array in place by its sum over the
+# group (torch.distributed.all_reduce), called once per iteration by every process.
+
+def sharded_sinkhorn(
+    scores: npt.NDArray[np.floating],
+    shift: npt.NDArray[np.floating],
+    row_mass: npt.NDArray[np.floating],
+    col_mass: npt.NDArray[np.floating],
+    out: npt.NDArray[np.floating],
+    eps: float,
+    n_iters: int,
+    log: bool,
+    reduce: Callable[[npt.NDArray[np.floating]], object],
+    num_threads: int,
+) -> None:
+    """This process's rows of Sinkhorn on ``scores`` [B, n, K] into ``out``, in the domain ``log``."""
+
+def sharded_sinkhorn_backward(
+    grad: npt.NDArray[np.floating],
+    scores: npt.NDArray[np.floating],
+    shift: npt.NDArray[np.floating],
+    row_mass: npt.NDArray[np.floating],
+    col_mass: npt.NDArray[np.floating],
+    out: npt.NDArray[np.floating],
+    eps: float,
+    n_iters: int,
+    reduce: Callable[[npt.NDArray[np.floating]], object],
+    num_threads: int,
+) -> None:
+    """The gradient of ``sharded_sinkhorn`` w.r.t. this process's ``scores`` into ``out``."""
+
+def sharded_multi_sinkhorn(
+    scores: npt.NDArray[np.floating],
+    shift: npt.NDArray[np.floating],
+    anchor_mass: npt.NDArray[np.floating],
+    out: npt.NDArray[np.floating],
+    eps: float,
+    n_iters: int,
+    weights: Sequence[float],
+    counts: Sequence[int],
+    tops: Sequence[int],
+    minmax: bool,
+    log: bool,
+    reduce: Callable[[npt.NDArray[np.floating]], object],
+    num_threads: int,
+) -> None:
+    """This process's rows of grouped Multi-SK (slot groups as weights, counts, tops) into ``out``."""
+
+def sharded_multi_sinkhorn_backward(
+    grad: npt.NDArray[np.floating],
+    scores: npt.NDArray[np.floating],
+    shift: npt.NDArray[np.floating],
+    anchor_mass: npt.NDArray[np.floating],
+    out: npt.NDArray[np.floating],
+    eps: float,
+    n_iters: int,
+    weights: Sequence[float],
+    counts: Sequence[int],
+    tops: Sequence[int],
+    minmax: bool,
+    log: bool,
+    reduce: Callable[[npt.NDArray[np.floating]], object],
+    num_threads: int,
+) -> None:
+    """The gradient of ``sharded_multi_sinkhorn`` w.r.t. this process's ``scores`` into ``out``."""
 
 def similarity(
     x: npt.NDArray[np.floating],

@@ -10,6 +10,9 @@ bench/validate.py). On a CPU only the ratios are meaningful: absolute times move
 ``--gpu-validate`` is the one command for a lent GPU (docs/gpu.md): validation, the check, forward
 + backward, peak memory, within a time budget. A failure anywhere is recorded and the run goes
 on; the JSON is rewritten after every workload, so a run cut short still leaves its data.
+
+``mmot-bench distributed`` times the ``process_group=`` paths over gloo processes on this machine
+(bench/distributed.py; ``mmot-bench distributed --help``).
 """
 
 from __future__ import annotations
@@ -456,6 +459,12 @@ def failed(result: dict) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["distributed"]:
+        # `mmot-bench distributed`: the sharded ops over gloo processes (bench/distributed.py).
+        from mmot.bench import distributed
+
+        distributed.main(argv[1:])
+        return
     args = _parse(argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)  # `timeout` sends SIGTERM: write what there is
     state = Run(args, argv)

@@ -785,7 +785,13 @@ def fits(n_cols: int, n_groups: int, dtype: torch.dtype, backward: bool) -> bool
     return row <= _common.widest_row(_common.acc_dtype(dtype))
 
 
-def _run_forward(plan: _Plan, eps, n_iters, anchor_mass, normalize, save: bool):
+def _run_forward(plan: _Plan, eps, n_iters, anchor_mass, normalize, save: bool, shift=None, reduce=None):
+    """With ``reduce`` (rows sharded over processes, ``mmot.ops._sharded``) the passes run one
+    launch each and ``reduce`` sums each pass's column vectors over the ranks in place between
+    launches (no host sync). The kernels centre the logits on this rank's first row; the ranks
+    share the centre ``shift`` (the column maxima over every rank) through the offset
+    δ_G = w_G·(first row − shift)/eps kept in this rank's φ: lE_G + φ_G is then the same on
+    every rank as with the common centre, and the adjoints of φ are unchanged."""
     s = plan.s
     dev = s.device
     B, N, K, BG = plan.n_problems, plan.n_rows, plan.n_cols, plan.block_g
@@ -828,7 +834,23 @@ def _run_forward(plan: _Plan, eps, n_iters, anchor_mass, normalize, save: bool):
         )
 
     launch(0)
-    if not plan.single:
+    if reduce is not None:
+        ng = plan.n_groups
+        weights = torch.tensor(plan.table["WEIGHTS"], dtype=plan.acc, device=dev)
+        first = s[:, 0, :].to(plan.acc)
+        delta = weights[None, :, None] * ((first - shift.reshape(B, K).to(plan.acc)) / eps)[:, None, :]  # (B, G, K)
+        # Each program's (max, sum) pair of lE_G over its rows, taken to the common centre, where
+        # the column maximum over all ranks is 0 (nothing overflows).
+        local = (part[:, :, 1, :ng] * torch.exp(part[:, :, 0, :ng] + delta[:, None])).sum(1).contiguous()
+        reduce(local)
+        phi[:, 1, :ng] = torch.log(mass)[:, None, :] - torch.log(local) + delta
+        for t in range(1, n_iters + 1):
+            launch(t)
+            if t < n_iters:
+                total = colsum[:, t].contiguous()
+                reduce(total)
+                colsum[:, t] = total
+    elif not plan.single:
         block = max(1, min(plan.block_k, 1024 // BG))
         _combine_lse_kernel[(B, triton.cdiv(K, block))](
             part, mass, phi, K, plan.R, n_iters, NG=plan.n_groups, BLOCK_G=BG, BLOCK_K=block, ACC=plan.acc_tl
@@ -838,17 +860,23 @@ def _run_forward(plan: _Plan, eps, n_iters, anchor_mass, normalize, save: bool):
     return out, mass, phi, psi
 
 
-def forward(scores, eps, n_iters, groups, anchor_mass, normalize):
-    """T (shape and dtype of scores) for the slot groups [(weight, slots, slots among the last k)]."""
+def forward(scores, eps, n_iters, groups, anchor_mass, normalize, *, shift=None, reduce=None):
+    """T (shape and dtype of scores) for the slot groups [(weight, slots, slots among the last k)].
+    ``shift`` and ``reduce``: this rank's rows of a sharded call (see ``_run_forward``)."""
     plan = _Plan(scores, groups)
-    out, *_ = _run_forward(plan, eps, n_iters, anchor_mass, normalize, save=False)
+    if reduce is not None:
+        plan.single = False  # one launch per pass, with the all-reduce between them
+    out, *_ = _run_forward(plan, eps, n_iters, anchor_mass, normalize, save=False, shift=shift, reduce=reduce)
     return out.view(scores.shape)
 
 
-def backward(grad, scores, eps, n_iters, groups, anchor_mass, normalize):
-    """∂loss/∂scores for ∂loss/∂T = grad: recompute the potentials, then the reverse passes."""
+def backward(grad, scores, eps, n_iters, groups, anchor_mass, normalize, *, shift=None, reduce=None):
+    """∂loss/∂scores for ∂loss/∂T = grad: recompute the potentials, then the reverse passes.
+    Sharded (``reduce``): each pass's φ̄ column sums are summed over the ranks between launches."""
     plan = _Plan(scores, groups, backward=True)
-    _, mass, phi, psi = _run_forward(plan, eps, n_iters, anchor_mass, normalize, save=True)
+    if reduce is not None:
+        plan.single = False
+    _, mass, phi, psi = _run_forward(plan, eps, n_iters, anchor_mass, normalize, save=True, shift=shift, reduce=reduce)
     B, N, K, BG = plan.n_problems, plan.n_rows, plan.n_cols, plan.block_g
     dev = scores.device
     g = grad.reshape(B, N, K).contiguous()
@@ -891,4 +919,8 @@ def backward(grad, scores, eps, n_iters, groups, anchor_mass, normalize):
     else:
         for t in range(n_iters, -1, -1):
             launch(t)
+            if reduce is not None and t > 0:
+                total = phibar[:, t].contiguous()
+                reduce(total)
+                phibar[:, t] = total
     return ds.view(scores.shape)

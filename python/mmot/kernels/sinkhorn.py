@@ -576,7 +576,10 @@ def fits(n_cols: int, dtype: torch.dtype) -> bool:
     return triton.next_power_of_2(n_cols) <= _common.widest_row(_common.acc_dtype(dtype))
 
 
-def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
+def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool, shift=None, reduce=None):
+    """With ``reduce`` (rows sharded over processes, ``mmot.ops._sharded``): ``shift`` holds the
+    column maxima over every rank, the passes run one launch each, and ``reduce`` sums each
+    pass's column vector over the ranks in place between launches (no host sync)."""
     s = plan.s
     dev = s.device
     B, N, K = plan.n_problems, plan.n_rows, plan.n_cols
@@ -590,7 +593,8 @@ def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
     part = torch.empty((B, plan.R, 2, K) if not plan.single else (1,), dtype=plan.acc, device=dev)
     acc_tl = _common.tl_dtype(plan.acc)
 
-    cmax = s.amax(-2).contiguous()  # the column shifts of the logits (_load_logits)
+    # The column shifts of the logits (_load_logits); sharded: the maxima over every rank.
+    cmax = s.amax(-2).contiguous() if shift is None else shift.reshape(B, K).to(s.dtype).contiguous()
 
     def launch(pass_index):
         _sinkhorn_fwd_kernel[(B, plan.R)](
@@ -620,7 +624,20 @@ def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
             maxnreg=_common.MAX_REGISTERS,
         )
 
-    if plan.single:
+    if reduce is not None:
+        launch(0)
+        # b_1 = log c − log Σ over ranks of Σ_n exp(L): each program's (max, sum) pair, taken to
+        # the common scale (L's column maximum over all ranks is 0, so nothing overflows).
+        local = (part[:, :, 1] * torch.exp(part[:, :, 0])).sum(1)
+        reduce(local)
+        bpot[:, 1] = torch.log(cols) - torch.log(local)
+        for t in range(1, n_iters + 1):
+            launch(t)
+            if t < n_iters:
+                total = colsum[:, t].contiguous()
+                reduce(total)
+                colsum[:, t] = total
+    elif plan.single:
         launch(0)
     else:
         launch(0)
@@ -631,17 +648,26 @@ def _run_forward(plan: _Plan, eps, n_iters, row_mass, col_mass, save: bool):
     return out, rows, cols, apot, bpot, cmax
 
 
-def forward(scores, eps, n_iters, row_mass, col_mass, log_domain):
-    """P (same shape and dtype as scores); ``log_domain`` is accepted but never needed (see module doc)."""
+def _sharded_plan(scores, reduce) -> _Plan:
     plan = _Plan(scores)
-    out, *_ = _run_forward(plan, eps, n_iters, row_mass, col_mass, save=False)
+    if reduce is not None:
+        plan.single = False  # one launch per pass, with the all-reduce between them
+    return plan
+
+
+def forward(scores, eps, n_iters, row_mass, col_mass, log_domain, *, shift=None, reduce=None):
+    """P (same shape and dtype as scores); ``log_domain`` is accepted but never needed (see module doc).
+    ``shift`` and ``reduce``: this rank's rows of a sharded call (see ``_run_forward``)."""
+    plan = _sharded_plan(scores, reduce)
+    out, *_ = _run_forward(plan, eps, n_iters, row_mass, col_mass, save=False, shift=shift, reduce=reduce)
     return out.view(scores.shape)
 
 
-def backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
-    """∂loss/∂scores for ∂loss/∂P = grad: recompute the potentials, then the reverse passes."""
-    plan = _Plan(scores)
-    _, rows, cols, apot, bpot, cmax = _run_forward(plan, eps, n_iters, row_mass, col_mass, save=True)
+def backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain, *, shift=None, reduce=None):
+    """∂loss/∂scores for ∂loss/∂P = grad: recompute the potentials, then the reverse passes.
+    Sharded (``reduce``): each pass's b̄ column sums are summed over the ranks between launches."""
+    plan = _sharded_plan(scores, reduce)
+    _, rows, cols, apot, bpot, cmax = _run_forward(plan, eps, n_iters, row_mass, col_mass, save=True, shift=shift, reduce=reduce)
     B, N, K = plan.n_problems, plan.n_rows, plan.n_cols
     g = grad.reshape(B, N, K).contiguous()
     d = torch.empty((B, N, K), dtype=plan.acc, device=scores.device)
@@ -681,4 +707,8 @@ def backward(grad, scores, eps, n_iters, row_mass, col_mass, log_domain):
     else:
         for t in range(n_iters, -1, -1):
             launch(t)
+            if reduce is not None and t > 0:
+                total = bbar[:, t].contiguous()
+                reduce(total)
+                bbar[:, t] = total
     return ds.view(scores.shape)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from mmot import _backend, _checks, _rust, reference
 from mmot._columns import LOCAL, ShardedColumns
+from mmot.ops import _sharded
 from mmot.ops._kernels import Kernels, triton_kernels
 from mmot.reverse import multi_sinkhorn as reverse
 
@@ -70,8 +71,10 @@ def multi_sinkhorn(
         normalize: "minmax" or "none".
         log_domain: "auto", True or False (see :func:`mmot.sinkhorn`).
         process_group: shard the rows across a ``torch.distributed`` group (see
-            :func:`mmot.sinkhorn`); N is then the total over ranks.
-        backend: "auto", "rust", "triton" or "torch".
+            :func:`mmot.sinkhorn`): each rank passes its own rows and the per-anchor column
+            sums are all-reduced every iteration; N is then the total over ranks.
+        backend: "auto" (Rust on CPU, Triton on CUDA), "rust", "triton" or "torch"; with
+            ``process_group`` too ("torch": the reference with all-reduced sums).
 
     Returns:
         T with the shape and dtype of ``scores``. Gradients flow to ``scores`` only.
@@ -103,9 +106,11 @@ def multi_sinkhorn(
 
     if distributed:
         _checks.finite(OP, "scores", scores)
-        if _checks.value_checks_enabled():
-            reference.check_log_range(scores, eps, max(weights), OP, columns)
-        return reference.multi_sinkhorn(scores, eps, n_iters, weights, k, mass, normalize, flag, columns)
+        if backend == "torch":
+            if _checks.value_checks_enabled():
+                reference.check_log_range(scores, eps, max(weights), OP, columns)
+            return reference.multi_sinkhorn(scores, eps, n_iters, weights, k, mass, normalize, flag, columns)
+        return _sharded.multi_sinkhorn(scores, eps, n_iters, weights, k, mass, normalize, flag, columns, backend)
     if scores.numel() == 0:
         return scores.new_empty(scores.shape)
     return multi_sinkhorn_op(scores, eps, n_iters, weights, k, mass, normalize, flag, backend)

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from mmot import _backend, _checks, _rust, reference
 from mmot._columns import LOCAL, ShardedColumns
+from mmot.ops import _sharded
 from mmot.ops._kernels import Kernels, triton_kernels
 from mmot.reverse import sinkhorn as reverse
 
@@ -48,9 +49,13 @@ def sinkhorn(
         log_domain: "auto" picks the log domain only when exp(scores/eps) could under- or
             overflow; True or False forces it.
         process_group: a ``torch.distributed`` group over which the rows (samples) are
-            sharded: each rank passes its own rows, and column sums are all-reduced every
-            iteration. N in the defaults is then the total over ranks.
+            sharded: each rank passes its own rows (at least one), and the column sums are
+            all-reduced every iteration, forward and backward; every rank must call the op
+            (and its backward) together. N in the defaults is then the total over ranks. The
+            result equals the single-process call on the concatenated rows (docs/distributed.md).
         backend: "auto" (Rust on CPU, Triton on CUDA, torch elsewhere), "rust", "triton" or "torch".
+            With ``process_group`` the Rust and Triton kernels run each rank's rows; "torch" is
+            the reference with all-reduced column sums.
 
     Returns:
         P with the shape and dtype of ``scores``. Gradients flow to ``scores`` only.
@@ -77,9 +82,11 @@ def sinkhorn(
 
     if distributed:
         _check_values(scores, rows, cols, columns)
-        if _checks.value_checks_enabled():
-            reference.check_log_range(scores, eps, 1.0, OP, columns)
-        return reference.sinkhorn(scores, eps, n_iters, rows, cols, flag, columns)
+        if backend == "torch":
+            if _checks.value_checks_enabled():
+                reference.check_log_range(scores, eps, 1.0, OP, columns)
+            return reference.sinkhorn(scores, eps, n_iters, rows, cols, flag, columns)
+        return _sharded.sinkhorn(scores, eps, n_iters, rows, cols, flag, columns, backend)
     if scores.numel() == 0:
         return scores.new_empty(scores.shape)
     return sinkhorn_op(scores, eps, n_iters, rows, cols, flag, backend)

@@ -34,6 +34,7 @@ pub mod geometric_consistency;
 pub mod info_nce;
 pub mod multi_sinkhorn;
 pub mod nt_xent;
+pub mod sharded_sinkhorn;
 pub mod similarity;
 pub mod similarity_regression;
 pub mod sinkhorn;
@@ -57,6 +58,10 @@ pub use geometric_consistency::{
 };
 pub use info_nce::{info_nce_backward, info_nce_forward, InfoNceInput, InfoNceParams};
 pub use multi_sinkhorn::{multi_sinkhorn, multi_sinkhorn_backward, MultiSinkhornParams, Normalize};
+pub use sharded_sinkhorn::{
+    sharded_multi_sinkhorn, sharded_multi_sinkhorn_backward, sharded_sinkhorn,
+    sharded_sinkhorn_backward, Collective, ShardedMultiParams, SlotGroup,
+};
 pub use simd::Real;
 pub use similarity::{
     similarity, similarity_backward, SimilarityDims, SimilarityInput, SimilarityParams,

@@ -18,6 +18,7 @@ mod interrupt;
 mod multi_sinkhorn;
 mod nt_xent;
 mod pool;
+mod sharded_sinkhorn;
 mod similarity;
 mod similarity_regression;
 mod sinkhorn;
@@ -50,6 +51,7 @@ fn check_iters(n_iters: i64) -> PyResult<usize> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     sinkhorn::register(m)?;
+    sharded_sinkhorn::register(m)?;
     multi_sinkhorn::register(m)?;
     similarity::register(m)?;
     info_nce::register(m)?;
