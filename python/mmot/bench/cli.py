@@ -71,7 +71,9 @@ GPU_ORDER = (
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmot-bench", description=__doc__.splitlines()[0])
     sizes = parser.add_mutually_exclusive_group()
-    sizes.add_argument("--quick", action="store_true", help="the SSPC and SwAV sizes, smaller batches (about 4 minutes on an idle 2-core CPU)")
+    sizes.add_argument(
+        "--quick", action="store_true", help="the SSPC and SwAV sizes, smaller batches (about 4 minutes on an idle 2-core CPU)"
+    )
     sizes.add_argument("--tiny", action="store_true", help="tiny sizes, one round: a smoke test of the runner (the figures mean nothing)")
     parser.add_argument(
         "--ops",
