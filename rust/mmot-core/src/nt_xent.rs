@@ -562,10 +562,7 @@ mod tests {
             let want = lse((0..n)
                 .filter(|&j| j != i)
                 .map(|j| logit(&x, &x, i, j, d, tau)));
-            assert!(
-                out[i] == want || (out[i] - want).abs() < 1e-10,
-                "self {i} of {n}"
-            );
+            assert!(out[i] == want || (out[i] - want).abs() < 1e-10, "self {i} of {n}");
             let r = lse((0..n).map(|j| logit(&x, &y, i, j, d, tau)));
             let c = lse((0..n).map(|j| logit(&x, &y, j, i, d, tau)));
             assert!(
