@@ -17,7 +17,7 @@ use super::rows::{constant_row, PerGroup};
 use super::{Inputs, Normalize, Problem};
 use crate::exec::chunks::reduce_partials;
 use crate::exec::spare::{vec_bytes, Footprint};
-use crate::simd::{extremes, Real};
+use crate::simd::{extremes, sum, Real};
 use std::ops::Range;
 
 /// The buffers of one problem's backward, kept between calls (see `crate::spare`).
@@ -369,16 +369,21 @@ impl<T: Real> ReversePass<'_, T> {
             }
             minmax_row_backward(result, grad_row);
         }
+        // Row sums apart (with `sum`'s vector accumulators), so that the loops vectorise.
         for g in 0..n_groups {
-            let mut row_sum = T::ZERO;
+            let adjoint = &mut s.adjoint[g * k..(g + 1) * k];
+            let (parts, plan) = (
+                &mut col_parts[g * k..(g + 1) * k],
+                &plan_h[g * k..(g + 1) * k],
+            );
+            let gamma_bar = &mut s.gamma_bar[..k];
             for j in 0..k {
-                let x = top_counts[g] * grad_row[j] * plan_h[g * k + j];
-                s.adjoint[g * k + j] = x;
-                col_parts[g * k + j] += x;
-                s.gamma_bar[j] += x;
-                row_sum += x;
+                let x = top_counts[g] * grad_row[j] * plan[j];
+                adjoint[j] = x;
+                parts[j] += x;
+                gamma_bar[j] += x;
             }
-            s.eta_bar[g] = row_sum;
+            s.eta_bar[g] = sum(adjoint);
         }
     }
 
@@ -392,14 +397,18 @@ impl<T: Real> ReversePass<'_, T> {
         );
         let (adjoint, rho) = (self.col_adjoint, self.f_growth);
         for g in 0..s.eta_bar.len() {
-            let mut row_sum = T::ZERO;
+            let (col_adjoint, rho) = (&adjoint[g * k..(g + 1) * k], &rho[g * k..(g + 1) * k]);
+            let (row_adjoint, plan) = (
+                &mut s.adjoint[g * k..(g + 1) * k],
+                &s.plan_h[g * k..(g + 1) * k],
+            );
+            let gamma_bar = &mut s.gamma_bar[..k];
             for j in 0..k {
-                let v = -adjoint[g * k + j] * s.plan_h[g * k + j] * rho[g * k + j];
-                s.adjoint[g * k + j] = v;
-                s.gamma_bar[j] += v;
-                row_sum += v;
+                let v = -col_adjoint[j] * plan[j] * rho[j];
+                row_adjoint[j] = v;
+                gamma_bar[j] += v;
             }
-            s.eta_bar[g] = row_state[h_at + g] + row_sum;
+            s.eta_bar[g] = row_state[h_at + g] + sum(row_adjoint);
         }
     }
 
@@ -412,22 +421,33 @@ impl<T: Real> ReversePass<'_, T> {
         let n_groups = counts.len();
         for g in 0..n_groups {
             let e = s.eta_bar[g];
+            let (adjoint, plan) = (
+                &mut s.adjoint[g * k..(g + 1) * k],
+                &s.plan_h[g * k..(g + 1) * k],
+            );
+            let (parts, gamma_bar) = (&mut col_parts[g * k..(g + 1) * k], &mut s.gamma_bar[..k]);
             for j in 0..k {
-                let z = -e * s.plan_h[g * k + j];
-                s.adjoint[g * k + j] += z;
-                col_parts[g * k + j] += z;
-                s.gamma_bar[j] += z;
+                let z = -e * plan[j];
+                adjoint[j] += z;
+                parts[j] += z;
+                gamma_bar[j] += z;
             }
         }
+        // The g step's terms go through `grad_row` (free by now) for their row sums.
         for g in 0..n_groups {
-            let mut row_sum = T::ZERO;
+            let (adjoint, plan) = (
+                &mut s.adjoint[g * k..(g + 1) * k],
+                &s.plan_g[g * k..(g + 1) * k],
+            );
+            let (parts, gamma_bar) = (&mut col_parts[g * k..(g + 1) * k], &s.gamma_bar[..k]);
+            let terms = &mut s.grad_row[..k];
             for j in 0..k {
-                let x = -s.gamma_bar[j] * counts[g] * s.plan_g[g * k + j];
-                s.adjoint[g * k + j] += x;
-                col_parts[g * k + j] += x;
-                row_sum += x;
+                let x = -gamma_bar[j] * counts[g] * plan[j];
+                adjoint[j] += x;
+                parts[j] += x;
+                terms[j] = x;
             }
-            row_state[sweep.layout.scalars_at + g] = row_sum;
+            row_state[sweep.layout.scalars_at + g] = sum(terms);
         }
     }
 }
