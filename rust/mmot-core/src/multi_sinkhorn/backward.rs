@@ -324,10 +324,15 @@ impl<T: Real> ReversePass<'_, T> {
             let e = &row_state[..n_groups * k];
             // logits holds the g step's denominator, then its inverse.
             logits.fill(T::ZERO);
-            for g in 0..n_groups {
+            for (g, (&count, &h)) in groups.counts.iter().zip(h0).enumerate() {
                 let at = g * k..(g + 1) * k;
-                let ch = groups.counts[g] * h0[g];
-                plain_values(ch, &e[at.clone()], &f[at.clone()], &mut plan_g[at], logits);
+                plain_values(
+                    count * h,
+                    &e[at.clone()],
+                    &f[at.clone()],
+                    &mut plan_g[at],
+                    logits,
+                );
             }
             for x in logits.iter_mut() {
                 *x = T::ONE / *x;
