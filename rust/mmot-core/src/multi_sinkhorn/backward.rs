@@ -17,7 +17,7 @@ use super::rows::{constant_row, PerGroup};
 use super::{Inputs, Normalize, Problem};
 use crate::exec::chunks::reduce_partials;
 use crate::exec::spare::{vec_bytes, Footprint};
-use crate::simd::{extremes, Real};
+use crate::simd::{extremes, sum, Real};
 use std::ops::Range;
 
 /// The buffers of one problem's backward, kept between calls (see `crate::spare`).
@@ -245,10 +245,7 @@ impl<T: Real> ReversePass<'_, T> {
             }
             self.h_and_g_steps(row_state, &mut scratch, col_parts);
             for (g, adjoint) in scratch.adjoint.chunks_exact(k).enumerate() {
-                let w = self.reverse.weights[g];
-                for j in 0..k {
-                    out_row[j] += w * adjoint[j];
-                }
+                add_scaled(self.reverse.weights[g], adjoint, out_row);
             }
         }
     }
@@ -327,23 +324,23 @@ impl<T: Real> ReversePass<'_, T> {
             let e = &row_state[..n_groups * k];
             // logits holds the g step's denominator, then its inverse.
             logits.fill(T::ZERO);
-            for g in 0..n_groups {
-                let ch = groups.counts[g] * h0[g];
-                for j in 0..k {
-                    let v = e[g * k + j] * f[g * k + j];
-                    plan_g[g * k + j] = v;
-                    logits[j] += ch * v;
-                }
+            for (g, (&count, &h)) in groups.counts.iter().zip(h0).enumerate() {
+                let at = g * k..(g + 1) * k;
+                plain_values(
+                    count * h,
+                    &e[at.clone()],
+                    &f[at.clone()],
+                    &mut plan_g[at],
+                    logits,
+                );
             }
             for x in logits.iter_mut() {
                 *x = T::ONE / *x;
             }
             for g in 0..n_groups {
-                for j in 0..k {
-                    let v = plan_g[g * k + j] * logits[j];
-                    plan_g[g * k + j] = v * h0[g];
-                    plan_h[g * k + j] = v * h1[g];
-                }
+                let at = g * k..(g + 1) * k;
+                let (b, c) = (&mut plan_g[at.clone()], &mut plan_h[at]);
+                plain_plans(h0[g], h1[g], logits, b, c);
             }
         }
     }
@@ -369,16 +366,22 @@ impl<T: Real> ReversePass<'_, T> {
             }
             minmax_row_backward(result, grad_row);
         }
+        // Row sums apart (with `sum`'s vector accumulators), so that the loops vectorise.
         for g in 0..n_groups {
-            let mut row_sum = T::ZERO;
-            for j in 0..k {
-                let x = top_counts[g] * grad_row[j] * plan_h[g * k + j];
-                s.adjoint[g * k + j] = x;
-                col_parts[g * k + j] += x;
-                s.gamma_bar[j] += x;
-                row_sum += x;
-            }
-            s.eta_bar[g] = row_sum;
+            let adjoint = &mut s.adjoint[g * k..(g + 1) * k];
+            let (parts, plan) = (
+                &mut col_parts[g * k..(g + 1) * k],
+                &plan_h[g * k..(g + 1) * k],
+            );
+            start_terms(
+                top_counts[g],
+                grad_row,
+                plan,
+                adjoint,
+                Some(parts),
+                &mut s.gamma_bar[..k],
+            );
+            s.eta_bar[g] = sum(adjoint);
         }
     }
 
@@ -392,14 +395,13 @@ impl<T: Real> ReversePass<'_, T> {
         );
         let (adjoint, rho) = (self.col_adjoint, self.f_growth);
         for g in 0..s.eta_bar.len() {
-            let mut row_sum = T::ZERO;
-            for j in 0..k {
-                let v = -adjoint[g * k + j] * s.plan_h[g * k + j] * rho[g * k + j];
-                s.adjoint[g * k + j] = v;
-                s.gamma_bar[j] += v;
-                row_sum += v;
-            }
-            s.eta_bar[g] = row_state[h_at + g] + row_sum;
+            let (col_adjoint, rho) = (&adjoint[g * k..(g + 1) * k], &rho[g * k..(g + 1) * k]);
+            let (row_adjoint, plan) = (
+                &mut s.adjoint[g * k..(g + 1) * k],
+                &s.plan_h[g * k..(g + 1) * k],
+            );
+            next_f_terms(col_adjoint, plan, rho, row_adjoint, &mut s.gamma_bar[..k]);
+            s.eta_bar[g] = row_state[h_at + g] + sum(row_adjoint);
         }
     }
 
@@ -412,23 +414,132 @@ impl<T: Real> ReversePass<'_, T> {
         let n_groups = counts.len();
         for g in 0..n_groups {
             let e = s.eta_bar[g];
-            for j in 0..k {
-                let z = -e * s.plan_h[g * k + j];
-                s.adjoint[g * k + j] += z;
-                col_parts[g * k + j] += z;
-                s.gamma_bar[j] += z;
-            }
+            let (adjoint, plan) = (
+                &mut s.adjoint[g * k..(g + 1) * k],
+                &s.plan_h[g * k..(g + 1) * k],
+            );
+            let (parts, gamma_bar) = (&mut col_parts[g * k..(g + 1) * k], &mut s.gamma_bar[..k]);
+            h_terms(-e, plan, adjoint, parts, gamma_bar);
         }
+        // The g step's terms go through `grad_row` (free by now) for their row sums.
         for g in 0..n_groups {
-            let mut row_sum = T::ZERO;
-            for j in 0..k {
-                let x = -s.gamma_bar[j] * counts[g] * s.plan_g[g * k + j];
-                s.adjoint[g * k + j] += x;
-                col_parts[g * k + j] += x;
-                row_sum += x;
-            }
-            row_state[sweep.layout.scalars_at + g] = row_sum;
+            let (adjoint, plan) = (
+                &mut s.adjoint[g * k..(g + 1) * k],
+                &s.plan_g[g * k..(g + 1) * k],
+            );
+            let (parts, gamma_bar) = (&mut col_parts[g * k..(g + 1) * k], &s.gamma_bar[..k]);
+            let terms = &mut s.grad_row[..k];
+            g_terms(counts[g], gamma_bar, plan, adjoint, parts, terms);
+            row_state[sweep.layout.scalars_at + g] = sum(terms);
         }
+    }
+}
+
+// The element loops of a reverse step as functions of their slices: inlined, their arguments'
+// `noalias` lets LLVM vectorise them without runtime overlap checks (with the slices as fields of
+// one scratch, it kept several of these loops scalar).
+
+/// `x = a·p·q`; `adjoint = x`, `parts += x` (if given), `gamma += x`.
+#[inline(always)]
+fn start_terms<T: Real>(
+    a: T,
+    p: &[T],
+    q: &[T],
+    adjoint: &mut [T],
+    parts: Option<&mut [T]>,
+    gamma: &mut [T],
+) {
+    let k = adjoint.len();
+    let (p, q, gamma) = (&p[..k], &q[..k], &mut gamma[..k]);
+    for j in 0..k {
+        let x = a * p[j] * q[j];
+        adjoint[j] = x;
+        gamma[j] += x;
+    }
+    if let Some(parts) = parts {
+        let parts = &mut parts[..k];
+        for j in 0..k {
+            parts[j] += adjoint[j];
+        }
+    }
+}
+
+/// `v = −a·p·ρ`; `adjoint = v`, `gamma += v`.
+#[inline(always)]
+fn next_f_terms<T: Real>(a: &[T], p: &[T], rho: &[T], adjoint: &mut [T], gamma: &mut [T]) {
+    let k = adjoint.len();
+    let (a, p, rho, gamma) = (&a[..k], &p[..k], &rho[..k], &mut gamma[..k]);
+    for j in 0..k {
+        let v = -a[j] * p[j] * rho[j];
+        adjoint[j] = v;
+        gamma[j] += v;
+    }
+}
+
+/// `z = e·p`; `adjoint += z`, `parts += z`, `gamma += z`.
+#[inline(always)]
+fn h_terms<T: Real>(e: T, p: &[T], adjoint: &mut [T], parts: &mut [T], gamma: &mut [T]) {
+    let k = adjoint.len();
+    let (p, parts, gamma) = (&p[..k], &mut parts[..k], &mut gamma[..k]);
+    for j in 0..k {
+        let z = e * p[j];
+        adjoint[j] += z;
+        parts[j] += z;
+        gamma[j] += z;
+    }
+}
+
+/// `x = −γ̄·c·p`; `adjoint += x`, `parts += x`, `terms = x`.
+#[inline(always)]
+fn g_terms<T: Real>(
+    c: T,
+    gamma: &[T],
+    p: &[T],
+    adjoint: &mut [T],
+    parts: &mut [T],
+    terms: &mut [T],
+) {
+    let k = adjoint.len();
+    let (gamma, p, parts, terms) = (&gamma[..k], &p[..k], &mut parts[..k], &mut terms[..k]);
+    for j in 0..k {
+        let x = -gamma[j] * c * p[j];
+        adjoint[j] += x;
+        parts[j] += x;
+        terms[j] = x;
+    }
+}
+
+/// `dst += a·x`.
+#[inline(always)]
+fn add_scaled<T: Real>(a: T, x: &[T], dst: &mut [T]) {
+    let x = &x[..dst.len()];
+    for (d, v) in dst.iter_mut().zip(x) {
+        *d += a * *v;
+    }
+}
+
+/// One group's `v = E·f` into `v` and the `g` step's denominator `den += ch·v`.
+#[inline(always)]
+fn plain_values<T: Real>(ch: T, e: &[T], f: &[T], v: &mut [T], den: &mut [T]) {
+    let k = v.len();
+    let (e, f, den) = (&e[..k], &f[..k], &mut den[..k]);
+    for j in 0..k {
+        let x = e[j] * f[j];
+        v[j] = x;
+        den[j] += ch * x;
+    }
+}
+
+/// With `v` in `b` and `inv` the inverse denominators: `B = v·inv·h0` (into `b`) and
+/// `C = v·inv·h1` (into `c`).
+#[inline(always)]
+fn plain_plans<T: Real>(h0: T, h1: T, inv: &[T], b: &mut [T], c: &mut [T]) {
+    let k = b.len();
+    let (inv, c) = (&inv[..k], &mut c[..k]);
+    for j in 0..k {
+        let v = b[j] * inv[j];
+        b[j] = v * h0;
+        c[j] = v * h1;
     }
 }
 

@@ -29,6 +29,7 @@ mod layout;
 mod rows;
 mod single_sweep;
 mod small;
+mod small_backward;
 #[cfg(test)]
 mod tests;
 mod two_groups;
@@ -186,6 +187,12 @@ pub fn multi_sinkhorn_backward<T: Real>(
     if problem.groups.weights.len() == 1 {
         // One group: g makes every slot value 1/c, so T = top/K whatever the scores.
         out.fill(T::ZERO);
+        poison_non_finite(scores, out, dims);
+        return Ok(log);
+    }
+    if !log && small::applies(&problem, params.log_domain) {
+        small_backward::backward(&problem, grad, scores, anchor_mass, out);
+        problem.interrupt.check()?;
         poison_non_finite(scores, out, dims);
         return Ok(log);
     }

@@ -1,30 +1,45 @@
 //! The exact reverse pass of the Sinkhorn iteration (see `docs/gradients.md`).
 //!
-//! The forward is replayed once, recording the `O(T (N + K))` potentials; the reverse sweep is
-//! then `T + 1` streaming passes over rows. With `α_t = log u_t`, `β_t = log v_t` and
-//! `L = scores / eps`, iteration `t` is `β_t = log c − LSE_n(L + α_{t−1})` followed by
-//! `α_t = log r − LSE_a(L + β_t)`, so each step's adjoint is its input adjoint times minus
-//! the normalised plan of that step. Reverse pass `t` applies the column step `t`, which only
-//! needs the finished column adjoint `β̄_t`, and then the row step `t − 1` of the same row,
-//! whose column sums give `β̄_{t−1}` for the next pass.
+//! The forward is replayed once, recording the `O(T (N + K))` potentials. With `α_t = log u_t`,
+//! `β_t = log v_t` and `L = scores / eps`, iteration `t` is `β_t = log c − LSE_n(L + α_{t−1})`
+//! followed by `α_t = log r − LSE_a(L + β_t)`, so each step's adjoint is its input adjoint
+//! times minus the normalised plan of that step.
+//!
+//! Plain domain ([`Problem::backward_plain`]): every step's plan is the cached `E` times a row
+//! and a column factor, so the gradient is `E / eps` times a sum of `2T` outer products of
+//! recorded vectors, and a reverse step only needs `E`'s row dots with one column vector and
+//! its column sums with one row vector, like a forward iteration. The replay caches `E` in
+//! `out` and stops before its last row step, which the first reverse pass makes while it reads
+//! the upstream gradient; the reverse steps `T, …, 2` then read `E` once each and write
+//! nothing but `O(N + K)` vectors; a last pass writes the gradient over `E`, row by row. That
+//! is `T + 1` passes over `E` after the replay's `T`, against the forward's `T + 1`.
+//!
+//! Log domain ([`Problem::backward_log`]): the plans are recomputed with one exponential per
+//! element and step, so the gradient is accumulated in `out` as it goes: reverse pass `t`
+//! applies the column step `t`, which only needs the finished column adjoint `β̄_t`, and then
+//! the row step `t − 1` of the same row, whose column sums give `β̄_{t−1}` for the next pass.
 
 use super::forward::{History, Workspace};
 use super::{Input, Problem};
 use crate::exec::chunks::{n_chunks, reduce_partials, rows_per_chunk, run_pass, Scratch, Strided};
-use crate::simd::{dot, Real};
+use crate::simd::{dot, sum, Real};
 
 #[derive(Default)]
 pub(super) struct BackWorkspace<T> {
     fwd: Workspace<T>,
     hist: History<T>,
-    /// The forward's output buffer: the cached `E` (plain) or the unused plan (log).
-    plan: Vec<T>,
     /// The plain replay's column max (equal to the caller's: a max is exact).
     cmax: Vec<T>,
     /// `ρ = v_{t−1} / v_t` of the current pass.
     ratio: Vec<T>,
     /// `β̄_t / c` of the current pass.
     col_adjoint_over_mass: Vec<T>,
+    /// Plain domain: per row, `u_T` and `x = ⟨G, P⟩ / r` (`[n, 2]`).
+    last: Vec<T>,
+    /// Plain domain: `ρ_t = u_{t−1}² ⟨E, w_t⟩ / r` per row at `t · n` (`t = 2..=T`).
+    rho: Vec<T>,
+    /// Plain domain: `w_t = (β̄_t / c) v_t` at `t · k` (`t = 1..=T`).
+    weights: Vec<T>,
 }
 
 impl<T: Real> Problem<T> {
@@ -38,24 +53,214 @@ impl<T: Real> Problem<T> {
         bw: &mut BackWorkspace<T>,
         log: bool,
     ) {
+        if log {
+            self.backward_log(grad, input, cmax, out, bw)
+        } else {
+            self.backward_plain(grad, input, out, bw)
+        }
+    }
+
+    /// The plain domain's reverse pass (see the file's docs). Writes `out` only in its last
+    /// pass (before that, `out` caches `E`).
+    fn backward_plain(
+        &self,
+        grad: &[T],
+        input: Input<'_, T>,
+        out: &mut [T],
+        bw: &mut BackWorkspace<T>,
+    ) {
+        let (n, k, inv_eps, iters) = (self.n, self.k, self.inv_eps, self.n_iters);
+        let (r, c) = (input.row_mass, input.col_mass);
+        let BackWorkspace {
+            fwd,
+            hist,
+            cmax,
+            last,
+            rho,
+            weights,
+            ..
+        } = bw;
+        cmax.resize(k, T::ZERO);
+        self.solve_plain(input, cmax, out, fwd, Some(hist), false);
+        if self.interrupt.requested() {
+            return; // the replay stopped early
+        }
+        let chunk_rows = rows_per_chunk(k);
+        let chunk_count = n_chunks(n, chunk_rows);
+        let Workspace {
+            partials,
+            acc,
+            scratch,
+            corr,
+            ..
+        } = fwd;
+        let corr: &[T] = corr;
+        let hist: &History<T> = hist;
+        last.clear();
+        last.resize(2 * n, T::ZERO);
+        rho.clear();
+        rho.resize((iters + 1) * n, T::ZERO);
+        weights.clear();
+        weights.resize((iters + 1) * k, T::ZERO);
+        let col = |t: usize| &hist.col[(t - 1) * k..t * k]; // v_t
+        let row = |t: usize| &hist.row[t * n..(t + 1) * n]; // u_t, t < T
+        let vt = col(iters);
+
+        // Pass T: the last row step u_T = r / (E v_T) and the output's adjoint
+        // Y = P (G − x) with x = ⟨G, P⟩ / r, whose column sums are β̄_T.
+        run_pass(
+            n,
+            chunk_rows,
+            Strided::new(last, 2),
+            Strided::new(out, k),
+            Strided::new(partials, k),
+            Scratch::new(scratch, 2 * k),
+            #[inline(always)]
+            |rows, st, o, part, scr| {
+                let (sw, ew) = scr.split_at_mut(k);
+                let f = &corr[rows.start / chunk_rows * k..][..k];
+                for j in 0..k {
+                    sw[j] = vt[j] * f[j];
+                }
+                part.fill(T::ZERO);
+                let first = rows.start;
+                for (i, row) in rows.enumerate() {
+                    let e = &o[i * k..(i + 1) * k];
+                    let g = &grad[row * k..(row + 1) * k];
+                    for j in 0..k {
+                        ew[j] = e[j] * sw[j];
+                    }
+                    let den = sum(ew);
+                    let u = r[row] / den;
+                    let x = dot(g, ew) / den;
+                    st[2 * (row - first)] = u;
+                    st[2 * (row - first) + 1] = x;
+                    for j in 0..k {
+                        part[j] += e[j] * (g[j] - x) * u;
+                    }
+                }
+                for j in 0..k {
+                    part[j] *= sw[j];
+                }
+            },
+        );
+        reduce_partials(partials, chunk_count, acc);
+
+        // Reverse steps T, …, 2: w_t, then ρ_t and β̄_{t−1} = v_{t−1} Eᵀ ρ_t.
+        for t in (1..=iters).rev() {
+            if self.interrupt.requested() {
+                return;
+            }
+            let vt = col(t);
+            let w = &mut weights[t * k..(t + 1) * k];
+            for j in 0..k {
+                w[j] = acc[j] / c[j] * vt[j];
+            }
+            if t == 1 {
+                break;
+            }
+            let (w, up, vp): (&[T], _, _) = (w, row(t - 1), col(t - 1));
+            run_pass(
+                n,
+                chunk_rows,
+                Strided::new(&mut rho[t * n..(t + 1) * n], 1),
+                Strided::new(out, k),
+                Strided::new(partials, k),
+                Scratch::new(scratch, k),
+                #[inline(always)]
+                |rows, st, o, part, sw| {
+                    let f = &corr[rows.start / chunk_rows * k..][..k];
+                    for j in 0..k {
+                        sw[j] = w[j] * f[j];
+                    }
+                    part.fill(T::ZERO);
+                    let first = rows.start;
+                    for (i, row) in rows.enumerate() {
+                        let e = &o[i * k..(i + 1) * k];
+                        let u = up[row];
+                        // (u ⟨E, w⟩ / r) u: u ⟨E, w⟩ is a plan's, bounded, where u² may not be.
+                        let p = u * dot(e, sw) / r[row] * u;
+                        st[row - first] = p;
+                        for j in 0..k {
+                            part[j] += e[j] * p;
+                        }
+                    }
+                    for j in 0..k {
+                        part[j] *= f[j];
+                    }
+                },
+            );
+            reduce_partials(partials, chunk_count, acc);
+            for j in 0..k {
+                acc[j] *= vp[j];
+            }
+        }
+        if self.interrupt.requested() {
+            return;
+        }
+
+        // The gradient, over the cached E: E/eps times
+        // v_T u_T (G − x) + Σ_t (ρ_t v_{t−1} − u_{t−1} w_t), with ρ_1 = 0 and u_0 = 1.
+        let (rho, weights): (&[T], &[T]) = (rho, weights);
+        run_pass(
+            n,
+            chunk_rows,
+            Strided::new(last, 2),
+            Strided::new(out, k),
+            Strided::new(partials, k),
+            Scratch::new(scratch, k),
+            #[inline(always)]
+            |rows, st, o, _, b| {
+                let f = &corr[rows.start / chunk_rows * k..][..k];
+                let first = rows.start;
+                for row in rows {
+                    let g = &grad[row * k..(row + 1) * k];
+                    let (u, x) = (st[2 * (row - first)], st[2 * (row - first) + 1]);
+                    for j in 0..k {
+                        b[j] = vt[j] * u * (g[j] - x);
+                    }
+                    for t in 1..=iters {
+                        let (u, w) = (hist.row[(t - 1) * n + row], &weights[t * k..][..k]);
+                        if t >= 2 {
+                            let (p, vp) = (rho[t * n + row], col(t - 1));
+                            for j in 0..k {
+                                b[j] += p * vp[j] - u * w[j];
+                            }
+                        } else {
+                            for j in 0..k {
+                                b[j] -= u * w[j];
+                            }
+                        }
+                    }
+                    let e = &mut o[(row - first) * k..(row - first + 1) * k];
+                    for j in 0..k {
+                        e[j] = b[j] * (e[j] * f[j]) * inv_eps;
+                    }
+                }
+            },
+        );
+    }
+
+    /// The log domain's reverse pass (see the file's docs), accumulating the gradient in `out`.
+    fn backward_log(
+        &self,
+        grad: &[T],
+        input: Input<'_, T>,
+        cmax: &[T],
+        out: &mut [T],
+        bw: &mut BackWorkspace<T>,
+    ) {
         let (n, k, inv_eps, iters) = (self.n, self.k, self.inv_eps, self.n_iters);
         let (s, r, c) = (input.scores, input.row_mass, input.col_mass);
         let BackWorkspace {
             fwd,
             hist,
-            plan,
-            cmax: plain_cmax,
             ratio,
             col_adjoint_over_mass: bbc,
+            ..
         } = bw;
-        plan.clear();
-        plan.resize(n * k, T::ZERO);
-        if log {
-            self.solve_log(input, cmax, plan, fwd, Some(hist));
-        } else {
-            plain_cmax.resize(k, T::ZERO);
-            self.solve_plain(input, plain_cmax, plan, fwd, Some(hist), false);
-        }
+        // The replay's plan goes to `out`, which pass T then overwrites row by row.
+        self.solve_log(input, cmax, out, fwd, Some(hist));
         if self.interrupt.requested() {
             return; // the replay stopped early
         }
@@ -66,36 +271,14 @@ impl<T: Real> Problem<T> {
             partials,
             acc,
             scratch,
-            corr,
             ..
         } = fwd;
-        let (cache, corr): (&[T], &[T]) = (plan, corr);
         let hist: &History<T> = hist;
-        // The column potentials `bp` as the rows of chunk `ch` need them: in the plain domain,
-        // times the chunk's factors from its cached E to the common scale.
-        let chunk_cols = |ch: usize, bp: &[T], dst: &mut [T]| {
-            if log {
-                dst.copy_from_slice(bp);
-            } else {
-                let f = &corr[ch * k..(ch + 1) * k];
-                for j in 0..k {
-                    dst[j] = bp[j] * f[j];
-                }
-            }
-        };
-        // One row of the plan exp(L + α + β) for row potential `a` and the chunk's column
-        // potentials `bp` (from `chunk_cols`).
+        // One row of the plan exp(L + α + β) for row potential `a` and column potentials `bp`.
         let plan_row = |row: usize, a: T, bp: &[T], dst: &mut [T]| {
-            if log {
-                let srow = &s[row * k..(row + 1) * k];
-                for j in 0..k {
-                    dst[j] = ((srow[j] - cmax[j]) * inv_eps + bp[j] + a).exp_fast();
-                }
-            } else {
-                let erow = &cache[row * k..(row + 1) * k];
-                for j in 0..k {
-                    dst[j] = erow[j] * bp[j] * a;
-                }
+            let srow = &s[row * k..(row + 1) * k];
+            for j in 0..k {
+                dst[j] = ((srow[j] - cmax[j]) * inv_eps + bp[j] + a).exp_fast();
             }
         };
 
@@ -111,14 +294,12 @@ impl<T: Real> Problem<T> {
                 Strided::new(state, 1),
                 Strided::new(out, k),
                 Strided::new(partials, k),
-                Scratch::new(scratch, 2 * k),
+                Scratch::new(scratch, k),
                 #[inline(always)]
-                |rows, _st, o, part, scr| {
-                    let (pr, bc) = scr.split_at_mut(k);
-                    chunk_cols(rows.start / chunk_rows, bt, bc);
+                |rows, _st, o, part, pr| {
                     part.fill(T::ZERO);
                     for (i, row) in rows.enumerate() {
-                        plan_row(row, at[row], bc, pr);
+                        plan_row(row, at[row], bt, pr);
                         let grow = &grad[row * k..(row + 1) * k];
                         let x = dot(grow, pr) / r[row];
                         let orow = &mut o[i * k..(i + 1) * k];
@@ -150,11 +331,7 @@ impl<T: Real> Problem<T> {
             if row_step {
                 let bp = &hist.col[(t - 2) * k..(t - 1) * k];
                 for j in 0..k {
-                    ratio[j] = if log {
-                        (bp[j] - bt[j]).exp_fast()
-                    } else {
-                        bp[j] / bt[j]
-                    };
+                    ratio[j] = (bp[j] - bt[j]).exp_fast();
                 }
             }
             let first = t == 1;
@@ -166,15 +343,13 @@ impl<T: Real> Problem<T> {
                 Strided::new(state, 1),
                 Strided::new(out, k),
                 Strided::new(partials, k),
-                Scratch::new(scratch, 2 * k),
+                Scratch::new(scratch, k),
                 #[inline(always)]
-                |rows, _st, o, part, scr| {
-                    let (pc, bc) = scr.split_at_mut(k);
-                    chunk_cols(rows.start / chunk_rows, bt, bc);
+                |rows, _st, o, part, pc| {
                     part.fill(T::ZERO);
                     for (i, row) in rows.enumerate() {
                         // Column step t: Pc = exp(L + α_{t−1} + β_t), columns summing to c.
-                        plan_row(row, at[row], bc, pc);
+                        plan_row(row, at[row], bt, pc);
                         let orow = &mut o[i * k..(i + 1) * k];
                         let abar = -dot(bbc, pc);
                         for j in 0..k {

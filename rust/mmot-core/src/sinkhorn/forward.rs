@@ -61,8 +61,9 @@ impl<T: Real> History<T> {
 impl<T: Real> Problem<T> {
     /// Fills `cmax` and returns the problem's largest column range (NaN for a non-finite
     /// score). With `auto`, stops after the first pass if that range calls for the log domain.
-    /// With `hist`, records the potentials of every iteration and leaves the cached `E` (and
-    /// `ws.corr`) instead of writing the plan (the backward's forward replay).
+    /// With `hist`, records the potentials of every iteration but the last `u_T` and leaves the
+    /// cached `E` (and `ws.corr`) instead of writing the plan (the backward's forward replay,
+    /// whose first reverse pass makes the last row step).
     pub(super) fn solve_plain(
         &self,
         input: Input<'_, T>,
@@ -126,6 +127,10 @@ impl<T: Real> Problem<T> {
             let last = it + 1 == self.n_iters;
             if let Some(h) = hist.as_deref_mut() {
                 h.col[it * k..(it + 1) * k].copy_from_slice(v);
+                if last {
+                    // The backward's first reverse pass makes the last row step itself.
+                    break;
+                }
             }
             let step = PlainStep {
                 k,
@@ -133,11 +138,7 @@ impl<T: Real> Problem<T> {
                 row_mass: r,
                 v,
                 corr,
-                step: match (last, hist.is_some()) {
-                    (false, _) => Step::ColumnSums,
-                    (true, false) => Step::Plan,
-                    (true, true) => Step::RowScalings,
-                },
+                step: if last { Step::Plan } else { Step::ColumnSums },
             };
             run_pass(
                 n,

@@ -27,6 +27,7 @@ mod backward;
 mod forward;
 mod rows;
 mod small;
+mod small_backward;
 
 use crate::dims::Dims;
 use crate::domain::{check_forced_plain, check_log_range, use_log_domain, LogDomain};
@@ -206,6 +207,12 @@ pub fn sinkhorn_backward<T: Real>(
     }
     let log = use_log_domain::<T>(params.log_domain, range / params.eps);
     let p = Problem::new(dims, params);
+    if !log && dims.matrix_len() <= SMALL {
+        small_backward::backward(grad, scores, row_mass, col_mass, out, dims, params);
+        p.interrupt.check()?;
+        poison_non_finite(scores, out, dims);
+        return Ok(log);
+    }
     out.par_chunks_mut(n * k)
         .zip(grad.par_chunks(n * k))
         .zip(problems(scores, row_mass, col_mass, dims))

@@ -34,8 +34,6 @@ pub(super) enum Step {
     ColumnSums,
     /// The last iteration: the plan, written over the cached `E`.
     Plan,
-    /// The last iteration of the backward's replay: only `u` (the cached `E` is kept).
-    RowScalings,
 }
 
 /// One plain-domain iteration over a chunk of rows whose `out` holds the cached `E`.
@@ -87,7 +85,6 @@ impl<T: Real> PlainStep<'_, T> {
                         p[j] += orow[j] * un;
                     }
                 }
-                Step::RowScalings => {}
             }
         }
         if self.step == Step::ColumnSums {

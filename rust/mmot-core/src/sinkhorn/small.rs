@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Elements per rayon task (rounded to whole groups): enough that task overhead vanishes even
 /// at 4×4, few enough that a task's scores stay in L2 between its statistics and its solve.
-const TASK_ELEMS: usize = 1 << 14;
+pub(super) const TASK_ELEMS: usize = 1 << 14;
 
 /// [`super::sinkhorn`] for `dims.matrix_len() <= SMALL` (and a non-empty batch).
 pub(super) fn sinkhorn<T: Real>(
@@ -292,7 +292,7 @@ impl<T: Real, const L: usize> Group<T, L> {
 /// Column maxima of an `[n, k]` group (column by column: the maximum stays in a register;
 /// stored back per row, LLVM would make it a masked store that stalls the next row's load).
 #[inline(always)]
-fn col_max<T: Real, const L: usize>(x: &[[T; L]], mx: &mut [[T; L]]) {
+pub(super) fn col_max<T: Real, const L: usize>(x: &[[T; L]], mx: &mut [[T; L]]) {
     let k = mx.len();
     for (j, mr) in mx.iter_mut().enumerate() {
         let mut m = [T::NEG_INFINITY; L];
@@ -309,7 +309,7 @@ fn col_max<T: Real, const L: usize>(x: &[[T; L]], mx: &mut [[T; L]]) {
 
 /// Plain pass 0: `x = exp((x - cmax) / eps)`, and its column sums into `colsum`.
 #[inline(always)]
-fn exp_shifted<T: Real, const L: usize>(
+pub(super) fn exp_shifted<T: Real, const L: usize>(
     x: &mut [[T; L]],
     cmax: &[[T; L]],
     inv_eps: T,
@@ -331,7 +331,7 @@ fn exp_shifted<T: Real, const L: usize>(
 
 /// `y = x / y` lane-wise.
 #[inline(always)]
-fn ratio<T: Real, const L: usize>(x: &[[T; L]], y: &mut [[T; L]]) {
+pub(super) fn ratio<T: Real, const L: usize>(x: &[[T; L]], y: &mut [[T; L]]) {
     for (yr, xr) in y.iter_mut().zip(x) {
         lanes_only();
         let (mut yi, xi) = (*yr, *xr);
@@ -343,7 +343,7 @@ fn ratio<T: Real, const L: usize>(x: &[[T; L]], y: &mut [[T; L]]) {
 }
 
 /// Rows per block of [`plain_rows`].
-const ROWS: usize = 4;
+pub(super) const ROWS: usize = 4;
 
 /// One plain-domain row step for `R` rows `x` (`[R, k]`) with masses `r`: `u = r / (x · v)`,
 /// then `acc += x * u` (the next column sums) or, in the `last` iteration, `x = x * v * u`
