@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 
+import mmot
 import pytest
 import torch
 from mmot import reference
@@ -142,3 +143,16 @@ def test_unavailable_device_is_explained():
     result = subprocess.run([sys.executable, "-m", "mmot.bench.cli", "--device", "cuda"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "no CUDA device is available" in result.stderr
+
+
+def test_backward_ratio_times_both_halves(capsys):
+    from mmot.bench import backward_ratio
+    from mmot.bench.workloads import cosine_scores
+
+    forward, backward = backward_ratio.measure(lambda: cosine_scores(9, 5), lambda x: mmot.sinkhorn(x, 0.1, 3), repeats=1)
+    assert 0 < forward < 1e4 and 0 < backward < 1e4
+    cli.main(["backward-ratio", "--cases", "sinkhorn_4x4", "--repeats", "1"])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("sinkhorn 65536x(4x4)") and line.endswith("x")
+    with pytest.raises(SystemExit):
+        cli.main(["backward-ratio", "--cases", "nonsense"])

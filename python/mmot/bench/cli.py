@@ -12,7 +12,8 @@ bench/validate.py). On a CPU only the ratios are meaningful: absolute times move
 on; the JSON is rewritten after every workload, so a run cut short still leaves its data.
 
 ``mmot-bench distributed`` times the ``process_group=`` paths over gloo processes on this machine
-(bench/distributed.py; ``mmot-bench distributed --help``).
+(bench/distributed.py; ``mmot-bench distributed --help``). ``mmot-bench backward-ratio`` times the
+unrolled Sinkhorn backward against its forward (bench/backward_ratio.py).
 """
 
 from __future__ import annotations
@@ -466,6 +467,11 @@ def main(argv: list[str] | None = None) -> None:
         from mmot.bench import distributed
 
         distributed.main(argv[1:])
+        return
+    if argv[:1] == ["backward-ratio"]:
+        from mmot.bench import backward_ratio
+
+        backward_ratio.main(argv[1:])
         return
     args = _parse(argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)  # `timeout` sends SIGTERM: write what there is
