@@ -150,9 +150,12 @@ def test_torch_func_gradients_are_refused_by_name(op):
         torch.func.jvp(FUNC_CALLS[op], (scores,), (tangent,))
     with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match=named):
         FUNC_CALLS[op](torch.autograd.forward_ad.make_dual(scores, tangent))
-    # Reverse mode is the supported way and agrees with the reference's autograd.
+    # Reverse mode is the supported way. A weighted sum: the plain sum of a Sinkhorn plan is its
+    # fixed total mass, whose exact gradient is zero.
     leaf = scores.clone().requires_grad_()
-    (got,) = torch.autograd.grad(FUNC_CALLS[op](leaf).sum(), leaf)
+    out = FUNC_CALLS[op](leaf)
+    weights = torch.rand(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    (got,) = torch.autograd.grad((out * weights).sum(), leaf)
     assert bool(torch.isfinite(got).all()) and bool((got != 0).any())
 
 
