@@ -15,6 +15,7 @@ from mmot.ops.geometric_consistency import geometric_consistency
 from mmot.ops.info_nce import info_nce
 from mmot.ops.multi_info_nce import multi_info_nce
 from mmot.ops.multi_sinkhorn import multi_sinkhorn
+from mmot.ops._sinkhorn_options import EpsSchedule, SinkhornInfo
 from mmot.ops.nt_xent import nt_xent
 from mmot.ops.similarity import similarity
 from mmot.ops.similarity_regression import pairwise_similarity_regression
@@ -29,6 +30,8 @@ except Exception:  # running from a source tree without installed metadata
 
 __all__ = [
     "__version__",
+    "EpsSchedule",
+    "SinkhornInfo",
     "anchor_consistency_loss",
     "brownian_bridge_loss",
     "collapse",

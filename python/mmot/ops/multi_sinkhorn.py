@@ -10,6 +10,9 @@ from torch import Tensor
 from mmot import _backend, _checks, _rust, reference
 from mmot._columns import LOCAL, ShardedColumns
 from mmot.ops import _sharded
+from mmot.ops import _sinkhorn_options as options
+from mmot.ops._sinkhorn_options import EpsSchedule, SinkhornInfo
+from mmot.ops.multi_sinkhorn_ext import multi_sinkhorn_ext_op
 from mmot.ops._kernels import Kernels, triton_kernels
 from mmot.reverse import multi_sinkhorn as reverse
 
@@ -19,7 +22,7 @@ NORMALIZE_CHOICES = ("minmax", "none")
 
 
 def multi_sinkhorn(
-    scores: Tensor,
+    scores: Tensor | Sequence[Tensor],
     k: int | None = None,
     eps: float = 0.07,
     n_iters: int = 20,
@@ -28,10 +31,16 @@ def multi_sinkhorn(
     slot_weights: Sequence[float] | Tensor | None = None,
     anchor_mass: Tensor | None = None,
     normalize: str = "minmax",
+    row_counts: Tensor | None = None,
+    col_counts: Tensor | None = None,
+    tol: float | None = None,
+    return_info: bool = False,
+    eps_schedule: str | EpsSchedule | None = None,
+    grad: str = "unrolled",
     log_domain: str | bool = "auto",
     process_group=None,
     backend: str = "auto",
-) -> Tensor:
+):
     r"""Soft k-hot assignment of N samples to K anchors (SSPC's Multi-Assignment Sinkhorn-Knopp).
 
     Math: there are K slots m with weights w_m (``low_weight`` for the first K−k, 1 for the
@@ -76,8 +85,19 @@ def multi_sinkhorn(
         backend: "auto" (Rust on CPU, Triton on CUDA), "rust", "triton" or "torch"; with
             ``process_group`` too ("torch": the reference with all-reduced sums).
 
+    Options (as in :func:`mmot.sinkhorn`, docs/sinkhorn_options.md; not with ``process_group``):
+        row_counts, col_counts: per-problem sizes N_b, K_b of a padded batch, or a list of 2-D
+            ``scores``. Each problem has K_b slots (``low_weight`` for the first K_b − k, 1 for
+            the last k; ``slot_weights`` cannot vary with K_b and is refused with ragged
+            columns), k defaults to K_b // 2 per problem, and r_a = N_b / K_b.
+        tol, return_info: stop each problem once max_{slot, a} |Σ_n P[m,n,a] − r_a| / r_a is
+            at most ``tol`` (``n_iters`` is the cap); return a :class:`mmot.SinkhornInfo`.
+        eps_schedule: "geometric" or :class:`mmot.EpsSchedule` (ε-scaling, log domain).
+        grad: "unrolled" or "implicit" (the converged fixed point's gradient, O(N·K) memory).
+
     Returns:
-        T with the shape and dtype of ``scores``. Gradients flow to ``scores`` only.
+        T with the shape and dtype of ``scores`` (a list for list input), followed by a
+        :class:`mmot.SinkhornInfo` when ``return_info``. Gradients flow to ``scores`` only.
 
     Example:
         >>> import torch, mmot
@@ -88,6 +108,13 @@ def multi_sinkhorn(
         >>> torch.allclose(raw.sum(-1), torch.full((7660,), 32.0))
         True
     """
+    options = (row_counts, col_counts, tol, eps_schedule)
+    if isinstance(scores, (list, tuple)) or any(o is not None for o in options) or return_info or grad != "unrolled":
+        if process_group is not None:
+            raise ValueError(f"{OP}: the options (ragged sizes, tol, return_info, eps_schedule, grad) do not combine with 'process_group'")
+        return _with_options(
+            scores, k, eps, n_iters, low_weight, slot_weights, anchor_mass, normalize, row_counts, col_counts, tol, return_info, eps_schedule, grad, log_domain, backend
+        )
     scores = _checks.float_tensor(OP, "scores", scores, min_dim=2, shape_hint="(..., N, K)")
     n_rows, n_slots = scores.shape[-2:]
     if n_slots == 0:
@@ -114,6 +141,81 @@ def multi_sinkhorn(
     if scores.numel() == 0:
         return scores.new_empty(scores.shape)
     return multi_sinkhorn_op(scores, eps, n_iters, weights, k, mass, normalize, flag, backend)
+
+
+def _with_options(scores, k, eps, n_iters, low_weight, slot_weights, anchor_mass, normalize, row_counts, col_counts, tol, return_info, eps_schedule, grad, log_domain, backend):
+    """The options path: checks, slot groups per problem, then ``mmot::multi_sinkhorn_ext``."""
+    batch = options.batch(OP, scores, row_counts, col_counts)
+    n_slots = batch.scores.shape[-1]
+    ragged_cols = batch.shapes is not None or col_counts is not None
+    eps = _checks.reciprocal_fits(OP, "eps", _checks.positive_float(OP, "eps", eps), batch.dtype)
+    n_iters = _checks.int_in_range(OP, "n_iters", n_iters, 1)
+    normalize = _checks.choice(OP, "normalize", normalize, NORMALIZE_CHOICES)
+    tol = options.tolerance(OP, tol)
+    grad = options.grad_mode(OP, grad)
+    flag = _checks.log_domain_flag(OP, log_domain)
+    backend = _backend.resolve_backend(OP, backend, batch.scores.device, KERNELS)
+    if ragged_cols:
+        weights, counts, tops = _ragged_groups(batch, k, low_weight, slot_weights)
+    else:
+        k = max(1, n_slots // 2) if k is None else _checks.int_in_range(OP, "k", k, 1, n_slots)
+        groups = reference.slot_groups(_slot_weights(slot_weights, low_weight, n_slots, k), k)
+        weights = [weight for weight, _, _ in groups]
+        counts = batch.scores.new_tensor([[count for _, count, _ in groups]], dtype=torch.float64).expand(batch.scores.shape[0], -1)
+        tops = batch.scores.new_tensor([[top for _, _, top in groups]], dtype=torch.float64).expand(batch.scores.shape[0], -1)
+    if anchor_mass is not None:
+        if batch.shapes is not None or row_counts is not None or ragged_cols:
+            raise ValueError(f"{OP}: argument 'anchor_mass' is N_b/K_b per problem with ragged sizes; pass None")
+        _anchor_mass(batch.scores.reshape(batch.batch_shape + batch.scores.shape[-2:]), anchor_mass, batch.scores.shape[-2])
+    filled = options.masked_fill_valid(batch)
+    if _checks.value_checks_enabled():
+        _checks.finite(OP, "scores", filled)
+        reference.check_log_range(filled, eps, max(weights), OP)
+    if eps_schedule is not None and flag == "off":
+        raise ValueError(f"{OP}: argument 'eps_schedule' runs in the log domain; log_domain=False cannot be honoured")
+    if flag == "off" and _checks.value_checks_enabled():
+        reference.uses_log_domain(filled, eps, max(weights), flag, op=OP)
+    dtype = options.working_dtype(filled, eps, max(weights), OP)
+    eps_start, decay = options.schedule(OP, eps_schedule, eps, n_iters, filled, batch)
+    target, _, _, _, iters, err = multi_sinkhorn_ext_op(
+        filled.to(dtype),
+        batch.row_counts,
+        batch.col_counts,
+        weights,
+        counts.to(dtype).contiguous(),
+        tops.to(dtype).contiguous(),
+        eps_start,
+        eps,
+        decay,
+        n_iters,
+        tol,
+        normalize,
+        flag,
+        grad,
+        backend,
+    )
+    out = batch.matrices(target)
+    if return_info:
+        return out, SinkhornInfo(batch.per_problem(iters), batch.per_problem(err))
+    return out
+
+
+def _ragged_groups(batch, k, low_weight, slot_weights) -> tuple[list[float], Tensor, Tensor]:
+    """Per problem: K_b slots, the last k_b of weight 1 and the others of ``low_weight``."""
+    if slot_weights is not None:
+        raise ValueError(f"{OP}: argument 'slot_weights' fixes K slots; with ragged columns give 'low_weight' (and 'k') instead")
+    low = _checks.positive_float(OP, "low_weight", low_weight)
+    k_b = batch.col_counts.to(torch.float64)
+    if k is None:
+        top = torch.clamp(torch.floor(k_b / 2), min=1)
+    else:
+        k = _checks.int_in_range(OP, "k", k, 1, batch.scores.shape[-1])
+        if _checks.value_checks_enabled() and k > int(batch.col_counts.min()):
+            raise ValueError(f"{OP}: argument 'k' must be at most every problem's number of columns (the smallest is {int(batch.col_counts.min())}); got {k}")
+        top = torch.full_like(k_b, k)
+    if low == 1.0:
+        return [1.0], k_b[:, None], top[:, None]
+    return [low, 1.0], torch.stack([k_b - top, top], -1), torch.stack([torch.zeros_like(top), top], -1)
 
 
 def _slot_weights(slot_weights, low_weight, n_slots: int, k: int) -> list[float]:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from mmot import _backend, _checks, _rust, reference
+from mmot import _backend, _checks, _rust, reference, reference_ext
 from mmot._columns import LOCAL, ShardedColumns
 from mmot.ops import _sharded
+from mmot.ops import _sinkhorn_options as options
+from mmot.ops._sinkhorn_options import EpsSchedule
+from mmot.ops.sinkhorn_ext import sinkhorn_ext_op
 from mmot.ops._kernels import Kernels, triton_kernels
 from mmot.reverse import sinkhorn as reverse
 
@@ -16,16 +22,25 @@ KERNELS = "sinkhorn"  # mmot.kernels.sinkhorn
 
 
 def sinkhorn(
-    scores: Tensor,
+    scores: Tensor | Sequence[Tensor],
     eps: float = 0.05,
     n_iters: int = 3,
     *,
-    row_mass: Tensor | None = None,
-    col_mass: Tensor | None = None,
+    row_mass: Tensor | Sequence[Tensor] | None = None,
+    col_mass: Tensor | Sequence[Tensor] | None = None,
+    row_counts: Tensor | None = None,
+    col_counts: Tensor | None = None,
+    tol: float | None = None,
+    return_info: bool = False,
+    eps_schedule: str | EpsSchedule | None = None,
+    init: tuple[Tensor | None, Tensor | None] | None = None,
+    return_potentials: bool = False,
+    grad: str = "unrolled",
+    reach: float | None = None,
     log_domain: str | bool = "auto",
     process_group=None,
     backend: str = "auto",
-) -> Tensor:
+):
     r"""Balanced soft assignment of N samples to K prototypes (SwAV's Sinkhorn-Knopp).
 
     Math: P ∝ exp(scores / eps), then ``n_iters`` times
@@ -57,8 +72,31 @@ def sinkhorn(
             With ``process_group`` the Rust and Triton kernels run each rank's rows; "torch" is
             the reference with all-reduced column sums.
 
+    Options (docs/sinkhorn_options.md; none of them combines with ``process_group``):
+        row_counts, col_counts: (...) integer tensors giving every problem of a padded batch
+            its own size N_b <= N, K_b <= K (rows and columns beyond are padding: ignored,
+            whatever their values, and 0 in every output and gradient). ``scores`` may also
+            be a list of 2-D tensors (masses then lists too); the results are lists.
+        tol: stop each problem once its marginal error (max_j |Σ_i P_ij − c_j| / c_j) is at
+            most ``tol``; ``n_iters`` is then the cap. None: exactly ``n_iters`` iterations.
+        return_info: also return a :class:`mmot.SinkhornInfo` (iterations and marginal error
+            per problem), so that non-convergence is never silent.
+        eps_schedule: "geometric" or :class:`mmot.EpsSchedule`: ε-scaling from the scores'
+            range down to ``eps`` (log domain; ``n_iters`` counts every iteration).
+        init: (f, g) log-potentials in score units from ``return_potentials`` (either may be
+            None; g alone starts with a row step against it): a warm start. No gradient.
+        return_potentials: also return (f, g) with P = exp((scores + f_i + g_j) / eps).
+        grad: "unrolled" (the exact gradient of the iterations run) or "implicit" (the
+            gradient of the converged fixed point, by an adjoint solve: memory O(N·K) and time
+            independent of ``n_iters``; use it with a converged forward, e.g. with ``tol``).
+        reach: unbalanced transport: KL relaxation weight of both marginals (POT's ``reg_m``
+            of ``ot.unbalanced.sinkhorn_unbalanced`` with M = −scores, reg = eps). None:
+            balanced. Masses need not have equal totals then.
+
     Returns:
-        P with the shape and dtype of ``scores``. Gradients flow to ``scores`` only.
+        P with the shape and dtype of ``scores`` (a list for list input), followed by (f, g)
+        when ``return_potentials`` and a :class:`mmot.SinkhornInfo` when ``return_info``.
+        Gradients flow to ``scores`` only.
 
     Example:
         >>> import torch, mmot
@@ -67,6 +105,13 @@ def sinkhorn(
         >>> torch.allclose(q.sum(-1), torch.ones(256))
         True
     """
+    options = (row_counts, col_counts, tol, eps_schedule, init, reach)
+    if isinstance(scores, (list, tuple)) or any(o is not None for o in options) or return_info or return_potentials or grad != "unrolled":
+        if process_group is not None:
+            raise ValueError(f"{OP}: the options (ragged sizes, tol, return_info, eps_schedule, init, return_potentials, grad, reach) do not combine with 'process_group'")
+        return _with_options(
+            scores, eps, n_iters, row_mass, col_mass, row_counts, col_counts, tol, return_info, eps_schedule, init, return_potentials, grad, reach, log_domain, backend
+        )
     scores = _checks.float_tensor(OP, "scores", scores, min_dim=2, shape_hint="(..., N, K)")
     eps = _checks.reciprocal_fits(OP, "eps", _checks.positive_float(OP, "eps", eps), scores.dtype)
     n_iters = _checks.int_in_range(OP, "n_iters", n_iters, 1)
@@ -90,6 +135,119 @@ def sinkhorn(
     if scores.numel() == 0:
         return scores.new_empty(scores.shape)
     return sinkhorn_op(scores, eps, n_iters, rows, cols, flag, backend)
+
+
+def _with_options(scores, eps, n_iters, row_mass, col_mass, row_counts, col_counts, tol, return_info, eps_schedule, init, return_potentials, grad, reach, log_domain, backend):
+    """The options path: checks, then ``mmot::sinkhorn_ext`` on the padded batch."""
+    batch = options.batch(OP, scores, row_counts, col_counts)
+    eps = _checks.reciprocal_fits(OP, "eps", _checks.positive_float(OP, "eps", eps), batch.dtype)
+    n_iters = _checks.int_in_range(OP, "n_iters", n_iters, 1)
+    tol = options.tolerance(OP, tol)
+    grad = options.grad_mode(OP, grad)
+    reach = options.reach_value(OP, reach)
+    flag = _checks.log_domain_flag(OP, log_domain)
+    backend = _backend.resolve_backend(OP, backend, batch.scores.device, KERNELS)
+    filled = options.masked_fill_valid(batch)
+    if _checks.value_checks_enabled():
+        _checks.finite(OP, "scores", filled)
+        reference.check_log_range(filled, eps, 1.0, OP)
+    if eps_schedule is not None and flag == "off":
+        raise ValueError(f"{OP}: argument 'eps_schedule' runs in the log domain; log_domain=False cannot be honoured")
+    dtype = options.working_dtype(filled, eps, 1.0, OP)
+    if flag == "off" and _checks.value_checks_enabled():
+        reference.uses_log_domain(filled, eps, 1.0, flag, op=OP)
+    rows, cols = _ragged_masses(batch, row_mass, col_mass, dtype, balanced=math.isinf(reach))
+    eps_start, decay = options.schedule(OP, eps_schedule, eps, n_iters, filled, batch)
+    work = filled.to(dtype)
+    init_f = _initial_rows(batch, init, work, rows, eps_start, eps, reach)
+    plan, f, g, iters, err = sinkhorn_ext_op(
+        work, rows, cols, batch.row_counts, batch.col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, flag, grad, backend
+    )
+    result = [batch.matrices(plan)]
+    if return_potentials:
+        result.append((batch.vectors(f, along_rows=True), batch.vectors(g, along_rows=False)))
+    if return_info:
+        result.append(options.SinkhornInfo(batch.per_problem(iters), batch.per_problem(err)))
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+def _ragged_masses(batch, row_mass, col_mass, dtype, balanced: bool) -> tuple[Tensor, Tensor]:
+    """(B, N) and (B, K) masses, 0 in the padding; the defaults use each problem's own sizes."""
+    b, n, k = batch.scores.shape
+    row_valid, col_valid = batch.rows, batch.cols
+    rows = None if row_mass is None else _given_mass(batch, "row_mass", row_mass, n, row_valid, dtype)
+    cols = None if col_mass is None else _given_mass(batch, "col_mass", col_mass, k, col_valid, dtype)
+    n_b, k_b = batch.row_counts.to(dtype)[:, None], batch.col_counts.to(dtype)[:, None]
+    if rows is None and cols is None:
+        rows = row_valid.to(dtype)
+        cols = torch.where(col_valid, n_b / k_b, 0.0)
+    elif cols is None:
+        cols = torch.where(col_valid, rows.sum(-1, keepdim=True) / k_b, 0.0)
+    elif rows is None:
+        rows = torch.where(row_valid, cols.sum(-1, keepdim=True) / n_b, 0.0)
+    elif balanced:
+        _checks.positive_masses(OP, "col_mass", torch.where(col_valid, cols, 1.0), rows.sum(-1), "the total of row_mass")
+    return rows.contiguous(), cols.contiguous()
+
+
+def _given_mass(batch, name: str, mass, size: int, valid: Tensor, dtype) -> Tensor:
+    """A user's masses as (B, L) in ``dtype``, checked positive on the valid entries, 0 elsewhere."""
+    if batch.shapes is not None:
+        if not isinstance(mass, (list, tuple)) or len(mass) != len(batch.shapes):
+            raise ValueError(f"{OP}: argument '{name}' must be a list of {len(batch.shapes)} 1-D tensors when 'scores' is a list")
+        padded = batch.scores.new_zeros((len(mass), size), dtype=dtype)
+        for index, m in enumerate(mass):
+            m = _checks.float_tensor(OP, f"{name}[{index}]", m, min_dim=1, shape_hint="(L,)")
+            length = int(valid[index].sum())
+            if m.shape != (length,):
+                raise ValueError(f"{OP}: argument '{name}[{index}]' must have shape ({length},); got {tuple(m.shape)}")
+            padded[index, :length] = m.to(dtype)
+        mass = padded
+    else:
+        full = batch.batch_shape + (size,)
+        mass = _checks.mass_shape(OP, name, mass, batch.scores, full, "N" if name == "row_mass" else "K").reshape(-1, size).to(dtype)
+    mass = torch.where(valid, mass, 0.0)
+    _checks.positive_masses(OP, name, torch.where(valid, mass, 1.0))
+    return mass
+
+
+def _initial_rows(batch, init, work: Tensor, rows: Tensor, eps_start: Tensor, eps: float, reach: float) -> Tensor:
+    """The starting row potential f0 (B, N): zeros (cold), the given f, or a row step against the given g."""
+    if init is None:
+        return work.new_zeros(work.shape[:-1])
+    if not isinstance(init, (tuple, list)) or len(init) != 2:
+        raise TypeError(f"{OP}: argument 'init' must be a pair (f, g) of tensors (either may be None); got {type(init).__name__}")
+    f, g = init
+    b, n, k = work.shape
+    if f is not None:
+        return _init_part(batch, "init[0]", f, n, batch.rows, work.dtype)
+    if g is None:
+        return work.new_zeros(work.shape[:-1])
+    g = _init_part(batch, "init[1]", g, k, batch.cols, work.dtype)
+    e = torch.clamp(eps_start, min=eps).to(work.dtype)[:, None]
+    tau = 1.0 if math.isinf(reach) else reach / (reach + e)
+    row_valid, col_valid = reference_ext.valid_masks(work.shape, batch.row_counts, batch.col_counts)
+    lse = reference_ext.masked_lse((work + g.unsqueeze(-2)) / e.unsqueeze(-1), col_valid, -1).squeeze(-1)
+    f0 = e * torch.where(row_valid.squeeze(-1), rows, 1.0).log() - tau * e * lse
+    return torch.where(row_valid.squeeze(-1), f0, 0.0).detach()
+
+
+def _init_part(batch, name: str, value, size: int, valid: Tensor, dtype) -> Tensor:
+    if batch.shapes is not None:
+        if not isinstance(value, (list, tuple)) or len(value) != len(batch.shapes):
+            raise ValueError(f"{OP}: argument '{name}' must be a list of {len(batch.shapes)} 1-D tensors when 'scores' is a list")
+        value = torch.nn.utils.rnn.pad_sequence([_checks.float_tensor(OP, name, v, min_dim=1, shape_hint="(L,)") for v in value], batch_first=True)
+        value = torch.nn.functional.pad(value, (0, size - value.shape[-1]))
+    else:
+        value = _checks.float_tensor(OP, name, value, min_dim=1, shape_hint=f"(..., {size})")
+        try:
+            value = value.expand(batch.batch_shape + (size,))
+        except RuntimeError:
+            raise ValueError(f"{OP}: argument '{name}' must broadcast to {tuple(batch.batch_shape + (size,))}; got shape {tuple(value.shape)}") from None
+    value = value.reshape(-1, size).detach().to(dtype)
+    if _checks.value_checks_enabled():
+        _checks.finite(OP, name, torch.where(valid, value, 0.0))
+    return torch.where(valid, value, 0.0).contiguous()
 
 
 def _resolve_masses(scores: Tensor, row_mass, col_mass, total_rows: int, columns) -> tuple[Tensor, Tensor]:

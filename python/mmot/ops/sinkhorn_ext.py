@@ -1,0 +1,174 @@
+"""``mmot::sinkhorn_ext``: :func:`mmot.sinkhorn` with options, its op and its two gradients.
+
+The op runs on a padded batch in the working dtype (``mmot.ops._sinkhorn_options``) and returns
+tensors only (plan, potentials, iterations, marginal errors), so that early stopping is decided
+inside the kernels and never breaks a ``torch.compile`` graph. Its backward is the exact VJP of
+the unrolled iteration (``grad="unrolled"``) or the adjoint of the converged fixed point
+(``grad="implicit"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmot import reference_ext
+from mmot.ops import _implicit_rust, _sinkhorn_ext_rust
+from mmot.ops._kernels import Kernels, triton_entry, triton_kernels
+from mmot.reverse import implicit
+
+KERNELS = "sinkhorn_ext"  # mmot.kernels.sinkhorn_ext
+
+
+def _empty(scores, *_) -> bool:
+    return scores.numel() == 0
+
+
+def _fits(scores, *_) -> bool:
+    return triton_kernels(KERNELS).fits(scores.shape[-1], scores.dtype)
+
+
+def _backward_torch(grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain):
+    """Autograd through the reference's replay of ``iters`` iterations (exact, explicit in the op)."""
+
+    def plan(s):
+        return reference_ext.sinkhorn_ext(s, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, 1, -1.0, reach, log_domain, iters)[0]
+
+    _, vjp = torch.func.vjp(plan, scores)
+    return vjp(grad)[0]
+
+
+_FORWARD = Kernels(
+    torch=reference_ext.sinkhorn_ext,
+    rust=_sinkhorn_ext_rust.forward,
+    triton=triton_entry(KERNELS, "forward"),
+    empty=_empty,
+    fits=_fits,
+)
+_BACKWARD = Kernels(
+    torch=_backward_torch,
+    rust=_sinkhorn_ext_rust.backward,
+    triton=triton_entry(KERNELS, "backward"),
+    empty=lambda grad, scores, *_: scores.numel() == 0,
+    fits=lambda grad, scores, *_: _fits(scores),
+)
+_IMPLICIT = Kernels(
+    torch=implicit.sinkhorn_implicit_backward,
+    rust=_implicit_rust.sinkhorn_implicit_backward,
+    triton=triton_entry("implicit", "sinkhorn_implicit_backward"),
+    empty=lambda grad, plan, *_: plan.numel() == 0,
+    fits=lambda grad, plan, *_: triton_kernels("implicit").fits(plan.shape[-1], plan.dtype),
+)
+
+
+@torch.library.custom_op("mmot::sinkhorn_ext", mutates_args=())
+def sinkhorn_ext_op(
+    scores: Tensor,
+    row_mass: Tensor,
+    col_mass: Tensor,
+    row_counts: Tensor,
+    col_counts: Tensor,
+    init_f: Tensor,
+    eps_start: Tensor,
+    eps: float,
+    decay: float,
+    n_iters: int,
+    tol: float,
+    reach: float,
+    log_domain: str,
+    grad: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Devices without a kernel of their own run the torch backend."""
+    return _FORWARD("torch", scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain)
+
+
+@sinkhorn_ext_op.register_kernel(("cpu", "cuda"))
+def _sinkhorn_ext_kernel(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain, grad, backend):
+    return _FORWARD(backend, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain)
+
+
+@sinkhorn_ext_op.register_fake
+def _sinkhorn_ext_fake(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain, grad, backend):
+    b = scores.shape[0]
+    return (
+        torch.empty_like(scores),
+        scores.new_empty(scores.shape[:-1]),
+        scores.new_empty((b, scores.shape[-1])),
+        scores.new_empty((b,), dtype=torch.int64),
+        scores.new_empty((b,)),
+    )
+
+
+@torch.library.custom_op("mmot::sinkhorn_ext_backward", mutates_args=())
+def sinkhorn_ext_backward_op(
+    grad: Tensor,
+    scores: Tensor,
+    row_mass: Tensor,
+    col_mass: Tensor,
+    row_counts: Tensor,
+    col_counts: Tensor,
+    init_f: Tensor,
+    eps_start: Tensor,
+    eps: float,
+    decay: float,
+    iters: Tensor,
+    reach: float,
+    log_domain: str,
+    backend: str,
+) -> Tensor:
+    """The exact VJP of the unrolled iteration; devices without a kernel of their own run the torch backend."""
+    return _BACKWARD("torch", grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain)
+
+
+@sinkhorn_ext_backward_op.register_kernel(("cpu", "cuda"))
+def _sinkhorn_ext_backward_kernel(grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain, backend):
+    return _BACKWARD(backend, grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain)
+
+
+@sinkhorn_ext_backward_op.register_fake
+def _sinkhorn_ext_backward_fake(grad, scores, *_):
+    return torch.empty_like(scores)
+
+
+@torch.library.custom_op("mmot::sinkhorn_implicit_backward", mutates_args=())
+def sinkhorn_implicit_backward_op(grad: Tensor, plan: Tensor, row_counts: Tensor, col_counts: Tensor, eps: float, reach: float, backend: str) -> Tensor:
+    """The adjoint of the converged fixed point; devices without a kernel of their own run the torch backend."""
+    return _IMPLICIT("torch", grad, plan, row_counts, col_counts, eps, reach)
+
+
+@sinkhorn_implicit_backward_op.register_kernel(("cpu", "cuda"))
+def _sinkhorn_implicit_backward_kernel(grad, plan, row_counts, col_counts, eps, reach, backend):
+    return _IMPLICIT(backend, grad, plan, row_counts, col_counts, eps, reach)
+
+
+@sinkhorn_implicit_backward_op.register_fake
+def _sinkhorn_implicit_backward_fake(grad, plan, *_):
+    return torch.empty_like(plan)
+
+
+def _setup_context(ctx, inputs, output):
+    scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain, grad, backend = inputs
+    plan, f, g, iters, err = output
+    ctx.mark_non_differentiable(f, g, iters, err)
+    if grad == "implicit":
+        ctx.save_for_backward(plan, row_counts, col_counts)
+    else:
+        ctx.save_for_backward(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, iters)
+    ctx.params = (eps, decay, reach, log_domain, grad, backend)
+
+
+def _backward(ctx, grad_plan, *_):
+    eps, decay, reach, log_domain, grad, backend = ctx.params
+    if grad == "implicit":
+        plan, row_counts, col_counts = ctx.saved_tensors
+        grad_scores = sinkhorn_implicit_backward_op(grad_plan.contiguous(), plan, row_counts, col_counts, eps, reach, backend)
+    else:
+        scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, iters = ctx.saved_tensors
+        grad_scores = sinkhorn_ext_backward_op(
+            grad_plan.contiguous(), scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain, backend
+        )
+    return (grad_scores,) + (None,) * 14
+
+
+sinkhorn_ext_op.register_autograd(_backward, setup_context=_setup_context)
