@@ -194,3 +194,60 @@ def materialized_comm_loss(z1, z2, temperature=0.1, weights=None):
     )
     w = torch.ones(z1.shape[0], dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     return (terms * w).sum() / len(terms), terms
+
+
+def eps_sequence(eps, n_iters, start=None, decay=0.5):
+    """ε per iteration of a geometric schedule (start·decay^t by repeated products, floored at eps)."""
+    if start is None:
+        return [eps] * n_iters
+    seq, e = [], float(start)
+    for _ in range(n_iters):
+        seq.append(max(eps, e))
+        e *= decay
+    return seq
+
+
+def general_sinkhorn(scores, row_mass, col_mass, eps_seq, f0=None, reach=None, tol=None):
+    """One (N, K) problem: column then row log-scalings at ε_t, KL-relaxed with weight ``reach``
+    (POT's reference measure r⊗c). Returns plan, f, g, iterations run, marginal error."""
+    s = scores.double()
+    log_r, log_c = row_mass.double().log(), col_mass.double().log()
+    f = torch.zeros(s.shape[0], dtype=torch.float64) if f0 is None else f0.double()
+    t, err = 0, None
+    for e in eps_seq:
+        tau = 1.0 if reach is None else reach / (reach + e)
+        g = e * log_c - tau * e * torch.logsumexp((s + f[:, None]) / e, dim=0)
+        f = e * log_r - tau * e * torch.logsumexp((s + g[None, :]) / e, dim=1)
+        plan = torch.exp((s + f[:, None] + g[None, :]) / e)
+        target = log_c.exp() * torch.exp((s + f[:, None]) / e).sum(0) ** (1 - tau)
+        err = ((plan.sum(0) - target).abs() / target).max()
+        t += 1
+        if tol is not None and e == eps_seq[-1] and err <= tol:
+            break
+    return plan, f, g, t, err
+
+
+def general_multi_sinkhorn(scores, k, eps_seq, slot_weights, tol=None, normalize="minmax"):
+    """One (N, K) problem: the dense Multi-SK on log P[m, n, a] with ε_t per iteration (at fixed
+    potentials ε·log P is unchanged, so a change of ε rescales log P). Returns T, iterations, error."""
+    s = scores.double()
+    n, n_anchors = s.shape
+    w = torch.as_tensor(slot_weights, dtype=torch.float64)
+    log_r = torch.log(torch.tensor(n / n_anchors, dtype=torch.float64))
+    log_p = w[:, None, None] * s[None] / eps_seq[0]
+    previous, t, err = eps_seq[0], 0, None
+    for e in eps_seq:
+        log_p = log_p * previous / e
+        previous = e
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True) + log_r
+        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True)
+        log_p = log_p - torch.logsumexp(log_p, dim=2, keepdim=True)
+        err = ((log_p.exp().sum(1) - log_r.exp()).abs() / log_r.exp()).max()
+        t += 1
+        if tol is not None and e == eps_seq[-1] and err <= tol:
+            break
+    out = log_p[n_anchors - k :].exp().sum(0)
+    if normalize == "minmax":
+        lo, hi = out.min(dim=1, keepdim=True).values, out.max(dim=1, keepdim=True).values
+        out = torch.where(hi > lo, (out - lo) / torch.where(hi > lo, hi - lo, 1.0), 0.0)
+    return out, t, err

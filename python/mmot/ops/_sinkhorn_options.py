@@ -133,10 +133,6 @@ def _counts(op: str, name: str, counts, batch_shape: torch.Size, size: int, devi
     if counts.shape != batch_shape:
         raise ValueError(f"{op}: argument '{name}' must have the batch shape {tuple(batch_shape)} of 'scores'; got {tuple(counts.shape)}")
     _checks.same_device(op, name, counts, torch.empty(0, device=device), "scores")
-    if _checks.value_checks_enabled() and counts.numel():
-        low, high = int(counts.min()), int(counts.max())
-        if low < 1 or high > size:
-            raise ValueError(f"{op}: argument '{name}' must lie in 1..{size} (the padded size); got values from {low} to {high}")
     return counts.reshape(-1).to(torch.int64)
 
 
@@ -148,10 +144,6 @@ def masked_fill_valid(batch: Batch) -> Tensor:
     rows, cols = reference_ext.valid_masks(s.shape, batch.row_counts, batch.col_counts)
     fill = torch.where(cols, s[:, :1, :], s[:, :1, :1])
     return torch.where(rows & cols, s, fill)
-
-
-def finite_valid(op: str, filled: Tensor) -> None:
-    _checks.finite(op, "scores", filled)
 
 
 def tolerance(op: str, tol) -> float:
@@ -198,14 +190,3 @@ def schedule(op: str, eps_schedule, eps: float, n_iters: int, filled: Tensor, ba
     latest = eps * (1 - 1e-9) * math.exp(-(n_iters - 1) * math.log(decay)) if (n_iters - 1) * -math.log(decay) < 700 else math.inf
     return torch.clamp(torch.minimum(start, torch.full_like(start, latest)), min=eps), decay
 
-
-def working_dtype(filled: Tensor, eps: float, max_weight: float, op: str) -> torch.dtype:
-    """The accumulation dtype (reference.working_dtype) over the valid entries."""
-    if not _checks.value_checks_enabled():
-        return reference.compute_dtype(filled.dtype)
-    return reference.working_dtype(filled, eps, max_weight, op)
-
-
-def check_range(filled: Tensor, eps: float, max_weight: float, op: str) -> None:
-    if _checks.value_checks_enabled():
-        reference.check_log_range(filled, eps, max_weight, op)

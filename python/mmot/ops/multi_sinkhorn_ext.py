@@ -10,12 +10,44 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmot import reference_ext
+from mmot import _checks, reference, reference_ext
 from mmot.ops import _implicit_rust, _multi_sinkhorn_ext_rust
 from mmot.ops._kernels import Kernels, triton_entry, triton_kernels
 from mmot.reverse import implicit
 
+OP = "mmot.multi_sinkhorn"
 KERNELS = "multi_sinkhorn_ext"  # mmot.kernels.multi_sinkhorn_ext
+
+
+def _check_values(scores, row_counts, col_counts, weights, eps, log_domain) -> None:
+    """The value checks (one host sync each), made inside the op so that compiled graphs hold none."""
+    for name, counts, size in (("row_counts", row_counts, scores.shape[-2]), ("col_counts", col_counts, scores.shape[-1])):
+        low, high = int(counts.min()), int(counts.max())
+        if low < 1 or high > size:
+            raise ValueError(f"{OP}: argument '{name}' must lie in 1..{size} (the padded size); got values from {low} to {high}")
+    _checks.finite(OP, "scores", scores)
+    reference.check_log_range(scores, eps, max(weights), OP)
+    if log_domain == "off":
+        reference.uses_log_domain(scores, eps, max(weights), log_domain, op=OP)
+
+
+def _working_dtype(scores: Tensor, eps: float, weights) -> torch.dtype:
+    """reference.working_dtype where the value checks may read the scores, else the compute dtype."""
+    if not _checks.value_checks_enabled():
+        return reference.compute_dtype(scores.dtype)
+    return reference.working_dtype(scores, eps, max(weights), OP)
+
+
+def _forward(backend, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain):
+    """Checks, then the chosen kernel in the working dtype; results in the scores' dtype (errors in the compute dtype)."""
+    if _checks.value_checks_enabled() and scores.numel():
+        _check_values(scores, row_counts, col_counts, weights, eps, log_domain)
+    dtype = _working_dtype(scores, eps, weights)
+    target, f, gam, h, iters, err = _FORWARD(
+        backend, scores.to(dtype), row_counts, col_counts, weights, counts.to(dtype), tops.to(dtype), eps_start, eps, decay, n_iters, tol, normalize, log_domain
+    )
+    out = (target, f, gam, h)
+    return tuple(x.to(scores.dtype) for x in out) + (iters, err.to(reference.compute_dtype(scores.dtype)))
 
 
 def _fits(scores, weights) -> bool:
@@ -76,12 +108,12 @@ def multi_sinkhorn_ext_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Devices without a kernel of their own run the torch backend."""
-    return _FORWARD("torch", scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain)
+    return _forward("torch", scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain)
 
 
 @multi_sinkhorn_ext_op.register_kernel(("cpu", "cuda"))
 def _multi_sinkhorn_ext_kernel(scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain, grad, backend):
-    return _FORWARD(backend, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain)
+    return _forward(backend, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain)
 
 
 @multi_sinkhorn_ext_op.register_fake
@@ -94,7 +126,7 @@ def _multi_sinkhorn_ext_fake(scores, row_counts, col_counts, weights, counts, to
         torch.empty_like(scores),
         scores.new_empty((b, groups, n)),
         scores.new_empty((b,), dtype=torch.int64),
-        scores.new_empty((b,)),
+        scores.new_empty((b,), dtype=reference.compute_dtype(scores.dtype)),
     )
 
 
@@ -116,12 +148,20 @@ def multi_sinkhorn_ext_backward_op(
     backend: str,
 ) -> Tensor:
     """The exact VJP of the unrolled iteration and the min-max step; other devices run the torch backend."""
-    return _BACKWARD("torch", grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain)
+    return _backward_unrolled("torch", grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain)
 
 
 @multi_sinkhorn_ext_backward_op.register_kernel(("cpu", "cuda"))
 def _multi_sinkhorn_ext_backward_kernel(grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain, backend):
-    return _BACKWARD(backend, grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain)
+    return _backward_unrolled(backend, grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain)
+
+
+def _backward_unrolled(backend, grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain):
+    dtype = _working_dtype(scores, eps, weights)  # as the forward's
+    out = _BACKWARD(
+        backend, grad.to(dtype), scores.to(dtype), row_counts, col_counts, weights, counts.to(dtype), tops.to(dtype), eps_start, eps, decay, iters, normalize, log_domain
+    )
+    return out.to(scores.dtype)
 
 
 @multi_sinkhorn_ext_backward_op.register_fake
@@ -161,9 +201,12 @@ def _multi_sinkhorn_implicit_backward_fake(grad, scores, *_):
 
 def _implicit(grad, scores, f, gam, h, row_counts, col_counts, weights, counts, tops, eps, normalize, backend):
     """The min-max step's VJP (O(N·K), in torch), then the adjoint solve of the chosen backend."""
+    dtype = _working_dtype(scores, eps, weights)  # as the forward's
+    out_dtype = scores.dtype
+    grad, scores, f, gam, h, counts, tops = (x.to(dtype) for x in (grad, scores, f, gam, h, counts, tops))
     if normalize == "minmax":
         grad = _minmax_vjp(grad, scores, f, gam, h, row_counts, col_counts, weights, tops, eps)
-    return _IMPLICIT(backend, grad.contiguous(), scores, f, gam, h, row_counts, col_counts, weights, counts, tops, eps)
+    return _IMPLICIT(backend, grad.contiguous(), scores, f, gam, h, row_counts, col_counts, weights, counts, tops, eps).to(out_dtype)
 
 
 def _minmax_vjp(grad, scores, f, gam, h, row_counts, col_counts, weights, tops, eps):

@@ -147,21 +147,16 @@ def _with_options(scores, eps, n_iters, row_mass, col_mass, row_counts, col_coun
     reach = options.reach_value(OP, reach)
     flag = _checks.log_domain_flag(OP, log_domain)
     backend = _backend.resolve_backend(OP, backend, batch.scores.device, KERNELS)
-    filled = options.masked_fill_valid(batch)
-    if _checks.value_checks_enabled():
-        _checks.finite(OP, "scores", filled)
-        reference.check_log_range(filled, eps, 1.0, OP)
     if eps_schedule is not None and flag == "off":
         raise ValueError(f"{OP}: argument 'eps_schedule' runs in the log domain; log_domain=False cannot be honoured")
-    dtype = options.working_dtype(filled, eps, 1.0, OP)
-    if flag == "off" and _checks.value_checks_enabled():
-        reference.uses_log_domain(filled, eps, 1.0, flag, op=OP)
-    rows, cols = _ragged_masses(batch, row_mass, col_mass, dtype, balanced=math.isinf(reach))
+    filled = options.masked_fill_valid(batch)
+    dtype = reference.compute_dtype(filled.dtype)
+    rows, cols = _ragged_masses(batch, row_mass, col_mass, dtype)
     eps_start, decay = options.schedule(OP, eps_schedule, eps, n_iters, filled, batch)
     work = filled.to(dtype)
     init_f = _initial_rows(batch, init, work, rows, eps_start, eps, reach)
     plan, f, g, iters, err = sinkhorn_ext_op(
-        work, rows, cols, batch.row_counts, batch.col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, flag, grad, backend
+        filled, rows, cols, batch.row_counts, batch.col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, flag, grad, backend
     )
     result = [batch.matrices(plan)]
     if return_potentials:
@@ -171,8 +166,9 @@ def _with_options(scores, eps, n_iters, row_mass, col_mass, row_counts, col_coun
     return result[0] if len(result) == 1 else tuple(result)
 
 
-def _ragged_masses(batch, row_mass, col_mass, dtype, balanced: bool) -> tuple[Tensor, Tensor]:
-    """(B, N) and (B, K) masses, 0 in the padding; the defaults use each problem's own sizes."""
+def _ragged_masses(batch, row_mass, col_mass, dtype) -> tuple[Tensor, Tensor]:
+    """(B, N) and (B, K) masses, 0 in the padding; the defaults use each problem's own sizes.
+    Their values are checked in the op."""
     b, n, k = batch.scores.shape
     row_valid, col_valid = batch.rows, batch.cols
     rows = None if row_mass is None else _given_mass(batch, "row_mass", row_mass, n, row_valid, dtype)
@@ -185,8 +181,6 @@ def _ragged_masses(batch, row_mass, col_mass, dtype, balanced: bool) -> tuple[Te
         cols = torch.where(col_valid, rows.sum(-1, keepdim=True) / k_b, 0.0)
     elif rows is None:
         rows = torch.where(row_valid, cols.sum(-1, keepdim=True) / n_b, 0.0)
-    elif balanced:
-        _checks.positive_masses(OP, "col_mass", torch.where(col_valid, cols, 1.0), rows.sum(-1), "the total of row_mass")
     return rows.contiguous(), cols.contiguous()
 
 
@@ -206,9 +200,7 @@ def _given_mass(batch, name: str, mass, size: int, valid: Tensor, dtype) -> Tens
     else:
         full = batch.batch_shape + (size,)
         mass = _checks.mass_shape(OP, name, mass, batch.scores, full, "N" if name == "row_mass" else "K").reshape(-1, size).to(dtype)
-    mass = torch.where(valid, mass, 0.0)
-    _checks.positive_masses(OP, name, torch.where(valid, mass, 1.0))
-    return mass
+    return torch.where(valid, mass, 0.0)
 
 
 def _initial_rows(batch, init, work: Tensor, rows: Tensor, eps_start: Tensor, eps: float, reach: float) -> Tensor:
@@ -245,8 +237,6 @@ def _init_part(batch, name: str, value, size: int, valid: Tensor, dtype) -> Tens
         except RuntimeError:
             raise ValueError(f"{OP}: argument '{name}' must broadcast to {tuple(batch.batch_shape + (size,))}; got shape {tuple(value.shape)}") from None
     value = value.reshape(-1, size).detach().to(dtype)
-    if _checks.value_checks_enabled():
-        _checks.finite(OP, name, torch.where(valid, value, 0.0))
     return torch.where(valid, value, 0.0).contiguous()
 
 

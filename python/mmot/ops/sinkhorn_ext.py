@@ -12,12 +12,61 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmot import reference_ext
+from mmot import _checks, reference, reference_ext
 from mmot.ops import _implicit_rust, _sinkhorn_ext_rust
 from mmot.ops._kernels import Kernels, triton_entry, triton_kernels
 from mmot.reverse import implicit
 
+OP = "mmot.sinkhorn"
 KERNELS = "sinkhorn_ext"  # mmot.kernels.sinkhorn_ext
+
+
+def _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps, reach, log_domain) -> None:
+    """The value checks (one host sync each), made inside the op so that compiled graphs hold none."""
+    rows, cols = reference_ext.valid_masks(scores.shape, row_counts, col_counts)
+    _checks_counts(scores, row_counts, col_counts)
+    _checks.finite(OP, "scores", scores)
+    _checks.finite(OP, "init", init_f)
+    _checks.positive_masses(OP, "row_mass", torch.where(rows.squeeze(-1), row_mass, 1.0))
+    _checks.positive_masses(OP, "col_mass", torch.where(cols.squeeze(-2), col_mass, 1.0))
+    if reach == float("inf"):
+        # Padding holds 0, so the plain sums are the valid entries' totals.
+        rows_total, cols_total = row_mass.sum(-1, dtype=torch.float64), col_mass.sum(-1, dtype=torch.float64)
+        mismatch = (rows_total - cols_total).abs() > 1e-4 * rows_total.abs()
+        if bool(mismatch.any()):
+            worst = int(mismatch.nonzero()[0])
+            raise ValueError(
+                f"{OP}: argument 'col_mass' must sum to the total of row_mass in every problem (or give 'reach' for unbalanced "
+                f"marginals); got a sum of {float(cols_total[worst]):.6g} where {float(rows_total[worst]):.6g} was expected"
+            )
+    reference.check_log_range(scores, eps, 1.0, OP)
+    if log_domain == "off":
+        reference.uses_log_domain(scores, eps, 1.0, log_domain, op=OP)
+
+
+def _checks_counts(scores, row_counts, col_counts) -> None:
+    for name, counts, size in (("row_counts", row_counts, scores.shape[-2]), ("col_counts", col_counts, scores.shape[-1])):
+        low, high = int(counts.min()), int(counts.max())
+        if low < 1 or high > size:
+            raise ValueError(f"{OP}: argument '{name}' must lie in 1..{size} (the padded size); got values from {low} to {high}")
+
+
+def _forward(backend, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain):
+    """Checks, then the chosen kernel in the working dtype; results in the scores' dtype (errors in the compute dtype)."""
+    if _checks.value_checks_enabled() and scores.numel():
+        _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps, reach, log_domain)
+    dtype = _working_dtype(scores, eps)
+    plan, f, g, iters, err = _FORWARD(
+        backend, scores.to(dtype), row_mass.to(dtype), col_mass.to(dtype), row_counts, col_counts, init_f.to(dtype), eps_start, eps, decay, n_iters, tol, reach, log_domain
+    )
+    return plan.to(scores.dtype), f.to(scores.dtype), g.to(scores.dtype), iters, err.to(reference.compute_dtype(scores.dtype))
+
+
+def _working_dtype(scores: Tensor, eps: float) -> torch.dtype:
+    """reference.working_dtype where the value checks may read the scores, else the compute dtype."""
+    if not _checks.value_checks_enabled():
+        return reference.compute_dtype(scores.dtype)
+    return reference.working_dtype(scores, eps, 1.0, OP)
 
 
 def _empty(scores, *_) -> bool:
@@ -80,12 +129,12 @@ def sinkhorn_ext_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Devices without a kernel of their own run the torch backend."""
-    return _FORWARD("torch", scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain)
+    return _forward("torch", scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain)
 
 
 @sinkhorn_ext_op.register_kernel(("cpu", "cuda"))
 def _sinkhorn_ext_kernel(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain, grad, backend):
-    return _FORWARD(backend, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain)
+    return _forward(backend, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain)
 
 
 @sinkhorn_ext_op.register_fake
@@ -96,7 +145,7 @@ def _sinkhorn_ext_fake(scores, row_mass, col_mass, row_counts, col_counts, init_
         scores.new_empty(scores.shape[:-1]),
         scores.new_empty((b, scores.shape[-1])),
         scores.new_empty((b,), dtype=torch.int64),
-        scores.new_empty((b,)),
+        scores.new_empty((b,), dtype=reference.compute_dtype(scores.dtype)),
     )
 
 
@@ -118,12 +167,20 @@ def sinkhorn_ext_backward_op(
     backend: str,
 ) -> Tensor:
     """The exact VJP of the unrolled iteration; devices without a kernel of their own run the torch backend."""
-    return _BACKWARD("torch", grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain)
+    return _backward_unrolled("torch", grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain)
 
 
 @sinkhorn_ext_backward_op.register_kernel(("cpu", "cuda"))
 def _sinkhorn_ext_backward_kernel(grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain, backend):
-    return _BACKWARD(backend, grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain)
+    return _backward_unrolled(backend, grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain)
+
+
+def _backward_unrolled(backend, grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain):
+    dtype = _working_dtype(scores, eps)  # as the forward's
+    out = _BACKWARD(
+        backend, grad.to(dtype), scores.to(dtype), row_mass.to(dtype), col_mass.to(dtype), row_counts, col_counts, init_f.to(dtype), eps_start, eps, decay, iters, reach, log_domain
+    )
+    return out.to(scores.dtype)
 
 
 @sinkhorn_ext_backward_op.register_fake
@@ -134,12 +191,17 @@ def _sinkhorn_ext_backward_fake(grad, scores, *_):
 @torch.library.custom_op("mmot::sinkhorn_implicit_backward", mutates_args=())
 def sinkhorn_implicit_backward_op(grad: Tensor, plan: Tensor, row_counts: Tensor, col_counts: Tensor, eps: float, reach: float, backend: str) -> Tensor:
     """The adjoint of the converged fixed point; devices without a kernel of their own run the torch backend."""
-    return _IMPLICIT("torch", grad, plan, row_counts, col_counts, eps, reach)
+    return _backward_implicit("torch", grad, plan, row_counts, col_counts, eps, reach)
 
 
 @sinkhorn_implicit_backward_op.register_kernel(("cpu", "cuda"))
 def _sinkhorn_implicit_backward_kernel(grad, plan, row_counts, col_counts, eps, reach, backend):
-    return _IMPLICIT(backend, grad, plan, row_counts, col_counts, eps, reach)
+    return _backward_implicit(backend, grad, plan, row_counts, col_counts, eps, reach)
+
+
+def _backward_implicit(backend, grad, plan, row_counts, col_counts, eps, reach):
+    dtype = reference.compute_dtype(plan.dtype)
+    return _IMPLICIT(backend, grad.to(dtype), plan.to(dtype), row_counts, col_counts, eps, reach).to(plan.dtype)
 
 
 @sinkhorn_implicit_backward_op.register_fake
