@@ -13,7 +13,9 @@ on; the JSON is rewritten after every workload, so a run cut short still leaves 
 
 ``mmot-bench distributed`` times the ``process_group=`` paths over gloo processes on this machine
 (bench/distributed.py; ``mmot-bench distributed --help``). ``mmot-bench backward-ratio`` times the
-unrolled Sinkhorn backward against its forward (bench/backward_ratio.py).
+unrolled Sinkhorn backward against its forward (bench/backward_ratio.py); ``mmot-bench
+sinkhorn-options`` what ragged batches, ε-scaling, warm starts and implicit gradients save
+(bench/sinkhorn_options.py).
 """
 
 from __future__ import annotations
@@ -467,6 +469,12 @@ def main(argv: list[str] | None = None) -> None:
         from mmot.bench import distributed
 
         distributed.main(argv[1:])
+        return
+    if argv[:1] == ["sinkhorn-options"]:
+        # `mmot-bench sinkhorn-options`: what the Sinkhorn options save (bench/sinkhorn_options.py).
+        from mmot.bench import sinkhorn_options
+
+        sinkhorn_options.main(argv[1:])
         return
     if argv[:1] == ["backward-ratio"]:
         from mmot.bench import backward_ratio
