@@ -156,3 +156,16 @@ def test_backward_ratio_times_both_halves(capsys):
     assert line.startswith("sinkhorn 65536x(4x4)") and line.endswith("x")
     with pytest.raises(SystemExit):
         cli.main(["backward-ratio", "--cases", "nonsense"])
+
+
+def test_sinkhorn_options_bench_reports_every_case(capsys):
+    from mmot.bench import sinkhorn_options
+
+    rows, cols = torch.tensor([4, 64]), torch.tensor([64, 4])
+    row_mass, col_mass = sinkhorn_options.padded_masses(rows, cols, 64)
+    torch.testing.assert_close(row_mass.sum(-1), col_mass.sum(-1))
+    cli.main(["sinkhorn-options", "--tiny", "--repeats", "1", "--cases", "eps-scaling", "warm-start", "implicit"])
+    out = capsys.readouterr().out
+    assert "geometric  iterations" in out and "warm iterations" in out and out.count("x faster") == 4
+    with pytest.raises(SystemExit):
+        cli.main(["sinkhorn-options", "--cases", "nonsense"])
