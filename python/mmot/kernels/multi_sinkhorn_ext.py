@@ -77,7 +77,21 @@ def _centred(S, stride_n, stride_k, offs_n, offs_k, valid, first, ACC: tl.conste
 
 
 @triton.jit
-def _column_pass(S, stride_n, stride_k, first, n_b, kvalid, inv_e, w, gmask, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _column_pass(
+    S,
+    stride_n,
+    stride_k,
+    first,
+    n_b,
+    kvalid,
+    inv_e,
+    w,
+    gmask,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Online LSE_n(w_G x / e) per (group, anchor), and whether a valid score is not finite."""
     offs_k = tl.arange(0, BLOCK_K)
     m = tl.full([BLOCK_G, BLOCK_K], NEG_INF, ACC)
@@ -447,7 +461,11 @@ def _msk_ext_fwd_kernel(
     F = F - w[:, None] * first[None, :]
     F = tl.where(bad != 0, NAN, F)
     gk_out = (offs_g < NG)[:, None] & (offs_k < K)[None, :]
-    tl.store(F_OUT + pid.to(tl.int64) * NG * K + offs_g[:, None] * K + offs_k[None, :], tl.where(gkvalid, F, 0.0).to(F_OUT.dtype.element_ty), mask=gk_out)
+    tl.store(
+        F_OUT + pid.to(tl.int64) * NG * K + offs_g[:, None] * K + offs_k[None, :],
+        tl.where(gkvalid, F, 0.0).to(F_OUT.dtype.element_ty),
+        mask=gk_out,
+    )
     tl.store(ITERS + pid, tl.where(bad != 0, n_iters, t).to(tl.int64))
     tl.store(ERR + pid, tl.where(bad != 0, NAN, err).to(ERR.dtype.element_ty))
 
@@ -810,7 +828,9 @@ def forward(scores, row_counts, col_counts, weights, counts, tops, eps_start, ep
     return out, F, gam, H, iters, err
 
 
-def backward(grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain, *, n_iters=None):
+def backward(
+    grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain, *, n_iters=None
+):
     """∂loss/∂scores for ∂loss/∂T = ``grad``: the exact VJP of the ``iters[b]`` iterations run.
 
     The scratch holds every iteration's potentials, sized by ``n_iters`` (the forward's cap)
@@ -862,4 +882,3 @@ def backward(grad, scores, row_counts, col_counts, weights, counts, tops, eps_st
 # The names the spec gives the kernel-level functions.
 multi_sinkhorn_ext_forward = forward
 multi_sinkhorn_ext_backward = backward
-
