@@ -263,7 +263,8 @@ def test_forward_and_backward_hypothesis(seed, B, N, K, G, n_iters, schedule, to
     scores, rows, cols, weights, counts, tops = problem(seed, B, N, K, G)
     gen = torch.Generator().manual_seed(seed + 1)
     eps = 0.15
-    eps_start = eps * (1 + 4 * torch.rand(B, generator=gen, dtype=torch.float64)) if schedule else _eps_start(B, None, eps)
+    # A start below eps means no schedule (eps_t = eps).
+    eps_start = eps * (0.5 + 4 * torch.rand(B, generator=gen, dtype=torch.float64)) if schedule else _eps_start(B, None, eps)
     args = (scores, rows, cols, weights, counts, tops, eps_start, eps, 0.6, n_iters, tol, normalize)
     got = run(*args)
     check_forward(got, naive(*args))
@@ -405,3 +406,23 @@ def test_fits():
     assert kernel.fits(widest // 4, 2, torch.float32)
     assert not kernel.fits(widest // 2, 2, torch.float32)
     assert kernel.fits(widest // 2, 2, torch.float32, backward=False)
+
+
+def test_stop_at_the_cap_and_non_contiguous_scores():
+    """A problem that meets tol exactly at the cap, and one that needs one more iteration than
+    the cap, against the naive form; a transposed (non-contiguous) view gives the same numbers."""
+    scores, rows, cols, weights, counts, tops = problem(16, 3, 5, 5, 2)
+    eps_start = torch.tensor([0.3, 0.1, 0.2], dtype=torch.float64)
+    rest = (weights, counts, tops, eps_start, 0.1, 0.5)
+    free = run(scores, rows, cols, *rest, 50, 1e-4, "minmax")[4]
+    assert len(set(free.tolist())) == 3
+    cap = int(free.median())
+    args = (scores, rows, cols, *rest, cap, 1e-4, "minmax")
+    got = run(*args)
+    check_forward(got, naive(*args))
+    assert sorted(got[4].tolist()) == sorted(min(int(i), cap) for i in free)
+    view = scores.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not view.is_contiguous()
+    again = run(view, *args[1:])
+    for x, y in zip(got, again):
+        assert torch.equal(x, y)

@@ -32,7 +32,7 @@ problem's first row (absorbed exactly by F, which is shifted back on output).
 is recomputed per tile. Then one reverse streaming pass per iteration with the adjoints
 (score units; A_{t+1} the plan after the column step of iteration t+1, at e_{t+1})::
 
-    W_G = -F̄_{G,t+1}/r · A_{G,t+1}           (F_{t+1} through Gam_t, H_t and S)
+    W_G = -F̄_{G,t+1}/r · A_{G,t+1}           (F_{t+1} through Gam_t, H_t and S; A_{t+1} = P_t·exp((F_{t+1}-F_t)/e) at equal e)
     U_G = -H̄_{G,t} · P_{G,t}                 (H̄_t = Σ_a W + Σ_a Z of iteration t+1)
     Z_G = -Ḡam_t · c_G B_{G,t}                (Ḡam_t = Σ_G (W + U); c_G B_G the softmax over G)
     S̄ += Σ_G w_G (W + U + Z),   F̄_{G,t} = Σ_n (U + Z)
@@ -260,7 +260,7 @@ def _iterate(
     e_cur = e_start
     e_last = e0
     err = tl.zeros([], ACC)
-    t = 0
+    t = tl.zeros([], tl.int32)
     go = (bad == 0) & (n_iters > 0)
     while go:
         e_t = tl.maximum(eps64, e_cur)
@@ -268,11 +268,11 @@ def _iterate(
         e_n = tl.maximum(eps64, e_next)
         same = e_n == e_t
         if SAVE:
-            tl.store(FS + t * BLOCK_G * K + gk, F, mask=gkvalid)
+            tl.store(FS + t.to(tl.int64) * BLOCK_G * K + gk, F, mask=gkvalid)
             tl.store(ES + t, e_t)
         if SAVE:
-            hprev = HS + t * slot
-            hcur = HS + (t + 1) * slot
+            hprev = HS + t.to(tl.int64) * slot
+            hcur = HS + (t.to(tl.int64) + 1) * slot
         else:
             hprev = HS + (t % h_slots) * slot
             hcur = HS + ((t + 1) % h_slots) * slot
@@ -309,6 +309,8 @@ def _iterate(
             BLOCK_K,
             ACC,
         )
+        # H_t crosses threads before the next pass reads it.
+        tl.debug_barrier()
         col = tl.where(gkvalid, col, r)
         err = tl.max(tl.max(tl.abs(col - r) / r, axis=1), axis=0)
         stop = (tol64 >= 0) & (e_cur <= eps64) & (err.to(tl.float64) <= tol64)
@@ -486,6 +488,7 @@ def _reverse_pass(
     inv_e,
     ratio,
     inv_en,
+    same_next,
     n_b,
     N,
     K,
@@ -507,6 +510,7 @@ def _reverse_pass(
     offs_g = tl.arange(0, BLOCK_G)
     phi = F * inv_e
     phi_next = F_next * inv_en
+    step = tl.exp(phi_next - phi)
     col = tl.zeros([BLOCK_G, BLOCK_K], ACC)
     for n0 in range(0, n_b, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -538,7 +542,11 @@ def _reverse_pass(
             u = xadj - tl.sum(xadj, axis=2)[:, :, None] * c
             dl3 = u
         else:
-            a = tl.exp(tl.where(mask3, (le + gamma[None, :, :] + psi[:, :, None]) * ratio + phi_next[:, None, :], NEG_INF))
+            if same_next:
+                # e_{t+1} == e_t: A_{t+1} = P_t · exp(φ_{t+1} - φ_t), one exp per column instead of per entry.
+                a = c * step[:, None, :]
+            else:
+                a = tl.exp(tl.where(mask3, (le + gamma[None, :, :] + psi[:, :, None]) * ratio + phi_next[:, None, :], NEG_INF))
             wadj = -(Fbar_next / r)[:, None, :] * a
             hbar = tl.load(PSIBAR + gn, mask=gnvalid, other=0.0) + tl.sum(wadj, axis=2)
             u = -hbar[:, :, None] * c
@@ -652,7 +660,7 @@ def _msk_ext_bwd_kernel(
         tl.debug_barrier()
         t = tau - 1
         e_t = tl.load(ES + t)
-        F_t = tl.load(FS + t * BLOCK_G * K + gk, mask=gkvalid, other=0.0)
+        F_t = tl.load(FS + t.to(tl.int64) * BLOCK_G * K + gk, mask=gkvalid, other=0.0)
         Fbar = _reverse_pass(
             S,
             stride_n,
@@ -660,7 +668,7 @@ def _msk_ext_bwd_kernel(
             first,
             GRAD,
             D,
-            HS + t * slot,
+            HS + t.to(tl.int64) * slot,
             PSIBAR,
             F_t,
             F_t,
@@ -668,6 +676,7 @@ def _msk_ext_bwd_kernel(
             (1.0 / e_t).to(ACC),
             tl.full([], 1.0, ACC),
             (1.0 / e_t).to(ACC),
+            e_t == e_t,
             n_b,
             N,
             K,
@@ -690,7 +699,7 @@ def _msk_ext_bwd_kernel(
             e_n = e_t
             e_t = tl.load(ES + t)
             F_n = F_t
-            F_t = tl.load(FS + t * BLOCK_G * K + gk, mask=gkvalid, other=0.0)
+            F_t = tl.load(FS + t.to(tl.int64) * BLOCK_G * K + gk, mask=gkvalid, other=0.0)
             Fbar = _reverse_pass(
                 S,
                 stride_n,
@@ -698,7 +707,7 @@ def _msk_ext_bwd_kernel(
                 first,
                 GRAD,
                 D,
-                HS + t * slot,
+                HS + t.to(tl.int64) * slot,
                 PSIBAR,
                 F_t,
                 F_n,
@@ -706,6 +715,7 @@ def _msk_ext_bwd_kernel(
                 (1.0 / e_t).to(ACC),
                 (e_t / e_n).to(ACC),
                 (1.0 / e_n).to(ACC),
+                e_t == e_n,
                 n_b,
                 N,
                 K,
