@@ -426,3 +426,26 @@ def test_stop_at_the_cap_and_non_contiguous_scores():
     again = run(view, *args[1:])
     for x, y in zip(got, again):
         assert torch.equal(x, y)
+
+
+def test_column_shifts_and_small_eps():
+    """Per-column constants of 1e4 (absorbed by F, which moves by -w_G·shift) and eps = 0.02,
+    where exp would underflow: the log-domain kernels agree with the naive form."""
+    scores, rows, cols, weights, counts, tops = problem(17, 2, 5, 4, 2)
+    scores = 3.0 * scores
+    shift = 1e4 * torch.randn(2, 1, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps_start = torch.tensor([0.3, 0.02], dtype=torch.float64)
+    rest = (rows, cols, weights, counts, tops, eps_start, 0.02, 0.5, 6, -1.0, "minmax")
+    base = run(scores, *rest)
+    moved = run(scores + shift, *rest)
+    check_forward(base, naive(scores, *rest))
+    torch.testing.assert_close(moved[0], base[0], rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(moved[2], base[2], rtol=1e-8, atol=1e-8)
+    w = torch.tensor(weights, dtype=torch.float64)[None, :, None]
+    present = torch.where(base[1] != 0, 1.0, 0.0)
+    torch.testing.assert_close(moved[1], base[1] - w * shift * present, rtol=1e-10, atol=1e-7)
+    up, valid = upstream_for(scores)
+    grad = kernel.backward(torch.where(valid, up, float("nan")), scores + shift, *rest[:8], base[4], "minmax", "auto")
+    want = naive_grad(scores, *rest, up, valid)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(grad / scale, want / scale, rtol=1e-7, atol=1e-8)
