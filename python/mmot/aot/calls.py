@@ -50,6 +50,7 @@ from mmot.kernels import (
     geometric_consistency,
     info_nce,
     multi_sinkhorn,
+    multi_sinkhorn_ext,
     nt_xent,
     similarity,
     similarity_regression,
@@ -114,6 +115,24 @@ def _multi_sinkhorn(dtype: torch.dtype, b: int, n: int, k: int, n_groups: int, n
         multi_sinkhorn.forward(scores, 0.07, 3, groups, mass, normalize)
         if multi_sinkhorn.fits(k, len(groups), dtype, backward=True):
             multi_sinkhorn.backward(_empty(b, n, k, dtype=dtype), scores, 0.07, 3, groups, mass, normalize)
+
+    return run
+
+
+def _multi_sinkhorn_ext(dtype: torch.dtype, b: int, n: int, k: int, n_groups: int, normalize: str) -> Callable[[], None]:
+    """The ragged grouped Multi-SK (issue 20): forward and backward where ``fits`` says the op runs them."""
+
+    def run() -> None:
+        if not multi_sinkhorn_ext.fits(k, n_groups, dtype):
+            return
+        scores = _empty(b, n, k, dtype=dtype)
+        sizes = torch.empty((b,), dtype=torch.int64, device=META)
+        table = _empty(b, n_groups, dtype=torch.float64)
+        eps_start = _empty(b, dtype=torch.float64)
+        weights = [0.25, 1.0, 0.5][:n_groups]
+        args = (sizes, sizes, weights, table, table, eps_start, 0.07)
+        multi_sinkhorn_ext.forward(scores, *args, 0.5, 3, 1e-4, normalize, "auto")
+        multi_sinkhorn_ext.backward(_empty(b, n, k, dtype=dtype), scores, *args, 0.5, sizes, normalize, "auto", n_iters=3)
 
     return run
 
@@ -216,6 +235,24 @@ def _multi_sinkhorn_calls() -> Iterator[Call]:
         for b, n, k in ((1, 7660, 64), (1, 7660, 128), (1, 7660, 256), (1, 7660, 1024), (65536, 4, 4), (65536, 16, 16)):
             label = f"{_name(dtype)} bench B={b} N={n} K={k}"
             yield Call("multi_sinkhorn", label, _multi_sinkhorn(dtype, b, n, k, 2, "minmax"), True)
+
+
+def _multi_sinkhorn_ext_calls() -> Iterator[Call]:
+    # The caller converts to float32 or float64 (the working dtype); one program per problem.
+    for dtype in WIDE:
+        for n_groups in (1, 2, 3):
+            block_g = 1 << (n_groups - 1).bit_length()
+            widths = [k for k in _widths(_common.widest_row(_common.acc_dtype(dtype)) // (2 * block_g)) if k >= n_groups]
+            for k in widths:
+                for normalize in ("minmax", "none"):
+                    sampled = k in (widths[0], widths[-1]) and (n_groups == 2 or normalize == "minmax")
+                    for b, n, what in ((BATCH, ROWS, "batch"), (BATCH, 1, "one row")):
+                        label = f"{_name(dtype)} {what} B={b} N={n} K={k} groups={n_groups} {normalize}"
+                        yield Call("multi_sinkhorn_ext", label, _multi_sinkhorn_ext(dtype, b, n, k, n_groups, normalize), sampled and n > 1)
+        # mmot-bench: a ragged batch padded to 64 x 64, the SSPC size, and batches of tiny problems.
+        for b, n, k in ((4096, 64, 64), (1, 7660, 64), (65536, 4, 4), (65536, 16, 16)):
+            label = f"{_name(dtype)} bench B={b} N={n} K={k}"
+            yield Call("multi_sinkhorn_ext", label, _multi_sinkhorn_ext(dtype, b, n, k, 2, "minmax"), True)
 
 
 def _similarity_calls() -> Iterator[Call]:
@@ -323,6 +360,7 @@ def every_call() -> list[Call]:
     return [
         *_sinkhorn_calls(),
         *_multi_sinkhorn_calls(),
+        *_multi_sinkhorn_ext_calls(),
         *_similarity_calls(),
         *_info_nce_calls(),
         *_multi_info_nce_calls(),
