@@ -1,0 +1,539 @@
+"""Triton kernels of ``mmot::sinkhorn_ext``: ragged batches, per-problem early stopping, the
+geometric ε-schedule, warm starts, unbalanced marginals, and the exact VJP of the unrolled loop.
+
+The math is issue 20's section 1. Problem b is ``scores[b, :n_b, :k_b]``; with e = ε_t, and
+τ = ρ / (ρ + e) (τ = 1 when ρ = ∞), the potentials f (rows) and g (columns) are in score units::
+
+    g_j = τ (e log c_j − e LSE_i((S_ij + f_i) / e))         column step
+    f_i = τ (e log r_i − e LSE_j((S_ij + g_j) / e))         row step
+    P   = exp((S + f + g) / e)
+
+and err_t = max_j |exp((g_j − g'_j) / e) − 1|, g' the column step that would follow at the same
+e. ε_t = max(ε, e_t) with e_0 = eps_start_b and e_{t+1} = e_t · decay in float64 (every backend
+multiplies the same numbers). A problem stops after iteration t when tol ≥ 0, ε_t == ε and
+err_t ≤ tol.
+
+**Launch structure.** One program per problem (grid (B,)), which runs the whole iteration in
+one launch: the loop over iterations is a ``while`` on the program's own iteration count and
+stop flag, so every problem stops where its own error says and no host synchronisation happens.
+The row loops run over the problem's own rows (``range(0, n_b, BLOCK_N)``), so the padding costs
+no work beyond the tile width; a tile holds BLOCK_N whole rows of ``next_power_of_2(K)`` columns
+(:func:`fits`). A problem's column potential g lives in registers; f lives in the f output.
+
+**Log domain throughout** (``log_domain`` is accepted and not needed). Each iteration is one
+streaming pass over the rows: a row block's row log-sum-exp gives its f, and the same pass folds
+(S + f) / e into an online column log-sum-exp, which is both the error's g' and, when ε_t does
+not change, the next iteration's column step. While the schedule anneals (ε_{t+1} ≠ ε_t) a
+second pass recomputes the column log-sum-exp at the new ε.
+
+**Backward** (the exact VJP of the iteration that ran ``iters[b]`` steps). A replay of the
+forward (capped at ``iters[b]``, no stopping test) saves, per iteration, the row and column
+log-sum-exps and ε_t: O(T·(N + K)) per problem; f and g are recomputed from them by the same
+arithmetic as the forward. With softmaxes R^t = exp((S + g^t)/e_t − lse_row^t) (rows sum to 1)
+and C^t = exp((S + f^{t−1})/e_t − lse_col^t) (columns sum to 1), f^{−1} = f0 a constant::
+
+    X = Ḡ ⊙ P / e_T;  f̄^T = Σ_j X;  S̄ = X;  ḡ^T = Σ_i X
+    row step t:     S̄ −= τ_t f̄^t R^t;   ḡ^t += −τ_t Σ_i f̄^t R^t
+    column step t:  S̄ −= τ_t ḡ^t C^t;   f̄^{t−1} = −τ_t Σ_j ḡ^t C^t
+
+A column step's f̄ is a row sum, so it fuses with the row step before it: one streaming pass per
+iteration, S̄ accumulated in the output (iters + 1 passes in all).
+
+**Non-finite valid scores** poison their problem: plan, f, g and err NaN, iters = n_iters, and
+the backward's valid entries NaN (the op's value checks refuse them first when on).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmot.kernels import _common
+from mmot.kernels._common import NEG_INF, POS_INF, scalar
+
+# Integers that vary per call: no specialisation on 1 or multiples of 16.
+_NOT_SPECIALIZED = ("n_iters", "max_iters")
+NAN: tl.constexpr = tl.constexpr(float("nan"))
+
+
+@triton.jit
+def _tau(rho, e):
+    """ρ / (ρ + e) in float64, exactly 1 when ρ = ∞."""
+    balanced = rho == POS_INF
+    r = tl.where(balanced, 1.0, rho)
+    return r / (r + tl.where(balanced, 0.0, e))
+
+
+@triton.jit
+def _potential(log_mass, lse, e, tau):
+    """τ (e log m − e LSE): one potential from its log-sum-exp (forward and backward alike)."""
+    return tau * (e * log_mass - e * lse)
+
+
+@triton.jit
+def _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC: tl.constexpr):
+    return tl.load(S + offs_n[:, None] * stride_n + offs_k[None, :] * stride_k, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _column_lse(S, F, stride_n, stride_k, n, k, inv_e, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """LSE_i((S_ij + f_i) / e) over the problem's rows, online (0 on padded columns)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    m = tl.full([BLOCK_K], NEG_INF, ACC)
+    s = tl.zeros([BLOCK_K], ACC)
+    for n0 in range(0, n, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < n
+        mask = nmask[:, None] & kmask[None, :]
+        x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+        f = tl.load(F + offs_n, mask=nmask, other=0.0).to(ACC)
+        z = tl.where(mask, (x + f[:, None]) * inv_e, NEG_INF)
+        new_m = tl.maximum(m, tl.max(z, axis=0))
+        safe = tl.where(new_m == NEG_INF, 0.0, new_m)
+        s = s * tl.exp(m - safe) + tl.sum(tl.exp(z - safe[None, :]), axis=0)
+        m = new_m
+    return tl.where(kmask, m + tl.log(tl.where(kmask, s, 1.0)), 0.0)
+
+
+@triton.jit
+def _row_pass(
+    S,
+    RMASS,
+    F,
+    LSER,
+    stride_n,
+    stride_k,
+    g,
+    n,
+    k,
+    e,
+    inv_e,
+    tau,
+    SAVE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Row step given g: writes f (and its row LSE when SAVE); returns LSE_i((S + f) / e)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    m = tl.full([BLOCK_K], NEG_INF, ACC)
+    s = tl.zeros([BLOCK_K], ACC)
+    for n0 in range(0, n, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < n
+        mask = nmask[:, None] & kmask[None, :]
+        x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+        z = tl.where(mask, (x + g[None, :]) * inv_e, NEG_INF)
+        row_max = tl.where(nmask, tl.max(z, axis=1), 0.0)
+        row_sum = tl.where(nmask, tl.sum(tl.exp(z - row_max[:, None]), axis=1), 1.0)
+        lse = row_max + tl.log(row_sum)
+        log_r = tl.log(tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC))
+        f = _potential(log_r, lse, e, tau)
+        tl.store(F + offs_n, f.to(F.dtype.element_ty), mask=nmask)
+        if SAVE:
+            tl.store(LSER + offs_n, lse, mask=nmask)
+        w = tl.where(mask, (x + f[:, None]) * inv_e, NEG_INF)
+        new_m = tl.maximum(m, tl.max(w, axis=0))
+        safe = tl.where(new_m == NEG_INF, 0.0, new_m)
+        s = s * tl.exp(m - safe) + tl.sum(tl.exp(w - safe[None, :]), axis=0)
+        m = new_m
+    return tl.where(kmask, m + tl.log(tl.where(kmask, s, 1.0)), 0.0)
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _sinkhorn_ext_fwd_kernel(
+    S,
+    RMASS,
+    CMASS,
+    RCNT,
+    CCNT,
+    F0,
+    ESTART,
+    CAP,
+    PLAN,
+    FOUT,
+    GOUT,
+    ITERS,
+    ERR,
+    LSER,
+    LSEC,
+    EPOT,
+    BAD,
+    N,
+    K,
+    eps: tl.float64,
+    decay: tl.float64,
+    tol: tl.float64,
+    reach: tl.float64,
+    n_iters,
+    max_iters,
+    stride_b,
+    stride_n,
+    stride_k,
+    SAVE: tl.constexpr,
+    WRITE_PLAN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """One problem: the iteration until its cap or its stop, then its plan and potentials.
+
+    SAVE (the backward's replay): runs exactly CAP[b] iterations (no stopping test) and keeps
+    each iteration's row and column LSE and ε_t in slot t of LSER, LSEC and EPOT (max_iters
+    slots per problem) and whether the problem is poisoned in BAD.
+    """
+    eps = scalar(eps, tl.float64)
+    decay = scalar(decay, tl.float64)
+    tol = scalar(tol, tl.float64)
+    rho = scalar(reach, tl.float64)
+    pid = tl.program_id(0)
+    n = tl.load(RCNT + pid).to(tl.int32)
+    k = tl.load(CCNT + pid).to(tl.int32)
+    S += pid.to(tl.int64) * stride_b
+    PLAN += pid.to(tl.int64) * N * K
+    RMASS += pid.to(tl.int64) * N
+    F0 += pid.to(tl.int64) * N
+    FOUT += pid.to(tl.int64) * N
+    LSER += pid.to(tl.int64) * max_iters * N
+    LSEC += pid.to(tl.int64) * max_iters * K
+    EPOT += pid.to(tl.int64) * max_iters
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    log_c = tl.log(tl.load(CMASS + pid.to(tl.int64) * K + offs_k, mask=kmask, other=1.0).to(ACC))
+    if SAVE:
+        cap = tl.minimum(tl.load(CAP + pid).to(tl.int32), n_iters)
+    else:
+        cap = n_iters
+
+    # f := f0 on the problem's rows (0 on the padding); a non-finite valid score poisons it.
+    bad = tl.zeros([], tl.int32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < n
+        f0 = tl.load(F0 + offs_n, mask=valid, other=0.0).to(ACC)
+        tl.store(FOUT + offs_n, tl.where(valid, f0, 0.0).to(FOUT.dtype.element_ty), mask=offs_n < N)
+        mask = valid[:, None] & kmask[None, :]
+        x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+        bad = tl.maximum(bad, tl.max(tl.max(tl.where(mask & ~(tl.abs(x) < POS_INF), 1, 0), axis=1), axis=0))
+    tl.debug_barrier()
+
+    e = tl.load(ESTART + pid).to(tl.float64)
+    e_prev = tl.full([], -1.0, tl.float64)  # ε of the last iteration run
+    t = tl.zeros([], tl.int32)
+    done = bad
+    g = tl.zeros([BLOCK_K], ACC)
+    lse_next = tl.zeros([BLOCK_K], ACC)
+    err = tl.zeros([], ACC)
+    while (t < cap) & (done == 0):
+        e_t = tl.maximum(e, eps)
+        tau = _tau(rho, e_t).to(ACC)
+        e_acc = e_t.to(ACC)
+        inv_e = (1.0 / e_t).to(ACC)
+        if e_t != e_prev:
+            lse_col = _column_lse(S, FOUT, stride_n, stride_k, n, k, inv_e, BLOCK_N, BLOCK_K, ACC)
+        else:
+            lse_col = lse_next
+        g = tl.where(kmask, _potential(log_c, lse_col, e_acc, tau), 0.0)
+        if SAVE:
+            tl.store(LSEC + t * K + offs_k, lse_col, mask=kmask)
+            tl.store(EPOT + t, e_t)
+        tl.debug_barrier()
+        lse_next = _row_pass(S, RMASS, FOUT, LSER + t * N, stride_n, stride_k, g, n, k, e_acc, inv_e, tau, SAVE, BLOCK_N, BLOCK_K, ACC)
+        tl.debug_barrier()
+        g_next = _potential(log_c, lse_next, e_acc, tau)
+        err = tl.max(tl.where(kmask, tl.abs(tl.exp((g - g_next) * inv_e) - 1.0), 0.0), axis=0)
+        if not SAVE:
+            done = ((tol >= 0.0) & (e_t == eps) & (err.to(tl.float64) <= tol)).to(tl.int32)
+        e_prev = e_t
+        e = e * decay
+        t += 1
+
+    if SAVE:
+        tl.store(BAD + pid, bad)
+    else:
+        tl.store(ITERS + pid, tl.where(bad != 0, n_iters, t).to(tl.int64))
+        tl.store(ERR + pid, tl.where(bad != 0, NAN, err).to(ERR.dtype.element_ty))
+        kout = offs_k < K
+        tl.store(
+            GOUT + pid.to(tl.int64) * K + offs_k, tl.where(kmask, tl.where(bad != 0, NAN, g), 0.0).to(GOUT.dtype.element_ty), mask=kout
+        )
+        if WRITE_PLAN:
+            inv_e = (1.0 / e_prev).to(ACC)
+            for n0 in range(0, N, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                valid = offs_n < n
+                mask = valid[:, None] & kmask[None, :]
+                x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+                f = tl.load(FOUT + offs_n, mask=valid, other=0.0).to(ACC)
+                p = tl.exp((x + f[:, None] + g[None, :]) * inv_e)
+                p = tl.where(mask, tl.where(bad != 0, NAN, p), 0.0)
+                tl.store(
+                    PLAN + offs_n[:, None] * K + offs_k[None, :], p.to(PLAN.dtype.element_ty), mask=(offs_n < N)[:, None] & kout[None, :]
+                )
+                if bad != 0:
+                    tl.store(FOUT + offs_n, tl.full([BLOCK_N], NAN, ACC).to(FOUT.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, t, K, ACC: tl.constexpr):
+    """(e_t, 1/e_t, τ_t in the accumulation dtype, lse_col^t, g^t) of saved iteration t."""
+    e_t = tl.load(EPOT + t)
+    tau = _tau(rho, e_t).to(ACC)
+    e_acc = e_t.to(ACC)
+    lse_col = tl.load(LSEC + t * K + offs_k, mask=kmask, other=0.0)
+    g = tl.where(kmask, _potential(log_c, lse_col, e_acc, tau), 0.0)
+    return e_acc, (1.0 / e_t).to(ACC), tau, lse_col, g
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _sinkhorn_ext_bwd_kernel(
+    S,
+    G,
+    DS,
+    RMASS,
+    CMASS,
+    RCNT,
+    CCNT,
+    F0,
+    ITERS,
+    LSER,
+    LSEC,
+    EPOT,
+    BAD,
+    N,
+    K,
+    reach: tl.float64,
+    max_iters,
+    stride_b,
+    stride_n,
+    stride_k,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The reverse passes of one problem (module doc), S̄ accumulated in DS (accumulation dtype)."""
+    rho = scalar(reach, tl.float64)
+    pid = tl.program_id(0)
+    n = tl.load(RCNT + pid).to(tl.int32)
+    k = tl.load(CCNT + pid).to(tl.int32)
+    T = tl.minimum(tl.load(ITERS + pid).to(tl.int32), max_iters)
+    bad = tl.load(BAD + pid)
+    S += pid.to(tl.int64) * stride_b
+    G += pid.to(tl.int64) * N * K
+    DS += pid.to(tl.int64) * N * K
+    RMASS += pid.to(tl.int64) * N
+    F0 += pid.to(tl.int64) * N
+    LSER += pid.to(tl.int64) * max_iters * N
+    LSEC += pid.to(tl.int64) * max_iters * K
+    EPOT += pid.to(tl.int64) * max_iters
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    kout = offs_k < K
+    log_c = tl.log(tl.load(CMASS + pid.to(tl.int64) * K + offs_k, mask=kmask, other=1.0).to(ACC))
+
+    gbar = tl.zeros([BLOCK_K], ACC)
+    if bad == 0:
+        # The plan, then row step T−1.
+        e_acc, inv_e, tau, lse_col, g = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, T - 1, K, ACC)
+        for n0 in range(0, n, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < n
+            mask = nmask[:, None] & kmask[None, :]
+            x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+            tile = offs_n[:, None] * K + offs_k[None, :]
+            lse_row = tl.load(LSER + (T - 1) * N + offs_n, mask=nmask, other=0.0)
+            log_r = tl.log(tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC))
+            f = _potential(log_r, lse_row, e_acc, tau)
+            p = tl.exp(tl.where(mask, (x + f[:, None] + g[None, :]) * inv_e, NEG_INF))
+            xg = tl.load(G + tile, mask=mask, other=0.0).to(ACC) * p * inv_e
+            fbar = tl.sum(xg, axis=1)
+            rsm = tl.exp(tl.where(mask, (x + g[None, :]) * inv_e - lse_row[:, None], NEG_INF))
+            d = xg - (tau * fbar)[:, None] * rsm
+            gbar += tl.sum(d, axis=0)
+            tl.store(DS + tile, d, mask=mask)
+        tl.debug_barrier()
+        # Column step t, then row step t−1, for t = T−1 .. 1.
+        for i in range(1, T):
+            t = T - i
+            _, inv_e, tau, lse_col, _ = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, t, K, ACC)
+            e_p, inv_e_p, tau_p, lse_col_p, g_p = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, t - 1, K, ACC)
+            scale = tau * gbar
+            new_gbar = tl.zeros([BLOCK_K], ACC)
+            for n0 in range(0, n, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                nmask = offs_n < n
+                mask = nmask[:, None] & kmask[None, :]
+                x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+                tile = offs_n[:, None] * K + offs_k[None, :]
+                lse_row = tl.load(LSER + (t - 1) * N + offs_n, mask=nmask, other=0.0)
+                log_r = tl.log(tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC))
+                f_p = _potential(log_r, lse_row, e_p, tau_p)
+                a = -scale[None, :] * tl.exp(tl.where(mask, (x + f_p[:, None]) * inv_e - lse_col[None, :], NEG_INF))
+                fbar = tl.sum(a, axis=1)
+                rsm = tl.exp(tl.where(mask, (x + g_p[None, :]) * inv_e_p - lse_row[:, None], NEG_INF))
+                b = -(tau_p * fbar)[:, None] * rsm
+                new_gbar += tl.sum(b, axis=0)
+                tl.store(DS + tile, tl.load(DS + tile, mask=mask, other=0.0) + a + b, mask=mask)
+            gbar = new_gbar
+            tl.debug_barrier()
+    # Column step 0 (from f0), and the padding's zeros; NaN on a poisoned problem.
+    _, inv_e, tau, lse_col, _ = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, 0, K, ACC)
+    scale = tau * gbar
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < n
+        mask = nmask[:, None] & kmask[None, :]
+        tile = offs_n[:, None] * K + offs_k[None, :]
+        x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+        f0 = tl.load(F0 + offs_n, mask=nmask, other=0.0).to(ACC)
+        a = -scale[None, :] * tl.exp(tl.where(mask, (x + f0[:, None]) * inv_e - lse_col[None, :], NEG_INF))
+        d = tl.load(DS + tile, mask=mask, other=0.0) + a
+        d = tl.where(mask, tl.where(bad != 0, NAN, d), 0.0)
+        tl.store(DS + tile, d, mask=(offs_n < N)[:, None] & kout[None, :])
+
+
+def fits(n_cols: int, dtype: torch.dtype) -> bool:
+    """Whether rows of ``n_cols`` scores fit one tile (a program keeps whole rows)."""
+    return triton.next_power_of_2(max(1, n_cols)) <= _common.widest_row(_common.acc_dtype(dtype))
+
+
+class _Shape:
+    def __init__(self, scores: torch.Tensor):
+        self.B, self.N, self.K = scores.shape
+        self.acc = _common.acc_dtype(scores.dtype)
+        self.acc_tl = _common.tl_dtype(self.acc)
+        self.block_k = triton.next_power_of_2(max(1, self.K))
+        self.block_n = _common.tile_rows(max(1, self.N), self.block_k, self.acc)
+        self.warps = _common.num_warps(self.block_n * self.block_k, self.acc)
+
+
+def _prepared(sh: _Shape, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start):
+    dev = scores.device
+    return (
+        row_mass.reshape(sh.B, sh.N).to(sh.acc).contiguous(),
+        col_mass.reshape(sh.B, sh.K).to(sh.acc).contiguous(),
+        row_counts.reshape(sh.B).to(device=dev, dtype=torch.int64).contiguous(),
+        col_counts.reshape(sh.B).to(device=dev, dtype=torch.int64).contiguous(),
+        init_f.reshape(sh.B, sh.N).to(sh.acc).contiguous(),
+        eps_start.reshape(sh.B).to(device=dev, dtype=torch.float64).contiguous(),
+    )
+
+
+def _launch_forward(sh, s, rows, cols, rcnt, ccnt, f0, e0, eps, decay, n_iters, tol, reach, save, cap=None, max_iters=1):
+    dev = s.device
+    out = _common.new_output
+    plan = out((sh.B, sh.N, sh.K) if not save else (1,), s.dtype, dev)
+    f = out((sh.B, sh.N), sh.acc, dev)
+    g = out((sh.B, sh.K) if not save else (1,), sh.acc, dev)
+    iters = torch.full((sh.B,) if not save else (1,), -1, dtype=torch.int64, device=dev)
+    err = out((sh.B,) if not save else (1,), sh.acc, dev)
+    slots = max_iters if save else 1
+    lser = torch.empty((sh.B, slots, sh.N) if save else (1,), dtype=sh.acc, device=dev)
+    lsec = torch.empty((sh.B, slots, sh.K) if save else (1,), dtype=sh.acc, device=dev)
+    epot = torch.ones((sh.B, slots) if save else (1,), dtype=torch.float64, device=dev)  # read, unused, for poisoned problems
+    bad = torch.empty((sh.B,) if save else (1,), dtype=torch.int32, device=dev)
+    _sinkhorn_ext_fwd_kernel[(sh.B,)](
+        s,
+        rows,
+        cols,
+        rcnt,
+        ccnt,
+        f0,
+        e0,
+        cap if cap is not None else rcnt,
+        plan,
+        f,
+        g,
+        iters,
+        err,
+        lser,
+        lsec,
+        epot,
+        bad,
+        sh.N,
+        sh.K,
+        float(eps),
+        float(decay),
+        float(tol),
+        float(reach),
+        int(n_iters),
+        int(slots),
+        *s.stride(),
+        SAVE=save,
+        WRITE_PLAN=not save,
+        BLOCK_N=sh.block_n,
+        BLOCK_K=sh.block_k,
+        ACC=sh.acc_tl,
+        num_warps=sh.warps,
+        maxnreg=_common.MAX_REGISTERS,
+    )
+    return plan, f, g, iters, err, lser, lsec, epot, bad
+
+
+def forward(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain):
+    """(plan (B,N,K) in scores' dtype, f (B,N), g (B,K), iters (B,) int64, err (B,)); f, g and err in
+    the accumulation dtype. ``log_domain`` is accepted but not needed (module doc)."""
+    sh = _Shape(scores)
+    dev = scores.device
+    if sh.B == 0 or sh.N == 0 or sh.K == 0:
+        return (
+            torch.zeros((sh.B, sh.N, sh.K), dtype=scores.dtype, device=dev),
+            torch.zeros((sh.B, sh.N), dtype=sh.acc, device=dev),
+            torch.zeros((sh.B, sh.K), dtype=sh.acc, device=dev),
+            torch.zeros((sh.B,), dtype=torch.int64, device=dev),
+            torch.zeros((sh.B,), dtype=sh.acc, device=dev),
+        )
+    prepared = _prepared(sh, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start)
+    plan, f, g, iters, err, *_ = _launch_forward(sh, scores, *prepared, eps, decay, n_iters, tol, reach, save=False)
+    return plan, f, g, iters, err
+
+
+def backward(
+    grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain, *, max_iters=None
+):
+    """∂loss/∂scores (B,N,K), scores' dtype, for ∂loss/∂plan = grad: the exact VJP of ``iters[b]``
+    iterations. The replay's scratch holds ``max(iters)`` iterations: pass ``max_iters`` (any bound,
+    e.g. the forward's ``n_iters``) to size it without reading ``iters`` on the host."""
+    sh = _Shape(scores)
+    dev = scores.device
+    if sh.B == 0 or sh.N == 0 or sh.K == 0:
+        return torch.zeros((sh.B, sh.N, sh.K), dtype=scores.dtype, device=dev)
+    rows, cols, rcnt, ccnt, f0, e0 = _prepared(sh, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start)
+    cap = iters.reshape(sh.B).to(device=dev, dtype=torch.int64).contiguous()
+    if max_iters is None:
+        max_iters = int(cap.max())  # the one host read: the replay's scratch size
+    max_iters = max(1, int(max_iters))
+    _, _, _, _, _, lser, lsec, epot, bad = _launch_forward(
+        sh, scores, rows, cols, rcnt, ccnt, f0, e0, eps, decay, max_iters, -1.0, reach, save=True, cap=cap, max_iters=max_iters
+    )
+    g = grad.reshape(sh.B, sh.N, sh.K).contiguous()
+    ds = _common.new_output((sh.B, sh.N, sh.K), sh.acc, dev)
+    _sinkhorn_ext_bwd_kernel[(sh.B,)](
+        scores,
+        g,
+        ds,
+        rows,
+        cols,
+        rcnt,
+        ccnt,
+        f0,
+        cap,
+        lser,
+        lsec,
+        epot,
+        bad,
+        sh.N,
+        sh.K,
+        float(reach),
+        max_iters,
+        *scores.stride(),
+        BLOCK_N=sh.block_n,
+        BLOCK_K=sh.block_k,
+        ACC=sh.acc_tl,
+        num_warps=sh.warps,
+        maxnreg=_common.MAX_REGISTERS,
+    )
+    return ds.to(scores.dtype)
