@@ -180,13 +180,15 @@ def test_schedule_per_problem(dtype):
 def test_early_stop_mixed_counts(dtype, rho):
     """tol stops each problem at its own iteration; with a schedule, never before eps is reached."""
     nc, kc, N, K = [4, 2, 5, 3], [3, 5, 5, 1], 5, 5
-    inputs = padded_problem(nc, kc, N, K, seed=3, dtype=dtype, scale=3.0, balanced=rho == INF, schedule=[0.0, 1.5, 0.0, 0.0])
+    inputs = padded_problem(nc, kc, N, K, seed=3, dtype=dtype, scale=3.0, balanced=rho == INF, schedule=[0.0, 40.0, 0.0, 0.0])
     got, want, _ = run_forward(*inputs, eps=0.5, decay=0.5, n_iters=40, tol=1e-4, rho=rho)
     check_forward(got, want, dtype)
     iters, err = got[3], got[4]
     assert len(set(iters.tolist())) > 1, iters  # the stops differ
     assert (iters < 40).all() and (err.double() <= 1e-4).all()
-    assert iters[1] >= 3  # 1.5 -> 0.75 -> 0.5: two annealed iterations first
+    # 40 -> 20 -> ... -> 0.625 -> 0.5: six annealed iterations first, though at large eps the
+    # error meets tol long before (the stopping test waits for eps).
+    assert iters[1] >= 7
 
 
 def test_cap_reached_reports_error():
