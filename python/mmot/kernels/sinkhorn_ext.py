@@ -45,6 +45,8 @@ the backward's valid entries NaN (the op's value checks refuse them first when o
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -112,11 +114,18 @@ def _row_pass(
     inv_e,
     tau,
     SAVE: tl.constexpr,
+    BALANCED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Row step given g: writes f (and its row LSE when SAVE); returns LSE_i((S + f) / e)."""
+    """Row step given g: writes f (and its row LSE when SAVE); returns LSE_i((S + f) / e).
+
+    BALANCED (τ = 1): that LSE is log Σ_i P_ij − g_j / e with P = r ⊙ the row softmax, whose
+    exps the row step has just taken; a column sum of P is at least c_j min(r) / Σr (the column
+    step made Q's columns sum to c, and the row step scales each row of Q by r_i / Σ_j Q_ij ≥
+    r_i / Σc), so nothing underflows, and the pass takes one exp per entry instead of two.
+    """
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < k
     m = tl.full([BLOCK_K], NEG_INF, ACC)
@@ -128,19 +137,26 @@ def _row_pass(
         x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
         z = tl.where(mask, (x + g[None, :]) * inv_e, NEG_INF)
         row_max = tl.where(nmask, tl.max(z, axis=1), 0.0)
-        row_sum = tl.where(nmask, tl.sum(tl.exp(z - row_max[:, None]), axis=1), 1.0)
+        p = tl.exp(z - row_max[:, None])
+        row_sum = tl.where(nmask, tl.sum(p, axis=1), 1.0)
         lse = row_max + tl.log(row_sum)
-        log_r = tl.log(tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC))
-        f = _potential(log_r, lse, e, tau)
+        r = tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC)
+        f = _potential(tl.log(r), lse, e, tau)
         tl.store(F + offs_n, f.to(F.dtype.element_ty), mask=nmask)
         if SAVE:
             tl.store(LSER + offs_n, lse, mask=nmask)
-        w = tl.where(mask, (x + f[:, None]) * inv_e, NEG_INF)
-        new_m = tl.maximum(m, tl.max(w, axis=0))
-        safe = tl.where(new_m == NEG_INF, 0.0, new_m)
-        s = s * tl.exp(m - safe) + tl.sum(tl.exp(w - safe[None, :]), axis=0)
-        m = new_m
-    return tl.where(kmask, m + tl.log(tl.where(kmask, s, 1.0)), 0.0)
+        if BALANCED:
+            s += tl.sum(p * (r / row_sum)[:, None], axis=0)
+        else:
+            w = tl.where(mask, (x + f[:, None]) * inv_e, NEG_INF)
+            new_m = tl.maximum(m, tl.max(w, axis=0))
+            safe = tl.where(new_m == NEG_INF, 0.0, new_m)
+            s = s * tl.exp(m - safe) + tl.sum(tl.exp(w - safe[None, :]), axis=0)
+            m = new_m
+    if BALANCED:
+        return tl.where(kmask, tl.log(tl.where(kmask, s, 1.0)) - g * inv_e, 0.0)
+    else:
+        return tl.where(kmask, m + tl.log(tl.where(kmask, s, 1.0)), 0.0)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -175,6 +191,7 @@ def _sinkhorn_ext_fwd_kernel(
     stride_k,
     SAVE: tl.constexpr,
     WRITE_PLAN: tl.constexpr,
+    BALANCED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
@@ -241,7 +258,9 @@ def _sinkhorn_ext_fwd_kernel(
             tl.store(LSEC + t * K + offs_k, lse_col, mask=kmask)
             tl.store(EPOT + t, e_t)
         tl.debug_barrier()
-        lse_next = _row_pass(S, RMASS, FOUT, LSER + t * N, stride_n, stride_k, g, n, k, e_acc, inv_e, tau, SAVE, BLOCK_N, BLOCK_K, ACC)
+        lse_next = _row_pass(
+            S, RMASS, FOUT, LSER + t * N, stride_n, stride_k, g, n, k, e_acc, inv_e, tau, SAVE, BALANCED, BLOCK_N, BLOCK_K, ACC
+        )
         tl.debug_barrier()
         g_next = _potential(log_c, lse_next, e_acc, tau)
         err = tl.max(tl.where(kmask, tl.abs(tl.exp((g - g_next) * inv_e) - 1.0), 0.0), axis=0)
@@ -268,7 +287,7 @@ def _sinkhorn_ext_fwd_kernel(
                 mask = valid[:, None] & kmask[None, :]
                 x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
                 f = tl.load(FOUT + offs_n, mask=valid, other=0.0).to(ACC)
-                p = tl.exp((x + f[:, None] + g[None, :]) * inv_e)
+                p = tl.exp(tl.where(mask, (x + f[:, None] + g[None, :]) * inv_e, NEG_INF))
                 p = tl.where(mask, tl.where(bad != 0, NAN, p), 0.0)
                 tl.store(
                     PLAN + offs_n[:, None] * K + offs_k[None, :], p.to(PLAN.dtype.element_ty), mask=(offs_n < N)[:, None] & kout[None, :]
@@ -286,6 +305,71 @@ def _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, t, K, ACC: tl.constexp
     lse_col = tl.load(LSEC + t * K + offs_k, mask=kmask, other=0.0)
     g = tl.where(kmask, _potential(log_c, lse_col, e_acc, tau), 0.0)
     return e_acc, (1.0 / e_t).to(ACC), tau, lse_col, g
+
+
+@triton.jit
+def _reverse_pass(
+    S,
+    DS,
+    RMASS,
+    LSER,
+    stride_n,
+    stride_k,
+    gbar,
+    log_c,
+    inv_e,
+    tau,
+    lse_col,
+    e_p,
+    inv_e_p,
+    tau_p,
+    lse_col_p,
+    g_p,
+    n,
+    k,
+    K,
+    FAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Column step t, then row step t − 1 (their saved LSEs: ``LSER`` at t − 1, ``lse_col`` at t,
+    ``lse_col_p`` at t − 1); S̄ += both into DS; returns ḡ^{t−1}.
+
+    FAST (τ = 1 and ε_t = ε_{t−1}): both softmaxes from one exp per entry, P^{t−1} =
+    exp((S + f^{t−1} + g^{t−1}) / e): R^{t−1} = P^{t−1} / r and C^t = P^{t−1} / Σ_i P^{t−1}
+    (that column sum, exp(lse_col^t − lse_col^{t−1}) c, is at least c min(r) / Σr; see
+    ``_row_pass``).
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    if FAST:
+        scale = gbar * tl.exp(lse_col_p - lse_col - log_c)
+    else:
+        scale = tau * gbar
+    new_gbar = tl.zeros([BLOCK_K], ACC)
+    for n0 in range(0, n, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < n
+        mask = nmask[:, None] & kmask[None, :]
+        x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+        tile = offs_n[:, None] * K + offs_k[None, :]
+        lse_row = tl.load(LSER + offs_n, mask=nmask, other=0.0)
+        r = tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC)
+        f_p = _potential(tl.log(r), lse_row, e_p, tau_p)
+        if FAST:
+            p = tl.exp(tl.where(mask, (x + f_p[:, None] + g_p[None, :]) * inv_e_p, NEG_INF))
+            a = -scale[None, :] * p
+            fbar = tl.sum(a, axis=1)
+            b = -(fbar / r)[:, None] * p
+        else:
+            a = -scale[None, :] * tl.exp(tl.where(mask, (x + f_p[:, None]) * inv_e - lse_col[None, :], NEG_INF))
+            fbar = tl.sum(a, axis=1)
+            rsm = tl.exp(tl.where(mask, (x + g_p[None, :]) * inv_e_p - lse_row[:, None], NEG_INF))
+            b = -(tau_p * fbar)[:, None] * rsm
+        new_gbar += tl.sum(b, axis=0)
+        tl.store(DS + tile, tl.load(DS + tile, mask=mask, other=0.0) + a + b, mask=mask)
+    return new_gbar
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -310,6 +394,7 @@ def _sinkhorn_ext_bwd_kernel(
     stride_b,
     stride_n,
     stride_k,
+    BALANCED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
@@ -345,39 +430,43 @@ def _sinkhorn_ext_bwd_kernel(
             x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
             tile = offs_n[:, None] * K + offs_k[None, :]
             lse_row = tl.load(LSER + (T - 1) * N + offs_n, mask=nmask, other=0.0)
-            log_r = tl.log(tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC))
-            f = _potential(log_r, lse_row, e_acc, tau)
+            r = tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC)
+            f = _potential(tl.log(r), lse_row, e_acc, tau)
             p = tl.exp(tl.where(mask, (x + f[:, None] + g[None, :]) * inv_e, NEG_INF))
             xg = tl.load(G + tile, mask=mask, other=0.0).to(ACC) * p * inv_e
             fbar = tl.sum(xg, axis=1)
-            rsm = tl.exp(tl.where(mask, (x + g[None, :]) * inv_e - lse_row[:, None], NEG_INF))
-            d = xg - (tau * fbar)[:, None] * rsm
+            if BALANCED:  # the row softmax is P / r
+                d = xg - (fbar / r)[:, None] * p
+            else:
+                rsm = tl.exp(tl.where(mask, (x + g[None, :]) * inv_e - lse_row[:, None], NEG_INF))
+                d = xg - (tau * fbar)[:, None] * rsm
             gbar += tl.sum(d, axis=0)
             tl.store(DS + tile, d, mask=mask)
         tl.debug_barrier()
         # Column step t, then row step t−1, for t = T−1 .. 1.
         for i in range(1, T):
             t = T - i
+            e_t = tl.load(EPOT + t)
+            same = e_t == tl.load(EPOT + t - 1)
             _, inv_e, tau, lse_col, _ = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, t, K, ACC)
             e_p, inv_e_p, tau_p, lse_col_p, g_p = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, t - 1, K, ACC)
-            scale = tau * gbar
-            new_gbar = tl.zeros([BLOCK_K], ACC)
-            for n0 in range(0, n, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                nmask = offs_n < n
-                mask = nmask[:, None] & kmask[None, :]
-                x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
-                tile = offs_n[:, None] * K + offs_k[None, :]
-                lse_row = tl.load(LSER + (t - 1) * N + offs_n, mask=nmask, other=0.0)
-                log_r = tl.log(tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC))
-                f_p = _potential(log_r, lse_row, e_p, tau_p)
-                a = -scale[None, :] * tl.exp(tl.where(mask, (x + f_p[:, None]) * inv_e - lse_col[None, :], NEG_INF))
-                fbar = tl.sum(a, axis=1)
-                rsm = tl.exp(tl.where(mask, (x + g_p[None, :]) * inv_e_p - lse_row[:, None], NEG_INF))
-                b = -(tau_p * fbar)[:, None] * rsm
-                new_gbar += tl.sum(b, axis=0)
-                tl.store(DS + tile, tl.load(DS + tile, mask=mask, other=0.0) + a + b, mask=mask)
-            gbar = new_gbar
+            rows = LSER + (t - 1) * N
+            if BALANCED:
+                if same:
+                    gbar = _reverse_pass(
+                        S, DS, RMASS, rows, stride_n, stride_k, gbar, log_c, inv_e, tau, lse_col, e_p, inv_e_p, tau_p, lse_col_p, g_p,
+                        n, k, K, True, BLOCK_N, BLOCK_K, ACC,
+                    )  # fmt: skip
+                else:
+                    gbar = _reverse_pass(
+                        S, DS, RMASS, rows, stride_n, stride_k, gbar, log_c, inv_e, tau, lse_col, e_p, inv_e_p, tau_p, lse_col_p, g_p,
+                        n, k, K, False, BLOCK_N, BLOCK_K, ACC,
+                    )  # fmt: skip
+            else:
+                gbar = _reverse_pass(
+                    S, DS, RMASS, rows, stride_n, stride_k, gbar, log_c, inv_e, tau, lse_col, e_p, inv_e_p, tau_p, lse_col_p, g_p,
+                    n, k, K, False, BLOCK_N, BLOCK_K, ACC,
+                )  # fmt: skip
             tl.debug_barrier()
     # Column step 0 (from f0), and the padding's zeros; NaN on a poisoned problem.
     _, inv_e, tau, lse_col, _ = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, 0, K, ACC)
@@ -464,6 +553,7 @@ def _launch_forward(sh, s, rows, cols, rcnt, ccnt, f0, e0, eps, decay, n_iters, 
         *s.stride(),
         SAVE=save,
         WRITE_PLAN=not save,
+        BALANCED=float(reach) == math.inf,
         BLOCK_N=sh.block_n,
         BLOCK_K=sh.block_k,
         ACC=sh.acc_tl,
@@ -530,6 +620,7 @@ def backward(
         float(reach),
         max_iters,
         *scores.stride(),
+        BALANCED=float(reach) == math.inf,
         BLOCK_N=sh.block_n,
         BLOCK_K=sh.block_k,
         ACC=sh.acc_tl,
