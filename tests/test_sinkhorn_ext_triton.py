@@ -337,3 +337,22 @@ def test_hypothesis_forward_backward(sizes, eps, start, n_iters, tol, rho, seed)
     got, want, _ = run_forward(*inputs, eps=eps, decay=0.5, n_iters=n_iters, tol=tol, rho=rho)
     check_forward(got, want, torch.float64)
     check_backward(inputs, eps=eps, decay=0.5, n_iters=n_iters, tol=tol, rho=rho, seed=seed)
+
+
+def test_float32_error_has_no_cancellation_floor():
+    """At eps = 1e-3 the potentials are ~1000 eps: an error taken as the difference of two of
+    them would floor near 1e-4 in float32. A near-permutation problem converges within a few
+    iterations, and the float32 kernel must see it (err below 1e-6) when float64 does."""
+    gen = torch.Generator().manual_seed(41)
+    n = 5
+    s = (torch.eye(n, dtype=torch.float64) + 0.01 * torch.rand(n, n, generator=gen, dtype=torch.float64))[None]
+    mass = torch.full((1, n), 1.0 / n, dtype=torch.float64)
+    counts = torch.tensor([n])
+    stops = []
+    for dtype in (torch.float32, torch.float64):
+        args = (s.to(dtype), mass.to(dtype), mass.to(dtype), counts, counts, torch.zeros(1, n, dtype=dtype), torch.tensor([1e-3]))
+        plan, f, g, iters, err = _kernels().forward(*args, 1e-3, 0.5, 20, 1e-5, INF, "auto")
+        assert iters[0] <= 3 and err[0] < 1e-6, (dtype, iters, err)
+        assert max(f.abs().max(), g.abs().max()) > 0.5  # potentials of the scores' size: ~1000 eps
+        stops.append(int(iters[0]))
+    assert stops[0] == stops[1]

@@ -119,7 +119,8 @@ def _row_pass(
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Row step given g: writes f (and its row LSE when SAVE); returns LSE_i((S + f) / e).
+    """Row step given g: writes f (and its row LSE when SAVE); returns LSE_i((S + f) / e) and,
+    BALANCED, the log column sums of the plan.
 
     BALANCED (τ = 1): that LSE is log Σ_i P_ij − g_j / e with P = r ⊙ the row softmax, whose
     exps the row step has just taken; a column sum of P is at least c_j min(r) / Σr (the column
@@ -154,9 +155,11 @@ def _row_pass(
             s = s * tl.exp(m - safe) + tl.sum(tl.exp(w - safe[None, :]), axis=0)
             m = new_m
     if BALANCED:
-        return tl.where(kmask, tl.log(tl.where(kmask, s, 1.0)) - g * inv_e, 0.0)
+        log_s = tl.where(kmask, tl.log(tl.where(kmask, s, 1.0)), 0.0)
+        return tl.where(kmask, log_s - g * inv_e, 0.0), log_s
     else:
-        return tl.where(kmask, m + tl.log(tl.where(kmask, s, 1.0)), 0.0)
+        lse = tl.where(kmask, m + tl.log(tl.where(kmask, s, 1.0)), 0.0)
+        return lse, lse
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -258,12 +261,17 @@ def _sinkhorn_ext_fwd_kernel(
             tl.store(LSEC + t * K + offs_k, lse_col, mask=kmask)
             tl.store(EPOT + t, e_t)
         tl.debug_barrier()
-        lse_next = _row_pass(
+        lse_next, log_s = _row_pass(
             S, RMASS, FOUT, LSER + t * N, stride_n, stride_k, g, n, k, e_acc, inv_e, tau, SAVE, BALANCED, BLOCK_N, BLOCK_K, ACC
         )
         tl.debug_barrier()
-        g_next = _potential(log_c, lse_next, e_acc, tau)
-        err = tl.max(tl.where(kmask, tl.abs(tl.exp((g - g_next) * inv_e) - 1.0), 0.0), axis=0)
+        # (g − g') / e: balanced, log(Σ_i P_ij / c_j), free of the cancellation of two potentials
+        # of the scores' size (in float32 at small eps that would floor err near 1e-4).
+        if BALANCED:
+            gap = log_s - log_c
+        else:
+            gap = tau * (lse_next - lse_col)
+        err = tl.max(tl.where(kmask, tl.abs(tl.exp(gap) - 1.0), 0.0), axis=0)
         if not SAVE:
             done = ((tol >= 0.0) & (e_t == eps) & (err.to(tl.float64) <= tol)).to(tl.int32)
         e_prev = e_t
