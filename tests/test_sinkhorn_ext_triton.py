@@ -356,3 +356,21 @@ def test_float32_error_has_no_cancellation_floor():
         assert max(f.abs().max(), g.abs().max()) > 0.5  # potentials of the scores' size: ~1000 eps
         stops.append(int(iters[0]))
     assert stops[0] == stops[1]
+
+
+def test_strided_scores():
+    """Scores as a transposed view (the kernels read through strides): the same results."""
+    nc, kc, N, K = [3, 2], [2, 4], 3, 4
+    s, r, c, n, k, f0, _ = padded_problem(nc, kc, N, K, seed=51, warm=True)
+    view = s.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not view.is_contiguous()
+    e0 = torch.tensor([0.9, 0.3], dtype=torch.float64)
+    args = (r, c, n, k, f0, e0, 0.3, 0.5)
+    want = _kernels().forward(s, *args, 4, -1.0, INF, "auto")
+    got = _kernels().forward(view, *args, 4, -1.0, INF, "auto")
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    grad = torch.randn(2, N, K, dtype=torch.float64)
+    iters = want[3]
+    want_grad = _kernels().backward(grad, s, *args, iters, INF, "auto")
+    assert torch.equal(_kernels().backward(grad, view, *args, iters, INF, "auto"), want_grad)

@@ -412,7 +412,7 @@ def _sinkhorn_ext_bwd_kernel(
     pid = tl.program_id(0)
     n = tl.load(RCNT + pid).to(tl.int32)
     k = tl.load(CCNT + pid).to(tl.int32)
-    T = tl.minimum(tl.load(ITERS + pid).to(tl.int32), max_iters)
+    T = tl.maximum(tl.minimum(tl.load(ITERS + pid).to(tl.int32), max_iters), 1)  # in bounds whatever ITERS holds
     bad = tl.load(BAD + pid)
     S += pid.to(tl.int64) * stride_b
     G += pid.to(tl.int64) * N * K
