@@ -374,3 +374,24 @@ def test_strided_scores():
     iters = want[3]
     want_grad = _kernels().backward(grad, s, *args, iters, INF, "auto")
     assert torch.equal(_kernels().backward(grad, view, *args, iters, INF, "auto"), want_grad)
+
+
+def test_batch_equals_per_problem_calls():
+    """The padded batch gives each problem what a call on that problem alone gives."""
+    nc, kc, N, K = [2, 4, 3], [3, 1, 4], 4, 4
+    s, r, c, n, k, f0, _ = padded_problem(nc, kc, N, K, seed=61, warm=True, balanced=False)
+    e0 = torch.tensor([1.0, 0.2, 0.5], dtype=torch.float64)
+    batch = _kernels().forward(s, r, c, n, k, f0, e0, 0.2, 0.5, 12, 1e-3, 3.0, "auto")
+    grad = torch.randn(3, N, K, dtype=torch.float64)
+    batch_grad = _kernels().backward(grad, s, r, c, n, k, f0, e0, 0.2, 0.5, batch[3], 3.0, "auto")
+    for b in range(3):
+        nb, kb = nc[b], kc[b]
+        one = (s[b : b + 1, :nb, :kb].contiguous(), r[b : b + 1, :nb], c[b : b + 1, :kb], n[b : b + 1], k[b : b + 1], f0[b : b + 1, :nb])
+        plan, f, g, iters, err = _kernels().forward(*one, e0[b : b + 1], 0.2, 0.5, 12, 1e-3, 3.0, "auto")
+        assert iters[0] == batch[3][b]
+        torch.testing.assert_close(plan[0], batch[0][b, :nb, :kb], rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(f[0], batch[1][b, :nb], rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(g[0], batch[2][b, :kb], rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(err[0], batch[4][b], rtol=1e-9, atol=1e-15)
+        ds = _kernels().backward(grad[b : b + 1, :nb, :kb].contiguous(), *one, e0[b : b + 1], 0.2, 0.5, iters, 3.0, "auto")
+        torch.testing.assert_close(ds[0], batch_grad[b, :nb, :kb], rtol=1e-12, atol=1e-15)

@@ -39,6 +39,17 @@ and C^t = exp((S + f^{t−1})/e_t − lse_col^t) (columns sum to 1), f^{−1} = 
 A column step's f̄ is a row sum, so it fuses with the row step before it: one streaming pass per
 iteration, S̄ accumulated in the output (iters + 1 passes in all).
 
+**Host reads.** None in the forward. The backward sizes the replay's scratch from
+``max(iters)``, one read of ``iters`` on the host, unless the caller passes ``max_iters`` (the
+forward's ``n_iters`` is a bound), which makes it free of host reads as well.
+
+**Limits.** A problem is one program: a batch fills the GPU, but a single large problem (the
+SwAV size, 4096 × 3000) runs on one SM, far slower than ``mmot.kernels.sinkhorn``'s split
+launches (rows over several programs, one launch per pass). Splitting a problem here would need
+per-pass launches carrying each problem's iteration count, ε and stop flag on the device; it is
+not done. Potentials in score units round to ulp(|S + f|) / ε in the logits (float32 with
+scores far from 0 against ε), where ``mmot.kernels.sinkhorn`` centres each column first.
+
 **Non-finite valid scores** poison their problem: plan, f, g and err NaN, iters = n_iters, and
 the backward's valid entries NaN (the op's value checks refuse them first when on).
 """
