@@ -90,15 +90,15 @@ def _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _column_lse(S, F, stride_n, stride_k, n, k, inv_e, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
-    """LSE_i((S_ij + f_i) / e) over the problem's rows, online (0 on padded columns)."""
+def _column_lse(S, F, stride_n, stride_k, row_lo, row_hi, k, inv_e, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """(max, Σ exp(· − max)) of (S_ij + f_i) / e over rows [row_lo, row_hi), online."""
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < k
     m = tl.full([BLOCK_K], NEG_INF, ACC)
     s = tl.zeros([BLOCK_K], ACC)
-    for n0 in range(0, n, BLOCK_N):
+    for n0 in range(row_lo, row_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < n
+        nmask = offs_n < row_hi
         mask = nmask[:, None] & kmask[None, :]
         x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
         f = tl.load(F + offs_n, mask=nmask, other=0.0).to(ACC)
@@ -107,7 +107,36 @@ def _column_lse(S, F, stride_n, stride_k, n, k, inv_e, BLOCK_N: tl.constexpr, BL
         safe = tl.where(new_m == NEG_INF, 0.0, new_m)
         s = s * tl.exp(m - safe) + tl.sum(tl.exp(z - safe[None, :]), axis=0)
         m = new_m
+    return m, s
+
+
+@triton.jit
+def _lse(m, s, kmask):
+    """m + log s on the valid columns, 0 on the padding."""
     return tl.where(kmask, m + tl.log(tl.where(kmask, s, 1.0)), 0.0)
+
+
+@triton.jit
+def _merge(m, s, pm, ps):
+    """Two (max, Σ exp(· − max)) partials of a log-sum-exp as one."""
+    new_m = tl.maximum(m, pm)
+    safe = tl.where(new_m == NEG_INF, 0.0, new_m)
+    return new_m, s * tl.exp(m - safe) + ps * tl.exp(pm - safe)
+
+
+@triton.jit
+def _after_rows(m, s, g, inv_e, log_c, lse_col, tau, kmask, BALANCED: tl.constexpr):
+    """From the row pass's column partials: (the next column step's LSE at this e, (g − g') / e).
+
+    (g − g') / e: balanced, log(Σ_i P_ij / c_j), free of the cancellation of two potentials of
+    the scores' size (in float32 at small eps that would floor err near 1e-4).
+    """
+    if BALANCED:
+        log_s = tl.where(kmask, tl.log(tl.where(kmask, s, 1.0)), 0.0)
+        return tl.where(kmask, log_s - g * inv_e, 0.0), log_s - log_c
+    else:
+        lse = _lse(m, s, kmask)
+        return lse, tau * (lse - lse_col)
 
 
 @triton.jit
@@ -119,7 +148,8 @@ def _row_pass(
     stride_n,
     stride_k,
     g,
-    n,
+    row_lo,
+    row_hi,
     k,
     e,
     inv_e,
@@ -130,8 +160,8 @@ def _row_pass(
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Row step given g: writes f (and its row LSE when SAVE); returns LSE_i((S + f) / e) and,
-    BALANCED, the log column sums of the plan.
+    """Row step given g on rows [row_lo, row_hi): writes f (and its row LSE when SAVE); returns
+    the column partials (max, Σ) of LSE_i((S + f) / e), or BALANCED (0, Σ_i P_ij).
 
     BALANCED (τ = 1): that LSE is log Σ_i P_ij − g_j / e with P = r ⊙ the row softmax, whose
     exps the row step has just taken; a column sum of P is at least c_j min(r) / Σr (the column
@@ -142,9 +172,9 @@ def _row_pass(
     kmask = offs_k < k
     m = tl.full([BLOCK_K], NEG_INF, ACC)
     s = tl.zeros([BLOCK_K], ACC)
-    for n0 in range(0, n, BLOCK_N):
+    for n0 in range(row_lo, row_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < n
+        nmask = offs_n < row_hi
         mask = nmask[:, None] & kmask[None, :]
         x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
         z = tl.where(mask, (x + g[None, :]) * inv_e, NEG_INF)
@@ -165,12 +195,7 @@ def _row_pass(
             safe = tl.where(new_m == NEG_INF, 0.0, new_m)
             s = s * tl.exp(m - safe) + tl.sum(tl.exp(w - safe[None, :]), axis=0)
             m = new_m
-    if BALANCED:
-        log_s = tl.where(kmask, tl.log(tl.where(kmask, s, 1.0)), 0.0)
-        return tl.where(kmask, log_s - g * inv_e, 0.0), log_s
-    else:
-        lse = tl.where(kmask, m + tl.log(tl.where(kmask, s, 1.0)), 0.0)
-        return lse, lse
+    return m, s
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -264,7 +289,8 @@ def _sinkhorn_ext_fwd_kernel(
         e_acc = e_t.to(ACC)
         inv_e = (1.0 / e_t).to(ACC)
         if e_t != e_prev:
-            lse_col = _column_lse(S, FOUT, stride_n, stride_k, n, k, inv_e, BLOCK_N, BLOCK_K, ACC)
+            cm, cs = _column_lse(S, FOUT, stride_n, stride_k, 0, n, k, inv_e, BLOCK_N, BLOCK_K, ACC)
+            lse_col = _lse(cm, cs, kmask)
         else:
             lse_col = lse_next
         g = tl.where(kmask, _potential(log_c, lse_col, e_acc, tau), 0.0)
@@ -272,16 +298,11 @@ def _sinkhorn_ext_fwd_kernel(
             tl.store(LSEC + t * K + offs_k, lse_col, mask=kmask)
             tl.store(EPOT + t, e_t)
         tl.debug_barrier()
-        lse_next, log_s = _row_pass(
-            S, RMASS, FOUT, LSER + t * N, stride_n, stride_k, g, n, k, e_acc, inv_e, tau, SAVE, BALANCED, BLOCK_N, BLOCK_K, ACC
+        rm, rs = _row_pass(
+            S, RMASS, FOUT, LSER + t * N, stride_n, stride_k, g, 0, n, k, e_acc, inv_e, tau, SAVE, BALANCED, BLOCK_N, BLOCK_K, ACC
         )
         tl.debug_barrier()
-        # (g − g') / e: balanced, log(Σ_i P_ij / c_j), free of the cancellation of two potentials
-        # of the scores' size (in float32 at small eps that would floor err near 1e-4).
-        if BALANCED:
-            gap = log_s - log_c
-        else:
-            gap = tau * (lse_next - lse_col)
+        lse_next, gap = _after_rows(rm, rs, g, inv_e, log_c, lse_col, tau, kmask, BALANCED)
         err = tl.max(tl.where(kmask, tl.abs(tl.exp(gap) - 1.0), 0.0), axis=0)
         if not SAVE:
             done = ((tol >= 0.0) & (e_t == eps) & (err.to(tl.float64) <= tol)).to(tl.int32)
@@ -344,7 +365,8 @@ def _reverse_pass(
     tau_p,
     lse_col_p,
     g_p,
-    n,
+    row_lo,
+    row_hi,
     k,
     K,
     FAST: tl.constexpr,
@@ -367,9 +389,9 @@ def _reverse_pass(
     else:
         scale = tau * gbar
     new_gbar = tl.zeros([BLOCK_K], ACC)
-    for n0 in range(0, n, BLOCK_N):
+    for n0 in range(row_lo, row_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < n
+        nmask = offs_n < row_hi
         mask = nmask[:, None] & kmask[None, :]
         x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
         tile = offs_n[:, None] * K + offs_k[None, :]
@@ -389,6 +411,93 @@ def _reverse_pass(
         new_gbar += tl.sum(b, axis=0)
         tl.store(DS + tile, tl.load(DS + tile, mask=mask, other=0.0) + a + b, mask=mask)
     return new_gbar
+
+
+@triton.jit
+def _first_pass(
+    S,
+    G,
+    DS,
+    RMASS,
+    LSER,
+    stride_n,
+    stride_k,
+    e,
+    inv_e,
+    tau,
+    g,
+    row_lo,
+    row_hi,
+    k,
+    K,
+    BALANCED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The plan, then row step T − 1 (its row LSEs at ``LSER``), on rows [row_lo, row_hi):
+    S̄ := X − τ f̄ R into DS; returns this range's ḡ^{T−1}."""
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    gbar = tl.zeros([BLOCK_K], ACC)
+    for n0 in range(row_lo, row_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < row_hi
+        mask = nmask[:, None] & kmask[None, :]
+        x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+        tile = offs_n[:, None] * K + offs_k[None, :]
+        lse_row = tl.load(LSER + offs_n, mask=nmask, other=0.0)
+        r = tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC)
+        f = _potential(tl.log(r), lse_row, e, tau)
+        p = tl.exp(tl.where(mask, (x + f[:, None] + g[None, :]) * inv_e, NEG_INF))
+        xg = tl.load(G + tile, mask=mask, other=0.0).to(ACC) * p * inv_e
+        fbar = tl.sum(xg, axis=1)
+        if BALANCED:  # the row softmax is P / r
+            d = xg - (fbar / r)[:, None] * p
+        else:
+            rsm = tl.exp(tl.where(mask, (x + g[None, :]) * inv_e - lse_row[:, None], NEG_INF))
+            d = xg - (tau * fbar)[:, None] * rsm
+        gbar += tl.sum(d, axis=0)
+        tl.store(DS + tile, d, mask=mask)
+    return gbar
+
+
+@triton.jit
+def _last_pass(
+    S,
+    DS,
+    F0,
+    stride_n,
+    stride_k,
+    scale,
+    inv_e,
+    lse_col,
+    row_lo,
+    row_hi,
+    n,
+    k,
+    K,
+    bad,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """Column step 0 (from f0; scale = τ_0 ḡ^0) on padded rows [row_lo, row_hi): writes ∂scores,
+    0 on the padding, NaN on a poisoned problem's valid entries."""
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    kout = offs_k < K
+    for n0 in range(row_lo, row_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < n
+        mask = nmask[:, None] & kmask[None, :]
+        tile = offs_n[:, None] * K + offs_k[None, :]
+        x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+        f0 = tl.load(F0 + offs_n, mask=nmask, other=0.0).to(ACC)
+        a = -scale[None, :] * tl.exp(tl.where(mask, (x + f0[:, None]) * inv_e - lse_col[None, :], NEG_INF))
+        d = tl.load(DS + tile, mask=mask, other=0.0) + a
+        d = tl.where(mask, tl.where(bad != 0, NAN, d), 0.0)
+        tl.store(DS + tile, d, mask=(offs_n < row_hi)[:, None] & kout[None, :])
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -435,32 +544,15 @@ def _sinkhorn_ext_bwd_kernel(
     EPOT += pid.to(tl.int64) * max_iters
     offs_k = tl.arange(0, BLOCK_K)
     kmask = offs_k < k
-    kout = offs_k < K
     log_c = tl.log(tl.load(CMASS + pid.to(tl.int64) * K + offs_k, mask=kmask, other=1.0).to(ACC))
 
     gbar = tl.zeros([BLOCK_K], ACC)
     if bad == 0:
         # The plan, then row step T−1.
         e_acc, inv_e, tau, lse_col, g = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, T - 1, K, ACC)
-        for n0 in range(0, n, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < n
-            mask = nmask[:, None] & kmask[None, :]
-            x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
-            tile = offs_n[:, None] * K + offs_k[None, :]
-            lse_row = tl.load(LSER + (T - 1) * N + offs_n, mask=nmask, other=0.0)
-            r = tl.load(RMASS + offs_n, mask=nmask, other=1.0).to(ACC)
-            f = _potential(tl.log(r), lse_row, e_acc, tau)
-            p = tl.exp(tl.where(mask, (x + f[:, None] + g[None, :]) * inv_e, NEG_INF))
-            xg = tl.load(G + tile, mask=mask, other=0.0).to(ACC) * p * inv_e
-            fbar = tl.sum(xg, axis=1)
-            if BALANCED:  # the row softmax is P / r
-                d = xg - (fbar / r)[:, None] * p
-            else:
-                rsm = tl.exp(tl.where(mask, (x + g[None, :]) * inv_e - lse_row[:, None], NEG_INF))
-                d = xg - (tau * fbar)[:, None] * rsm
-            gbar += tl.sum(d, axis=0)
-            tl.store(DS + tile, d, mask=mask)
+        gbar = _first_pass(
+            S, G, DS, RMASS, LSER + (T - 1) * N, stride_n, stride_k, e_acc, inv_e, tau, g, 0, n, k, K, BALANCED, BLOCK_N, BLOCK_K, ACC
+        )
         tl.debug_barrier()
         # Column step t, then row step t−1, for t = T−1 .. 1.
         for i in range(1, T):
@@ -474,33 +566,22 @@ def _sinkhorn_ext_bwd_kernel(
                 if same:
                     gbar = _reverse_pass(
                         S, DS, RMASS, rows, stride_n, stride_k, gbar, log_c, inv_e, tau, lse_col, e_p, inv_e_p, tau_p, lse_col_p, g_p,
-                        n, k, K, True, BLOCK_N, BLOCK_K, ACC,
+                        0, n, k, K, True, BLOCK_N, BLOCK_K, ACC,
                     )  # fmt: skip
                 else:
                     gbar = _reverse_pass(
                         S, DS, RMASS, rows, stride_n, stride_k, gbar, log_c, inv_e, tau, lse_col, e_p, inv_e_p, tau_p, lse_col_p, g_p,
-                        n, k, K, False, BLOCK_N, BLOCK_K, ACC,
+                        0, n, k, K, False, BLOCK_N, BLOCK_K, ACC,
                     )  # fmt: skip
             else:
                 gbar = _reverse_pass(
                     S, DS, RMASS, rows, stride_n, stride_k, gbar, log_c, inv_e, tau, lse_col, e_p, inv_e_p, tau_p, lse_col_p, g_p,
-                    n, k, K, False, BLOCK_N, BLOCK_K, ACC,
+                    0, n, k, K, False, BLOCK_N, BLOCK_K, ACC,
                 )  # fmt: skip
             tl.debug_barrier()
     # Column step 0 (from f0), and the padding's zeros; NaN on a poisoned problem.
     _, inv_e, tau, lse_col, _ = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, 0, K, ACC)
-    scale = tau * gbar
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < n
-        mask = nmask[:, None] & kmask[None, :]
-        tile = offs_n[:, None] * K + offs_k[None, :]
-        x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
-        f0 = tl.load(F0 + offs_n, mask=nmask, other=0.0).to(ACC)
-        a = -scale[None, :] * tl.exp(tl.where(mask, (x + f0[:, None]) * inv_e - lse_col[None, :], NEG_INF))
-        d = tl.load(DS + tile, mask=mask, other=0.0) + a
-        d = tl.where(mask, tl.where(bad != 0, NAN, d), 0.0)
-        tl.store(DS + tile, d, mask=(offs_n < N)[:, None] & kout[None, :])
+    _last_pass(S, DS, F0, stride_n, stride_k, tau * gbar, inv_e, lse_col, 0, N, n, k, K, bad, BLOCK_N, BLOCK_K, ACC)
 
 
 def fits(n_cols: int, dtype: torch.dtype) -> bool:
