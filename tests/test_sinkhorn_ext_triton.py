@@ -152,8 +152,11 @@ def test_forward_ragged_matches_naive(dtype, rho, tile_rows, monkeypatch):
     from mmot.kernels import _common
 
     monkeypatch.setattr(_common, "FORCE_TILE_ROWS", tile_rows)
+    if tile_rows == 2:  # and split over programs: rows 0-1, 2-3, 4 (empty for short problems)
+        monkeypatch.setattr(_common, "FORCE_PROGRAMS_PER_PROBLEM", 3)
     nc, kc, N, K = SHAPES
     inputs = padded_problem(nc, kc, N, K, seed=1, dtype=dtype, warm=True, balanced=rho == INF)
+    assert (_kernels()._Shape(inputs[0]).R > 1) == (tile_rows == 2)
     got, want, _ = run_forward(*inputs, eps=0.2, decay=0.5, n_iters=6, tol=-1.0, rho=rho)
     check_forward(got, want, dtype)
     plan = got[0]
@@ -163,7 +166,7 @@ def test_forward_ragged_matches_naive(dtype, rho, tile_rows, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_schedule_per_problem(dtype):
+def test_schedule_per_problem(dtype, launch):
     """eps_start per problem: annealed from 2.0 and 0.4, and none (== eps); the schedule's last
     iterations run at exactly eps."""
     nc, kc, N, K = [3, 4, 2], [5, 3, 4], 4, 5
@@ -177,7 +180,7 @@ def test_schedule_per_problem(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("rho", [INF, 2.0])
-def test_early_stop_mixed_counts(dtype, rho):
+def test_early_stop_mixed_counts(dtype, rho, launch):
     """tol stops each problem at its own iteration; with a schedule, never before eps is reached."""
     nc, kc, N, K = [4, 2, 5, 3], [3, 5, 5, 1], 5, 5
     inputs = padded_problem(nc, kc, N, K, seed=3, dtype=dtype, scale=3.0, balanced=rho == INF, schedule=[0.0, 40.0, 0.0, 0.0])
@@ -191,7 +194,7 @@ def test_early_stop_mixed_counts(dtype, rho):
     assert iters[1] >= 7
 
 
-def test_cap_reached_reports_error():
+def test_cap_reached_reports_error(launch):
     """A tol no problem meets: every problem runs the cap, and err says how far it is."""
     nc, kc, N, K = [3, 4], [4, 2], 4, 4
     inputs = padded_problem(nc, kc, N, K, seed=4, scale=4.0)
@@ -200,7 +203,7 @@ def test_cap_reached_reports_error():
     assert (got[3] == 3).all() and (got[4] > 1e-6).all()
 
 
-def test_plan_equals_potentials_and_balanced_rows():
+def test_plan_equals_potentials_and_balanced_rows(launch):
     """plan == exp((S + f + g)/eps) and, balanced, its rows sum to r exactly after the row step."""
     nc, kc, N, K = [3, 5], [4, 2], 5, 4
     s, r, c, n, k, f0, e0 = padded_problem(nc, kc, N, K, seed=5, warm=True)
@@ -229,7 +232,7 @@ def test_matches_todays_sinkhorn_kernel():
         torch.testing.assert_close(plan[b, :nb, :kb], today, rtol=1e-10, atol=1e-13)
 
 
-def test_non_finite_valid_score_poisons_only_its_problem():
+def test_non_finite_valid_score_poisons_only_its_problem(launch):
     nc, kc, N, K = [3, 2], [3, 3], 3, 3
     s, r, c, n, k, f0, e0 = padded_problem(nc, kc, N, K, seed=7)
     s[0, 1, 2] = float("inf")
@@ -286,13 +289,15 @@ def test_backward_matches_autograd(rho, tile_rows, monkeypatch):
     from mmot.kernels import _common
 
     monkeypatch.setattr(_common, "FORCE_TILE_ROWS", tile_rows)
+    if tile_rows == 2:
+        monkeypatch.setattr(_common, "FORCE_PROGRAMS_PER_PROBLEM", 3)
     nc, kc, N, K = SHAPES
     inputs = padded_problem(nc, kc, N, K, seed=11, warm=True, balanced=rho == INF, schedule=[0.9, 0.0, 0.5])
     check_backward(inputs, eps=0.2, decay=0.6, n_iters=5, tol=-1.0, rho=rho)
 
 
 @pytest.mark.parametrize("rho", [INF, 1.5])
-def test_backward_mixed_stops(rho):
+def test_backward_mixed_stops(rho, launch):
     """Each problem's gradient is that of its own iteration count (tol, and a schedule)."""
     nc, kc, N, K = [4, 2, 5], [3, 5, 4], 5, 5
     inputs = padded_problem(nc, kc, N, K, seed=12, scale=3.0, warm=True, balanced=rho == INF, schedule=[0.0, 1.2, 0.0])
@@ -300,7 +305,7 @@ def test_backward_mixed_stops(rho):
     assert len(set(iters.tolist())) > 1
 
 
-def test_backward_one_iteration_and_float32():
+def test_backward_one_iteration_and_float32(launch):
     nc, kc, N, K = [2, 3], [3, 1], 3, 3
     check_backward(padded_problem(nc, kc, N, K, seed=13, warm=True), eps=0.3, decay=0.5, n_iters=1, tol=-1.0, rho=INF)
     inputs = padded_problem(nc, kc, N, K, seed=14, dtype=torch.float32, warm=True, schedule=[1.0, 0.0])
@@ -377,7 +382,7 @@ def test_strided_scores():
     assert torch.equal(_kernels().backward(grad, view, *args, iters, INF, "auto"), want_grad)
 
 
-def test_batch_equals_per_problem_calls():
+def test_batch_equals_per_problem_calls(launch):
     """The padded batch gives each problem what a call on that problem alone gives."""
     nc, kc, N, K = [2, 4, 3], [3, 1, 4], 4, 4
     s, r, c, n, k, f0, _ = padded_problem(nc, kc, N, K, seed=61, warm=True, balanced=False)

@@ -584,6 +584,279 @@ def _sinkhorn_ext_bwd_kernel(
     _last_pass(S, DS, F0, stride_n, stride_k, tau * gbar, inv_e, lse_col, 0, N, n, k, K, bad, BLOCK_N, BLOCK_K, ACC)
 
 
+# --- the split structure: one large problem's rows over R programs, one launch per pass ---------
+
+
+@triton.jit
+def _split_active(TT, DONE, BAD, CAP, pid, n_iters, SAVE: tl.constexpr):
+    """(whether problem pid iterates in this round, its iterations so far)."""
+    t = tl.load(TT + pid)
+    if SAVE:
+        cap = tl.minimum(tl.load(CAP + pid).to(tl.int32), n_iters)
+    else:
+        cap = n_iters
+    return (t < cap) & (tl.load(DONE + pid) == 0) & (tl.load(BAD + pid) == 0), t
+
+
+@triton.jit
+def _split_rows(RCNT, pid, pid_r, rows_per_program, N):
+    """(n_b, this program's padded rows [lo, hi))."""
+    lo = pid_r * rows_per_program
+    return tl.load(RCNT + pid).to(tl.int32), lo, tl.minimum(lo + rows_per_program, N)
+
+
+@triton.jit
+def _split_init_kernel(
+    S, RCNT, CCNT, F0, FOUT, BAD, N, K, rows_per_program, stride_b, stride_n, stride_k,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """f := f0 (0 on the padding) on this program's rows; any non-finite valid score sets BAD."""
+    pid = tl.program_id(0)
+    n, lo, hi = _split_rows(RCNT, pid, tl.program_id(1), rows_per_program, N)
+    k = tl.load(CCNT + pid).to(tl.int32)
+    S += pid.to(tl.int64) * stride_b
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    bad = tl.zeros([], tl.int32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < n
+        f0 = tl.load(F0 + pid.to(tl.int64) * N + offs_n, mask=valid, other=0.0).to(ACC)
+        tl.store(FOUT + pid.to(tl.int64) * N + offs_n, tl.where(valid, f0, 0.0).to(FOUT.dtype.element_ty), mask=offs_n < hi)
+        mask = valid[:, None] & kmask[None, :]
+        x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+        bad = tl.maximum(bad, tl.max(tl.max(tl.where(mask & ~(tl.abs(x) < POS_INF), 1, 0), axis=1), axis=0))
+    tl.atomic_max(BAD + pid, bad)
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _split_col_kernel(
+    S, RCNT, CCNT, FOUT, CAP, TT, DONE, BAD, E, EP, PART, N, K, R, eps: tl.float64, n_iters, rows_per_program,
+    stride_b, stride_n, stride_k,
+    SAVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """The column step's partial LSE on this program's rows, when ε_t changed (else nothing)."""
+    eps = scalar(eps, tl.float64)
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    active, t = _split_active(TT, DONE, BAD, CAP, pid, n_iters, SAVE)
+    e_t = tl.maximum(tl.load(E + pid), eps)
+    if active & (e_t != tl.load(EP + pid)):
+        n, lo, hi = _split_rows(RCNT, pid, pid_r, rows_per_program, N)
+        k = tl.load(CCNT + pid).to(tl.int32)
+        offs_k = tl.arange(0, BLOCK_K)
+        inv_e = (1.0 / e_t).to(ACC)
+        m, s = _column_lse(
+            S + pid.to(tl.int64) * stride_b, FOUT + pid.to(tl.int64) * N, stride_n, stride_k, lo, tl.minimum(hi, n), k, inv_e,
+            BLOCK_N, BLOCK_K, ACC,
+        )  # fmt: skip
+        part = PART + (pid.to(tl.int64) * R + pid_r) * 2 * K
+        tl.store(part + offs_k, m, mask=offs_k < K)
+        tl.store(part + K + offs_k, s, mask=offs_k < K)
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _split_row_kernel(
+    S, RMASS, CMASS, RCNT, CCNT, FOUT, CAP, TT, DONE, BAD, E, EP, PART, PART_ROW, LSENEXT, LSECUR, LSER, LSEC, EPOT,
+    N, K, R, eps: tl.float64, reach: tl.float64, n_iters, max_iters, rows_per_program, stride_b, stride_n, stride_k,
+    SAVE: tl.constexpr, BALANCED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """The column step (from the partials, or the last row pass's LSE), then the row step on
+    this program's rows; its column partials go to PART_ROW."""
+    eps = scalar(eps, tl.float64)
+    rho = scalar(reach, tl.float64)
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    active, t = _split_active(TT, DONE, BAD, CAP, pid, n_iters, SAVE)
+    if active:
+        n, lo, hi = _split_rows(RCNT, pid, pid_r, rows_per_program, N)
+        k = tl.load(CCNT + pid).to(tl.int32)
+        offs_k = tl.arange(0, BLOCK_K)
+        kmask = offs_k < k
+        log_c = tl.log(tl.load(CMASS + pid.to(tl.int64) * K + offs_k, mask=kmask, other=1.0).to(ACC))
+        e_t = tl.maximum(tl.load(E + pid), eps)
+        tau = _tau(rho, e_t).to(ACC)
+        e_acc = e_t.to(ACC)
+        inv_e = (1.0 / e_t).to(ACC)
+        if e_t != tl.load(EP + pid):
+            m = tl.full([BLOCK_K], NEG_INF, ACC)
+            s = tl.zeros([BLOCK_K], ACC)
+            for r in range(0, R):
+                part = PART + (pid.to(tl.int64) * R + r) * 2 * K
+                m, s = _merge(m, s, tl.load(part + offs_k, mask=kmask, other=NEG_INF), tl.load(part + K + offs_k, mask=kmask, other=0.0))
+            lse_col = _lse(m, s, kmask)
+        else:
+            lse_col = tl.load(LSENEXT + pid.to(tl.int64) * K + offs_k, mask=kmask, other=0.0)
+        g = tl.where(kmask, _potential(log_c, lse_col, e_acc, tau), 0.0)
+        if pid_r == 0:
+            tl.store(LSECUR + pid.to(tl.int64) * K + offs_k, lse_col, mask=kmask)
+            if SAVE:
+                tl.store(LSEC + (pid.to(tl.int64) * max_iters + t) * K + offs_k, lse_col, mask=kmask)
+                tl.store(EPOT + pid.to(tl.int64) * max_iters + t, e_t)
+        m, s = _row_pass(
+            S + pid.to(tl.int64) * stride_b, RMASS + pid.to(tl.int64) * N, FOUT + pid.to(tl.int64) * N,
+            LSER + (pid.to(tl.int64) * max_iters + t) * N, stride_n, stride_k, g, lo, tl.minimum(hi, n), k, e_acc, inv_e, tau,
+            SAVE, BALANCED, BLOCK_N, BLOCK_K, ACC,
+        )  # fmt: skip
+        part = PART_ROW + (pid.to(tl.int64) * R + pid_r) * 2 * K
+        tl.store(part + offs_k, m, mask=offs_k < K)
+        tl.store(part + K + offs_k, s, mask=offs_k < K)
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _split_finish_kernel(
+    CMASS, CCNT, CAP, TT, DONE, BAD, E, EP, PART_ROW, LSENEXT, LSECUR, ERRB, K, R,
+    eps: tl.float64, decay: tl.float64, tol: tl.float64, reach: tl.float64, n_iters,
+    SAVE: tl.constexpr, BALANCED: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One program per problem: the round's column sums, err, the stopping test, the next ε."""
+    eps = scalar(eps, tl.float64)
+    decay = scalar(decay, tl.float64)
+    tol = scalar(tol, tl.float64)
+    rho = scalar(reach, tl.float64)
+    pid = tl.program_id(0)
+    active, t = _split_active(TT, DONE, BAD, CAP, pid, n_iters, SAVE)
+    if active:
+        offs_k = tl.arange(0, BLOCK_K)
+        kmask = offs_k < tl.load(CCNT + pid).to(tl.int32)
+        log_c = tl.log(tl.load(CMASS + pid.to(tl.int64) * K + offs_k, mask=kmask, other=1.0).to(ACC))
+        e = tl.load(E + pid)
+        e_t = tl.maximum(e, eps)
+        tau = _tau(rho, e_t).to(ACC)
+        inv_e = (1.0 / e_t).to(ACC)
+        lse_col = tl.load(LSECUR + pid.to(tl.int64) * K + offs_k, mask=kmask, other=0.0)
+        g = tl.where(kmask, _potential(log_c, lse_col, e_t.to(ACC), tau), 0.0)
+        m = tl.full([BLOCK_K], NEG_INF, ACC)
+        s = tl.zeros([BLOCK_K], ACC)
+        for r in range(0, R):
+            part = PART_ROW + (pid.to(tl.int64) * R + r) * 2 * K
+            ps = tl.load(part + K + offs_k, mask=kmask, other=0.0)
+            if BALANCED:
+                s += ps
+            else:
+                m, s = _merge(m, s, tl.load(part + offs_k, mask=kmask, other=NEG_INF), ps)
+        lse_next, gap = _after_rows(m, s, g, inv_e, log_c, lse_col, tau, kmask, BALANCED)
+        err = tl.max(tl.where(kmask, tl.abs(tl.exp(gap) - 1.0), 0.0), axis=0)
+        tl.store(LSENEXT + pid.to(tl.int64) * K + offs_k, lse_next, mask=kmask)
+        tl.store(ERRB + pid, err)
+        if not SAVE:
+            tl.store(DONE + pid, ((tol >= 0.0) & (e_t == eps) & (err.to(tl.float64) <= tol)).to(tl.int32))
+        tl.store(TT + pid, t + 1)
+        tl.store(EP + pid, e_t)
+        tl.store(E + pid, e * decay)
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _split_out_kernel(
+    S, CMASS, RCNT, CCNT, FOUT, TT, BAD, EP, LSECUR, ERRB, PLAN, GOUT, ITERS, ERR, N, K, reach: tl.float64, n_iters,
+    rows_per_program, stride_b, stride_n, stride_k,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """The plan on this program's rows; program 0 of a problem writes g, iters and err."""
+    rho = scalar(reach, tl.float64)
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    n, lo, hi = _split_rows(RCNT, pid, pid_r, rows_per_program, N)
+    k = tl.load(CCNT + pid).to(tl.int32)
+    bad = tl.load(BAD + pid)
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    kout = offs_k < K
+    log_c = tl.log(tl.load(CMASS + pid.to(tl.int64) * K + offs_k, mask=kmask, other=1.0).to(ACC))
+    e_last = tl.load(EP + pid)
+    tau = _tau(rho, e_last).to(ACC)
+    lse_col = tl.load(LSECUR + pid.to(tl.int64) * K + offs_k, mask=kmask, other=0.0)
+    g = tl.where(kmask, _potential(log_c, lse_col, e_last.to(ACC), tau), 0.0)
+    if pid_r == 0:
+        tl.store(ITERS + pid, tl.where(bad != 0, n_iters, tl.load(TT + pid)).to(tl.int64))
+        tl.store(ERR + pid, tl.where(bad != 0, NAN, tl.load(ERRB + pid)).to(ERR.dtype.element_ty))
+        g_out = tl.where(kmask, tl.where(bad != 0, NAN, g), 0.0)
+        tl.store(GOUT + pid.to(tl.int64) * K + offs_k, g_out.to(GOUT.dtype.element_ty), mask=kout)
+    inv_e = (1.0 / e_last).to(ACC)
+    S += pid.to(tl.int64) * stride_b
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < n
+        mask = valid[:, None] & kmask[None, :]
+        x = _tile(S, stride_n, stride_k, offs_n, offs_k, mask, ACC)
+        f = tl.load(FOUT + pid.to(tl.int64) * N + offs_n, mask=valid, other=0.0).to(ACC)
+        p = tl.exp(tl.where(mask, (x + f[:, None] + g[None, :]) * inv_e, NEG_INF))
+        p = tl.where(mask, tl.where(bad != 0, NAN, p), 0.0)
+        out = PLAN + pid.to(tl.int64) * N * K + offs_n[:, None] * K + offs_k[None, :]
+        tl.store(out, p.to(PLAN.dtype.element_ty), mask=(offs_n < hi)[:, None] & kout[None, :])
+        if bad != 0:
+            tl.store(FOUT + pid.to(tl.int64) * N + offs_n, tl.full([BLOCK_N], NAN, ACC).to(FOUT.dtype.element_ty), mask=valid)
+
+
+@triton.jit(do_not_specialize=("step", "max_iters"))
+def _split_bwd_kernel(
+    S, G, DS, RMASS, CMASS, RCNT, CCNT, F0, ITERS, LSER, LSEC, EPOT, BAD, GB, N, K, R, reach: tl.float64, max_iters, step,
+    rows_per_program, stride_b, stride_n, stride_k,
+    BALANCED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """Reverse pass ``step`` of every problem on this program's rows: the first pass at step 0,
+    the fused pass of column step t and row step t − 1 at step T − t, column step 0 at step T.
+    ḡ crosses programs as per-program partials in GB (two slots, by the step's parity)."""
+    rho = scalar(reach, tl.float64)
+    pid = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    n, lo, hi = _split_rows(RCNT, pid, pid_r, rows_per_program, N)
+    k = tl.load(CCNT + pid).to(tl.int32)
+    T = tl.maximum(tl.minimum(tl.load(ITERS + pid).to(tl.int32), max_iters), 1)
+    bad = tl.load(BAD + pid)
+    S += pid.to(tl.int64) * stride_b
+    G += pid.to(tl.int64) * N * K
+    DS += pid.to(tl.int64) * N * K
+    RMASS += pid.to(tl.int64) * N
+    F0 += pid.to(tl.int64) * N
+    LSER += pid.to(tl.int64) * max_iters * N
+    LSEC += pid.to(tl.int64) * max_iters * K
+    EPOT += pid.to(tl.int64) * max_iters
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    log_c = tl.log(tl.load(CMASS + pid.to(tl.int64) * K + offs_k, mask=kmask, other=1.0).to(ACC))
+    out = GB + ((pid.to(tl.int64) * 2 + step % 2) * R + pid_r) * K
+    gbar = tl.zeros([BLOCK_K], ACC)
+    if (step > 0) & (step <= T) & (bad == 0):
+        for r in range(0, R):
+            gbar += tl.load(GB + ((pid.to(tl.int64) * 2 + (step - 1) % 2) * R + r) * K + offs_k, mask=kmask, other=0.0)
+    if (step == 0) & (bad == 0):
+        e_acc, inv_e, tau, lse_col, g = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, T - 1, K, ACC)
+        part = _first_pass(
+            S, G, DS, RMASS, LSER + (T - 1) * N, stride_n, stride_k, e_acc, inv_e, tau, g, lo, tl.minimum(hi, n), k, K, BALANCED,
+            BLOCK_N, BLOCK_K, ACC,
+        )  # fmt: skip
+        tl.store(out + offs_k, part, mask=offs_k < K)
+    elif (step > 0) & (step < T) & (bad == 0):
+        t = T - step
+        e_t = tl.load(EPOT + t)
+        same = e_t == tl.load(EPOT + t - 1)
+        _, inv_e, tau, lse_col, _ = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, t, K, ACC)
+        e_p, inv_e_p, tau_p, lse_col_p, g_p = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, t - 1, K, ACC)
+        rows = LSER + (t - 1) * N
+        row_hi = tl.minimum(hi, n)
+        if BALANCED:
+            if same:
+                part = _reverse_pass(
+                    S, DS, RMASS, rows, stride_n, stride_k, gbar, log_c, inv_e, tau, lse_col, e_p, inv_e_p, tau_p, lse_col_p, g_p,
+                    lo, row_hi, k, K, True, BLOCK_N, BLOCK_K, ACC,
+                )  # fmt: skip
+            else:
+                part = _reverse_pass(
+                    S, DS, RMASS, rows, stride_n, stride_k, gbar, log_c, inv_e, tau, lse_col, e_p, inv_e_p, tau_p, lse_col_p, g_p,
+                    lo, row_hi, k, K, False, BLOCK_N, BLOCK_K, ACC,
+                )  # fmt: skip
+        else:
+            part = _reverse_pass(
+                S, DS, RMASS, rows, stride_n, stride_k, gbar, log_c, inv_e, tau, lse_col, e_p, inv_e_p, tau_p, lse_col_p, g_p,
+                lo, row_hi, k, K, False, BLOCK_N, BLOCK_K, ACC,
+            )  # fmt: skip
+        tl.store(out + offs_k, part, mask=offs_k < K)
+    elif step == T:
+        _, inv_e, tau, lse_col, _ = _potentials_at(LSEC, EPOT, log_c, offs_k, kmask, rho, 0, K, ACC)
+        _last_pass(S, DS, F0, stride_n, stride_k, tau * gbar, inv_e, lse_col, lo, hi, n, k, K, bad, BLOCK_N, BLOCK_K, ACC)
+
+
 def fits(n_cols: int, dtype: torch.dtype) -> bool:
     """Whether rows of ``n_cols`` scores fit one tile (a program keeps whole rows)."""
     return triton.next_power_of_2(max(1, n_cols)) <= _common.widest_row(_common.acc_dtype(dtype))
@@ -597,6 +870,9 @@ class _Shape:
         self.block_k = triton.next_power_of_2(max(1, self.K))
         self.block_n = _common.tile_rows(max(1, self.N), self.block_k, self.acc)
         self.warps = _common.num_warps(self.block_n * self.block_k, self.acc)
+        self.R = _common.programs_per_problem(self.B, self.N, self.block_n, self.N * self.K, scores.device)
+        self.rows_per_program = triton.cdiv(triton.cdiv(max(1, self.N), self.block_n), self.R) * self.block_n
+        self.R = triton.cdiv(max(1, self.N), self.rows_per_program)
 
 
 def _prepared(sh: _Shape, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start):
@@ -624,6 +900,10 @@ def _launch_forward(sh, s, rows, cols, rcnt, ccnt, f0, e0, eps, decay, n_iters, 
     lsec = torch.empty((sh.B, slots, sh.K) if save else (1,), dtype=sh.acc, device=dev)
     epot = torch.ones((sh.B, slots) if save else (1,), dtype=torch.float64, device=dev)  # read, unused, for poisoned problems
     bad = torch.empty((sh.B,) if save else (1,), dtype=torch.int32, device=dev)
+    if sh.R > 1:
+        outputs = (plan, f, g, iters, err, lser, lsec, epot)
+        bad = _split_forward(sh, s, rows, cols, rcnt, ccnt, f0, e0, (eps, decay, tol, reach), n_iters, save, cap, slots, outputs)
+        return (*outputs, bad)
     _sinkhorn_ext_fwd_kernel[(sh.B,)](
         s,
         rows,
@@ -661,6 +941,51 @@ def _launch_forward(sh, s, rows, cols, rcnt, ccnt, f0, e0, eps, decay, n_iters, 
         maxnreg=_common.MAX_REGISTERS,
     )
     return plan, f, g, iters, err, lser, lsec, epot, bad
+
+
+def _split_forward(sh, s, rows, cols, rcnt, ccnt, f0, e0, floats, n_iters, save, cap, slots, outputs):
+    """The split structure: 1 + 3 n_iters + 1 launches (init; per round the column partials, the
+    row step, the per-problem finish; the plan). A problem that stopped skips its launches' work;
+    nothing is read on the host. Returns the poisoned-problem flags."""
+    eps, decay, tol, reach = (float(v) for v in floats)
+    plan, f, g, iters, err, lser, lsec, epot = outputs
+    dev = s.device
+    B, N, K, R = sh.B, sh.N, sh.K, sh.R
+    balanced = reach == math.inf
+    e = e0.clone()
+    e_prev = torch.full((B,), -1.0, dtype=torch.float64, device=dev)
+    tt = torch.zeros((B,), dtype=torch.int32, device=dev)
+    done = torch.zeros((B,), dtype=torch.int32, device=dev)
+    bad = torch.zeros((B,), dtype=torch.int32, device=dev)
+    part = torch.empty((B, R, 2, K), dtype=sh.acc, device=dev)
+    part_row = torch.empty((B, R, 2, K), dtype=sh.acc, device=dev)
+    lse_next = torch.zeros((B, K), dtype=sh.acc, device=dev)
+    lse_cur = torch.zeros((B, K), dtype=sh.acc, device=dev)
+    err_now = torch.zeros((B,), dtype=sh.acc, device=dev)
+    cap = cap if cap is not None else rcnt
+    grid = (B, R)
+    common = dict(BLOCK_K=sh.block_k, ACC=sh.acc_tl, num_warps=sh.warps, maxnreg=_common.MAX_REGISTERS)
+    _split_init_kernel[grid](s, rcnt, ccnt, f0, f, bad, N, K, sh.rows_per_program, *s.stride(), BLOCK_N=sh.block_n, **common)
+    for _ in range(n_iters):
+        _split_col_kernel[grid](
+            s, rcnt, ccnt, f, cap, tt, done, bad, e, e_prev, part, N, K, R, eps, n_iters, sh.rows_per_program, *s.stride(),
+            SAVE=save, BLOCK_N=sh.block_n, **common,
+        )  # fmt: skip
+        _split_row_kernel[grid](
+            s, rows, cols, rcnt, ccnt, f, cap, tt, done, bad, e, e_prev, part, part_row, lse_next, lse_cur, lser, lsec, epot,
+            N, K, R, eps, reach, n_iters, slots, sh.rows_per_program, *s.stride(),
+            SAVE=save, BALANCED=balanced, BLOCK_N=sh.block_n, **common,
+        )  # fmt: skip
+        _split_finish_kernel[(B,)](
+            cols, ccnt, cap, tt, done, bad, e, e_prev, part_row, lse_next, lse_cur, err_now, K, R, eps, decay, tol, reach, n_iters,
+            SAVE=save, BALANCED=balanced, **common,
+        )  # fmt: skip
+    if not save:
+        _split_out_kernel[grid](
+            s, cols, rcnt, ccnt, f, tt, bad, e_prev, lse_cur, err_now, plan, g, iters, err, N, K, reach, n_iters,
+            sh.rows_per_program, *s.stride(), BLOCK_N=sh.block_n, **common,
+        )  # fmt: skip
+    return bad
 
 
 def forward(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain):
@@ -701,6 +1026,16 @@ def backward(
     )
     g = grad.reshape(sh.B, sh.N, sh.K).contiguous()
     ds = _common.new_output((sh.B, sh.N, sh.K), sh.acc, dev)
+    if sh.R > 1:
+        gb = torch.zeros((sh.B, 2, sh.R, sh.K), dtype=sh.acc, device=dev)
+        for step in range(max_iters + 1):
+            _split_bwd_kernel[(sh.B, sh.R)](
+                scores, g, ds, rows, cols, rcnt, ccnt, f0, cap, lser, lsec, epot, bad, gb, sh.N, sh.K, sh.R, float(reach), max_iters,
+                step, sh.rows_per_program, *scores.stride(),
+                BALANCED=float(reach) == math.inf, BLOCK_N=sh.block_n, BLOCK_K=sh.block_k, ACC=sh.acc_tl, num_warps=sh.warps,
+                maxnreg=_common.MAX_REGISTERS,
+            )  # fmt: skip
+        return ds.to(scores.dtype)
     _sinkhorn_ext_bwd_kernel[(sh.B,)](
         scores,
         g,
