@@ -401,3 +401,14 @@ def test_batch_equals_per_problem_calls(launch):
         torch.testing.assert_close(err[0], batch[4][b], rtol=1e-9, atol=1e-15)
         ds = _kernels().backward(grad[b : b + 1, :nb, :kb].contiguous(), *one, e0[b : b + 1], 0.2, 0.5, iters, 3.0, "auto")
         torch.testing.assert_close(ds[0], batch_grad[b, :nb, :kb], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("rho", [INF, 2.0])
+def test_stop_waits_for_the_end_of_the_schedule(rho, launch):
+    """From eps 40 the error is below tol at once (2e-3 after one iteration here), but no problem
+    stops before its schedule reaches eps (seven annealed iterations: 40 ... 0.625, then 0.5)."""
+    nc, kc, N, K = [4, 2, 5], [3, 5, 5], 5, 5
+    inputs = padded_problem(nc, kc, N, K, seed=3, scale=3.0, balanced=rho == INF, schedule=[40.0, 40.0, 0.0])
+    got, want, _ = run_forward(*inputs, eps=0.5, decay=0.5, n_iters=30, tol=2e-2, rho=rho)
+    check_forward(got, want, torch.float64)
+    assert (got[3][:2] >= 8).all(), got[3]
