@@ -114,12 +114,13 @@ def _sinkhorn_ext(dtype: torch.dtype, b: int, n: int, k: int) -> Callable[[], No
 
 
 def _sinkhorn_ext_calls() -> Iterator[Call]:
-    # The kernels take float32 or float64 (the op converts other dtypes).
+    # The kernels take float32 or float64 (the op converts other dtypes); one problem of many rows
+    # runs the split structure, a batch the persistent one.
     for dtype in WIDE:
         widths = _widths(_common.widest_row(dtype))
         for k in widths:
             sampled = k in (widths[0], widths[-1])
-            for b, n, what in ((BATCH, ROWS, "batch"), (BATCH, 1, "one row")):
+            for b, n, what in ((1, ROWS, "one problem"), (BATCH, ROWS, "batch"), (BATCH, 1, "one row")):
                 yield Call("sinkhorn_ext", f"{_name(dtype)} {what} B={b} N={n} K={k}", _sinkhorn_ext(dtype, b, n, k), sampled and n > 1)
         # mmot-bench: the SwAV size, tiny problems, and a ragged batch padded to 64 x 64.
         for b, n, k in ((1, 4096, 3000), (65536, 4, 4), (65536, 16, 16), (4096, 64, 64)):
