@@ -13,12 +13,22 @@ e. ε_t = max(ε, e_t) with e_0 = eps_start_b and e_{t+1} = e_t · decay in floa
 multiplies the same numbers). A problem stops after iteration t when tol ≥ 0, ε_t == ε and
 err_t ≤ tol.
 
-**Launch structure.** One program per problem (grid (B,)), which runs the whole iteration in
-one launch: the loop over iterations is a ``while`` on the program's own iteration count and
-stop flag, so every problem stops where its own error says and no host synchronisation happens.
-The row loops run over the problem's own rows (``range(0, n_b, BLOCK_N)``), so the padding costs
-no work beyond the tile width; a tile holds BLOCK_N whole rows of ``next_power_of_2(K)`` columns
-(:func:`fits`). A problem's column potential g lives in registers; f lives in the f output.
+**Launch structures** (chosen from shapes alone, as ``mmot.kernels.sinkhorn``'s, by
+``_common.programs_per_problem``):
+
+* **persistent** (batches, and small problems): one program per problem (grid (B,)) runs the
+  whole iteration in one launch. The loop over iterations is a ``while`` on the program's own
+  iteration count and stop flag, so every problem stops where its own error says, with no host
+  synchronisation. The row loops run over the problem's own rows (``range(0, n_b, BLOCK_N)``),
+  so the padding costs no work beyond the tile width; a tile holds BLOCK_N whole rows of
+  ``next_power_of_2(K)`` columns (:func:`fits`). g lives in registers, f in the f output.
+* **split** (a few large problems, e.g. the SwAV size): each problem's rows are split over R
+  programs and the host launches every pass: per round a column-partials launch (work only
+  while ε changes), the row step (column partials per program, no atomics, so the result does
+  not depend on scheduling) and a one-program-per-problem finish (the error, the stopping test,
+  the next ε), each problem's iteration count, ε and stop flag living on the device. The host
+  launches ``n_iters`` rounds whatever the stops (a stopped problem's programs return at once):
+  no host reads, the same as the persistent structure.
 
 **Log domain throughout** (``log_domain`` is accepted and not needed). Each iteration is one
 streaming pass over the rows: a row block's row log-sum-exp gives its f, and the same pass folds
@@ -43,12 +53,10 @@ iteration, S̄ accumulated in the output (iters + 1 passes in all).
 ``max(iters)``, one read of ``iters`` on the host, unless the caller passes ``max_iters`` (the
 forward's ``n_iters`` is a bound), which makes it free of host reads as well.
 
-**Limits.** A problem is one program: a batch fills the GPU, but a single large problem (the
-SwAV size, 4096 × 3000) runs on one SM, far slower than ``mmot.kernels.sinkhorn``'s split
-launches (rows over several programs, one launch per pass). Splitting a problem here would need
-per-pass launches carrying each problem's iteration count, ε and stop flag on the device; it is
-not done. Potentials in score units round to ulp(|S + f|) / ε in the logits (float32 with
-scores far from 0 against ε), where ``mmot.kernels.sinkhorn`` centres each column first.
+**Limits.** The split forward costs 3 launches per round (``mmot.kernels.sinkhorn``: 1), its
+backward one per reverse pass up to max(iters) + 1. Potentials in score units round to
+ulp(|S + f|) / ε in the logits (float32 with scores far from 0 against ε), where
+``mmot.kernels.sinkhorn`` centres each column first.
 
 **Non-finite valid scores** poison their problem: plan, f, g and err NaN, iters = n_iters, and
 the backward's valid entries NaN (the op's value checks refuse them first when on).
