@@ -55,6 +55,7 @@ from mmot.kernels import (
     similarity,
     similarity_regression,
     sinkhorn,
+    sinkhorn_ext,
 )
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -94,6 +95,37 @@ def _sinkhorn(dtype: torch.dtype, b: int, n: int, k: int) -> Callable[[], None]:
         sinkhorn.backward(_empty(b, n, k, dtype=dtype), scores, 0.05, 3, rows, cols, "auto")
 
     return run
+
+
+def _sinkhorn_ext(dtype: torch.dtype, b: int, n: int, k: int) -> Callable[[], None]:
+    """Forward and backward of the general Sinkhorn (issue 20), where the op would run them on the GPU."""
+
+    def run() -> None:
+        if not sinkhorn_ext.fits(k, dtype):
+            return
+        scores = _empty(b, n, k, dtype=dtype)
+        rows, cols, f0 = _empty(b, n, dtype=dtype), _empty(b, k, dtype=dtype), _empty(b, n, dtype=dtype)
+        counts = torch.empty(b, dtype=torch.int64, device=META)
+        start = _empty(b, dtype=torch.float64)
+        sinkhorn_ext.forward(scores, rows, cols, counts, counts, f0, start, 0.05, 0.5, 3, 1e-3, 2.0, "auto")
+        grad = _empty(b, n, k, dtype=dtype)
+        sinkhorn_ext.backward(grad, scores, rows, cols, counts, counts, f0, start, 0.05, 0.5, counts, 2.0, "auto", max_iters=3)
+
+    return run
+
+
+def _sinkhorn_ext_calls() -> Iterator[Call]:
+    # The kernels take float32 or float64 (the op converts other dtypes); one problem of many rows
+    # runs the split structure, a batch the persistent one.
+    for dtype in WIDE:
+        widths = _widths(_common.widest_row(dtype))
+        for k in widths:
+            sampled = k in (widths[0], widths[-1])
+            for b, n, what in ((1, ROWS, "one problem"), (BATCH, ROWS, "batch"), (BATCH, 1, "one row")):
+                yield Call("sinkhorn_ext", f"{_name(dtype)} {what} B={b} N={n} K={k}", _sinkhorn_ext(dtype, b, n, k), sampled and n > 1)
+        # mmot-bench: the SwAV size, tiny problems, and a ragged batch padded to 64 x 64.
+        for b, n, k in ((1, 4096, 3000), (65536, 4, 4), (65536, 16, 16), (4096, 64, 64)):
+            yield Call("sinkhorn_ext", f"{_name(dtype)} bench B={b} N={n} K={k}", _sinkhorn_ext(dtype, b, n, k), True)
 
 
 def _groups(n_groups: int, k: int) -> list[tuple[float, int, int]]:
@@ -359,6 +391,7 @@ def _anchor_consistency_calls() -> Iterator[Call]:
 def every_call() -> list[Call]:
     return [
         *_sinkhorn_calls(),
+        *_sinkhorn_ext_calls(),
         *_multi_sinkhorn_calls(),
         *_multi_sinkhorn_ext_calls(),
         *_similarity_calls(),
