@@ -32,9 +32,11 @@ KERNEL_MODULES = (
     "feature_separation",
     "similarity_regression",
     "nt_xent",
+    "sinkhorn_ext",
+    "multi_sinkhorn_ext",
 )
 # Float scalars each kernel takes, which must reach it as fp64 (docs/architecture.md, scalars).
-SCALARS = {"inv_eps", "scale", "inv_tau", "tiny", "shift"}
+SCALARS = {"inv_eps", "scale", "inv_tau", "tiny", "shift", "eps", "decay", "tol", "reach"}
 
 
 def compiler_env() -> dict:

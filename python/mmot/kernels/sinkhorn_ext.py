@@ -88,8 +88,9 @@ def _tau(rho, e):
 
 @triton.jit
 def _potential(log_mass, lse, e, tau):
-    """τ (e log m − e LSE): one potential from its log-sum-exp (forward and backward alike)."""
-    return tau * (e * log_mass - e * lse)
+    """e log m − τ e LSE: one potential from its log-sum-exp (forward and backward alike; with
+    τ < 1 this is the KL relaxation relative to r ⊗ c, POT's ``sinkhorn_unbalanced``)."""
+    return e * log_mass - tau * e * lse
 
 
 @triton.jit
