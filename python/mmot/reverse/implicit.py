@@ -180,7 +180,7 @@ def multi_sinkhorn_implicit_backward(
     present = cnt > 0  # (B, G)
     gmask = mask & present[:, :, None, None]  # (B, G, N, K)
     w = torch.tensor(weights, dtype=dtype, device=dev).view(1, -1, 1, 1)
-    s = torch.where(mask, scores, 0.0)
+    s = torch.where(mask, scores[:, None], 0.0)
     logits = (w * s + F[:, :, None, :].to(dtype) + Gam[:, None].to(dtype) + H[:, :, :, None].to(dtype)) / eps
     p = torch.where(gmask, torch.exp(torch.where(gmask, logits, 0.0)), 0.0)
     cnt4 = torch.where(present, cnt, 1.0)[:, :, None, None]
