@@ -13,9 +13,8 @@ import argparse
 import math
 import time
 
-import torch
-
 import mmot
+import torch
 from mmot.bench.workloads import cosine_scores
 from mmot.ops import _implicit_rust
 
@@ -47,6 +46,11 @@ def best_of(fns, repeats):
     return [b * 1e3 for b in best]
 
 
+def report(label: str, n_iters: int, unrolled: float, implicit: float, its: torch.Tensor) -> None:
+    ratio = unrolled / implicit
+    print(f"{label:40s} {n_iters:7d} {unrolled:12.1f} {implicit:12.1f} {ratio:6.1f}x {int(its[0]):8d}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
@@ -64,12 +68,14 @@ def main() -> None:
         its = torch.zeros(1, dtype=torch.int64)
         unrolled, implicit = best_of(
             [
-                lambda: torch.autograd.grad(out, s, up, retain_graph=True),
-                lambda: _implicit_rust.sinkhorn_implicit_backward(up[None], plan[None], one * 4096, one * 3000, 0.05, math.inf, iters=its),
+                lambda out=out: torch.autograd.grad(out, s, up, retain_graph=True),
+                lambda plan=plan, its=its: _implicit_rust.sinkhorn_implicit_backward(
+                    up[None], plan[None], one * 4096, one * 3000, 0.05, math.inf, iters=its
+                ),
             ],
             args.repeats,
         )
-        print(f"{'sinkhorn N=4096 K=3000 eps=0.05':40s} {n_iters:7d} {unrolled:12.1f} {implicit:12.1f} {unrolled / implicit:6.1f}x {int(its[0]):8d}", flush=True)
+        report("sinkhorn N=4096 K=3000 eps=0.05", n_iters, unrolled, implicit, its)
 
     s = cosine_scores(7660, 64).requires_grad_(True)
     up = torch.randn(s.shape, generator=torch.Generator().manual_seed(1))
@@ -80,15 +86,25 @@ def main() -> None:
         its = torch.zeros(1, dtype=torch.int64)
         unrolled, implicit = best_of(
             [
-                lambda: torch.autograd.grad(out, s, up, retain_graph=True),
-                lambda: _implicit_rust.multi_sinkhorn_implicit_backward(
-                    up[None], s.detach()[None], f[None], gam[None], h[None], one * 7660, one * 64,
-                    weights, torch.tensor([counts]), torch.tensor([tops]), 0.07, iters=its,
+                lambda out=out: torch.autograd.grad(out, s, up, retain_graph=True),
+                lambda f=f, gam=gam, h=h, its=its: _implicit_rust.multi_sinkhorn_implicit_backward(
+                    up[None],
+                    s.detach()[None],
+                    f[None],
+                    gam[None],
+                    h[None],
+                    one * 7660,
+                    one * 64,
+                    weights,
+                    torch.tensor([counts]),
+                    torch.tensor([tops]),
+                    0.07,
+                    iters=its,
                 ),
             ],
             args.repeats,
         )
-        print(f"{'multi_sinkhorn N=7660 K=64 k=32 eps=0.07':40s} {n_iters:7d} {unrolled:12.1f} {implicit:12.1f} {unrolled / implicit:6.1f}x {int(its[0]):8d}", flush=True)
+        report("multi_sinkhorn N=7660 K=64 k=32 eps=0.07", n_iters, unrolled, implicit, its)
 
 
 if __name__ == "__main__":

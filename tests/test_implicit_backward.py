@@ -16,7 +16,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from mmot.reverse import implicit as torch_impl
 
 BACKENDS = ["torch", "rust", "triton"]
@@ -235,8 +234,17 @@ def test_multi_matches_finite_difference_of_converged_solution():
     _, f, gam, hh = naive_multi(s, weights, cnt, top, eps, 2000)
     for name in ["torch", "rust"]:
         g = _impl(name).multi_sinkhorn_implicit_backward(
-            up[None], s[None], f[None], gam[None], hh[None], torch.tensor([n]), torch.tensor([k]),
-            weights, torch.tensor([cnt], dtype=torch.float64), torch.tensor([top], dtype=torch.float64), eps,
+            up[None],
+            s[None],
+            f[None],
+            gam[None],
+            hh[None],
+            torch.tensor([n]),
+            torch.tensor([k]),
+            weights,
+            torch.tensor([cnt], dtype=torch.float64),
+            torch.tensor([top], dtype=torch.float64),
+            eps,
         )
         assert abs((g[0] * d).sum().item() - fd) < 1e-7 * max(1.0, abs(fd)), name
 
@@ -318,3 +326,17 @@ def test_rust_rejects_bad_counts():
         _implicit_rust.sinkhorn_implicit_backward(p, p, torch.tensor([3]), torch.tensor([2]), 0.1, math.inf)
     with pytest.raises(ValueError, match="col_counts"):
         _implicit_rust.sinkhorn_implicit_backward(p, p, torch.tensor([2]), torch.tensor([0]), 0.1, math.inf)
+
+
+def test_triton_small_row_tiles_match_torch(monkeypatch):
+    # Tiny shapes span one tile under the interpreter; force 2-row tiles so that every pass
+    # (and Multi-SK's workspace round trip between passes) runs over several tiles.
+    from mmot.kernels import _common
+
+    monkeypatch.setattr(_common, "FORCE_TILE_ROWS", 2)
+    tri = _impl("triton")
+    plan, grad, rows, cols, refs = _sinkhorn_case(SIZES, 0.5, 0.8, seed=31)
+    _check_blocks(tri.sinkhorn_implicit_backward(grad, plan, rows, cols, 0.5, 0.8), refs, 1e-6)
+    weights, problems = MULTI_CASES["absent_group"]
+    args, refs = _multi_case(weights, problems, 0.5, seed=32)
+    _check_blocks(tri.multi_sinkhorn_implicit_backward(**args), refs, 1e-6)
