@@ -95,8 +95,7 @@ impl<T: Real> Cg<T> {
     /// `p` in the next direction, or `None` when converged (or out of iterations).
     pub fn next(&mut self, rz_new: T, rr: T) -> Option<T> {
         self.iters += 1;
-        if rr <= self.stop || rz_new <= T::ZERO || rr.to_f64().is_nan() || self.iters >= MAX_ITERS
-        {
+        if rr <= self.stop || rz_new <= T::ZERO || rr.to_f64().is_nan() || self.iters >= MAX_ITERS {
             return None;
         }
         let beta = rz_new / self.rz;

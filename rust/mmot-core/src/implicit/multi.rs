@@ -295,8 +295,11 @@ impl<T: Real> Problem<'_, T> {
                             let st = &mut st[l * STATE * gp..(l + 1) * STATE * gp];
                             t.fill(T::ZERO);
                             for gi in 0..gp {
-                                let (pl, pv, pg) =
-                                    (&prow[gi * k..(gi + 1) * k], &pa[gi * k..(gi + 1) * k], st[P * gp + gi]);
+                                let (pl, pv, pg) = (
+                                    &prow[gi * k..(gi + 1) * k],
+                                    &pa[gi * k..(gi + 1) * k],
+                                    st[P * gp + gi],
+                                );
                                 for a in 0..k {
                                     t[a] += pl[a] * (pv[a] + pg);
                                 }
@@ -306,12 +309,16 @@ impl<T: Real> Problem<'_, T> {
                             }
                             let mut pq = T::ZERO;
                             for (gi, grp) in groups.iter().enumerate() {
-                                let (pl, pv, pg) =
-                                    (&prow[gi * k..(gi + 1) * k], &pa[gi * k..(gi + 1) * k], st[P * gp + gi]);
+                                let (pl, pv, pg) = (
+                                    &prow[gi * k..(gi + 1) * k],
+                                    &pa[gi * k..(gi + 1) * k],
+                                    st[P * gp + gi],
+                                );
                                 let qp = &mut part[gi * k..(gi + 1) * k];
                                 let mut qs = T::ZERO;
                                 for a in 0..k {
-                                    let we = pl[a] * grp.inv_count * (pv[a] + pg - grp.count * t[a]);
+                                    let we =
+                                        pl[a] * grp.inv_count * (pv[a] + pg - grp.count * t[a]);
                                     qp[a] += we;
                                     qs += we;
                                 }
@@ -378,7 +385,11 @@ impl<T: Real> Problem<'_, T> {
                     t.fill(T::ZERO);
                     u.fill(T::ZERO);
                     for (gi, grp) in groups.iter().enumerate() {
-                        let (pl, xv, xg) = (&prow[gi * k..(gi + 1) * k], &xa[gi * k..(gi + 1) * k], st[X * gp + gi]);
+                        let (pl, xv, xg) = (
+                            &prow[gi * k..(gi + 1) * k],
+                            &xa[gi * k..(gi + 1) * k],
+                            st[X * gp + gi],
+                        );
                         for a in 0..k {
                             t[a] += pl[a] * (xv[a] + xg);
                             u[a] += grp.top * pl[a];
@@ -391,10 +402,16 @@ impl<T: Real> Problem<'_, T> {
                     let orow = &mut o[l * stride..(l + 1) * stride];
                     orow.fill(T::ZERO);
                     for (gi, grp) in groups.iter().enumerate() {
-                        let (pl, xv, xg) = (&prow[gi * k..(gi + 1) * k], &xa[gi * k..(gi + 1) * k], st[X * gp + gi]);
+                        let (pl, xv, xg) = (
+                            &prow[gi * k..(gi + 1) * k],
+                            &xa[gi * k..(gi + 1) * k],
+                            st[X * gp + gi],
+                        );
                         let ws = grp.weight * inv_eps;
                         for a in 0..k {
-                            let resid = grp.top * grow[a] - grp.count * u[a] - (xv[a] + xg - grp.count * t[a]);
+                            let resid = grp.top * grow[a]
+                                - grp.count * u[a]
+                                - (xv[a] + xg - grp.count * t[a]);
                             orow[a] += ws * pl[a] * resid;
                         }
                     }

@@ -128,7 +128,16 @@ fn solve<T: Real>(
         p,
         q,
     } = ws;
-    for v in [&mut *acc, &mut *col_sum, &mut *pre, &mut *x, &mut *r, &mut *z, &mut *p, &mut *q] {
+    for v in [
+        &mut *acc,
+        &mut *col_sum,
+        &mut *pre,
+        &mut *x,
+        &mut *r,
+        &mut *z,
+        &mut *p,
+        &mut *q,
+    ] {
         v.clear();
         v.resize(k, T::ZERO);
     }
