@@ -293,7 +293,8 @@ def test_rust_matches_torch_on_ragged_batches(sizes, rho, seed):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6 * max(1.0, ref.abs().max().item()))
 
 
-def test_rust_results_do_not_depend_on_thread_count(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rust_results_do_not_depend_on_thread_count(monkeypatch, dtype):
     from mmot.ops import _implicit_rust
 
     gen = torch.Generator().manual_seed(9)
@@ -307,6 +308,7 @@ def test_rust_results_do_not_depend_on_thread_count(monkeypatch):
     h = torch.randn(2, 2, 100, dtype=torch.float64, generator=gen) * 0.1
     counts = torch.tensor([[150.0, 150.0], [100.0, 151.0]], dtype=torch.float64)
     tops = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)
+    s, plan, grad, f, gam, h, counts, tops = (x.to(dtype) for x in (s, plan, grad, f, gam, h, counts, tops))
     results = []
     for threads in ["1", "2", "3"]:
         monkeypatch.setenv("MMOT_NUM_THREADS", threads)
@@ -340,3 +342,25 @@ def test_triton_small_row_tiles_match_torch(monkeypatch):
     weights, problems = MULTI_CASES["absent_group"]
     args, refs = _multi_case(weights, problems, 0.5, seed=32)
     _check_blocks(tri.multi_sinkhorn_implicit_backward(**args), refs, 1e-6)
+
+
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 7), st.integers(2, 6)), min_size=1, max_size=3),
+    weights=st.sampled_from([[1.0, 0.25], [0.5, 1.0, 2.0]]),
+    seed=st.integers(0, 2**16),
+)
+def test_multi_rust_matches_torch_on_ragged_batches(shapes, weights, seed):
+    from mmot.ops import _implicit_rust
+
+    gen = torch.Generator().manual_seed(seed)
+    problems = []
+    for n, k in shapes:
+        # Random slot counts summing to k (some groups absent), tops at most the counts.
+        cut = sorted(torch.randint(0, k + 1, (len(weights) - 1,), generator=gen).tolist())
+        cnt = [float(b - a) for a, b in zip([0, *cut], [*cut, k])]
+        top = [float(torch.randint(0, int(c) + 1, (1,), generator=gen).item()) for c in cnt]
+        problems.append((n, k, cnt, top))
+    args, _ = _multi_case(weights, problems, 0.6, seed=seed, iters=30)
+    ref = torch_impl.multi_sinkhorn_implicit_backward(**args)
+    out = _implicit_rust.multi_sinkhorn_implicit_backward(**args)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * max(1.0, ref.abs().max().item()))
