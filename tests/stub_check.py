@@ -89,6 +89,15 @@ SAMPLE_ARGS: dict[str, Callable[[], tuple]] = {
     "nt_xent_cross_lse": lambda: (_f64(2, 3), _f64(2, 3), _f64(2), _f64(2), 0.1, 1),
     "nt_xent_self_grad": lambda: (_f64(2, 3), _f64(2), _f64(2), _f64(2, 3), 0.1, 1),
     "nt_xent_cross_grad": lambda: (_f64(2, 3), _f64(2, 3), _f64(2), _f64(2), _f64(2), _f64(2), _f64(2, 3), _f64(2, 3), 0.1, 1),
+    "sinkhorn_implicit_backward": lambda: (
+        *(_f64(1, 2, 2), _f64(1, 2, 2), np.full(1, 2, dtype=np.int64), np.full(1, 2, dtype=np.int64), _f64(1, 2, 2), _index()),
+        *(0.1, float("inf"), 1),
+    ),
+    "multi_sinkhorn_implicit_backward": lambda: (
+        *(_f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2, 2)),
+        *(np.full(1, 2, dtype=np.int64), np.full(1, 2, dtype=np.int64), _f64(1, 2), _f64(1, 2), _f64(1, 2, 2), _index()),
+        *([1.0, 0.5], 0.1, 1),
+    ),
 }
 
 RETURN_TYPES = {"bool": bool, "float": float, "int": int, "str": str, "None": type(None)}

@@ -39,6 +39,8 @@ __all__ = [
     "nt_xent_cross_lse",
     "nt_xent_self_grad",
     "nt_xent_cross_grad",
+    "sinkhorn_implicit_backward",
+    "multi_sinkhorn_implicit_backward",
 ]
 
 __version__: str
@@ -385,3 +387,34 @@ def nt_xent_cross_grad(
     num_threads: int,
 ) -> None:
     """A cross block's gradients, G_ij = p_i e^{C_ij − lp_i} + q_j e^{C_ij − lq_j}, into dx and dy."""
+
+def sinkhorn_implicit_backward(
+    grad: npt.NDArray[np.floating],
+    plan: npt.NDArray[np.floating],
+    row_counts: npt.NDArray[np.int64],
+    col_counts: npt.NDArray[np.int64],
+    out: npt.NDArray[np.floating],
+    iters: npt.NDArray[np.int64],
+    eps: float,
+    reach: float,
+    num_threads: int,
+) -> int:
+    """Implicit gradient of converged Sinkhorn's scores into ``out``; CG counts into ``iters``; returns the largest."""
+
+def multi_sinkhorn_implicit_backward(
+    grad_raw: npt.NDArray[np.floating],
+    scores: npt.NDArray[np.floating],
+    f: npt.NDArray[np.floating],
+    gam: npt.NDArray[np.floating],
+    h: npt.NDArray[np.floating],
+    row_counts: npt.NDArray[np.int64],
+    col_counts: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.floating],
+    tops: npt.NDArray[np.floating],
+    out: npt.NDArray[np.floating],
+    iters: npt.NDArray[np.int64],
+    weights: Sequence[float],
+    eps: float,
+    num_threads: int,
+) -> int:
+    """Implicit gradient of converged grouped Multi-SK's scores into ``out``; CG counts into ``iters``; returns the largest."""

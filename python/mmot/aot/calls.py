@@ -48,6 +48,7 @@ from mmot.kernels import (
     brownian_bridge,
     feature_separation,
     geometric_consistency,
+    implicit,
     info_nce,
     multi_sinkhorn,
     multi_sinkhorn_ext,
@@ -388,6 +389,67 @@ def _anchor_consistency_calls() -> Iterator[Call]:
             yield Call("anchor_consistency", f"{_name(dtype)} N={n} K={k}", _anchor_consistency(dtype, n, k), True)
 
 
+def _implicit_sinkhorn(dtype: torch.dtype, b: int, n: int, k: int, reach: float) -> Callable[[], None]:
+    def run() -> None:
+        if implicit.fits(k, dtype):
+            counts = torch.empty((b,), dtype=torch.int64, device=META)
+            implicit.sinkhorn_implicit_backward(_empty(b, n, k, dtype=dtype), _empty(b, n, k, dtype=dtype), counts, counts, 0.05, reach)
+
+    return run
+
+
+def _implicit_multi(dtype: torch.dtype, b: int, n: int, k: int, n_groups: int) -> Callable[[], None]:
+    def run() -> None:
+        if implicit.fits(k, dtype, n_groups):
+            counts = torch.empty((b,), dtype=torch.int64, device=META)
+            s = _empty(b, n, k, dtype=dtype)
+            per_group = _empty(b, n_groups, dtype=dtype)
+            weights = [0.25 * (i + 1) for i in range(n_groups)]
+            implicit.multi_sinkhorn_implicit_backward(
+                s,
+                s,
+                _empty(b, n_groups, k, dtype=dtype),
+                s,
+                _empty(b, n_groups, n, dtype=dtype),
+                counts,
+                counts,
+                weights,
+                per_group,
+                per_group,
+                0.07,
+            )
+
+    return run
+
+
+def _implicit_calls() -> Iterator[Call]:
+    """Issue 20's implicit backwards (``implicit``), in the working dtypes: the narrowest and
+    widest row tiles, balanced and unbalanced, 1-3 slot groups, and the benchmark sizes."""
+    for dtype in WIDE:
+        widths = _widths(_common.widest_row(_common.acc_dtype(dtype)))
+        for k in (widths[0], widths[-1]):
+            for reach in (float("inf"), 1.0):
+                for b, n in ((1, ROWS), (BATCH, 64)):
+                    label = f"sinkhorn_implicit {_name(dtype)} B={b} N={n} K={k} reach={reach}"
+                    yield Call("implicit", label, _implicit_sinkhorn(dtype, b, n, k, reach), True)
+        for n_groups in (1, 2, 3):
+            block_g = 1 << (n_groups - 1).bit_length()
+            top = _common.widest_row(_common.acc_dtype(dtype)) // (2 * block_g)
+            for k in sorted({max(n_groups, 2), top // 2 + 1}):
+                for b, n in ((1, ROWS), (BATCH, 64)):
+                    label = f"multi_sinkhorn_implicit {_name(dtype)} B={b} N={n} K={k} groups={n_groups}"
+                    yield Call("implicit", label, _implicit_multi(dtype, b, n, k, n_groups), True)
+        yield Call(
+            "implicit",
+            f"sinkhorn_implicit {_name(dtype)} bench B=1 N=4096 K=3000",
+            _implicit_sinkhorn(dtype, 1, 4096, 3000, float("inf")),
+            True,
+        )
+        yield Call(
+            "implicit", f"multi_sinkhorn_implicit {_name(dtype)} bench B=1 N=7660 K=64", _implicit_multi(dtype, 1, 7660, 64, 2), True
+        )
+
+
 def every_call() -> list[Call]:
     return [
         *_sinkhorn_calls(),
@@ -403,4 +465,5 @@ def every_call() -> list[Call]:
         *_feature_separation_calls(),
         *_similarity_regression_calls(),
         *_anchor_consistency_calls(),
+        *_implicit_calls(),
     ]

@@ -31,6 +31,7 @@ pub mod anchor_consistency;
 pub mod brownian_bridge;
 pub mod feature_separation;
 pub mod geometric_consistency;
+pub mod implicit;
 pub mod info_nce;
 pub mod multi_sinkhorn;
 pub mod nt_xent;

@@ -13,6 +13,7 @@ mod arrays;
 mod brownian_bridge;
 mod feature_separation;
 mod geometric_consistency;
+mod implicit;
 mod info_nce;
 mod interrupt;
 mod multi_sinkhorn;
@@ -61,5 +62,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     geometric_consistency::register(m)?;
     similarity_regression::register(m)?;
     nt_xent::register(m)?;
+    implicit::register(m)?;
     Ok(())
 }
