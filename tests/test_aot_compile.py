@@ -34,9 +34,10 @@ KERNEL_MODULES = (
     "nt_xent",
     "sinkhorn_ext",
     "multi_sinkhorn_ext",
+    "implicit",
 )
 # Float scalars each kernel takes, which must reach it as fp64 (docs/architecture.md, scalars).
-SCALARS = {"inv_eps", "scale", "inv_tau", "tiny", "shift", "eps", "decay", "tol", "reach"}
+SCALARS = {"inv_eps", "scale", "inv_tau", "tiny", "shift", "eps", "decay", "tol", "reach", "inv_eps_in", "tau_in", "tol_in"}
 
 
 def compiler_env() -> dict:

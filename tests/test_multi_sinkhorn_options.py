@@ -120,9 +120,13 @@ def test_implicit_gradient_equals_unrolled_at_convergence(native_backend, normal
         x = scores.clone().requires_grad_()
         out, info = mmot.multi_sinkhorn(x, 2, 0.5, 4000, tol=1e-12, grad=mode, normalize=normalize, return_info=True, backend=native_backend)
         assert (info.marginal_error <= 1e-12).all()
-        (out * torch.linspace(-1, 2, out.numel(), dtype=F64).view_as(out)).sum().backward()
+        # A random upstream: one of the form a_i + b_j (a linspace is one) has an exactly zero gradient.
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+        (out * upstream).sum().backward()
         grads[mode] = x.grad
-    torch.testing.assert_close(grads["implicit"], grads["unrolled"], rtol=1e-6, atol=1e-9)
+    assert grads["unrolled"].abs().max() > 1e-3
+    # The adjoint solve stops at a relative residual of 1e-7 (float64).
+    torch.testing.assert_close(grads["implicit"], grads["unrolled"], rtol=1e-5, atol=1e-7)
 
 
 def test_options_trace_without_graph_breaks(native_backend):

@@ -84,7 +84,7 @@ _IMPLICIT = Kernels(
     triton=triton_entry("implicit", "multi_sinkhorn_implicit_backward"),
     empty=lambda grad, scores, *_: scores.numel() == 0,
     fits=lambda grad, scores, f, gam, h, row_counts, col_counts, weights, *_: triton_kernels("implicit").fits(
-        scores.shape[-1], len(weights), scores.dtype
+        scores.shape[-1], scores.dtype, n_groups=len(weights)
     ),
 )
 
