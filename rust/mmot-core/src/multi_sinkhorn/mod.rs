@@ -33,6 +33,7 @@ mod small_backward;
 #[cfg(test)]
 mod tests;
 mod two_groups;
+mod two_groups_backward;
 
 use crate::dims::Dims;
 use crate::domain::{check_forced_plain, check_log_range};

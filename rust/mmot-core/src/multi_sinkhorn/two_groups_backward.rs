@@ -1,0 +1,580 @@
+//! The reverse pass of two plain-domain groups (SSPC's default weights) on the forward's ratio
+//! layout: the replay caches only `D = E_1 / E_0` per row, as the forward does, and each
+//! reverse pass streams that cache once with a short, vectorised row update.
+//!
+//! In iteration `t` a row has `h^{t-1}_G` (before) and `h^t_G` (after), the column scalings
+//! `f^t_G` and `ρ = D f^t_1 / f^t_0`. With `b_G = c_G h^{t-1}_G`, the `g` step's normalisation
+//! `Σ_G b_G y_G = 1` leaves one free value per element, `β = b_0 y_0 = 1 / (1 + (b_1 / b_0) ρ)`,
+//! and `β' = 1 − β = (b_1 / b_0) ρ β` (formed as that product, exact where `β` is near 1).
+//! The plans are `B_G = β_G / c_G` after the `g` step and `C_G = ν_G β_G` after the `h` step,
+//! with `ν_G = h^t_G / b_G`, `β_0 = β`, `β_1 = β'`.
+//!
+//! The adjoint entering the step (`backward.rs` writes it out step by step) is `u_G C_G`,
+//! with `u_G = top_G ĝ` (the result's adjoint through min-max) in the last iteration, and
+//! `u_G = −(φ̄^{t+1}_G / r) f^{t+1}_G / f^t_G` (the next `f` step) before it. Then
+//!
+//! * `η̄_G = p_G + ν_G Σ_a u_G β_G`, with `p_G` the previous pass's row partial;
+//! * `α_G = ν_G (u_G − η̄_G)`, `δ = α_0 − α_1`, `γ̄ = α_1 + β δ`;
+//! * the row adjoints of `L_G` are `±β β' δ`, so the scores' adjoint gains
+//!   `(w_0 − w_1) β β' δ` (only the weight difference matters: a shift common to both groups
+//!   cancels in the `g` step);
+//! * the next pass's row partials are `p_G = −Σ_a γ̄ β_G`;
+//! * the column partials of `φ̄^t` are `Σ_n ±β β' δ − u_G Σ_n ν_G β_G` (the `f` step term
+//!   `u_G C_G` does not depend on `φ^t`), or `±Σ_n β β' δ` in the last iteration.
+//!
+//! So a pass keeps three column accumulators (`Σ β β' δ`, `Σ ν_0 β`, `Σ ν_1 β'`) and does about
+//! twice the forward's arithmetic per element. The `f` step of iteration 1 (pass 0) needs
+//! `E_0` itself, which it recomputes with one `exp` per element.
+
+use super::backward::{minmax_row_backward, BackWorkspace};
+use super::forward::{History, Sweep};
+use super::layout::aligned_view;
+use super::two_groups::{slot_values, ColumnScales};
+use super::{Inputs, Normalize, Problem};
+use crate::exec::chunks::{reduce_partials, run_pass, Scratch, Strided};
+use crate::simd::{Real, Vector, VectorOp};
+use std::ops::Range;
+
+impl<T: Real> Problem<T> {
+    /// [`Problem::backward`] for two plain groups.
+    pub(super) fn backward_two_groups(
+        &self,
+        grad: &[T],
+        input: Inputs<T>,
+        out: &mut [T],
+        bw: &mut BackWorkspace<T>,
+    ) {
+        let BackWorkspace {
+            forward,
+            history,
+            col_adjoint,
+            columns,
+            ..
+        } = bw;
+        // The replay writes T into `out`, which the reverse passes then overwrite row by row.
+        self.solve(input, out, forward, false, Some(&mut *history));
+        if self.interrupt.requested() {
+            return; // the replay stopped early
+        }
+        let sweep = Sweep::new(self, input, false);
+        debug_assert!(sweep.layout.ratio);
+        let (n, k, last) = (self.rows, self.anchors, self.n_iters);
+        let n_chunks = sweep.chunking.n_chunks;
+        for (buf, len) in [
+            (&mut *col_adjoint, 2 * k),
+            (&mut *columns, 3 * k),
+            (&mut forward.col_sums, 3 * k),
+            (&mut forward.chunk_sums, n_chunks * 3 * k),
+        ] {
+            buf.clear();
+            buf.resize(len, T::ZERO);
+        }
+        let state = aligned_view(&mut forward.state, n * sweep.layout.stride);
+        let (w, c, top) = (
+            &self.groups.weights,
+            &self.groups.counts,
+            &self.groups.top_counts,
+        );
+        let shared = Shared {
+            history,
+            grad,
+            rows: n,
+            k,
+            stride: sweep.layout.stride,
+            last,
+            p_at: sweep.layout.scalars_at,
+            counts: [c[0], c[1]],
+            top_counts: [top[0], top[1]],
+            neg_dw: w[0] - w[1],
+            minmax: self.normalize == Normalize::MinMax,
+        };
+        // β and β', then (last iteration) u_0, u_1, ĝ: `[K]` each.
+        let scratch_len = 5 * k;
+        for t in (0..=last).rev() {
+            if self.interrupt.requested() {
+                return;
+            }
+            if t == 0 {
+                let bufs = (
+                    &mut *state,
+                    &mut *out,
+                    &mut forward.chunk_sums[..],
+                    &mut forward.scratch,
+                );
+                self.first_f_step(&sweep, history, col_adjoint, columns, bufs);
+                break;
+            }
+            if t < last {
+                next_f_columns(history, t, k, col_adjoint, columns);
+            } else {
+                let f = history.f(t, 2 * k);
+                for j in 0..k {
+                    columns[j] = f[k + j] / f[j];
+                }
+            }
+            let cols: &[T] = columns;
+            let pass = Pass {
+                shared: &shared,
+                t,
+                fr: &cols[..k],
+                u0: &cols[k..2 * k],
+                u1: &cols[2 * k..],
+            };
+            run_pass(
+                n,
+                sweep.chunking.rows_per_chunk,
+                Strided::new(&mut *state, sweep.layout.stride),
+                Strided::new(&mut *out, k),
+                Strided::new(&mut forward.chunk_sums, 3 * k),
+                Scratch::new(&mut forward.scratch, scratch_len),
+                #[inline(always)]
+                |rows, state, out, parts, scratch| {
+                    T::with_vector(ChunkOp {
+                        pass: &pass,
+                        rows,
+                        state,
+                        out,
+                        parts,
+                        scratch,
+                    })
+                },
+            );
+            reduce_partials(&forward.chunk_sums, n_chunks, &mut forward.col_sums);
+            // φ̄^t_G / r from the column partials.
+            let (sums, mass) = (&forward.col_sums, input.mass);
+            let (a, rest) = sums.split_at(k);
+            let (b0, b1) = rest.split_at(k);
+            let (adj0, adj1) = col_adjoint.split_at_mut(k);
+            for j in 0..k {
+                let (p0, p1) = if t == last {
+                    (a[j], -a[j])
+                } else {
+                    (
+                        a[j] - pass.u0[j] * b0[j],
+                        -a[j] - pass.u1[j] * b1[j],
+                    )
+                };
+                adj0[j] = p0 / mass[j];
+                adj1[j] = p1 / mass[j];
+            }
+        }
+    }
+
+    /// Pass 0: the `f` step of iteration 1, whose plan is `A_G = E_G f^1_G` (`g = h = 1`), with
+    /// `E_0 = exp(w_0 L)` recomputed and `E_1 = E_0 D`; then the `1/eps` of the scores' adjoint.
+    fn first_f_step(
+        &self,
+        sweep: &Sweep<T>,
+        history: &History<T>,
+        col_adjoint: &[T],
+        columns: &mut [T],
+        bufs: (&mut [T], &mut [T], &mut [T], &mut Vec<T>),
+    ) {
+        // `partials` is unused: this pass sums no columns.
+        let (state, out, partials, scratch) = bufs;
+        let k = self.anchors;
+        let (w, f1) = (&self.groups.weights, history.f(1, 2 * k));
+        // columns <- w_G (φ̄_G / r) f^1_G, `[2, K]`.
+        for x in 0..2 * k {
+            columns[x] = w[x / k] * col_adjoint[x] * f1[x];
+        }
+        let (c0, c1) = columns[..2 * k].split_at(k);
+        let (w0, inv_eps) = (w[0], self.inv_eps);
+        run_pass(
+            self.rows,
+            sweep.chunking.rows_per_chunk,
+            Strided::new(state, sweep.layout.stride),
+            Strided::new(out, k),
+            Strided::new(partials, 1),
+            Scratch::new(scratch, k),
+            #[inline(always)]
+            |rows, state, out, _, logits| {
+                let logits = &mut logits[..k];
+                let rows = rows.zip(state.chunks_exact(sweep.layout.stride));
+                for ((row, st), o) in rows.zip(out.chunks_exact_mut(k)) {
+                    self.logits(sweep.input, row, logits);
+                    let (d, o) = (&st[..k], &mut o[..k]);
+                    for j in 0..k {
+                        let e0 = (w0 * logits[j]).exp_fast();
+                        o[j] = (o[j] - e0 * (c0[j] + d[j] * c1[j])) * inv_eps;
+                    }
+                }
+            },
+        );
+    }
+}
+
+/// Before reverse pass `t < T`: `f^t_1 / f^t_0` and `u_G = −(φ̄^{t+1}_G / r) f^{t+1}_G / f^t_G`
+/// into `columns` (`[3, K]`).
+fn next_f_columns<T: Real>(
+    history: &History<T>,
+    t: usize,
+    k: usize,
+    col_adjoint: &[T],
+    columns: &mut [T],
+) {
+    let (f, f_next) = (history.f(t, 2 * k), history.f(t + 1, 2 * k));
+    let (fr, u) = columns.split_at_mut(k);
+    for j in 0..k {
+        fr[j] = f[k + j] / f[j];
+    }
+    for x in 0..2 * k {
+        u[x] = -col_adjoint[x] * (f_next[x] / f[x]);
+    }
+}
+
+/// What every pass reads.
+struct Shared<'a, T> {
+    history: &'a History<T>,
+    /// The result's adjoint, `[N, K]`.
+    grad: &'a [T],
+    rows: usize,
+    k: usize,
+    /// The state blocks' stride.
+    stride: usize,
+    /// T: the last iteration (and pass).
+    last: usize,
+    /// Offset of a row's two scalars in its state block: the replay's `h`, then the `p_G`.
+    p_at: usize,
+    counts: [T; 2],
+    top_counts: [T; 2],
+    /// `w_0 − w_1`.
+    neg_dw: T,
+    minmax: bool,
+}
+
+/// Reverse pass `t >= 1`: the `f` step of iteration `t + 1` (through `u`), then the `h` and `g`
+/// steps of iteration `t`.
+struct Pass<'a, T> {
+    shared: &'a Shared<'a, T>,
+    t: usize,
+    /// `f^t_1 / f^t_0`.
+    fr: &'a [T],
+    /// `u_0`, `u_1` (passes before the last; unused in the last).
+    u0: &'a [T],
+    u1: &'a [T],
+}
+
+/// The pass over one chunk of rows. `parts` (`[3, K]`) receives the chunk's `Σ β β' δ`,
+/// `Σ ν_0 β`, `Σ ν_1 β'`.
+struct ChunkOp<'a, 'p, T> {
+    pass: &'p Pass<'p, T>,
+    rows: Range<usize>,
+    state: &'a mut [T],
+    out: &'a mut [T],
+    parts: &'a mut [T],
+    scratch: &'a mut [T],
+}
+
+/// A row's scalars in pass `t`.
+#[derive(Clone, Copy)]
+struct RowScalars<T> {
+    /// `b_1 / b_0`.
+    kq: T,
+    /// `ν_G = h^t_G / b_G`.
+    nu: [T; 2],
+    /// `b_G = c_G h^{t-1}_G`.
+    b: [T; 2],
+}
+
+impl<T: Real> VectorOp<T> for ChunkOp<'_, '_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<V: Vector<T>>(self) {
+        let ChunkOp {
+            pass,
+            rows,
+            state,
+            out,
+            parts,
+            scratch,
+        } = self;
+        let sh = pass.shared;
+        let (k, stride) = (sh.k, sh.stride);
+        let parts = &mut parts[..3 * k];
+        parts.fill(T::ZERO);
+        let (acc, nu_sums) = parts.split_at_mut(k);
+        let (nb0, nb1) = nu_sums.split_at_mut(k);
+        let (beta, rest) = scratch.split_at_mut(k);
+        let (beta1, rest) = rest.split_at_mut(k);
+        let (u0_row, rest) = rest.split_at_mut(k);
+        let (u1_row, g_row) = rest.split_at_mut(k);
+        let top = pass.t == sh.last;
+        for (i, row) in rows.enumerate() {
+            let st = &mut state[i * stride..(i + 1) * stride];
+            let o = &mut out[i * k..(i + 1) * k];
+            let h0 = sh.history.h(pass.t - 1, row, sh.rows, 2);
+            let h1 = sh.history.h(pass.t, row, sh.rows, 2);
+            let b = [sh.counts[0] * h0[0], sh.counts[1] * h0[1]];
+            let s = RowScalars {
+                kq: b[1] / b[0],
+                nu: [h1[0] / b[0], h1[1] / b[1]],
+                b,
+            };
+            let (d, p) = st.split_at_mut(sh.p_at);
+            let d = &d[..k];
+            let (u0, u1): (&[T], &[T]) = if top {
+                pass.top_start::<V>(row, d, h1, s, beta, u0_row, u1_row, g_row);
+                (u0_row, u1_row)
+            } else {
+                (pass.u0, pass.u1)
+            };
+            let sums = betas_and_sums::<T, V>(d, pass.fr, s.kq, u0, u1, beta, beta1, !top);
+            let p = &mut p[..2];
+            let p_in = if top { [T::ZERO; 2] } else { [p[0], p[1]] };
+            let eta = [p_in[0] + s.nu[0] * sums[0], p_in[1] + s.nu[1] * sums[1]];
+            let terms = RowTerms {
+                u: [u0, u1],
+                beta: [beta, beta1],
+                nu: s.nu,
+                neg_nu_eta: [-(s.nu[0] * eta[0]), -(s.nu[1] * eta[1])],
+                neg_dw: sh.neg_dw,
+            };
+            let g = if top {
+                terms.finish::<V, true>(o, acc, nb0, nb1)
+            } else {
+                terms.finish::<V, false>(o, acc, nb0, nb1)
+            };
+            p[0] = -g[0];
+            p[1] = -g[1];
+        }
+    }
+}
+
+impl<T: Real> Pass<'_, T> {
+    /// The last iteration's start: the row's result `Σ_G top_G h_G y_G` exactly as the forward
+    /// forms it (into `result`, scratch), its adjoint `ĝ` through min-max (into `g_row`), and
+    /// `u_G = top_G ĝ` into `u0`, `u1`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn top_start<V: Vector<T>>(
+        &self,
+        row: usize,
+        d: &[T],
+        h1: &[T],
+        s: RowScalars<T>,
+        result: &mut [T],
+        u0: &mut [T],
+        u1: &mut [T],
+        g_row: &mut [T],
+    ) {
+        let sh = self.shared;
+        let k = sh.k;
+        let scales = ColumnScales {
+            f0: &[],
+            f1: &[],
+            f_ratio: &self.fr[..k],
+        };
+        let e = [&d[..k], &d[..k]];
+        let coef = [sh.top_counts[0] * h1[0], sh.top_counts[1] * h1[1]];
+        let full = k - k % V::LANES;
+        let result = &mut result[..k];
+        let mut j = 0;
+        while j < full {
+            // SAFETY: d, fr and result hold k >= j + LANES values.
+            unsafe {
+                let (y0, y1) = slot_values::<T, V, true>(e, scales, s.b, j);
+                result_at::<T, V>(coef, sh.top_counts, y0, y1, result, j);
+            }
+            j += V::LANES;
+        }
+        for j in full..k {
+            // SAFETY: as above, one lane wide.
+            unsafe {
+                let (y0, y1) = slot_values::<T, T::Single, true>(e, scales, s.b, j);
+                result_at::<T, T::Single>(coef, sh.top_counts, y0, y1, result, j);
+            }
+        }
+        let g_row = &mut g_row[..k];
+        g_row.copy_from_slice(&sh.grad[row * k..(row + 1) * k]);
+        if sh.minmax {
+            minmax_row_backward(result, g_row);
+        }
+        let (u0, u1) = (&mut u0[..k], &mut u1[..k]);
+        for j in 0..k {
+            u0[j] = sh.top_counts[0] * g_row[j];
+            u1[j] = sh.top_counts[1] * g_row[j];
+        }
+    }
+}
+
+/// `Σ_G top_G h_G y_G` of lanes `j..j + LANES` into `result` (the forward's products and sums).
+///
+/// # Safety
+/// `result` holds at least `j + LANES` values.
+#[inline(always)]
+unsafe fn result_at<T: Real, W: Vector<T>>(
+    coef: [T; 2],
+    top_counts: [T; 2],
+    y0: W,
+    y1: W,
+    result: &mut [T],
+    j: usize,
+) {
+    let mut o = W::splat(T::ZERO);
+    for (g, y) in [y0, y1].into_iter().enumerate() {
+        if top_counts[g] > T::ZERO {
+            o = o.add(W::splat(coef[g]).mul(y));
+        }
+    }
+    o.store(result.as_mut_ptr().add(j));
+}
+
+/// `β`, `β'` of a row into `beta`, `beta1`, and (with `sums`) `[Σ u_0 β, Σ u_1 β']`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn betas_and_sums<T: Real, V: Vector<T>>(
+    d: &[T],
+    fr: &[T],
+    kq: T,
+    u0: &[T],
+    u1: &[T],
+    beta: &mut [T],
+    beta1: &mut [T],
+    fused: bool,
+) -> [T; 2] {
+    let k = beta.len();
+    let (d, fr, u0, u1, beta1) = (&d[..k], &fr[..k], &u0[..k], &u1[..k], &mut beta1[..k]);
+    let full = k - k % V::LANES;
+    let mut acc = [V::splat(T::ZERO); 2];
+    let mut j = 0;
+    // SAFETY (both loops): every slice holds k values and j + LANES <= k.
+    while j < full {
+        unsafe { beta_at::<T, V>(d, fr, kq, u0, u1, beta, beta1, &mut acc, j, fused) };
+        j += V::LANES;
+    }
+    let mut tail = [<T::Single as Vector<T>>::splat(T::ZERO); 2];
+    for j in full..k {
+        unsafe { beta_at::<T, T::Single>(d, fr, kq, u0, u1, beta, beta1, &mut tail, j, fused) };
+    }
+    if !fused {
+        // The last iteration's u depends on β: summed apart, after the result row.
+        let (mut s0, mut s1) = (V::splat(T::ZERO), V::splat(T::ZERO));
+        let mut j = 0;
+        while j < full {
+            // SAFETY: as above.
+            unsafe {
+                let p = |x: &[T]| V::load(x.as_ptr().add(j));
+                s0 = p(u0).mul_add(p(beta), s0);
+                s1 = p(u1).mul_add(p(beta1), s1);
+            }
+            j += V::LANES;
+        }
+        let mut sums = [s0.sum(), s1.sum()];
+        for j in full..k {
+            sums[0] += u0[j] * beta[j];
+            sums[1] += u1[j] * beta1[j];
+        }
+        return sums;
+    }
+    [acc[0].sum() + tail[0].sum(), acc[1].sum() + tail[1].sum()]
+}
+
+/// One vector of [`betas_and_sums`].
+///
+/// # Safety
+/// Every slice holds at least `j + LANES` values.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn beta_at<T: Real, W: Vector<T>>(
+    d: &[T],
+    fr: &[T],
+    kq: T,
+    u0: &[T],
+    u1: &[T],
+    beta: &mut [T],
+    beta1: &mut [T],
+    acc: &mut [W; 2],
+    j: usize,
+    fused: bool,
+) {
+    let rho = W::load(d.as_ptr().add(j)).mul(W::load(fr.as_ptr().add(j)));
+    let m = rho.mul(W::splat(kq));
+    let b = m.add(W::splat(T::ONE)).recip();
+    let b1 = m.mul(b);
+    b.store(beta.as_mut_ptr().add(j));
+    b1.store(beta1.as_mut_ptr().add(j));
+    if fused {
+        acc[0] = W::load(u0.as_ptr().add(j)).mul_add(b, acc[0]);
+        acc[1] = W::load(u1.as_ptr().add(j)).mul_add(b1, acc[1]);
+    }
+}
+
+/// The rest of a row once its `η̄` is known.
+struct RowTerms<'r, T> {
+    u: [&'r [T]; 2],
+    beta: [&'r [T]; 2],
+    nu: [T; 2],
+    /// `−ν_G η̄_G`.
+    neg_nu_eta: [T; 2],
+    /// `w_0 − w_1`.
+    neg_dw: T,
+}
+
+impl<T: Real> RowTerms<'_, T> {
+    /// Adds the row's terms to the scores' adjoint `o` (writes them, in the last iteration,
+    /// `TOP`) and to the column accumulators; returns `[Σ γ̄ β, Σ γ̄ β']`.
+    #[inline(always)]
+    fn finish<V: Vector<T>, const TOP: bool>(
+        &self,
+        o: &mut [T],
+        acc: &mut [T],
+        nb0: &mut [T],
+        nb1: &mut [T],
+    ) -> [T; 2] {
+        let k = o.len();
+        let full = k - k % V::LANES;
+        let mut g = [V::splat(T::ZERO); 2];
+        let mut j = 0;
+        while j < full {
+            // SAFETY: every slice holds k values and j + LANES <= k.
+            unsafe { self.terms_at::<V, TOP>(o, acc, nb0, nb1, &mut g, j) };
+            j += V::LANES;
+        }
+        let mut tail = [<T::Single as Vector<T>>::splat(T::ZERO); 2];
+        for j in full..k {
+            // SAFETY: as above, one lane wide.
+            unsafe { self.terms_at::<T::Single, TOP>(o, acc, nb0, nb1, &mut tail, j) };
+        }
+        [g[0].sum() + tail[0].sum(), g[1].sum() + tail[1].sum()]
+    }
+
+    /// # Safety
+    /// Every slice holds at least `j + LANES` values of `W`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn terms_at<W: Vector<T>, const TOP: bool>(
+        &self,
+        o: &mut [T],
+        acc: &mut [T],
+        nb0: &mut [T],
+        nb1: &mut [T],
+        g: &mut [W; 2],
+        j: usize,
+    ) {
+        let neg_dw = W::splat(self.neg_dw);
+        let ld = |x: &[T]| W::load(x.as_ptr().add(j));
+        let (b, b1) = (ld(self.beta[0]), ld(self.beta[1]));
+        let a0 = ld(self.u[0]).mul_add(W::splat(self.nu[0]), W::splat(self.neg_nu_eta[0]));
+        let a1 = ld(self.u[1]).mul_add(W::splat(self.nu[1]), W::splat(self.neg_nu_eta[1]));
+        let delta = a0.sub(a1);
+        let qd = b.mul(b1).mul(delta);
+        let po = o.as_mut_ptr().add(j);
+        if TOP {
+            qd.mul(neg_dw).store(po);
+        } else {
+            qd.mul_add(neg_dw, W::load(po)).store(po);
+        }
+        let gamma = b.mul_add(delta, a1);
+        g[0] = gamma.mul_add(b, g[0]);
+        g[1] = gamma.mul_add(b1, g[1]);
+        let pa = acc.as_mut_ptr().add(j);
+        W::load(pa).add(qd).store(pa);
+        if !TOP {
+            let (p0, p1) = (nb0.as_mut_ptr().add(j), nb1.as_mut_ptr().add(j));
+            W::splat(self.nu[0]).mul_add(b, W::load(p0)).store(p0);
+            W::splat(self.nu[1]).mul_add(b1, W::load(p1)).store(p1);
+        }
+    }
+}
