@@ -556,6 +556,7 @@ fn plain_plans<T: Real>(h0: T, h1: T, inv: &[T], b: &mut [T], c: &mut [T]) {
 
 /// Adjoint of `rows::minmax_row`: `x` holds the row before min-max, `g` the output's adjoint
 /// and receives the input's. Ties at the min or max share their part equally (as `torch.amin`).
+#[inline(always)]
 pub(super) fn minmax_row_backward<T: Real>(x: &[T], g: &mut [T]) {
     let (lo, hi) = extremes(x);
     if constant_row(lo, hi) {

@@ -63,8 +63,8 @@ impl<T: Real> Problem<T> {
         for (buf, len) in [
             (&mut *col_adjoint, 2 * k),
             (&mut *columns, 3 * k),
-            (&mut forward.col_sums, 3 * k),
-            (&mut forward.chunk_sums, n_chunks * 3 * k),
+            (&mut forward.col_sums, k),
+            (&mut forward.chunk_sums, n_chunks * k),
         ] {
             buf.clear();
             buf.resize(len, T::ZERO);
@@ -88,7 +88,7 @@ impl<T: Real> Problem<T> {
             neg_dw: w[0] - w[1],
             minmax: self.normalize == Normalize::MinMax,
         };
-        // β and β', then (last iteration) u_0, u_1, ĝ: `[K]` each.
+        // β and β' of two rows, or (last iteration) of one row, then u_0, u_1, ĝ: `[K]` each.
         let scratch_len = 5 * k;
         for t in (0..=last).rev() {
             if self.interrupt.requested() {
@@ -125,7 +125,7 @@ impl<T: Real> Problem<T> {
                 sweep.chunking.rows_per_chunk,
                 Strided::new(&mut *state, sweep.layout.stride),
                 Strided::new(&mut *out, k),
-                Strided::new(&mut forward.chunk_sums, 3 * k),
+                Strided::new(&mut forward.chunk_sums, k),
                 Scratch::new(&mut forward.scratch, scratch_len),
                 #[inline(always)]
                 |rows, state, out, parts, scratch| {
@@ -140,22 +140,15 @@ impl<T: Real> Problem<T> {
                 },
             );
             reduce_partials(&forward.chunk_sums, n_chunks, &mut forward.col_sums);
-            // φ̄^t_G / r from the column partials.
-            let (sums, mass) = (&forward.col_sums, input.mass);
-            let (a, rest) = sums.split_at(k);
-            let (b0, b1) = rest.split_at(k);
+            // φ̄^t_G / r = ±A / r + φ̄^{t+1}_G / r (the first term of φ̄^{t+1} = 0), A the
+            // column sums of β β' δ: the f-step term's column sums are −φ̄^{t+1}, as the
+            // column sums of C_G are r f^t / f^{t+1}.
+            let (a, mass) = (&forward.col_sums, input.mass);
             let (adj0, adj1) = col_adjoint.split_at_mut(k);
             for j in 0..k {
-                let (p0, p1) = if t == last {
-                    (a[j], -a[j])
-                } else {
-                    (
-                        a[j] - pass.u0[j] * b0[j],
-                        -a[j] - pass.u1[j] * b1[j],
-                    )
-                };
-                adj0[j] = p0 / mass[j];
-                adj1[j] = p1 / mass[j];
+                let x = a[j] / mass[j];
+                adj0[j] += x;
+                adj1[j] -= x;
             }
         }
     }
@@ -255,8 +248,7 @@ struct Pass<'a, T> {
     u1: &'a [T],
 }
 
-/// The pass over one chunk of rows. `parts` (`[3, K]`) receives the chunk's `Σ β β' δ`,
-/// `Σ ν_0 β`, `Σ ν_1 β'`.
+/// The pass over one chunk of rows. `parts` (`[K]`) receives the chunk's `Σ β β' δ`.
 struct ChunkOp<'a, 'p, T> {
     pass: &'p Pass<'p, T>,
     rows: Range<usize>,
@@ -292,57 +284,124 @@ impl<T: Real> VectorOp<T> for ChunkOp<'_, '_, T> {
         } = self;
         let sh = pass.shared;
         let (k, stride) = (sh.k, sh.stride);
-        let parts = &mut parts[..3 * k];
-        parts.fill(T::ZERO);
-        let (acc, nu_sums) = parts.split_at_mut(k);
-        let (nb0, nb1) = nu_sums.split_at_mut(k);
-        let (beta, rest) = scratch.split_at_mut(k);
-        let (beta1, rest) = rest.split_at_mut(k);
-        let (u0_row, rest) = rest.split_at_mut(k);
-        let (u1_row, g_row) = rest.split_at_mut(k);
-        let top = pass.t == sh.last;
-        for (i, row) in rows.enumerate() {
-            let st = &mut state[i * stride..(i + 1) * stride];
-            let o = &mut out[i * k..(i + 1) * k];
-            let h0 = sh.history.h(pass.t - 1, row, sh.rows, 2);
-            let h1 = sh.history.h(pass.t, row, sh.rows, 2);
-            let b = [sh.counts[0] * h0[0], sh.counts[1] * h0[1]];
-            let s = RowScalars {
-                kq: b[1] / b[0],
-                nu: [h1[0] / b[0], h1[1] / b[1]],
-                b,
-            };
-            let (d, p) = st.split_at_mut(sh.p_at);
-            let d = &d[..k];
-            let (u0, u1): (&[T], &[T]) = if top {
-                pass.top_start::<V>(row, d, h1, s, beta, u0_row, u1_row, g_row);
-                (u0_row, u1_row)
-            } else {
-                (pass.u0, pass.u1)
-            };
-            let sums = betas_and_sums::<T, V>(d, pass.fr, s.kq, u0, u1, beta, beta1, !top);
-            let p = &mut p[..2];
-            let p_in = if top { [T::ZERO; 2] } else { [p[0], p[1]] };
-            let eta = [p_in[0] + s.nu[0] * sums[0], p_in[1] + s.nu[1] * sums[1]];
-            let terms = RowTerms {
-                u: [u0, u1],
-                beta: [beta, beta1],
-                nu: s.nu,
-                neg_nu_eta: [-(s.nu[0] * eta[0]), -(s.nu[1] * eta[1])],
-                neg_dw: sh.neg_dw,
-            };
-            let g = if top {
-                terms.finish::<V, true>(o, acc, nb0, nb1)
-            } else {
-                terms.finish::<V, false>(o, acc, nb0, nb1)
-            };
-            p[0] = -g[0];
-            p[1] = -g[1];
+        let acc = &mut parts[..k];
+        acc.fill(T::ZERO);
+        let n_rows = rows.len();
+        if pass.t == sh.last {
+            for (i, row) in rows.enumerate() {
+                let st = &mut state[i * stride..(i + 1) * stride];
+                let o = &mut out[i * k..(i + 1) * k];
+                pass.top_row::<V>(row, st, o, acc, scratch);
+            }
+            return;
+        }
+        let mut i = 0;
+        while i + 2 <= n_rows {
+            pass.rows::<V, 2>(rows.start + i, state, out, acc, scratch, i);
+            i += 2;
+        }
+        if i < n_rows {
+            pass.rows::<V, 1>(rows.start + i, state, out, acc, scratch, i);
         }
     }
 }
 
+/// The horizontal sums of `R` rows' two lane accumulators (one reduction tree for a pair, as
+/// the forward's `pair_sums`), plus their tails.
+#[inline(always)]
+fn row_sums<T: Real, V: Vector<T>, const R: usize>(
+    lanes: [[V; 2]; R],
+    tails: [[T; 2]; R],
+) -> [[T; 2]; R] {
+    let mut sums: [[T; 2]; R] = if R == 2 {
+        let [a0, a1, b0, b1] = V::sum4([lanes[0][0], lanes[0][1], lanes[1][0], lanes[1][1]]);
+        std::array::from_fn(|r| [[a0, a1], [b0, b1]][r])
+    } else {
+        std::array::from_fn(|r| lanes[r].map(V::sum))
+    };
+    for r in 0..R {
+        sums[r][0] += tails[r][0];
+        sums[r][1] += tails[r][1];
+    }
+    sums
+}
+
 impl<T: Real> Pass<'_, T> {
+    /// `R` consecutive rows of a pass before the last, starting at row `row` of the problem
+    /// and `i` of the chunk.
+    #[inline(always)]
+    fn rows<V: Vector<T>, const R: usize>(
+        &self,
+        row: usize,
+        state: &mut [T],
+        out: &mut [T],
+        acc: &mut [T],
+        scratch: &mut [T],
+        i: usize,
+    ) {
+        let sh = self.shared;
+        let (k, stride) = (sh.k, sh.stride);
+        let mut states = state[i * stride..(i + R) * stride].chunks_exact_mut(stride);
+        let mut outs = out[i * k..(i + R) * k].chunks_exact_mut(k);
+        let mut betas = scratch[..2 * R * k].chunks_exact_mut(k);
+        let st: [&mut [T]; R] = std::array::from_fn(|_| states.next().unwrap());
+        let mut o: [&mut [T]; R] = std::array::from_fn(|_| outs.next().unwrap());
+        let mut beta: [[&mut [T]; 2]; R] =
+            std::array::from_fn(|_| [betas.next().unwrap(), betas.next().unwrap()]);
+        let s: [RowScalars<T>; R] = std::array::from_fn(|r| sh.scalars(self.t, row + r));
+        let mut lanes = [[V::splat(T::ZERO); 2]; R];
+        let mut tails = [[T::ZERO; 2]; R];
+        for r in 0..R {
+            let [b, b1] = &mut beta[r];
+            (lanes[r], tails[r]) =
+                betas_and_sums::<T, V>(&st[r][..k], self.fr, s[r].kq, self.u0, self.u1, b, b1);
+        }
+        let sums = row_sums::<T, V, R>(lanes, tails);
+        let p_at = sh.p_at;
+        let terms: [RowTerms<T>; R] = std::array::from_fn(|r| {
+            let p = [st[r][p_at], st[r][p_at + 1]];
+            s[r].terms(p, sums[r], [self.u0, self.u1], sh.neg_dw)
+        });
+        let beta: [[&[T]; 2]; R] = std::array::from_fn(|r| [&*beta[r][0], &*beta[r][1]]);
+        (lanes, tails) = finish::<T, V, R, false>(&terms, &beta, &mut o, acc);
+        let g = row_sums::<T, V, R>(lanes, tails);
+        for r in 0..R {
+            st[r][p_at] = -g[r][0];
+            st[r][p_at + 1] = -g[r][1];
+        }
+    }
+
+    /// A row of the last pass: `u_G = top_G ĝ` from the result's adjoint, then the same terms.
+    #[inline(always)]
+    fn top_row<V: Vector<T>>(
+        &self,
+        row: usize,
+        st: &mut [T],
+        o: &mut [T],
+        acc: &mut [T],
+        scratch: &mut [T],
+    ) {
+        let sh = self.shared;
+        let k = sh.k;
+        let (beta, rest) = scratch.split_at_mut(k);
+        let (beta1, rest) = rest.split_at_mut(k);
+        let (u0, rest) = rest.split_at_mut(k);
+        let (u1, g_row) = rest.split_at_mut(k);
+        let s = sh.scalars(self.t, row);
+        let h1 = sh.history.h(self.t, row, sh.rows, 2);
+        let d = &st[..k];
+        self.top_start::<V>(row, d, h1, s, beta, u0, u1, g_row);
+        let (u0, u1) = (&*u0, &*u1);
+        let (lanes, tails) = betas_and_sums::<T, V>(d, self.fr, s.kq, u0, u1, beta, beta1);
+        let sums = row_sums::<T, V, 1>([lanes], [tails]);
+        let terms = s.terms([T::ZERO; 2], sums[0], [u0, u1], sh.neg_dw);
+        let (lanes, tails) =
+            finish::<T, V, 1, true>(&[terms], &[[&*beta, &*beta1]], &mut [o], acc);
+        let g = row_sums::<T, V, 1>(lanes, tails);
+        st[sh.p_at] = -g[0][0];
+        st[sh.p_at + 1] = -g[0][1];
+    }
+
     /// The last iteration's start: the row's result `Σ_G top_G h_G y_G` exactly as the forward
     /// forms it (into `result`, scratch), its adjoint `ĝ` through min-max (into `g_row`), and
     /// `u_G = top_G ĝ` into `u0`, `u1`.
@@ -421,7 +480,7 @@ unsafe fn result_at<T: Real, W: Vector<T>>(
     o.store(result.as_mut_ptr().add(j));
 }
 
-/// `β`, `β'` of a row into `beta`, `beta1`, and (with `sums`) `[Σ u_0 β, Σ u_1 β']`.
+/// `β`, `β'` of a row into `beta`, `beta1`, and the lanes and tail of `[Σ u_0 β, Σ u_1 β']`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn betas_and_sums<T: Real, V: Vector<T>>(
@@ -432,43 +491,23 @@ fn betas_and_sums<T: Real, V: Vector<T>>(
     u1: &[T],
     beta: &mut [T],
     beta1: &mut [T],
-    fused: bool,
-) -> [T; 2] {
-    let k = beta.len();
-    let (d, fr, u0, u1, beta1) = (&d[..k], &fr[..k], &u0[..k], &u1[..k], &mut beta1[..k]);
+) -> ([V; 2], [T; 2]) {
+    let k = d.len();
+    let (fr, u0, u1) = (&fr[..k], &u0[..k], &u1[..k]);
+    let (beta, beta1) = (&mut beta[..k], &mut beta1[..k]);
     let full = k - k % V::LANES;
     let mut acc = [V::splat(T::ZERO); 2];
     let mut j = 0;
     // SAFETY (both loops): every slice holds k values and j + LANES <= k.
     while j < full {
-        unsafe { beta_at::<T, V>(d, fr, kq, u0, u1, beta, beta1, &mut acc, j, fused) };
+        unsafe { beta_at::<T, V>(d, fr, kq, u0, u1, beta, beta1, &mut acc, j) };
         j += V::LANES;
     }
     let mut tail = [<T::Single as Vector<T>>::splat(T::ZERO); 2];
     for j in full..k {
-        unsafe { beta_at::<T, T::Single>(d, fr, kq, u0, u1, beta, beta1, &mut tail, j, fused) };
+        unsafe { beta_at::<T, T::Single>(d, fr, kq, u0, u1, beta, beta1, &mut tail, j) };
     }
-    if !fused {
-        // The last iteration's u depends on β: summed apart, after the result row.
-        let (mut s0, mut s1) = (V::splat(T::ZERO), V::splat(T::ZERO));
-        let mut j = 0;
-        while j < full {
-            // SAFETY: as above.
-            unsafe {
-                let p = |x: &[T]| V::load(x.as_ptr().add(j));
-                s0 = p(u0).mul_add(p(beta), s0);
-                s1 = p(u1).mul_add(p(beta1), s1);
-            }
-            j += V::LANES;
-        }
-        let mut sums = [s0.sum(), s1.sum()];
-        for j in full..k {
-            sums[0] += u0[j] * beta[j];
-            sums[1] += u1[j] * beta1[j];
-        }
-        return sums;
-    }
-    [acc[0].sum() + tail[0].sum(), acc[1].sum() + tail[1].sum()]
+    (acc, tail.map(|x| x.sum()))
 }
 
 /// One vector of [`betas_and_sums`].
@@ -487,7 +526,6 @@ unsafe fn beta_at<T: Real, W: Vector<T>>(
     beta1: &mut [T],
     acc: &mut [W; 2],
     j: usize,
-    fused: bool,
 ) {
     let rho = W::load(d.as_ptr().add(j)).mul(W::load(fr.as_ptr().add(j)));
     let m = rho.mul(W::splat(kq));
@@ -495,16 +533,43 @@ unsafe fn beta_at<T: Real, W: Vector<T>>(
     let b1 = m.mul(b);
     b.store(beta.as_mut_ptr().add(j));
     b1.store(beta1.as_mut_ptr().add(j));
-    if fused {
-        acc[0] = W::load(u0.as_ptr().add(j)).mul_add(b, acc[0]);
-        acc[1] = W::load(u1.as_ptr().add(j)).mul_add(b1, acc[1]);
+    acc[0] = W::load(u0.as_ptr().add(j)).mul_add(b, acc[0]);
+    acc[1] = W::load(u1.as_ptr().add(j)).mul_add(b1, acc[1]);
+}
+
+impl<T: Real> Shared<'_, T> {
+    /// Row `row`'s scalars in pass `t`.
+    #[inline(always)]
+    fn scalars(&self, t: usize, row: usize) -> RowScalars<T> {
+        let h0 = self.history.h(t - 1, row, self.rows, 2);
+        let h1 = self.history.h(t, row, self.rows, 2);
+        let b = [self.counts[0] * h0[0], self.counts[1] * h0[1]];
+        let inv = [T::ONE / b[0], T::ONE / b[1]];
+        RowScalars {
+            kq: b[1] * inv[0],
+            nu: [h1[0] * inv[0], h1[1] * inv[1]],
+            b,
+        }
+    }
+}
+
+impl<T: Real> RowScalars<T> {
+    /// The row's [`RowTerms`] from its partials `p` and `[Σ u_0 β, Σ u_1 β']`.
+    #[inline(always)]
+    fn terms<'r>(&self, p: [T; 2], sums: [T; 2], u: [&'r [T]; 2], neg_dw: T) -> RowTerms<'r, T> {
+        let eta = [p[0] + self.nu[0] * sums[0], p[1] + self.nu[1] * sums[1]];
+        RowTerms {
+            u,
+            nu: self.nu,
+            neg_nu_eta: [-(self.nu[0] * eta[0]), -(self.nu[1] * eta[1])],
+            neg_dw,
+        }
     }
 }
 
 /// The rest of a row once its `η̄` is known.
 struct RowTerms<'r, T> {
     u: [&'r [T]; 2],
-    beta: [&'r [T]; 2],
     nu: [T; 2],
     /// `−ν_G η̄_G`.
     neg_nu_eta: [T; 2],
@@ -512,69 +577,66 @@ struct RowTerms<'r, T> {
     neg_dw: T,
 }
 
-impl<T: Real> RowTerms<'_, T> {
-    /// Adds the row's terms to the scores' adjoint `o` (writes them, in the last iteration,
-    /// `TOP`) and to the column accumulators; returns `[Σ γ̄ β, Σ γ̄ β']`.
-    #[inline(always)]
-    fn finish<V: Vector<T>, const TOP: bool>(
-        &self,
-        o: &mut [T],
-        acc: &mut [T],
-        nb0: &mut [T],
-        nb1: &mut [T],
-    ) -> [T; 2] {
-        let k = o.len();
-        let full = k - k % V::LANES;
-        let mut g = [V::splat(T::ZERO); 2];
-        let mut j = 0;
-        while j < full {
-            // SAFETY: every slice holds k values and j + LANES <= k.
-            unsafe { self.terms_at::<V, TOP>(o, acc, nb0, nb1, &mut g, j) };
-            j += V::LANES;
-        }
-        let mut tail = [<T::Single as Vector<T>>::splat(T::ZERO); 2];
-        for j in full..k {
-            // SAFETY: as above, one lane wide.
-            unsafe { self.terms_at::<T::Single, TOP>(o, acc, nb0, nb1, &mut tail, j) };
-        }
-        [g[0].sum() + tail[0].sum(), g[1].sum() + tail[1].sum()]
+/// Adds `R` rows' terms to the scores' adjoint `o` (writes them, in the last iteration, `TOP`)
+/// and their `β β' δ` to `acc`; returns the lanes and tails of each row's `[Σ γ̄ β, Σ γ̄ β']`.
+#[inline(always)]
+fn finish<T: Real, V: Vector<T>, const R: usize, const TOP: bool>(
+    terms: &[RowTerms<T>; R],
+    beta: &[[&[T]; 2]; R],
+    o: &mut [&mut [T]; R],
+    acc: &mut [T],
+) -> ([[V; 2]; R], [[T; 2]; R]) {
+    let k = acc.len();
+    let full = k - k % V::LANES;
+    let mut g = [[V::splat(T::ZERO); 2]; R];
+    let mut j = 0;
+    while j < full {
+        // SAFETY: every slice holds k values and j + LANES <= k.
+        unsafe { terms_at::<T, V, R, TOP>(terms, beta, o, acc, &mut g, j) };
+        j += V::LANES;
     }
+    let mut tail = [[<T::Single as Vector<T>>::splat(T::ZERO); 2]; R];
+    for j in full..k {
+        // SAFETY: as above, one lane wide.
+        unsafe { terms_at::<T, T::Single, R, TOP>(terms, beta, o, acc, &mut tail, j) };
+    }
+    (g, tail.map(|t| t.map(|x| x.sum())))
+}
 
-    /// # Safety
-    /// Every slice holds at least `j + LANES` values of `W`.
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    unsafe fn terms_at<W: Vector<T>, const TOP: bool>(
-        &self,
-        o: &mut [T],
-        acc: &mut [T],
-        nb0: &mut [T],
-        nb1: &mut [T],
-        g: &mut [W; 2],
-        j: usize,
-    ) {
-        let neg_dw = W::splat(self.neg_dw);
+/// One vector of [`finish`].
+///
+/// # Safety
+/// Every slice holds at least `j + LANES` values.
+#[inline(always)]
+unsafe fn terms_at<T: Real, W: Vector<T>, const R: usize, const TOP: bool>(
+    terms: &[RowTerms<T>; R],
+    beta: &[[&[T]; 2]; R],
+    o: &mut [&mut [T]; R],
+    acc: &mut [T],
+    g: &mut [[W; 2]; R],
+    j: usize,
+) {
+    let pa = acc.as_mut_ptr().add(j);
+    let mut a = W::load(pa);
+    for r in 0..R {
+        let t = &terms[r];
         let ld = |x: &[T]| W::load(x.as_ptr().add(j));
-        let (b, b1) = (ld(self.beta[0]), ld(self.beta[1]));
-        let a0 = ld(self.u[0]).mul_add(W::splat(self.nu[0]), W::splat(self.neg_nu_eta[0]));
-        let a1 = ld(self.u[1]).mul_add(W::splat(self.nu[1]), W::splat(self.neg_nu_eta[1]));
+        let (b, b1) = (ld(beta[r][0]), ld(beta[r][1]));
+        let a0 = ld(t.u[0]).mul_add(W::splat(t.nu[0]), W::splat(t.neg_nu_eta[0]));
+        let a1 = ld(t.u[1]).mul_add(W::splat(t.nu[1]), W::splat(t.neg_nu_eta[1]));
         let delta = a0.sub(a1);
         let qd = b.mul(b1).mul(delta);
-        let po = o.as_mut_ptr().add(j);
+        let po = o[r].as_mut_ptr().add(j);
+        let neg_dw = W::splat(t.neg_dw);
         if TOP {
             qd.mul(neg_dw).store(po);
         } else {
             qd.mul_add(neg_dw, W::load(po)).store(po);
         }
         let gamma = b.mul_add(delta, a1);
-        g[0] = gamma.mul_add(b, g[0]);
-        g[1] = gamma.mul_add(b1, g[1]);
-        let pa = acc.as_mut_ptr().add(j);
-        W::load(pa).add(qd).store(pa);
-        if !TOP {
-            let (p0, p1) = (nb0.as_mut_ptr().add(j), nb1.as_mut_ptr().add(j));
-            W::splat(self.nu[0]).mul_add(b, W::load(p0)).store(p0);
-            W::splat(self.nu[1]).mul_add(b1, W::load(p1)).store(p1);
-        }
+        g[r][0] = gamma.mul_add(b, g[r][0]);
+        g[r][1] = gamma.mul_add(b1, g[r][1]);
+        a = a.add(qd);
     }
+    a.store(pa);
 }
