@@ -26,13 +26,14 @@
 //! twice the forward's arithmetic per element. The `f` step of iteration 1 (pass 0) needs
 //! `E_0` itself, which it recomputes with one `exp` per element.
 
-use super::backward::{minmax_row_backward, BackWorkspace};
+use super::backward::BackWorkspace;
 use super::forward::{History, Sweep};
 use super::layout::aligned_view;
+use super::rows::constant_row;
 use super::two_groups::{slot_values, ColumnScales};
 use super::{Inputs, Normalize, Problem};
 use crate::exec::chunks::{reduce_partials, run_pass, Scratch, Strided};
-use crate::simd::{Real, Vector, VectorOp};
+use crate::simd::{extremes, Real, Vector, VectorOp};
 use std::ops::Range;
 
 impl<T: Real> Problem<T> {
@@ -186,14 +187,70 @@ impl<T: Real> Problem<T> {
                 let rows = rows.zip(state.chunks_exact(sweep.layout.stride));
                 for ((row, st), o) in rows.zip(out.chunks_exact_mut(k)) {
                     self.logits(sweep.input, row, logits);
-                    let (d, o) = (&st[..k], &mut o[..k]);
-                    for j in 0..k {
-                        let e0 = (w0 * logits[j]).exp_fast();
-                        o[j] = (o[j] - e0 * (c0[j] + d[j] * c1[j])) * inv_eps;
-                    }
+                    first_f_row(logits, &st[..k], [c0, c1], [w0, inv_eps], o);
                 }
             },
         );
+    }
+}
+
+/// One row of pass 0: `o = (o − E_0 (c_0 + D c_1)) / eps` with `E_0 = exp(w_0 L)`; `scalars` is
+/// `[w_0, 1/eps]`. (A function of its slices, so that LLVM knows they do not overlap.)
+#[inline(always)]
+fn first_f_row<T: Real>(logits: &[T], d: &[T], c: [&[T]; 2], scalars: [T; 2], o: &mut [T]) {
+    let k = o.len();
+    let (logits, d, c0, c1) = (&logits[..k], &d[..k], &c[0][..k], &c[1][..k]);
+    let [w0, inv_eps] = scalars;
+    for j in 0..k {
+        let e0 = (w0 * logits[j]).exp_fast();
+        o[j] = (o[j] - e0 * (c0[j] + d[j] * c1[j])) * inv_eps;
+    }
+}
+
+/// Adjoint of `rows::minmax_row` (as `backward::minmax_row_backward`, with its sums in vector
+/// registers): `x` holds the row before min-max, `g` the output's adjoint and receives the
+/// input's. Ties at the min or max share their part equally.
+#[inline(always)]
+fn minmax_backward<T: Real, V: Vector<T>>(x: &[T], g: &mut [T]) {
+    let k = g.len();
+    let x = &x[..k];
+    let (lo, hi) = extremes(x);
+    if constant_row(lo, hi) {
+        g.fill(T::ZERO);
+        return;
+    }
+    let inv = T::ONE / (hi - lo);
+    let full = k - k % V::LANES;
+    let (vlo, vinv) = (V::splat(lo), V::splat(inv));
+    let (mut sg, mut sgy) = (V::splat(T::ZERO), V::splat(T::ZERO));
+    let mut j = 0;
+    while j < full {
+        // SAFETY: x and g hold k >= j + LANES values.
+        unsafe {
+            let gv = V::load(g.as_ptr().add(j));
+            let y = V::load(x.as_ptr().add(j)).sub(vlo).mul(vinv);
+            sg = sg.add(gv);
+            sgy = gv.mul_add(y, sgy);
+        }
+        j += V::LANES;
+    }
+    let (mut sg, mut sgy) = (sg.sum(), sgy.sum());
+    for j in full..k {
+        sg += g[j];
+        sgy += g[j] * ((x[j] - lo) * inv);
+    }
+    let (mut nlo, mut nhi) = (0usize, 0usize);
+    for &xj in x {
+        nlo += usize::from(xj == lo);
+        nhi += usize::from(xj == hi);
+    }
+    // Σ g (y − 1) over the ties at the min, −Σ g y over those at the max.
+    let glo = (sgy - sg) * inv / T::from_f64(nlo as f64);
+    let ghi = -sgy * inv / T::from_f64(nhi as f64);
+    for j in 0..k {
+        let at_lo = if x[j] == lo { glo } else { T::ZERO };
+        let at_hi = if x[j] == hi { ghi } else { T::ZERO };
+        g[j] = g[j] * inv + at_lo + at_hi;
     }
 }
 
@@ -448,7 +505,7 @@ impl<T: Real> Pass<'_, T> {
         let g_row = &mut g_row[..k];
         g_row.copy_from_slice(&sh.grad[row * k..(row + 1) * k]);
         if sh.minmax {
-            minmax_row_backward(result, g_row);
+            minmax_backward::<T, V>(result, g_row);
         }
         let (u0, u1) = (&mut u0[..k], &mut u1[..k]);
         for j in 0..k {
