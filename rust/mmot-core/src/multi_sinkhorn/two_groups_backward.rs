@@ -452,8 +452,7 @@ impl<T: Real> Pass<'_, T> {
         let (lanes, tails) = betas_and_sums::<T, V>(d, self.fr, s.kq, u0, u1, beta, beta1);
         let sums = row_sums::<T, V, 1>([lanes], [tails]);
         let terms = s.terms([T::ZERO; 2], sums[0], [u0, u1], sh.neg_dw);
-        let (lanes, tails) =
-            finish::<T, V, 1, true>(&[terms], &[[&*beta, &*beta1]], &mut [o], acc);
+        let (lanes, tails) = finish::<T, V, 1, true>(&[terms], &[[&*beta, &*beta1]], &mut [o], acc);
         let g = row_sums::<T, V, 1>(lanes, tails);
         st[sh.p_at] = -g[0][0];
         st[sh.p_at + 1] = -g[0][1];
