@@ -156,3 +156,23 @@ def test_backward_ratio_times_both_halves(capsys):
     assert line.startswith("sinkhorn 65536x(4x4)") and line.endswith("x")
     with pytest.raises(SystemExit):
         cli.main(["backward-ratio", "--cases", "nonsense"])
+
+
+def test_backward_ratio_log_rows_force_the_log_domain():
+    from mmot.bench import backward_ratio
+
+    table = backward_ratio.cases()
+    scores = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+    for key, want in [
+        ("sinkhorn_log", lambda x, log=True: mmot.sinkhorn(x, 0.05, 3, log_domain=log)),
+        ("multi_sinkhorn_log", lambda x, log=True: mmot.multi_sinkhorn(x, 32, 0.07, 20, log_domain=log)),
+    ]:
+        label, _, op = table[key]
+        assert label.endswith(", log")
+        x = scores if key == "sinkhorn_log" else torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(op(x), want(x), rtol=0, atol=0)
+        # A plain-domain call on a range past the plain limit is refused; the log row's is not.
+        wide = x * 100
+        op(wide)
+        with pytest.raises(ValueError):
+            want(wide, log=False)
