@@ -9,7 +9,9 @@
 //! (`O(T·G·(N + K))`); `g` is recomputed per row. Reverse pass `t` does, for each row: the `f`
 //! step of iteration `t + 1` (needs the finished column adjoint `φ̄^{t+1}`), then the `h` and
 //! `g` steps of iteration `t`, which are row-local and yield the column partials of `φ̄^t`.
-//! That is `T + 1` streaming passes.
+//! That is `T + 1` streaming passes. Two plain groups (SSPC's weights) take
+//! `two_groups_backward` instead: the same passes on the forward's `D = E_1 / E_0` cache, with
+//! the steps' adjoints folded into a few terms per element.
 
 use super::forward::{History, Sweep, Workspace};
 use super::layout::aligned_view;
