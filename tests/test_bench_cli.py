@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import mmot
 import pytest
@@ -154,6 +155,12 @@ def test_backward_ratio_times_both_halves(capsys):
     cli.main(["backward-ratio", "--cases", "sinkhorn_4x4", "--repeats", "1"])
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("sinkhorn 65536x(4x4)") and line.endswith("x")
+    forward, backward = backward_ratio.measure(
+        lambda: cosine_scores(9, 5), lambda x: mmot.sinkhorn(x, 0.1, 3), repeats=1, clock=time.process_time
+    )
+    assert 0 < forward < 1e4 and 0 < backward < 1e4
+    cli.main(["backward-ratio", "--cases", "sinkhorn_4x4", "--repeats", "1", "--clock", "cpu"])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("sinkhorn 65536x(4x4)")
     with pytest.raises(SystemExit):
         cli.main(["backward-ratio", "--cases", "nonsense"])
 
