@@ -80,11 +80,15 @@ def main(argv: list[str]) -> None:
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
-        help="wall time (default), or this process's CPU time: on a machine shared with other work, run with "
-        "MMOT_NUM_THREADS=1 and --clock cpu, which a busy neighbour barely moves",
+        help="wall time (default), or this process's CPU time on one thread (torch's and, unless "
+        "MMOT_NUM_THREADS says otherwise, the Rust kernels'), which a busy machine barely moves",
     )
     args = parser.parse_args(argv)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    clock = time.perf_counter
+    if args.clock == "cpu":
+        # Idle pool threads that spin would count as work: one thread, so only work counts.
+        torch.set_num_threads(1)
+        clock = time.process_time
     print(f"{'workload':50s} {'forward ms':>11s} {'backward ms':>12s} {'backward/forward':>17s}")
     for key in args.cases:
         label, make, op = table[key]
