@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import mmot
 import pytest
@@ -154,6 +155,12 @@ def test_backward_ratio_times_both_halves(capsys):
     cli.main(["backward-ratio", "--cases", "sinkhorn_4x4", "--repeats", "1"])
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("sinkhorn 65536x(4x4)") and line.endswith("x")
+    forward, backward = backward_ratio.measure(
+        lambda: cosine_scores(9, 5), lambda x: mmot.sinkhorn(x, 0.1, 3), repeats=1, clock=time.process_time
+    )
+    assert 0 < forward < 1e4 and 0 < backward < 1e4
+    cli.main(["backward-ratio", "--cases", "sinkhorn_4x4", "--repeats", "1", "--clock", "cpu"])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("sinkhorn 65536x(4x4)")
     with pytest.raises(SystemExit):
         cli.main(["backward-ratio", "--cases", "nonsense"])
 
@@ -169,3 +176,22 @@ def test_sinkhorn_options_bench_reports_every_case(capsys):
     assert "geometric  iterations" in out and "warm iterations" in out and out.count("x faster") == 4
     with pytest.raises(SystemExit):
         cli.main(["sinkhorn-options", "--cases", "nonsense"])
+
+def test_backward_ratio_log_rows_force_the_log_domain():
+    from mmot.bench import backward_ratio
+
+    table = backward_ratio.cases()
+    scores = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+    for key, want in [
+        ("sinkhorn_log", lambda x, log=True: mmot.sinkhorn(x, 0.05, 3, log_domain=log)),
+        ("multi_sinkhorn_log", lambda x, log=True: mmot.multi_sinkhorn(x, 32, 0.07, 20, log_domain=log)),
+    ]:
+        label, _, op = table[key]
+        assert label.endswith(", log")
+        x = scores if key == "sinkhorn_log" else torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(op(x), want(x), rtol=0, atol=0)
+        # A plain-domain call on a range past the plain limit is refused; the log row's is not.
+        wide = x * 100
+        op(wide)
+        with pytest.raises(ValueError):
+            want(wide, log=False)

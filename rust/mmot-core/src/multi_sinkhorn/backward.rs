@@ -9,7 +9,9 @@
 //! (`O(T·G·(N + K))`); `g` is recomputed per row. Reverse pass `t` does, for each row: the `f`
 //! step of iteration `t + 1` (needs the finished column adjoint `φ̄^{t+1}`), then the `h` and
 //! `g` steps of iteration `t`, which are row-local and yield the column partials of `φ̄^t`.
-//! That is `T + 1` streaming passes.
+//! That is `T + 1` streaming passes. Two plain groups (SSPC's weights) take
+//! `two_groups_backward` instead: the same passes on the forward's `D = E_1 / E_0` cache, with
+//! the steps' adjoints folded into a few terms per element.
 
 use super::forward::{History, Sweep, Workspace};
 use super::layout::aligned_view;
@@ -24,12 +26,14 @@ use std::ops::Range;
 #[derive(Default)]
 pub(super) struct BackWorkspace<T> {
     /// The replay's workspace; its state blocks then hold the rows' `η̄` partials.
-    forward: Workspace<T>,
-    history: History<T>,
+    pub forward: Workspace<T>,
+    pub history: History<T>,
     /// `φ̄_G / r`: the column adjoint of the last finished pass over the masses, `[G, K]`.
-    col_adjoint: Vec<T>,
+    pub col_adjoint: Vec<T>,
     /// `ρ_G = f_G^{t+1} / f_G^t`, `[G, K]`.
-    f_growth: Vec<T>,
+    pub f_growth: Vec<T>,
+    /// The column values of a two-group reverse pass (`two_groups_backward`), `[3, K]`.
+    pub columns: Vec<T>,
 }
 
 impl<T: Real> Footprint for BackWorkspace<T> {
@@ -39,8 +43,13 @@ impl<T: Real> Footprint for BackWorkspace<T> {
             history,
             col_adjoint,
             f_growth,
+            columns,
         } = self;
-        forward.bytes() + history.bytes() + vec_bytes(col_adjoint) + vec_bytes(f_growth)
+        forward.bytes()
+            + history.bytes()
+            + vec_bytes(col_adjoint)
+            + vec_bytes(f_growth)
+            + vec_bytes(columns)
     }
 }
 
@@ -55,18 +64,22 @@ impl<T: Real> Problem<T> {
         bw: &mut BackWorkspace<T>,
         log: bool,
     ) {
+        if !log && self.groups.len() == 2 {
+            return self.backward_two_groups(grad, input, out, bw);
+        }
         let BackWorkspace {
             forward,
             history,
             col_adjoint,
             f_growth,
+            ..
         } = bw;
         // The replay writes T into `out`, which the reverse passes then overwrite row by row.
         self.solve(input, out, forward, log, Some(&mut *history));
         if self.interrupt.requested() {
             return; // the replay stopped early
         }
-        let sweep = Sweep::new(self, input, log, false);
+        let sweep = Sweep::new(self, input, log);
         let group_cols = sweep.group_cols();
         for buf in [&mut *col_adjoint, &mut *f_growth] {
             buf.clear();
@@ -545,7 +558,8 @@ fn plain_plans<T: Real>(h0: T, h1: T, inv: &[T], b: &mut [T], c: &mut [T]) {
 
 /// Adjoint of `rows::minmax_row`: `x` holds the row before min-max, `g` the output's adjoint
 /// and receives the input's. Ties at the min or max share their part equally (as `torch.amin`).
-fn minmax_row_backward<T: Real>(x: &[T], g: &mut [T]) {
+#[inline(always)]
+pub(super) fn minmax_row_backward<T: Real>(x: &[T], g: &mut [T]) {
     let (lo, hi) = extremes(x);
     if constant_row(lo, hi) {
         g.fill(T::ZERO);

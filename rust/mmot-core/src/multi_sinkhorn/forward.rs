@@ -115,16 +115,10 @@ pub(super) struct Sweep<'a, T> {
 }
 
 impl<'a, T: Real> Sweep<'a, T> {
-    /// `may_cache_ratio`: the backward reads every `E_G` from the state, so its replay caches
-    /// them all.
-    pub fn new(
-        problem: &'a Problem<T>,
-        input: Inputs<'a, T>,
-        log: bool,
-        may_cache_ratio: bool,
-    ) -> Self {
+    /// Two plain groups cache only `D` (the forward and the backward's replay alike).
+    pub fn new(problem: &'a Problem<T>, input: Inputs<'a, T>, log: bool) -> Self {
         let (n_groups, w) = (problem.groups.len(), &problem.groups.weights);
-        let ratio = !log && n_groups == 2 && may_cache_ratio;
+        let ratio = !log && n_groups == 2;
         let layout = StateLayout::new::<T>(log, n_groups, n_groups * problem.anchors, ratio);
         let ratio_power = if ratio {
             (1..=3).find(|&m| T::from_f64(m as f64) * w[0] == w[1] - w[0])
@@ -225,7 +219,7 @@ impl<T: Real> Problem<T> {
         log: bool,
         mut history: Option<&mut History<T>>,
     ) {
-        let sweep = Sweep::new(self, input, log, history.is_none());
+        let sweep = Sweep::new(self, input, log);
         let mut bufs = PassBuffers::new(ws, &sweep);
         sweep.pass_zero(&mut bufs, out);
         if let Some(history) = history.as_deref_mut() {

@@ -20,7 +20,8 @@
 //! The parts: this file holds the API, its checks and the slot groups; `forward` one problem's
 //! passes; `layout` the per-row state blocks and the chunking of a pass; `rows` the row updates
 //! for any group count in either domain; `two_groups` and `single_sweep` the SIMD row updates
-//! of two plain groups (SSPC's case, the hot loop); `backward` the vector-Jacobian product;
+//! of two plain groups (SSPC's case, the hot loop); `backward` the vector-Jacobian product,
+//! whose two-plain-group case `two_groups_backward` runs on the forward's ratio layout;
 //! `small` batches of tiny problems solved in SIMD lanes.
 
 mod backward;
@@ -33,6 +34,7 @@ mod small_backward;
 #[cfg(test)]
 mod tests;
 mod two_groups;
+mod two_groups_backward;
 
 use crate::dims::Dims;
 use crate::domain::{check_forced_plain, check_log_range};

@@ -141,3 +141,140 @@ fn lanes_match_streaming_f64() {
 fn lanes_match_streaming_f32() {
     lanes_match_streaming::<f32>(2e-5);
 }
+
+/// Scores, masses summing to `n` per problem, and an upstream gradient, from fixed streams.
+fn backward_inputs<T: Real>(b: usize, n: usize, kk: usize, seed: u64) -> [Vec<T>; 3] {
+    let s = uniform(b * n * kk, seed)
+        .iter()
+        .map(|&x| T::from_f64(x))
+        .collect();
+    let mut r: Vec<T> = uniform(b * kk, seed + 1)
+        .iter()
+        .map(|&x| T::from_f64(x + 1.5))
+        .collect();
+    for rp in r.chunks_exact_mut(kk) {
+        let total = rp.iter().map(|x| x.to_f64()).sum::<f64>();
+        rp.iter_mut()
+            .for_each(|x| *x = T::from_f64(x.to_f64() * n as f64 / total));
+    }
+    let g = uniform(b * n * kk, seed + 2)
+        .iter()
+        .map(|&x| T::from_f64(x))
+        .collect();
+    [s, r, g]
+}
+
+fn two_group_params(
+    kk: usize,
+    k: usize,
+    low: f64,
+    normalize: Normalize,
+    log_domain: LogDomain,
+) -> MultiSinkhornParams {
+    MultiSinkhornParams {
+        eps: 0.15,
+        n_iters: 6,
+        slot_weights: (0..kk)
+            .map(|m| if m < kk - k { low } else { 1.0 })
+            .collect(),
+        k,
+        normalize,
+        log_domain,
+        check_values: false,
+    }
+}
+
+fn assert_close<T: Real>(got: &[T], want: &[T], tol: f64, what: &str) {
+    let scale = want.iter().map(|x| x.to_f64().abs()).fold(0.0, f64::max);
+    assert!(scale > 0.0, "{what}: a zero gradient tests nothing");
+    for (e, (x, y)) in got.iter().zip(want).enumerate() {
+        let (x, y) = (x.to_f64(), y.to_f64());
+        assert!(
+            (x - y).abs() <= tol * scale,
+            "{what}: element {e}: {x} against {y}"
+        );
+    }
+}
+
+/// The two-group plain reverse pass (`two_groups_backward`) against the log-domain reverse
+/// pass (`backward.rs`, separate code and arithmetic) on streaming-size problems: several row
+/// chunks, an odd row count (a row left over from the pairs), K with a vector tail, a weight
+/// pair with and without an integer ratio and one with w_1 < w_0; and its result does not
+/// depend on the thread count.
+fn two_group_backward_matches_log<T: Real>(tol: f64) {
+    let cases = [(1001, 64, 32, 0.25), (417, 37, 11, 0.3), (130, 19, 5, 2.0)];
+    for (case, &(n, kk, k, low)) in cases.iter().enumerate() {
+        for normalize in [Normalize::MinMax, Normalize::None] {
+            let b = 2;
+            let [s, r, g] = backward_inputs::<T>(b, n, kk, 10 + case as u64);
+            let dims = Dims::new(b, n, kk);
+            let run = |mode, threads: usize| {
+                let mut out = vec![T::from_f64(f64::NAN); b * n * kk];
+                let params = two_group_params(kk, k, low, normalize, mode);
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let log = pool
+                    .install(|| multi_sinkhorn_backward(&g, &s, &r, &mut out, dims, &params))
+                    .unwrap();
+                assert_eq!(log, mode == LogDomain::On);
+                out
+            };
+            let plain = run(LogDomain::Off, 2);
+            let what = format!("{n}x{kk} k={k} low={low} {normalize:?}");
+            assert_close(&plain, &run(LogDomain::On, 2), tol, &what);
+            assert!(
+                plain
+                    .iter()
+                    .zip(run(LogDomain::Off, 1))
+                    .all(|(x, y)| x.to_f64().to_bits() == y.to_f64().to_bits()),
+                "{what}: the result depends on the thread count"
+            );
+        }
+    }
+}
+
+#[test]
+fn two_group_backward_matches_log_f64() {
+    two_group_backward_matches_log::<f64>(1e-10);
+}
+
+#[test]
+fn two_group_backward_matches_log_f32() {
+    two_group_backward_matches_log::<f32>(2e-4);
+}
+
+/// The streaming two-group reverse pass against the small-problem lanes (`small_backward`) on
+/// the same batch of small problems.
+#[test]
+fn two_group_backward_matches_lanes() {
+    for (case, &(n, kk, k)) in [(5, 7, 3), (16, 16, 8), (33, 31, 30)].iter().enumerate() {
+        let b = 19;
+        let [s, r, g] = backward_inputs::<f64>(b, n, kk, 40 + case as u64);
+        let params = two_group_params(kk, k, 0.25, Normalize::MinMax, LogDomain::Off);
+        let p = Problem::new(Dims::new(b, n, kk), &params);
+        let mut lanes = vec![f64::NAN; b * n * kk];
+        small_backward::backward(&p, &g, &s, &r, &mut lanes);
+        let mut cmax = vec![0.0; b * kk];
+        batch_col_stats(&s, b, n, kk, &mut cmax);
+        let mut streaming = vec![f64::NAN; b * n * kk];
+        let mut bw = backward::BackWorkspace::default();
+        for i in 0..b {
+            let m = n * kk;
+            let input = Inputs {
+                scores: &s[i * m..][..m],
+                mass: &r[i * kk..][..kk],
+                col_max: &cmax[i * kk..][..kk],
+            };
+            p.backward(
+                &g[i * m..][..m],
+                input,
+                &mut streaming[i * m..][..m],
+                &mut bw,
+                false,
+            );
+        }
+        assert_close(&streaming, &lanes, 1e-11, &format!("{n}x{kk} k={k}"));
+    }
+}
