@@ -1,0 +1,329 @@
+//! The exact reverse pass of one problem's unrolled iteration.
+//!
+//! The forward is replayed for the problem's own iteration count, recording every iteration's
+//! potentials (`solve.rs`). With `Q = grad ∘ P / e_T`, the adjoints start at `f̄ = Σ_j Q`,
+//! `ḡ = Σ_i Q`, `S̄ = Q`; then, from the last iteration down, each step is undone:
+//!
+//! - row step `f^t = tau_t (e_t ln r − e_t LSE_j((S + g^t)/e_t))`, with the row softmax `A^t`:
+//!   `S̄ −= tau_t f̄ᵢ A^t`, `ḡ −= tau_t Σ_i f̄ᵢ A^t`;
+//! - column step `g^t = tau_t (e_t ln c − e_t LSE_i((S + f^{t−1})/e_t))`, with the column
+//!   softmax `B^t`: `S̄ −= tau_t ḡⱼ B^t`, `f̄^{t−1} = −tau_t Σ_j ḡⱼ B^t` (`f^{−1} = f0` is a
+//!   constant, so the last one is dropped).
+//!
+//! `f̄^{t−1}_i` is complete once row `i` of the column step is undone, so each reverse
+//! iteration is one pass over the rows: the column step of `t`, then the row step of `t − 1`,
+//! for each row. The softmaxes come from the recorded log-sum-exps (log domain: one `exp` each
+//! per element) or, in the plain domain, from the cached kernel and scalings:
+//! `A^t = K u^t v^t / r`, `B^t = K u^{t−1} v^t / c` (multiplications only).
+
+use super::solve::{hsum, reset, Problem, Route, Workspace, W};
+use super::One;
+use crate::simd::{dispatch, Real};
+
+impl<T: Real> Problem<T> {
+    /// The VJP of one problem into its padded `out`; `grad` is its padded `[N, K]` slice.
+    /// Returns whether the plain domain was forced where it is not safe.
+    pub(super) fn backward(
+        &self,
+        one: &One<'_, T>,
+        grad: &[T],
+        iters: usize,
+        ws: &mut Workspace<T>,
+        out: &mut [T],
+    ) -> bool {
+        dispatch(
+            #[inline(always)]
+            || {
+                let (n, k, stride) = (one.n, one.k, one.stride);
+                out.fill(T::ZERO);
+                let route = self.route(one, ws);
+                let done = match route {
+                    Route::TooWide => return true,
+                    Route::NonFinite => {
+                        for i in 0..n {
+                            out[i * stride..i * stride + k].fill(T::from_f64(f64::NAN));
+                        }
+                        return false;
+                    }
+                    Route::Plain => self.solve_plain(one, ws, iters, -1.0, true).0,
+                    Route::Log => self.solve_log(one, ws, iters, -1.0, true).0,
+                };
+                if done < iters || self.interrupt.requested() {
+                    // Interrupted: the call returns an error.
+                    return false;
+                }
+                pack_grad(one, grad, ws);
+                if route == Route::Plain {
+                    self.reverse_plain(one, iters, ws);
+                } else {
+                    self.reverse_log(one, iters, ws);
+                }
+                let kc = k.div_ceil(W);
+                let of = ws.out.as_flattened();
+                for i in 0..n {
+                    out[i * stride..i * stride + k].copy_from_slice(&of[i * kc * W..][..k]);
+                }
+                false
+            },
+        )
+    }
+
+    /// The plain domain's reverse pass (balanced, one eps): `ws.x` holds `K`, the history
+    /// `u^t`, `v^t`.
+    #[inline(always)]
+    fn reverse_plain(&self, one: &One<'_, T>, iters: usize, ws: &mut Workspace<T>) {
+        let (n, k) = (one.n, one.k);
+        let kc = k.div_ceil(W);
+        let (r, c) = (&one.row_mass[..n], &one.col_mass[..k]);
+        let ie = T::from_f64(1.0 / self.eps);
+        let zero = [T::ZERO; W];
+        let Workspace {
+            x,
+            gp,
+            out,
+            bg,
+            nbg,
+            wg,
+            hist,
+            ..
+        } = ws;
+        reset(out, n * kc, zero);
+        reset(bg, kc, zero);
+        reset(nbg, kc, zero);
+        reset(wg, kc, zero);
+        let last = iters - 1;
+        let (ut, vt) = (&hist.row[last * n..][..n], &hist.col[last * kc..][..kc]);
+        // The plan's own adjoint, then the last row step.
+        for i in 0..n {
+            let (xr, gr) = (&x[i * kc..][..kc], &gp[i * kc..][..kc]);
+            let orow = &mut out[i * kc..][..kc];
+            let ui = ut[i];
+            let mut bf = [T::ZERO; W];
+            for cb in 0..kc {
+                let (xv, vv, gv) = (xr[cb], vt[cb], gr[cb]);
+                let mut q = [T::ZERO; W];
+                for l in 0..W {
+                    q[l] = gv[l] * (xv[l] * vv[l] * ui) * ie;
+                    bf[l] += q[l];
+                }
+                orow[cb] = q;
+            }
+            let beta = hsum(bf) / r[i];
+            for cb in 0..kc {
+                let (xv, vv) = (xr[cb], vt[cb]);
+                let (mut o, mut b) = (orow[cb], bg[cb]);
+                for l in 0..W {
+                    o[l] -= beta * (xv[l] * vv[l] * ui);
+                    b[l] += o[l];
+                }
+                orow[cb] = o;
+                bg[cb] = b;
+            }
+        }
+        for t in (0..iters).rev() {
+            if self.interrupt.requested() {
+                return;
+            }
+            let vt = &hist.col[t * kc..][..kc];
+            {
+                let (wf, bf, vf) = (wg.as_flattened_mut(), bg.as_flattened(), vt.as_flattened());
+                for j in 0..k {
+                    wf[j] = bf[j] * vf[j] / c[j];
+                }
+            }
+            nbg.fill(zero);
+            let prev = (t > 0).then(|| {
+                (
+                    &hist.row[(t - 1) * n..][..n],
+                    &hist.col[(t - 1) * kc..][..kc],
+                )
+            });
+            for i in 0..n {
+                let xr = &x[i * kc..][..kc];
+                let orow = &mut out[i * kc..][..kc];
+                let a = prev.map_or(T::ONE, |(u, _)| u[i]);
+                let mut d = [T::ZERO; W];
+                for cb in 0..kc {
+                    let (xv, wv) = (xr[cb], wg[cb]);
+                    for l in 0..W {
+                        d[l] += xv[l] * wv[l];
+                    }
+                }
+                // f̄^{t−1}_i = −Σ_j ḡ_j B_ij.
+                let bfp = -(a * hsum(d));
+                match prev {
+                    Some((_, vp)) => {
+                        let gam = a * bfp / r[i];
+                        for cb in 0..kc {
+                            let (xv, wv, pv) = (xr[cb], wg[cb], vp[cb]);
+                            let (mut o, mut nb) = (orow[cb], nbg[cb]);
+                            for l in 0..W {
+                                let av = xv[l] * pv[l] * gam;
+                                o[l] -= xv[l] * (a * wv[l]) + av;
+                                nb[l] -= av;
+                            }
+                            orow[cb] = o;
+                            nbg[cb] = nb;
+                        }
+                    }
+                    None => {
+                        for cb in 0..kc {
+                            let (xv, wv) = (xr[cb], wg[cb]);
+                            let mut o = orow[cb];
+                            for l in 0..W {
+                                o[l] -= xv[l] * (a * wv[l]);
+                            }
+                            orow[cb] = o;
+                        }
+                    }
+                }
+            }
+            std::mem::swap(bg, nbg);
+        }
+    }
+
+    /// The log domain's reverse pass: `ws.x` holds `S` (pad `-inf`), the history `f^t`, `g^t`,
+    /// the row and column log-sum-exps and each iteration's eps.
+    #[inline(always)]
+    fn reverse_log(&self, one: &One<'_, T>, iters: usize, ws: &mut Workspace<T>) {
+        let (n, k) = (one.n, one.k);
+        let kc = k.div_ceil(W);
+        let zero = [T::ZERO; W];
+        let Workspace {
+            x,
+            gp,
+            out,
+            bg,
+            nbg,
+            wg,
+            t: tmp,
+            hist,
+            ..
+        } = ws;
+        reset(out, n * kc, zero);
+        reset(bg, kc, zero);
+        reset(nbg, kc, zero);
+        reset(wg, kc, zero);
+        reset(tmp, kc, zero);
+        let last = iters - 1;
+        let e_last = hist.e[last];
+        let (ie, taut) = (T::from_f64(1.0 / e_last), T::from_f64(self.tau(e_last)));
+        let (ft, gt) = (&hist.row[last * n..][..n], &hist.col[last * kc..][..kc]);
+        let lrt = &hist.lr[last * n..][..n];
+        for i in 0..n {
+            let (xr, gr) = (&x[i * kc..][..kc], &gp[i * kc..][..kc]);
+            let orow = &mut out[i * kc..][..kc];
+            let fi = ft[i];
+            let mut bf = [T::ZERO; W];
+            for cb in 0..kc {
+                let (xv, gv, pv) = (xr[cb], gt[cb], gr[cb]);
+                let mut q = [T::ZERO; W];
+                for l in 0..W {
+                    let p = ((xv[l] + fi + gv[l]) * ie).exp_fast();
+                    q[l] = pv[l] * p * ie;
+                    bf[l] += q[l];
+                }
+                orow[cb] = q;
+            }
+            let coef = taut * hsum(bf);
+            let lri = lrt[i];
+            for cb in 0..kc {
+                let (xv, gv) = (xr[cb], gt[cb]);
+                let (mut o, mut b) = (orow[cb], bg[cb]);
+                for l in 0..W {
+                    let a = ((xv[l] + gv[l]) * ie - lri).exp_fast();
+                    o[l] -= coef * a;
+                    b[l] += o[l];
+                }
+                orow[cb] = o;
+                bg[cb] = b;
+            }
+        }
+        for t in (0..iters).rev() {
+            if self.interrupt.requested() {
+                return;
+            }
+            let e = hist.e[t];
+            let (ie, taut) = (T::from_f64(1.0 / e), T::from_f64(self.tau(e)));
+            for (w, b) in wg.iter_mut().zip(bg.iter()) {
+                let mut wv = *b;
+                for l in 0..W {
+                    wv[l] *= taut;
+                }
+                *w = wv;
+            }
+            let lct = &hist.lc[t * kc..][..kc];
+            let fprev: &[T] = if t > 0 {
+                &hist.row[(t - 1) * n..][..n]
+            } else {
+                &one.init_f[..n]
+            };
+            let prev = (t > 0).then(|| {
+                let ep = hist.e[t - 1];
+                (
+                    T::from_f64(1.0 / ep),
+                    T::from_f64(self.tau(ep)),
+                    &hist.col[(t - 1) * kc..][..kc],
+                    &hist.lr[(t - 1) * n..][..n],
+                )
+            });
+            nbg.fill(zero);
+            for i in 0..n {
+                let xr = &x[i * kc..][..kc];
+                let orow = &mut out[i * kc..][..kc];
+                let fi = fprev[i];
+                let mut d = [T::ZERO; W];
+                for cb in 0..kc {
+                    let (xv, lv, wv) = (xr[cb], lct[cb], wg[cb]);
+                    let mut bv = [T::ZERO; W];
+                    for l in 0..W {
+                        bv[l] = ((xv[l] + fi) * ie - lv[l]).exp_fast() * wv[l];
+                        d[l] += bv[l];
+                    }
+                    tmp[cb] = bv;
+                }
+                // f̄^{t−1}_i = −tau_t Σ_j ḡ_j B_ij.
+                let bfp = -hsum(d);
+                match prev {
+                    Some((iep, taup, gp_, lrp)) => {
+                        let (coef, lri) = (taup * bfp, lrp[i]);
+                        for cb in 0..kc {
+                            let (xv, gv, bv) = (xr[cb], gp_[cb], tmp[cb]);
+                            let (mut o, mut nb) = (orow[cb], nbg[cb]);
+                            for l in 0..W {
+                                let a = coef * ((xv[l] + gv[l]) * iep - lri).exp_fast();
+                                o[l] -= bv[l] + a;
+                                nb[l] -= a;
+                            }
+                            orow[cb] = o;
+                            nbg[cb] = nb;
+                        }
+                    }
+                    None => {
+                        for cb in 0..kc {
+                            let bv = tmp[cb];
+                            let mut o = orow[cb];
+                            for l in 0..W {
+                                o[l] -= bv[l];
+                            }
+                            orow[cb] = o;
+                        }
+                    }
+                }
+            }
+            std::mem::swap(bg, nbg);
+        }
+    }
+}
+
+/// The problem's valid `grad` block into `ws.gp` (`[n, kc]`, padding 0).
+#[inline(always)]
+fn pack_grad<T: Real>(one: &One<'_, T>, grad: &[T], ws: &mut Workspace<T>) {
+    let (n, k, stride) = (one.n, one.k, one.stride);
+    let kc = k.div_ceil(W);
+    reset(&mut ws.gp, n * kc, [T::ZERO; W]);
+    let gf = ws.gp.as_flattened_mut();
+    for i in 0..n {
+        gf[i * kc * W..][..k].copy_from_slice(&grad[i * stride..][..k]);
+    }
+}
