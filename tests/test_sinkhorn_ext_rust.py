@@ -409,3 +409,49 @@ def test_larger_problems_several_blocks():
         n, k, s, r, c, f0 = problem(batch, i)
         p_ref, *_ = naive(s, r, c, f0, eps, eps, 0.5, 12, -1.0, INF)
         torch.testing.assert_close(plan[i, :n, :k], p_ref, rtol=1e-9, atol=1e-12)
+
+
+CHILD = r"""
+import math, sys, time, torch
+from mmot.ops import _sinkhorn_ext_rust as ext
+
+b, n, k = 64, 24, 16
+g = torch.Generator().manual_seed(0)
+args = (torch.randn(b, n, k, generator=g), torch.ones(b, n), torch.full((b, k), n / k),
+        torch.randint(1, n + 1, (b,), generator=g), torch.randint(1, k + 1, (b,), generator=g),
+        torch.zeros(b, n), torch.full((b,), 0.5, dtype=torch.float64))
+call = lambda iters, domain: ext.forward(*args, 0.05, 0.5, iters, -1.0, math.inf, domain)
+for domain in ("auto", "on"):
+    before = call(5, domain)
+    print("ready", flush=True)
+    try:
+        call(10**9, domain)
+        print("finished", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", time.perf_counter(), flush=True)
+    after = call(5, domain)
+    print("same" if all(torch.equal(x.nan_to_num(), y.nan_to_num()) for x, y in zip(before, after)) else "differs", flush=True)
+"""
+
+
+def test_ctrl_c_stops_a_long_call():
+    """SIGINT stops a call of 10**9 iterations promptly (both domains); the next call is right."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(2):
+            assert proc.stdout.readline().strip() == "ready"
+            time.sleep(0.5)
+            sent = time.perf_counter()
+            proc.send_signal(signal.SIGINT)
+            word, *stamp = proc.stdout.readline().split()
+            assert word == "interrupted"
+            assert float(stamp[0]) - sent < 5.0
+            assert proc.stdout.readline().strip() == "same"
+    finally:
+        proc.kill()
+        proc.wait()

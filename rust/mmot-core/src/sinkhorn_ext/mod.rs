@@ -69,7 +69,7 @@ pub struct SinkhornExtInput<'a, T> {
     pub col_counts: &'a [i64],
     /// `[B, N]` initial row potentials (score units; zeros for a cold start).
     pub init_f: &'a [T],
-    /// `[B]` first eps of each problem's schedule (<= eps: no schedule).
+    /// `[B]` first eps of each problem's schedule (finite; <= eps: no schedule).
     pub eps_start: &'a [f64],
 }
 
@@ -265,19 +265,15 @@ fn check_input<T>(
     if params.tol.is_nan() {
         return invalid("tol must be a number (< 0 for none), got NaN".to_string());
     }
-    if !(params.reach > 0.0) {
+    if params.reach.is_nan() || params.reach <= 0.0 {
         return invalid(format!(
             "reach must be > 0 (+inf for balanced), got {}",
             params.reach
         ));
     }
-    if let Some(bad) = input
-        .eps_start
-        .iter()
-        .find(|e| !(e.is_finite() && **e > 0.0))
-    {
+    if let Some(bad) = input.eps_start.iter().find(|e| !e.is_finite()) {
         return invalid(format!(
-            "eps_start must be finite and > 0 for every problem, got {bad}"
+            "eps_start must be finite for every problem (<= eps: no schedule), got {bad}"
         ));
     }
     Ok(())

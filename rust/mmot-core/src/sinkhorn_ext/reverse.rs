@@ -247,8 +247,8 @@ impl<T: Real> Problem<T> {
             let (ie, taut) = (T::from_f64(1.0 / e), T::from_f64(self.tau(e)));
             for (w, b) in wg.iter_mut().zip(bg.iter()) {
                 let mut wv = *b;
-                for l in 0..W {
-                    wv[l] *= taut;
+                for x in wv.iter_mut() {
+                    *x *= taut;
                 }
                 *w = wv;
             }

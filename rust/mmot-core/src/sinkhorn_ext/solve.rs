@@ -185,6 +185,7 @@ impl<T: Real> Problem<T> {
     /// The domain of one problem, from the call's mode, its schedule and reach, and the column
     /// spread of its valid `S + f0` (also its finiteness), taken in one pass.
     #[inline(always)]
+    #[allow(clippy::eq_op)]
     pub(super) fn route(&self, one: &One<'_, T>, ws: &mut Workspace<T>) -> Route {
         let (n, k, stride) = (one.n, one.k, one.stride);
         let (mx, mn) = (&mut ws.mx, &mut ws.mn);
@@ -203,14 +204,13 @@ impl<T: Real> Problem<T> {
                 nf += y - y;
             }
         }
-        #[allow(clippy::eq_op)]
         if nf != nf || nf != T::ZERO {
             return Route::NonFinite;
         }
         let scheduled = one.eps_start > self.eps;
         let log_only = scheduled || !self.balanced();
         let range = (0..k).fold(0.0f64, |a, j| a.max((mx[j] - mn[j]).to_f64())) / self.eps;
-        let wide = !(range <= T::PLAIN_RANGE_LIMIT);
+        let wide = range.is_nan() || range > T::PLAIN_RANGE_LIMIT;
         match self.log_domain {
             LogDomain::On => Route::Log,
             _ if log_only => Route::Log,
