@@ -455,3 +455,30 @@ def test_ctrl_c_stops_a_long_call():
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_equals_single_problem_calls_bitwise(dtype):
+    """A problem's results do not depend on its padding or on the other problems of its batch."""
+    batch = make_batch(50, 7, 13, 21, dtype=dtype, warm=True, schedule=True)
+    eps = 0.1
+    (plan, f, g, iters, err), eps_start = run_forward(batch, eps, 0.5, 25, 1e-4, INF)
+    grad = torch.randn(plan.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    rest = (batch["row_mass"], batch["col_mass"], batch["row_counts"], batch["col_counts"], batch["init_f"])
+    gs = ext.backward(grad, batch["scores"], *rest, eps_start, eps, 0.5, iters, INF, "auto")
+    for i in range(plan.shape[0]):
+        n, k = int(batch["row_counts"][i]), int(batch["col_counts"][i])
+        one = (
+            batch["scores"][i : i + 1, :n, :k].contiguous(),
+            batch["row_mass"][i : i + 1, :n].contiguous(),
+            batch["col_mass"][i : i + 1, :k].contiguous(),
+            torch.tensor([n]),
+            torch.tensor([k]),
+            batch["init_f"][i : i + 1, :n].contiguous(),
+            eps_start[i : i + 1],
+        )
+        p1, f1, g1, it1, e1 = ext.forward(*one, eps, 0.5, 25, 1e-4, INF, "auto")
+        assert torch.equal(p1[0], plan[i, :n, :k]) and torch.equal(f1[0], f[i, :n]) and torch.equal(g1[0], g[i, :k])
+        assert int(it1) == int(iters[i]) and torch.equal(e1[0], err[i])
+        gs1 = ext.backward(grad[i : i + 1, :n, :k].contiguous(), *one[:1], *one[1:6], one[6], eps, 0.5, it1, INF, "auto")
+        assert torch.equal(gs1[0], gs[i, :n, :k])
