@@ -482,3 +482,28 @@ def test_batch_equals_single_problem_calls_bitwise(dtype):
         assert int(it1) == int(iters[i]) and torch.equal(e1[0], err[i])
         gs1 = ext.backward(grad[i : i + 1, :n, :k].contiguous(), *one[:1], *one[1:6], one[6], eps, 0.5, it1, INF, "auto")
         assert torch.equal(gs1[0], gs[i, :n, :k])
+
+
+@pytest.mark.parametrize("schedule,reach,log_domain", [(False, INF, "auto"), (False, INF, "on"), (True, 0.8, "auto")])
+def test_large_problems_in_row_chunks(monkeypatch, schedule, reach, log_domain):
+    """Problems of >= 2^15 scratch elements run their row passes in chunks on the pool: still
+    the naive result, the exact gradient, and bitwise the same on 1 and 2 threads."""
+    batch = make_batch(60, 2, 300, 123, warm=True, schedule=schedule)
+    eps, decay = 0.1, 0.5
+    grad = torch.randn(batch["scores"].shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    runs = []
+    for threads in ("1", "2"):
+        monkeypatch.setenv("MMOT_NUM_THREADS", threads)
+        (plan, f, g, iters, err), eps_start = run_forward(batch, eps, decay, 8, -1.0, reach, log_domain)
+        rest = (batch["row_mass"], batch["col_mass"], batch["row_counts"], batch["col_counts"], batch["init_f"])
+        gs = ext.backward(grad, batch["scores"], *rest, eps_start, eps, decay, iters, reach, log_domain)
+        runs.append((plan, f, g, iters, err, gs))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    plan, f, g, iters, err, gs = runs[0]
+    n, k, s, r, c, f0 = problem(batch, 0)
+    p_ref, f_ref, g_ref, _, _ = naive(s, r, c, f0, eps, float(eps_start[0]), decay, 8, -1.0, reach)
+    torch.testing.assert_close(plan[0, :n, :k], p_ref, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(f[0, :n], f_ref, rtol=1e-9, atol=1e-11)
+    want = naive_grads(batch, grad, eps_start, eps, decay, iters, reach)
+    torch.testing.assert_close(gs, want, rtol=1e-7, atol=1e-9 * float(want.abs().max()))

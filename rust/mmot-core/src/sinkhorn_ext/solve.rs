@@ -20,6 +20,7 @@ use super::One;
 use crate::domain::LogDomain;
 use crate::interrupt::Interrupt;
 use crate::simd::{dispatch, Real};
+use rayon::prelude::*;
 use std::marker::PhantomData;
 
 /// Lanes per block of a scratch row.
@@ -57,6 +58,8 @@ pub(crate) struct Workspace<T> {
     pub lr: Vec<T>,
     /// `[kc]`: one row's exponentials.
     pub t: Vec<Blk<T>>,
+    /// Large problems: per row chunk, partial column sums (or maxima), `[chunks, kc]`.
+    pub parts: Vec<Blk<T>>,
     /// `[k]` column max and min of `S + f0` (domain statistics).
     pub mx: Vec<T>,
     pub mn: Vec<T>,
@@ -247,6 +250,7 @@ impl<T: Real> Problem<T> {
             row: u,
             mx,
             hist,
+            parts,
             ..
         } = ws;
         reset(x, n * kc, zero);
@@ -278,19 +282,26 @@ impl<T: Real> Problem<T> {
             if self.interrupt.requested() {
                 break;
             }
-            acc.fill(zero);
-            let mut rows = x.chunks_exact(ROWS * kc);
-            let mut rr = r.chunks_exact(ROWS);
-            let mut ur = u.chunks_exact_mut(ROWS);
-            for ((xb, rb), ub) in (&mut rows).zip(&mut rr).zip(&mut ur) {
-                plain_rows::<T, ROWS>(xb, kc, v, rb, ub, acc);
-            }
-            let rows = rows.remainder().chunks_exact(kc);
-            for ((xb, rb), ub) in rows
-                .zip(rr.remainder().chunks_exact(1))
-                .zip(ur.into_remainder().chunks_exact_mut(1))
-            {
-                plain_rows::<T, 1>(xb, kc, v, rb, ub, acc);
+            match chunk_rows(n, kc) {
+                None => {
+                    acc.fill(zero);
+                    plain_pass(x, kc, v, r, u, acc);
+                }
+                Some(cr) => {
+                    reset(parts, n.div_ceil(cr) * kc, zero);
+                    let v = &v[..];
+                    x.par_chunks(cr * kc)
+                        .zip(r.par_chunks(cr))
+                        .zip(u.par_chunks_mut(cr))
+                        .zip(parts.par_chunks_mut(kc))
+                        .for_each(|(((xb, rb), ub), pb)| {
+                            dispatch(
+                                #[inline(always)]
+                                || plain_pass(xb, kc, v, rb, ub, pb),
+                            )
+                        });
+                    sum_parts(parts, kc, acc);
+                }
             }
             // The plan's column sums are v * (Kᵀu).
             let (vf, af) = (&v.as_flattened()[..k], &acc.as_flattened()[..k]);
@@ -368,6 +379,7 @@ impl<T: Real> Problem<T> {
             lr,
             t,
             hist,
+            parts,
             ..
         } = ws;
         let ninf = [T::NEG_INFINITY; W];
@@ -419,7 +431,7 @@ impl<T: Real> Problem<T> {
                     };
                 }
             } else {
-                col_lse(x, kc, f, ie, cmax, acc);
+                col_lse(x, kc, f, ie, cmax, acc, parts);
                 let (mf, sf) = (&cmax.as_flattened()[..k], &acc.as_flattened()[..k]);
                 for j in 0..k {
                     lcf[j] = mf[j] * ie + sf[j].ln();
@@ -427,24 +439,34 @@ impl<T: Real> Problem<T> {
                 }
             }
             // Row step, with the new plan's column sums.
-            acc.fill(zero);
-            for (i, xrow) in x.chunks_exact(kc).enumerate() {
-                let (m, z) = row_exp(xrow, g, ie, t);
-                let lse = m + z.ln();
-                lr[i] = lse;
-                let fi = taut * et * (r[i].ln() - lse);
-                f[i] = fi;
-                let w = if balanced {
-                    r[i] / z
-                } else {
-                    (m + fi * ie).exp_fast()
-                };
-                for (a, tb) in acc.iter_mut().zip(t.iter()) {
-                    let (mut av, tv) = (*a, *tb);
-                    for l in 0..W {
-                        av[l] += tv[l] * w;
-                    }
-                    *a = av;
+            let step = LogRows {
+                kc,
+                ie,
+                et,
+                taut,
+                balanced,
+            };
+            match chunk_rows(n, kc) {
+                None => {
+                    acc.fill(zero);
+                    step.pass(x, g, r, f, lr, t, acc);
+                }
+                Some(cr) => {
+                    reset(parts, n.div_ceil(cr) * kc, zero);
+                    let g = &g[..];
+                    x.par_chunks(cr * kc)
+                        .zip(r.par_chunks(cr))
+                        .zip(f.par_chunks_mut(cr))
+                        .zip(lr.par_chunks_mut(cr))
+                        .zip(parts.par_chunks_mut(kc))
+                        .for_each(|((((xb, rb), fb), lb), pb)| {
+                            let mut t = vec![zero; kc];
+                            dispatch(
+                                #[inline(always)]
+                                || step.pass(xb, g, rb, fb, lb, &mut t, pb),
+                            )
+                        });
+                    sum_parts(parts, kc, acc);
                 }
             }
             let (cs, gf) = (&acc.as_flattened()[..k], &g.as_flattened()[..k]);
@@ -592,7 +614,8 @@ pub(super) fn row_exp<T: Real>(srow: &[Blk<T>], g: &[Blk<T>], ie: T, t: &mut [Bl
 }
 
 /// The exact column log-sum-exp of `(S + f)/e` in two passes: the column max of `S + f` into
-/// `cmax`, then `Σ_i exp((S + f − cmax)/e)` into `sums` (padding lanes hold NaN, unused).
+/// `cmax`, then `Σ_i exp((S + f − cmax)/e)` into `sums` (padding lanes hold NaN, unused); in
+/// row chunks on the pool for a large problem.
 #[inline(always)]
 fn col_lse<T: Real>(
     x: &[Blk<T>],
@@ -601,8 +624,55 @@ fn col_lse<T: Real>(
     ie: T,
     cmax: &mut [Blk<T>],
     sums: &mut [Blk<T>],
+    parts: &mut Vec<Blk<T>>,
 ) {
+    let n = f.len();
     cmax.fill([T::NEG_INFINITY; W]);
+    sums.fill([T::ZERO; W]);
+    match chunk_rows(n, kc) {
+        None => {
+            col_max(x, kc, f, cmax);
+            col_sum(x, kc, f, ie, cmax, sums);
+        }
+        Some(cr) => {
+            reset(parts, n.div_ceil(cr) * kc, [T::NEG_INFINITY; W]);
+            x.par_chunks(cr * kc)
+                .zip(f.par_chunks(cr))
+                .zip(parts.par_chunks_mut(kc))
+                .for_each(|((xb, fb), pb)| {
+                    dispatch(
+                        #[inline(always)]
+                        || col_max(xb, kc, fb, pb),
+                    )
+                });
+            for p in parts.chunks_exact(kc) {
+                for (m, pb) in cmax.iter_mut().zip(p) {
+                    let (mut mv, pv) = (*m, *pb);
+                    for l in 0..W {
+                        mv[l] = mv[l].fmax(pv[l]);
+                    }
+                    *m = mv;
+                }
+            }
+            parts.fill([T::ZERO; W]);
+            let cmax = &cmax[..];
+            x.par_chunks(cr * kc)
+                .zip(f.par_chunks(cr))
+                .zip(parts.par_chunks_mut(kc))
+                .for_each(|((xb, fb), pb)| {
+                    dispatch(
+                        #[inline(always)]
+                        || col_sum(xb, kc, fb, ie, cmax, pb),
+                    )
+                });
+            sum_parts(parts, kc, sums);
+        }
+    }
+}
+
+/// `cmax = max(cmax, column max of S + f)` over the rows of `x`.
+#[inline(always)]
+fn col_max<T: Real>(x: &[Blk<T>], kc: usize, f: &[T], cmax: &mut [Blk<T>]) {
     for (xrow, &fi) in x.chunks_exact(kc).zip(f) {
         for (m, xb) in cmax.iter_mut().zip(xrow) {
             let (mut mv, xv) = (*m, *xb);
@@ -612,7 +682,11 @@ fn col_lse<T: Real>(
             *m = mv;
         }
     }
-    sums.fill([T::ZERO; W]);
+}
+
+/// `sums += Σ_i exp((S + f − cmax)/e)` over the rows of `x`.
+#[inline(always)]
+fn col_sum<T: Real>(x: &[Blk<T>], kc: usize, f: &[T], ie: T, cmax: &[Blk<T>], sums: &mut [Blk<T>]) {
     for (xrow, &fi) in x.chunks_exact(kc).zip(f) {
         for ((s, xb), m) in sums.iter_mut().zip(xrow).zip(cmax.iter()) {
             let (mut sv, xv, mv) = (*s, *xb, *m);
@@ -620,6 +694,109 @@ fn col_lse<T: Real>(
                 sv[l] += ((xv[l] + fi - mv[l]) * ie).exp_fast();
             }
             *s = sv;
+        }
+    }
+}
+
+/// Problems of at least this many scratch elements run their row passes in row chunks on the
+/// pool (chunks fixed by the problem's shape, partial sums added in chunk order: results do
+/// not depend on the thread count).
+const PAR_MIN_ELEMS: usize = 1 << 15;
+/// Target scratch elements per row chunk.
+const CHUNK_ELEMS: usize = 1 << 13;
+
+/// Rows per chunk for a large problem (a multiple of [`ROWS`]), `None` for a small one.
+#[inline(always)]
+fn chunk_rows(n: usize, kc: usize) -> Option<usize> {
+    let row = kc * W;
+    (n * row >= PAR_MIN_ELEMS).then(|| ((CHUNK_ELEMS / row) / ROWS).max(1) * ROWS)
+}
+
+/// `acc = Σ` of the chunks' partials (`[chunks, kc]`), in chunk order.
+#[inline(always)]
+fn sum_parts<T: Real>(parts: &[Blk<T>], kc: usize, acc: &mut [Blk<T>]) {
+    acc.fill([T::ZERO; W]);
+    for p in parts.chunks_exact(kc) {
+        for (a, pb) in acc.iter_mut().zip(p) {
+            let (mut av, pv) = (*a, *pb);
+            for l in 0..W {
+                av[l] += pv[l];
+            }
+            *a = av;
+        }
+    }
+}
+
+/// The plain domain's row step over some rows (`x` `[rows, kc]`, masses `r`): `u` and the
+/// column sums of `K u` added to `acc`, four rows at a time.
+#[inline(always)]
+fn plain_pass<T: Real>(
+    x: &[Blk<T>],
+    kc: usize,
+    v: &[Blk<T>],
+    r: &[T],
+    u: &mut [T],
+    acc: &mut [Blk<T>],
+) {
+    let mut rows = x.chunks_exact(ROWS * kc);
+    let mut rr = r.chunks_exact(ROWS);
+    let mut ur = u.chunks_exact_mut(ROWS);
+    for ((xb, rb), ub) in (&mut rows).zip(&mut rr).zip(&mut ur) {
+        plain_rows::<T, ROWS>(xb, kc, v, rb, ub, acc);
+    }
+    let rows = rows.remainder().chunks_exact(kc);
+    for ((xb, rb), ub) in rows
+        .zip(rr.remainder().chunks_exact(1))
+        .zip(ur.into_remainder().chunks_exact_mut(1))
+    {
+        plain_rows::<T, 1>(xb, kc, v, rb, ub, acc);
+    }
+}
+
+/// The log domain's row step at one eps.
+#[derive(Clone, Copy)]
+struct LogRows<T> {
+    kc: usize,
+    ie: T,
+    et: T,
+    taut: T,
+    balanced: bool,
+}
+
+impl<T: Real> LogRows<T> {
+    /// Over some rows (`x` `[rows, kc]`, masses `r`): `f`, the row log-sum-exps `lr`, and the
+    /// new plan's column sums added to `acc`; `t` is a `[kc]` scratch.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn pass(
+        &self,
+        x: &[Blk<T>],
+        g: &[Blk<T>],
+        r: &[T],
+        f: &mut [T],
+        lr: &mut [T],
+        t: &mut [Blk<T>],
+        acc: &mut [Blk<T>],
+    ) {
+        let (ie, et, taut) = (self.ie, self.et, self.taut);
+        for (i, xrow) in x.chunks_exact(self.kc).enumerate() {
+            let (m, z) = row_exp(xrow, g, ie, t);
+            let lse = m + z.ln();
+            lr[i] = lse;
+            let fi = taut * et * (r[i].ln() - lse);
+            f[i] = fi;
+            let w = if self.balanced {
+                r[i] / z
+            } else {
+                (m + fi * ie).exp_fast()
+            };
+            for (a, tb) in acc.iter_mut().zip(t.iter()) {
+                let (mut av, tv) = (*a, *tb);
+                for l in 0..W {
+                    av[l] += tv[l] * w;
+                }
+                *a = av;
+            }
         }
     }
 }
