@@ -16,9 +16,11 @@
 //! per element) or, in the plain domain, from the cached kernel and scalings:
 //! `A^t = K u^t v^t / r`, `B^t = K u^{t−1} v^t / c` (multiplications only).
 
-use super::solve::{hsum, reset, Problem, Route, Workspace, W};
+use super::solve::{chunk_rows, hsum, reset, sum_parts, Blk, Problem, Route, Workspace, W};
 use super::One;
 use crate::simd::{dispatch, Real};
+use rayon::prelude::*;
+use std::ops::Range;
 
 impl<T: Real> Problem<T> {
     /// The VJP of one problem into its padded `out`; `grad` is its padded `[N, K]` slice.
@@ -85,41 +87,52 @@ impl<T: Real> Problem<T> {
             nbg,
             wg,
             hist,
+            parts,
             ..
         } = ws;
+        let (x, gp) = (&x[..], &gp[..]);
         reset(out, n * kc, zero);
         reset(bg, kc, zero);
         reset(nbg, kc, zero);
         reset(wg, kc, zero);
         let last = iters - 1;
         let (ut, vt) = (&hist.row[last * n..][..n], &hist.col[last * kc..][..kc]);
-        // The plan's own adjoint, then the last row step.
-        for i in 0..n {
-            let (xr, gr) = (&x[i * kc..][..kc], &gp[i * kc..][..kc]);
-            let orow = &mut out[i * kc..][..kc];
-            let ui = ut[i];
-            let mut bf = [T::ZERO; W];
-            for cb in 0..kc {
-                let (xv, vv, gv) = (xr[cb], vt[cb], gr[cb]);
-                let mut q = [T::ZERO; W];
-                for l in 0..W {
-                    q[l] = gv[l] * (xv[l] * vv[l] * ui) * ie;
-                    bf[l] += q[l];
+        // The plan's own adjoint, then the last row step; ḡ is the column sums of the result.
+        over_rows(
+            n,
+            kc,
+            out,
+            parts,
+            bg,
+            #[inline(always)]
+            |rows, outb, part| {
+                for (i, orow) in rows.zip(outb.chunks_exact_mut(kc)) {
+                    let (xr, gr) = (&x[i * kc..][..kc], &gp[i * kc..][..kc]);
+                    let ui = ut[i];
+                    let mut bf = [T::ZERO; W];
+                    for cb in 0..kc {
+                        let (xv, vv, gv) = (xr[cb], vt[cb], gr[cb]);
+                        let mut q = [T::ZERO; W];
+                        for l in 0..W {
+                            q[l] = gv[l] * (xv[l] * vv[l] * ui) * ie;
+                            bf[l] += q[l];
+                        }
+                        orow[cb] = q;
+                    }
+                    let beta = hsum(bf) / r[i];
+                    for cb in 0..kc {
+                        let (xv, vv) = (xr[cb], vt[cb]);
+                        let (mut o, mut b) = (orow[cb], part[cb]);
+                        for l in 0..W {
+                            o[l] -= beta * (xv[l] * vv[l] * ui);
+                            b[l] += o[l];
+                        }
+                        orow[cb] = o;
+                        part[cb] = b;
+                    }
                 }
-                orow[cb] = q;
-            }
-            let beta = hsum(bf) / r[i];
-            for cb in 0..kc {
-                let (xv, vv) = (xr[cb], vt[cb]);
-                let (mut o, mut b) = (orow[cb], bg[cb]);
-                for l in 0..W {
-                    o[l] -= beta * (xv[l] * vv[l] * ui);
-                    b[l] += o[l];
-                }
-                orow[cb] = o;
-                bg[cb] = b;
-            }
-        }
+            },
+        );
         for t in (0..iters).rev() {
             if self.interrupt.requested() {
                 return;
@@ -131,53 +144,62 @@ impl<T: Real> Problem<T> {
                     wf[j] = bf[j] * vf[j] / c[j];
                 }
             }
-            nbg.fill(zero);
+            let wg = &wg[..];
             let prev = (t > 0).then(|| {
                 (
                     &hist.row[(t - 1) * n..][..n],
                     &hist.col[(t - 1) * kc..][..kc],
                 )
             });
-            for i in 0..n {
-                let xr = &x[i * kc..][..kc];
-                let orow = &mut out[i * kc..][..kc];
-                let a = prev.map_or(T::ONE, |(u, _)| u[i]);
-                let mut d = [T::ZERO; W];
-                for cb in 0..kc {
-                    let (xv, wv) = (xr[cb], wg[cb]);
-                    for l in 0..W {
-                        d[l] += xv[l] * wv[l];
-                    }
-                }
-                // f̄^{t−1}_i = −Σ_j ḡ_j B_ij.
-                let bfp = -(a * hsum(d));
-                match prev {
-                    Some((_, vp)) => {
-                        let gam = a * bfp / r[i];
-                        for cb in 0..kc {
-                            let (xv, wv, pv) = (xr[cb], wg[cb], vp[cb]);
-                            let (mut o, mut nb) = (orow[cb], nbg[cb]);
-                            for l in 0..W {
-                                let av = xv[l] * pv[l] * gam;
-                                o[l] -= xv[l] * (a * wv[l]) + av;
-                                nb[l] -= av;
-                            }
-                            orow[cb] = o;
-                            nbg[cb] = nb;
-                        }
-                    }
-                    None => {
+            over_rows(
+                n,
+                kc,
+                out,
+                parts,
+                nbg,
+                #[inline(always)]
+                |rows, outb, part| {
+                    for (i, orow) in rows.zip(outb.chunks_exact_mut(kc)) {
+                        let xr = &x[i * kc..][..kc];
+                        let a = prev.map_or(T::ONE, |(u, _)| u[i]);
+                        let mut d = [T::ZERO; W];
                         for cb in 0..kc {
                             let (xv, wv) = (xr[cb], wg[cb]);
-                            let mut o = orow[cb];
                             for l in 0..W {
-                                o[l] -= xv[l] * (a * wv[l]);
+                                d[l] += xv[l] * wv[l];
                             }
-                            orow[cb] = o;
+                        }
+                        // f̄^{t−1}_i = −Σ_j ḡ_j B_ij.
+                        let bfp = -(a * hsum(d));
+                        match prev {
+                            Some((_, vp)) => {
+                                let gam = a * bfp / r[i];
+                                for cb in 0..kc {
+                                    let (xv, wv, pv) = (xr[cb], wg[cb], vp[cb]);
+                                    let (mut o, mut nb) = (orow[cb], part[cb]);
+                                    for l in 0..W {
+                                        let av = xv[l] * pv[l] * gam;
+                                        o[l] -= xv[l] * (a * wv[l]) + av;
+                                        nb[l] -= av;
+                                    }
+                                    orow[cb] = o;
+                                    part[cb] = nb;
+                                }
+                            }
+                            None => {
+                                for cb in 0..kc {
+                                    let (xv, wv) = (xr[cb], wg[cb]);
+                                    let mut o = orow[cb];
+                                    for l in 0..W {
+                                        o[l] -= xv[l] * (a * wv[l]);
+                                    }
+                                    orow[cb] = o;
+                                }
+                            }
                         }
                     }
-                }
-            }
+                },
+            );
             std::mem::swap(bg, nbg);
         }
     }
@@ -196,49 +218,58 @@ impl<T: Real> Problem<T> {
             bg,
             nbg,
             wg,
-            t: tmp,
             hist,
+            parts,
             ..
         } = ws;
+        let (x, gp) = (&x[..], &gp[..]);
         reset(out, n * kc, zero);
         reset(bg, kc, zero);
         reset(nbg, kc, zero);
         reset(wg, kc, zero);
-        reset(tmp, kc, zero);
         let last = iters - 1;
         let e_last = hist.e[last];
         let (ie, taut) = (T::from_f64(1.0 / e_last), T::from_f64(self.tau(e_last)));
         let (ft, gt) = (&hist.row[last * n..][..n], &hist.col[last * kc..][..kc]);
         let lrt = &hist.lr[last * n..][..n];
-        for i in 0..n {
-            let (xr, gr) = (&x[i * kc..][..kc], &gp[i * kc..][..kc]);
-            let orow = &mut out[i * kc..][..kc];
-            let fi = ft[i];
-            let mut bf = [T::ZERO; W];
-            for cb in 0..kc {
-                let (xv, gv, pv) = (xr[cb], gt[cb], gr[cb]);
-                let mut q = [T::ZERO; W];
-                for l in 0..W {
-                    let p = ((xv[l] + fi + gv[l]) * ie).exp_fast();
-                    q[l] = pv[l] * p * ie;
-                    bf[l] += q[l];
+        over_rows(
+            n,
+            kc,
+            out,
+            parts,
+            bg,
+            #[inline(always)]
+            |rows, outb, part| {
+                for (i, orow) in rows.zip(outb.chunks_exact_mut(kc)) {
+                    let (xr, gr) = (&x[i * kc..][..kc], &gp[i * kc..][..kc]);
+                    let fi = ft[i];
+                    let mut bf = [T::ZERO; W];
+                    for cb in 0..kc {
+                        let (xv, gv, pv) = (xr[cb], gt[cb], gr[cb]);
+                        let mut q = [T::ZERO; W];
+                        for l in 0..W {
+                            let p = ((xv[l] + fi + gv[l]) * ie).exp_fast();
+                            q[l] = pv[l] * p * ie;
+                            bf[l] += q[l];
+                        }
+                        orow[cb] = q;
+                    }
+                    let coef = taut * hsum(bf);
+                    let lri = lrt[i];
+                    for cb in 0..kc {
+                        let (xv, gv) = (xr[cb], gt[cb]);
+                        let (mut o, mut b) = (orow[cb], part[cb]);
+                        for l in 0..W {
+                            let a = ((xv[l] + gv[l]) * ie - lri).exp_fast();
+                            o[l] -= coef * a;
+                            b[l] += o[l];
+                        }
+                        orow[cb] = o;
+                        part[cb] = b;
+                    }
                 }
-                orow[cb] = q;
-            }
-            let coef = taut * hsum(bf);
-            let lri = lrt[i];
-            for cb in 0..kc {
-                let (xv, gv) = (xr[cb], gt[cb]);
-                let (mut o, mut b) = (orow[cb], bg[cb]);
-                for l in 0..W {
-                    let a = ((xv[l] + gv[l]) * ie - lri).exp_fast();
-                    o[l] -= coef * a;
-                    b[l] += o[l];
-                }
-                orow[cb] = o;
-                bg[cb] = b;
-            }
-        }
+            },
+        );
         for t in (0..iters).rev() {
             if self.interrupt.requested() {
                 return;
@@ -252,6 +283,7 @@ impl<T: Real> Problem<T> {
                 }
                 *w = wv;
             }
+            let wg = &wg[..];
             let lct = &hist.lc[t * kc..][..kc];
             let fprev: &[T] = if t > 0 {
                 &hist.row[(t - 1) * n..][..n]
@@ -267,51 +299,107 @@ impl<T: Real> Problem<T> {
                     &hist.lr[(t - 1) * n..][..n],
                 )
             });
-            nbg.fill(zero);
-            for i in 0..n {
-                let xr = &x[i * kc..][..kc];
-                let orow = &mut out[i * kc..][..kc];
-                let fi = fprev[i];
-                let mut d = [T::ZERO; W];
-                for cb in 0..kc {
-                    let (xv, lv, wv) = (xr[cb], lct[cb], wg[cb]);
-                    let mut bv = [T::ZERO; W];
-                    for l in 0..W {
-                        bv[l] = ((xv[l] + fi) * ie - lv[l]).exp_fast() * wv[l];
-                        d[l] += bv[l];
-                    }
-                    tmp[cb] = bv;
-                }
-                // f̄^{t−1}_i = −tau_t Σ_j ḡ_j B_ij.
-                let bfp = -hsum(d);
-                match prev {
-                    Some((iep, taup, gp_, lrp)) => {
-                        let (coef, lri) = (taup * bfp, lrp[i]);
+            over_rows(
+                n,
+                kc,
+                out,
+                parts,
+                nbg,
+                #[inline(always)]
+                |rows, outb, part| {
+                    let mut tmp = [[T::ZERO; W]; MAX_STACK_BLOCKS];
+                    let mut heap = Vec::new();
+                    let tmp: &mut [Blk<T>] = if kc <= MAX_STACK_BLOCKS {
+                        &mut tmp[..kc]
+                    } else {
+                        heap.resize(kc, [T::ZERO; W]);
+                        &mut heap[..]
+                    };
+                    for (i, orow) in rows.zip(outb.chunks_exact_mut(kc)) {
+                        let xr = &x[i * kc..][..kc];
+                        let fi = fprev[i];
+                        let mut d = [T::ZERO; W];
                         for cb in 0..kc {
-                            let (xv, gv, bv) = (xr[cb], gp_[cb], tmp[cb]);
-                            let (mut o, mut nb) = (orow[cb], nbg[cb]);
+                            let (xv, lv, wv) = (xr[cb], lct[cb], wg[cb]);
+                            let mut bv = [T::ZERO; W];
                             for l in 0..W {
-                                let a = coef * ((xv[l] + gv[l]) * iep - lri).exp_fast();
-                                o[l] -= bv[l] + a;
-                                nb[l] -= a;
+                                bv[l] = ((xv[l] + fi) * ie - lv[l]).exp_fast() * wv[l];
+                                d[l] += bv[l];
                             }
-                            orow[cb] = o;
-                            nbg[cb] = nb;
+                            tmp[cb] = bv;
+                        }
+                        // f̄^{t−1}_i = −tau_t Σ_j ḡ_j B_ij.
+                        let bfp = -hsum(d);
+                        match prev {
+                            Some((iep, taup, gprev, lrp)) => {
+                                let (coef, lri) = (taup * bfp, lrp[i]);
+                                for cb in 0..kc {
+                                    let (xv, gv, bv) = (xr[cb], gprev[cb], tmp[cb]);
+                                    let (mut o, mut nb) = (orow[cb], part[cb]);
+                                    for l in 0..W {
+                                        let a = coef * ((xv[l] + gv[l]) * iep - lri).exp_fast();
+                                        o[l] -= bv[l] + a;
+                                        nb[l] -= a;
+                                    }
+                                    orow[cb] = o;
+                                    part[cb] = nb;
+                                }
+                            }
+                            None => {
+                                for cb in 0..kc {
+                                    let bv = tmp[cb];
+                                    let mut o = orow[cb];
+                                    for l in 0..W {
+                                        o[l] -= bv[l];
+                                    }
+                                    orow[cb] = o;
+                                }
+                            }
                         }
                     }
-                    None => {
-                        for cb in 0..kc {
-                            let bv = tmp[cb];
-                            let mut o = orow[cb];
-                            for l in 0..W {
-                                o[l] -= bv[l];
-                            }
-                            orow[cb] = o;
-                        }
-                    }
-                }
-            }
+                },
+            );
             std::mem::swap(bg, nbg);
+        }
+    }
+}
+
+/// Row scratch blocks kept on the stack (longer rows use the heap).
+const MAX_STACK_BLOCKS: usize = 64;
+
+/// Runs `pass(rows, out rows, partial)` over the problem's rows and leaves the sum of the
+/// partial column vectors in `acc`: in one piece for a small problem, in fixed row chunks on the
+/// pool for a large one (partials added in chunk order, so the result does not depend on the
+/// thread count).
+#[inline(always)]
+fn over_rows<T: Real, F>(
+    n: usize,
+    kc: usize,
+    out: &mut [Blk<T>],
+    parts: &mut Vec<Blk<T>>,
+    acc: &mut [Blk<T>],
+    pass: F,
+) where
+    F: Fn(Range<usize>, &mut [Blk<T>], &mut [Blk<T>]) + Sync,
+{
+    match chunk_rows(n, kc) {
+        None => {
+            acc.fill([T::ZERO; W]);
+            pass(0..n, out, acc);
+        }
+        Some(cr) => {
+            reset(parts, n.div_ceil(cr) * kc, [T::ZERO; W]);
+            out.par_chunks_mut(cr * kc)
+                .zip(parts.par_chunks_mut(kc))
+                .enumerate()
+                .for_each(|(ci, (ob, pb))| {
+                    let rows = ci * cr..(ci * cr + cr).min(n);
+                    dispatch(
+                        #[inline(always)]
+                        || pass(rows, ob, pb),
+                    )
+                });
+            sum_parts(parts, kc, acc);
         }
     }
 }

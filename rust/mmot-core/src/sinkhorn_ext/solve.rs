@@ -707,14 +707,14 @@ const CHUNK_ELEMS: usize = 1 << 13;
 
 /// Rows per chunk for a large problem (a multiple of [`ROWS`]), `None` for a small one.
 #[inline(always)]
-fn chunk_rows(n: usize, kc: usize) -> Option<usize> {
+pub(super) fn chunk_rows(n: usize, kc: usize) -> Option<usize> {
     let row = kc * W;
     (n * row >= PAR_MIN_ELEMS).then(|| ((CHUNK_ELEMS / row) / ROWS).max(1) * ROWS)
 }
 
 /// `acc = Σ` of the chunks' partials (`[chunks, kc]`), in chunk order.
 #[inline(always)]
-fn sum_parts<T: Real>(parts: &[Blk<T>], kc: usize, acc: &mut [Blk<T>]) {
+pub(super) fn sum_parts<T: Real>(parts: &[Blk<T>], kc: usize, acc: &mut [Blk<T>]) {
     acc.fill([T::ZERO; W]);
     for p in parts.chunks_exact(kc) {
         for (a, pb) in acc.iter_mut().zip(p) {
