@@ -30,10 +30,23 @@ def _index() -> np.ndarray:
     return np.zeros(1, dtype=np.int64)
 
 
+def _counts() -> np.ndarray:
+    """Per-problem sizes (and iteration counts) of one problem: 2."""
+    return np.full(1, 2, dtype=np.int64)
+
+
 # One valid call per function: [1, 2, 2] problems, [2, 3] pair embeddings, 3 similarities.
 SAMPLE_ARGS: dict[str, Callable[[], tuple]] = {
     "sinkhorn": lambda: (_f64(1, 2, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2, 2), 0.1, 1, "auto", 1),
     "sinkhorn_backward": lambda: (_f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2, 2), 0.1, 1, "auto", 1),
+    "sinkhorn_ext_forward": lambda: (
+        *(_f64(1, 2, 2), _f64(1, 2), _f64(1, 2), _counts(), _counts(), _f64(1, 2), _f64(1)),
+        *(_counts(), _f64(1, 2, 2), _f64(1, 2), _f64(1, 2), _f64(1), 0.1, 0.5, 1, -1.0, float("inf"), "auto", 1),
+    ),
+    "sinkhorn_ext_backward": lambda: (
+        *(_f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2), _f64(1, 2), _counts(), _counts(), _f64(1, 2), _f64(1)),
+        *(_counts(), _f64(1, 2, 2), 0.1, 0.5, float("inf"), "auto", 1),
+    ),
     "multi_sinkhorn": lambda: (_f64(1, 2, 2), _f64(1, 2), _f64(1, 2, 2), 0.1, 1, [1.0, 1.0], 1, "minmax", "auto", 1),
     "multi_sinkhorn_backward": lambda: (
         *(_f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2), _f64(1, 2, 2)),

@@ -15,6 +15,8 @@ __all__ = [
     "__version__",
     "sinkhorn",
     "sinkhorn_backward",
+    "sinkhorn_ext_forward",
+    "sinkhorn_ext_backward",
     "multi_sinkhorn",
     "multi_sinkhorn_backward",
     "sharded_sinkhorn",
@@ -70,6 +72,52 @@ def sinkhorn_backward(
     num_threads: int,
 ) -> bool:
     """The gradient of ``sinkhorn`` w.r.t. ``scores`` into ``out``; returns the domain used."""
+
+def sinkhorn_ext_forward(
+    scores: npt.NDArray[np.floating],
+    row_mass: npt.NDArray[np.floating],
+    col_mass: npt.NDArray[np.floating],
+    row_counts: npt.NDArray[np.int64],
+    col_counts: npt.NDArray[np.int64],
+    init_f: npt.NDArray[np.floating],
+    eps_start: npt.NDArray[np.float64],
+    iters: npt.NDArray[np.int64],
+    plan: npt.NDArray[np.floating],
+    f: npt.NDArray[np.floating],
+    g: npt.NDArray[np.floating],
+    err: npt.NDArray[np.floating],
+    eps: float,
+    decay: float,
+    n_iters: int,
+    tol: float,
+    reach: float,
+    log_domain: str,
+    num_threads: int,
+) -> None:
+    """General Sinkhorn on a padded ragged batch ``scores`` [B, N, K] (problem b is
+    ``[:row_counts[b], :col_counts[b]]``; ``eps_start`` is float64 whatever the float dtype):
+    writes ``iters`` [B] (int64), ``plan`` [B, N, K], potentials ``f`` [B, N], ``g`` [B, K] and
+    the marginal error ``err`` [B]."""
+
+def sinkhorn_ext_backward(
+    grad: npt.NDArray[np.floating],
+    scores: npt.NDArray[np.floating],
+    row_mass: npt.NDArray[np.floating],
+    col_mass: npt.NDArray[np.floating],
+    row_counts: npt.NDArray[np.int64],
+    col_counts: npt.NDArray[np.int64],
+    init_f: npt.NDArray[np.floating],
+    eps_start: npt.NDArray[np.float64],
+    iters: npt.NDArray[np.int64],
+    out: npt.NDArray[np.floating],
+    eps: float,
+    decay: float,
+    reach: float,
+    log_domain: str,
+    num_threads: int,
+) -> None:
+    """The gradient of ``sinkhorn_ext_forward``'s plan w.r.t. ``scores`` into ``out``, for the
+    unrolled iteration that ran ``iters[b]`` iterations."""
 
 def multi_sinkhorn(
     scores: npt.NDArray[np.floating],

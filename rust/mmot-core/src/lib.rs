@@ -39,6 +39,7 @@ pub mod sharded_sinkhorn;
 pub mod similarity;
 pub mod similarity_regression;
 pub mod sinkhorn;
+pub mod sinkhorn_ext;
 
 pub use anchor_consistency::{
     anchor_consistency_backward, anchor_consistency_forward, AnchorConsistencyParams,
@@ -72,3 +73,7 @@ pub use similarity_regression::{
     SimilarityRegressionParams,
 };
 pub use sinkhorn::{sinkhorn, sinkhorn_backward, SinkhornParams};
+pub use sinkhorn_ext::{
+    sinkhorn_ext_backward, sinkhorn_ext_forward, SinkhornExtInput, SinkhornExtOutput,
+    SinkhornExtParams,
+};

@@ -23,6 +23,7 @@ mod sharded_sinkhorn;
 mod similarity;
 mod similarity_regression;
 mod sinkhorn;
+mod sinkhorn_ext;
 
 use arrays::to_py;
 use pyo3::exceptions::PyValueError;
@@ -52,6 +53,7 @@ fn check_iters(n_iters: i64) -> PyResult<usize> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     sinkhorn::register(m)?;
+    sinkhorn_ext::register(m)?;
     sharded_sinkhorn::register(m)?;
     multi_sinkhorn::register(m)?;
     similarity::register(m)?;
