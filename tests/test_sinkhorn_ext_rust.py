@@ -31,11 +31,11 @@ def naive(s, r, c, f0, eps, eps_start, decay, n_iters, tol, reach):
         e = max(eps, e_sched)
         e_sched = e_sched * decay
         tau = 1.0 if reach == INF else reach / (reach + e)
-        g = tau * (e * torch.log(c) - e * torch.logsumexp((s + f[:, None]) / e, dim=0))
-        f = tau * (e * torch.log(r) - e * torch.logsumexp((s + g[None, :]) / e, dim=1))
+        g = e * torch.log(c) - tau * e * torch.logsumexp((s + f[:, None]) / e, dim=0)
+        f = e * torch.log(r) - tau * e * torch.logsumexp((s + g[None, :]) / e, dim=1)
         plan = torch.exp((s + f[:, None] + g[None, :]) / e)
         a = torch.exp((s + f[:, None]) / e).sum(0)
-        chat = c**tau * a ** (1.0 - tau)
+        chat = c * a ** (1.0 - tau)
         err = ((plan.sum(0) - chat).abs() / chat).max()
         if tol >= 0 and e == eps and float(err) <= tol:
             return plan, f, g, t + 1, err

@@ -118,10 +118,10 @@ def test_eps_schedule_needs_fewer_iterations_at_small_eps():
     x = torch.nn.functional.normalize(torch.randn(8, 64, 16, generator=gen, dtype=F64), dim=-1)
     y = torch.nn.functional.normalize(torch.randn(8, 48, 16, generator=gen, dtype=F64), dim=-1)
     scores = x @ y.transpose(-1, -2)
-    _, cold = mmot.sinkhorn(scores, 1e-3, 5000, tol=1e-4, return_info=True)
-    _, warm = mmot.sinkhorn(scores, 1e-3, 5000, tol=1e-4, eps_schedule="geometric", return_info=True)
-    assert (warm.marginal_error <= 1e-4).all() and (cold.marginal_error <= 1e-4).all()
-    assert warm.n_iters.sum() < cold.n_iters.sum()
+    _, cold = mmot.sinkhorn(scores, 1e-3, 20000, tol=1e-3, return_info=True)
+    _, warm = mmot.sinkhorn(scores, 1e-3, 20000, tol=1e-3, eps_schedule="geometric", return_info=True)
+    assert (warm.marginal_error <= 1e-3).all() and (cold.marginal_error <= 1e-3).all()
+    assert warm.n_iters.sum() < 0.9 * cold.n_iters.sum()
 
 
 def test_schedule_reaches_eps_by_the_last_iteration():

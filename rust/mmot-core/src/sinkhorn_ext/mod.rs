@@ -7,8 +7,9 @@
 //! outside it is ever read (its values may be NaN), and every padded output is 0.
 //!
 //! Iteration (score units, `e = eps_t`, `tau = rho / (rho + e)`, 1 when balanced):
-//! `g_j = tau (e log c_j − e LSE_i((S_ij + f_i)/e))`, then
-//! `f_i = tau (e log r_i − e LSE_j((S_ij + g_j)/e))`; the plan is `exp((S + f + g)/e)`.
+//! `g_j = e log c_j − tau e LSE_i((S_ij + f_i)/e)`, then
+//! `f_i = e log r_i − tau e LSE_j((S_ij + g_j)/e)`; the plan is `exp((S + f + g)/e)` (with
+//! `tau < 1`, the KL relaxation relative to `r ⊗ c` of POT's `sinkhorn_unbalanced`).
 //!
 //! Work layout: each rayon task takes one problem and copies its valid block into a per-worker
 //! contiguous scratch whose rows are padded to whole blocks of [`W`] lanes (`solve.rs`), so the

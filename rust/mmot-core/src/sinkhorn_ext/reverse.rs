@@ -4,9 +4,9 @@
 //! potentials (`solve.rs`). With `Q = grad ∘ P / e_T`, the adjoints start at `f̄ = Σ_j Q`,
 //! `ḡ = Σ_i Q`, `S̄ = Q`; then, from the last iteration down, each step is undone:
 //!
-//! - row step `f^t = tau_t (e_t ln r − e_t LSE_j((S + g^t)/e_t))`, with the row softmax `A^t`:
+//! - row step `f^t = e_t ln r − tau_t e_t LSE_j((S + g^t)/e_t)`, with the row softmax `A^t`:
 //!   `S̄ −= tau_t f̄ᵢ A^t`, `ḡ −= tau_t Σ_i f̄ᵢ A^t`;
-//! - column step `g^t = tau_t (e_t ln c − e_t LSE_i((S + f^{t−1})/e_t))`, with the column
+//! - column step `g^t = e_t ln c − tau_t e_t LSE_i((S + f^{t−1})/e_t)`, with the column
 //!   softmax `B^t`: `S̄ −= tau_t ḡⱼ B^t`, `f̄^{t−1} = −tau_t Σ_j ḡⱼ B^t` (`f^{−1} = f0` is a
 //!   constant, so the last one is dropped).
 //!

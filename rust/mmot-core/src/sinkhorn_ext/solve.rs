@@ -428,7 +428,7 @@ impl<T: Real> Problem<T> {
                     gf[j] = if balanced {
                         gf[j] + et * (c[j].ln() - lnc)
                     } else {
-                        taut * et * (c[j].ln() - lcf[j])
+                        et * c[j].ln() - taut * et * lcf[j]
                     };
                 }
             } else {
@@ -436,7 +436,7 @@ impl<T: Real> Problem<T> {
                 let (mf, sf) = (&cmax.as_flattened()[..k], &acc.as_flattened()[..k]);
                 for j in 0..k {
                     lcf[j] = mf[j] * ie + sf[j].ln();
-                    gf[j] = taut * et * (c[j].ln() - lcf[j]);
+                    gf[j] = et * c[j].ln() - taut * et * lcf[j];
                 }
             }
             // Row step, with the new plan's column sums.
@@ -478,7 +478,7 @@ impl<T: Real> Problem<T> {
                 let one_minus = T::from_f64(1.0 - tau);
                 (0..k).fold(T::ZERO, |a, j| {
                     let ratio =
-                        (taut * (cs[j].ln() - c[j].ln()) + one_minus * gf[j] * ie).exp_fast();
+                        (taut * cs[j].ln() - c[j].ln() + one_minus * gf[j] * ie).exp_fast();
                     nan_max(a, (ratio - T::ONE).abs())
                 })
             };
@@ -795,7 +795,7 @@ impl<T: Real> LogRows<T> {
             let (m, z) = row_exp(xrow, g, ie, t);
             let lse = m + z.ln();
             lr[i] = lse;
-            let fi = taut * et * (r[i].ln() - lse);
+            let fi = et * r[i].ln() - taut * et * lse;
             f[i] = fi;
             let w = if self.balanced {
                 r[i] / z
