@@ -167,8 +167,9 @@ def reach_value(op: str, reach) -> float:
     return math.inf if reach is None else _checks.positive_float(op, "reach", reach)
 
 
-def schedule(op: str, eps_schedule, eps: float, n_iters: int, filled: Tensor, batch: Batch) -> tuple[Tensor, float]:
+def schedule(op: str, eps_schedule, eps: float, n_iters: int, batch: Batch) -> tuple[Tensor, float]:
     """(eps_start per problem as float64, decay); no schedule is eps_start = eps."""
+    filled = batch.scores
     count = filled.shape[0]
     if eps_schedule is None:
         return torch.full((count,), eps, dtype=torch.float64, device=filled.device), 0.5
@@ -180,6 +181,7 @@ def schedule(op: str, eps_schedule, eps: float, n_iters: int, filled: Tensor, ba
     if not decay < 1:
         raise ValueError(f"{op}: argument 'eps_schedule.decay' must lie in (0, 1); got {decay}")
     if eps_schedule.start is None:
+        filled = masked_fill_valid(batch)
         high = filled.detach().amax((-2, -1)).double()
         low = filled.detach().amin((-2, -1)).double()
         start = high - low

@@ -171,7 +171,7 @@ def _with_options(scores, k, eps, n_iters, low_weight, slot_weights, anchor_mass
         raise ValueError(f"{OP}: argument 'eps_schedule' runs in the log domain; log_domain=False cannot be honoured")
     filled = options.masked_fill_valid(batch)
     dtype = reference.compute_dtype(filled.dtype)
-    eps_start, decay = options.schedule(OP, eps_schedule, eps, n_iters, filled, batch)
+    eps_start, decay = options.schedule(OP, eps_schedule, eps, n_iters, batch)
     target, _, _, _, iters, err = multi_sinkhorn_ext_op(
         filled,
         batch.row_counts,

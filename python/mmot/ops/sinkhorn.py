@@ -149,14 +149,12 @@ def _with_options(scores, eps, n_iters, row_mass, col_mass, row_counts, col_coun
     backend = _backend.resolve_backend(OP, backend, batch.scores.device, KERNELS)
     if eps_schedule is not None and flag == "off":
         raise ValueError(f"{OP}: argument 'eps_schedule' runs in the log domain; log_domain=False cannot be honoured")
-    filled = options.masked_fill_valid(batch)
-    dtype = reference.compute_dtype(filled.dtype)
+    dtype = reference.compute_dtype(batch.dtype)
     rows, cols = _ragged_masses(batch, row_mass, col_mass, dtype)
-    eps_start, decay = options.schedule(OP, eps_schedule, eps, n_iters, filled, batch)
-    work = filled.to(dtype)
-    init_f = _initial_rows(batch, init, work, rows, eps_start, eps, reach)
+    eps_start, decay = options.schedule(OP, eps_schedule, eps, n_iters, batch)
+    init_f = _initial_rows(batch, init, batch.scores.to(dtype), rows, eps_start, eps, reach)
     plan, f, g, iters, err = sinkhorn_ext_op(
-        filled, rows, cols, batch.row_counts, batch.col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, flag, grad, backend
+        batch.scores, rows, cols, batch.row_counts, batch.col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, flag, grad, backend
     )
     result = [batch.matrices(plan)]
     if return_potentials:

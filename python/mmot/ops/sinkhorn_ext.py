@@ -21,11 +21,11 @@ OP = "mmot.sinkhorn"
 KERNELS = "sinkhorn_ext"  # mmot.kernels.sinkhorn_ext
 
 
-def _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps, reach, log_domain) -> None:
-    """The value checks (one host sync each), made inside the op so that compiled graphs hold none."""
-    rows, cols = reference_ext.valid_masks(scores.shape, row_counts, col_counts)
+def _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, reach, log_domain, eps) -> None:
+    """The value checks made before the kernel runs: O(B·(N + K)), never a pass over the scores
+    (the kernels read each valid score anyway; :func:`_explain_non_finite` reads them after)."""
     _checks_counts(scores, row_counts, col_counts)
-    _checks.finite(OP, "scores", scores)
+    rows, cols = reference_ext.valid_masks(scores.shape, row_counts, col_counts)
     _checks.finite(OP, "init", init_f)
     _checks.positive_masses(OP, "row_mass", torch.where(rows.squeeze(-1), row_mass, 1.0))
     _checks.positive_masses(OP, "col_mass", torch.where(cols.squeeze(-2), col_mass, 1.0))
@@ -39,9 +39,8 @@ def _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, ep
                 f"{OP}: argument 'col_mass' must sum to the total of row_mass in every problem (or give 'reach' for unbalanced "
                 f"marginals); got a sum of {float(cols_total[worst]):.6g} where {float(rows_total[worst]):.6g} was expected"
             )
-    reference.check_log_range(scores, eps, 1.0, OP)
     if log_domain == "off":
-        reference.uses_log_domain(scores, eps, 1.0, log_domain, op=OP)
+        reference.uses_log_domain(_valid_scores(scores, row_counts, col_counts), eps, 1.0, log_domain, op=OP)
 
 
 def _checks_counts(scores, row_counts, col_counts) -> None:
@@ -51,22 +50,41 @@ def _checks_counts(scores, row_counts, col_counts) -> None:
             raise ValueError(f"{OP}: argument '{name}' must lie in 1..{size} (the padded size); got values from {low} to {high}")
 
 
+def _valid_scores(scores, row_counts, col_counts) -> Tensor:
+    """The scores with each padded entry replaced by a valid one of its problem (row 0 of its
+    column, or entry (0, 0)), so that column statistics are those of the valid entries."""
+    rows, cols = reference_ext.valid_masks(scores.shape, row_counts, col_counts)
+    return torch.where(rows & cols, scores, torch.where(cols, scores[:, :1, :], scores[:, :1, :1]))
+
+
+def _explain_non_finite(scores, row_counts, col_counts, eps) -> None:
+    """A NaN marginal error means a problem the kernel could not compute: name the cause."""
+    valid = _valid_scores(scores, row_counts, col_counts)
+    _checks.finite(OP, "scores", valid)
+    reference.check_log_range(valid, eps, 1.0, OP)
+    raise ValueError(
+        f"{OP}: argument 'scores' gives a problem whose iteration leaves the {scores.dtype} range (its marginal error is NaN); "
+        f"pass float64 scores or a larger eps"
+    )
+
+
 def _forward(backend, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain):
-    """Checks, then the chosen kernel in the working dtype; results in the scores' dtype (errors in the compute dtype)."""
-    if _checks.value_checks_enabled() and scores.numel():
-        _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps, reach, log_domain)
-    dtype = _working_dtype(scores, eps)
+    """Checks, then the chosen kernel in the compute dtype; results in the scores' dtype (errors in the compute dtype).
+
+    Unlike the anchor op, no pass over the scores decides the dtype before the kernel runs: the
+    padded batch's ragged problems are read by the kernel alone, and a problem whose range the
+    compute dtype cannot iterate shows as a NaN error, which the checks turn into a ValueError.
+    """
+    checks = _checks.value_checks_enabled() and scores.numel() > 0
+    if checks:
+        _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, reach, log_domain, eps)
+    dtype = reference.compute_dtype(scores.dtype)
     plan, f, g, iters, err = _FORWARD(
         backend, scores.to(dtype), row_mass.to(dtype), col_mass.to(dtype), row_counts, col_counts, init_f.to(dtype), eps_start, eps, decay, n_iters, tol, reach, log_domain
     )
-    return plan.to(scores.dtype), f.to(scores.dtype), g.to(scores.dtype), iters, err.to(reference.compute_dtype(scores.dtype))
-
-
-def _working_dtype(scores: Tensor, eps: float) -> torch.dtype:
-    """reference.working_dtype where the value checks may read the scores, else the compute dtype."""
-    if not _checks.value_checks_enabled():
-        return reference.compute_dtype(scores.dtype)
-    return reference.working_dtype(scores, eps, 1.0, OP)
+    if checks and not bool(torch.isfinite(err).all()):
+        _explain_non_finite(scores, row_counts, col_counts, eps)
+    return plan.to(scores.dtype), f.to(scores.dtype), g.to(scores.dtype), iters, err.to(dtype)
 
 
 def _empty(scores, *_) -> bool:
@@ -176,7 +194,7 @@ def _sinkhorn_ext_backward_kernel(grad, scores, row_mass, col_mass, row_counts, 
 
 
 def _backward_unrolled(backend, grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain):
-    dtype = _working_dtype(scores, eps)  # as the forward's
+    dtype = reference.compute_dtype(scores.dtype)  # as the forward's
     out = _BACKWARD(
         backend, grad.to(dtype), scores.to(dtype), row_mass.to(dtype), col_mass.to(dtype), row_counts, col_counts, init_f.to(dtype), eps_start, eps, decay, iters, reach, log_domain
     )
