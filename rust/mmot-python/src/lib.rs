@@ -16,6 +16,7 @@ mod geometric_consistency;
 mod info_nce;
 mod interrupt;
 mod multi_sinkhorn;
+mod multi_sinkhorn_ext;
 mod nt_xent;
 mod pool;
 mod sharded_sinkhorn;
@@ -53,6 +54,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sinkhorn::register(m)?;
     sharded_sinkhorn::register(m)?;
     multi_sinkhorn::register(m)?;
+    multi_sinkhorn_ext::register(m)?;
     similarity::register(m)?;
     info_nce::register(m)?;
     anchor_consistency::register(m)?;
