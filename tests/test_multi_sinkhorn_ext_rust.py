@@ -64,8 +64,10 @@ def pad(blocks, nn, kk, fill=float("nan")):
     return out
 
 
-def problem_set(seed, b, nn, kk, n_groups=3, dtype=torch.float64, ragged=True, schedule=True):
-    """Random ragged problems: scores, counts, tops, eps starts."""
+def problem_set(seed, b, nn, kk, n_groups=3, dtype=torch.float64, ragged=True, schedule=True, eps=0.1):
+    """Random ragged problems: scores, counts, tops, eps starts. With ``schedule``, every
+    problem but the second starts above ``eps`` (log domain); otherwise all start at ``eps``
+    (no schedule: the plain domain where the exponent range allows it)."""
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randint(1, nn + 1, (b,), generator=gen) if ragged else torch.full((b,), nn)
     cols = torch.randint(1, kk + 1, (b,), generator=gen) if ragged else torch.full((b,), kk)
@@ -74,7 +76,11 @@ def problem_set(seed, b, nn, kk, n_groups=3, dtype=torch.float64, ragged=True, s
     counts = torch.randint(0, 4, (b, n_groups), generator=gen).double()
     counts[:, 0] = counts[:, 0].clamp(min=1)  # every problem keeps a group
     tops = torch.minimum(counts, torch.randint(0, 3, (b, n_groups), generator=gen).double())
-    starts = torch.rand(b, generator=gen, dtype=torch.float64) * 2 + 0.05 if schedule else None
+    starts = torch.rand(b, generator=gen, dtype=torch.float64) * 2 + eps * 1.01
+    if not schedule:
+        starts.fill_(eps)
+    elif b > 1:
+        starts[1] = eps
     return rows, cols, [x.to(dtype) for x in blocks], counts, tops, starts
 
 
@@ -117,9 +123,10 @@ def test_no_option_equals_todays_op(dtype, normalize, log_domain):
     assert torch.isfinite(err).all() and (err >= 0).all()
 
 
-def test_ragged_equals_per_problem_calls_and_the_naive_form():
-    rows, cols, blocks, counts, tops, starts = problem_set(1, 6, 9, 7)
+@pytest.mark.parametrize("schedule", [True, False])
+def test_ragged_equals_per_problem_calls_and_the_naive_form(schedule):
     eps, n_iters = 0.1, 40
+    rows, cols, blocks, counts, tops, starts = problem_set(1, 6, 9, 7, schedule=schedule, eps=eps)
     tols = [-1.0, 1e-3, 1e-6]
     for tol in tols:
         target, f, gam, h, iters, err = run_forward(blocks, rows, cols, counts, tops, starts, eps, n_iters, tol)
@@ -154,7 +161,7 @@ def test_ragged_equals_per_problem_calls_and_the_naive_form():
     st.sampled_from([0.05, 0.3, 1.0]), st.integers(1, 12), st.sampled_from([-1.0, 1e-4]), st.sampled_from(["minmax", "none"]),
 )  # fmt: skip
 def test_forward_matches_the_naive_form(nn, kk, b, seed, eps, n_iters, tol, normalize):
-    rows, cols, blocks, counts, tops, starts = problem_set(seed, b, nn, kk)
+    rows, cols, blocks, counts, tops, starts = problem_set(seed, b, nn, kk, schedule=seed % 2 == 0, eps=eps)
     target, f, gam, h, iters, err = run_forward(blocks, rows, cols, counts, tops, starts, eps, n_iters, tol, normalize)
     for i, s in enumerate(blocks):
         n, k = s.shape
@@ -162,6 +169,22 @@ def test_forward_matches_the_naive_form(nn, kk, b, seed, eps, n_iters, tol, norm
         assert int(iters[i]) == want[4]
         for x, y in zip((target[i, :n, :k], f[i, :, :k], gam[i, :n, :k], h[i, :, :n]), want[:4]):
             torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_plain_and_log_domains_agree(dtype):
+    """Without a schedule "auto" runs the plain domain on these scores; "on" the log domain."""
+    eps = 0.1
+    rows, cols, blocks, counts, tops, starts = problem_set(8, 4, 10, 6, schedule=False, eps=eps)
+    plain = run_forward(blocks, rows, cols, counts, tops, starts, eps, 12, 1e-5, dtype=dtype)
+    nn, kk = int(rows.max()), int(cols.max())
+    log = ext.forward(
+        pad(blocks, nn, kk).to(dtype), rows, cols, WEIGHTS, counts.to(dtype), tops.to(dtype), starts, eps, 0.5, 12, 1e-5, "minmax", "on"
+    )
+    tol = dict(rtol=1e-10, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+    for x, y in zip(plain[:4], log[:4]):
+        torch.testing.assert_close(x, y, **tol)
+    assert plain[4].tolist() == log[4].tolist() or dtype == torch.float32
 
 
 def test_float32_matches_float64():
@@ -279,15 +302,18 @@ def assert_grad_close(got, s, grad, counts, tops, start, eps, iters, normalize, 
 
 @pytest.mark.parametrize("normalize", ["minmax", "none"])
 @pytest.mark.parametrize("seed", [10, 11])
-def test_backward_equals_autograd_through_the_naive_form(normalize, seed):
-    """Ragged (NaN padding in scores and grad), schedule, mixed per-problem stop points."""
-    rows, cols, blocks, counts, tops, starts = problem_set(seed, 5, 8, 6)
+@pytest.mark.parametrize("schedule", [True, False])
+@pytest.mark.parametrize("log_domain", ["auto", "on"])
+def test_backward_equals_autograd_through_the_naive_form(normalize, seed, schedule, log_domain):
+    """Ragged (NaN padding in scores and grad), schedule or not, mixed per-problem stop
+    points; both domains where the schedule allows the plain one."""
     eps, n_iters = 0.15, 30
+    rows, cols, blocks, counts, tops, starts = problem_set(seed, 5, 8, 6, schedule=schedule, eps=eps)
     target, f, gam, h, iters, err = run_forward(blocks, rows, cols, counts, tops, starts, eps, n_iters, 1e-4, normalize)
     gen = torch.Generator().manual_seed(seed)
     grads = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in blocks]
     scores, grad = pad(blocks, 8, 6), pad(grads, 8, 6)
-    got = ext.backward(grad, scores, rows, cols, WEIGHTS, counts, tops, starts, eps, 0.5, iters, normalize, "auto")
+    got = ext.backward(grad, scores, rows, cols, WEIGHTS, counts, tops, starts, eps, 0.5, iters, normalize, log_domain)
     for b, s in enumerate(blocks):
         n, k = s.shape
         args = (counts[b].tolist(), tops[b].tolist(), float(starts[b]), eps, int(iters[b]), normalize)
@@ -299,9 +325,7 @@ def test_backward_equals_autograd_through_the_naive_form(normalize, seed):
 
 @given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 10**6), st.integers(1, 6), st.sampled_from([0.1, 0.5]), st.booleans())
 def test_backward_matches_autograd_hypothesis(nn, kk, seed, iters, eps, schedule):
-    rows, cols, blocks, counts, tops, starts = problem_set(seed, 2, nn, kk, schedule=schedule)
-    if starts is None:
-        starts = torch.full((2,), eps, dtype=torch.float64)
+    rows, cols, blocks, counts, tops, starts = problem_set(seed, 2, nn, kk, schedule=schedule, eps=eps)
     gen = torch.Generator().manual_seed(seed)
     grads = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in blocks]
     counts_iters = torch.tensor([iters, max(1, iters - 2)])

@@ -20,7 +20,7 @@
 //! by the forward's own row step, so they are the forward's bit for bit.
 
 use super::forward::Solver;
-use super::rows::{gam_row, minmax_row_vjp, reduce, row_step, run_chunks, Rows};
+use super::rows::{gam_row, minmax_row_vjp, reduce, run_chunks, Rows, Source};
 use super::{schedule, MultiSinkhornExtParams, Problem};
 use crate::interrupt::Interrupt;
 use crate::multi_sinkhorn::Normalize;
@@ -29,6 +29,9 @@ use crate::simd::Real;
 /// The recorded forward: `F_t` `[iters, Ga, k]`, `H_t` for `t = -1..iters` `[iters + 1, n, Ga]`,
 /// and, where `eps_t == eps_{t-1}`, the factor `P^A_t / P_{t-1} = r / colsum(P_{t-1})`.
 struct History<T> {
+    /// The plain domain's `E_G` rows (`[n, Ga, k]`; empty in the log domain), whose `F` and `H`
+    /// are the scalings `u` and `v`.
+    cache: Vec<T>,
     f: Vec<T>,
     h: Vec<T>,
     factor: Vec<Option<Vec<T>>>,
@@ -45,7 +48,7 @@ pub(super) fn backward<T: Real>(
 ) {
     out.fill(T::ZERO);
     let (n, k, ga, stride) = (p.n, p.k, p.groups.len(), p.stride);
-    let (col_max, _, finite) = p.column_extremes();
+    let (col_max, col_min, finite) = p.column_extremes();
     if !finite {
         for i in 0..n {
             out[i * stride..][..k].fill(T::from_f64(f64::NAN));
@@ -53,10 +56,12 @@ pub(super) fn backward<T: Real>(
         return;
     }
     let sched = schedule(p.eps_start, params.eps, params.decay, iters);
-    let Some(hist) = replay(p, &col_max, &sched, interrupt) else {
+    let plain = p.plain_domain(&col_max, &col_min, params);
+    let Some(hist) = replay(p, plain, &col_max, &sched, interrupt) else {
         return;
     };
     let (gk, nga) = (ga * k, n * ga);
+    let cache = plain.then_some(&hist.cache[..]);
     let f_at = |t: usize| &hist.f[t * gk..][..gk];
     let h_at = |t: isize| &hist.h[((t + 1) as usize) * nga..][..nga];
     let inv_r = T::ONE / p.r;
@@ -71,7 +76,8 @@ pub(super) fn backward<T: Real>(
     // The output, then steps C and B of the last iteration.
     {
         let e = sched[last];
-        let (et, inv_e) = (T::from_f64(e), T::from_f64(1.0 / e));
+        let inv_e = T::from_f64(1.0 / e);
+        let source = Source::new(cache, e);
         let (f, hold) = (f_at(last), h_at(last as isize - 1));
         let minmax = params.normalize == Normalize::MinMax;
         run_chunks(
@@ -100,16 +106,7 @@ pub(super) fn backward<T: Real>(
                 let first = chunk.rows.start;
                 for i in chunk.rows {
                     let local = i - first;
-                    row_step(
-                        p.row(i),
-                        f,
-                        &hold[i * ga..][..ga],
-                        groups,
-                        et,
-                        inv_e,
-                        sc,
-                        hnew,
-                    );
+                    source.step(p, i, f, &hold[i * ga..][..ga], sc, hnew);
                     let gy = &grad[i * stride..][..k];
                     // tb (col2): the upstream gradient of the raw target row.
                     if minmax {
@@ -207,10 +204,18 @@ pub(super) fn backward<T: Real>(
                     sc.col[..k].fill(T::ZERO);
                     match prev {
                         None => {
-                            // P^A_0 = exp((w S + F_0) / e_0).
+                            // P^A_0 = exp((w S + F_0) / e_0), or E_G u_0 (plain).
                             for (g, grp) in groups.iter().enumerate() {
                                 let (fg, fbg) = (&f_t[g * k..][..k], &fbar_t[g * k..][..k]);
                                 let wx = grp.w * inv_e_t;
+                                if let Some(cache) = cache {
+                                    let eg = &cache[(i * ga + g) * k..][..k];
+                                    for a in 0..k {
+                                        let x = -fbg[a] * (eg[a] * fg[a]) * inv_r;
+                                        srow[a] += grp.w * x;
+                                    }
+                                    continue;
+                                }
                                 for a in 0..k {
                                     let pa = (s[a] * wx + fg[a] * inv_e_t).exp_fast();
                                     let x = -fbg[a] * pa * inv_r;
@@ -219,17 +224,9 @@ pub(super) fn backward<T: Real>(
                             }
                         }
                         Some((ep, f_p, h_pp, h_p)) => {
-                            let (et_p, inv_e_p) = (T::from_f64(ep), T::from_f64(1.0 / ep));
-                            row_step(
-                                s,
-                                f_p,
-                                &h_pp[i * ga..][..ga],
-                                groups,
-                                et_p,
-                                inv_e_p,
-                                sc,
-                                hnew,
-                            );
+                            let et_p = T::from_f64(ep);
+                            let source = Source::new(cache, ep);
+                            source.step(p, i, f_p, &h_pp[i * ga..][..ga], sc, hnew);
                             if factor.is_none() {
                                 let (m, z) = (&sc.m[..k], &sc.z[..k]);
                                 gam_row(m, z, et_p, &mut sc.col2[..k]);
@@ -328,21 +325,23 @@ fn per_group<'x, T: Real>(stack: &'x mut [T; 64], heap: &'x mut Vec<T>, ga: usiz
 /// factors. `None` when interrupted.
 fn replay<T: Real>(
     p: &Problem<T>,
+    plain: bool,
     col_max: &[T],
     sched: &[f64],
     interrupt: &Interrupt,
 ) -> Option<History<T>> {
     let iters = sched.len();
     let (n, k, ga) = (p.n, p.k, p.groups.len());
-    let mut solver = Solver::new(p);
+    let mut solver = Solver::new(p, plain);
     solver.start(col_max, sched[0]);
     let mut hist = History {
+        cache: Vec::new(),
         f: Vec::with_capacity(iters * ga * k),
         h: Vec::with_capacity((iters + 1) * n * ga),
         factor: vec![None; iters],
     };
     hist.f.extend_from_slice(&solver.f);
-    hist.h.resize(n * ga, T::ZERO);
+    hist.h.resize(n * ga, if plain { T::ONE } else { T::ZERO });
     for t in 0..iters {
         if interrupt.requested() {
             return None;
@@ -359,5 +358,6 @@ fn replay<T: Real>(
             hist.f.extend_from_slice(&solver.f);
         }
     }
+    hist.cache = std::mem::take(&mut solver.cache);
     Some(hist)
 }

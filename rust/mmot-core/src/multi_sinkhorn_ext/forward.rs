@@ -2,7 +2,7 @@
 //! `H` steps of each row, the plan's column sums, the `F` step), stopping at the cap or, with a
 //! tolerance, once the marginal error is small enough at the final eps.
 
-use super::rows::{gam_row, minmax_row, reduce, row_step, run_chunks, RowScratch, Rows};
+use super::rows::{gam_row, minmax_row, reduce, run_chunks, RowScratch, Rows, Source};
 use super::{MultiSinkhornExtParams, Problem};
 use crate::interrupt::Interrupt;
 use crate::multi_sinkhorn::Normalize;
@@ -19,9 +19,13 @@ pub(super) struct ProblemOut<'a, T> {
 /// The state of one problem's iteration.
 pub(super) struct Solver<'p, 'a, T> {
     pub p: &'p Problem<'a, T>,
-    /// `F`, `[Ga, k]` (score units).
+    /// Plain domain: `E_G = exp(w_G (S - colmax) / e)` of every row, `[n, Ga, k]`, and the
+    /// potentials below are the scalings `u = exp((F + w colmax) / e)` and `v = exp(H / e)`.
+    pub plain: bool,
+    pub cache: Vec<T>,
+    /// `F`, `[Ga, k]` (score units), or `u` (plain).
     pub f: Vec<T>,
-    /// `H` after the last pass, `[n, Ga]`.
+    /// `H` after the last pass, `[n, Ga]`, or `v` (plain).
     pub h: Vec<T>,
     /// `H` before it.
     pub h_prev: Vec<T>,
@@ -40,10 +44,13 @@ pub(super) struct Results<'o, T> {
 }
 
 impl<'p, 'a, T: Real> Solver<'p, 'a, T> {
-    pub fn new(p: &'p Problem<'a, T>) -> Self {
+    /// `plain`: run the plain domain (only where the eps is fixed and the exponent range small).
+    pub fn new(p: &'p Problem<'a, T>, plain: bool) -> Self {
         let (n, k, ga) = (p.n, p.k, p.groups.len());
         Solver {
             p,
+            plain,
+            cache: Vec::new(),
             f: vec![T::ZERO; ga * k],
             h: vec![T::ZERO; n * ga],
             h_prev: vec![T::ZERO; n * ga],
@@ -60,12 +67,22 @@ impl<'p, 'a, T: Real> Solver<'p, 'a, T> {
         let (k, ga) = (p.k, p.groups.len());
         let inv_e = T::from_f64(1.0 / e0);
         let e = T::from_f64(e0);
-        self.h.fill(T::ZERO);
-        self.h_prev.fill(T::ZERO);
+        let start = if self.plain { T::ONE } else { T::ZERO };
+        self.h.fill(start);
+        self.h_prev.fill(start);
         let width = ga * k;
+        let plain = self.plain;
+        if plain {
+            self.cache.clear();
+            self.cache.resize(p.n * width, T::ZERO);
+        }
+        let cache = Rows {
+            values: &mut self.cache[..],
+            width: if plain { width } else { 0 },
+        };
         run_chunks(
             p,
-            [empty(), empty(), empty()],
+            [cache, empty(), empty()],
             &mut self.partials,
             width,
             &mut self.scratch,
@@ -73,13 +90,23 @@ impl<'p, 'a, T: Real> Solver<'p, 'a, T> {
             |chunk, _| {
                 let cs = &mut chunk.partials[..width];
                 cs.fill(T::ZERO);
+                let first = chunk.rows.start;
                 for i in chunk.rows {
                     let s = p.row(i);
                     for (g, grp) in p.groups.iter().enumerate() {
                         let csg = &mut cs[g * k..][..k];
                         let w = grp.w * inv_e;
-                        for a in 0..k {
-                            csg[a] += (w * (s[a] - col_max[a])).exp_fast();
+                        if plain {
+                            let eg = &mut chunk.a[(i - first) * width + g * k..][..k];
+                            for a in 0..k {
+                                let v = (w * (s[a] - col_max[a])).exp_fast();
+                                eg[a] = v;
+                                csg[a] += v;
+                            }
+                        } else {
+                            for a in 0..k {
+                                csg[a] += (w * (s[a] - col_max[a])).exp_fast();
+                            }
                         }
                     }
                 }
@@ -89,9 +116,29 @@ impl<'p, 'a, T: Real> Solver<'p, 'a, T> {
         reduce(&self.partials, p.n_chunks, sums);
         for (g, grp) in p.groups.iter().enumerate() {
             for a in 0..k {
-                self.f[g * k + a] = e * p.log_r - grp.w * col_max[a] - e * sums[g * k + a].ln();
+                self.f[g * k + a] = if plain {
+                    p.r / sums[g * k + a]
+                } else {
+                    e * p.log_r - grp.w * col_max[a] - e * sums[g * k + a].ln()
+                };
             }
         }
+    }
+
+    /// `F` `[Ga, k]` and `H` `[n, Ga]` in score units (the plain domain's scalings converted).
+    pub fn potentials(&self, col_max: &[T], e: f64) -> (Vec<T>, Vec<T>) {
+        if !self.plain {
+            return (self.f.clone(), self.h.clone());
+        }
+        let (k, e) = (self.p.k, T::from_f64(e));
+        let mut f = self.f.clone();
+        for (g, grp) in self.p.groups.iter().enumerate() {
+            for a in 0..k {
+                f[g * k + a] = e * f[g * k + a].ln() - grp.w * col_max[a];
+            }
+        }
+        let h = self.h.iter().map(|&v| e * v.ln()).collect();
+        (f, h)
     }
 
     /// One iteration's `Gam` and `H` steps at `e` over every row, from `F` and the current `H`
@@ -114,9 +161,10 @@ impl<'p, 'a, T: Real> Solver<'p, 'a, T> {
         let (n, k, ga, stride) = (p.n, p.k, p.groups.len(), p.stride);
         let width = 2 * ga * k;
         let moved = e_next != e;
-        let (et, inv_e) = (T::from_f64(e), T::from_f64(1.0 / e));
+        let et = T::from_f64(e);
         let ratio = T::from_f64(e / e_next);
         let (f, h_prev, groups) = (&self.f[..], &self.h_prev[..], &p.groups[..]);
+        let source = Source::new(self.plain.then_some(&self.cache[..]), e);
         let (normalize, target, gam) = match results {
             Some(r) => (
                 Some(r.normalize),
@@ -155,16 +203,7 @@ impl<'p, 'a, T: Real> Solver<'p, 'a, T> {
                 for i in chunk.rows {
                     let local = i - first;
                     let hnew = &mut chunk.a[local * ga..][..ga];
-                    row_step(
-                        p.row(i),
-                        f,
-                        &h_prev[i * ga..][..ga],
-                        groups,
-                        et,
-                        inv_e,
-                        sc,
-                        hnew,
-                    );
+                    source.step(p, i, f, &h_prev[i * ga..][..ga], sc, hnew);
                     if sums {
                         let (now, next) = cs.split_at_mut(ga * k);
                         for (c, &v) in now.iter_mut().zip(&sc.p[..ga * k]) {
@@ -222,6 +261,12 @@ impl<'p, 'a, T: Real> Solver<'p, 'a, T> {
         } else {
             &self.sums[..gk]
         };
+        if self.plain {
+            for (u, &s) in self.f.iter_mut().zip(sums) {
+                *u *= self.p.r / s;
+            }
+            return;
+        }
         let en = T::from_f64(e_next);
         for (f, &s) in self.f.iter_mut().zip(sums) {
             *f += en * (self.p.log_r - s.ln());
@@ -252,7 +297,7 @@ pub(super) fn solve<T: Real>(
     f.fill(T::ZERO);
     h.fill(T::ZERO);
     let (n, k, stride, nn) = (p.n, p.k, p.stride, p.rows);
-    let (col_max, _, finite) = p.column_extremes();
+    let (col_max, col_min, finite) = p.column_extremes();
     if !finite {
         let nan = T::from_f64(f64::NAN);
         for i in 0..n {
@@ -266,7 +311,8 @@ pub(super) fn solve<T: Real>(
         return (params.n_iters, nan);
     }
     let mut raw = p.eps_start;
-    let mut solver = Solver::new(p);
+    let plain = p.plain_domain(&col_max, &col_min, params);
+    let mut solver = Solver::new(p, plain);
     solver.start(&col_max, params.eps.max(raw));
     let (mut n_run, mut err) = (0, T::ZERO);
     for t in 0..params.n_iters {
@@ -303,11 +349,12 @@ pub(super) fn solve<T: Real>(
         raw *= params.decay;
     }
     let ga = p.groups.len();
+    let (f_out, h_out) = solver.potentials(&col_max, params.eps.max(raw));
     for (g, grp) in p.groups.iter().enumerate() {
-        f[grp.index * stride..][..k].copy_from_slice(&solver.f[g * k..][..k]);
+        f[grp.index * stride..][..k].copy_from_slice(&f_out[g * k..][..k]);
         let hg = &mut h[grp.index * nn..][..n];
         for (i, v) in hg.iter_mut().enumerate() {
-            *v = solver.h[i * ga + g];
+            *v = h_out[i * ga + g];
         }
     }
     (n_run, err)

@@ -317,6 +317,25 @@ impl<T: Real> Problem<'_, T> {
     }
 }
 
+impl<T: Real> Problem<'_, T> {
+    /// Whether this problem runs the plain domain: no schedule (`eps_start <= eps`), not forced
+    /// to the log domain, and its exponent range (max − min of a valid column, `hi − lo`, times
+    /// its largest group weight, over eps) within the dtype's plain limit, the rule of today's
+    /// kernels, measured on this problem alone (so that a batch equals per-problem calls).
+    pub fn plain_domain(&self, hi: &[T], lo: &[T], params: &MultiSinkhornExtParams) -> bool {
+        if params.log_domain == LogDomain::On || self.eps_start > params.eps {
+            return false;
+        }
+        let w = self.groups.iter().map(|g| g.w.to_f64()).fold(0.0, f64::max);
+        let range = hi
+            .iter()
+            .zip(lo)
+            .map(|(h, l)| (h.to_f64() - l.to_f64()) * w / params.eps)
+            .fold(0.0, f64::max);
+        range <= T::PLAIN_RANGE_LIMIT
+    }
+}
+
 /// The schedule `eps_t` for `t < len` (float64, by repeated multiplication).
 pub(super) fn schedule(eps_start: f64, eps: f64, decay: f64, len: usize) -> Vec<f64> {
     let mut e = eps_start;

@@ -111,6 +111,104 @@ pub(super) fn row_step<T: Real>(
     }
 }
 
+/// The plain-domain [`row_step`]: the row's cached `E_G = exp(w_G (S - colmax) / e)` (`[Ga, k]`),
+/// the column scalings `u_G = exp((F_G + w_G colmax) / e)` (`[Ga, k]`) and the row scalings
+/// `v_G = exp(H_G / e)` (`hold`, `[Ga]`) give the same plans with no `exp`; `z` is then
+/// `exp(-Gam / e)` and `m` is 0, so that [`gam_row`] reads them alike. The new `v` goes to `hnew`.
+#[inline(always)]
+pub(super) fn row_step_plain<T: Real>(
+    cache: &[T],
+    u: &[T],
+    hold: &[T],
+    groups: &[Group<T>],
+    scratch: &mut RowScratch<T>,
+    hnew: &mut [T],
+) {
+    let k = scratch.m.len();
+    let ga = groups.len();
+    let RowScratch { pb, p, m, z, .. } = scratch;
+    let (m, z) = (&mut m[..k], &mut z[..k]);
+    m.fill(T::ZERO);
+    z.fill(T::ZERO);
+    for (g, grp) in groups.iter().enumerate() {
+        let (c, vg) = (grp.c, hold[g]);
+        let (eg, ug) = (&cache[g * k..][..k], &u[g * k..][..k]);
+        let q = &mut pb[g * k..][..k];
+        for a in 0..k {
+            let v = eg[a] * ug[a] * vg;
+            q[a] = v;
+            z[a] += c * v;
+        }
+    }
+    {
+        let iz = &mut p[..k];
+        for a in 0..k {
+            iz[a] = T::ONE / z[a];
+        }
+    }
+    for g in (0..ga).rev() {
+        let (iz, rest) = p.split_at_mut(k);
+        let q = &mut pb[g * k..][..k];
+        let mut rs = T::ZERO;
+        for a in 0..k {
+            q[a] *= iz[a];
+            rs += q[a];
+        }
+        let inv = T::ONE / rs;
+        let out = if g == 0 {
+            &mut iz[..k]
+        } else {
+            &mut rest[(g - 1) * k..][..k]
+        };
+        for a in 0..k {
+            out[a] = q[a] * inv;
+        }
+        hnew[g] = hold[g] * inv;
+    }
+}
+
+/// How a row's plans are formed: from the scores at `e` (log domain), or from the cached
+/// `E_G` rows (plain domain, `[n, Ga, k]`).
+#[derive(Clone, Copy)]
+pub(super) enum Source<'a, T> {
+    Log { e: T, inv_e: T },
+    Plain { cache: &'a [T] },
+}
+
+impl<'a, T: Real> Source<'a, T> {
+    pub fn new(plain: Option<&'a [T]>, e: f64) -> Self {
+        match plain {
+            Some(cache) => Source::Plain { cache },
+            None => Source::Log {
+                e: T::from_f64(e),
+                inv_e: T::from_f64(1.0 / e),
+            },
+        }
+    }
+
+    /// [`row_step`] or [`row_step_plain`] for row `i` of `p`.
+    #[inline(always)]
+    pub fn step(
+        &self,
+        p: &Problem<T>,
+        i: usize,
+        f: &[T],
+        hold: &[T],
+        scratch: &mut RowScratch<T>,
+        hnew: &mut [T],
+    ) {
+        match *self {
+            Source::Log { e, inv_e } => {
+                row_step(p.row(i), f, hold, &p.groups, e, inv_e, scratch, hnew)
+            }
+            Source::Plain { cache } => {
+                let gk = p.groups.len() * p.k;
+                row_step_plain(&cache[i * gk..][..gk], f, hold, &p.groups, scratch, hnew)
+            }
+        }
+    }
+}
+
 /// [`row_step`] with exact log-sum-exps over the row.
 #[inline(never)]
 #[allow(clippy::too_many_arguments)]
