@@ -24,7 +24,7 @@ use super::rows::{gam_row, minmax_row_vjp, reduce, run_chunks, Rows, Source};
 use super::{schedule, MultiSinkhornExtParams, Problem};
 use crate::interrupt::Interrupt;
 use crate::multi_sinkhorn::Normalize;
-use crate::simd::Real;
+use crate::simd::{sum, Real};
 
 /// The recorded forward: `F_t` `[iters, Ga, k]`, `H_t` for `t = -1..iters` `[iters + 1, n, Ga]`,
 /// and, where `eps_t == eps_{t-1}`, the factor `P^A_t / P_{t-1} = r / colsum(P_{t-1})`.
@@ -128,10 +128,11 @@ pub(super) fn backward<T: Real>(
                     for (g, grp) in groups.iter().enumerate() {
                         let pg = &mut sc.p[g * k..][..k];
                         let coef = grp.top * inv_e;
-                        let mut hb = T::ZERO;
+                        let wbar = &mut sc.z[..k];
                         for a in 0..k {
-                            hb += coef * tb[a] * pg[a];
+                            wbar[a] = coef * tb[a] * pg[a];
                         }
+                        let hb = sum(wbar);
                         for a in 0..k {
                             let d = coef * tb[a] * pg[a] - hb * pg[a];
                             pg[a] = d;
@@ -235,7 +236,8 @@ pub(super) fn backward<T: Real>(
                             for (g, grp) in groups.iter().enumerate() {
                                 let (fg, fbg) = (&f_t[g * k..][..k], &fbar_t[g * k..][..k]);
                                 let pg = &mut sc.p[g * k..][..k];
-                                let mut hx = T::ZERO;
+                                // X̄_G, for its row sum (m is free after the row step).
+                                let xs = &mut sc.m[..k];
                                 match factor {
                                     Some(fac) => {
                                         let fac = &fac[g * k..][..k];
@@ -243,7 +245,7 @@ pub(super) fn backward<T: Real>(
                                             let x = -fbg[a] * (pg[a] * fac[a]) * inv_r;
                                             srow[a] += grp.w * x;
                                             gb[a] += x;
-                                            hx += x;
+                                            xs[a] = x;
                                         }
                                     }
                                     None => {
@@ -255,12 +257,12 @@ pub(super) fn backward<T: Real>(
                                             let x = -fbg[a] * pa * inv_r;
                                             srow[a] += grp.w * x;
                                             gb[a] += x;
-                                            hx += x;
+                                            xs[a] = x;
                                         }
                                     }
                                 }
                                 // Step C of iteration t - 1: d_G = -H̄_G P_G, into p.
-                                let hb = hb_row[g] + hx;
+                                let hb = hb_row[g] + sum(xs);
                                 for a in 0..k {
                                     let d = -hb * pg[a];
                                     pg[a] = d;
@@ -284,7 +286,7 @@ pub(super) fn backward<T: Real>(
 /// `d_G + Ȳ_G` to the `F̄` partials `cs`, and leaves `H̄_G = Σ_a Ȳ_G` in `hb_row`.
 #[inline(always)]
 fn step_b<T: Real>(
-    sc: &super::rows::RowScratch<T>,
+    sc: &mut super::rows::RowScratch<T>,
     groups: &[super::Group<T>],
     k: usize,
     cs: &mut [T],
@@ -297,17 +299,17 @@ fn step_b<T: Real>(
         srow.fill(T::ZERO);
     }
     for (g, grp) in groups.iter().enumerate() {
-        let (d, pb) = (&sc.p[g * k..][..k], &sc.pb[g * k..][..k]);
+        let (d, pb) = (&sc.p[g * k..][..k], &mut sc.pb[g * k..][..k]);
         let csg = &mut cs[g * k..][..k];
-        let mut hy = T::ZERO;
+        // Ȳ_G replaces P^B_G, for its row sum.
         for a in 0..k {
             let y = -gb[a] * grp.c * pb[a];
             let tot = d[a] + y;
             srow[a] += grp.w * tot;
             csg[a] += tot;
-            hy += y;
+            pb[a] = y;
         }
-        hb_row[g] = hy;
+        hb_row[g] = sum(pb);
     }
 }
 

@@ -20,9 +20,12 @@
 //! colsum)`, with the plan raised to `e / e'` when the schedule moves `e` to `e'`). `Gam` is
 //! never stored; the last pass writes it with the output. The backward (`backward`) replays the
 //! forward, recording `F` and `H` of every iteration, then sweeps the iterations in reverse,
-//! one row pass each (`docs` in the module `backward`). Everything runs in the log domain (the
-//! schedule needs it); rows are processed in chunks whose size depends only on the shape, so
-//! results do not depend on the thread count.
+//! one row pass each (see the module `backward`). Problems with a schedule run the log domain
+//! (it needs it); a problem without one whose exponent range is within the plain limit (today's
+//! rule, measured on its own valid block) runs the plain domain on cached `exp(w_G (S - colmax)
+//! / eps)` and scalings, which is exact to rounding and does no `exp` per iteration. Rows are
+//! processed in chunks whose size depends only on the shape, so results do not depend on the
+//! thread count; problems run in parallel, and so do the chunks of a large problem.
 
 mod backward;
 mod forward;
@@ -52,8 +55,9 @@ pub struct MultiSinkhornExtParams {
     /// Stop a problem once `eps_t == eps` and its marginal error is `<= tol`; `< 0`: never.
     pub tol: f64,
     pub normalize: Normalize,
-    /// `Off` is refused where the plain domain would not be exact; every call runs the log
-    /// domain, which is exact everywhere.
+    /// `On`: the log domain everywhere; `Auto`: the plain domain for problems without a
+    /// schedule whose exponent range allows it; `Off`: as `Auto`, and an error where the range
+    /// is past the plain limit (problems with a schedule still run the log domain).
     pub log_domain: LogDomain,
 }
 

@@ -2,7 +2,7 @@
 //! the min-max rule.
 
 use super::{Group, Problem};
-use crate::simd::{dispatch, Real};
+use crate::simd::{dispatch, sum, Real};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -89,11 +89,11 @@ pub(super) fn row_step<T: Real>(
         // Group 0 last: its p row holds 1/z until then.
         let (iz, rest) = p.split_at_mut(k);
         let q = &mut pb[g * k..][..k];
-        let mut rs = T::ZERO;
         for a in 0..k {
             q[a] *= iz[a];
-            rs += q[a];
         }
+        // In vector lanes (a separate loop, so that the one above vectorises too).
+        let rs = sum(q);
         rescue |= !(rs >= T::TINY && rs < T::INFINITY);
         let inv = T::ONE / rs;
         let out = if g == 0 {
@@ -149,11 +149,11 @@ pub(super) fn row_step_plain<T: Real>(
     for g in (0..ga).rev() {
         let (iz, rest) = p.split_at_mut(k);
         let q = &mut pb[g * k..][..k];
-        let mut rs = T::ZERO;
         for a in 0..k {
             q[a] *= iz[a];
-            rs += q[a];
         }
+        // In vector lanes (a separate loop, so that the one above vectorises too).
+        let rs = sum(q);
         let inv = T::ONE / rs;
         let out = if g == 0 {
             &mut iz[..k]
