@@ -52,6 +52,15 @@ SAMPLE_ARGS: dict[str, Callable[[], tuple]] = {
         *(_f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2), _f64(1, 2, 2)),
         *(0.1, 1, [1.0, 1.0], 1, "minmax", "auto", 1),
     ),
+    "multi_sinkhorn_ext_forward": lambda: (
+        *(_f64(1, 2, 2), np.full(1, 2, dtype=np.int64), np.full(1, 2, dtype=np.int64), _f64(1, 1), _f64(1, 1)),
+        *(_f64(1, 2, 2), _f64(1, 1, 2), _f64(1, 2, 2), _f64(1, 1, 2), _f64(1), _f64(1)),
+        *([1.0], [0.1], 0.1, 0.5, 1, -1.0, "minmax", "auto", 1),
+    ),
+    "multi_sinkhorn_ext_backward": lambda: (
+        *(_f64(1, 2, 2), _f64(1, 2, 2), np.full(1, 2, dtype=np.int64), np.full(1, 2, dtype=np.int64), _f64(1, 1), _f64(1, 1)),
+        *(np.ones(1, dtype=np.int64), _f64(1, 2, 2), [1.0], [0.1], 0.1, 0.5, "minmax", "auto", 1),
+    ),
     "sharded_sinkhorn": lambda: (_f64(1, 2, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2, 2), 0.1, 1, False, _no_reduce, 1),
     "sharded_sinkhorn_backward": lambda: (
         *(_f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2), _f64(1, 2, 2)),

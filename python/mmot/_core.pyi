@@ -19,6 +19,8 @@ __all__ = [
     "sinkhorn_ext_backward",
     "multi_sinkhorn",
     "multi_sinkhorn_backward",
+    "multi_sinkhorn_ext_forward",
+    "multi_sinkhorn_ext_backward",
     "sharded_sinkhorn",
     "sharded_sinkhorn_backward",
     "sharded_multi_sinkhorn",
@@ -148,6 +150,53 @@ def multi_sinkhorn_backward(
     num_threads: int,
 ) -> bool:
     """The gradient of ``multi_sinkhorn`` w.r.t. ``scores`` into ``out``; returns the domain used."""
+
+def multi_sinkhorn_ext_forward(
+    scores: npt.NDArray[np.floating],
+    row_counts: npt.NDArray[np.int64],
+    col_counts: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.floating],
+    tops: npt.NDArray[np.floating],
+    target: npt.NDArray[np.floating],
+    f: npt.NDArray[np.floating],
+    gam: npt.NDArray[np.floating],
+    h: npt.NDArray[np.floating],
+    iters: npt.NDArray[np.floating],
+    err: npt.NDArray[np.floating],
+    weights: Sequence[float],
+    eps_start: Sequence[float],
+    eps: float,
+    decay: float,
+    n_iters: int,
+    tol: float,
+    normalize: str,
+    log_domain: str,
+    num_threads: int,
+) -> None:
+    """Multi-SK with options on a padded batch ``scores`` [B, N, K] (valid block ``[:row_counts[b],
+    :col_counts[b]]``, groups ``counts``/``tops`` [B, G]): writes the target [B, N, K], the
+    potentials ``f`` [B, G, K], ``gam`` [B, N, K], ``h`` [B, G, N], the iterations run [B] (as
+    floats) and the last marginal error [B]."""
+
+def multi_sinkhorn_ext_backward(
+    grad: npt.NDArray[np.floating],
+    scores: npt.NDArray[np.floating],
+    row_counts: npt.NDArray[np.int64],
+    col_counts: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.floating],
+    tops: npt.NDArray[np.floating],
+    iters: npt.NDArray[np.int64],
+    out: npt.NDArray[np.floating],
+    weights: Sequence[float],
+    eps_start: Sequence[float],
+    eps: float,
+    decay: float,
+    normalize: str,
+    log_domain: str,
+    num_threads: int,
+) -> None:
+    """The gradient of ``multi_sinkhorn_ext_forward``'s target w.r.t. ``scores`` through ``iters``
+    [B] (int64) unrolled iterations, into ``out``."""
 
 # The sharded forms (``process_group=``): this process's rows; ``shift`` [B, K] holds the column
 # maxima over the group and ``reduce(array)`` replaces a 1-D array in place by its sum over the

@@ -34,6 +34,7 @@ pub mod geometric_consistency;
 pub mod implicit;
 pub mod info_nce;
 pub mod multi_sinkhorn;
+pub mod multi_sinkhorn_ext;
 pub mod nt_xent;
 pub mod sharded_sinkhorn;
 pub mod similarity;
@@ -60,6 +61,10 @@ pub use geometric_consistency::{
 };
 pub use info_nce::{info_nce_backward, info_nce_forward, InfoNceInput, InfoNceParams};
 pub use multi_sinkhorn::{multi_sinkhorn, multi_sinkhorn_backward, MultiSinkhornParams, Normalize};
+pub use multi_sinkhorn_ext::{
+    multi_sinkhorn_ext_backward, multi_sinkhorn_ext_forward, ExtDims, MultiSinkhornExtInput,
+    MultiSinkhornExtOutput, MultiSinkhornExtParams,
+};
 pub use sharded_sinkhorn::{
     sharded_multi_sinkhorn, sharded_multi_sinkhorn_backward, sharded_sinkhorn,
     sharded_sinkhorn_backward, Collective, ShardedMultiParams, SlotGroup,

@@ -17,6 +17,7 @@ mod implicit;
 mod info_nce;
 mod interrupt;
 mod multi_sinkhorn;
+mod multi_sinkhorn_ext;
 mod nt_xent;
 mod pool;
 mod sharded_sinkhorn;
@@ -56,6 +57,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     sinkhorn_ext::register(m)?;
     sharded_sinkhorn::register(m)?;
     multi_sinkhorn::register(m)?;
+    multi_sinkhorn_ext::register(m)?;
     similarity::register(m)?;
     info_nce::register(m)?;
     anchor_consistency::register(m)?;
