@@ -177,6 +177,7 @@ def test_sinkhorn_options_bench_reports_every_case(capsys):
     with pytest.raises(SystemExit):
         cli.main(["sinkhorn-options", "--cases", "nonsense"])
 
+
 def test_backward_ratio_log_rows_force_the_log_domain():
     from mmot.bench import backward_ratio
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import mmot
 import pytest
 import torch
 from backends import NATIVE
@@ -12,8 +13,6 @@ from bad_input import bad_input_test
 from hypothesis import given
 from hypothesis import strategies as st
 from naive import eps_sequence, general_multi_sinkhorn
-
-import mmot
 
 F64 = torch.float64
 
@@ -38,7 +37,13 @@ def slot_weights(k_b, top, low=0.25):
     return [low] * (k_b - top) + [1.0] * top
 
 
-@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 4), n=st.integers(1, 8), k=st.integers(2, 6), normalize=st.sampled_from(["minmax", "none"]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    b=st.integers(1, 4),
+    n=st.integers(1, 8),
+    k=st.integers(2, 6),
+    normalize=st.sampled_from(["minmax", "none"]),
+)
 def test_ragged_batch_equals_the_dense_form_per_problem(seed, b, n, k, normalize):
     scores, rows, cols = ragged_batch(seed, b, n, k)
     for backend in NATIVE:
@@ -69,7 +74,12 @@ def test_list_input_and_the_no_option_path(backend):
         torch.testing.assert_close(o, mmot.multi_sinkhorn(m, 2, 0.3, 5, backend=backend), rtol=1e-9, atol=1e-11)
     assert info.n_iters.tolist() == [5, 5]
     plain = torch.randn(2, 7, 6, generator=gen)
-    torch.testing.assert_close(mmot.multi_sinkhorn(plain, 3, return_info=True, backend=backend)[0], mmot.multi_sinkhorn(plain, 3, backend=backend), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        mmot.multi_sinkhorn(plain, 3, return_info=True, backend=backend)[0],
+        mmot.multi_sinkhorn(plain, 3, backend=backend),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_tol_stops_where_the_dense_form_does(native_backend):
@@ -97,7 +107,17 @@ def test_unrolled_gradient_equals_autograd_through_the_dense_form(backend, norma
     scores, rows, cols = ragged_batch(6, 2, 4, 4)
     x = scores.clone().requires_grad_()
     out, info = mmot.multi_sinkhorn(
-        x, 1, 0.3, 6, row_counts=rows, col_counts=cols, tol=1e-3, eps_schedule=mmot.EpsSchedule(0.5, 1.2), normalize=normalize, return_info=True, backend=backend
+        x,
+        1,
+        0.3,
+        6,
+        row_counts=rows,
+        col_counts=cols,
+        tol=1e-3,
+        eps_schedule=mmot.EpsSchedule(0.5, 1.2),
+        normalize=normalize,
+        return_info=True,
+        backend=backend,
     )
     weights = torch.randn_like(out)
     (out * weights).sum().backward()
@@ -118,7 +138,9 @@ def test_implicit_gradient_equals_unrolled_at_convergence(native_backend, normal
     grads = {}
     for mode in ("unrolled", "implicit"):
         x = scores.clone().requires_grad_()
-        out, info = mmot.multi_sinkhorn(x, 2, 0.5, 4000, tol=1e-12, grad=mode, normalize=normalize, return_info=True, backend=native_backend)
+        out, info = mmot.multi_sinkhorn(
+            x, 2, 0.5, 4000, tol=1e-12, grad=mode, normalize=normalize, return_info=True, backend=native_backend
+        )
         assert (info.marginal_error <= 1e-12).all()
         # A random upstream: one of the form a_i + b_j (a linspace is one) has an exactly zero gradient.
         upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -134,7 +156,9 @@ def test_options_trace_without_graph_breaks(native_backend):
     scores = scores.nan_to_num(0.0)
 
     def step(s):
-        target, info = mmot.multi_sinkhorn(s, None, 0.2, 20, row_counts=rows, col_counts=cols, tol=1e-4, eps_schedule="geometric", return_info=True, backend=native_backend)
+        target, info = mmot.multi_sinkhorn(
+            s, None, 0.2, 20, row_counts=rows, col_counts=cols, tol=1e-4, eps_schedule="geometric", return_info=True, backend=native_backend
+        )
         return target.sum() + info.marginal_error.sum()
 
     compiled = torch.compile(step, fullgraph=True)
@@ -147,10 +171,20 @@ _S = torch.randn(2, 5, 4)
 test_bad_input = bad_input_test(
     "mmot.multi_sinkhorn",
     [
-        (lambda: mmot.multi_sinkhorn(_S, 2, col_counts=torch.tensor([4, 3]), slot_weights=[1.0] * 4), ValueError, "'slot_weights'", "low_weight"),
+        (
+            lambda: mmot.multi_sinkhorn(_S, 2, col_counts=torch.tensor([4, 3]), slot_weights=[1.0] * 4),
+            ValueError,
+            "'slot_weights'",
+            "low_weight",
+        ),
         (lambda: mmot.multi_sinkhorn(_S, 3, col_counts=torch.tensor([4, 2])), ValueError, "'k'", "at most"),
         (lambda: mmot.multi_sinkhorn(_S, row_counts=torch.tensor([0, 5])), ValueError, "'row_counts'", "1..5"),
-        (lambda: mmot.multi_sinkhorn(_S, row_counts=torch.tensor([2, 5]), anchor_mass=torch.ones(4)), ValueError, "'anchor_mass'", "N_b/K_b"),
+        (
+            lambda: mmot.multi_sinkhorn(_S, row_counts=torch.tensor([2, 5]), anchor_mass=torch.ones(4)),
+            ValueError,
+            "'anchor_mass'",
+            "N_b/K_b",
+        ),
         (lambda: mmot.multi_sinkhorn(_S, tol=math.nan), ValueError, "'tol'", "non-negative"),
         (lambda: mmot.multi_sinkhorn(_S, grad="exact"), ValueError, "'grad'", "'unrolled'"),
         (lambda: mmot.multi_sinkhorn(_S, eps_schedule=0.5), TypeError, "'eps_schedule'", "EpsSchedule"),

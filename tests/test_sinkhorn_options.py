@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import mmot
 import pytest
 import torch
 from backends import NATIVE
@@ -12,8 +13,6 @@ from bad_input import bad_input_test
 from hypothesis import given
 from hypothesis import strategies as st
 from naive import eps_sequence, general_sinkhorn
-
-import mmot
 
 F64 = torch.float64
 
@@ -183,7 +182,9 @@ def test_implicit_gradient_equals_unrolled_at_convergence(backend, reach):
     grads = {}
     for mode in ("unrolled", "implicit"):
         x = scores.clone().requires_grad_()
-        out, info = mmot.sinkhorn(x, 0.5, 3000, row_counts=rows, col_counts=cols, tol=1e-12, reach=reach, grad=mode, return_info=True, backend=backend)
+        out, info = mmot.sinkhorn(
+            x, 0.5, 3000, row_counts=rows, col_counts=cols, tol=1e-12, reach=reach, grad=mode, return_info=True, backend=backend
+        )
         assert (info.marginal_error <= 1e-12).all()
         # A random upstream: one of the form a_i + b_j (a linspace is one) has an exactly zero gradient.
         upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -199,7 +200,16 @@ def test_options_trace_without_graph_breaks(native_backend):
 
     def step(s):
         plan, (f, g), info = mmot.sinkhorn(
-            s, 0.2, 30, row_counts=rows, col_counts=cols, tol=1e-4, eps_schedule="geometric", return_potentials=True, return_info=True, backend=native_backend
+            s,
+            0.2,
+            30,
+            row_counts=rows,
+            col_counts=cols,
+            tol=1e-4,
+            eps_schedule="geometric",
+            return_potentials=True,
+            return_info=True,
+            backend=native_backend,
         )
         return plan.sum() + f.sum() + info.marginal_error.sum()
 

@@ -8,6 +8,7 @@ fallback.
 from mmot import nn
 from mmot._checks import set_checks
 from mmot.c3 import collapse, corrupt, modality_gap
+from mmot.ops._sinkhorn_options import EpsSchedule, SinkhornInfo
 from mmot.ops.anchor_consistency import anchor_consistency_loss
 from mmot.ops.brownian_bridge import brownian_bridge_loss
 from mmot.ops.feature_separation import feature_separation_loss
@@ -15,7 +16,6 @@ from mmot.ops.geometric_consistency import geometric_consistency
 from mmot.ops.info_nce import info_nce
 from mmot.ops.multi_info_nce import multi_info_nce
 from mmot.ops.multi_sinkhorn import multi_sinkhorn
-from mmot.ops._sinkhorn_options import EpsSchedule, SinkhornInfo
 from mmot.ops.nt_xent import nt_xent
 from mmot.ops.similarity import similarity
 from mmot.ops.similarity_regression import pairwise_similarity_regression

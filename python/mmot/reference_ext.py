@@ -101,7 +101,8 @@ def sinkhorn_ext(
         g_j = e log c_j − τ e LSE_i((S_ij + f_i)/e)     (columns, valid rows i)
         f_i = e log r_i − τ e LSE_j((S_ij + g_j)/e)     (rows, valid columns j)
 
-    (the unbalanced form with reference measure r⊗c, POT's ``sinkhorn_unbalanced``) and err = max_j |Σ_i P_ij − ĉ_j| / ĉ_j for the plan P = exp((S + f + g)/e), with ĉ_j the
+    (the unbalanced form with reference measure r⊗c, POT's ``sinkhorn_unbalanced``) and
+    err = max_j |Σ_i P_ij − ĉ_j| / ĉ_j for the plan P = exp((S + f + g)/e), with ĉ_j the
     column sums the next column step would set (c_j when balanced). ``log_domain`` is accepted
     for the kernels' signature: this form is the log domain, which every domain equals.
     """

@@ -64,23 +64,26 @@ def ragged(args) -> None:
     eps, iters = 0.05, 20
     print(f"ragged: {problems} problems, N and K uniform in [4, 64], float32, eps {eps}, {iters} iterations")
     for backward in (False, True):
-        ragged_in, padded_in = scores.clone().requires_grad_(backward), scores.clone().requires_grad_(backward)
-        loop_in = [m.clone().requires_grad_(backward) for m in mats]
-
-        def finish(outs):
-            # A plan's plain sum has a zero gradient (its total is fixed): square it.
-            if backward:
-                torch.stack([o.square().sum() for o in outs]).sum().backward()
-
-        calls = {
-            "mmot ragged": lambda: finish([mmot.sinkhorn(ragged_in, eps, iters, row_counts=rows, col_counts=cols)]),
-            "python loop": lambda: finish([mmot.sinkhorn(m, eps, iters) for m in loop_in]),
-            "padded": lambda: finish([mmot.sinkhorn(padded_in, eps, iters, row_mass=row_mass, col_mass=col_mass)]),
-        }
-        best = best_ms(calls, args.repeats)
+        best = best_ms(_ragged_calls(scores, rows, cols, mats, row_mass, col_mass, eps, iters, backward), args.repeats)
         mode = "forward+backward" if backward else "forward"
         base = best["mmot ragged"]
         print(f"  {mode:17s} " + "  ".join(f"{name} {ms:9.2f} ms ({ms / base:5.2f}x)" for name, ms in best.items()), flush=True)
+
+
+def _ragged_calls(scores, rows, cols, mats, row_mass, col_mass, eps, iters, backward):
+    ragged_in, padded_in = scores.clone().requires_grad_(backward), scores.clone().requires_grad_(backward)
+    loop_in = [m.clone().requires_grad_(backward) for m in mats]
+
+    def finish(outs):
+        # A plan's plain sum has a zero gradient (its total is fixed): square it.
+        if backward:
+            torch.stack([o.square().sum() for o in outs]).sum().backward()
+
+    return {
+        "mmot ragged": lambda: finish([mmot.sinkhorn(ragged_in, eps, iters, row_counts=rows, col_counts=cols)]),
+        "python loop": lambda: finish([mmot.sinkhorn(m, eps, iters) for m in loop_in]),
+        "padded": lambda: finish([mmot.sinkhorn(padded_in, eps, iters, row_mass=row_mass, col_mass=col_mass)]),
+    }
 
 
 def eps_scaling(args) -> None:
@@ -136,13 +139,16 @@ def implicit(args) -> None:
                     graphs[mode] = mmot.sinkhorn(scores, 0.05, iters, grad=mode)
                 else:
                     graphs[mode] = mmot.multi_sinkhorn(scores, k // 2, 0.07, iters, grad=mode)
-            calls = {mode: (lambda out=out: torch.autograd.grad(out, scores, upstream, retain_graph=True)) for mode, out in graphs.items()}
-            best = best_ms(calls, args.repeats)
+            best = best_ms(_backward_calls(graphs, scores, upstream), args.repeats)
             print(
                 f"implicit: {op} {n}x{k}, {iters:3d} iterations: backward unrolled {best['unrolled']:9.2f} ms, "
                 f"implicit {best['implicit']:9.2f} ms ({best['unrolled'] / best['implicit']:.2f}x faster)",
                 flush=True,
             )
+
+
+def _backward_calls(graphs, scores, upstream):
+    return {mode: (lambda out=out: torch.autograd.grad(out, scores, upstream, retain_graph=True)) for mode, out in graphs.items()}
 
 
 CASES = {"ragged": ragged, "eps-scaling": eps_scaling, "warm-start": warm_start, "implicit": implicit}

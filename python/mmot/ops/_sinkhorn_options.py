@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from mmot import _checks, reference, reference_ext
+from mmot import _checks, reference_ext
 
 GRAD_CHOICES = ("unrolled", "implicit")
 
@@ -114,7 +114,10 @@ def _pad_list(op: str, matrices) -> Batch:
         if first is None:
             first = m
         elif m.dtype != first.dtype or m.device != first.device:
-            raise ValueError(f"{op}: argument '{name}' must have the dtype and device of scores[0] ({first.dtype}, {first.device}); got {m.dtype}, {m.device}")
+            raise ValueError(
+                f"{op}: argument '{name}' must have the dtype and device of scores[0] ({first.dtype}, {first.device}); "
+                f"got {m.dtype}, {m.device}"
+            )
     shapes = [(int(m.shape[0]), int(m.shape[1])) for m in matrices]
     n, k = max(s[0] for s in shapes), max(s[1] for s in shapes)
     padded = first.new_zeros((len(matrices), n, k))
@@ -129,7 +132,10 @@ def _counts(op: str, name: str, counts, batch_shape: torch.Size, size: int, devi
     if counts is None:
         return torch.full((math.prod(batch_shape),), size, dtype=torch.int64, device=device)
     if not isinstance(counts, Tensor) or counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
-        raise TypeError(f"{op}: argument '{name}' must be an integer tensor of shape {tuple(batch_shape)}; got {type(counts).__name__}" + (f" of {counts.dtype}" if isinstance(counts, Tensor) else ""))
+        raise TypeError(
+            f"{op}: argument '{name}' must be an integer tensor of shape {tuple(batch_shape)}; got {type(counts).__name__}"
+            + (f" of {counts.dtype}" if isinstance(counts, Tensor) else "")
+        )
     if counts.shape != batch_shape:
         raise ValueError(f"{op}: argument '{name}' must have the batch shape {tuple(batch_shape)} of 'scores'; got {tuple(counts.shape)}")
     _checks.same_device(op, name, counts, torch.empty(0, device=device), "scores")
@@ -176,7 +182,9 @@ def schedule(op: str, eps_schedule, eps: float, n_iters: int, batch: Batch) -> t
     if isinstance(eps_schedule, str) and eps_schedule == "geometric":
         eps_schedule = EpsSchedule()
     if not isinstance(eps_schedule, EpsSchedule):
-        raise TypeError(f"{op}: argument 'eps_schedule' must be None, 'geometric' or an mmot.EpsSchedule; got {type(eps_schedule).__name__}")
+        raise TypeError(
+            f"{op}: argument 'eps_schedule' must be None, 'geometric' or an mmot.EpsSchedule; got {type(eps_schedule).__name__}"
+        )
     decay = _checks.positive_float(op, "eps_schedule.decay", eps_schedule.decay)
     if not decay < 1:
         raise ValueError(f"{op}: argument 'eps_schedule.decay' must lie in (0, 1); got {decay}")
@@ -186,9 +194,10 @@ def schedule(op: str, eps_schedule, eps: float, n_iters: int, batch: Batch) -> t
         low = filled.detach().amin((-2, -1)).double()
         start = high - low
     else:
-        start = torch.full((count,), _checks.positive_float(op, "eps_schedule.start", eps_schedule.start), dtype=torch.float64, device=filled.device)
+        start = torch.full(
+            (count,), _checks.positive_float(op, "eps_schedule.start", eps_schedule.start), dtype=torch.float64, device=filled.device
+        )
     # The last iteration must run at eps: lower the start to eps / decay^(n_iters-1), with a
     # margin for the rounding of the repeated products that give ε_t.
     latest = eps * (1 - 1e-9) * math.exp(-(n_iters - 1) * math.log(decay)) if (n_iters - 1) * -math.log(decay) < 700 else math.inf
     return torch.clamp(torch.minimum(start, torch.full_like(start, latest)), min=eps), decay
-

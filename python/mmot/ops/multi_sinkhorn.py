@@ -11,9 +11,9 @@ from mmot import _backend, _checks, _rust, reference
 from mmot._columns import LOCAL, ShardedColumns
 from mmot.ops import _sharded
 from mmot.ops import _sinkhorn_options as options
+from mmot.ops._kernels import Kernels, triton_kernels
 from mmot.ops._sinkhorn_options import EpsSchedule, SinkhornInfo
 from mmot.ops.multi_sinkhorn_ext import multi_sinkhorn_ext_op
-from mmot.ops._kernels import Kernels, triton_kernels
 from mmot.reverse import multi_sinkhorn as reverse
 
 OP = "mmot.multi_sinkhorn"
@@ -113,7 +113,22 @@ def multi_sinkhorn(
         if process_group is not None:
             raise ValueError(f"{OP}: the options (ragged sizes, tol, return_info, eps_schedule, grad) do not combine with 'process_group'")
         return _with_options(
-            scores, k, eps, n_iters, low_weight, slot_weights, anchor_mass, normalize, row_counts, col_counts, tol, return_info, eps_schedule, grad, log_domain, backend
+            scores,
+            k,
+            eps,
+            n_iters,
+            low_weight,
+            slot_weights,
+            anchor_mass,
+            normalize,
+            row_counts,
+            col_counts,
+            tol,
+            return_info,
+            eps_schedule,
+            grad,
+            log_domain,
+            backend,
         )
     scores = _checks.float_tensor(OP, "scores", scores, min_dim=2, shape_hint="(..., N, K)")
     n_rows, n_slots = scores.shape[-2:]
@@ -143,7 +158,24 @@ def multi_sinkhorn(
     return multi_sinkhorn_op(scores, eps, n_iters, weights, k, mass, normalize, flag, backend)
 
 
-def _with_options(scores, k, eps, n_iters, low_weight, slot_weights, anchor_mass, normalize, row_counts, col_counts, tol, return_info, eps_schedule, grad, log_domain, backend):
+def _with_options(
+    scores,
+    k,
+    eps,
+    n_iters,
+    low_weight,
+    slot_weights,
+    anchor_mass,
+    normalize,
+    row_counts,
+    col_counts,
+    tol,
+    return_info,
+    eps_schedule,
+    grad,
+    log_domain,
+    backend,
+):
     """The options path: checks, slot groups per problem, then ``mmot::multi_sinkhorn_ext``."""
     batch = options.batch(OP, scores, row_counts, col_counts)
     n_slots = batch.scores.shape[-1]
@@ -206,7 +238,10 @@ def _ragged_groups(batch, k, low_weight, slot_weights) -> tuple[list[float], Ten
     else:
         k = _checks.int_in_range(OP, "k", k, 1, batch.scores.shape[-1])
         if _checks.value_checks_enabled() and not torch.compiler.is_compiling() and k > int(batch.col_counts.min()):
-            raise ValueError(f"{OP}: argument 'k' must be at most every problem's number of columns (the smallest is {int(batch.col_counts.min())}); got {k}")
+            raise ValueError(
+                f"{OP}: argument 'k' must be at most every problem's number of columns "
+                f"(the smallest is {int(batch.col_counts.min())}); got {k}"
+            )
         top = torch.full_like(k_b, k)
     if low == 1.0:
         return [1.0], k_b[:, None], top[:, None]

@@ -44,7 +44,20 @@ def _forward(backend, scores, row_counts, col_counts, weights, counts, tops, eps
         _check_values(scores, row_counts, col_counts, weights, eps, log_domain)
     dtype = _working_dtype(scores, eps, weights)
     target, f, gam, h, iters, err = _FORWARD(
-        backend, scores.to(dtype), row_counts, col_counts, weights, counts.to(dtype), tops.to(dtype), eps_start, eps, decay, n_iters, tol, normalize, log_domain
+        backend,
+        scores.to(dtype),
+        row_counts,
+        col_counts,
+        weights,
+        counts.to(dtype),
+        tops.to(dtype),
+        eps_start,
+        eps,
+        decay,
+        n_iters,
+        tol,
+        normalize,
+        log_domain,
     )
     out = (target, f, gam, h)
     return tuple(x.to(scores.dtype) for x in out) + (iters, err.to(reference.compute_dtype(scores.dtype)))
@@ -58,7 +71,9 @@ def _backward_torch(grad, scores, row_counts, col_counts, weights, counts, tops,
     """Autograd through the reference's replay of ``iters`` iterations (exact, explicit in the op)."""
 
     def target(s):
-        return reference_ext.multi_sinkhorn_ext(s, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, 1, -1.0, normalize, log_domain, iters)[0]
+        return reference_ext.multi_sinkhorn_ext(
+            s, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, 1, -1.0, normalize, log_domain, iters
+        )[0]
 
     _, vjp = torch.func.vjp(target, scores)
     return vjp(grad)[0]
@@ -108,16 +123,24 @@ def multi_sinkhorn_ext_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Devices without a kernel of their own run the torch backend."""
-    return _forward("torch", scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain)
+    return _forward(
+        "torch", scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain
+    )
 
 
 @multi_sinkhorn_ext_op.register_kernel(("cpu", "cuda"))
-def _multi_sinkhorn_ext_kernel(scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain, grad, backend):
-    return _forward(backend, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain)
+def _multi_sinkhorn_ext_kernel(
+    scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain, grad, backend
+):
+    return _forward(
+        backend, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain
+    )
 
 
 @multi_sinkhorn_ext_op.register_fake
-def _multi_sinkhorn_ext_fake(scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain, grad, backend):
+def _multi_sinkhorn_ext_fake(
+    scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain, grad, backend
+):
     b, n, k = scores.shape
     groups = len(weights)
     return (
@@ -148,18 +171,39 @@ def multi_sinkhorn_ext_backward_op(
     backend: str,
 ) -> Tensor:
     """The exact VJP of the unrolled iteration and the min-max step; other devices run the torch backend."""
-    return _backward_unrolled("torch", grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain)
+    return _backward_unrolled(
+        "torch", grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain
+    )
 
 
 @multi_sinkhorn_ext_backward_op.register_kernel(("cpu", "cuda"))
-def _multi_sinkhorn_ext_backward_kernel(grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain, backend):
-    return _backward_unrolled(backend, grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain)
+def _multi_sinkhorn_ext_backward_kernel(
+    grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain, backend
+):
+    return _backward_unrolled(
+        backend, grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain
+    )
 
 
-def _backward_unrolled(backend, grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain):
+def _backward_unrolled(
+    backend, grad, scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain
+):
     dtype = _working_dtype(scores, eps, weights)  # as the forward's
     out = _BACKWARD(
-        backend, grad.to(dtype), scores.to(dtype), row_counts, col_counts, weights, counts.to(dtype), tops.to(dtype), eps_start, eps, decay, iters, normalize, log_domain
+        backend,
+        grad.to(dtype),
+        scores.to(dtype),
+        row_counts,
+        col_counts,
+        weights,
+        counts.to(dtype),
+        tops.to(dtype),
+        eps_start,
+        eps,
+        decay,
+        iters,
+        normalize,
+        log_domain,
     )
     return out.to(scores.dtype)
 
@@ -190,7 +234,9 @@ def multi_sinkhorn_implicit_backward_op(
 
 
 @multi_sinkhorn_implicit_backward_op.register_kernel(("cpu", "cuda"))
-def _multi_sinkhorn_implicit_backward_kernel(grad, scores, f, gam, h, row_counts, col_counts, weights, counts, tops, eps, normalize, backend):
+def _multi_sinkhorn_implicit_backward_kernel(
+    grad, scores, f, gam, h, row_counts, col_counts, weights, counts, tops, eps, normalize, backend
+):
     return _implicit(grad, scores, f, gam, h, row_counts, col_counts, weights, counts, tops, eps, normalize, backend)
 
 
@@ -221,7 +267,9 @@ def _minmax_vjp(grad, scores, f, gam, h, row_counts, col_counts, weights, tops, 
 
 
 def _setup_context(ctx, inputs, output):
-    scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain, grad, backend = inputs
+    scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, n_iters, tol, normalize, log_domain, grad, backend = (
+        inputs
+    )
     target, f, gam, h, iters, err = output
     ctx.mark_non_differentiable(f, gam, h, iters, err)
     if grad == "implicit":
@@ -241,7 +289,20 @@ def _backward(ctx, grad_target, *_):
     else:
         scores, row_counts, col_counts, counts, tops, eps_start, iters = ctx.saved_tensors
         grad_scores = multi_sinkhorn_ext_backward_op(
-            grad_target.contiguous(), scores, row_counts, col_counts, weights, counts, tops, eps_start, eps, decay, iters, normalize, log_domain, backend
+            grad_target.contiguous(),
+            scores,
+            row_counts,
+            col_counts,
+            weights,
+            counts,
+            tops,
+            eps_start,
+            eps,
+            decay,
+            iters,
+            normalize,
+            log_domain,
+            backend,
         )
     return (grad_scores,) + (None,) * 14
 

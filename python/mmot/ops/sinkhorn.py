@@ -12,9 +12,9 @@ from mmot import _backend, _checks, _rust, reference, reference_ext
 from mmot._columns import LOCAL, ShardedColumns
 from mmot.ops import _sharded
 from mmot.ops import _sinkhorn_options as options
+from mmot.ops._kernels import Kernels, triton_kernels
 from mmot.ops._sinkhorn_options import EpsSchedule
 from mmot.ops.sinkhorn_ext import sinkhorn_ext_op
-from mmot.ops._kernels import Kernels, triton_kernels
 from mmot.reverse import sinkhorn as reverse
 
 OP = "mmot.sinkhorn"
@@ -108,9 +108,27 @@ def sinkhorn(
     options = (row_counts, col_counts, tol, eps_schedule, init, reach)
     if isinstance(scores, (list, tuple)) or any(o is not None for o in options) or return_info or return_potentials or grad != "unrolled":
         if process_group is not None:
-            raise ValueError(f"{OP}: the options (ragged sizes, tol, return_info, eps_schedule, init, return_potentials, grad, reach) do not combine with 'process_group'")
+            raise ValueError(
+                f"{OP}: the options (ragged sizes, tol, return_info, eps_schedule, init, return_potentials, grad, reach) "
+                f"do not combine with 'process_group'"
+            )
         return _with_options(
-            scores, eps, n_iters, row_mass, col_mass, row_counts, col_counts, tol, return_info, eps_schedule, init, return_potentials, grad, reach, log_domain, backend
+            scores,
+            eps,
+            n_iters,
+            row_mass,
+            col_mass,
+            row_counts,
+            col_counts,
+            tol,
+            return_info,
+            eps_schedule,
+            init,
+            return_potentials,
+            grad,
+            reach,
+            log_domain,
+            backend,
         )
     scores = _checks.float_tensor(OP, "scores", scores, min_dim=2, shape_hint="(..., N, K)")
     eps = _checks.reciprocal_fits(OP, "eps", _checks.positive_float(OP, "eps", eps), scores.dtype)
@@ -137,7 +155,24 @@ def sinkhorn(
     return sinkhorn_op(scores, eps, n_iters, rows, cols, flag, backend)
 
 
-def _with_options(scores, eps, n_iters, row_mass, col_mass, row_counts, col_counts, tol, return_info, eps_schedule, init, return_potentials, grad, reach, log_domain, backend):
+def _with_options(
+    scores,
+    eps,
+    n_iters,
+    row_mass,
+    col_mass,
+    row_counts,
+    col_counts,
+    tol,
+    return_info,
+    eps_schedule,
+    init,
+    return_potentials,
+    grad,
+    reach,
+    log_domain,
+    backend,
+):
     """The options path: checks, then ``mmot::sinkhorn_ext`` on the padded batch."""
     batch = options.batch(OP, scores, row_counts, col_counts)
     eps = _checks.reciprocal_fits(OP, "eps", _checks.positive_float(OP, "eps", eps), batch.dtype)
@@ -154,7 +189,21 @@ def _with_options(scores, eps, n_iters, row_mass, col_mass, row_counts, col_coun
     eps_start, decay = options.schedule(OP, eps_schedule, eps, n_iters, batch)
     init_f = _initial_rows(batch, init, batch.scores.to(dtype), rows, eps_start, eps, reach)
     plan, f, g, iters, err = sinkhorn_ext_op(
-        batch.scores, rows, cols, batch.row_counts, batch.col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, flag, grad, backend
+        batch.scores,
+        rows,
+        cols,
+        batch.row_counts,
+        batch.col_counts,
+        init_f,
+        eps_start,
+        eps,
+        decay,
+        n_iters,
+        tol,
+        reach,
+        flag,
+        grad,
+        backend,
     )
     result = [batch.matrices(plan)]
     if return_potentials:
@@ -226,14 +275,18 @@ def _init_part(batch, name: str, value, size: int, valid: Tensor, dtype) -> Tens
     if batch.shapes is not None:
         if not isinstance(value, (list, tuple)) or len(value) != len(batch.shapes):
             raise ValueError(f"{OP}: argument '{name}' must be a list of {len(batch.shapes)} 1-D tensors when 'scores' is a list")
-        value = torch.nn.utils.rnn.pad_sequence([_checks.float_tensor(OP, name, v, min_dim=1, shape_hint="(L,)") for v in value], batch_first=True)
+        value = torch.nn.utils.rnn.pad_sequence(
+            [_checks.float_tensor(OP, name, v, min_dim=1, shape_hint="(L,)") for v in value], batch_first=True
+        )
         value = torch.nn.functional.pad(value, (0, size - value.shape[-1]))
     else:
         value = _checks.float_tensor(OP, name, value, min_dim=1, shape_hint=f"(..., {size})")
         try:
             value = value.expand(batch.batch_shape + (size,))
         except RuntimeError:
-            raise ValueError(f"{OP}: argument '{name}' must broadcast to {tuple(batch.batch_shape + (size,))}; got shape {tuple(value.shape)}") from None
+            raise ValueError(
+                f"{OP}: argument '{name}' must broadcast to {tuple(batch.batch_shape + (size,))}; got shape {tuple(value.shape)}"
+            ) from None
     value = value.reshape(-1, size).detach().to(dtype)
     return torch.where(valid, value, 0.0).contiguous()
 

@@ -80,7 +80,20 @@ def _forward(backend, scores, row_mass, col_mass, row_counts, col_counts, init_f
         _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, reach, log_domain, eps)
     dtype = reference.compute_dtype(scores.dtype)
     plan, f, g, iters, err = _FORWARD(
-        backend, scores.to(dtype), row_mass.to(dtype), col_mass.to(dtype), row_counts, col_counts, init_f.to(dtype), eps_start, eps, decay, n_iters, tol, reach, log_domain
+        backend,
+        scores.to(dtype),
+        row_mass.to(dtype),
+        col_mass.to(dtype),
+        row_counts,
+        col_counts,
+        init_f.to(dtype),
+        eps_start,
+        eps,
+        decay,
+        n_iters,
+        tol,
+        reach,
+        log_domain,
     )
     if checks and not bool(torch.isfinite(err).all()):
         _explain_non_finite(scores, row_counts, col_counts, eps)
@@ -99,7 +112,9 @@ def _backward_torch(grad, scores, row_mass, col_mass, row_counts, col_counts, in
     """Autograd through the reference's replay of ``iters`` iterations (exact, explicit in the op)."""
 
     def plan(s):
-        return reference_ext.sinkhorn_ext(s, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, 1, -1.0, reach, log_domain, iters)[0]
+        return reference_ext.sinkhorn_ext(
+            s, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, 1, -1.0, reach, log_domain, iters
+        )[0]
 
     _, vjp = torch.func.vjp(plan, scores)
     return vjp(grad)[0]
@@ -147,16 +162,24 @@ def sinkhorn_ext_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Devices without a kernel of their own run the torch backend."""
-    return _forward("torch", scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain)
+    return _forward(
+        "torch", scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain
+    )
 
 
 @sinkhorn_ext_op.register_kernel(("cpu", "cuda"))
-def _sinkhorn_ext_kernel(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain, grad, backend):
-    return _forward(backend, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain)
+def _sinkhorn_ext_kernel(
+    scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain, grad, backend
+):
+    return _forward(
+        backend, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain
+    )
 
 
 @sinkhorn_ext_op.register_fake
-def _sinkhorn_ext_fake(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain, grad, backend):
+def _sinkhorn_ext_fake(
+    scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain, grad, backend
+):
     b = scores.shape[0]
     return (
         torch.empty_like(scores),
@@ -185,18 +208,39 @@ def sinkhorn_ext_backward_op(
     backend: str,
 ) -> Tensor:
     """The exact VJP of the unrolled iteration; devices without a kernel of their own run the torch backend."""
-    return _backward_unrolled("torch", grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain)
+    return _backward_unrolled(
+        "torch", grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain
+    )
 
 
 @sinkhorn_ext_backward_op.register_kernel(("cpu", "cuda"))
-def _sinkhorn_ext_backward_kernel(grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain, backend):
-    return _backward_unrolled(backend, grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain)
+def _sinkhorn_ext_backward_kernel(
+    grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain, backend
+):
+    return _backward_unrolled(
+        backend, grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain
+    )
 
 
-def _backward_unrolled(backend, grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain):
+def _backward_unrolled(
+    backend, grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain
+):
     dtype = reference.compute_dtype(scores.dtype)  # as the forward's
     out = _BACKWARD(
-        backend, grad.to(dtype), scores.to(dtype), row_mass.to(dtype), col_mass.to(dtype), row_counts, col_counts, init_f.to(dtype), eps_start, eps, decay, iters, reach, log_domain
+        backend,
+        grad.to(dtype),
+        scores.to(dtype),
+        row_mass.to(dtype),
+        col_mass.to(dtype),
+        row_counts,
+        col_counts,
+        init_f.to(dtype),
+        eps_start,
+        eps,
+        decay,
+        iters,
+        reach,
+        log_domain,
     )
     return out.to(scores.dtype)
 
@@ -207,7 +251,9 @@ def _sinkhorn_ext_backward_fake(grad, scores, *_):
 
 
 @torch.library.custom_op("mmot::sinkhorn_implicit_backward", mutates_args=())
-def sinkhorn_implicit_backward_op(grad: Tensor, plan: Tensor, row_counts: Tensor, col_counts: Tensor, eps: float, reach: float, backend: str) -> Tensor:
+def sinkhorn_implicit_backward_op(
+    grad: Tensor, plan: Tensor, row_counts: Tensor, col_counts: Tensor, eps: float, reach: float, backend: str
+) -> Tensor:
     """The adjoint of the converged fixed point; devices without a kernel of their own run the torch backend."""
     return _backward_implicit("torch", grad, plan, row_counts, col_counts, eps, reach)
 
@@ -228,7 +274,9 @@ def _sinkhorn_implicit_backward_fake(grad, plan, *_):
 
 
 def _setup_context(ctx, inputs, output):
-    scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain, grad, backend = inputs
+    scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, n_iters, tol, reach, log_domain, grad, backend = (
+        inputs
+    )
     plan, f, g, iters, err = output
     ctx.mark_non_differentiable(f, g, iters, err)
     if grad == "implicit":
@@ -246,7 +294,20 @@ def _backward(ctx, grad_plan, *_):
     else:
         scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, iters = ctx.saved_tensors
         grad_scores = sinkhorn_ext_backward_op(
-            grad_plan.contiguous(), scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain, backend
+            grad_plan.contiguous(),
+            scores,
+            row_mass,
+            col_mass,
+            row_counts,
+            col_counts,
+            init_f,
+            eps_start,
+            eps,
+            decay,
+            iters,
+            reach,
+            log_domain,
+            backend,
         )
     return (grad_scores,) + (None,) * 14
 
