@@ -87,19 +87,20 @@ def _ragged_calls(scores, rows, cols, mats, row_mass, col_mass, eps, iters, back
 
 
 def eps_scaling(args) -> None:
-    batch, n, k = (2, 64, 32) if args.tiny else (16, 512, 256)
+    batch, n, k = (2, 64, 32) if args.tiny else (16, 256, 128)
     scores = cosine_scores(n, k, batch=(batch,)).double()
-    eps, tol, cap = 1e-3, 1e-4, 20000
+    eps, tol, cap = 1e-3, 1e-3, 20000
     print(f"eps-scaling: {batch}x({n}x{k}) cosine scores, float64, eps {eps}, tol {tol}, cap {cap}")
+    schedules = {"cold": None, "geometric": "geometric", "decay 0.5": mmot.EpsSchedule(decay=0.5)}
     infos = {}
 
-    def run(name, **kwargs):
-        infos[name] = mmot.sinkhorn(scores, eps, cap, tol=tol, return_info=True, **kwargs)[1]
+    def run(name):
+        infos[name] = mmot.sinkhorn(scores, eps, cap, tol=tol, return_info=True, eps_schedule=schedules[name])[1]
 
-    best = best_ms({"cold": lambda: run("cold"), "geometric": lambda: run("geometric", eps_schedule="geometric")}, args.repeats)
+    best = best_ms({name: (lambda name=name: run(name)) for name in schedules}, args.repeats)
     for name, info in infos.items():
         print(
-            f"  {name:10s} iterations mean {info.n_iters.double().mean():8.1f} max {int(info.n_iters.max()):6d}  "
+            f"  {name:10s} iterations total {int(info.n_iters.sum()):7d} max {int(info.n_iters.max()):6d}  "
             f"max error {float(info.marginal_error.max()):.2e}  {best[name]:9.2f} ms",
             flush=True,
         )

@@ -45,7 +45,7 @@ class EpsSchedule:
     runs at ``eps``; with ``tol``, a problem stops only once ε_t has reached ``eps``.
     """
 
-    decay: float = 0.5
+    decay: float = 0.9
     start: float | None = None
 
 
