@@ -316,6 +316,35 @@ impl<T: Real> ReversePass<'_, T> {
                 }
             }
             den.fill(T::ZERO);
+            // C_G = B_G exp(h1 − h0) from B_G costs one exponential per group, not per
+            // element; it is exact but where B_G flushed to 0 and C_G need not have. For growths
+            // up to e^16 that difference stays below e^16 times the exponential's flush point;
+            // a row with a larger one takes an exponential per element.
+            let guard = T::from_f64(16.0);
+            if (0..n_groups).all(|g| h1[g] - h0[g] <= guard) {
+                for g in 0..n_groups {
+                    let (e, count) = (&mut plan_g[g * k..(g + 1) * k], groups.counts[g]);
+                    for j in 0..k {
+                        let x = (e[j] - max[j]).exp_fast();
+                        e[j] = x;
+                        den[j] += count * x;
+                    }
+                }
+                // B_G = exp(a − max − log den) = e / den: den >= the count of the max's
+                // group, >= 1, so this flushes to 0 exactly where the exponential would.
+                for j in 0..k {
+                    logits[j] = T::ONE / den[j];
+                }
+                for g in 0..n_groups {
+                    let grow = (h1[g] - h0[g]).exp_fast();
+                    let (b, c) = (
+                        &mut plan_g[g * k..(g + 1) * k],
+                        &mut plan_h[g * k..(g + 1) * k],
+                    );
+                    plain_plans_from(grow, logits, b, c);
+                }
+                return;
+            }
             for g in 0..n_groups {
                 for j in 0..k {
                     den[j] += groups.counts[g] * (plan_g[g * k + j] - max[j]).exp_fast();
@@ -540,6 +569,18 @@ fn plain_values<T: Real>(ch: T, e: &[T], f: &[T], v: &mut [T], den: &mut [T]) {
         let x = e[j] * f[j];
         v[j] = x;
         den[j] += ch * x;
+    }
+}
+
+/// `b = e · inv`, `c = b · grow` (log domain: the plans from the `g` step's exponentials).
+#[inline(always)]
+fn plain_plans_from<T: Real>(grow: T, inv: &[T], b: &mut [T], c: &mut [T]) {
+    let k = b.len();
+    let (inv, c) = (&inv[..k], &mut c[..k]);
+    for j in 0..k {
+        let x = b[j] * inv[j];
+        b[j] = x;
+        c[j] = x * grow;
     }
 }
 

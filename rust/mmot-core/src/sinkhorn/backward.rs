@@ -18,6 +18,9 @@
 //! element and step, so the gradient is accumulated in `out` as it goes: reverse pass `t`
 //! applies the column step `t`, which only needs the finished column adjoint `β̄_t`, and then
 //! the row step `t − 1` of the same row, whose column sums give `β̄_{t−1}` for the next pass.
+//! Pass T and reverse pass T take no exponentials: they read the replay's plan `P_T` from
+//! `out`, whose rows times `exp(α_{T−1} − α_T)` are reverse pass T's plan (guarded where that
+//! factor is large and `P_T` may have flushed to 0).
 
 use super::forward::{History, Workspace};
 use super::{Input, Problem};
@@ -34,6 +37,8 @@ pub(super) struct BackWorkspace<T> {
     ratio: Vec<T>,
     /// `β̄_t / c` of the current pass.
     col_adjoint_over_mass: Vec<T>,
+    /// Log domain: per row, `x = ⟨G, P⟩ / r`.
+    row_x: Vec<T>,
     /// Plain domain: per row, `u_T` and `x = ⟨G, P⟩ / r` (`[n, 2]`).
     last: Vec<T>,
     /// Plain domain: `ρ_t = u_{t−1}² ⟨E, w_t⟩ / r` per row at `t · n` (`t = 2..=T`).
@@ -257,9 +262,11 @@ impl<T: Real> Problem<T> {
             hist,
             ratio,
             col_adjoint_over_mass: bbc,
+            row_x,
             ..
         } = bw;
-        // The replay's plan goes to `out`, which pass T then overwrites row by row.
+        // The replay's plan P_T goes to `out`; pass T reads it, reverse pass T turns it into
+        // that step's plan and then overwrites it with the gradient, row by row.
         self.solve_log(input, cmax, out, fwd, Some(hist));
         if self.interrupt.requested() {
             return; // the replay stopped early
@@ -267,13 +274,14 @@ impl<T: Real> Problem<T> {
         let chunk_rows = rows_per_chunk(k);
         let chunk_count = n_chunks(n, chunk_rows);
         let Workspace {
-            state,
             partials,
             acc,
             scratch,
             ..
         } = fwd;
         let hist: &History<T> = hist;
+        row_x.clear();
+        row_x.resize(n, T::ZERO);
         // One row of the plan exp(L + α + β) for row potential `a` and column potentials `bp`.
         let plan_row = |row: usize, a: T, bp: &[T], dst: &mut [T]| {
             let srow = &s[row * k..(row + 1) * k];
@@ -282,37 +290,38 @@ impl<T: Real> Problem<T> {
             }
         };
 
-        // Pass T: the output's adjoint and the row step T. Y = P (G − ⟨G, P⟩_row / r_n).
-        {
-            let (at, bt) = (
-                &hist.row[iters * n..(iters + 1) * n],
-                &hist.col[(iters - 1) * k..iters * k],
-            );
-            run_pass(
-                n,
-                chunk_rows,
-                Strided::new(state, 1),
-                Strided::new(out, k),
-                Strided::new(partials, k),
-                Scratch::new(scratch, k),
-                #[inline(always)]
-                |rows, _st, o, part, pr| {
-                    part.fill(T::ZERO);
-                    for (i, row) in rows.enumerate() {
-                        plan_row(row, at[row], bt, pr);
-                        let grow = &grad[row * k..(row + 1) * k];
-                        let x = dot(grow, pr) / r[row];
-                        let orow = &mut o[i * k..(i + 1) * k];
-                        for j in 0..k {
-                            let y = pr[j] * (grow[j] - x);
-                            orow[j] = y;
-                            part[j] += y;
-                        }
+        // Pass T: the output's adjoint and the row step T, Y = P (G − x) with
+        // x = ⟨G, P⟩_row / r, from the replay's plan (no exponentials): x per row and the
+        // column sums β̄_T of Y; reverse pass T forms Y itself.
+        run_pass(
+            n,
+            chunk_rows,
+            Strided::new(row_x, 1),
+            Strided::new(out, k),
+            Strided::new(partials, k),
+            Scratch::new(scratch, 0),
+            #[inline(always)]
+            |rows, st, o, part, _| {
+                part.fill(T::ZERO);
+                let first = rows.start;
+                for (i, row) in rows.enumerate() {
+                    let p = &o[i * k..(i + 1) * k];
+                    let grow = &grad[row * k..(row + 1) * k];
+                    let x = dot(grow, p) / r[row];
+                    st[row - first] = x;
+                    for j in 0..k {
+                        part[j] += p[j] * (grow[j] - x);
                     }
-                },
-            );
-            reduce_partials(partials, chunk_count, acc);
-        }
+                }
+            },
+        );
+        reduce_partials(partials, chunk_count, acc);
+        // Reverse pass T's plan exp(L + α_{T−1} + β_T) is P_T exp(α_{T−1} − α_T): exact but
+        // where P_T flushed to 0 and it need not have. For growths up to e^16 that difference
+        // stays below e^16 times the exponential's flush point; a row with a larger one takes
+        // an exponential per element.
+        let guard = T::from_f64(16.0);
+        let a_last = &hist.row[iters * n..(iters + 1) * n];
 
         ratio.clear();
         ratio.resize(k, T::ZERO);
@@ -335,22 +344,41 @@ impl<T: Real> Problem<T> {
                 }
             }
             let first = t == 1;
+            let top = t == iters;
             let at = &hist.row[(t - 1) * n..t * n];
             let (bbc, ratio): (&[T], &[T]) = (bbc, ratio);
             run_pass(
                 n,
                 chunk_rows,
-                Strided::new(state, 1),
+                Strided::new(row_x, 1),
                 Strided::new(out, k),
                 Strided::new(partials, k),
                 Scratch::new(scratch, k),
                 #[inline(always)]
-                |rows, _st, o, part, pc| {
+                |rows, st, o, part, pc| {
                     part.fill(T::ZERO);
+                    let first_row = rows.start;
                     for (i, row) in rows.enumerate() {
-                        // Column step t: Pc = exp(L + α_{t−1} + β_t), columns summing to c.
-                        plan_row(row, at[row], bt, pc);
                         let orow = &mut o[i * k..(i + 1) * k];
+                        // Column step t: Pc = exp(L + α_{t−1} + β_t), columns summing to c.
+                        if top {
+                            // `orow` holds P_T: Pc from it, then Y over it.
+                            let d = at[row] - a_last[row];
+                            if d <= guard {
+                                let grow = d.exp_fast();
+                                for j in 0..k {
+                                    pc[j] = orow[j] * grow;
+                                }
+                            } else {
+                                plan_row(row, at[row], bt, pc);
+                            }
+                            let (grow, x) = (&grad[row * k..(row + 1) * k], st[row - first_row]);
+                            for j in 0..k {
+                                orow[j] *= grow[j] - x;
+                            }
+                        } else {
+                            plan_row(row, at[row], bt, pc);
+                        }
                         let abar = -dot(bbc, pc);
                         for j in 0..k {
                             orow[j] -= bbc[j] * pc[j];
