@@ -29,8 +29,9 @@ def assert_grads_close(got, want, dtype):
     tol = F64 if dtype == torch.float64 else F32
     for g, w in zip(got, want):
         # Gradients scale with 1/eps: compare relative to the largest entry (an exactly zero
-        # gradient, e.g. of a single sample, only has to come out at rounding level).
-        scale = max(float(w.abs().max()), 1e-3 if dtype == torch.float64 else 1.0)
+        # gradient, e.g. of a single sample or of a min-max over two anchors, only has to come
+        # out at rounding level: cancellations through the iterations leave ~1e-13 in float64).
+        scale = max(float(w.abs().max()), 1e-2 if dtype == torch.float64 else 1.0)
         torch.testing.assert_close(g.double() / scale, w.double() / scale, **tol)
 
 
