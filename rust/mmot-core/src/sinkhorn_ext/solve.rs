@@ -477,8 +477,7 @@ impl<T: Real> Problem<T> {
             } else {
                 let one_minus = T::from_f64(1.0 - tau);
                 (0..k).fold(T::ZERO, |a, j| {
-                    let ratio =
-                        (taut * cs[j].ln() - c[j].ln() + one_minus * gf[j] * ie).exp_fast();
+                    let ratio = (taut * cs[j].ln() - c[j].ln() + one_minus * gf[j] * ie).exp_fast();
                     nan_max(a, (ratio - T::ONE).abs())
                 })
             };
