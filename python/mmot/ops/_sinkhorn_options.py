@@ -143,13 +143,25 @@ def _counts(op: str, name: str, counts, batch_shape: torch.Size, size: int, devi
 
 
 def masked_fill_valid(batch: Batch) -> Tensor:
+    """:func:`fill_padding` of the batch's scores."""
+    return fill_padding(batch.scores, batch.row_counts, batch.col_counts)
+
+
+def fill_padding(scores: Tensor, row_counts: Tensor, col_counts: Tensor) -> Tensor:
     """The scores with every padded entry replaced by a valid score of its problem (row 0 of its
     column, or entry (0, 0) in padded columns): the column ranges that decide the domain and the
     dtype are then those of the valid entries, and padding values (even NaN) never matter."""
-    s = batch.scores
-    rows, cols = reference_ext.valid_masks(s.shape, batch.row_counts, batch.col_counts)
-    fill = torch.where(cols, s[:, :1, :], s[:, :1, :1])
-    return torch.where(rows & cols, s, fill)
+    rows, cols = reference_ext.valid_masks(scores.shape, row_counts, col_counts)
+    fill = torch.where(cols, scores[:, :1, :], scores[:, :1, :1])
+    return torch.where(rows & cols, scores, fill)
+
+
+def check_counts(op: str, scores: Tensor, row_counts: Tensor, col_counts: Tensor) -> None:
+    """Value check: every problem's sizes lie within the padded (B, N, K) batch (one host sync)."""
+    for name, counts, size in (("row_counts", row_counts, scores.shape[-2]), ("col_counts", col_counts, scores.shape[-1])):
+        low, high = int(counts.min()), int(counts.max())
+        if low < 1 or high > size:
+            raise ValueError(f"{op}: argument '{name}' must lie in 1..{size} (the padded size); got values from {low} to {high}")
 
 
 def tolerance(op: str, tol) -> float:

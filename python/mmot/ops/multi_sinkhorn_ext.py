@@ -12,6 +12,7 @@ from torch import Tensor
 
 from mmot import _checks, reference, reference_ext
 from mmot.ops import _implicit_rust, _multi_sinkhorn_ext_rust
+from mmot.ops import _sinkhorn_options as options
 from mmot.ops._kernels import Kernels, triton_entry, triton_kernels
 from mmot.reverse import implicit
 
@@ -21,10 +22,7 @@ KERNELS = "multi_sinkhorn_ext"  # mmot.kernels.multi_sinkhorn_ext
 
 def _check_values(scores, row_counts, col_counts, weights, eps, log_domain) -> None:
     """The value checks (one host sync each), made inside the op so that compiled graphs hold none."""
-    for name, counts, size in (("row_counts", row_counts, scores.shape[-2]), ("col_counts", col_counts, scores.shape[-1])):
-        low, high = int(counts.min()), int(counts.max())
-        if low < 1 or high > size:
-            raise ValueError(f"{OP}: argument '{name}' must lie in 1..{size} (the padded size); got values from {low} to {high}")
+    options.check_counts(OP, scores, row_counts, col_counts)
     _checks.finite(OP, "scores", scores)
     reference.check_log_range(scores, eps, max(weights), OP)
     if log_domain == "off":

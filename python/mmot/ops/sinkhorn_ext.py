@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mmot import _checks, reference, reference_ext
 from mmot.ops import _implicit_rust, _sinkhorn_ext_rust
+from mmot.ops import _sinkhorn_options as options
 from mmot.ops._kernels import Kernels, triton_entry, triton_kernels
 from mmot.reverse import implicit
 
@@ -24,7 +25,7 @@ KERNELS = "sinkhorn_ext"  # mmot.kernels.sinkhorn_ext
 def _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, reach, log_domain, eps) -> None:
     """The value checks made before the kernel runs: O(B·(N + K)), never a pass over the scores
     (the kernels read each valid score anyway; :func:`_explain_non_finite` reads them after)."""
-    _checks_counts(scores, row_counts, col_counts)
+    options.check_counts(OP, scores, row_counts, col_counts)
     rows, cols = reference_ext.valid_masks(scores.shape, row_counts, col_counts)
     _checks.finite(OP, "init", init_f)
     _checks.positive_masses(OP, "row_mass", torch.where(rows.squeeze(-1), row_mass, 1.0))
@@ -40,26 +41,12 @@ def _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, re
                 f"marginals); got a sum of {float(cols_total[worst]):.6g} where {float(rows_total[worst]):.6g} was expected"
             )
     if log_domain == "off":
-        reference.uses_log_domain(_valid_scores(scores, row_counts, col_counts), eps, 1.0, log_domain, op=OP)
-
-
-def _checks_counts(scores, row_counts, col_counts) -> None:
-    for name, counts, size in (("row_counts", row_counts, scores.shape[-2]), ("col_counts", col_counts, scores.shape[-1])):
-        low, high = int(counts.min()), int(counts.max())
-        if low < 1 or high > size:
-            raise ValueError(f"{OP}: argument '{name}' must lie in 1..{size} (the padded size); got values from {low} to {high}")
-
-
-def _valid_scores(scores, row_counts, col_counts) -> Tensor:
-    """The scores with each padded entry replaced by a valid one of its problem (row 0 of its
-    column, or entry (0, 0)), so that column statistics are those of the valid entries."""
-    rows, cols = reference_ext.valid_masks(scores.shape, row_counts, col_counts)
-    return torch.where(rows & cols, scores, torch.where(cols, scores[:, :1, :], scores[:, :1, :1]))
+        reference.uses_log_domain(options.fill_padding(scores, row_counts, col_counts), eps, 1.0, log_domain, op=OP)
 
 
 def _explain_non_finite(scores, row_counts, col_counts, eps) -> None:
     """A NaN marginal error means a problem the kernel could not compute: name the cause."""
-    valid = _valid_scores(scores, row_counts, col_counts)
+    valid = options.fill_padding(scores, row_counts, col_counts)
     _checks.finite(OP, "scores", valid)
     reference.check_log_range(valid, eps, 1.0, OP)
     raise ValueError(
