@@ -7,6 +7,7 @@ mmot.reference in float64, a problem's gradient to the same bits alone and in an
 the gradients to the same bits for any thread count.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -72,6 +73,34 @@ def test_sinkhorn_backward_at_small_eps(shape, eps):
     scores = random_scores(*shape, seed=3)
     fn = lambda s: mmot.sinkhorn(s, eps, 4, backend="rust")  # noqa: E731
     check(fn, sinkhorn_reference(eps, 4, "auto"), scores, torch.float64)
+
+
+def potential_growth(scores, eps, n_iters):
+    """Naive float64 log-domain iteration: the largest row plus column growth of an earlier plan over the last."""
+    n, k = scores.shape
+    lg = scores.double() / eps
+    log_r, log_c = torch.zeros(n, dtype=torch.float64), torch.full((k,), math.log(n / k), dtype=torch.float64)
+    rows, cols = [torch.zeros(n, dtype=torch.float64)], []
+    for _ in range(n_iters):
+        cols.append(log_c - torch.logsumexp(lg + rows[-1][:, None], 0))
+        rows.append(log_r - torch.logsumexp(lg + cols[-1][None, :], 1))
+    row_growth = max(float((a - rows[-1]).max()) for a in rows[:-1])
+    col_growth = max(float((b - cols[-1]).max()) for b in cols)
+    return row_growth + col_growth
+
+
+# The log backward runs the plain reverse pass over the last plan while the earlier plans are
+# that plan times factors below e^16, and recomputes every plan otherwise: one case of each.
+LOG_CASES = [(shape, 0.3, 5, True) for shape in STREAMING] + [((1, 40, 1500), 0.002, 6, True), ((1, 600, 70), 0.002, 6, False)]
+
+
+@pytest.mark.parametrize(("shape", "eps", "n_iters", "scaled"), LOG_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sinkhorn_log_backward_on_both_reverse_passes(shape, eps, n_iters, scaled, dtype):
+    scores = random_scores(*shape, seed=sum(shape))
+    assert all((potential_growth(s, eps, n_iters) <= 16) == scaled for s in scores)
+    fn = lambda s: mmot.sinkhorn(s, eps, n_iters, log_domain=True, backend="rust")  # noqa: E731
+    check(fn, sinkhorn_reference(eps, n_iters, "on"), scores, dtype)
 
 
 @pytest.mark.parametrize("shape", SMALL + STREAMING[:2])

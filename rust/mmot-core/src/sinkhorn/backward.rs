@@ -14,7 +14,11 @@
 //! nothing but `O(N + K)` vectors; a last pass writes the gradient over `E`, row by row. That
 //! is `T + 1` passes over `E` after the replay's `T`, against the forward's `T + 1`.
 //!
-//! Log domain ([`Problem::backward_log`]): the plans are recomputed with one exponential per
+//! Log domain ([`Problem::backward_log`]): every plan of the replay is its last plan `P_T` times
+//! row factors `exp(α_t − α_T)` and column factors `exp(β_t − β_T)`. While those factors stay
+//! below `e^16` (ε not too small for the iteration count), the replay's history is turned into
+//! them and the plain reverse pass runs over `P_T` as its `E`: no exponential per element.
+//! Otherwise the plans are recomputed with one exponential per
 //! element and step, so the gradient is accumulated in `out` as it goes: reverse pass `t`
 //! applies the column step `t`, which only needs the finished column adjoint `β̄_t`, and then
 //! the row step `t − 1` of the same row, whose column sums give `β̄_{t−1}` for the next pass.
@@ -74,22 +78,37 @@ impl<T: Real> Problem<T> {
         out: &mut [T],
         bw: &mut BackWorkspace<T>,
     ) {
+        let BackWorkspace {
+            fwd, hist, cmax, ..
+        } = bw;
+        cmax.resize(self.k, T::ZERO);
+        self.solve_plain(input, cmax, out, fwd, Some(hist), false);
+        if self.interrupt.requested() {
+            return; // the replay stopped early
+        }
+        self.reverse_scaled(grad, input, out, bw);
+    }
+
+    /// The reverse pass over a cached `E` (in `out`, times the per-chunk column factors
+    /// `fwd.corr`) whose step plans are `E` times the recorded scalings `hist` (`u_t` for
+    /// `t < T`, `v_t` for `t ≤ T`); writes the gradient over `E`.
+    fn reverse_scaled(
+        &self,
+        grad: &[T],
+        input: Input<'_, T>,
+        out: &mut [T],
+        bw: &mut BackWorkspace<T>,
+    ) {
         let (n, k, inv_eps, iters) = (self.n, self.k, self.inv_eps, self.n_iters);
         let (r, c) = (input.row_mass, input.col_mass);
         let BackWorkspace {
             fwd,
             hist,
-            cmax,
             last,
             rho,
             weights,
             ..
         } = bw;
-        cmax.resize(k, T::ZERO);
-        self.solve_plain(input, cmax, out, fwd, Some(hist), false);
-        if self.interrupt.requested() {
-            return; // the replay stopped early
-        }
         let chunk_rows = rows_per_chunk(k);
         let chunk_count = n_chunks(n, chunk_rows);
         let Workspace {
@@ -271,6 +290,12 @@ impl<T: Real> Problem<T> {
         if self.interrupt.requested() {
             return; // the replay stopped early
         }
+        if scale_by_last_plan(hist, n, k, iters) {
+            let chunk_count = n_chunks(n, rows_per_chunk(k));
+            fwd.corr.clear();
+            fwd.corr.resize(chunk_count * k, T::ONE);
+            return self.reverse_scaled(grad, input, out, bw);
+        }
         let chunk_rows = rows_per_chunk(k);
         let chunk_count = n_chunks(n, chunk_rows);
         let Workspace {
@@ -405,4 +430,35 @@ impl<T: Real> Problem<T> {
             }
         }
     }
+}
+
+/// Every plan of the log replay is `P_T` times row factors `exp(α_t − α_T)` and column factors
+/// `exp(β_t − β_T)`, so while those stay small the log backward can run the plain domain's
+/// reverse pass over `P_T` (no exponential per element). Where `P_T` flushed to 0 a scaled plan
+/// is 0 instead of at most `e^16` times the flush point; past that growth this returns false
+/// and leaves `hist` alone. Otherwise it turns `hist` into those factors in place.
+fn scale_by_last_plan<T: Real>(hist: &mut History<T>, n: usize, k: usize, iters: usize) -> bool {
+    let (rows, a_last) = hist.row.split_at_mut(iters * n);
+    let (cols, b_last) = hist.col.split_at_mut((iters - 1) * k);
+    let growth = |past: &[T], last: &[T]| {
+        past.chunks_exact(last.len())
+            .flat_map(|p| p.iter().zip(last).map(|(&x, &y)| x - y))
+            .fold(T::ZERO, |m, d| if d > m { d } else { m })
+    };
+    let guard = T::from_f64(16.0);
+    if growth(rows, a_last) + growth(cols, b_last) > guard {
+        return false;
+    }
+    for p in rows.chunks_exact_mut(n) {
+        for (x, &y) in p.iter_mut().zip(a_last.iter()) {
+            *x = (*x - y).exp_fast();
+        }
+    }
+    for p in cols.chunks_exact_mut(k) {
+        for (x, &y) in p.iter_mut().zip(b_last.iter()) {
+            *x = (*x - y).exp_fast();
+        }
+    }
+    b_last.fill(T::ONE);
+    true
 }
