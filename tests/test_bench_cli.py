@@ -171,9 +171,10 @@ def test_sinkhorn_options_bench_reports_every_case(capsys):
     rows, cols = torch.tensor([4, 64]), torch.tensor([64, 4])
     row_mass, col_mass = sinkhorn_options.padded_masses(rows, cols, 64)
     torch.testing.assert_close(row_mass.sum(-1), col_mass.sum(-1))
-    cli.main(["sinkhorn-options", "--tiny", "--repeats", "1", "--cases", "eps-scaling", "warm-start", "implicit"])
+    cli.main(["sinkhorn-options", "--tiny", "--repeats", "1", "--cases", "eps-scaling", "warm-start", "implicit", "overhead"])
     out = capsys.readouterr().out
     assert "geometric  iterations total" in out and "warm iterations" in out and out.count("x faster") == 4
+    assert out.count("options") == 5 + 1
     with pytest.raises(SystemExit):
         cli.main(["sinkhorn-options", "--cases", "nonsense"])
 

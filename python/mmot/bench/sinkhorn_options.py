@@ -7,7 +7,9 @@
   geometric ε-schedule;
 * ``warm-start``: iterations to reach a marginal error on consecutive SwAV batches, cold against
   starting from the previous batch's prototype potentials;
-* ``implicit``: the implicit backward against the unrolled one at 20 and 200 iterations.
+* ``implicit``: the implicit backward against the unrolled one at 20 and 200 iterations;
+* ``overhead``: what the options path costs per iteration: the default call against the same
+  call with ``return_info=True`` (same iterations, answer and gradient, run by the options ops).
 
 Every comparison alternates its providers round after round, so that they see the same load;
 times are the best of the rounds (milliseconds).
@@ -148,11 +150,37 @@ def implicit(args) -> None:
             )
 
 
+def overhead(args) -> None:
+    big = 64 if args.tiny else 65536
+    workloads = [
+        ("sinkhorn", (256, 100, 1) if args.tiny else (4096, 3000, 1), 3, lambda x, **o: mmot.sinkhorn(x, 0.05, 3, **o)),
+        ("sinkhorn", (4, 4, big), 20, lambda x, **o: mmot.sinkhorn(x, 0.05, 20, **o)),
+        ("sinkhorn", (16, 16, big), 20, lambda x, **o: mmot.sinkhorn(x, 0.05, 20, **o)),
+        (
+            "multi_sinkhorn k=K/2",
+            (256, 64, 1) if args.tiny else (7660, 64, 1),
+            20,
+            lambda x, **o: mmot.multi_sinkhorn(x, 32, 0.07, 20, **o),
+        ),
+        ("multi_sinkhorn k=K/2", (16, 16, big), 20, lambda x, **o: mmot.multi_sinkhorn(x, 8, 0.07, 20, **o)),
+    ]
+    print("overhead: forward ms of the default call and of the same call with return_info=True (the options path)")
+    for op, (n, k, batch), iters, call in workloads:
+        scores = cosine_scores(n, k, batch=(batch,)) if batch > 1 else cosine_scores(n, k)
+        calls = {"default": lambda c=call, x=scores: c(x), "options": lambda c=call, x=scores: c(x, return_info=True)}
+        best = best_ms(calls, args.repeats)
+        name = f"{op} {batch}x({n}x{k}), {iters} iters" if batch > 1 else f"{op} {n}x{k}, {iters} iters"
+        print(
+            f"  {name:44s} default {best['default']:9.2f}  options {best['options']:9.2f}  ({best['options'] / best['default']:5.2f}x)",
+            flush=True,
+        )
+
+
 def _backward_calls(graphs, scores, upstream):
     return {mode: (lambda out=out: torch.autograd.grad(out, scores, upstream, retain_graph=True)) for mode, out in graphs.items()}
 
 
-CASES = {"ragged": ragged, "eps-scaling": eps_scaling, "warm-start": warm_start, "implicit": implicit}
+CASES = {"ragged": ragged, "eps-scaling": eps_scaling, "warm-start": warm_start, "implicit": implicit, "overhead": overhead}
 
 
 def main(argv: list[str]) -> None:
