@@ -59,6 +59,7 @@ class Batch:
     batch_shape: torch.Size
     shapes: list[tuple[int, int]] | None  # the matrices' shapes for list input, else None
     dtype: torch.dtype  # the caller's dtype
+    padded: bool  # whether any problem is smaller than the batch (counts or a list given)
 
     @property
     def rows(self) -> Tensor:
@@ -99,7 +100,7 @@ def batch(op: str, scores, row_counts, col_counts) -> Batch:
     flat = scores.reshape((-1, n, k))
     rows = _counts(op, "row_counts", row_counts, batch_shape, n, scores.device)
     cols = _counts(op, "col_counts", col_counts, batch_shape, k, scores.device)
-    return Batch(flat, rows, cols, batch_shape, None, scores.dtype)
+    return Batch(flat, rows, cols, batch_shape, None, scores.dtype, row_counts is not None or col_counts is not None)
 
 
 def _pad_list(op: str, matrices) -> Batch:
@@ -125,7 +126,7 @@ def _pad_list(op: str, matrices) -> Batch:
         padded[b, : m.shape[0], : m.shape[1]] = m
     rows = torch.tensor([s[0] for s in shapes], dtype=torch.int64, device=first.device)
     cols = torch.tensor([s[1] for s in shapes], dtype=torch.int64, device=first.device)
-    return Batch(padded, rows, cols, torch.Size([len(matrices)]), shapes, first.dtype)
+    return Batch(padded, rows, cols, torch.Size([len(matrices)]), shapes, first.dtype, True)
 
 
 def _counts(op: str, name: str, counts, batch_shape: torch.Size, size: int, device) -> Tensor:
@@ -143,7 +144,9 @@ def _counts(op: str, name: str, counts, batch_shape: torch.Size, size: int, devi
 
 
 def masked_fill_valid(batch: Batch) -> Tensor:
-    """:func:`fill_padding` of the batch's scores."""
+    """:func:`fill_padding` of the batch's scores (the scores themselves when nothing is padded)."""
+    if not batch.padded:
+        return batch.scores
     return fill_padding(batch.scores, batch.row_counts, batch.col_counts)
 
 
