@@ -118,7 +118,7 @@ SAMPLE_ARGS: dict[str, Callable[[], tuple]] = {
     "multi_sinkhorn_implicit_backward": lambda: (
         *(_f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2, 2), _f64(1, 2, 2)),
         *(np.full(1, 2, dtype=np.int64), np.full(1, 2, dtype=np.int64), _f64(1, 2), _f64(1, 2), _f64(1, 2, 2), _index()),
-        *([1.0, 0.5], 0.1, 1),
+        *([1.0, 0.5], 0.1, "minmax", 1),
     ),
 }
 

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from mmot.reverse import implicit as torch_impl
 
@@ -168,7 +168,14 @@ MULTI_CASES = {
 }
 
 
-def _multi_case(weights, problems, eps, seed, iters=800):
+def naive_minmax(t):
+    """Each row rescaled to [0, 1] (no constant rows in these cases)."""
+    lo, hi = t.amin(-1, keepdim=True), t.amax(-1, keepdim=True)
+    return (t - lo) / (hi - lo)
+
+
+def _multi_case(weights, problems, eps, seed, iters=800, minmax=False):
+    """``minmax``: the references differentiate min-max(T_raw), and the upstream is ∂L/∂T."""
     gen = torch.Generator().manual_seed(seed)
     g_count = len(weights)
     blocks = {"s": [], "up": [], "f": [], "gam": [], "h": []}
@@ -177,7 +184,7 @@ def _multi_case(weights, problems, eps, seed, iters=800):
         s = torch.randn(n, k, dtype=torch.float64, generator=gen).requires_grad_()
         up = torch.randn(n, k, dtype=torch.float64, generator=gen)
         t, f, gam, h = naive_multi(s, weights, cnt, top, eps, iters)
-        (gs,) = torch.autograd.grad((t * up).sum(), s)
+        (gs,) = torch.autograd.grad(((naive_minmax(t) if minmax else t) * up).sum(), s)
         refs.append(gs)
         for key, x in zip(blocks, (s.detach(), up, f.detach(), gam.detach(), h.detach())):
             blocks[key].append(x)
@@ -314,10 +321,11 @@ def test_rust_results_do_not_depend_on_thread_count(monkeypatch, dtype):
         monkeypatch.setenv("MMOT_NUM_THREADS", threads)
         a = _implicit_rust.sinkhorn_implicit_backward(grad, plan, rows, cols, 0.3, 2.0)
         b = _implicit_rust.multi_sinkhorn_implicit_backward(grad, s, f, gam, h, rows, cols, [1.0, 0.5], counts, tops, 0.3)
-        results.append((a, b))
-    for a, b in results[1:]:
-        assert torch.equal(a, results[0][0]) and torch.equal(b, results[0][1])
-    assert results[0][0].abs().max() > 0 and results[0][1].abs().max() > 0
+        c = _implicit_rust.multi_sinkhorn_implicit_backward(grad, s, f, gam, h, rows, cols, [1.0, 0.5], counts, tops, 0.3, "minmax")
+        results.append((a, b, c))
+    for result in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(result, results[0]))
+    assert all(x.abs().max() > 0 for x in results[0])
 
 
 def test_rust_rejects_bad_counts():
@@ -364,3 +372,79 @@ def test_multi_rust_matches_torch_on_ragged_batches(shapes, weights, seed):
     ref = torch_impl.multi_sinkhorn_implicit_backward(**args)
     out = _implicit_rust.multi_sinkhorn_implicit_backward(**args)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+# ---- min-max inside the Rust kernel -----------------------------------------------------------
+
+
+# As MULTI_CASES, with no tops proportional to the counts: those make T_raw's rows constant
+# (Σ_G c_G P_G = 1), which min-max maps to 0.
+MINMAX_CASES = {
+    "two_groups": ([1.0, 0.6], [(5, 4, [2.0, 2.0], [2.0, 0.0]), (7, 5, [3.0, 2.0], [2.0, 1.0]), (3, 3, [1.0, 2.0], [0.0, 2.0])]),
+    "absent_group": MULTI_CASES["absent_group"],
+}
+
+
+@pytest.mark.parametrize("case", list(MINMAX_CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_multi_rust_minmax_matches_unrolled_autograd_at_convergence(case, dtype):
+    from mmot.ops import _implicit_rust
+
+    weights, problems = MINMAX_CASES[case]
+    args, refs = _multi_case(weights, problems, 0.5, seed=41, minmax=True)
+    args = {key: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for key, v in args.items()}
+    out = _implicit_rust.multi_sinkhorn_implicit_backward(**args, normalize="minmax")
+    assert out.dtype == dtype
+    # float32: as test_float32_agrees_with_float64, plus min-max's 1/(max − min).
+    _check_blocks(out.double(), refs, 1e-6 if dtype == torch.float64 else 5e-3)
+
+
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 7), st.integers(2, 6)), min_size=1, max_size=3),
+    weights=st.sampled_from([[1.0, 0.25], [0.5, 1.0, 2.0]]),
+    seed=st.integers(0, 2**16),
+)
+def test_multi_rust_minmax_matches_torch_minmax_vjp_then_torch(shapes, weights, seed):
+    # The op's torch path (min-max VJP from the rebuilt T_raw in torch, then the torch solve)
+    # against the Rust kernel's fused one, on ragged batches with NaN padding.
+    from mmot.ops import _implicit_rust
+    from mmot.ops.multi_sinkhorn_ext import _minmax_vjp
+
+    gen = torch.Generator().manual_seed(seed)
+    problems = []
+    for n, k in shapes:
+        cut = sorted(torch.randint(0, k + 1, (len(weights) - 1,), generator=gen).tolist())
+        cnt = [float(b - a) for a, b in zip([0, *cut], [*cut, k])]
+        top = [float(torch.randint(0, int(c) + 1, (1,), generator=gen).item()) for c in cnt]
+        # Tops proportional to the counts make T_raw's rows constant up to the unconverged
+        # iteration's residue, which min-max's 1/(max − min) then blows up (ill-posed).
+        assume(len({t / c for t, c in zip(top, cnt) if c}) > 1)
+        problems.append((n, k, cnt, top))
+    args, _ = _multi_case(weights, problems, 0.6, seed=seed, iters=30)
+    keys = ("grad_raw", "scores", "F", "Gam", "H", "row_counts", "col_counts", "weights", "tops", "eps")
+    grad_raw = _minmax_vjp(*(args[key] for key in keys))
+    ref = torch_impl.multi_sinkhorn_implicit_backward(**{**args, "grad_raw": grad_raw})
+    out = _implicit_rust.multi_sinkhorn_implicit_backward(**args, normalize="minmax")
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+def test_multi_rust_minmax_constant_rows_have_zero_gradient():
+    # Equal weights make every row of T_raw constant in exact arithmetic, and only rounding
+    # noise apart in the kernel: min-max maps such rows to 0 (the forward's rule), so the
+    # gradient is exactly 0; a kernel that divided by max − min there would not give 0.
+    from mmot.ops import _implicit_rust
+
+    args, _ = _multi_case([0.8, 0.8], [(5, 4, [2.0, 2.0], [1.0, 2.0]), (4, 3, [1.0, 2.0], [1.0, 1.0])], 0.5, seed=5, iters=300)
+    out = _implicit_rust.multi_sinkhorn_implicit_backward(**args, normalize="minmax")
+    assert (out == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_op_kernels_take_the_minmax_upstream(backend):
+    # The op's kernel table: torch and Triton get the min-max VJP in torch first, Rust fuses it.
+    from mmot.ops import multi_sinkhorn_ext
+
+    weights, problems = MINMAX_CASES["absent_group"]
+    args, refs = _multi_case(weights, problems, 0.5, seed=43, minmax=True)
+    out = multi_sinkhorn_ext._IMPLICIT(backend, *args.values(), "minmax")
+    _check_blocks(out, refs, 1e-6)

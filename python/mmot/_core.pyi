@@ -499,7 +499,7 @@ def sinkhorn_implicit_backward(
     """Implicit gradient of converged Sinkhorn's scores into ``out``; CG counts into ``iters``; returns the largest."""
 
 def multi_sinkhorn_implicit_backward(
-    grad_raw: npt.NDArray[np.floating],
+    grad: npt.NDArray[np.floating],
     scores: npt.NDArray[np.floating],
     f: npt.NDArray[np.floating],
     gam: npt.NDArray[np.floating],
@@ -512,6 +512,8 @@ def multi_sinkhorn_implicit_backward(
     iters: npt.NDArray[np.int64],
     weights: Sequence[float],
     eps: float,
+    normalize: str,
     num_threads: int,
 ) -> int:
-    """Implicit gradient of converged grouped Multi-SK's scores into ``out``; CG counts into ``iters``; returns the largest."""
+    """Implicit gradient of converged grouped Multi-SK's scores for ``grad`` = ∂L/∂T (after min-max with
+    ``normalize="minmax"``) into ``out``; CG counts into ``iters``; returns the largest."""

@@ -63,16 +63,22 @@ def multi_sinkhorn_implicit_backward(
     counts: Tensor,
     tops: Tensor,
     eps: float,
+    normalize: str = "none",
     *,
     iters: Tensor | None = None,
 ) -> Tensor:
-    """∂L/∂scores of converged grouped Multi-SK for ∂L/∂T_raw = ``grad_raw`` (see :mod:`mmot.reverse.implicit`)."""
+    """∂L/∂scores of converged grouped Multi-SK for ∂L/∂T_raw = ``grad_raw`` (see :mod:`mmot.reverse.implicit`).
+
+    With ``normalize="minmax"``, ``grad_raw`` is instead ∂L/∂T of the min-max-normalised target:
+    the kernel applies the min-max VJP row by row as it rebuilds T_raw (the other backends leave
+    that to their caller).
+    """
     dtype = scores.dtype
     arrays = [_array(t, dtype) for t in (grad_raw, scores, F, Gam, H)]
     rc, cc = _counts(row_counts), _counts(col_counts)
     cn, tp = _array(counts, dtype), _array(tops, dtype)
 
     def args(out, its):
-        return (*arrays, rc, cc, cn, tp, out, its, [float(w) for w in weights], float(eps), num_threads())
+        return (*arrays, rc, cc, cn, tp, out, its, [float(w) for w in weights], float(eps), normalize, num_threads())
 
     return _call("multi_sinkhorn_implicit_backward", args, dtype, scores.shape, iters)

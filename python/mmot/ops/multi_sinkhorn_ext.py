@@ -91,10 +91,25 @@ _BACKWARD = Kernels(
     empty=lambda grad, scores, *_: scores.numel() == 0,
     fits=lambda grad, scores, row_counts, col_counts, weights, *_: _fits(scores, weights),
 )
+
+
+def _minmax_first(kernel):
+    """A backend whose kernel takes ∂L/∂T_raw: the min-max step's VJP runs first, in torch (O(N·K))."""
+
+    def run(grad, scores, f, gam, h, row_counts, col_counts, weights, counts, tops, eps, normalize):
+        if normalize == "minmax":
+            grad = _minmax_vjp(grad, scores, f, gam, h, row_counts, col_counts, weights, tops, eps).contiguous()
+        return kernel(grad, scores, f, gam, h, row_counts, col_counts, weights, counts, tops, eps)
+
+    return run
+
+
+# The Rust kernel applies the min-max VJP itself, in the pass that rebuilds the plans (T_raw is
+# a by-product there); rebuilding T_raw in torch cost about as much as the whole Rust solve.
 _IMPLICIT = Kernels(
-    torch=implicit.multi_sinkhorn_implicit_backward,
+    torch=_minmax_first(implicit.multi_sinkhorn_implicit_backward),
     rust=_implicit_rust.multi_sinkhorn_implicit_backward,
-    triton=triton_entry("implicit", "multi_sinkhorn_implicit_backward"),
+    triton=_minmax_first(triton_entry("implicit", "multi_sinkhorn_implicit_backward")),
     empty=lambda grad, scores, *_: scores.numel() == 0,
     fits=lambda grad, scores, f, gam, h, row_counts, col_counts, weights, *_: triton_kernels("implicit").fits(
         scores.shape[-1], scores.dtype, n_groups=len(weights)
@@ -244,16 +259,16 @@ def _multi_sinkhorn_implicit_backward_fake(grad, scores, *_):
 
 
 def _implicit(grad, scores, f, gam, h, row_counts, col_counts, weights, counts, tops, eps, normalize, backend):
-    """The min-max step's VJP (O(N·K), in torch), then the adjoint solve of the chosen backend."""
+    """The adjoint solve of the chosen backend, through the min-max step when there is one."""
     dtype = _working_dtype(scores, eps, weights)  # as the forward's
     out_dtype = scores.dtype
     grad, scores, f, gam, h, counts, tops = (x.to(dtype) for x in (grad, scores, f, gam, h, counts, tops))
-    if normalize == "minmax":
-        grad = _minmax_vjp(grad, scores, f, gam, h, row_counts, col_counts, weights, tops, eps)
-    return _IMPLICIT(backend, grad.contiguous(), scores, f, gam, h, row_counts, col_counts, weights, counts, tops, eps).to(out_dtype)
+    args = (grad.contiguous(), scores, f, gam, h, row_counts, col_counts, weights, counts, tops, eps, normalize)
+    return _IMPLICIT(backend, *args).to(out_dtype)
 
 
 def _minmax_vjp(grad, scores, f, gam, h, row_counts, col_counts, weights, tops, eps):
+    """∂L/∂T_raw from ∂L/∂T: T_raw rebuilt from the potentials, then the VJP of the min-max step."""
     rows, cols = reference_ext.valid_masks(scores.shape, row_counts, col_counts)
     w = torch.tensor(weights, dtype=scores.dtype, device=scores.device)[None, :, None, None]
     top = tops.to(scores.dtype)[:, :, None, None]

@@ -1,10 +1,10 @@
 //! `sinkhorn_implicit_backward` and `multi_sinkhorn_implicit_backward` (see
 //! `mmot_core::implicit`).
 
-use crate::arrays::{for_float_type, input, output};
+use crate::arrays::{for_float_type, input, output, to_py};
 use crate::run;
 use mmot_core::implicit::MultiImplicitParams;
-use mmot_core::Dims;
+use mmot_core::{Dims, Normalize};
 use pyo3::prelude::*;
 
 /// Implicit (fixed-point adjoint) gradient of the scores of converged Sinkhorn for `grad` =
@@ -44,14 +44,15 @@ fn sinkhorn_implicit_backward(
     })
 }
 
-/// Implicit gradient of the scores of converged grouped Multi-SK for `grad_raw` = ∂L/∂T_raw;
-/// `F` `[B, G, K]`, `Gam` `[B, N, K]`, `H` `[B, G, N]`, `counts`/`tops` `[B, G]`. Returns the
-/// largest CG iteration count.
+/// Implicit gradient of the scores of converged grouped Multi-SK for `grad` = ∂L/∂T (of the
+/// min-max-normalised target with `normalize="minmax"`, of T_raw with "none"); `F` `[B, G, K]`,
+/// `Gam` `[B, N, K]`, `H` `[B, G, N]`, `counts`/`tops` `[B, G]`. Returns the largest CG
+/// iteration count.
 #[pyfunction]
-#[pyo3(signature = (grad_raw, scores, f, gam, h, row_counts, col_counts, counts, tops, out, iters, weights, eps, num_threads))]
+#[pyo3(signature = (grad, scores, f, gam, h, row_counts, col_counts, counts, tops, out, iters, weights, eps, normalize, num_threads))]
 #[allow(clippy::too_many_arguments)]
 fn multi_sinkhorn_implicit_backward(
-    grad_raw: &Bound<'_, PyAny>,
+    grad: &Bound<'_, PyAny>,
     scores: &Bound<'_, PyAny>,
     f: &Bound<'_, PyAny>,
     gam: &Bound<'_, PyAny>,
@@ -64,13 +65,19 @@ fn multi_sinkhorn_implicit_backward(
     iters: &Bound<'_, PyAny>,
     weights: Vec<f64>,
     eps: f64,
+    normalize: &str,
     num_threads: i64,
 ) -> PyResult<i64> {
     let py = scores.py();
     let g = weights.len();
-    let params = MultiImplicitParams { eps, weights };
+    let normalize = normalize.parse::<Normalize>().map_err(to_py)?;
+    let params = MultiImplicitParams {
+        eps,
+        weights,
+        normalize,
+    };
     for_float_type!(scores, "scores", T => {
-        let grad = input::<T, 3>(grad_raw, "grad_raw")?;
+        let grad = input::<T, 3>(grad, "grad")?;
         let scores = input::<T, 3>(scores, "scores")?;
         let [b, n, k] = scores.shape();
         let grad = grad.shaped([b, n, k])?;

@@ -41,6 +41,9 @@ use crate::multi_sinkhorn::Normalize;
 use crate::simd::Real;
 use rayon::prelude::*;
 
+/// The implicit backward (`crate::implicit`) applies the same min-max VJP.
+pub(crate) use rows::minmax_row_vjp;
+
 /// Scalar parameters of a `multi_sinkhorn_ext` call.
 #[derive(Debug, Clone)]
 pub struct MultiSinkhornExtParams {

@@ -308,7 +308,7 @@ pub(super) fn minmax_row<T: Real>(row: &mut [T]) {
 /// The VJP of [`minmax_row`] at `x` for the upstream `gy`, into `gx`; ties of the minimum or
 /// the maximum share its gradient equally (as `torch.amin` / `torch.amax` do).
 #[inline(always)]
-pub(super) fn minmax_row_vjp<T: Real>(x: &[T], gy: &[T], gx: &mut [T]) {
+pub(crate) fn minmax_row_vjp<T: Real>(x: &[T], gy: &[T], gx: &mut [T]) {
     let (lo, hi) = extremes(x);
     if constant_row(lo, hi) {
         gx.fill(T::ZERO);
