@@ -1,0 +1,526 @@
+//! The plain domain for batches of small problems, `L` problems at a time (16 for f32, 8 for
+//! f64), one problem per SIMD lane.
+//!
+//! Why: a problem of a few dozen rows and columns has rows of one to four blocks in the
+//! per-problem scratch (`solve.rs`), so its time goes to each row's horizontal sum and
+//! division and to per-problem setup, not to the multiply-adds. Here a group of `L` problems
+//! shares a transposed scratch `[element][lane]`, as in `sinkhorn/small.rs`: every step is the
+//! same vertical operation over the lanes (row dots and column sums accumulate lane-wise, never
+//! across lanes) and one division serves `L` rows.
+//!
+//! Ragged groups: the problems are ordered by size (by rows, then by columns within runs of
+//! groups) so that a group's problems are alike, and a group is padded to its largest rows and
+//! columns. The padding is neutral and exact: its cached kernel entries, masses and scalings
+//! are 0, and the scalings' denominators get +1 on padded rows and columns (so no 0/0), so a
+//! padded entry adds an exact 0 to every sum. A lane's sums thus run over its own entries in
+//! the same order whatever its group, lane, neighbours or the thread count: its results are
+//! bitwise those of the problem alone. Early stopping is per lane: a lane that meets `tol`
+//! keeps the scalings of that iteration while the others go on.
+//!
+//! Which problems ([`Problem::takes_lanes`]): the plain domain's (balanced, no schedule,
+//! `log_domain` not "on") of at most [`LANE_MAX_ELEMS`] elements; the range and finiteness
+//! test of [`Problem::route`] is made while gathering, and a lane that fails it is solved by
+//! the per-problem path instead. The iteration is the per-problem plain domain's, formula for
+//! formula; only the order of each row's sum differs, so results differ by rounding.
+
+use super::solve::{column_range, column_stats, nan_max, Problem, Route, Workspace};
+use super::{problem, One, SinkhornExtInput};
+use crate::dims::Dims;
+use crate::domain::LogDomain;
+use crate::exec::lanes::lanes_only;
+use crate::exec::shared_mut::SharedMut;
+use crate::simd::{dispatch, Real};
+use rayon::prelude::*;
+
+/// Largest problem (`n * k`) the lane path takes: a group's scratch (`L` of them, padded to
+/// the group's largest) then stays within L2.
+pub(super) const LANE_MAX_ELEMS: usize = 1 << 12;
+
+/// Rows per block of [`rows_step`]: their dot chains overlap and each column sum is loaded and
+/// stored once per block.
+const ROWS: usize = 4;
+
+/// The forward's outputs as raw pointers, so that a group's tasks write its problems'
+/// slices wherever they lie. Contract: every problem belongs to exactly one group, so no two
+/// tasks write the same problem's slices, and nothing else holds the outputs meanwhile.
+#[derive(Clone, Copy)]
+pub(super) struct Outputs<T> {
+    pub plan: SharedMut<T>,
+    pub f: SharedMut<T>,
+    pub g: SharedMut<T>,
+    pub iters: SharedMut<i64>,
+    pub err: SharedMut<T>,
+}
+
+impl<T: Real> Problem<T> {
+    /// Whether a problem of `n` rows and `k` columns starting its schedule at `eps_start` goes
+    /// to the lane path (where its range test may still send it back).
+    #[inline(always)]
+    pub(super) fn takes_lanes(&self, n: usize, k: usize, eps_start: f64) -> bool {
+        self.balanced()
+            && self.log_domain != LogDomain::On
+            && eps_start <= self.eps
+            && n * k <= LANE_MAX_ELEMS
+    }
+
+    /// Solves the problems `picks` in groups of lanes into `out`; returns whether some
+    /// problem was forced into the plain domain where it is not safe.
+    pub(super) fn forward_lanes(
+        &self,
+        input: &SinkhornExtInput<'_, T>,
+        dims: Dims,
+        picks: Vec<usize>,
+        out: Outputs<T>,
+    ) -> bool {
+        // One 512-bit vector of lanes (two 256-bit ones without AVX-512).
+        if std::mem::size_of::<T>() == 4 {
+            self.forward_groups::<16>(input, dims, picks, out)
+        } else {
+            self.forward_groups::<8>(input, dims, picks, out)
+        }
+    }
+
+    fn forward_groups<const L: usize>(
+        &self,
+        input: &SinkhornExtInput<'_, T>,
+        dims: Dims,
+        mut picks: Vec<usize>,
+        out: Outputs<T>,
+    ) -> bool {
+        order(&mut picks, input.row_counts, input.col_counts, L);
+        picks
+            .par_chunks(L)
+            .with_max_len(1)
+            .map_init(Group::<T, L>::default, |gr, members| {
+                dispatch(
+                    #[inline(always)]
+                    || self.solve_group(input, dims, members, gr, out),
+                )
+            })
+            .reduce(|| false, |a, b| a || b)
+    }
+
+    /// One group: gather, iterate, write. Returns whether a member was forced plain where
+    /// that is not safe.
+    #[inline(always)]
+    fn solve_group<const L: usize>(
+        &self,
+        input: &SinkhornExtInput<'_, T>,
+        dims: Dims,
+        members: &[usize],
+        gr: &mut Group<T, L>,
+        out: Outputs<T>,
+    ) -> bool {
+        let ones: [Option<One<'_, T>>; L] =
+            std::array::from_fn(|l| members.get(l).map(|&b| problem(input, dims, b)));
+        let ng = ones.iter().flatten().map(|o| o.n).max().unwrap_or(0);
+        let kg = ones.iter().flatten().map(|o| o.k).max().unwrap_or(0);
+        gr.reset(ng, kg);
+        let mut live = [false; L];
+        for (l, one) in ones.iter().enumerate() {
+            if let Some(one) = one {
+                live[l] = self.setup_lane(one, gr, l) == Route::Plain;
+            }
+        }
+        gather_scores(&ones, &live, gr);
+        let (iters, err) = self.iterate(gr, ng, kg, live);
+        // The plans of every lane: K v u, where each lane's u, v are those it stopped with.
+        plan_lanes(&mut gr.x, &gr.vo, &gr.uo);
+        let (big_n, big_k) = (dims.rows, dims.cols);
+        // SAFETY (each unsafe block below): problem b belongs to this group only (`Outputs`).
+        let mut plans: [Option<&mut [T]>; L] = std::array::from_fn(|l| {
+            let b = *members.get(l)?;
+            let len = big_n * big_k;
+            Some(unsafe { std::slice::from_raw_parts_mut(out.plan.at(b * len), len) })
+        });
+        scatter_plans(&ones, &live, gr, &mut plans);
+        let mut too_wide = false;
+        for (l, (&b, one)) in members.iter().zip(ones.iter().flatten()).enumerate() {
+            let (f, g) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(out.f.at(b * big_n), big_n),
+                    std::slice::from_raw_parts_mut(out.g.at(b * big_k), big_k),
+                )
+            };
+            let (it, er) = if live[l] {
+                self.write_potentials(one, gr, l, f, g);
+                (iters[l], err[l])
+            } else {
+                // Not the plain domain after all (or not finite): the per-problem path.
+                let plan = plans[l].take().expect("a member's plan");
+                let res = self.forward(one, &mut gr.ws, (plan, f, g));
+                too_wide |= res.too_wide;
+                (res.iters, res.err)
+            };
+            unsafe {
+                *out.iters.at(b) = it as i64;
+                *out.err.at(b) = er;
+            }
+        }
+        too_wide
+    }
+
+    /// Lane `l` of the group: problem `one`'s statistics (those of [`Problem::route`]), and,
+    /// where it takes the plain domain, its masses and column max. Returns its route.
+    #[inline(always)]
+    fn setup_lane<const L: usize>(
+        &self,
+        one: &One<'_, T>,
+        gr: &mut Group<T, L>,
+        l: usize,
+    ) -> Route {
+        let ws = &mut gr.ws;
+        if !column_stats(one, &mut ws.mx, &mut ws.mn, &mut ws.nf) {
+            return Route::NonFinite;
+        }
+        let route = self.route_of(one.eps_start, column_range(&ws.mx, &ws.mn));
+        if route == Route::Plain {
+            for i in 0..one.n {
+                gr.r[i][l] = one.row_mass[i];
+                gr.rpad[i][l] = T::ZERO;
+            }
+            for j in 0..one.k {
+                gr.c[j][l] = one.col_mass[j];
+                gr.cpad[j][l] = T::ZERO;
+                gr.cmax[j][l] = ws.mx[j];
+            }
+        }
+        route
+    }
+
+    /// The plain-domain iteration of every live lane (the others run on padding and are
+    /// ignored): the cached kernel `K = exp((S + f0 − m)/eps)` in `x`, then up to `n_iters`
+    /// row steps, each lane stopping on its own at `tol`. Leaves in `uo`, `vo` each lane's
+    /// scalings of its last iteration; returns each lane's iterations and marginal error.
+    #[inline(always)]
+    fn iterate<const L: usize>(
+        &self,
+        gr: &mut Group<T, L>,
+        ng: usize,
+        kg: usize,
+        mut live: [bool; L],
+    ) -> ([usize; L], [T; L]) {
+        let ie = T::from_f64(1.0 / self.eps);
+        let Group {
+            x,
+            r,
+            rpad,
+            c,
+            cpad,
+            cmax,
+            acc,
+            u,
+            v,
+            uo,
+            vo,
+            ..
+        } = gr;
+        exp_kernel(x, cmax, ie, acc);
+        ratio(c, acc, cpad, v);
+        let (mut iters, mut err) = ([0usize; L], [T::ZERO; L]);
+        for it in 0..self.n_iters {
+            if !live.contains(&true) || self.interrupt.requested() {
+                break;
+            }
+            acc.fill([T::ZERO; L]);
+            let mut xb = x.chunks_exact(ROWS * kg);
+            let (mut rb, mut pb, mut ub) = (
+                r.chunks_exact(ROWS),
+                rpad.chunks_exact(ROWS),
+                u.chunks_exact_mut(ROWS),
+            );
+            for (((xs, rs), ps), us) in (&mut xb).zip(&mut rb).zip(&mut pb).zip(&mut ub) {
+                rows_step::<T, L, ROWS>(xs, rs, ps, v, us, acc);
+            }
+            let xs = xb.remainder().chunks_exact(kg);
+            let rs = rb.remainder().chunks_exact(1);
+            let ps = pb.remainder().chunks_exact(1);
+            for (((xs, rs), ps), us) in xs
+                .zip(rs)
+                .zip(ps)
+                .zip(ub.into_remainder().chunks_exact_mut(1))
+            {
+                rows_step::<T, L, 1>(xs, rs, ps, v, us, acc);
+            }
+            let e = marginal_error(v, acc, c, cpad);
+            let done = it + 1 == self.n_iters;
+            for l in 0..L {
+                if live[l] && (done || (self.tol >= 0.0 && e[l].to_f64() <= self.tol)) {
+                    live[l] = false;
+                    (iters[l], err[l]) = (it + 1, e[l]);
+                    for (o, s) in uo[..ng].iter_mut().zip(u.iter()) {
+                        o[l] = s[l];
+                    }
+                    for (o, s) in vo[..kg].iter_mut().zip(v.iter()) {
+                        o[l] = s[l];
+                    }
+                }
+            }
+            if !done {
+                ratio(c, acc, cpad, v);
+            }
+        }
+        (iters, err)
+    }
+
+    /// Lane `l`'s potentials into its padded slices: `f = f0 + eps ln u` and
+    /// `g = eps ln v − m`, 0 on the padding.
+    #[inline(always)]
+    fn write_potentials<const L: usize>(
+        &self,
+        one: &One<'_, T>,
+        gr: &Group<T, L>,
+        l: usize,
+        f: &mut [T],
+        g: &mut [T],
+    ) {
+        let (n, k) = (one.n, one.k);
+        let eps = T::from_f64(self.eps);
+        for ((fi, &f0), u) in f[..n].iter_mut().zip(one.init_f).zip(&gr.uo) {
+            *fi = f0 + eps * u[l].ln();
+        }
+        f[n..].fill(T::ZERO);
+        for ((gj, v), m) in g[..k].iter_mut().zip(&gr.vo).zip(&gr.cmax) {
+            *gj = eps * v[l].ln() - m[l];
+        }
+        g[k..].fill(T::ZERO);
+    }
+}
+
+/// The live lanes' `S + f0` into the scratch, row by row over the lanes, so that a scratch row
+/// stays in L1 while its lanes are written one by one.
+#[inline(always)]
+fn gather_scores<T: Real, const L: usize>(
+    ones: &[Option<One<'_, T>>; L],
+    live: &[bool; L],
+    gr: &mut Group<T, L>,
+) {
+    let (ng, kg) = (gr.r.len(), gr.kg);
+    for i in 0..ng {
+        let xrow = &mut gr.x[i * kg..][..kg];
+        for (l, one) in ones.iter().enumerate() {
+            let Some(one) = one.as_ref().filter(|o| live[l] && i < o.n) else {
+                continue;
+            };
+            let (srow, fi) = (&one.scores[i * one.stride..][..one.k], one.init_f[i]);
+            for (x, &s) in xrow.iter_mut().zip(srow) {
+                x[l] = s + fi;
+            }
+        }
+    }
+}
+
+/// The live lanes' plans (in the scratch) into their padded `[N, K]` outputs, row by row over
+/// the lanes as [`gather_scores`], with 0 on the padding.
+#[inline(always)]
+fn scatter_plans<T: Real, const L: usize>(
+    ones: &[Option<One<'_, T>>; L],
+    live: &[bool; L],
+    gr: &Group<T, L>,
+    plans: &mut [Option<&mut [T]>; L],
+) {
+    let (ng, kg) = (gr.r.len(), gr.kg);
+    for i in 0..ng {
+        let xrow = &gr.x[i * kg..][..kg];
+        for (l, (one, plan)) in ones.iter().zip(plans.iter_mut()).enumerate() {
+            let (Some(one), Some(plan), true) = (one, plan, live[l]) else {
+                continue;
+            };
+            let prow = &mut plan[i * one.stride..][..one.stride];
+            if i < one.n {
+                for (p, x) in prow[..one.k].iter_mut().zip(xrow) {
+                    *p = x[l];
+                }
+                prow[one.k..].fill(T::ZERO);
+            } else {
+                prow.fill(T::ZERO);
+            }
+        }
+    }
+    for (l, (one, plan)) in ones.iter().zip(plans.iter_mut()).enumerate() {
+        if let (Some(one), Some(plan), true) = (one, plan, live[l]) {
+            plan[ng * one.stride..].fill(T::ZERO);
+        }
+    }
+}
+
+/// Orders the problems `picks` so that each run of `L` is alike in size: by rows, then, within
+/// runs of about √(count / L) groups, by columns (both sizes then vary by about as little
+/// within a group). Ties go by index, so the order is a function of the batch alone.
+fn order(picks: &mut [usize], rows: &[i64], cols: &[i64], lanes: usize) {
+    picks.sort_unstable_by_key(|&b| (rows[b], cols[b], b));
+    let groups = (picks.len() / lanes).max(1) as f64;
+    let run = (groups.sqrt().round() as usize).max(1) * lanes;
+    for r in picks.chunks_mut(run) {
+        r.sort_unstable_by_key(|&b| (cols[b], rows[b], b));
+    }
+}
+
+/// One task's scratch for a group of `L` problems padded to `[ng, kg]`, every buffer
+/// `[index][lane]`.
+#[derive(Default)]
+struct Group<T, const L: usize> {
+    kg: usize,
+    /// `[ng * kg]`: `S + f0` (padding `-inf`), then the cached kernel `K`, then the plan.
+    x: Vec<[T; L]>,
+    /// `[ng]`: row masses, and 1 on padded rows (0 on valid ones).
+    r: Vec<[T; L]>,
+    rpad: Vec<[T; L]>,
+    /// `[kg]`: column masses, and 1 on padded columns (0 on valid ones).
+    c: Vec<[T; L]>,
+    cpad: Vec<[T; L]>,
+    /// `[kg]`: the column max `m` of `S + f0` (0 on padded columns).
+    cmax: Vec<[T; L]>,
+    /// `[kg]`: column sums of `K u`.
+    acc: Vec<[T; L]>,
+    /// `[ng]`, `[kg]`: the scalings, and those each lane stopped with.
+    u: Vec<[T; L]>,
+    v: Vec<[T; L]>,
+    uo: Vec<[T; L]>,
+    vo: Vec<[T; L]>,
+    /// The per-problem path's buffers, for a member that leaves the lanes (and the column
+    /// statistics of each member).
+    ws: Workspace<T>,
+}
+
+impl<T: Real, const L: usize> Group<T, L> {
+    /// Every lane all padding, for `[ng, kg]`.
+    fn reset(&mut self, ng: usize, kg: usize) {
+        self.kg = kg;
+        let fill = |v: &mut Vec<[T; L]>, len: usize, x: T| {
+            v.clear();
+            v.resize(len, [x; L]);
+        };
+        fill(&mut self.x, ng * kg, T::NEG_INFINITY);
+        fill(&mut self.r, ng, T::ZERO);
+        fill(&mut self.rpad, ng, T::ONE);
+        fill(&mut self.c, kg, T::ZERO);
+        fill(&mut self.cpad, kg, T::ONE);
+        fill(&mut self.cmax, kg, T::ZERO);
+        fill(&mut self.acc, kg, T::ZERO);
+        fill(&mut self.u, ng, T::ZERO);
+        fill(&mut self.v, kg, T::ZERO);
+        fill(&mut self.uo, ng, T::ZERO);
+        fill(&mut self.vo, kg, T::ZERO);
+    }
+}
+
+/// `x = exp((x − m)/eps)` with `m` the column max, and its column sums into `acc` (in row
+/// order, as the per-problem path's).
+#[inline(always)]
+fn exp_kernel<T: Real, const L: usize>(
+    x: &mut [[T; L]],
+    cmax: &[[T; L]],
+    ie: T,
+    acc: &mut [[T; L]],
+) {
+    acc.fill([T::ZERO; L]);
+    for row in x.chunks_exact_mut(cmax.len()) {
+        for ((er, mr), ar) in row.iter_mut().zip(cmax).zip(acc.iter_mut()) {
+            lanes_only();
+            let (mut e, m, mut a) = (*er, *mr, *ar);
+            for l in 0..L {
+                e[l] = ((e[l] - m[l]) * ie).exp_fast();
+                a[l] += e[l];
+            }
+            (*er, *ar) = (e, a);
+        }
+    }
+}
+
+/// `v = c / (sums + pad)`: the column scaling, 0 on padded columns.
+#[inline(always)]
+fn ratio<T: Real, const L: usize>(c: &[[T; L]], sums: &[[T; L]], pad: &[[T; L]], v: &mut [[T; L]]) {
+    for (((vr, cr), sr), pr) in v.iter_mut().zip(c).zip(sums).zip(pad) {
+        lanes_only();
+        let (cv, sv, pv) = (*cr, *sr, *pr);
+        let mut o = [T::ZERO; L];
+        for l in 0..L {
+            o[l] = cv[l] / (sv[l] + pv[l]);
+        }
+        *vr = o;
+    }
+}
+
+/// One row step for `R` rows `x` (`[R, kg]`) with masses `r`: `u = r / (x · v + pad)`, then
+/// `acc += x u` (rows in order).
+#[inline(always)]
+fn rows_step<T: Real, const L: usize, const R: usize>(
+    x: &[[T; L]],
+    r: &[[T; L]],
+    pad: &[[T; L]],
+    v: &[[T; L]],
+    u: &mut [[T; L]],
+    acc: &mut [[T; L]],
+) {
+    let kg = v.len();
+    let mut d = [[T::ZERO; L]; R];
+    for j in 0..kg {
+        lanes_only();
+        let vj = v[j];
+        for i in 0..R {
+            let e = x[i * kg + j];
+            for l in 0..L {
+                d[i][l] += e[l] * vj[l];
+            }
+        }
+    }
+    let mut ui = [[T::ZERO; L]; R];
+    for i in 0..R {
+        let (ri, pi) = (r[i], pad[i]);
+        for l in 0..L {
+            ui[i][l] = ri[l] / (d[i][l] + pi[l]);
+        }
+        u[i] = ui[i];
+    }
+    for j in 0..kg {
+        lanes_only();
+        let mut a = acc[j];
+        for i in 0..R {
+            let e = x[i * kg + j];
+            for l in 0..L {
+                a[l] += e[l] * ui[i][l];
+            }
+        }
+        acc[j] = a;
+    }
+}
+
+/// Each lane's marginal error `max_j |v_j sums_j − c_j| / c_j` (padded columns give 0).
+#[inline(always)]
+fn marginal_error<T: Real, const L: usize>(
+    v: &[[T; L]],
+    sums: &[[T; L]],
+    c: &[[T; L]],
+    pad: &[[T; L]],
+) -> [T; L] {
+    let mut e = [T::ZERO; L];
+    for (((vr, sr), cr), pr) in v.iter().zip(sums).zip(c).zip(pad) {
+        lanes_only();
+        let (vv, sv, cv, pv) = (*vr, *sr, *cr, *pr);
+        for l in 0..L {
+            let d = (vv[l] * sv[l] - cv[l]) / (cv[l] + pv[l]);
+            e[l] = nan_max(e[l], if d < T::ZERO { -d } else { d });
+        }
+    }
+    e
+}
+
+/// `x = x v u` (the plan from the cached kernel and the scalings).
+#[inline(always)]
+fn plan_lanes<T: Real, const L: usize>(x: &mut [[T; L]], v: &[[T; L]], u: &[[T; L]]) {
+    if v.is_empty() {
+        return;
+    }
+    for (row, ur) in x.chunks_exact_mut(v.len()).zip(u) {
+        let uv = *ur;
+        for (er, vr) in row.iter_mut().zip(v) {
+            lanes_only();
+            let (mut e, vv) = (*er, *vr);
+            for l in 0..L {
+                e[l] = e[l] * vv[l] * uv[l];
+            }
+            *er = e;
+        }
+    }
+}
