@@ -23,7 +23,7 @@
 //! the per-problem path instead. The iteration is the per-problem plain domain's, formula for
 //! formula; only the order of each row's sum differs, so results differ by rounding.
 
-use super::solve::{column_range, column_stats, nan_max, Problem, Route, Workspace};
+use super::solve::{nan_max, Problem, Route, Workspace};
 use super::{problem, One, SinkhornExtInput};
 use crate::dims::Dims;
 use crate::domain::LogDomain;
@@ -116,13 +116,23 @@ impl<T: Real> Problem<T> {
         let ng = ones.iter().flatten().map(|o| o.n).max().unwrap_or(0);
         let kg = ones.iter().flatten().map(|o| o.k).max().unwrap_or(0);
         gr.reset(ng, kg);
+        gather_scores(&ones, gr);
+        let finite = lane_stats(&gr.x, &mut gr.cmax, &mut gr.mn);
         let mut live = [false; L];
         for (l, one) in ones.iter().enumerate() {
             if let Some(one) = one {
-                live[l] = self.setup_lane(one, gr, l) == Route::Plain;
+                live[l] = self.setup_lane(one, gr, l, finite[l]) == Route::Plain;
             }
         }
-        gather_scores(&ones, &live, gr);
+        // The shift of padded columns (no valid entry: max `-inf`) is 0.
+        for m in gr.cmax.iter_mut() {
+            lanes_only();
+            let mut mv = *m;
+            for x in mv.iter_mut() {
+                *x = if *x == T::NEG_INFINITY { T::ZERO } else { *x };
+            }
+            *m = mv;
+        }
         let (iters, err) = self.iterate(gr, ng, kg, live);
         // The plans of every lane: K v u, where each lane's u, v are those it stopped with.
         plan_lanes(&mut gr.x, &gr.vo, &gr.uo);
@@ -160,20 +170,27 @@ impl<T: Real> Problem<T> {
         too_wide
     }
 
-    /// Lane `l` of the group: problem `one`'s statistics (those of [`Problem::route`]), and,
-    /// where it takes the plain domain, its masses and column max. Returns its route.
+    /// Lane `l` of the group: problem `one`'s route from its statistics (those of
+    /// [`Problem::route`]: `finite` valid entries, the column max and min in `cmax`, `mn`) and,
+    /// where it takes the plain domain, its masses.
     #[inline(always)]
     fn setup_lane<const L: usize>(
         &self,
         one: &One<'_, T>,
         gr: &mut Group<T, L>,
         l: usize,
+        finite: T,
     ) -> Route {
-        let ws = &mut gr.ws;
-        if !column_stats(one, &mut ws.mx, &mut ws.mn, &mut ws.nf) {
+        if finite.to_f64() != (one.n * one.k) as f64 {
             return Route::NonFinite;
         }
-        let route = self.route_of(one.eps_start, column_range(&ws.mx, &ws.mn));
+        // Padded columns give max − min = −inf, which the fold skips.
+        let spread = gr
+            .cmax
+            .iter()
+            .zip(&gr.mn)
+            .fold(0.0f64, |a, (hi, lo)| a.max((hi[l] - lo[l]).to_f64()));
+        let route = self.route_of(one.eps_start, spread);
         if route == Route::Plain {
             for i in 0..one.n {
                 gr.r[i][l] = one.row_mass[i];
@@ -182,7 +199,6 @@ impl<T: Real> Problem<T> {
             for j in 0..one.k {
                 gr.c[j][l] = one.col_mass[j];
                 gr.cpad[j][l] = T::ZERO;
-                gr.cmax[j][l] = ws.mx[j];
             }
         }
         route
@@ -287,19 +303,15 @@ impl<T: Real> Problem<T> {
     }
 }
 
-/// The live lanes' `S + f0` into the scratch, row by row over the lanes, so that a scratch row
-/// stays in L1 while its lanes are written one by one.
+/// The members' `S + f0` into the scratch (padding `-inf`), row by row over the lanes, so that
+/// a scratch row stays in L1 while its lanes are written one by one.
 #[inline(always)]
-fn gather_scores<T: Real, const L: usize>(
-    ones: &[Option<One<'_, T>>; L],
-    live: &[bool; L],
-    gr: &mut Group<T, L>,
-) {
+fn gather_scores<T: Real, const L: usize>(ones: &[Option<One<'_, T>>; L], gr: &mut Group<T, L>) {
     let (ng, kg) = (gr.r.len(), gr.kg);
     for i in 0..ng {
         let xrow = &mut gr.x[i * kg..][..kg];
         for (l, one) in ones.iter().enumerate() {
-            let Some(one) = one.as_ref().filter(|o| live[l] && i < o.n) else {
+            let Some(one) = one.as_ref().filter(|o| i < o.n) else {
                 continue;
             };
             let (srow, fi) = (&one.scores[i * one.stride..][..one.k], one.init_f[i]);
@@ -308,6 +320,46 @@ fn gather_scores<T: Real, const L: usize>(
             }
         }
     }
+}
+
+/// Each lane's column max (into `mx`) and min (into `mn`) of its valid `S + f0` (the padding,
+/// `-inf`, left out), and its number of finite entries (the padding is not finite): the
+/// statistics of [`Problem::route`], vertically over the lanes.
+#[inline(always)]
+#[allow(clippy::eq_op)]
+fn lane_stats<T: Real, const L: usize>(
+    x: &[[T; L]],
+    mx: &mut [[T; L]],
+    mn: &mut [[T; L]],
+) -> [T; L] {
+    mx.fill([T::NEG_INFINITY; L]);
+    mn.fill([T::INFINITY; L]);
+    let mut finite = [T::ZERO; L];
+    if mx.is_empty() {
+        return finite;
+    }
+    for row in x.chunks_exact(mx.len()) {
+        for ((er, ar), br) in row.iter().zip(mx.iter_mut()).zip(mn.iter_mut()) {
+            lanes_only();
+            let (e, mut a, mut b) = (*er, *ar, *br);
+            for l in 0..L {
+                a[l] = a[l].fmax(e[l]);
+                let low = if e[l] == T::NEG_INFINITY {
+                    T::INFINITY
+                } else {
+                    e[l]
+                };
+                b[l] = b[l].fmin(low);
+                finite[l] += if e[l] - e[l] == T::ZERO {
+                    T::ONE
+                } else {
+                    T::ZERO
+                };
+            }
+            (*ar, *br) = (a, b);
+        }
+    }
+    finite
 }
 
 /// The live lanes' plans (in the scratch) into their padded `[N, K]` outputs, row by row over
@@ -369,8 +421,9 @@ struct Group<T, const L: usize> {
     /// `[kg]`: column masses, and 1 on padded columns (0 on valid ones).
     c: Vec<[T; L]>,
     cpad: Vec<[T; L]>,
-    /// `[kg]`: the column max `m` of `S + f0` (0 on padded columns).
+    /// `[kg]`: the column max `m` of `S + f0` (0 on padded columns), and the column min.
     cmax: Vec<[T; L]>,
+    mn: Vec<[T; L]>,
     /// `[kg]`: column sums of `K u`.
     acc: Vec<[T; L]>,
     /// `[ng]`, `[kg]`: the scalings, and those each lane stopped with.
@@ -378,8 +431,7 @@ struct Group<T, const L: usize> {
     v: Vec<[T; L]>,
     uo: Vec<[T; L]>,
     vo: Vec<[T; L]>,
-    /// The per-problem path's buffers, for a member that leaves the lanes (and the column
-    /// statistics of each member).
+    /// The per-problem path's buffers, for a member that leaves the lanes.
     ws: Workspace<T>,
 }
 
@@ -397,6 +449,7 @@ impl<T: Real, const L: usize> Group<T, L> {
         fill(&mut self.c, kg, T::ZERO);
         fill(&mut self.cpad, kg, T::ONE);
         fill(&mut self.cmax, kg, T::ZERO);
+        fill(&mut self.mn, kg, T::ZERO);
         fill(&mut self.acc, kg, T::ZERO);
         fill(&mut self.u, ng, T::ZERO);
         fill(&mut self.v, kg, T::ZERO);
