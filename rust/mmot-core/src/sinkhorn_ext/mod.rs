@@ -30,6 +30,8 @@
 mod lanes;
 mod reverse;
 mod solve;
+#[cfg(test)]
+mod tests;
 
 use crate::dims::Dims;
 use crate::domain::LogDomain;
