@@ -558,11 +558,20 @@ def test_lane_groups_equal_single_problem_calls_bitwise(dtype, tol):
     assert_padding_zero(plan, f, g, batch)
     if tol >= 0:
         assert len(set(iters.tolist())) > 3  # lanes of one group stop at different iterations
+    grad = torch.randn(plan.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    for i in range(grad.shape[0]):  # NaN where the kernel must not look
+        grad[i, int(batch["row_counts"][i]) :] = float("nan")
+        grad[i, :, int(batch["col_counts"][i]) :] = float("nan")
+    rest = (batch["row_mass"], batch["col_mass"], batch["row_counts"], batch["col_counts"], batch["init_f"])
+    gs = ext.backward(grad, batch["scores"], *rest, eps_start, eps, 0.5, iters, INF, "auto")
     for i in range(plan.shape[0]):
         n, k = int(batch["row_counts"][i]), int(batch["col_counts"][i])
-        p1, f1, g1, it1, e1 = ext.forward(*single(batch, eps_start, i), eps, 0.5, n_iters, tol, INF, "auto")
+        one = single(batch, eps_start, i)
+        p1, f1, g1, it1, e1 = ext.forward(*one, eps, 0.5, n_iters, tol, INF, "auto")
         assert same(p1[0], plan[i, :n, :k]) and same(f1[0], f[i, :n]) and same(g1[0], g[i, :k])
         assert int(it1) == int(iters[i]) and same(e1, err[i : i + 1])
+        gs1 = ext.backward(grad[i : i + 1, :n, :k].contiguous(), *one, eps, 0.5, it1, INF, "auto")
+        assert same(gs1[0], gs[i, :n, :k]) and (gs[i, n:] == 0).all() and (gs[i, :, k:] == 0).all()
     assert plan[5].isnan().any() and not plan[[i for i in range(37) if i != 5]].isnan().any()
     # The batch reversed: other groups, other lanes, the same results.
     flip = {key: value.flip(0) for key, value in batch.items()}
@@ -585,6 +594,13 @@ def test_lane_groups_match_naive_float64():
         torch.testing.assert_close(f[i, :n], f_ref, rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(g[i, :k], g_ref, rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(err[i], err_ref, rtol=1e-5, atol=1e-12)
+    # The backward: the exact VJP of each problem's own count, whatever its group's counts.
+    grad = torch.randn(plan.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    rest = (batch["row_mass"], batch["col_mass"], batch["row_counts"], batch["col_counts"], batch["init_f"])
+    got = ext.backward(grad, batch["scores"], *rest, eps_start, eps, 0.5, iters, INF, "auto")
+    finite = [i for i in range(plan.shape[0]) if i != 5]
+    want = naive_grads({key: value[finite] for key, value in batch.items()}, grad[finite], eps_start[finite], eps, 0.5, iters[finite], INF)
+    torch.testing.assert_close(got[finite], want, rtol=1e-7, atol=1e-9 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

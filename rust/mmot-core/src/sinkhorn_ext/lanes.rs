@@ -113,26 +113,7 @@ impl<T: Real> Problem<T> {
     ) -> bool {
         let ones: [Option<One<'_, T>>; L] =
             std::array::from_fn(|l| members.get(l).map(|&b| problem(input, dims, b)));
-        let ng = ones.iter().flatten().map(|o| o.n).max().unwrap_or(0);
-        let kg = ones.iter().flatten().map(|o| o.k).max().unwrap_or(0);
-        gr.reset(ng, kg);
-        gather_scores(&ones, gr);
-        let finite = lane_stats(&gr.x, &mut gr.cmax, &mut gr.mn);
-        let mut live = [false; L];
-        for (l, one) in ones.iter().enumerate() {
-            if let Some(one) = one {
-                live[l] = self.setup_lane(one, gr, l, finite[l]) == Route::Plain;
-            }
-        }
-        // The shift of padded columns (no valid entry: max `-inf`) is 0.
-        for m in gr.cmax.iter_mut() {
-            lanes_only();
-            let mut mv = *m;
-            for x in mv.iter_mut() {
-                *x = if *x == T::NEG_INFINITY { T::ZERO } else { *x };
-            }
-            *m = mv;
-        }
+        let (ng, kg, live) = self.prepare(&ones, gr);
         let (iters, err) = self.iterate(gr, ng, kg, live);
         // The plans of every lane: K v u, where each lane's u, v are those it stopped with.
         plan_lanes(&mut gr.x, &gr.vo, &gr.uo);
@@ -143,7 +124,7 @@ impl<T: Real> Problem<T> {
             let len = big_n * big_k;
             Some(unsafe { std::slice::from_raw_parts_mut(out.plan.at(b * len), len) })
         });
-        scatter_plans(&ones, &live, gr, &mut plans);
+        scatter_rows(&ones, &live, &gr.x, kg, &mut plans);
         let mut too_wide = false;
         for (l, (&b, one)) in members.iter().zip(ones.iter().flatten()).enumerate() {
             let (f, g) = unsafe {
@@ -168,6 +149,40 @@ impl<T: Real> Problem<T> {
             }
         }
         too_wide
+    }
+
+    /// A group's scratch for its members `ones`: `S + f0`, the statistics of each lane and, for
+    /// the lanes that take the plain domain, their masses and column max. Returns the group's
+    /// padded size `[ng, kg]` and which lanes take the plain domain.
+    #[inline(always)]
+    fn prepare<const L: usize>(
+        &self,
+        ones: &[Option<One<'_, T>>; L],
+        gr: &mut Group<T, L>,
+    ) -> (usize, usize, [bool; L]) {
+        let ng = ones.iter().flatten().map(|o| o.n).max().unwrap_or(0);
+        let kg = ones.iter().flatten().map(|o| o.k).max().unwrap_or(0);
+        gr.reset(ng, kg);
+        gather_rows(ones, kg, &mut gr.x, T::NEG_INFINITY, |one, i| {
+            (&one.scores[i * one.stride..][..one.k], one.init_f[i])
+        });
+        let finite = lane_stats(&gr.x, &mut gr.cmax, &mut gr.mn);
+        let mut live = [false; L];
+        for (l, one) in ones.iter().enumerate() {
+            if let Some(one) = one {
+                live[l] = self.setup_lane(one, gr, l, finite[l]) == Route::Plain;
+            }
+        }
+        // The shift of padded columns (no valid entry: max `-inf`) is 0.
+        for m in gr.cmax.iter_mut() {
+            lanes_only();
+            let mut mv = *m;
+            for x in mv.iter_mut() {
+                *x = if *x == T::NEG_INFINITY { T::ZERO } else { *x };
+            }
+            *m = mv;
+        }
+        (ng, kg, live)
     }
 
     /// Lane `l` of the group: problem `one`'s route from its statistics (those of
@@ -238,26 +253,7 @@ impl<T: Real> Problem<T> {
             if !live.contains(&true) || self.interrupt.requested() {
                 break;
             }
-            acc.fill([T::ZERO; L]);
-            let mut xb = x.chunks_exact(ROWS * kg);
-            let (mut rb, mut pb, mut ub) = (
-                r.chunks_exact(ROWS),
-                rpad.chunks_exact(ROWS),
-                u.chunks_exact_mut(ROWS),
-            );
-            for (((xs, rs), ps), us) in (&mut xb).zip(&mut rb).zip(&mut pb).zip(&mut ub) {
-                rows_step::<T, L, ROWS>(xs, rs, ps, v, us, acc);
-            }
-            let xs = xb.remainder().chunks_exact(kg);
-            let rs = rb.remainder().chunks_exact(1);
-            let ps = pb.remainder().chunks_exact(1);
-            for (((xs, rs), ps), us) in xs
-                .zip(rs)
-                .zip(ps)
-                .zip(ub.into_remainder().chunks_exact_mut(1))
-            {
-                rows_step::<T, L, 1>(xs, rs, ps, v, us, acc);
-            }
+            row_pass(x, r, rpad, v, u, acc);
             let e = marginal_error(v, acc, c, cpad);
             let done = it + 1 == self.n_iters;
             for l in 0..L {
@@ -303,20 +299,29 @@ impl<T: Real> Problem<T> {
     }
 }
 
-/// The members' `S + f0` into the scratch (padding `-inf`), row by row over the lanes, so that
-/// a scratch row stays in L1 while its lanes are written one by one.
+/// The members' rows into a `[ng, kg]` lane buffer (`pad` elsewhere): row `i` of a member is
+/// `row(one, i) = (values, shift)`, stored as `value + shift`. Row by row over the lanes, so that
+/// a buffer row stays in L1 while its lanes are written one by one.
 #[inline(always)]
-fn gather_scores<T: Real, const L: usize>(ones: &[Option<One<'_, T>>; L], gr: &mut Group<T, L>) {
-    let (ng, kg) = (gr.r.len(), gr.kg);
-    for i in 0..ng {
-        let xrow = &mut gr.x[i * kg..][..kg];
+fn gather_rows<'a, T: Real, const L: usize>(
+    ones: &[Option<One<'a, T>>; L],
+    kg: usize,
+    dst: &mut [[T; L]],
+    pad: T,
+    row: impl Fn(&One<'a, T>, usize) -> (&'a [T], T),
+) {
+    if kg == 0 {
+        return;
+    }
+    for (i, drow) in dst.chunks_exact_mut(kg).enumerate() {
+        drow.fill([pad; L]);
         for (l, one) in ones.iter().enumerate() {
             let Some(one) = one.as_ref().filter(|o| i < o.n) else {
                 continue;
             };
-            let (srow, fi) = (&one.scores[i * one.stride..][..one.k], one.init_f[i]);
-            for (x, &s) in xrow.iter_mut().zip(srow) {
-                x[l] = s + fi;
+            let (src, shift) = row(one, i);
+            for (d, &v) in drow.iter_mut().zip(src) {
+                d[l] = v + shift;
             }
         }
     }
@@ -362,18 +367,19 @@ fn lane_stats<T: Real, const L: usize>(
     finite
 }
 
-/// The live lanes' plans (in the scratch) into their padded `[N, K]` outputs, row by row over
-/// the lanes as [`gather_scores`], with 0 on the padding.
+/// The live lanes' rows of `src` (`[ng, kg]`: plans or gradients) into their padded `[N, K]`
+/// outputs, row by row over the lanes as [`gather_rows`], with 0 on the padding.
 #[inline(always)]
-fn scatter_plans<T: Real, const L: usize>(
+fn scatter_rows<T: Real, const L: usize>(
     ones: &[Option<One<'_, T>>; L],
     live: &[bool; L],
-    gr: &Group<T, L>,
+    src: &[[T; L]],
+    kg: usize,
     plans: &mut [Option<&mut [T]>; L],
 ) {
-    let (ng, kg) = (gr.r.len(), gr.kg);
+    let ng = src.len().checked_div(kg).unwrap_or(0);
     for i in 0..ng {
-        let xrow = &gr.x[i * kg..][..kg];
+        let xrow = &src[i * kg..][..kg];
         for (l, (one, plan)) in ones.iter().zip(plans.iter_mut()).enumerate() {
             let (Some(one), Some(plan), true) = (one, plan, live[l]) else {
                 continue;
@@ -431,6 +437,15 @@ struct Group<T, const L: usize> {
     v: Vec<[T; L]>,
     uo: Vec<[T; L]>,
     vo: Vec<[T; L]>,
+    /// The backward's gradient and result (`[ng * kg]`), column adjoints and weights (`[kg]`),
+    /// and the replay's scalings of every iteration (`[count * ng]`, `[count * kg]`).
+    gp: Vec<[T; L]>,
+    gout: Vec<[T; L]>,
+    bg: Vec<[T; L]>,
+    nbg: Vec<[T; L]>,
+    w: Vec<[T; L]>,
+    hu: Vec<[T; L]>,
+    hv: Vec<[T; L]>,
     /// The per-problem path's buffers, for a member that leaves the lanes.
     ws: Workspace<T>,
 }
@@ -443,7 +458,8 @@ impl<T: Real, const L: usize> Group<T, L> {
             v.clear();
             v.resize(len, [x; L]);
         };
-        fill(&mut self.x, ng * kg, T::NEG_INFINITY);
+        // `x` is filled row by row by `gather_rows`.
+        self.x.resize(ng * kg, [T::ZERO; L]);
         fill(&mut self.r, ng, T::ZERO);
         fill(&mut self.rpad, ng, T::ONE);
         fill(&mut self.c, kg, T::ZERO);
@@ -492,6 +508,44 @@ fn ratio<T: Real, const L: usize>(c: &[[T; L]], sums: &[[T; L]], pad: &[[T; L]],
             o[l] = cv[l] / (sv[l] + pv[l]);
         }
         *vr = o;
+    }
+}
+
+/// The row step over all rows, [`ROWS`] at a time: `u`, and the column sums of `K u` in `acc`.
+#[inline(always)]
+fn row_pass<T: Real, const L: usize>(
+    x: &[[T; L]],
+    r: &[[T; L]],
+    rpad: &[[T; L]],
+    v: &[[T; L]],
+    u: &mut [[T; L]],
+    acc: &mut [[T; L]],
+) {
+    let kg = v.len();
+    acc.fill([T::ZERO; L]);
+    if kg == 0 {
+        return;
+    }
+    let mut xb = x.chunks_exact(ROWS * kg);
+    let (mut rb, mut pb, mut ub) = (
+        r.chunks_exact(ROWS),
+        rpad.chunks_exact(ROWS),
+        u.chunks_exact_mut(ROWS),
+    );
+    for (((xs, rs), ps), us) in (&mut xb).zip(&mut rb).zip(&mut pb).zip(&mut ub) {
+        rows_step::<T, L, ROWS>(xs, rs, ps, v, us, acc);
+    }
+    let xs = xb.remainder().chunks_exact(kg);
+    let (rs, ps) = (
+        rb.remainder().chunks_exact(1),
+        pb.remainder().chunks_exact(1),
+    );
+    for (((xs, rs), ps), us) in xs
+        .zip(rs)
+        .zip(ps)
+        .zip(ub.into_remainder().chunks_exact_mut(1))
+    {
+        rows_step::<T, L, 1>(xs, rs, ps, v, us, acc);
     }
 }
 
@@ -574,6 +628,291 @@ fn plan_lanes<T: Real, const L: usize>(x: &mut [[T; L]], v: &[[T; L]], u: &[[T; 
                 e[l] = e[l] * vv[l] * uv[l];
             }
             *er = e;
+        }
+    }
+}
+
+/// The unrolled backward of the lane path: the forward replayed in the same lanes (so its
+/// scalings are bitwise the forward's), then the reverse pass of `reverse.rs`'s plain domain,
+/// formula for formula, vertically over the lanes. A group's lanes share one iteration count (the
+/// problems are grouped by count first).
+impl<T: Real> Problem<T> {
+    /// The VJP of the problems `picks` (of counts `iters`) into `out` (`[B, N, K]`, each
+    /// problem written by its group's task alone); returns whether some problem was forced
+    /// into the plain domain where it is not safe.
+    pub(super) fn backward_lanes(
+        &self,
+        grad: &[T],
+        input: &SinkhornExtInput<'_, T>,
+        iters: &[i64],
+        dims: Dims,
+        picks: Vec<usize>,
+        out: SharedMut<T>,
+    ) -> bool {
+        if std::mem::size_of::<T>() == 4 {
+            self.backward_groups::<16>(grad, input, iters, dims, picks, out)
+        } else {
+            self.backward_groups::<8>(grad, input, iters, dims, picks, out)
+        }
+    }
+
+    fn backward_groups<const L: usize>(
+        &self,
+        grad: &[T],
+        input: &SinkhornExtInput<'_, T>,
+        iters: &[i64],
+        dims: Dims,
+        mut picks: Vec<usize>,
+        out: SharedMut<T>,
+    ) -> bool {
+        // Groups within runs of one count, each run ordered by size.
+        picks.sort_unstable_by_key(|&b| (iters[b], b));
+        let mut groups = Vec::new();
+        let mut start = 0;
+        for run in picks.chunk_by_mut(|&a, &b| iters[a] == iters[b]) {
+            order(run, input.row_counts, input.col_counts, L);
+            groups.extend(
+                (start..start + run.len())
+                    .step_by(L)
+                    .map(|g| (g, run.len() + start)),
+            );
+            start += run.len();
+        }
+        let picks = &picks[..];
+        groups
+            .par_iter()
+            .with_max_len(1)
+            .map_init(Group::<T, L>::default, |gr, &(g, end)| {
+                let members = &picks[g..(g + L).min(end)];
+                let count = iters[members[0]] as usize;
+                dispatch(
+                    #[inline(always)]
+                    || self.reverse_group(grad, input, count, dims, members, gr, out),
+                )
+            })
+            .reduce(|| false, |a, b| a || b)
+    }
+
+    /// One group of `count` iterations: replay, reverse, write. Returns whether a member was
+    /// forced plain where that is not safe.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn reverse_group<const L: usize>(
+        &self,
+        grad: &[T],
+        input: &SinkhornExtInput<'_, T>,
+        count: usize,
+        dims: Dims,
+        members: &[usize],
+        gr: &mut Group<T, L>,
+        out: SharedMut<T>,
+    ) -> bool {
+        let ones: [Option<One<'_, T>>; L] =
+            std::array::from_fn(|l| members.get(l).map(|&b| problem(input, dims, b)));
+        let (ng, kg, live) = self.prepare(&ones, gr);
+        let nk = dims.rows * dims.cols;
+        let grad_of = |b: usize| &grad[b * nk..][..nk];
+        let reversed = live.contains(&true) && self.replay(gr, count);
+        if reversed {
+            // The members' gradients, as `One`s whose scores are the gradient.
+            let grads: [Option<One<'_, T>>; L] = std::array::from_fn(|l| {
+                let b = *members.get(l)?;
+                Some(One {
+                    scores: grad_of(b),
+                    ..problem(input, dims, b)
+                })
+            });
+            gr.gp.resize(ng * kg, [T::ZERO; L]);
+            gather_rows(&grads, kg, &mut gr.gp, T::ZERO, |one, i| {
+                (&one.scores[i * one.stride..][..one.k], T::ZERO)
+            });
+            self.reverse(gr, ng, kg, count);
+        }
+        // SAFETY: problem b belongs to this group only (see `Outputs`).
+        let mut outs: [Option<&mut [T]>; L] = std::array::from_fn(|l| {
+            let b = *members.get(l)?;
+            Some(unsafe { std::slice::from_raw_parts_mut(out.at(b * nk), nk) })
+        });
+        if reversed {
+            scatter_rows(&ones, &live, &gr.gout, kg, &mut outs);
+        }
+        let mut too_wide = false;
+        for (l, (&b, one)) in members.iter().zip(ones.iter().flatten()).enumerate() {
+            if !live[l] {
+                // Not the plain domain after all (or not finite): the per-problem path.
+                let o = outs[l].take().expect("a member's output");
+                too_wide |= self.backward(one, grad_of(b), count, &mut gr.ws, o);
+            }
+        }
+        too_wide
+    }
+
+    /// The forward of [`Problem::iterate`] for `count` iterations, without stopping, keeping
+    /// every iteration's `u` and `v` in `hu`, `hv`. Returns false if interrupted.
+    #[inline(always)]
+    fn replay<const L: usize>(&self, gr: &mut Group<T, L>, count: usize) -> bool {
+        let ie = T::from_f64(1.0 / self.eps);
+        let Group {
+            x,
+            r,
+            rpad,
+            c,
+            cpad,
+            cmax,
+            acc,
+            u,
+            v,
+            hu,
+            hv,
+            ..
+        } = gr;
+        exp_kernel(x, cmax, ie, acc);
+        ratio(c, acc, cpad, v);
+        hu.clear();
+        hv.clear();
+        for t in 0..count {
+            if self.interrupt.requested() {
+                return false;
+            }
+            row_pass(x, r, rpad, v, u, acc);
+            hu.extend_from_slice(u);
+            hv.extend_from_slice(v);
+            if t + 1 < count {
+                ratio(c, acc, cpad, v);
+            }
+        }
+        true
+    }
+
+    /// `reverse.rs`'s plain-domain reverse pass over the lanes: `x` holds `K`, `gp` the
+    /// gradient, `hu`, `hv` the history; the result goes to `gout`.
+    #[inline(always)]
+    fn reverse<const L: usize>(&self, gr: &mut Group<T, L>, ng: usize, kg: usize, count: usize) {
+        let ie = T::from_f64(1.0 / self.eps);
+        let zero = [T::ZERO; L];
+        let Group {
+            x,
+            r,
+            rpad,
+            c,
+            cpad,
+            gp,
+            gout,
+            bg,
+            nbg,
+            w,
+            hu,
+            hv,
+            ..
+        } = gr;
+        for buf in [&mut *gout, &mut *bg, &mut *nbg, &mut *w] {
+            buf.clear();
+        }
+        gout.resize(ng * kg, zero);
+        bg.resize(kg, zero);
+        nbg.resize(kg, zero);
+        w.resize(kg, zero);
+        if kg == 0 {
+            return;
+        }
+        let last = count - 1;
+        let (ut, vt) = (&hu[last * ng..][..ng], &hv[last * kg..][..kg]);
+        // The plan's own adjoint, then the last row step; ḡ is the column sums of the result.
+        for (i, orow) in gout.chunks_exact_mut(kg).enumerate() {
+            let (xr, gr) = (&x[i * kg..][..kg], &gp[i * kg..][..kg]);
+            let ui = ut[i];
+            let mut bf = zero;
+            for j in 0..kg {
+                lanes_only();
+                let (xv, vv, gv) = (xr[j], vt[j], gr[j]);
+                let mut q = zero;
+                for l in 0..L {
+                    q[l] = gv[l] * (xv[l] * vv[l] * ui[l]) * ie;
+                    bf[l] += q[l];
+                }
+                orow[j] = q;
+            }
+            let mut beta = zero;
+            for l in 0..L {
+                beta[l] = bf[l] / (r[i][l] + rpad[i][l]);
+            }
+            for j in 0..kg {
+                lanes_only();
+                let (xv, vv) = (xr[j], vt[j]);
+                let (mut o, mut b) = (orow[j], bg[j]);
+                for l in 0..L {
+                    o[l] -= beta[l] * (xv[l] * vv[l] * ui[l]);
+                    b[l] += o[l];
+                }
+                orow[j] = o;
+                bg[j] = b;
+            }
+        }
+        for t in (0..count).rev() {
+            if self.interrupt.requested() {
+                return;
+            }
+            let vt = &hv[t * kg..][..kg];
+            for j in 0..kg {
+                lanes_only();
+                let (bv, vv, cv, pv) = (bg[j], vt[j], c[j], cpad[j]);
+                let mut o = zero;
+                for l in 0..L {
+                    o[l] = bv[l] * vv[l] / (cv[l] + pv[l]);
+                }
+                w[j] = o;
+            }
+            nbg.fill(zero);
+            let prev = (t > 0).then(|| (&hu[(t - 1) * ng..][..ng], &hv[(t - 1) * kg..][..kg]));
+            for (i, orow) in gout.chunks_exact_mut(kg).enumerate() {
+                let xr = &x[i * kg..][..kg];
+                let a = prev.map_or([T::ONE; L], |(u, _)| u[i]);
+                let mut d = zero;
+                for j in 0..kg {
+                    lanes_only();
+                    let (xv, wv) = (xr[j], w[j]);
+                    for l in 0..L {
+                        d[l] += xv[l] * wv[l];
+                    }
+                }
+                // f̄^{t−1}_i = −Σ_j ḡ_j B_ij.
+                let mut bfp = zero;
+                for l in 0..L {
+                    bfp[l] = -(a[l] * d[l]);
+                }
+                match prev {
+                    Some((_, vp)) => {
+                        let mut gam = zero;
+                        for l in 0..L {
+                            gam[l] = a[l] * bfp[l] / (r[i][l] + rpad[i][l]);
+                        }
+                        for j in 0..kg {
+                            lanes_only();
+                            let (xv, wv, pv) = (xr[j], w[j], vp[j]);
+                            let (mut o, mut nb) = (orow[j], nbg[j]);
+                            for l in 0..L {
+                                let av = xv[l] * pv[l] * gam[l];
+                                o[l] -= xv[l] * (a[l] * wv[l]) + av;
+                                nb[l] -= av;
+                            }
+                            orow[j] = o;
+                            nbg[j] = nb;
+                        }
+                    }
+                    None => {
+                        for j in 0..kg {
+                            lanes_only();
+                            let (xv, wv) = (xr[j], w[j]);
+                            let mut o = orow[j];
+                            for l in 0..L {
+                                o[l] -= xv[l] * (a[l] * wv[l]);
+                            }
+                            orow[j] = o;
+                        }
+                    }
+                }
+            }
+            std::mem::swap(bg, nbg);
         }
     }
 }

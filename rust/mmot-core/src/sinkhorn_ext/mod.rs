@@ -203,17 +203,33 @@ pub fn sinkhorn_ext_backward<T: Real>(
     } = dims;
     let p = Problem::<T>::new(&params);
     let too_wide = AtomicBool::new(false);
-    out.par_chunks_mut(n * k)
-        .zip(grad.par_chunks(n * k))
-        .zip(iters.par_iter())
-        .enumerate()
-        .with_max_len(1)
-        .for_each_init(Workspace::default, |ws, (b, ((o, gr), &it))| {
-            let one = problem(input, dims, b);
-            if p.backward(&one, gr, it as usize, ws, o) {
-                too_wide.store(true, Ordering::Relaxed);
-            }
-        });
+    let lanes = |b: usize| {
+        let (rows, cols) = (input.row_counts[b], input.col_counts[b]);
+        p.takes_lanes(rows as usize, cols as usize, input.eps_start[b])
+    };
+    let picks: Vec<usize> = (0..dims.problems).filter(|&b| lanes(b)).collect();
+    if picks.len() < dims.problems {
+        out.par_chunks_mut(n * k)
+            .zip(grad.par_chunks(n * k))
+            .zip(iters.par_iter())
+            .enumerate()
+            .with_max_len(1)
+            .for_each_init(Workspace::default, |ws, (b, ((o, gr), &it))| {
+                if lanes(b) {
+                    return;
+                }
+                let one = problem(input, dims, b);
+                if p.backward(&one, gr, it as usize, ws, o) {
+                    too_wide.store(true, Ordering::Relaxed);
+                }
+            });
+    }
+    // The lane problems were skipped above; each is written by its group's task alone.
+    if !picks.is_empty()
+        && p.backward_lanes(grad, input, iters, dims, picks, SharedMut(out.as_mut_ptr()))
+    {
+        too_wide.store(true, Ordering::Relaxed);
+    }
     p.interrupt.check()?;
     if too_wide.load(Ordering::Relaxed) {
         return Err(forced_plain_error::<T>());

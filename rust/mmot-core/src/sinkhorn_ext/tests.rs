@@ -115,6 +115,51 @@ fn forward<T: Real>(x: &Batch<T>, tol: f64, threads: usize) -> Results<T> {
     r
 }
 
+/// The VJP of `x`'s forward (counts `iters`) for the upstream gradient `grad` (NaN on padding).
+fn backward<T: Real>(x: &Batch<T>, grad: &[T], iters: &[i64], threads: usize) -> Vec<T> {
+    let mut out = vec![T::from_f64(f64::NAN); grad.len()];
+    let input = SinkhornExtInput {
+        scores: &x.scores,
+        row_mass: &x.row_mass,
+        col_mass: &x.col_mass,
+        row_counts: &x.rows,
+        col_counts: &x.cols,
+        init_f: &x.init_f,
+        eps_start: &x.eps_start,
+    };
+    let params = SinkhornExtParams {
+        eps: 0.1,
+        decay: 0.5,
+        n_iters: 1,
+        tol: -1.0,
+        reach: f64::INFINITY,
+        log_domain: LogDomain::Auto,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| sinkhorn_ext_backward(grad, &input, iters, &mut out, x.dims, &params))
+        .unwrap();
+    out
+}
+
+/// An upstream gradient for `x`: values on the valid blocks, NaN on the padding.
+fn upstream<T: Real>(x: &Batch<T>) -> Vec<T> {
+    x.scores
+        .iter()
+        .enumerate()
+        .map(|(e, s)| {
+            let v = s.to_f64();
+            T::from_f64(if v.is_nan() {
+                v
+            } else {
+                ((e * 37 % 101) as f64 - 50.0) / 50.0
+            })
+        })
+        .collect()
+}
+
 /// Problem `p` of `x` alone, cut to its own size.
 fn alone<T: Real>(x: &Batch<T>, p: usize) -> Batch<T> {
     let (nn, kk) = (x.dims.rows, x.dims.cols);
@@ -143,6 +188,8 @@ fn lanes_match_single_problems<T: Real>() {
     let (nn, kk) = (x.dims.rows, x.dims.cols);
     for tol in [-1.0, 1e-4] {
         let all = forward(&x, tol, 2);
+        let grad = upstream(&x);
+        let grads = backward(&x, &grad, &all.iters, 2);
         if tol >= 0.0 {
             let mut stops = all.iters.clone();
             stops.sort_unstable();
@@ -151,16 +198,36 @@ fn lanes_match_single_problems<T: Real>() {
         }
         for p in 0..x.dims.problems {
             let (n, k) = (x.rows[p] as usize, x.cols[p] as usize);
-            let one = forward(&alone(&x, p), tol, 1);
+            let single = alone(&x, p);
+            let one = forward(&single, tol, 1);
+            let one_grad = upstream(&single);
+            let one_grads = backward(&single, &one_grad, &one.iters, 1);
             for i in 0..nn {
                 let row = &all.plan[(p * nn + i) * kk..][..kk];
+                let grow = &grads[(p * nn + i) * kk..][..kk];
                 if i < n {
                     assert_eq!(bits(&row[..k]), bits(&one.plan[i * k..][..k]), "{p} {i}");
                     assert!(row[k..].iter().all(|&v| v == T::ZERO));
+                    assert!(grow[k..].iter().all(|&v| v == T::ZERO));
                 } else {
                     assert!(row.iter().all(|&v| v == T::ZERO));
+                    assert!(grow.iter().all(|&v| v == T::ZERO));
                 }
             }
+            // The same upstream values: the batch's gradient of problem p is the single call's.
+            let mut want = vec![T::ZERO; n * k];
+            for i in 0..n {
+                want[i * k..][..k].copy_from_slice(&grad[(p * nn + i) * kk..][..k]);
+            }
+            let one_grads_same = backward(&single, &want, &one.iters, 1);
+            for i in 0..n {
+                assert_eq!(
+                    bits(&grads[(p * nn + i) * kk..][..k]),
+                    bits(&one_grads_same[i * k..][..k]),
+                    "grad {p} {i}"
+                );
+            }
+            assert!(one_grads.iter().all(|v| v.to_f64().is_finite()));
             assert_eq!(bits(&all.f[p * nn..][..n]), bits(&one.f));
             assert_eq!(bits(&all.g[p * kk..][..k]), bits(&one.g));
             assert_eq!(all.iters[p], one.iters[0]);
@@ -182,6 +249,10 @@ fn lanes_match_single_problems<T: Real>() {
             assert_eq!(bits(&all.g), bits(&other.g));
             assert_eq!(all.iters, other.iters);
             assert_eq!(bits(&all.err), bits(&other.err));
+            assert_eq!(
+                bits(&grads),
+                bits(&backward(&x, &grad, &all.iters, threads))
+            );
         }
     }
 }
