@@ -163,7 +163,7 @@ impl<T: Real> Problem<T> {
         let ng = ones.iter().flatten().map(|o| o.n).max().unwrap_or(0);
         let kg = ones.iter().flatten().map(|o| o.k).max().unwrap_or(0);
         gr.reset(ng, kg);
-        gather_rows(ones, kg, &mut gr.x, T::NEG_INFINITY, |one, i| {
+        gather_rows(ones, kg, &mut gr.x, |one, i| {
             (&one.scores[i * one.stride..][..one.k], one.init_f[i])
         });
         let finite = lane_stats(&gr.x, &mut gr.cmax, &mut gr.mn);
@@ -299,22 +299,20 @@ impl<T: Real> Problem<T> {
     }
 }
 
-/// The members' rows into a `[ng, kg]` lane buffer (`pad` elsewhere): row `i` of a member is
-/// `row(one, i) = (values, shift)`, stored as `value + shift`. Row by row over the lanes, so that
-/// a buffer row stays in L1 while its lanes are written one by one.
+/// The members' rows into a `[ng, kg]` lane buffer (which holds the padding already): row `i` of
+/// a member is `row(one, i) = (values, shift)`, stored as `value + shift`. Row by row over the
+/// lanes, so that a buffer row stays in L1 while its lanes are written one by one.
 #[inline(always)]
 fn gather_rows<'a, T: Real, const L: usize>(
     ones: &[Option<One<'a, T>>; L],
     kg: usize,
     dst: &mut [[T; L]],
-    pad: T,
     row: impl Fn(&One<'a, T>, usize) -> (&'a [T], T),
 ) {
     if kg == 0 {
         return;
     }
     for (i, drow) in dst.chunks_exact_mut(kg).enumerate() {
-        drow.fill([pad; L]);
         for (l, one) in ones.iter().enumerate() {
             let Some(one) = one.as_ref().filter(|o| i < o.n) else {
                 continue;
@@ -458,8 +456,7 @@ impl<T: Real, const L: usize> Group<T, L> {
             v.clear();
             v.resize(len, [x; L]);
         };
-        // `x` is filled row by row by `gather_rows`.
-        self.x.resize(ng * kg, [T::ZERO; L]);
+        fill(&mut self.x, ng * kg, T::NEG_INFINITY);
         fill(&mut self.r, ng, T::ZERO);
         fill(&mut self.rpad, ng, T::ONE);
         fill(&mut self.c, kg, T::ZERO);
@@ -722,8 +719,9 @@ impl<T: Real> Problem<T> {
                     ..problem(input, dims, b)
                 })
             });
+            gr.gp.clear();
             gr.gp.resize(ng * kg, [T::ZERO; L]);
-            gather_rows(&grads, kg, &mut gr.gp, T::ZERO, |one, i| {
+            gather_rows(&grads, kg, &mut gr.gp, |one, i| {
                 (&one.scores[i * one.stride..][..one.k], T::ZERO)
             });
             self.reverse(gr, ng, kg, count);
