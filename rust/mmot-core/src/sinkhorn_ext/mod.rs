@@ -15,7 +15,10 @@
 //! contiguous scratch whose rows are padded to whole blocks of [`W`] lanes (`solve.rs`), so the
 //! inner loops are fixed-width vector operations and padding costs nothing beyond that
 //! rounding. A problem is solved by one worker, in a fixed order: results do not depend on the
-//! thread count or on the other problems of the batch.
+//! thread count or on the other problems of the batch. Small plain-domain problems (at most
+//! 4096 elements, balanced, no schedule) are instead solved `L` at a time, one per SIMD lane, in
+//! groups of alike sizes with neutral padding (`lanes.rs`), forward and backward; a lane's
+//! results are bitwise those of its problem alone, so the same independence holds.
 //!
 //! Domains, per problem: the plain domain (cached `exp`, no `exp` per iteration) when the call
 //! allows it (`log_domain` "auto" or "off"), the problem is balanced, has no eps schedule, and
@@ -25,7 +28,8 @@
 //! error, as for `sinkhorn`.
 //!
 //! Files: the API, checks and the batch driver here; the per-problem forward (which the
-//! backward replays to record its potentials) in `solve.rs`; the reverse pass in `reverse.rs`.
+//! backward replays to record its potentials) in `solve.rs`; the reverse pass in `reverse.rs`;
+//! the lane path of small problems, forward and backward, in `lanes.rs`.
 
 mod lanes;
 mod reverse;
