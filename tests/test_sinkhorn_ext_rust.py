@@ -507,3 +507,114 @@ def test_large_problems_in_row_chunks(monkeypatch, schedule, reach, log_domain):
     torch.testing.assert_close(f[0, :n], f_ref, rtol=1e-9, atol=1e-11)
     want = naive_grads(batch, grad, eps_start, eps, decay, iters, reach)
     torch.testing.assert_close(gs, want, rtol=1e-7, atol=1e-9 * float(want.abs().max()))
+
+
+# --- the lane path: small plain-domain problems solved L at a time (16 float32, 8 float64) -------
+
+
+def lane_batch(seed, dtype):
+    """37 problems of 1×1 up to 70×64 (a short last group for both lane widths), most of them
+    for the lane path, mixed with problems it hands to the per-problem path: 70×64 is too large
+    for the lanes, problem 5 has an infinite score and problem 9's range needs the log domain."""
+    batch = make_batch(seed, 37, 70, 64, dtype=dtype, warm=True)
+    gen = torch.Generator().manual_seed(seed)
+    for i, (n, k) in zip((1, 2, 3), ((1, 1), (64, 64), (64, 2))):
+        batch["row_counts"][i], batch["col_counts"][i] = n, k
+        batch["scores"][i, :n, :k] = (torch.rand(n, k, generator=gen, dtype=torch.float64) - 0.5).to(dtype)
+        batch["row_mass"][i, :n] = 1.0
+        batch["col_mass"][i, :k] = n / k
+        batch["init_f"][i, :n] = 0.1
+    batch["scores"][5, 0, 0] = float("inf")
+    batch["scores"][9] *= 60.0
+    return batch
+
+
+def single(batch, eps_start, i):
+    """Problem i alone, cut to its own size."""
+    n, k = int(batch["row_counts"][i]), int(batch["col_counts"][i])
+    return (
+        batch["scores"][i : i + 1, :n, :k].contiguous(),
+        batch["row_mass"][i : i + 1, :n].contiguous(),
+        batch["col_mass"][i : i + 1, :k].contiguous(),
+        torch.tensor([n]),
+        torch.tensor([k]),
+        batch["init_f"][i : i + 1, :n].contiguous(),
+        eps_start[i : i + 1],
+    )
+
+
+def same(a, b):
+    return torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tol", [-1.0, 1e-4])
+def test_lane_groups_equal_single_problem_calls_bitwise(dtype, tol):
+    """A problem's results do not depend on its group, its lane, its neighbours' sizes or stop
+    points, or the batch order: each equals the problem solved alone, bit for bit."""
+    batch = lane_batch(70, dtype)
+    eps, n_iters = 0.1, 30
+    (plan, f, g, iters, err), eps_start = run_forward(batch, eps, 0.5, n_iters, tol)
+    assert_padding_zero(plan, f, g, batch)
+    if tol >= 0:
+        assert len(set(iters.tolist())) > 3  # lanes of one group stop at different iterations
+    grad = torch.randn(plan.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    for i in range(grad.shape[0]):  # NaN where the kernel must not look
+        grad[i, int(batch["row_counts"][i]) :] = float("nan")
+        grad[i, :, int(batch["col_counts"][i]) :] = float("nan")
+    rest = (batch["row_mass"], batch["col_mass"], batch["row_counts"], batch["col_counts"], batch["init_f"])
+    gs = ext.backward(grad, batch["scores"], *rest, eps_start, eps, 0.5, iters, INF, "auto")
+    for i in range(plan.shape[0]):
+        n, k = int(batch["row_counts"][i]), int(batch["col_counts"][i])
+        one = single(batch, eps_start, i)
+        p1, f1, g1, it1, e1 = ext.forward(*one, eps, 0.5, n_iters, tol, INF, "auto")
+        assert same(p1[0], plan[i, :n, :k]) and same(f1[0], f[i, :n]) and same(g1[0], g[i, :k])
+        assert int(it1) == int(iters[i]) and same(e1, err[i : i + 1])
+        gs1 = ext.backward(grad[i : i + 1, :n, :k].contiguous(), *one, eps, 0.5, it1, INF, "auto")
+        assert same(gs1[0], gs[i, :n, :k]) and (gs[i, n:] == 0).all() and (gs[i, :, k:] == 0).all()
+    assert plan[5].isnan().any() and not plan[[i for i in range(37) if i != 5]].isnan().any()
+    # The batch reversed: other groups, other lanes, the same results.
+    flip = {key: value.flip(0) for key, value in batch.items()}
+    (plan_r, f_r, g_r, iters_r, err_r), _ = run_forward(flip, eps, 0.5, n_iters, tol)
+    for a, b in zip((plan, f, g, iters, err), (plan_r, f_r, g_r, iters_r, err_r)):
+        assert same(a, b.flip(0))
+
+
+def test_lane_groups_match_naive_float64():
+    batch = lane_batch(71, torch.float64)
+    eps, n_iters, tol = 0.1, 40, 1e-6
+    (plan, f, g, iters, err), eps_start = run_forward(batch, eps, 0.5, n_iters, tol)
+    for i in range(plan.shape[0]):
+        if i == 5:
+            continue  # the infinite score
+        n, k, s, r, c, f0 = problem(batch, i)
+        p_ref, f_ref, g_ref, it_ref, err_ref = naive(s, r, c, f0, eps, eps, 0.5, n_iters, tol, INF)
+        assert int(iters[i]) == it_ref
+        torch.testing.assert_close(plan[i, :n, :k], p_ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(f[i, :n], f_ref, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(g[i, :k], g_ref, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(err[i], err_ref, rtol=1e-5, atol=1e-12)
+    # The backward: the exact VJP of each problem's own count, whatever its group's counts.
+    grad = torch.randn(plan.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    rest = (batch["row_mass"], batch["col_mass"], batch["row_counts"], batch["col_counts"], batch["init_f"])
+    got = ext.backward(grad, batch["scores"], *rest, eps_start, eps, 0.5, iters, INF, "auto")
+    finite = [i for i in range(plan.shape[0]) if i != 5]
+    want = naive_grads({key: value[finite] for key, value in batch.items()}, grad[finite], eps_start[finite], eps, 0.5, iters[finite], INF)
+    torch.testing.assert_close(got[finite], want, rtol=1e-7, atol=1e-9 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lane_groups_independent_of_thread_count(monkeypatch, dtype):
+    batch = lane_batch(72, dtype)
+    eps = 0.1
+    results = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("MMOT_NUM_THREADS", threads)
+        (plan, f, g, iters, err), eps_start = run_forward(batch, eps, 0.5, 25, 1e-4)
+        grad = torch.linspace(-1, 1, plan.numel(), dtype=dtype).reshape(plan.shape)
+        gs = ext.backward(grad, batch["scores"], batch["row_mass"], batch["col_mass"], batch["row_counts"],
+                          batch["col_counts"], batch["init_f"], eps_start, eps, 0.5, iters, INF, "auto")  # fmt: skip
+        results.append((plan, f, g, iters, err, gs))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert same(a, b)

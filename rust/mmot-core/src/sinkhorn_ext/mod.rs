@@ -15,7 +15,10 @@
 //! contiguous scratch whose rows are padded to whole blocks of [`W`] lanes (`solve.rs`), so the
 //! inner loops are fixed-width vector operations and padding costs nothing beyond that
 //! rounding. A problem is solved by one worker, in a fixed order: results do not depend on the
-//! thread count or on the other problems of the batch.
+//! thread count or on the other problems of the batch. Small plain-domain problems (at most
+//! 4096 elements, balanced, no schedule) are instead solved `L` at a time, one per SIMD lane, in
+//! groups of alike sizes with neutral padding (`lanes.rs`), forward and backward; a lane's
+//! results are bitwise those of its problem alone, so the same independence holds.
 //!
 //! Domains, per problem: the plain domain (cached `exp`, no `exp` per iteration) when the call
 //! allows it (`log_domain` "auto" or "off"), the problem is balanced, has no eps schedule, and
@@ -25,14 +28,19 @@
 //! error, as for `sinkhorn`.
 //!
 //! Files: the API, checks and the batch driver here; the per-problem forward (which the
-//! backward replays to record its potentials) in `solve.rs`; the reverse pass in `reverse.rs`.
+//! backward replays to record its potentials) in `solve.rs`; the reverse pass in `reverse.rs`;
+//! the lane path of small problems, forward and backward, in `lanes.rs`.
 
+mod lanes;
 mod reverse;
 mod solve;
+#[cfg(test)]
+mod tests;
 
 use crate::dims::Dims;
 use crate::domain::LogDomain;
 use crate::error::{check_len, MmotError, Result};
+use crate::exec::shared_mut::SharedMut;
 use crate::interrupt::Interrupt;
 use crate::simd::Real;
 use rayon::prelude::*;
@@ -117,22 +125,46 @@ pub fn sinkhorn_ext_forward<T: Real>(
         iters,
         err,
     } = output;
-    plan.par_chunks_mut(n * k)
-        .zip(f.par_chunks_mut(n))
-        .zip(g.par_chunks_mut(k))
-        .zip(iters.par_iter_mut())
-        .zip(err.par_iter_mut())
-        .enumerate()
-        .with_max_len(1)
-        .for_each_init(Workspace::default, |ws, (b, ((((pl, fo), go), it), er))| {
-            let one = problem(input, dims, b);
-            let res = p.forward(&one, ws, (pl, fo, go));
-            if res.too_wide {
-                too_wide.store(true, Ordering::Relaxed);
-            }
-            *it = res.iters as i64;
-            *er = res.err;
-        });
+    let lanes = |b: usize| {
+        let (rows, cols) = (input.row_counts[b], input.col_counts[b]);
+        p.takes_lanes(rows as usize, cols as usize, input.eps_start[b])
+    };
+    let picks: Vec<usize> = (0..dims.problems).filter(|&b| lanes(b)).collect();
+    // The per-problem path, for the problems the lanes do not take.
+    if picks.len() < dims.problems {
+        plan.par_chunks_mut(n * k)
+            .zip(f.par_chunks_mut(n))
+            .zip(g.par_chunks_mut(k))
+            .zip(iters.par_iter_mut())
+            .zip(err.par_iter_mut())
+            .enumerate()
+            .with_max_len(1)
+            .for_each_init(Workspace::default, |ws, (b, ((((pl, fo), go), it), er))| {
+                if lanes(b) {
+                    return;
+                }
+                let one = problem(input, dims, b);
+                let res = p.forward(&one, ws, (pl, fo, go));
+                if res.too_wide {
+                    too_wide.store(true, Ordering::Relaxed);
+                }
+                *it = res.iters as i64;
+                *er = res.err;
+            });
+    }
+    if !picks.is_empty() {
+        // The lane problems were skipped above; each is written by its group's task alone.
+        let out = lanes::Outputs {
+            plan: SharedMut(plan.as_mut_ptr()),
+            f: SharedMut(f.as_mut_ptr()),
+            g: SharedMut(g.as_mut_ptr()),
+            iters: SharedMut(iters.as_mut_ptr()),
+            err: SharedMut(err.as_mut_ptr()),
+        };
+        if p.forward_lanes(input, dims, picks, out) {
+            too_wide.store(true, Ordering::Relaxed);
+        }
+    }
     p.interrupt.check()?;
     if too_wide.load(Ordering::Relaxed) {
         return Err(forced_plain_error::<T>());
@@ -175,17 +207,33 @@ pub fn sinkhorn_ext_backward<T: Real>(
     } = dims;
     let p = Problem::<T>::new(&params);
     let too_wide = AtomicBool::new(false);
-    out.par_chunks_mut(n * k)
-        .zip(grad.par_chunks(n * k))
-        .zip(iters.par_iter())
-        .enumerate()
-        .with_max_len(1)
-        .for_each_init(Workspace::default, |ws, (b, ((o, gr), &it))| {
-            let one = problem(input, dims, b);
-            if p.backward(&one, gr, it as usize, ws, o) {
-                too_wide.store(true, Ordering::Relaxed);
-            }
-        });
+    let lanes = |b: usize| {
+        let (rows, cols) = (input.row_counts[b], input.col_counts[b]);
+        p.takes_lanes(rows as usize, cols as usize, input.eps_start[b])
+    };
+    let picks: Vec<usize> = (0..dims.problems).filter(|&b| lanes(b)).collect();
+    if picks.len() < dims.problems {
+        out.par_chunks_mut(n * k)
+            .zip(grad.par_chunks(n * k))
+            .zip(iters.par_iter())
+            .enumerate()
+            .with_max_len(1)
+            .for_each_init(Workspace::default, |ws, (b, ((o, gr), &it))| {
+                if lanes(b) {
+                    return;
+                }
+                let one = problem(input, dims, b);
+                if p.backward(&one, gr, it as usize, ws, o) {
+                    too_wide.store(true, Ordering::Relaxed);
+                }
+            });
+    }
+    // The lane problems were skipped above; each is written by its group's task alone.
+    if !picks.is_empty()
+        && p.backward_lanes(grad, input, iters, dims, picks, SharedMut(out.as_mut_ptr()))
+    {
+        too_wide.store(true, Ordering::Relaxed);
+    }
     p.interrupt.check()?;
     if too_wide.load(Ordering::Relaxed) {
         return Err(forced_plain_error::<T>());

@@ -64,6 +64,8 @@ pub(crate) struct Workspace<T> {
     /// `[k]` column max and min of `S + f0` (domain statistics).
     pub mx: Vec<T>,
     pub mn: Vec<T>,
+    /// `[k]` per-column finiteness sums (see [`column_stats`]).
+    pub nf: Vec<T>,
     pub hist: History<T>,
     /// Backward: `[n, kc]` gradient and result, `[kc]` column adjoints.
     pub gp: Vec<Blk<T>>,
@@ -189,31 +191,20 @@ impl<T: Real> Problem<T> {
     /// The domain of one problem, from the call's mode, its schedule and reach, and the column
     /// spread of its valid `S + f0` (also its finiteness), taken in one pass.
     #[inline(always)]
-    #[allow(clippy::eq_op)]
     pub(super) fn route(&self, one: &One<'_, T>, ws: &mut Workspace<T>) -> Route {
-        let (n, k, stride) = (one.n, one.k, one.stride);
-        let (mx, mn) = (&mut ws.mx, &mut ws.mn);
-        mx.clear();
-        mx.resize(k, T::NEG_INFINITY);
-        mn.clear();
-        mn.resize(k, T::INFINITY);
-        let mut nf = T::ZERO;
-        for i in 0..n {
-            let (srow, fi) = (&one.scores[i * stride..i * stride + k], one.init_f[i]);
-            for j in 0..k {
-                let y = srow[j] + fi;
-                mx[j] = mx[j].fmax(y);
-                mn[j] = mn[j].fmin(y);
-                // NaN for NaN or ±Inf, 0 otherwise.
-                nf += y - y;
-            }
-        }
-        if nf != nf || nf != T::ZERO {
+        if !column_stats(one, &mut ws.mx, &mut ws.mn, &mut ws.nf) {
             return Route::NonFinite;
         }
-        let scheduled = one.eps_start > self.eps;
+        self.route_of(one.eps_start, column_range(&ws.mx, &ws.mn))
+    }
+
+    /// The domain of a finite problem from its schedule start and the largest column spread
+    /// of its valid `S + f0` (shared with the lane path, which takes the statistics itself).
+    #[inline(always)]
+    pub(super) fn route_of(&self, eps_start: f64, spread: f64) -> Route {
+        let scheduled = eps_start > self.eps;
         let log_only = scheduled || !self.balanced();
-        let range = (0..k).fold(0.0f64, |a, j| a.max((mx[j] - mn[j]).to_f64())) / self.eps;
+        let range = spread / self.eps;
         let wide = range.is_nan() || range > T::PLAIN_RANGE_LIMIT;
         match self.log_domain {
             LogDomain::On => Route::Log,
@@ -818,6 +809,42 @@ fn set_ratio<T: Real>(x: &[T], y_in: &[T], y: &mut [T]) {
     for j in 0..y.len() {
         y[j] = x[j] / y_in[j];
     }
+}
+
+/// The column max and min of a problem's valid `S + f0` into `mx`, `mn` (`[k]`); returns
+/// whether it is all finite. Every accumulator is per column (finiteness too: `nf` sums
+/// `y − y`, NaN for NaN or ±Inf), so that the loop vectorises along the rows.
+#[inline(always)]
+#[allow(clippy::eq_op)]
+pub(super) fn column_stats<T: Real>(
+    one: &One<'_, T>,
+    mx: &mut Vec<T>,
+    mn: &mut Vec<T>,
+    nf: &mut Vec<T>,
+) -> bool {
+    let (n, k, stride) = (one.n, one.k, one.stride);
+    reset(mx, k, T::NEG_INFINITY);
+    reset(mn, k, T::INFINITY);
+    reset(nf, k, T::ZERO);
+    let (mx, mn, nf) = (&mut mx[..k], &mut mn[..k], &mut nf[..k]);
+    for i in 0..n {
+        let (srow, fi) = (&one.scores[i * stride..][..k], one.init_f[i]);
+        for j in 0..k {
+            let y = srow[j] + fi;
+            mx[j] = mx[j].fmax(y);
+            mn[j] = mn[j].fmin(y);
+            nf[j] += y - y;
+        }
+    }
+    nf.iter().all(|&x| x == T::ZERO)
+}
+
+/// The largest spread `max − min` over the columns of a (finite) problem, in f64.
+#[inline(always)]
+pub(super) fn column_range<T: Real>(mx: &[T], mn: &[T]) -> f64 {
+    mx.iter()
+        .zip(mn)
+        .fold(0.0f64, |a, (&hi, &lo)| a.max((hi - lo).to_f64()))
 }
 
 /// The larger of two errors, NaN if either is.
