@@ -23,7 +23,7 @@
 //! the per-problem path instead. The iteration is the per-problem plain domain's, formula for
 //! formula; only the order of each row's sum differs, so results differ by rounding.
 
-use super::solve::{nan_max, Problem, Route, Workspace};
+use super::solve::{nan_max, reset, Problem, Route, Workspace};
 use super::{problem, One, SinkhornExtInput};
 use crate::dims::Dims;
 use crate::domain::LogDomain;
@@ -452,10 +452,7 @@ impl<T: Real, const L: usize> Group<T, L> {
     /// Every lane all padding, for `[ng, kg]`.
     fn reset(&mut self, ng: usize, kg: usize) {
         self.kg = kg;
-        let fill = |v: &mut Vec<[T; L]>, len: usize, x: T| {
-            v.clear();
-            v.resize(len, [x; L]);
-        };
+        let fill = |v: &mut Vec<[T; L]>, len: usize, x: T| reset(v, len, [x; L]);
         fill(&mut self.x, ng * kg, T::NEG_INFINITY);
         fill(&mut self.r, ng, T::ZERO);
         fill(&mut self.rpad, ng, T::ONE);

@@ -78,7 +78,7 @@ impl<T: Real> Problem<T> {
         let kc = k.div_ceil(W);
         let (r, c) = (&one.row_mass[..n], &one.col_mass[..k]);
         let ie = T::from_f64(1.0 / self.eps);
-        let zero = [T::ZERO; W];
+        ws.clear_reverse(n, kc);
         let Workspace {
             x,
             gp,
@@ -91,10 +91,6 @@ impl<T: Real> Problem<T> {
             ..
         } = ws;
         let (x, gp) = (&x[..], &gp[..]);
-        reset(out, n * kc, zero);
-        reset(bg, kc, zero);
-        reset(nbg, kc, zero);
-        reset(wg, kc, zero);
         let last = iters - 1;
         let (ut, vt) = (&hist.row[last * n..][..n], &hist.col[last * kc..][..kc]);
         // The plan's own adjoint, then the last row step; ḡ is the column sums of the result.
@@ -210,7 +206,7 @@ impl<T: Real> Problem<T> {
     fn reverse_log(&self, one: &One<'_, T>, iters: usize, ws: &mut Workspace<T>) {
         let (n, k) = (one.n, one.k);
         let kc = k.div_ceil(W);
-        let zero = [T::ZERO; W];
+        ws.clear_reverse(n, kc);
         let Workspace {
             x,
             gp,
@@ -223,10 +219,6 @@ impl<T: Real> Problem<T> {
             ..
         } = ws;
         let (x, gp) = (&x[..], &gp[..]);
-        reset(out, n * kc, zero);
-        reset(bg, kc, zero);
-        reset(nbg, kc, zero);
-        reset(wg, kc, zero);
         let last = iters - 1;
         let e_last = hist.e[last];
         let (ie, taut) = (T::from_f64(1.0 / e_last), T::from_f64(self.tau(e_last)));
@@ -413,5 +405,16 @@ fn pack_grad<T: Real>(one: &One<'_, T>, grad: &[T], ws: &mut Workspace<T>) {
     let gf = ws.gp.as_flattened_mut();
     for i in 0..n {
         gf[i * kc * W..][..k].copy_from_slice(&grad[i * stride..][..k]);
+    }
+}
+
+impl<T: Real> Workspace<T> {
+    /// Zeroes the reverse pass's gradient `[n, kc]` and its three column adjoints `[kc]`.
+    fn clear_reverse(&mut self, n: usize, kc: usize) {
+        let zero = [T::ZERO; W];
+        reset(&mut self.out, n * kc, zero);
+        reset(&mut self.bg, kc, zero);
+        reset(&mut self.nbg, kc, zero);
+        reset(&mut self.wg, kc, zero);
     }
 }
