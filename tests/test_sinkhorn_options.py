@@ -90,7 +90,8 @@ def test_tol_stops_each_problem_where_the_naive_loop_does(seed, tol):
         for i in range(4):
             naive, _, _, iters, err = general_sinkhorn(scores[i], *masses(7, 5), [0.5] * 400, tol=tol)
             assert int(info.n_iters[i]) == iters
-            assert float(info.marginal_error[i]) <= tol
+            if iters < 400:  # a problem that reaches the cap reports its error unconverged, like the naive loop
+                assert float(info.marginal_error[i]) <= tol
             torch.testing.assert_close(info.marginal_error[i], err, rtol=1e-6, atol=1e-14)
             torch.testing.assert_close(out[i], naive, rtol=1e-10, atol=1e-12)
     assert len(set(info.n_iters.tolist())) > 1, "the problems should stop at different iterations"
