@@ -98,8 +98,8 @@ def sinkhorn_ext_forward(
 ) -> None:
     """General Sinkhorn on a padded ragged batch ``scores`` [B, N, K] (problem b is
     ``[:row_counts[b], :col_counts[b]]``; ``eps_start`` is float64 whatever the float dtype):
-    writes ``iters`` [B] (int64), ``plan`` [B, N, K], potentials ``f`` [B, N], ``g`` [B, K] and
-    the marginal error ``err`` [B]."""
+    writes ``iters`` [B] (int64), ``plan`` [B, N, K] (its valid blocks only: pass it zero-filled),
+    potentials ``f`` [B, N], ``g`` [B, K] and the marginal error ``err`` [B]."""
 
 def sinkhorn_ext_backward(
     grad: npt.NDArray[np.floating],
@@ -118,8 +118,8 @@ def sinkhorn_ext_backward(
     log_domain: str,
     num_threads: int,
 ) -> None:
-    """The gradient of ``sinkhorn_ext_forward``'s plan w.r.t. ``scores`` into ``out``, for the
-    unrolled iteration that ran ``iters[b]`` iterations."""
+    """The gradient of ``sinkhorn_ext_forward``'s plan w.r.t. ``scores`` into the valid blocks of
+    ``out`` (pass it zero-filled), for the unrolled iteration that ran ``iters[b]`` iterations."""
 
 def multi_sinkhorn(
     scores: npt.NDArray[np.floating],

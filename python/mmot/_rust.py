@@ -3,20 +3,23 @@
 Every kernel of ``mmot._core`` takes its input arrays, then its output arrays, then its
 parameters and the thread count (and, for forwards that check values, the checks flag last). The
 arrays are zero-copy numpy views of contiguous CPU tensors in one float dtype; the outputs are
-allocated by torch, so the results are ordinary tensors (``docs/architecture.md``).
+allocated by torch (or, for kernels that write only part of an output, zero-filled by
+:func:`zeroed_output`), so the results are ordinary tensors (``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 # Tests set MMOT_POISON_OUTPUTS=1 so that an element a kernel forgets to write shows up as NaN.
 _poison_outputs = os.environ.get("MMOT_POISON_OUTPUTS", "0") == "1"
 MAX_THREADS = 4096
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def num_threads() -> int:
@@ -35,6 +38,20 @@ def new_output(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(tuple(shape), dtype=dtype)
     if _poison_outputs:
         out.fill_(float("nan"))
+    return out
+
+
+def zeroed_output(shape: Sequence[int], dtype: torch.dtype, written: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A zero-filled CPU tensor for a kernel that writes only the entries ``written()`` masks.
+
+    numpy takes its zeros from calloc, which for a large size maps fresh pages instead of writing
+    zeros; the OS zeroes a page when it is first touched, so pages the kernel never writes (a
+    ragged batch's padding) cost no time. Under MMOT_POISON_OUTPUTS=1 the masked entries start as
+    NaN, so that one the kernel forgets shows.
+    """
+    out = torch.from_numpy(np.zeros(tuple(shape), dtype=_NUMPY_DTYPES[dtype]))
+    if _poison_outputs:
+        out.masked_fill_(written(), float("nan"))
     return out
 
 

@@ -3,7 +3,8 @@
 Kernel-level functions on padded ragged batches (issue 20 spec, section 1): CPU tensors,
 ``scores`` (B, N, K) in the working dtype (float32 or float64; the caller converts),
 ``row_counts`` / ``col_counts`` (B,) int64, ``init_f`` (B, N), ``eps_start`` (B,) float64.
-Values outside each problem's valid block are never read; padded outputs are 0.
+Values outside each problem's valid block are never read; padded outputs are 0. The kernels
+write only the valid blocks of the (B, N, K) plan and gradient, so those start zero-filled.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmot import _rust
+from mmot import _rust, reference_ext
 
 OP = "mmot.sinkhorn"
 
@@ -29,6 +30,16 @@ def _common_inputs(scores, row_mass, col_mass, row_counts, col_counts, init_f, e
         init_f.reshape(b, n),
         eps_start,
     ]
+
+
+def _valid_blocks_output(scores: Tensor, row_counts: Tensor, col_counts: Tensor) -> Tensor:
+    """A zero-filled (B, N, K) output of which the kernel writes the valid blocks."""
+
+    def valid():
+        rows, cols = reference_ext.valid_masks(scores.shape, row_counts, col_counts)
+        return rows & cols
+
+    return _rust.zeroed_output(scores.shape, scores.dtype, valid)
 
 
 def forward(
@@ -50,13 +61,14 @@ def forward(
     b, n, k = scores.shape
     # The iteration counts are an int64 output; the kernel writes every entry.
     iters = torch.full((b,), -1, dtype=torch.int64)
+    plan = _valid_blocks_output(scores, row_counts, col_counts)
     inputs = _common_inputs(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start)
-    plan, f, g, err = _rust.run(
+    f, g, err = _rust.run(
         OP,
         "sinkhorn_ext_forward",
         scores.dtype,
-        [*inputs, iters.numpy()],
-        [(b, n, k), (b, n), (b, k), (b,)],
+        [*inputs, iters.numpy(), plan.numpy()],
+        [(b, n), (b, k), (b,)],
         [float(eps), float(decay), int(n_iters), float(tol), float(reach), log_domain],
     )
     return plan, f, g, iters, err
@@ -79,13 +91,14 @@ def backward(
 ) -> Tensor:
     """The exact VJP (w.r.t. ``scores``) of the unrolled iteration that ran ``iters[b]`` iterations."""
     b, n, k = scores.shape
+    out = _valid_blocks_output(scores, row_counts, col_counts)
     inputs = _common_inputs(scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start)
-    (out,) = _rust.run(
+    _rust.run(
         OP,
         "sinkhorn_ext_backward",
         scores.dtype,
-        [grad.reshape(b, n, k), *inputs, iters.to(torch.int64).reshape(b)],
-        [(b, n, k)],
+        [grad.reshape(b, n, k), *inputs, iters.to(torch.int64).reshape(b), out.numpy()],
+        [],
         [float(eps), float(decay), float(reach), log_domain],
     )
     return out

@@ -9,8 +9,8 @@ use pyo3::prelude::*;
 
 /// The general Sinkhorn forward on `scores` `[B, N, K]` with per-problem sizes `row_counts`,
 /// `col_counts` `[B]` (int64), initial row potentials `init_f` `[B, N]` and schedule starts
-/// `eps_start` `[B]` (float64). Writes `iters` `[B]` (int64), `plan` `[B, N, K]`, `f` `[B, N]`,
-/// `g` `[B, K]` and `err` `[B]`.
+/// `eps_start` `[B]` (float64). Writes `iters` `[B]` (int64), the valid blocks of `plan`
+/// `[B, N, K]` (given zero-filled), `f` `[B, N]`, `g` `[B, K]` and `err` `[B]`.
 #[pyfunction]
 #[pyo3(signature = (scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, iters, plan, f, g, err, eps, decay, n_iters, tol, reach, log_domain, num_threads))]
 #[allow(clippy::too_many_arguments)]
@@ -60,7 +60,8 @@ fn sinkhorn_ext_forward(
 }
 
 /// Vector-Jacobian product of `sinkhorn_ext_forward`'s plan w.r.t. `scores`, for the unrolled
-/// iteration that ran `iters[b]` iterations: `grad` `[B, N, K]` in, `out` the gradient.
+/// iteration that ran `iters[b]` iterations: `grad` `[B, N, K]` in, `out` the gradient (its
+/// valid blocks; given zero-filled).
 #[pyfunction]
 #[pyo3(signature = (grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, iters, out, eps, decay, reach, log_domain, num_threads))]
 #[allow(clippy::too_many_arguments)]

@@ -3,10 +3,11 @@
 //! reductions built on them, and dense matrix products. Nothing here knows about a kernel.
 //!
 //! The files depend on each other one way: `dispatch` <- `vector` (+ `x86`) <- `real` <-
-//! `reduce`, `gemm`.
+//! `reduce`, `gemm`, `ln`.
 
 mod dispatch;
 pub(crate) mod gemm;
+mod ln;
 mod real;
 mod reduce;
 mod vector;
@@ -14,6 +15,7 @@ mod vector;
 mod x86;
 
 pub use dispatch::{dispatch, level, Level};
+pub(crate) use ln::ln_fast;
 pub use real::Real;
 pub(crate) use reduce::{dot, extremes, max, sum, LANES};
 pub(crate) use vector::{Vector, VectorOp};

@@ -29,7 +29,7 @@ use crate::dims::Dims;
 use crate::domain::LogDomain;
 use crate::exec::lanes::lanes_only;
 use crate::exec::shared_mut::SharedMut;
-use crate::simd::{dispatch, Real};
+use crate::simd::{dispatch, ln_fast, Real};
 use rayon::prelude::*;
 
 /// Largest problem (`n * k`) the lane path takes: a group's scratch (`L` of them, padded to
@@ -125,6 +125,10 @@ impl<T: Real> Problem<T> {
             Some(unsafe { std::slice::from_raw_parts_mut(out.plan.at(b * len), len) })
         });
         scatter_rows(&ones, &live, &gr.x, kg, &mut plans);
+        // The potentials' logarithms, vertically over the lanes (the plans used the scalings).
+        let eps = T::from_f64(self.eps);
+        eps_ln(&mut gr.uo[..ng], eps);
+        eps_ln(&mut gr.vo[..kg], eps);
         let mut too_wide = false;
         for (l, (&b, one)) in members.iter().zip(ones.iter().flatten()).enumerate() {
             let (f, g) = unsafe {
@@ -275,8 +279,8 @@ impl<T: Real> Problem<T> {
         (iters, err)
     }
 
-    /// Lane `l`'s potentials into its padded slices: `f = f0 + eps ln u` and
-    /// `g = eps ln v − m`, 0 on the padding.
+    /// Lane `l`'s potentials into its padded slices, from `uo`, `vo` holding `eps ln u`,
+    /// `eps ln v`: `f = f0 + eps ln u` and `g = eps ln v − m`, 0 on the padding.
     #[inline(always)]
     fn write_potentials<const L: usize>(
         &self,
@@ -287,13 +291,12 @@ impl<T: Real> Problem<T> {
         g: &mut [T],
     ) {
         let (n, k) = (one.n, one.k);
-        let eps = T::from_f64(self.eps);
         for ((fi, &f0), u) in f[..n].iter_mut().zip(one.init_f).zip(&gr.uo) {
-            *fi = f0 + eps * u[l].ln();
+            *fi = f0 + u[l];
         }
         f[n..].fill(T::ZERO);
         for ((gj, v), m) in g[..k].iter_mut().zip(&gr.vo).zip(&gr.cmax) {
-            *gj = eps * v[l].ln() - m[l];
+            *gj = v[l] - m[l];
         }
         g[k..].fill(T::ZERO);
     }
@@ -365,8 +368,9 @@ fn lane_stats<T: Real, const L: usize>(
     finite
 }
 
-/// The live lanes' rows of `src` (`[ng, kg]`: plans or gradients) into their padded `[N, K]`
-/// outputs, row by row over the lanes as [`gather_rows`], with 0 on the padding.
+/// The live lanes' valid blocks of `src` (`[ng, kg]`: plans or gradients) into their padded
+/// `[N, K]` outputs, row by row over the lanes as [`gather_rows`]. The padding is not written
+/// (see the module docs of `sinkhorn_ext`).
 #[inline(always)]
 fn scatter_rows<T: Real, const L: usize>(
     ones: &[Option<One<'_, T>>; L],
@@ -382,21 +386,26 @@ fn scatter_rows<T: Real, const L: usize>(
             let (Some(one), Some(plan), true) = (one, plan, live[l]) else {
                 continue;
             };
-            let prow = &mut plan[i * one.stride..][..one.stride];
-            if i < one.n {
-                for (p, x) in prow[..one.k].iter_mut().zip(xrow) {
-                    *p = x[l];
-                }
-                prow[one.k..].fill(T::ZERO);
-            } else {
-                prow.fill(T::ZERO);
+            if i >= one.n {
+                continue;
+            }
+            for (p, x) in plan[i * one.stride..][..one.k].iter_mut().zip(xrow) {
+                *p = x[l];
             }
         }
     }
-    for (l, (one, plan)) in ones.iter().zip(plans.iter_mut()).enumerate() {
-        if let (Some(one), Some(plan), true) = (one, plan, live[l]) {
-            plan[ng * one.stride..].fill(T::ZERO);
+}
+
+/// `s = eps ln s` lane-wise.
+#[inline(always)]
+fn eps_ln<T: Real, const L: usize>(s: &mut [[T; L]], eps: T) {
+    for r in s.iter_mut() {
+        lanes_only();
+        let mut v = *r;
+        for x in v.iter_mut() {
+            *x = eps * ln_fast(*x);
         }
+        *r = v;
     }
 }
 
@@ -430,7 +439,7 @@ struct Group<T, const L: usize> {
     mn: Vec<[T; L]>,
     /// `[kg]`: column sums of `K u`.
     acc: Vec<[T; L]>,
-    /// `[ng]`, `[kg]`: the scalings, and those each lane stopped with.
+    /// `[ng]`, `[kg]`: the scalings, and those each lane stopped with (then `eps ln` of them).
     u: Vec<[T; L]>,
     v: Vec<[T; L]>,
     uo: Vec<[T; L]>,

@@ -4,7 +4,11 @@
 //! with the exact vector-Jacobian product of the unrolled iteration.
 //!
 //! Problem `b` of a padded `[B, N, K]` batch is the block `scores[b, :n_b, :k_b]`; nothing
-//! outside it is ever read (its values may be NaN), and every padded output is 0.
+//! outside it is ever read (its values may be NaN). Padded potentials are written 0, but the
+//! padding of the `[B, N, K]` outputs (the plan, the gradient) is never written: callers pass
+//! those buffers zero-filled. A fresh zeroed allocation (calloc) maps no memory for the pages
+//! that hold padding alone, so a ragged batch writes only about its valid entries, however
+//! large the padded shape.
 //!
 //! Iteration (score units, `e = eps_t`, `tau = rho / (rho + e)`, 1 when balanced):
 //! `g_j = e log c_j − tau e LSE_i((S_ij + f_i)/e)`, then
@@ -84,7 +88,8 @@ pub struct SinkhornExtInput<'a, T> {
 
 /// The outputs of [`sinkhorn_ext_forward`].
 pub struct SinkhornExtOutput<'a, T> {
-    /// `[B, N, K]` the plan of the last iteration run.
+    /// `[B, N, K]` the plan of the last iteration run, in the valid blocks (the padding is
+    /// left as given: zeros).
     pub plan: &'a mut [T],
     /// `[B, N]`, `[B, K]` the potentials of that iteration (score units).
     pub f: &'a mut [T],
@@ -175,7 +180,8 @@ pub fn sinkhorn_ext_forward<T: Real>(
 /// The exact vector-Jacobian product of [`sinkhorn_ext_forward`]'s plan with respect to
 /// `scores`: `out = (∂plan/∂scores)ᵀ grad` for the unrolled iteration that ran `iters[b]`
 /// iterations of the same schedule from the same `init_f` (masses and `init_f` are constants).
-/// `grad`, `out`: `[B, N, K]`; padded `grad` entries are never read, padded `out` entries are 0.
+/// `grad`, `out`: `[B, N, K]`; padded `grad` entries are never read, padded `out` entries are
+/// never written (zeros given).
 /// `params.n_iters` and `params.tol` are not used.
 pub fn sinkhorn_ext_backward<T: Real>(
     grad: &[T],

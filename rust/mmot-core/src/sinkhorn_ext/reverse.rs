@@ -23,7 +23,8 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 impl<T: Real> Problem<T> {
-    /// The VJP of one problem into its padded `out`; `grad` is its padded `[N, K]` slice.
+    /// The VJP of one problem into the valid block of its padded `out` (the padding is not
+    /// written); `grad` is its padded `[N, K]` slice.
     /// Returns whether the plain domain was forced where it is not safe.
     pub(super) fn backward(
         &self,
@@ -37,7 +38,6 @@ impl<T: Real> Problem<T> {
             #[inline(always)]
             || {
                 let (n, k, stride) = (one.n, one.k, one.stride);
-                out.fill(T::ZERO);
                 let route = self.route(one, ws);
                 let done = match route {
                     Route::TooWide => return true,

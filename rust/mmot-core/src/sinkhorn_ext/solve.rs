@@ -133,7 +133,7 @@ impl<T: Real> Problem<T> {
         }
     }
 
-    /// The forward of one problem into its padded outputs.
+    /// The forward of one problem into its padded outputs (the plan's padding is not written).
     pub(super) fn forward(
         &self,
         one: &One<'_, T>,
@@ -144,7 +144,6 @@ impl<T: Real> Problem<T> {
             #[inline(always)]
             || {
                 let (n, k, stride) = (one.n, one.k, one.stride);
-                plan.fill(T::ZERO);
                 f.fill(T::ZERO);
                 g.fill(T::ZERO);
                 let route = self.route(one, ws);
