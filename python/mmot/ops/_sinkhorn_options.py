@@ -61,13 +61,10 @@ class Batch:
     dtype: torch.dtype  # the caller's dtype
     padded: bool  # whether any problem is smaller than the batch (counts or a list given)
 
-    @property
-    def rows(self) -> Tensor:
-        return reference_ext.valid_masks(self.scores.shape, self.row_counts, self.col_counts)[0].squeeze(-1)
-
-    @property
-    def cols(self) -> Tensor:
-        return reference_ext.valid_masks(self.scores.shape, self.row_counts, self.col_counts)[1].squeeze(-2)
+    def valid(self) -> tuple[Tensor, Tensor]:
+        """(B, N) and (B, K) masks of the valid rows and columns."""
+        rows, cols = reference_ext.valid_masks(self.scores.shape, self.row_counts, self.col_counts)
+        return rows.squeeze(-1), cols.squeeze(-2)
 
     def matrices(self, out: Tensor) -> Tensor | list[Tensor]:
         """(B, N, K) results in the caller's layout: (..., N, K), or a list of (n_b, k_b)."""

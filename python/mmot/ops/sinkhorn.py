@@ -217,7 +217,7 @@ def _ragged_masses(batch, row_mass, col_mass, dtype) -> tuple[Tensor, Tensor]:
     """(B, N) and (B, K) masses, 0 in the padding; the defaults use each problem's own sizes.
     Their values are checked in the op."""
     b, n, k = batch.scores.shape
-    row_valid, col_valid = batch.rows, batch.cols
+    row_valid, col_valid = batch.valid()
     rows = None if row_mass is None else _given_mass(batch, "row_mass", row_mass, n, row_valid, dtype)
     cols = None if col_mass is None else _given_mass(batch, "col_mass", col_mass, k, col_valid, dtype)
     n_b, k_b = batch.row_counts.to(dtype)[:, None], batch.col_counts.to(dtype)[:, None]
@@ -259,10 +259,10 @@ def _initial_rows(batch, init, work: Tensor, rows: Tensor, eps_start: Tensor, ep
     f, g = init
     b, n, k = work.shape
     if f is not None:
-        return _init_part(batch, "init[0]", f, n, batch.rows, work.dtype)
+        return _init_part(batch, "init[0]", f, n, batch.valid()[0], work.dtype)
     if g is None:
         return work.new_zeros(work.shape[:-1])
-    g = _init_part(batch, "init[1]", g, k, batch.cols, work.dtype)
+    g = _init_part(batch, "init[1]", g, k, batch.valid()[1], work.dtype)
     e = torch.clamp(eps_start, min=eps).to(work.dtype)[:, None]
     tau = 1.0 if math.isinf(reach) else reach / (reach + e)
     row_valid, col_valid = reference_ext.valid_masks(work.shape, batch.row_counts, batch.col_counts)
