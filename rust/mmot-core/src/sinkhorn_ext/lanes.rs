@@ -170,11 +170,11 @@ impl<T: Real> Problem<T> {
         gather_rows(ones, kg, &mut gr.x, |one, i| {
             (&one.scores[i * one.stride..][..one.k], one.init_f[i])
         });
-        let finite = lane_stats(&gr.x, &mut gr.cmax, &mut gr.mn);
+        let (finite, spread) = lane_stats(&gr.x, &mut gr.cmax, &mut gr.mn);
         let mut live = [false; L];
         for (l, one) in ones.iter().enumerate() {
             if let Some(one) = one {
-                live[l] = self.setup_lane(one, gr, l, finite[l]) == Route::Plain;
+                live[l] = self.setup_lane(one, gr, l, finite[l], spread[l]) == Route::Plain;
             }
         }
         // The shift of padded columns (no valid entry: max `-inf`) is 0.
@@ -190,8 +190,8 @@ impl<T: Real> Problem<T> {
     }
 
     /// Lane `l` of the group: problem `one`'s route from its statistics (those of
-    /// [`Problem::route`]: `finite` valid entries, the column max and min in `cmax`, `mn`) and,
-    /// where it takes the plain domain, its masses.
+    /// [`Problem::route`]: `finite` valid entries and the largest column `spread`) and, where it
+    /// takes the plain domain, its masses.
     #[inline(always)]
     fn setup_lane<const L: usize>(
         &self,
@@ -199,17 +199,12 @@ impl<T: Real> Problem<T> {
         gr: &mut Group<T, L>,
         l: usize,
         finite: T,
+        spread: T,
     ) -> Route {
         if finite.to_f64() != (one.n * one.k) as f64 {
             return Route::NonFinite;
         }
-        // Padded columns give max − min = −inf, which the fold skips.
-        let spread = gr
-            .cmax
-            .iter()
-            .zip(&gr.mn)
-            .fold(0.0f64, |a, (hi, lo)| a.max((hi[l] - lo[l]).to_f64()));
-        let route = self.route_of(one.eps_start, spread);
+        let route = self.route_of(one.eps_start, spread.to_f64());
         if route == Route::Plain {
             for i in 0..one.n {
                 gr.r[i][l] = one.row_mass[i];
@@ -329,7 +324,8 @@ fn gather_rows<'a, T: Real, const L: usize>(
 }
 
 /// Each lane's column max (into `mx`) and min (into `mn`) of its valid `S + f0` (the padding,
-/// `-inf`, left out), and its number of finite entries (the padding is not finite): the
+/// `-inf`, left out), its number of finite entries (the padding is not finite) and, where those
+/// are all finite, its largest column spread `max − min` (padded columns give `-inf`): the
 /// statistics of [`Problem::route`], vertically over the lanes.
 #[inline(always)]
 #[allow(clippy::eq_op)]
@@ -337,12 +333,12 @@ fn lane_stats<T: Real, const L: usize>(
     x: &[[T; L]],
     mx: &mut [[T; L]],
     mn: &mut [[T; L]],
-) -> [T; L] {
+) -> ([T; L], [T; L]) {
     mx.fill([T::NEG_INFINITY; L]);
     mn.fill([T::INFINITY; L]);
-    let mut finite = [T::ZERO; L];
+    let (mut finite, mut spread) = ([T::ZERO; L], [T::ZERO; L]);
     if mx.is_empty() {
-        return finite;
+        return (finite, spread);
     }
     for row in x.chunks_exact(mx.len()) {
         for ((er, ar), br) in row.iter().zip(mx.iter_mut()).zip(mn.iter_mut()) {
@@ -365,7 +361,14 @@ fn lane_stats<T: Real, const L: usize>(
             (*ar, *br) = (a, b);
         }
     }
-    finite
+    for (hi, lo) in mx.iter().zip(mn.iter()) {
+        lanes_only();
+        let (hi, lo) = (*hi, *lo);
+        for l in 0..L {
+            spread[l] = spread[l].fmax(hi[l] - lo[l]);
+        }
+    }
+    (finite, spread)
 }
 
 /// The live lanes' valid blocks of `src` (`[ng, kg]`: plans or gradients) into their padded
