@@ -158,8 +158,8 @@ def fill_padding(scores: Tensor, row_counts: Tensor, col_counts: Tensor) -> Tens
 
 def check_counts(op: str, scores: Tensor, row_counts: Tensor, col_counts: Tensor) -> None:
     """Value check: every problem's sizes lie within the padded (B, N, K) batch (one host sync)."""
-    for name, counts, size in (("row_counts", row_counts, scores.shape[-2]), ("col_counts", col_counts, scores.shape[-1])):
-        low, high = int(counts.min()), int(counts.max())
+    extremes = torch.stack([*torch.aminmax(row_counts.to(torch.int64)), *torch.aminmax(col_counts.to(torch.int64))]).tolist()
+    for name, (low, high), size in (("row_counts", extremes[:2], scores.shape[-2]), ("col_counts", extremes[2:], scores.shape[-1])):
         if low < 1 or high > size:
             raise ValueError(f"{op}: argument '{name}' must lie in 1..{size} (the padded size); got values from {low} to {high}")
 
