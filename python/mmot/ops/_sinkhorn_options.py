@@ -156,6 +156,17 @@ def fill_padding(scores: Tensor, row_counts: Tensor, col_counts: Tensor) -> Tens
     return torch.where(rows & cols, scores, fill)
 
 
+def masses_or_defaults(shape: torch.Size, dtype: torch.dtype, row_mass: Tensor, col_mass: Tensor, row_counts: Tensor, col_counts: Tensor):
+    """The (B, N) and (B, K) masses, in ``dtype``, that a kernel takes for a padded batch of
+    ``shape``. Two empty ones stand for the defaults (the op then skips their value checks): 1 on
+    each valid row and N_b / K_b on each valid column, 0 on the padding."""
+    if row_mass.numel() or col_mass.numel():
+        return row_mass, col_mass
+    rows, cols = reference_ext.valid_masks(shape, row_counts, col_counts)
+    n_b, k_b = row_counts.to(dtype)[:, None], col_counts.to(dtype)[:, None]
+    return rows.squeeze(-1).to(dtype), torch.where(cols.squeeze(-2), n_b / k_b, 0.0)
+
+
 def check_counts(op: str, scores: Tensor, row_counts: Tensor, col_counts: Tensor) -> None:
     """Value check: every problem's sizes lie within the padded (B, N, K) batch (one host sync)."""
     extremes = torch.stack([*torch.aminmax(row_counts.to(torch.int64)), *torch.aminmax(col_counts.to(torch.int64))]).tolist()

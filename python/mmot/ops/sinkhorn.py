@@ -187,7 +187,7 @@ def _with_options(
     dtype = reference.compute_dtype(batch.dtype)
     rows, cols = _ragged_masses(batch, row_mass, col_mass, dtype)
     eps_start, decay = options.schedule(OP, eps_schedule, eps, n_iters, batch)
-    init_f = _initial_rows(batch, init, batch.scores.to(dtype), rows, eps_start, eps, reach)
+    init_f = _initial_rows(batch, init, batch.scores.to(dtype), (rows, cols), eps_start, eps, reach)
     plan, f, g, iters, err = sinkhorn_ext_op(
         batch.scores,
         rows,
@@ -214,17 +214,17 @@ def _with_options(
 
 
 def _ragged_masses(batch, row_mass, col_mass, dtype) -> tuple[Tensor, Tensor]:
-    """(B, N) and (B, K) masses, 0 in the padding; the defaults use each problem's own sizes.
-    Their values are checked in the op."""
+    """(B, N) and (B, K) masses, 0 in the padding, checked in the op; with neither given, two
+    empty tensors, which the op takes for the defaults (``options.masses_or_defaults``)."""
+    if row_mass is None and col_mass is None:
+        empty = batch.scores.new_empty((0,), dtype=dtype)
+        return empty, empty
     b, n, k = batch.scores.shape
     row_valid, col_valid = batch.valid()
     rows = None if row_mass is None else _given_mass(batch, "row_mass", row_mass, n, row_valid, dtype)
     cols = None if col_mass is None else _given_mass(batch, "col_mass", col_mass, k, col_valid, dtype)
     n_b, k_b = batch.row_counts.to(dtype)[:, None], batch.col_counts.to(dtype)[:, None]
-    if rows is None and cols is None:
-        rows = row_valid.to(dtype)
-        cols = torch.where(col_valid, n_b / k_b, 0.0)
-    elif cols is None:
+    if cols is None:
         cols = torch.where(col_valid, rows.sum(-1, keepdim=True) / k_b, 0.0)
     elif rows is None:
         rows = torch.where(row_valid, cols.sum(-1, keepdim=True) / n_b, 0.0)
@@ -250,7 +250,7 @@ def _given_mass(batch, name: str, mass, size: int, valid: Tensor, dtype) -> Tens
     return torch.where(valid, mass, 0.0)
 
 
-def _initial_rows(batch, init, work: Tensor, rows: Tensor, eps_start: Tensor, eps: float, reach: float) -> Tensor:
+def _initial_rows(batch, init, work: Tensor, masses: tuple[Tensor, Tensor], eps_start: Tensor, eps: float, reach: float) -> Tensor:
     """The starting row potential f0 (B, N): zeros (cold), the given f, or a row step against the given g."""
     if init is None:
         return work.new_zeros(work.shape[:-1])
@@ -266,6 +266,7 @@ def _initial_rows(batch, init, work: Tensor, rows: Tensor, eps_start: Tensor, ep
     e = torch.clamp(eps_start, min=eps).to(work.dtype)[:, None]
     tau = 1.0 if math.isinf(reach) else reach / (reach + e)
     row_valid, col_valid = reference_ext.valid_masks(work.shape, batch.row_counts, batch.col_counts)
+    rows = options.masses_or_defaults(work.shape, work.dtype, *masses, batch.row_counts, batch.col_counts)[0]
     lse = reference_ext.masked_lse((work + g.unsqueeze(-2)) / e.unsqueeze(-1), col_valid, -1).squeeze(-1)
     f0 = e * torch.where(row_valid.squeeze(-1), rows, 1.0).log() - tau * e * lse
     return torch.where(row_valid.squeeze(-1), f0, 0.0).detach()

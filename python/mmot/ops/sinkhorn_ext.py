@@ -24,10 +24,15 @@ KERNELS = "sinkhorn_ext"  # mmot.kernels.sinkhorn_ext
 
 def _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, reach, log_domain, eps) -> None:
     """The value checks made before the kernel runs: O(B·(N + K)), never a pass over the scores
-    (the kernels read each valid score anyway; :func:`_explain_non_finite` reads them after)."""
+    (the kernels read each valid score anyway; :func:`_explain_non_finite` reads them after).
+    Empty masses are the defaults, valid by construction."""
     options.check_counts(OP, scores, row_counts, col_counts)
-    rows, cols = reference_ext.valid_masks(scores.shape, row_counts, col_counts)
     _checks.finite(OP, "init", init_f)
+    if log_domain == "off":
+        reference.uses_log_domain(options.fill_padding(scores, row_counts, col_counts), eps, 1.0, log_domain, op=OP)
+    if row_mass.numel() == 0:
+        return
+    rows, cols = reference_ext.valid_masks(scores.shape, row_counts, col_counts)
     _checks.positive_masses(OP, "row_mass", torch.where(rows.squeeze(-1), row_mass, 1.0))
     _checks.positive_masses(OP, "col_mass", torch.where(cols.squeeze(-2), col_mass, 1.0))
     if reach == float("inf"):
@@ -40,8 +45,6 @@ def _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, re
                 f"{OP}: argument 'col_mass' must sum to the total of row_mass in every problem (or give 'reach' for unbalanced "
                 f"marginals); got a sum of {float(cols_total[worst]):.6g} where {float(rows_total[worst]):.6g} was expected"
             )
-    if log_domain == "off":
-        reference.uses_log_domain(options.fill_padding(scores, row_counts, col_counts), eps, 1.0, log_domain, op=OP)
 
 
 def _explain_non_finite(scores, row_counts, col_counts, eps) -> None:
@@ -66,6 +69,7 @@ def _forward(backend, scores, row_mass, col_mass, row_counts, col_counts, init_f
     if checks:
         _check_values(scores, row_mass, col_mass, row_counts, col_counts, init_f, reach, log_domain, eps)
     dtype = reference.compute_dtype(scores.dtype)
+    row_mass, col_mass = options.masses_or_defaults(scores.shape, dtype, row_mass, col_mass, row_counts, col_counts)
     plan, f, g, iters, err = _FORWARD(
         backend,
         scores.to(dtype),
@@ -213,6 +217,7 @@ def _backward_unrolled(
     backend, grad, scores, row_mass, col_mass, row_counts, col_counts, init_f, eps_start, eps, decay, iters, reach, log_domain
 ):
     dtype = reference.compute_dtype(scores.dtype)  # as the forward's
+    row_mass, col_mass = options.masses_or_defaults(scores.shape, dtype, row_mass, col_mass, row_counts, col_counts)
     out = _BACKWARD(
         backend,
         grad.to(dtype),

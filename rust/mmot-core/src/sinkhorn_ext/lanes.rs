@@ -253,8 +253,14 @@ impl<T: Real> Problem<T> {
                 break;
             }
             row_pass(x, r, rpad, v, u, acc);
-            let e = marginal_error(v, acc, c, cpad);
             let done = it + 1 == self.n_iters;
+            // Without `tol` only the last iteration's error is reported: skip the others (a
+            // division per column).
+            let e = if done || self.tol >= 0.0 {
+                marginal_error(v, acc, c, cpad)
+            } else {
+                [T::ZERO; L]
+            };
             for l in 0..L {
                 if live[l] && (done || (self.tol >= 0.0 && e[l].to_f64() <= self.tol)) {
                     live[l] = false;
