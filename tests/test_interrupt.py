@@ -22,7 +22,10 @@ PROMPT = 1.5
 WATCHDOG = 120
 
 CHILD = r"""
-import sys, time, torch, mmot
+import signal, sys, time, torch, mmot
+
+# A child of a shell's background job starts with SIGINT ignored, and Python keeps it so.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A case maps n_iters to its long part: the forward, or the backward of a forward done first.
 def fwd(f, x, **kw):

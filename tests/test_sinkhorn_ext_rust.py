@@ -412,8 +412,11 @@ def test_larger_problems_several_blocks():
 
 
 CHILD = r"""
-import math, sys, time, torch
+import math, signal, sys, time, torch
 from mmot.ops import _sinkhorn_ext_rust as ext
+
+# A child of a shell's background job starts with SIGINT ignored, and Python keeps it so.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 b, n, k = 64, 24, 16
 g = torch.Generator().manual_seed(0)
@@ -439,9 +442,13 @@ def test_ctrl_c_stops_a_long_call():
     import signal
     import subprocess
     import sys
+    import threading
     import time
 
     proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    # A child that never sees the signal is killed, so that the test fails instead of hanging.
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
     try:
         for _ in range(2):
             assert proc.stdout.readline().strip() == "ready"
@@ -453,6 +460,7 @@ def test_ctrl_c_stops_a_long_call():
             assert float(stamp[0]) - sent < 5.0
             assert proc.stdout.readline().strip() == "same"
     finally:
+        watchdog.cancel()
         proc.kill()
         proc.wait()
 
