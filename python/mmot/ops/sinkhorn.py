@@ -262,14 +262,14 @@ def _initial_rows(batch, init, work: Tensor, masses: tuple[Tensor, Tensor], eps_
         return _init_part(batch, "init[0]", f, n, batch.valid()[0], work.dtype)
     if g is None:
         return work.new_zeros(work.shape[:-1])
-    g = _init_part(batch, "init[1]", g, k, batch.valid()[1], work.dtype)
+    row_valid, col_valid = batch.valid()
+    g = _init_part(batch, "init[1]", g, k, col_valid, work.dtype)
     e = torch.clamp(eps_start, min=eps).to(work.dtype)[:, None]
     tau = 1.0 if math.isinf(reach) else reach / (reach + e)
-    row_valid, col_valid = reference_ext.valid_masks(work.shape, batch.row_counts, batch.col_counts)
     rows = options.masses_or_defaults(work.shape, work.dtype, *masses, batch.row_counts, batch.col_counts)[0]
-    lse = reference_ext.masked_lse((work + g.unsqueeze(-2)) / e.unsqueeze(-1), col_valid, -1).squeeze(-1)
-    f0 = e * torch.where(row_valid.squeeze(-1), rows, 1.0).log() - tau * e * lse
-    return torch.where(row_valid.squeeze(-1), f0, 0.0).detach()
+    lse = reference_ext.masked_lse((work + g.unsqueeze(-2)) / e.unsqueeze(-1), col_valid.unsqueeze(-2), -1).squeeze(-1)
+    f0 = e * torch.where(row_valid, rows, 1.0).log() - tau * e * lse
+    return torch.where(row_valid, f0, 0.0).detach()
 
 
 def _init_part(batch, name: str, value, size: int, valid: Tensor, dtype) -> Tensor:
