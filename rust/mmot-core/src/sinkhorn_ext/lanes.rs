@@ -29,7 +29,7 @@ use crate::dims::Dims;
 use crate::domain::LogDomain;
 use crate::exec::lanes::lanes_only;
 use crate::exec::shared_mut::SharedMut;
-use crate::simd::{dispatch, ln_fast, Real};
+use crate::simd::{dispatch, lanes_to_rows, ln_fast, rows_to_lanes, Real};
 use rayon::prelude::*;
 
 /// Largest problem (`n * k`) the lane path takes: a group's scratch (`L` of them, padded to
@@ -167,7 +167,7 @@ impl<T: Real> Problem<T> {
         let ng = ones.iter().flatten().map(|o| o.n).max().unwrap_or(0);
         let kg = ones.iter().flatten().map(|o| o.k).max().unwrap_or(0);
         gr.reset(ng, kg);
-        gather_rows(ones, kg, &mut gr.x, |one, i| {
+        gather_rows(ones, kg, T::NEG_INFINITY, &mut gr.x, |one, i| {
             (&one.scores[i * one.stride..][..one.k], one.init_f[i])
         });
         let (finite, spread) = lane_stats(&gr.x, &mut gr.cmax, &mut gr.mn);
@@ -303,13 +303,14 @@ impl<T: Real> Problem<T> {
     }
 }
 
-/// The members' rows into a `[ng, kg]` lane buffer (which holds the padding already): row `i` of
-/// a member is `row(one, i) = (values, shift)`, stored as `value + shift`. Row by row over the
-/// lanes, so that a buffer row stays in L1 while its lanes are written one by one.
+/// The members' rows into a `[ng, kg]` lane buffer, every entry written: row `i` of a member
+/// is `row(one, i) = (values, shift)`, stored as `value + shift`, and `fill` is stored where a
+/// member has no such entry (its padding, and absent members).
 #[inline(always)]
 fn gather_rows<'a, T: Real, const L: usize>(
     ones: &[Option<One<'a, T>>; L],
     kg: usize,
+    fill: T,
     dst: &mut [[T; L]],
     row: impl Fn(&One<'a, T>, usize) -> (&'a [T], T),
 ) {
@@ -317,12 +318,20 @@ fn gather_rows<'a, T: Real, const L: usize>(
         return;
     }
     for (i, drow) in dst.chunks_exact_mut(kg).enumerate() {
-        for (l, one) in ones.iter().enumerate() {
-            let Some(one) = one.as_ref().filter(|o| i < o.n) else {
-                continue;
-            };
-            let (src, shift) = row(one, i);
+        let rows: [Option<(&[T], T)>; L] =
+            std::array::from_fn(|l| ones[l].as_ref().filter(|o| i < o.n).map(|o| row(o, i)));
+        if rows_to_lanes(&rows, fill, drow) {
+            continue;
+        }
+        drow.fill([fill; L]);
+        for (l, (src, shift)) in rows
+            .iter()
+            .enumerate()
+            .filter_map(|(l, r)| Some((l, (*r)?)))
+        {
             for (d, &v) in drow.iter_mut().zip(src) {
+                // Element by element: vectorised, this loop would be a slow scatter.
+                lanes_only();
                 d[l] = v + shift;
             }
         }
@@ -378,8 +387,8 @@ fn lane_stats<T: Real, const L: usize>(
 }
 
 /// The live lanes' valid blocks of `src` (`[ng, kg]`: plans or gradients) into their padded
-/// `[N, K]` outputs, row by row over the lanes as [`gather_rows`]. The padding is not written
-/// (see the module docs of `sinkhorn_ext`).
+/// `[N, K]` outputs, a row of every lane at a time. The padding is not written (see the module
+/// docs of `sinkhorn_ext`).
 #[inline(always)]
 fn scatter_rows<T: Real, const L: usize>(
     ones: &[Option<One<'_, T>>; L],
@@ -391,14 +400,25 @@ fn scatter_rows<T: Real, const L: usize>(
     let ng = src.len().checked_div(kg).unwrap_or(0);
     for i in 0..ng {
         let xrow = &src[i * kg..][..kg];
-        for (l, (one, plan)) in ones.iter().zip(plans.iter_mut()).enumerate() {
-            let (Some(one), Some(plan), true) = (one, plan, live[l]) else {
-                continue;
-            };
-            if i >= one.n {
-                continue;
+        let mut rows: [Option<&mut [T]>; L] = std::array::from_fn(|_| None);
+        for (l, (dst, (one, plan))) in rows
+            .iter_mut()
+            .zip(ones.iter().zip(plans.iter_mut()))
+            .enumerate()
+        {
+            if let (Some(one), Some(plan), true) = (one, plan, live[l]) {
+                if i < one.n {
+                    *dst = Some(&mut plan[i * one.stride..][..one.k]);
+                }
             }
-            for (p, x) in plan[i * one.stride..][..one.k].iter_mut().zip(xrow) {
+        }
+        if lanes_to_rows(xrow, &mut rows) {
+            continue;
+        }
+        for (l, dst) in rows.iter_mut().enumerate() {
+            for (p, x) in dst.iter_mut().flat_map(|d| d.iter_mut()).zip(xrow) {
+                // Element by element: vectorised, this loop would be a slow gather.
+                lanes_only();
                 *p = x[l];
             }
         }
@@ -736,7 +756,7 @@ impl<T: Real> Problem<T> {
             });
             gr.gp.clear();
             gr.gp.resize(ng * kg, [T::ZERO; L]);
-            gather_rows(&grads, kg, &mut gr.gp, |one, i| {
+            gather_rows(&grads, kg, T::ZERO, &mut gr.gp, |one, i| {
                 (&one.scores[i * one.stride..][..one.k], T::ZERO)
             });
             self.reverse(gr, ng, kg, count);
