@@ -213,7 +213,10 @@ def test_multi_matches_unrolled_autograd_at_convergence(impl, case):
     iters = torch.zeros(len(problems), dtype=torch.int64)
     out = impl.multi_sinkhorn_implicit_backward(**args, iters=iters)
     _check_blocks(out, refs, 1e-6)
-    assert (iters > 0).all() and (iters < 1000).all()
+    # A problem whose gradient is 0 analytically (two_groups' first: every top / count is 1/2)
+    # has a zero right-hand side up to rounding, so 0 iterations is right for it too.
+    solved = torch.tensor([ref.abs().max().item() > 1e-12 for ref in refs])
+    assert (iters[solved] > 0).all() and (iters < 1000).all()
 
 
 def test_multi_one_group_top_below_count_has_zero_gradient(impl):

@@ -171,12 +171,35 @@ impl<T: Real> Problem<T> {
             (&one.scores[i * one.stride..][..one.k], one.init_f[i])
         });
         let (finite, spread) = lane_stats(&gr.x, &mut gr.cmax, &mut gr.mn);
-        let mut live = [false; L];
-        for (l, one) in ones.iter().enumerate() {
-            if let Some(one) = one {
-                live[l] = self.setup_lane(one, gr, l, finite[l], spread[l]) == Route::Plain;
-            }
-        }
+        let live: [bool; L] = std::array::from_fn(|l| {
+            ones[l]
+                .as_ref()
+                .is_some_and(|one| self.route_lane(one, finite[l], spread[l]) == Route::Plain)
+        });
+        // The masses of the plain lanes (0 elsewhere), and 0 on their valid rows and columns
+        // in the padding indicators (1 elsewhere).
+        let plain = |l: usize| ones[l].as_ref().filter(|_| live[l]);
+        let zeros = &gr.zeros[..ng.max(kg)];
+        to_lanes(
+            &std::array::from_fn(|l| plain(l).map(|o| (&o.row_mass[..o.n], T::ZERO))),
+            T::ZERO,
+            &mut gr.r,
+        );
+        to_lanes(
+            &std::array::from_fn(|l| plain(l).map(|o| (&zeros[..o.n], T::ZERO))),
+            T::ONE,
+            &mut gr.rpad,
+        );
+        to_lanes(
+            &std::array::from_fn(|l| plain(l).map(|o| (&o.col_mass[..o.k], T::ZERO))),
+            T::ZERO,
+            &mut gr.c,
+        );
+        to_lanes(
+            &std::array::from_fn(|l| plain(l).map(|o| (&zeros[..o.k], T::ZERO))),
+            T::ONE,
+            &mut gr.cpad,
+        );
         // The shift of padded columns (no valid entry: max `-inf`) is 0.
         for m in gr.cmax.iter_mut() {
             lanes_only();
@@ -189,33 +212,14 @@ impl<T: Real> Problem<T> {
         (ng, kg, live)
     }
 
-    /// Lane `l` of the group: problem `one`'s route from its statistics (those of
-    /// [`Problem::route`]: `finite` valid entries and the largest column `spread`) and, where it
-    /// takes the plain domain, its masses.
+    /// A member's route from its lane's statistics (those of [`Problem::route`]: `finite` valid
+    /// entries and the largest column `spread`).
     #[inline(always)]
-    fn setup_lane<const L: usize>(
-        &self,
-        one: &One<'_, T>,
-        gr: &mut Group<T, L>,
-        l: usize,
-        finite: T,
-        spread: T,
-    ) -> Route {
+    fn route_lane(&self, one: &One<'_, T>, finite: T, spread: T) -> Route {
         if finite.to_f64() != (one.n * one.k) as f64 {
             return Route::NonFinite;
         }
-        let route = self.route_of(one.eps_start, spread.to_f64());
-        if route == Route::Plain {
-            for i in 0..one.n {
-                gr.r[i][l] = one.row_mass[i];
-                gr.rpad[i][l] = T::ZERO;
-            }
-            for j in 0..one.k {
-                gr.c[j][l] = one.col_mass[j];
-                gr.cpad[j][l] = T::ZERO;
-            }
-        }
-        route
+        self.route_of(one.eps_start, spread.to_f64())
     }
 
     /// The plain-domain iteration of every live lane (the others run on padding and are
@@ -318,22 +322,28 @@ fn gather_rows<'a, T: Real, const L: usize>(
         return;
     }
     for (i, drow) in dst.chunks_exact_mut(kg).enumerate() {
-        let rows: [Option<(&[T], T)>; L] =
-            std::array::from_fn(|l| ones[l].as_ref().filter(|o| i < o.n).map(|o| row(o, i)));
-        if rows_to_lanes(&rows, fill, drow) {
-            continue;
-        }
-        drow.fill([fill; L]);
-        for (l, (src, shift)) in rows
-            .iter()
-            .enumerate()
-            .filter_map(|(l, r)| Some((l, (*r)?)))
-        {
-            for (d, &v) in drow.iter_mut().zip(src) {
-                // Element by element: vectorised, this loop would be a slow scatter.
-                lanes_only();
-                d[l] = v + shift;
-            }
+        let rows = std::array::from_fn(|l| ones[l].as_ref().filter(|o| i < o.n).map(|o| row(o, i)));
+        to_lanes(&rows, fill, drow);
+    }
+}
+
+/// `dst[j][l] = row_l[j] + shift_l` for `j` below row `l`'s length, `fill` everywhere else
+/// (rows at most `dst.len()` long): a block transpose where there is one.
+#[inline(always)]
+fn to_lanes<T: Real, const L: usize>(rows: &[Option<(&[T], T)>; L], fill: T, dst: &mut [[T; L]]) {
+    if rows_to_lanes(rows, fill, dst) {
+        return;
+    }
+    dst.fill([fill; L]);
+    for (l, (src, shift)) in rows
+        .iter()
+        .enumerate()
+        .filter_map(|(l, r)| Some((l, (*r)?)))
+    {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            // Element by element: vectorised, this loop would be a slow scatter.
+            lanes_only();
+            d[l] = v + shift;
         }
     }
 }
@@ -482,20 +492,28 @@ struct Group<T, const L: usize> {
     w: Vec<[T; L]>,
     hu: Vec<[T; L]>,
     hv: Vec<[T; L]>,
+    /// At least `max(ng, kg)` zeros: the valid part of the padding indicators.
+    zeros: Vec<T>,
     /// The per-problem path's buffers, for a member that leaves the lanes.
     ws: Workspace<T>,
 }
 
 impl<T: Real, const L: usize> Group<T, L> {
-    /// Every lane all padding, for `[ng, kg]`.
+    /// Sizes for `[ng, kg]`: every lane all padding, except in `x`, `r`, `rpad`, `c` and
+    /// `cpad`, which [`Problem::prepare`] overwrites whole (so their old contents stay).
     fn reset(&mut self, ng: usize, kg: usize) {
         self.kg = kg;
         let fill = |v: &mut Vec<[T; L]>, len: usize, x: T| reset(v, len, [x; L]);
-        fill(&mut self.x, ng * kg, T::NEG_INFINITY);
-        fill(&mut self.r, ng, T::ZERO);
-        fill(&mut self.rpad, ng, T::ONE);
-        fill(&mut self.c, kg, T::ZERO);
-        fill(&mut self.cpad, kg, T::ONE);
+        for v in [&mut self.r, &mut self.rpad] {
+            v.resize(ng, [T::ZERO; L]);
+        }
+        for v in [&mut self.c, &mut self.cpad] {
+            v.resize(kg, [T::ZERO; L]);
+        }
+        self.x.resize(ng * kg, [T::ZERO; L]);
+        if self.zeros.len() < ng.max(kg) {
+            self.zeros.resize(ng.max(kg), T::ZERO);
+        }
         fill(&mut self.cmax, kg, T::ZERO);
         fill(&mut self.mn, kg, T::ZERO);
         fill(&mut self.acc, kg, T::ZERO);
@@ -754,7 +772,7 @@ impl<T: Real> Problem<T> {
                     ..problem(input, dims, b)
                 })
             });
-            gr.gp.clear();
+            // Overwritten whole by the gather.
             gr.gp.resize(ng * kg, [T::ZERO; L]);
             gather_rows(&grads, kg, T::ZERO, &mut gr.gp, |one, i| {
                 (&one.scores[i * one.stride..][..one.k], T::ZERO)
